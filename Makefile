@@ -1,0 +1,30 @@
+# The two commands of a fresh machine: `make demo` and `make test`.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: demo test venv venv-test clean
+
+$(VENV)/.installed: requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install -r requirements.txt
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed requirements-test.txt
+	$(PY) -m pip install -r requirements-test.txt
+	touch $@
+
+venv: $(VENV)/.installed
+venv-test: $(VENV)/.installed-test
+
+# The paper's comparison (scratch vs pre-trained + fine-tuned) on the embedded synthetic default.
+demo: $(VENV)/.installed
+	$(PY) -m rethink_jax.compare --config configs/compare_shapes.py --workdir runs/compare
+
+# The whole test suite, with timings.
+test: $(VENV)/.installed-test
+	$(PY) -m pytest tests
+
+clean:
+	rm -rf runs .pytest_cache

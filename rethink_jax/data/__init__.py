@@ -1,0 +1,1 @@
+"""tfds builders (synthetic shapes, COCO instances) and the fixed-shape input pipeline."""
