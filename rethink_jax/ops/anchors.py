@@ -1,0 +1,68 @@
+"""Anchor generation with Detectron2's DefaultAnchorGenerator semantics.
+
+Anchors depend only on static shapes, so they are computed with NumPy (float64, cast to float32
+at the end) and returned as constants; they never cost anything inside jit.
+"""
+import numpy as np
+import jax.numpy as jnp
+
+
+def _per_level(param, num_levels, name):
+  """Detectron2's broadcasting: a flat list applies to every level, a list of lists is per level."""
+  param = list(param)
+  if param and not isinstance(param[0], (list, tuple)):
+    return [list(param)] * num_levels
+  if len(param) == 1:
+    return [list(param[0])] * num_levels
+  if len(param) != num_levels:
+    raise ValueError(f"{name} has {len(param)} levels, expected {num_levels}")
+  return [list(p) for p in param]
+
+
+def cell_anchors(sizes, aspect_ratios):
+  """Anchors centred at (0, 0), not rounded: (len(sizes) * len(aspect_ratios), 4) float64.
+
+  Ordered size-major, then aspect ratio (ratio = h / w), area = size ** 2.
+  """
+  out = []
+  for size in sizes:
+    area = float(size) ** 2
+    for ratio in aspect_ratios:
+      w = np.sqrt(area / ratio)
+      h = ratio * w
+      out.append([-w / 2.0, -h / 2.0, w / 2.0, h / 2.0])
+  return np.asarray(out, np.float64).reshape(-1, 4)
+
+
+def generate_anchors(feature_hw, strides, sizes, aspect_ratios, offset=0.0):
+  """Anchors for every feature level.
+
+  Args:
+    feature_hw: list of (h, w) per level (static ints).
+    strides: list of strides per level.
+    sizes: per-level list of sizes, e.g. ((32,), (64,), (128,), (256,), (512,)), or one flat list
+      used for all levels.
+    aspect_ratios: (0.5, 1.0, 2.0) for all levels, or a per-level list of lists.
+    offset: anchor centre of cell (x, y) is ((x + offset) * stride, (y + offset) * stride).
+
+  Returns:
+    list over levels of (h * w * A, 4) float32 xyxy arrays, A = len(sizes_l) * len(ratios_l),
+    ordered location-major (row, then column), then size, then aspect ratio.
+  """
+  num_levels = len(feature_hw)
+  if len(strides) != num_levels:
+    raise ValueError(f"got {num_levels} feature shapes {feature_hw} but strides {strides}")
+  if not 0.0 <= offset < 1.0:
+    raise ValueError(f"offset must be in [0, 1), got {offset}")
+  sizes = _per_level(sizes, num_levels, "sizes")
+  aspect_ratios = _per_level(aspect_ratios, num_levels, "aspect_ratios")
+  out = []
+  for (h, w), stride, sz, ar in zip(feature_hw, strides, sizes, aspect_ratios):
+    base = cell_anchors(sz, ar)
+    xs = (np.arange(int(w), dtype=np.float64) + offset) * stride
+    ys = (np.arange(int(h), dtype=np.float64) + offset) * stride
+    yy, xx = np.meshgrid(ys, xs, indexing="ij")
+    shifts = np.stack([xx.ravel(), yy.ravel(), xx.ravel(), yy.ravel()], axis=1)
+    anchors = (shifts[:, None, :] + base[None, :, :]).reshape(-1, 4)
+    out.append(jnp.asarray(anchors.astype(np.float32)))
+  return out

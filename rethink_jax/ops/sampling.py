@@ -1,0 +1,47 @@
+"""Balanced positive / negative sampling (Detectron2's subsample_labels) at a static size."""
+import jax
+import jax.numpy as jnp
+
+
+def sample_balanced(labels, num_samples, positive_fraction, key):
+  """Randomly pick up to `num_samples` entries, at most a `positive_fraction` of them positive.
+
+  num_pos = min(#positives, int(num_samples * positive_fraction)),
+  num_neg = min(#negatives, num_samples - num_pos); each drawn uniformly without replacement
+  among its candidates (top-k of iid uniform scores restricted to the candidates).
+  Ignored entries (-1) are never drawn.
+
+  Args:
+    labels: (N,) int, 1 positive, 0 negative, -1 ignore.
+    num_samples: static int.
+    positive_fraction: static float in [0, 1].
+    key: jax.random key.
+
+  Returns:
+    indices: (num_samples,) int32; the num_pos positives first, then the num_neg negatives,
+      then invalid slots holding index 0 (safe to gather; mask them with `valid`).
+    valid: (num_samples,) bool.
+  """
+  labels = jnp.asarray(labels)
+  if labels.ndim != 1:
+    raise ValueError(f"labels must have shape (N,), got {labels.shape}")
+  n = labels.shape[0]
+  num_samples = int(num_samples)
+  if not 0 < num_samples <= n:
+    raise ValueError(f"num_samples must be in [1, N={n}], got {num_samples}")
+  is_pos = labels == 1
+  is_neg = labels == 0
+  max_pos = int(num_samples * positive_fraction)
+  num_pos = jnp.minimum(jnp.sum(is_pos), max_pos).astype(jnp.int32)
+  num_neg = jnp.minimum(jnp.sum(is_neg), num_samples - num_pos).astype(jnp.int32)
+
+  scores = jax.random.uniform(key, (n,), jnp.float32)
+  # Candidates score in [0, 1), the rest -1: the top entries are a uniform random subset.
+  _, pos_idx = jax.lax.top_k(jnp.where(is_pos, scores, -1.0), num_samples)
+  _, neg_idx = jax.lax.top_k(jnp.where(is_neg, scores, -1.0), num_samples)
+
+  slot = jnp.arange(num_samples, dtype=jnp.int32)
+  neg_slot = jnp.clip(slot - num_pos, 0, num_samples - 1)
+  indices = jnp.where(slot < num_pos, pos_idx, neg_idx[neg_slot])
+  valid = slot < num_pos + num_neg
+  return jnp.where(valid, indices, 0).astype(jnp.int32), valid

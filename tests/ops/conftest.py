@@ -1,0 +1,1 @@
+from tests.ops._util import rng  # noqa: F401  (fixture)
