@@ -1,1 +1,5 @@
 """Flax modules of Mask R-CNN with a ResNet-FPN backbone (Detectron2 architecture and names)."""
+
+from rethink_jax.models.layers import Conv2d, get_norm  # noqa: E402
+from rethink_jax.models.resnet import ResNet, frozen_param_prefixes  # noqa: E402
+from rethink_jax.models.fpn import FPN, build_resnet_fpn  # noqa: E402

@@ -1,0 +1,244 @@
+"""Conv2d with an optional norm, and the norm factory (GN, SyncBN, BN, FrozenBN).
+
+Mirrors Detectron2's `layers.Conv2d` (a conv that owns its `.norm`) and `get_norm`, in Flax Linen:
+
+  Conv2d(256, 3, padding=1, use_bias=False, norm="GN")  ->  params {"kernel" (3,3,I,256), "norm": {...}}
+
+Activations are NHWC, kernels HWIO, padding is explicit and symmetric (PyTorch semantics; never
+'SAME', which is asymmetric at stride 2). Convolutions compute in `dtype` (e.g. bfloat16) while
+parameters and all norm statistics stay float32.
+"""
+
+import math
+from typing import Any, Callable, Optional, Sequence, Union
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+IntOrPair = Union[int, Sequence[int]]
+
+# Detectron2's c2_msra_fill / torchvision ResNet: kaiming normal, fan_out, gain sqrt(2), untruncated.
+msra_fill = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+# Detectron2's c2_xavier_fill (FPN convs): kaiming uniform with a=1, i.e. U(+-sqrt(3 / fan_in)).
+xavier_fill = nn.initializers.variance_scaling(1.0, "fan_in", "uniform")
+
+NORMS = ("GN", "SyncBN", "BN", "FrozenBN")
+BN_EPS = 1e-5
+# Flax momentum 0.9 == PyTorch momentum 0.1 (new = m * old + (1 - m) * batch).
+BN_MOMENTUM = 0.9
+
+
+def _pair(v: IntOrPair) -> tuple[int, int]:
+  if isinstance(v, int):
+    return (v, v)
+  v = tuple(int(a) for a in v)
+  if len(v) != 2:
+    raise ValueError(f"Expected an int or a pair, got {v}.")
+  return v
+
+
+def _check_nhwc(x: Array, what: str, channels: Optional[int] = None):
+  if x.ndim != 4 or (channels is not None and x.shape[-1] != channels):
+    want = f"(B, H, W, {channels})" if channels is not None else "(B, H, W, C)"
+    raise ValueError(f"{what}: expected input of shape {want}, got {x.shape}.")
+
+
+class GroupNorm(nn.Module):
+  """GroupNorm as torch.nn.GroupNorm (eps 1e-5), statistics in float32.
+
+  x (B, H, W, C) -> (B, H, W, C) in x.dtype. params: scale (C,), bias (C,).
+  `num_groups` groups when C is a multiple of it; tiny widths (C < num_groups, e.g. width=8 test
+  models) use gcd(num_groups, C) groups.
+  """
+  num_groups: int = 32
+  epsilon: float = 1e-5
+
+  @nn.compact
+  def __call__(self, x: Array, train: bool = False) -> Array:
+    del train
+    _check_nhwc(x, "GroupNorm")
+    c = x.shape[-1]
+    g = self.num_groups if c % self.num_groups == 0 else math.gcd(self.num_groups, c)
+    scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+    xf = x.astype(jnp.float32)
+    xg = xf.reshape(x.shape[:-1] + (g, c // g))
+    mean = jnp.mean(xg, axis=(1, 2, 4), keepdims=True)
+    var = jnp.mean(jnp.square(xg - mean), axis=(1, 2, 4), keepdims=True)
+    y = ((xg - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(x.shape)
+    return (y * scale + bias).astype(x.dtype)
+
+
+class BatchNorm(nn.Module):
+  """BatchNorm with PyTorch semantics, statistics in float32.
+
+  x (B, H, W, C) -> (B, H, W, C) in x.dtype. params: scale, bias (C,); batch_stats: mean, var (C,).
+
+  Training normalizes with biased batch statistics and updates the running statistics with the
+  unbiased variance (as torch.nn.BatchNorm2d), momentum 0.9 in Flax's convention (PyTorch 0.1).
+  Statistics are taken over
+    - `group_size` consecutive images ("BN": per device batch, ghost-batch style; B must be a
+      multiple of group_size). Under jit over a batch sharded on the data axis with group_size =
+      per-device batch, every group lives on one device, so this is per-device BN;
+    - the whole batch when group_size is None ("SyncBN"): under jit with a sharded global batch
+      this is the global batch mean, across every device;
+    - and in addition across `axis_name` (shard_map / pmap) when given.
+  When several groups exist the running statistics get the mean of the groups' statistics.
+  """
+  group_size: Optional[int] = None
+  axis_name: Optional[str] = None
+  momentum: float = BN_MOMENTUM
+  epsilon: float = BN_EPS
+
+  @nn.compact
+  def __call__(self, x: Array, train: bool = False) -> Array:
+    _check_nhwc(x, "BatchNorm")
+    c = x.shape[-1]
+    scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+    ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
+    ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
+    xf = x.astype(jnp.float32)
+    if not train:
+      mean, var = ra_mean.value, ra_var.value
+      y = (xf - mean) * jax.lax.rsqrt(var + self.epsilon)
+      return (y * scale + bias).astype(x.dtype)
+
+    b = x.shape[0]
+    g = b if not self.group_size else self.group_size
+    if b % g:
+      raise ValueError(f"BatchNorm: batch {x.shape} is not a multiple of group_size={g}.")
+    xg = xf.reshape((b // g, g) + x.shape[1:])  # (groups, g, H, W, C)
+    mean = jnp.mean(xg, axis=(1, 2, 3), keepdims=True)
+    n = g * x.shape[1] * x.shape[2]
+    if self.axis_name is not None:
+      mean = jax.lax.pmean(mean, self.axis_name)
+      n = n * jax.lax.psum(1, self.axis_name)
+    # Centered second pass for the variance: E[x^2] - E[x]^2 loses precision in float32.
+    var = jnp.mean(jnp.square(xg - mean), axis=(1, 2, 3), keepdims=True)
+    if self.axis_name is not None:
+      var = jax.lax.pmean(var, self.axis_name)
+    y = ((xg - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(x.shape)
+    if not self.is_initializing():
+      unbiased = var * (n / max(n - 1, 1))
+      ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * jnp.mean(
+          mean, axis=(0, 1, 2, 3))
+      ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * jnp.mean(
+          unbiased, axis=(0, 1, 2, 3))
+    return (y * scale + bias).astype(x.dtype)
+
+
+class FrozenBatchNorm(nn.Module):
+  """A fixed per-channel affine y = x * scale + bias (Detectron2's FrozenBatchNorm2d, folded).
+
+  x (..., C) -> (..., C) in x.dtype. Variables scale (C,), bias (C,) live in the collection
+  "frozen", not "params", so no optimizer ever sees them. From BN statistics:
+  scale = gamma / sqrt(var + eps), bias = beta - mean * scale (rethink_jax.convert does this).
+  """
+
+  @nn.compact
+  def __call__(self, x: Array, train: bool = False) -> Array:
+    del train
+    c = x.shape[-1]
+    scale = self.variable("frozen", "scale", lambda: jnp.ones((c,), jnp.float32)).value
+    bias = self.variable("frozen", "bias", lambda: jnp.zeros((c,), jnp.float32)).value
+    if scale.shape != (c,) or bias.shape != (c,):
+      raise ValueError(f"FrozenBatchNorm: input {x.shape} vs scale {scale.shape}, bias {bias.shape}.")
+    return (x.astype(jnp.float32) * scale + bias).astype(x.dtype)
+
+
+def get_norm(norm: Optional[str], *, num_groups: int = 32, bn_group_size: Optional[int] = None,
+             axis_name: Optional[str] = None, name: str = "norm") -> Optional[nn.Module]:
+  """Returns a norm module for `norm` in {"GN", "SyncBN", "BN", "FrozenBN"}, or None for None/"".
+
+  Every returned module is called as `module(x (B,H,W,C), train) -> (B,H,W,C)`.
+  bn_group_size: images per statistics group for "BN" (the per-device batch; None or 0 = whole
+  batch). axis_name: for "SyncBN" (and "BN") under shard_map / pmap.
+  """
+  if not norm:
+    return None
+  if norm == "GN":
+    return GroupNorm(num_groups=num_groups, epsilon=1e-5, name=name)
+  if norm == "SyncBN":
+    return BatchNorm(group_size=None, axis_name=axis_name, name=name)
+  if norm == "BN":
+    return BatchNorm(group_size=bn_group_size or None, axis_name=None, name=name)
+  if norm == "FrozenBN":
+    return FrozenBatchNorm(name=name)
+  raise ValueError(f"Unknown norm {norm!r}; expected one of {NORMS} or None.")
+
+
+class Conv2d(nn.Module):
+  """2D convolution with explicit symmetric padding, optional norm and activation.
+
+  x (B, H, W, Cin) -> (B, H', W', features), H' = (H + 2 p - d (k - 1) - 1) // s + 1.
+  params: "kernel" (kh, kw, Cin // groups, features) [+ "bias" (features,)]; submodule "norm".
+
+  Attributes:
+    padding: int or (ph, pw), symmetric; None = kernel_size // 2 * dilation ("same" at stride 1).
+    use_bias: None = no bias when normed (Detectron2's rule), else as given.
+    dtype: computation dtype of the conv (params stay float32; norms compute in float32).
+  """
+  features: int
+  kernel_size: IntOrPair = 3
+  strides: IntOrPair = 1
+  padding: Optional[IntOrPair] = None
+  dilation: IntOrPair = 1
+  groups: int = 1
+  use_bias: Optional[bool] = None
+  norm: Optional[str] = None
+  num_groups: int = 32  # GN groups
+  bn_group_size: Optional[int] = None
+  axis_name: Optional[str] = None
+  activation: Optional[Callable[[Array], Array]] = None
+  kernel_init: Callable = msra_fill
+  bias_init: Callable = nn.initializers.zeros
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, train: bool = False) -> Array:
+    _check_nhwc(x, "Conv2d")
+    kh, kw = _pair(self.kernel_size)
+    sh, sw = _pair(self.strides)
+    dh, dw = _pair(self.dilation)
+    if self.padding is None:
+      ph, pw = (kh // 2) * dh, (kw // 2) * dw
+    else:
+      ph, pw = _pair(self.padding)
+    cin = x.shape[-1]
+    if cin % self.groups or self.features % self.groups:
+      raise ValueError(f"Conv2d: input {x.shape} / features {self.features} not divisible by "
+                       f"groups={self.groups}.")
+    use_bias = (not self.norm) if self.use_bias is None else self.use_bias
+    kernel = self.param("kernel", self.kernel_init, (kh, kw, cin // self.groups, self.features),
+                        jnp.float32)
+    x = x.astype(self.dtype)
+    kernel = kernel.astype(self.dtype)
+    if (kh, kw, ph, pw, dh, dw, self.groups) == (1, 1, 0, 0, 1, 1, 1):
+      # A 1x1 conv is a matmul; XLA:CPU runs its backward much faster as dot_general.
+      y = jnp.einsum("bhwc,cf->bhwf", x[:, ::sh, ::sw, :], kernel[0, 0])
+    else:
+      y = jax.lax.conv_general_dilated(
+          x, kernel, window_strides=(sh, sw), padding=((ph, ph), (pw, pw)),
+          rhs_dilation=(dh, dw), dimension_numbers=("NHWC", "HWIO", "NHWC"),
+          feature_group_count=self.groups)
+    if use_bias:
+      bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)
+      y = y + bias.astype(self.dtype)
+    norm = get_norm(self.norm, num_groups=self.num_groups, bn_group_size=self.bn_group_size,
+                    axis_name=self.axis_name, name="norm")
+    if norm is not None:
+      y = norm(y, train)
+    if self.activation is not None:
+      y = self.activation(y)
+    return y
+
+
+def max_pool(x: Array, window: int = 3, stride: int = 2, padding: int = 1) -> Array:
+  """PyTorch max_pool2d: x (B, H, W, C) -> (B, H', W', C), symmetric -inf padding."""
+  _check_nhwc(x, "max_pool")
+  return jax.lax.reduce_window(
+      x, jnp.array(-jnp.inf, x.dtype), jax.lax.max, (1, window, window, 1), (1, stride, stride, 1),
+      ((0, 0), (padding, padding), (padding, padding), (0, 0)))

@@ -1,0 +1,228 @@
+"""ResNet backbone (Detectron2's ResNet: BasicStem + res2..res5), Flax Linen.
+
+  ResNet(depth=50, norm="GN")(x (B, H, W, 3), train) -> {"res2": (B, H/4, W/4, 256), ...,
+                                                         "res5": (B, H/32, W/32, 2048)}
+
+Parameter tree (mirrors Detectron2's backbone.bottom_up.*, so weights move by renaming):
+  stem/conv1/{kernel, norm/{scale, bias}}
+  res2/0/{conv1, conv2, conv3, shortcut}/{kernel, norm/...}, res2/1/..., ..., res5/2/...
+BasicBlock (depth 18/34) blocks have conv1, conv2 and (when channels change) shortcut.
+FrozenBN keeps its scale/bias in the collection "frozen" at the same paths.
+"""
+
+from typing import Any, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from rethink_jax.models.layers import Conv2d, max_pool
+
+Array = jax.Array
+
+# depth -> (blocks per stage res2..res5, bottleneck?)
+STAGE_BLOCKS = {
+    18: ((2, 2, 2, 2), False),
+    34: ((3, 4, 6, 3), False),
+    50: ((3, 4, 6, 3), True),
+    101: ((3, 4, 23, 3), True),
+    152: ((3, 8, 36, 3), True),
+}
+STAGES = ("res2", "res3", "res4", "res5")
+_BN_LIKE = ("BN", "SyncBN", "FrozenBN")
+
+
+def frozen_norm(norm: Optional[str]) -> Optional[str]:
+  """The norm of a frozen stage: BN variants become FrozenBN (Detectron2's `freeze()`); GN stays
+  GN (it has no statistics to freeze) but its parameters are masked and get no gradient."""
+  return "FrozenBN" if norm in _BN_LIKE else norm
+
+
+def frozen_param_prefixes(freeze_at: int, prefix: Sequence[str] = ()) -> tuple[tuple[str, ...], ...]:
+  """Param-tree path prefixes the optimizer must not update for `freeze_at`.
+
+  freeze_at=0: none; 1: stem; k >= 2: stem and res2..res{k}. `prefix` is where the ResNet's
+  params sit in the full tree, e.g. ("backbone", "bottom_up").
+  """
+  if not 0 <= freeze_at <= 5:
+    raise ValueError(f"freeze_at must be in 0..5, got {freeze_at}.")
+  names = (["stem"] if freeze_at >= 1 else []) + [f"res{k}" for k in range(2, freeze_at + 1)]
+  return tuple(tuple(prefix) + (n,) for n in names)
+
+
+def trainable_mask(params: Any, prefixes: Sequence[Sequence[str]]) -> Any:
+  """A pytree of bools like `params`: False under any of `prefixes` (for optax.masked)."""
+  prefixes = [tuple(p) for p in prefixes]
+
+  def keep(path, _):
+    keys = tuple(getattr(k, "key", getattr(k, "name", str(k))) for k in path)
+    return not any(keys[:len(p)] == p for p in prefixes)
+
+  return jax.tree_util.tree_map_with_path(keep, params)
+
+
+class BasicStem(nn.Module):
+  """conv1 7x7/2 (pad 3) + norm + ReLU + max-pool 3x3/2 (pad 1): (B,H,W,3) -> (B,H/4,W/4,C)."""
+  features: int = 64
+  norm: Optional[str] = "GN"
+  num_groups: int = 32
+  bn_group_size: Optional[int] = None
+  axis_name: Optional[str] = None
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, train: bool = False) -> Array:
+    x = Conv2d(self.features, 7, strides=2, padding=3, use_bias=False, norm=self.norm,
+               num_groups=self.num_groups, bn_group_size=self.bn_group_size,
+               axis_name=self.axis_name, dtype=self.dtype, name="conv1")(x, train)
+    x = nn.relu(x)
+    return max_pool(x, 3, 2, 1)
+
+
+class BottleneckBlock(nn.Module):
+  """1x1 -> 3x3 -> 1x1 (+ projection shortcut when channels change): (B,H,W,Cin) -> (B,H/s,W/s,C)."""
+  out_channels: int
+  bottleneck_channels: int
+  stride: int = 1
+  stride_in_1x1: bool = False
+  norm: Optional[str] = "GN"
+  num_groups: int = 32
+  bn_group_size: Optional[int] = None
+  axis_name: Optional[str] = None
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, train: bool = False) -> Array:
+    conv = lambda f, k, s, name: Conv2d(
+        f, k, strides=s, padding=k // 2, use_bias=False, norm=self.norm,
+        num_groups=self.num_groups, bn_group_size=self.bn_group_size, axis_name=self.axis_name,
+        dtype=self.dtype, name=name)
+    s1, s3 = (self.stride, 1) if self.stride_in_1x1 else (1, self.stride)
+    if x.shape[-1] != self.out_channels:
+      shortcut = conv(self.out_channels, 1, self.stride, "shortcut")(x, train)
+    else:
+      shortcut = x
+    y = nn.relu(conv(self.bottleneck_channels, 1, s1, "conv1")(x, train))
+    y = nn.relu(conv(self.bottleneck_channels, 3, s3, "conv2")(y, train))
+    y = conv(self.out_channels, 1, 1, "conv3")(y, train)
+    return nn.relu(y + shortcut)
+
+
+class BasicBlock(nn.Module):
+  """3x3 -> 3x3 (+ projection shortcut when channels change): (B,H,W,Cin) -> (B,H/s,W/s,C)."""
+  out_channels: int
+  stride: int = 1
+  norm: Optional[str] = "GN"
+  num_groups: int = 32
+  bn_group_size: Optional[int] = None
+  axis_name: Optional[str] = None
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, train: bool = False) -> Array:
+    conv = lambda k, s, name: Conv2d(
+        self.out_channels, k, strides=s, padding=k // 2, use_bias=False, norm=self.norm,
+        num_groups=self.num_groups, bn_group_size=self.bn_group_size, axis_name=self.axis_name,
+        dtype=self.dtype, name=name)
+    if x.shape[-1] != self.out_channels:
+      shortcut = conv(1, self.stride, "shortcut")(x, train)
+    else:
+      shortcut = x
+    y = nn.relu(conv(3, self.stride, "conv1")(x, train))
+    y = conv(3, 1, "conv2")(y, train)
+    return nn.relu(y + shortcut)
+
+
+class ResStage(nn.Module):
+  """A stage res{k}: blocks named "0", "1", ...; the first one carries the stride."""
+  num_blocks: int
+  out_channels: int
+  bottleneck_channels: int
+  stride: int
+  bottleneck: bool = True
+  stride_in_1x1: bool = False
+  norm: Optional[str] = "GN"
+  num_groups: int = 32
+  bn_group_size: Optional[int] = None
+  axis_name: Optional[str] = None
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, train: bool = False) -> Array:
+    common = dict(norm=self.norm, num_groups=self.num_groups, bn_group_size=self.bn_group_size,
+                  axis_name=self.axis_name, dtype=self.dtype)
+    for i in range(self.num_blocks):
+      s = self.stride if i == 0 else 1
+      if self.bottleneck:
+        x = BottleneckBlock(self.out_channels, self.bottleneck_channels, s, self.stride_in_1x1,
+                            name=str(i), **common)(x, train)
+      else:
+        x = BasicBlock(self.out_channels, s, name=str(i), **common)(x, train)
+    return x
+
+
+class ResNet(nn.Module):
+  """Detectron2's ResNet (stem + res2..res5).
+
+  __call__(x (B, H, W, 3), train) -> {"res2".."res5"} at strides 4, 8, 16, 32 with
+  4w, 8w, 16w, 32w channels (bottleneck, w = width) or w, 2w, 4w, 8w (depth 18/34).
+
+  Attributes:
+    depth: 18, 34, 50, 101 or 152.
+    norm: "GN", "SyncBN", "BN", "FrozenBN" or None (see layers.get_norm).
+    stride_in_1x1: True puts a stage's stride in the first 1x1 conv (MSRA / Caffe2 weights), False
+      in the 3x3 conv (torchvision, timm, FAIR GN weights).
+    freeze_at: 0 trains everything; 1 freezes the stem; k >= 2 the stem and res2..res{k}. Frozen
+      outputs pass through stop_gradient, frozen BN norms are FrozenBN, and
+      `frozen_param_prefixes(freeze_at)` lists the params the optimizer must mask.
+    num_groups: GroupNorm groups (32).
+    width: channels of the stem (64 = standard; tiny models use 8 or 16).
+    bn_group_size: images per statistics group for norm="BN" (the per-device batch; None/0 = all).
+    axis_name: mapped axis for SyncBN under shard_map/pmap (None under plain jit).
+    dtype: conv computation dtype, e.g. "bfloat16" (params and norm statistics stay float32).
+  """
+  depth: int = 50
+  norm: Optional[str] = "GN"
+  stride_in_1x1: bool = False
+  freeze_at: int = 0
+  num_groups: int = 32
+  width: int = 64
+  bn_group_size: Optional[int] = None
+  axis_name: Optional[str] = None
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, train: bool = False) -> dict[str, Array]:
+    if x.ndim != 4 or x.shape[-1] != 3:
+      raise ValueError(f"ResNet: expected images (B, H, W, 3), got {x.shape}.")
+    if self.depth not in STAGE_BLOCKS:
+      raise ValueError(f"ResNet depth must be one of {sorted(STAGE_BLOCKS)}, got {self.depth}.")
+    if not 0 <= self.freeze_at <= 5:
+      raise ValueError(f"freeze_at must be in 0..5, got {self.freeze_at}.")
+    dtype = jnp.dtype(self.dtype)
+    blocks, bottleneck = STAGE_BLOCKS[self.depth]
+    common = dict(num_groups=self.num_groups, bn_group_size=self.bn_group_size,
+                  axis_name=self.axis_name, dtype=dtype)
+    norm_of = lambda frozen: frozen_norm(self.norm) if frozen else self.norm
+
+    frozen = self.freeze_at >= 1
+    x = BasicStem(self.width, norm_of(frozen), name="stem", **common)(x, train)
+    if frozen:
+      x = jax.lax.stop_gradient(x)
+    outputs = {}
+    for k, (name, n) in enumerate(zip(STAGES, blocks)):
+      mult = 2 ** k
+      out_channels = self.width * mult * (4 if bottleneck else 1)
+      frozen = self.freeze_at >= k + 2
+      x = ResStage(n, out_channels, self.width * mult, stride=1 if k == 0 else 2,
+                   bottleneck=bottleneck, stride_in_1x1=self.stride_in_1x1,
+                   norm=norm_of(frozen), name=name, **common)(x, train)
+      if frozen:
+        x = jax.lax.stop_gradient(x)
+      outputs[name] = x
+    return outputs
+
+  @property
+  def out_channels(self) -> dict[str, int]:
+    bottleneck = STAGE_BLOCKS[self.depth][1]
+    return {s: self.width * 2 ** k * (4 if bottleneck else 1) for k, s in enumerate(STAGES)}
