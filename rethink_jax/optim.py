@@ -65,14 +65,15 @@ def schedule(multiple: float, batch_size: int = BASE_BATCH_SIZE, *, base_lr: flo
               base_lr=base_lr * batch_size / base_batch_size)
 
 
-def resolve_schedule(schedule_config: Any, optim_config: Any) -> dict:
-  """The run's schedule from config.schedule and config.optim.
+def resolve_schedule(schedule_config: Any, optim_config: Any, batch_size: int) -> dict:
+  """The run's schedule from config.schedule, config.optim and config.batch_size.
 
-  config.schedule: multiple (float), batch_size (global), base_batch_size (16),
-    total_steps (<= 0: derived from multiple), decay_steps (empty: derived, i.e. the last 60k/20k
-    iterations at base batch; explicit values are used as given), decay_factor (0.1).
-  config.optim: base_lr (LR at schedule.base_batch_size images; scaled linearly to batch_size),
-    warmup_steps, warmup_factor.
+  config.schedule: multiple (float, in units of 1x), base_batch_size (16), total_steps (<= 0:
+    derived from multiple by `schedule`), decay_steps (empty: derived by `schedule`; explicit
+    values are used as given), decay_factor (0.1).
+  config.optim: base_lr (the LR at schedule.base_batch_size images per step; scaled linearly to
+    batch_size), warmup_steps, warmup_factor.
+  batch_size: global images per step.
 
   Returns:
     dict(total_steps, decay_steps, decay_factor, base_lr (at batch_size), warmup_steps,
@@ -80,7 +81,7 @@ def resolve_schedule(schedule_config: Any, optim_config: Any) -> dict:
   """
   s, o = schedule_config, optim_config
   base_bs = int(s.get("base_batch_size", BASE_BATCH_SIZE))
-  bs = int(s.batch_size)
+  bs = int(batch_size)
   lr = float(o.base_lr) * bs / base_bs
   total = int(s.get("total_steps", 0) or 0)
   decays = tuple(int(d) for d in (s.get("decay_steps", ()) or ()))

@@ -47,18 +47,18 @@ def test_schedule_known_values():
 
 
 def test_resolve_schedule_explicit_and_derived():
-  sc = ml_collections.ConfigDict(dict(multiple=2, batch_size=32, base_batch_size=16,
+  sc = ml_collections.ConfigDict(dict(multiple=2, base_batch_size=16,
                                       total_steps=0, decay_steps=(), decay_factor=0.1))
   oc = ml_collections.ConfigDict(dict(base_lr=0.02, warmup_steps=500, warmup_factor=1 / 3))
-  r = optim.resolve_schedule(sc, oc)
+  r = optim.resolve_schedule(sc, oc, 32)
   assert r["total_steps"] == 90_000 and r["decay_steps"] == (60_000, 80_000)
   assert math.isclose(r["base_lr"], 0.04)
   sc.total_steps, sc.decay_steps = 100, (90, 50)
-  r = optim.resolve_schedule(sc, oc)
+  r = optim.resolve_schedule(sc, oc, 32)
   assert r["total_steps"] == 100 and r["decay_steps"] == (50, 90)
   sc.decay_steps = (101,)
   with pytest.raises(ValueError):
-    optim.resolve_schedule(sc, oc)
+    optim.resolve_schedule(sc, oc, 32)
 
 
 def test_lr_schedule_matches_detectron2_warmup_multistep():
