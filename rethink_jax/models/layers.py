@@ -240,5 +240,5 @@ def max_pool(x: Array, window: int = 3, stride: int = 2, padding: int = 1) -> Ar
   """PyTorch max_pool2d: x (B, H, W, C) -> (B, H', W', C), symmetric -inf padding."""
   _check_nhwc(x, "max_pool")
   return jax.lax.reduce_window(
-      x, jnp.array(-jnp.inf, x.dtype), jax.lax.max, (1, window, window, 1), (1, stride, stride, 1),
+      x, -jnp.inf, jax.lax.max, (1, window, window, 1), (1, stride, stride, 1),
       ((0, 0), (padding, padding), (padding, padding), (0, 0)))
