@@ -6,3 +6,4 @@ from rethink_jax.ops.boxes import box_area, box_iou, clip_boxes, decode_boxes, e
 from rethink_jax.ops.matching import match
 from rethink_jax.ops.nms import batched_nms, nms
 from rethink_jax.ops.sampling import sample_balanced
+from rethink_jax.ops.roi_align import assign_levels, multilevel_roi_align, roi_align
