@@ -7,3 +7,4 @@ from rethink_jax.ops.matching import match
 from rethink_jax.ops.nms import batched_nms, nms
 from rethink_jax.ops.sampling import sample_balanced
 from rethink_jax.ops.roi_align import assign_levels, multilevel_roi_align, roi_align
+from rethink_jax.ops.masks import crop_masks_to_boxes, mask_targets, paste_masks
