@@ -1,0 +1,579 @@
+"""The fixed-shape, per-process input pipeline (tf.data on the host, numpy batches out).
+
+The batch dict (the one place it is documented; every batch of a config has the same shapes):
+  image       (B, H, W, 3) float32  (pixel - pixel_mean) / pixel_std in channel order
+                                    data.input_format ("RGB" | "BGR"); the resized image sits at the
+                                    top-left, the rest (bottom/right) is 0. (H, W) = data.pad_to.
+  image_hw    (B, 2) int32          [h, w] of the resized image inside the padding.
+  image_id    (B,)   int32          COCO image id; -1 for padding images of eval batches.
+  orig_hw     (B, 2) int32          original image size [h, w].
+  scale       (B,)   float32        resized / original, the same for x and y: a point p of the
+                                    original image is at p * scale in the input (before a flip).
+  valid       (B,)   bool           False for padding images (last eval batches), True otherwise.
+  gt_boxes    (B, G, 4) float32     xyxy in input pixels (after resize and flip), G = max_instances;
+                                    padding rows are 0.
+  gt_classes  (B, G) int32          1..num_classes, 0 = padding. Crowd regions are dropped (training
+                                    and eval batches alike; evaluation scores against the JSON).
+  gt_masks    (B, G, S, S) uint8    {0, 1}, S = data.mask_size: instance g's mask cropped to ITS OWN
+                                    gt box and resampled: pixel (i, j) is the bilinear value of the
+                                    full-resolution mask at input point
+                                    (x1 + (j + 0.5) * (x2 - x1) / S, y1 + (i + 0.5) * (y2 - y1) / S),
+                                    thresholded at 0.5 (ops/masks.py's representation). Sampled from
+                                    the original-resolution mask (at that point / scale), with edge
+                                    clamping like RoIAlign; a flip mirrors the crop.
+
+Order and sharding. The training stream of every process is cut from one global stream: position t
+of the global stream is record pool[perm_e[t % N]] with e = t // N, where pool holds the N usable
+training records (subset, empty images dropped) and perm_e is a permutation drawn from (seed, e).
+Global step s uses positions [s * B * P, (s + 1) * B * P); process p takes the B positions starting
+at s * B * P + p * B (B = batch per process, P = processes). Hence processes never duplicate data,
+an epoch is covered exactly once, and resuming at start_step=k reads from position k * B * P without
+decoding anything before it (records are read by index from array_record files). Augmentation
+randomness is a function of (seed, t) only.
+
+Eval: process p reads records p, p + P, p + 2P, ... of the eval split, padded with valid=False
+images so that every process yields the same number of batches.
+
+config.data fields (ConfigDict; `default_data_config()` lists them with defaults):
+  name "shapes_instances" | "coco_instances"; data_dir (tfds data dir, None = tfds default);
+  builder_config (config name); builder_kwargs (dict); train_split, eval_split (tfds split specs,
+  slices like "validation[:100]" allowed); min_size (int, or a sequence of ints to choose from per
+  image in training: "train aug"); min_size_test (int; 0 = max of min_size); max_size (int);
+  pad_to (H, W), multiples of 32; max_instances; mask_size; pixel_mean, pixel_std (0..255, in
+  input_format order); input_format; flip_prob; num_train_images (0 = all); subset_seed;
+  drop_empty_train; num_parallel_calls; prefetch.
+If an image resized by (min_size, max_size) would not fit into pad_to, it is scaled down to fit.
+"""
+import fcntl
+import functools
+import json
+import os
+
+from absl import logging
+import ml_collections
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from rethink_jax.data import instances
+
+try:  # TF must never take the accelerator away from JAX.
+  tf.config.set_visible_devices([], "GPU")
+except RuntimeError:  # Already initialized (then it was configured before).
+  pass
+
+
+def default_data_config():
+  """The data fields with their defaults (the demo: shapes_instances/demo at 128 x 128)."""
+  return ml_collections.ConfigDict({
+      "name": "shapes_instances",
+      "data_dir": None,
+      "builder_config": "demo",
+      "builder_kwargs": {},
+      "train_split": "train",
+      "eval_split": "validation",
+      "min_size": 128,
+      "min_size_test": 0,
+      "max_size": 128,
+      "pad_to": (128, 128),
+      "max_instances": 100,
+      "mask_size": 112,
+      "pixel_mean": (123.675, 116.28, 103.53),
+      "pixel_std": (58.395, 57.12, 57.375),
+      "input_format": "RGB",
+      "flip_prob": 0.5,
+      "num_train_images": 0,
+      "subset_seed": 0,
+      "drop_empty_train": True,
+      "num_parallel_calls": 2,
+      "prefetch": 2,
+  }, type_safe=False)  # min_size may be an int or a sequence
+
+
+# ---------------------------------------------------------------------------------------------
+# Builders, splits, side files.
+# ---------------------------------------------------------------------------------------------
+def _builder_cls(name):
+  if name == "shapes_instances":
+    from rethink_jax.data import shapes  # pylint: disable=g-import-not-at-top
+    return shapes.ShapesInstances
+  if name == "coco_instances":
+    from rethink_jax.data import coco  # pylint: disable=g-import-not-at-top
+    return coco.CocoInstances
+  raise ValueError(f"data.name must be 'shapes_instances' or 'coco_instances', got {name!r}")
+
+
+def get_builder(data_config, prepare=True):
+  """The tfds builder of config.data; generates synthetic data on first use.
+
+  Args:
+    data_config: config.data.
+    prepare: generate shapes_instances if absent (under a file lock: safe for parallel runs).
+  Returns:
+    a prepared tfds builder.
+  """
+  name = data_config.name
+  cls = _builder_cls(name)
+  kwargs = dict(data_config.get("builder_kwargs") or {})
+  config = data_config.get("builder_config") or None
+  if name == "coco_instances" and config is not None:
+    from rethink_jax.data import coco  # pylint: disable=g-import-not-at-top
+    config = coco.config_for_name(config)
+  builder = cls(config=config, data_dir=data_config.get("data_dir"), **kwargs)
+  if not builder.is_prepared():
+    if not prepare or name != "shapes_instances":
+      raise FileNotFoundError(
+          f"{builder.info.full_name} is not prepared in {builder.data_dir_root}. "
+          + ("Build it with rethink_jax.data.coco.build_coco_instances(...) or `tfds build "
+             "rethink_jax/data/coco.py --manual_dir=...`." if name == "coco_instances" else ""))
+    os.makedirs(builder.data_dir_root, exist_ok=True)
+    with open(os.path.join(builder.data_dir_root, f".{name}.lock"), "w") as lock:
+      fcntl.flock(lock, fcntl.LOCK_EX)
+      builder = cls(config=config, data_dir=data_config.get("data_dir"), **kwargs)
+      if not builder.is_prepared():
+        logging.info("Generating %s in %s", builder.info.full_name, builder.data_dir_root)
+        builder.download_and_prepare(
+            download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+      fcntl.flock(lock, fcntl.LOCK_UN)
+  if builder.info.file_format != tfds.core.FileFormat.ARRAY_RECORD:
+    raise ValueError(
+        f"{builder.data_dir} holds {builder.info.file_format} files; the pipeline reads records "
+        "by index and needs array_record: rebuild with file_format='array_record'.")
+  return builder
+
+
+def _split_range(builder, split):
+  """A split spec ("train", "validation[:100]", "train[10%:]") -> (base split, record indices)."""
+  instr = tfds.core.ReadInstruction.from_spec(split).to_absolute(builder.info.splits)
+  if len(instr) != 1:
+    raise ValueError(f"split {split!r}: only one split (optionally sliced) is supported")
+  base = instr[0].splitname
+  n = builder.info.splits[base].num_examples
+  start = instr[0].from_ if instr[0].from_ is not None else 0
+  stop = instr[0].to if instr[0].to is not None else n
+  return base, np.arange(start, stop, dtype=np.int64)
+
+
+@functools.lru_cache(maxsize=16)
+def _records_meta_cached(path):
+  with open(path) as f:
+    meta = json.load(f)
+  return {k: np.asarray(v, np.int64) for k, v in meta.items()}
+
+
+def records_meta(builder, base_split):
+  """Per-record side info of a split: {"image_id": (N,), "num_objects": (N,)} int64."""
+  path = os.path.join(builder.data_dir, instances.RECORDS_DIR, f"{base_split}.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} is missing: the dataset was not built by this project's "
+                            "builders (they write it next to the records).")
+  return _records_meta_cached(path)
+
+
+def select_subset(pool, num_images, seed):
+  """Deterministic seeded choice of `num_images` records from `pool` (sorted record indices).
+
+  The same (pool, num_images, seed) always gives the same subset: both arms of a comparison that
+  share data.subset_seed train on the same images.
+
+  Args:
+    pool: (N,) int64 candidate record indices.
+    num_images: how many to keep (0 = all).
+    seed: subset seed.
+  Returns:
+    (num_images,) int64 sorted record indices.
+  """
+  pool = np.asarray(pool, np.int64)
+  if num_images <= 0:
+    return pool
+  if num_images > len(pool):
+    raise ValueError(f"num_train_images={num_images} but only {len(pool)} usable training images")
+  chosen = np.random.default_rng([seed, len(pool)]).choice(len(pool), num_images, replace=False)
+  return np.sort(pool[chosen])
+
+
+def train_pool(data_config, builder=None):
+  """Record indices of the training split that the training stream draws from, sorted (N,)."""
+  builder = builder or get_builder(data_config)
+  base, idx = _split_range(builder, data_config.train_split)
+  if data_config.get("drop_empty_train", True):
+    num_objects = records_meta(builder, base)["num_objects"]
+    idx = idx[num_objects[idx] > 0]
+  if len(idx) == 0:
+    raise ValueError(f"no usable training images in {data_config.train_split!r}")
+  return select_subset(idx, data_config.get("num_train_images", 0),
+                       data_config.get("subset_seed", 0))
+
+
+def _data_source(builder, base_split):
+  """Random access to the serialized records of a split; checks they are in generation order."""
+  from array_record.python import array_record_data_source  # pylint: disable=g-import-not-at-top
+  paths = [os.fspath(p) for p in builder.info.splits[base_split].filepaths]
+  source = array_record_data_source.ArrayRecordDataSource(paths)
+  ids = records_meta(builder, base_split)["image_id"]
+  if len(ids) != len(source):
+    raise ValueError(f"{builder.data_dir}: {len(source)} records in split {base_split!r} but "
+                     f"{len(ids)} entries in its records/{base_split}.json")
+  parse = {"image_id": tf.io.FixedLenFeature([], tf.int64)}
+  for i in {0, len(source) - 1}:
+    got = int(tf.io.parse_single_example(source[i], parse)["image_id"])
+    if got != ids[i]:
+      raise ValueError(f"{builder.data_dir}: record {i} of {base_split!r} has image id {got}, "
+                       f"records/{base_split}.json says {ids[i]} (records shuffled?)")
+  return source
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-example preprocessing (TF graph).
+# ---------------------------------------------------------------------------------------------
+def _sizes(data_config, train):
+  min_size = data_config.min_size
+  sizes = tuple(min_size) if isinstance(min_size, (tuple, list)) else (int(min_size),)
+  if not train:
+    test = data_config.get("min_size_test", 0) or max(sizes)
+    sizes = (int(test),)
+  return sizes
+
+
+def _check_config(data_config):
+  pad_h, pad_w = (int(v) for v in data_config.pad_to)
+  if pad_h % 32 or pad_w % 32:
+    raise ValueError(f"data.pad_to must be multiples of 32, got {tuple(data_config.pad_to)}")
+  if data_config.input_format not in ("RGB", "BGR"):
+    raise ValueError(f"data.input_format must be 'RGB' or 'BGR', got {data_config.input_format!r}")
+  if len(data_config.pixel_mean) != 3 or len(data_config.pixel_std) != 3:
+    raise ValueError("data.pixel_mean and data.pixel_std need 3 values each")
+
+
+def decode_masks(counts, runs, height, width):
+  """Uncompressed RLEs -> masks, in the graph.
+
+  Args:
+    counts: (R,) int32 concatenated run lengths; runs: (n,) int32 runs per instance.
+    height, width: scalar int32.
+  Returns:
+    (n, height, width) uint8 in {0, 1}.
+  """
+  parity = tf.ragged.range(runs).flat_values % 2  # 0 for runs of zeros, 1 for runs of ones
+  flat = tf.repeat(tf.cast(parity, tf.uint8), counts)
+  masks = tf.reshape(flat, [-1, width, height])  # COCO RLE is column-major
+  return tf.transpose(masks, [0, 2, 1])
+
+
+def crop_masks(masks, boxes, size):
+  """Crops full masks to boxes and resamples them to size x size (ops/masks.py's representation).
+
+  Args:
+    masks: (n, h, w) uint8 full masks.
+    boxes: (n, 4) float32 xyxy in the same pixel frame as `masks`.
+    size: output side S.
+  Returns:
+    (n, S, S) uint8: bilinear samples at the box's S x S cell centres, thresholded at 0.5.
+  """
+  h = tf.shape(masks)[1]
+  w = tf.shape(masks)[2]
+  # Replicate a one-pixel border so samples within half a pixel outside the image clamp to the
+  # edge (as RoIAlign does); farther ones read crop_and_resize's extrapolation value 0.
+  padded = tf.pad(masks[..., None], [[0, 0], [1, 1], [1, 1], [0, 0]], mode="SYMMETRIC")
+  x1, y1, x2, y2 = tf.unstack(boxes, axis=1)
+  # Sample k of [a, b] at a + (k + 0.5) (b - a) / S (continuous coords), i.e. pixel index
+  # a + (k + 0.5)(b - a)/S - 0.5, +1 for the border; crop_and_resize spans [lo, hi] / (dim - 1).
+  sy = (y2 - y1) / size
+  sx = (x2 - x1) / size
+  hf = tf.cast(h + 1, tf.float32)
+  wf = tf.cast(w + 1, tf.float32)
+  norm = tf.stack([(y1 + 0.5 * sy + 0.5) / hf, (x1 + 0.5 * sx + 0.5) / wf,
+                   (y2 - 0.5 * sy + 0.5) / hf, (x2 - 0.5 * sx + 0.5) / wf], axis=1)
+  crops = tf.image.crop_and_resize(
+      tf.cast(padded, tf.float32), norm, tf.range(tf.shape(masks)[0]), [size, size],
+      method="bilinear", extrapolation_value=0.0)
+  return tf.cast(crops[..., 0] >= 0.5, tf.uint8)
+
+
+def _pad_to(x, length, axis=0):
+  """Pads (or truncates) axis 0 of x to `length` with zeros."""
+  x = x[:length]
+  pad = [[0, 0]] * len(x.shape)
+  pad[axis] = [0, length - tf.shape(x)[axis]]
+  return tf.pad(x, pad)
+
+
+def make_preprocess_fn(data_config, features, *, train, seed=0):
+  """Returns fn(position t int64, serialized record, valid bool) -> one element of the batch dict.
+
+  Augmentation randomness (size choice, flip) is a function of (seed, t) only.
+  """
+  _check_config(data_config)
+  sizes = tf.constant(_sizes(data_config, train), tf.float32)
+  max_size = float(data_config.max_size)
+  pad_h, pad_w = (int(v) for v in data_config.pad_to)
+  num_inst = int(data_config.max_instances)
+  mask_size = int(data_config.mask_size)
+  mean = np.asarray(data_config.pixel_mean, np.float32)
+  std = np.asarray(data_config.pixel_std, np.float32)
+  bgr = data_config.input_format == "BGR"
+  flip_prob = float(data_config.get("flip_prob", 0.5)) if train else 0.0
+  seed = int(seed)
+
+  def fn(t, serialized, valid):
+    ex = features.deserialize_example(serialized)
+    image = ex["image"]
+    h = tf.shape(image)[0]
+    w = tf.shape(image)[1]
+    hf, wf = tf.cast(h, tf.float32), tf.cast(w, tf.float32)
+    rng_seed = tf.stack([tf.constant(seed, tf.int64), t])
+    size_i = tf.random.stateless_uniform([], seed=rng_seed, maxval=len(_sizes(data_config, train)),
+                                         dtype=tf.int32)
+    flip = tf.random.stateless_uniform([], seed=rng_seed + [0, 1 << 40]) < flip_prob
+    short = tf.gather(sizes, size_i)
+    scale = tf.reduce_min(tf.stack([short / tf.minimum(hf, wf), max_size / tf.maximum(hf, wf),
+                                    pad_h / hf, pad_w / wf]))
+    new_h = tf.minimum(tf.cast(tf.round(hf * scale), tf.int32), pad_h)
+    new_w = tf.minimum(tf.cast(tf.round(wf * scale), tf.int32), pad_w)
+
+    # Image: resize, flip, normalize, pad.
+    img = tf.image.resize(image, tf.stack([new_h, new_w]), method="bilinear")
+    img = tf.cond(flip, lambda: img[:, ::-1], lambda: img)
+    if bgr:
+      img = img[..., ::-1]
+    img = (img - mean) / std
+    img = tf.pad(img, [[0, pad_h - new_h], [0, pad_w - new_w], [0, 0]])
+    img = tf.ensure_shape(img, [pad_h, pad_w, 3])
+
+    # Instances: no crowd, no degenerate box, at most max_instances.
+    obj = ex["objects"]
+    ymin, xmin, ymax, xmax = tf.unstack(tf.reshape(obj["bbox"], [-1, 4]), axis=1)
+    boxes = tf.stack([xmin * wf, ymin * hf, xmax * wf, ymax * hf], axis=1)  # original pixels
+    keep = ~obj["is_crowd"] & (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+    keep_idx = tf.where(keep)[:num_inst, 0]
+    rle = tf.RaggedTensor.from_row_lengths(ex["mask_counts"], tf.cast(obj["mask_runs"], tf.int64))
+    rle = tf.gather(rle, keep_idx)
+    boxes = tf.gather(boxes, keep_idx)
+    classes = tf.cast(tf.gather(obj["label"], keep_idx), tf.int32) + 1
+    masks = decode_masks(rle.flat_values, tf.cast(rle.row_lengths(), tf.int32), h, w)
+    crops = crop_masks(masks, boxes, mask_size)  # sampled in the original frame
+    in_boxes = boxes * scale
+    new_wf = tf.cast(new_w, tf.float32)
+    in_boxes = tf.minimum(tf.maximum(in_boxes, 0.0),
+                          tf.stack([new_wf, tf.cast(new_h, tf.float32)] * 2))
+
+    def flip_fn():
+      x1, y1, x2, y2 = tf.unstack(in_boxes, axis=1)
+      return tf.stack([new_wf - x2, y1, new_wf - x1, y2], axis=1), crops[:, :, ::-1]
+
+    in_boxes, crops = tf.cond(flip, flip_fn, lambda: (in_boxes, crops))
+    valid_f = tf.cast(valid, tf.int32)
+    return {
+        "image": img,
+        "image_hw": tf.stack([new_h, new_w]),
+        "image_id": tf.where(valid, tf.cast(ex["image_id"], tf.int32), -1),
+        "orig_hw": tf.stack([h, w]),
+        "scale": scale,
+        "valid": valid,
+        "gt_boxes": tf.ensure_shape(_pad_to(in_boxes, num_inst), [num_inst, 4]),
+        "gt_classes": tf.ensure_shape(_pad_to(classes * valid_f, num_inst), [num_inst]),
+        "gt_masks": tf.ensure_shape(_pad_to(crops, num_inst), [num_inst, mask_size, mask_size]),
+    }
+
+  return fn
+
+
+# ---------------------------------------------------------------------------------------------
+# Iterators.
+# ---------------------------------------------------------------------------------------------
+def _process(process_index, process_count):
+  if process_index is None or process_count is None:
+    import jax  # pylint: disable=g-import-not-at-top
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index={process_index} not in [0, {process_count})")
+  return process_index, process_count
+
+
+def _options(data_config):
+  options = tf.data.Options()
+  threads = int(data_config.get("num_parallel_calls", 2))
+  options.threading.private_threadpool_size = max(threads, 1)
+  options.threading.max_intra_op_parallelism = 1
+  options.deterministic = True
+  options.autotune.enabled = True
+  return options
+
+
+def _to_batches(ds, data_config, preprocess, batch_size):
+  ds = ds.map(preprocess, num_parallel_calls=int(data_config.get("num_parallel_calls", 2)),
+              deterministic=True)
+  ds = ds.batch(batch_size, drop_remainder=True)
+  ds = ds.prefetch(int(data_config.get("prefetch", 2)))
+  return ds.with_options(_options(data_config))
+
+
+def train_positions(step, batch_size_per_process, process_index, process_count):
+  """Global stream positions of one process's batch at `step`: (B,) int64."""
+  start = (step * process_count + process_index) * batch_size_per_process
+  return np.arange(start, start + batch_size_per_process, dtype=np.int64)
+
+
+class _EpochPermutations:
+  """perm_e of the module docstring, cached for the current epoch."""
+
+  def __init__(self, n, seed):
+    self.n, self.seed, self._epoch, self._perm = n, seed, None, None
+
+  def __call__(self, epoch):
+    if epoch != self._epoch:
+      self._epoch = epoch
+      self._perm = np.random.default_rng([self.seed, epoch, 0x5EED]).permutation(self.n)
+    return self._perm
+
+
+class TrainIterator:
+  """Infinite iterator of training batch dicts; `step` is the step of the next batch.
+
+  Checkpoint `step` (or the trainer's own step) and pass it back as start_step to resume.
+  """
+
+  def __init__(self, ds, start_step):
+    self._it = ds.as_numpy_iterator()
+    self.step = start_step
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    batch = next(self._it)
+    self.step += 1
+    return batch
+
+
+def make_train_iterator(data_config, batch_size_per_process, *, seed, start_step=0,
+                        process_index=None, process_count=None):
+  """The training iterator of this process (see the module docstring for order and sharding).
+
+  Args:
+    data_config: config.data.
+    batch_size_per_process: B, images per process and step.
+    seed: data seed (order and augmentation).
+    start_step: first step to yield; resuming at k gives exactly the batches an uninterrupted
+      iterator yields from step k on.
+    process_index, process_count: default jax.process_index() / jax.process_count().
+  Returns:
+    a TrainIterator of batch dicts (host-local numpy, fixed shapes).
+  """
+  p, num_p = _process(process_index, process_count)
+  builder = get_builder(data_config)
+  base, _ = _split_range(builder, data_config.train_split)
+  pool = train_pool(data_config, builder)
+  source = _data_source(builder, base)
+  perms = _EpochPermutations(len(pool), seed)
+  n = len(pool)
+  b = int(batch_size_per_process)
+
+  def gen():
+    step = start_step
+    while True:
+      for t in train_positions(step, b, p, num_p):
+        record = pool[perms(t // n)[t % n]]
+        yield t, source[int(record)], True
+      step += 1
+
+  ds = tf.data.Dataset.from_generator(gen, output_signature=(
+      tf.TensorSpec([], tf.int64), tf.TensorSpec([], tf.string), tf.TensorSpec([], tf.bool)))
+  preprocess = make_preprocess_fn(data_config, builder.info.features, train=True, seed=seed)
+  return TrainIterator(_to_batches(ds, data_config, preprocess, b), start_step)
+
+
+def eval_records(num_records, batch_size_per_process, process_index, process_count):
+  """Record indices of one process's eval batches: (num_batches * B,) int64, -1 = padding."""
+  mine = np.arange(process_index, num_records, process_count, dtype=np.int64)
+  per_process = -(-num_records // process_count)
+  num_batches = -(-per_process // batch_size_per_process)
+  out = np.full(num_batches * batch_size_per_process, -1, np.int64)
+  out[:len(mine)] = mine
+  return out
+
+
+def make_eval_iterator(data_config, batch_size_per_process, process_index=None,
+                       process_count=None):
+  """Finite iterator over this process's share of the eval split (no augmentation).
+
+  All processes yield the same number of batches; padding images have valid=False, image_id=-1
+  and no ground truth.
+  """
+  p, num_p = _process(process_index, process_count)
+  builder = get_builder(data_config)
+  base, idx = _split_range(builder, data_config.eval_split)
+  source = _data_source(builder, base)
+  b = int(batch_size_per_process)
+  positions = eval_records(len(idx), b, p, num_p)
+
+  def gen():
+    for t, pos in enumerate(positions):
+      record = idx[pos] if pos >= 0 else idx[0]
+      yield t, source[int(record)], bool(pos >= 0)
+
+  ds = tf.data.Dataset.from_generator(gen, output_signature=(
+      tf.TensorSpec([], tf.int64), tf.TensorSpec([], tf.string), tf.TensorSpec([], tf.bool)))
+  preprocess = make_preprocess_fn(data_config, builder.info.features, train=False)
+  return _to_batches(ds, data_config, preprocess, b).as_numpy_iterator()
+
+
+def num_eval_images(data_config):
+  """Number of images in the eval split (all processes together)."""
+  builder = get_builder(data_config)
+  return len(_split_range(builder, data_config.eval_split)[1])
+
+
+def num_train_images(data_config):
+  """Number of images the training stream draws from (after subset and empty-image drop)."""
+  return len(train_pool(data_config))
+
+
+# ---------------------------------------------------------------------------------------------
+# Ground truth and categories.
+# ---------------------------------------------------------------------------------------------
+def category_ids(data_config):
+  """COCO category ids in contiguous-label order: index = label - 1."""
+  return [int(c["id"]) for c in get_builder(data_config).info.metadata["categories"]]
+
+
+def category_names(data_config):
+  return [str(c["name"]) for c in get_builder(data_config).info.metadata["categories"]]
+
+
+def num_classes(data_config):
+  return len(category_ids(data_config))
+
+
+def annotation_file(data_config, split=None):
+  """Path of the COCO-format ground truth of a split (the base split of a sliced spec)."""
+  builder = get_builder(data_config)
+  base, _ = _split_range(builder, split or data_config.eval_split)
+  path = os.path.join(builder.data_dir, instances.ANNOTATIONS_DIR, f"{base}.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"no COCO ground truth for split {base!r}: {path} is missing")
+  return path
+
+
+def get_coco_gt(data_config, split=None):
+  """pycocotools COCO of the eval split (restricted to the records of a sliced spec)."""
+  import contextlib  # pylint: disable=g-import-not-at-top
+  import io  # pylint: disable=g-import-not-at-top
+  from pycocotools import coco as coco_lib  # pylint: disable=g-import-not-at-top
+  builder = get_builder(data_config)
+  split = split or data_config.eval_split
+  base, idx = _split_range(builder, split)
+  with open(annotation_file(data_config, split)) as f:
+    dataset = json.load(f)
+  if len(idx) != builder.info.splits[base].num_examples:
+    keep = set(records_meta(builder, base)["image_id"][idx].tolist())
+    dataset["images"] = [im for im in dataset["images"] if im["id"] in keep]
+    dataset["annotations"] = [a for a in dataset["annotations"] if a["image_id"] in keep]
+  gt = coco_lib.COCO()
+  gt.dataset = dataset
+  with contextlib.redirect_stdout(io.StringIO()):
+    gt.createIndex()
+  logging.info("COCO ground truth of %s: %d images, %d annotations", split,
+               len(dataset["images"]), len(dataset["annotations"]))
+  return gt
