@@ -1,0 +1,242 @@
+"""COCO evaluation: fixed-shape detections -> COCO results (original pixels, RLE masks) -> AP.
+
+Metric names (percent, 0..100; NaN where COCOeval reports -1, e.g. no ground truth of that size):
+  "<type>/AP", "<type>/AP50", "<type>/AP75", "<type>/APs", "<type>/APm", "<type>/APl",
+  "<type>/AR1", "<type>/AR10", "<type>/AR100", "<type>/ARs", "<type>/ARm", "<type>/ARl"
+for <type> in ("bbox", "segm").
+
+Masks are pasted with Detectron2's rule (rethink_jax.ops.masks.paste_masks(method="detectron2")):
+each pixel centre of the original image is mapped into the real-valued box, the M x M mask is read
+bilinearly with zero padding outside it, and the pixel is on when the value >= 0.5. Pasting is done
+in NumPy per detection on the box's window only (two small matmuls, no per-pixel Python), because
+original image sizes vary and a jitted paste would recompile for every size.
+"""
+import contextlib
+import copy
+import io
+import json
+import os
+
+from absl import logging
+import numpy as np
+from pycocotools import coco as coco_lib
+from pycocotools import cocoeval
+from pycocotools import mask as mask_utils
+
+METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl",
+                "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+
+
+def _paste_weights(lo, hi, start, num, mask_size):
+  """(num, M) interpolation weights of pixels start..start+num-1 into a box [lo, hi] of M cells."""
+  centers = np.arange(start, start + num, dtype=np.float64) + 0.5
+  u = (centers - lo) / max(hi - lo, 1e-6) * mask_size - 0.5
+  low = np.floor(u)
+  frac = u - low
+  weights = np.zeros((num, mask_size), np.float64)
+  rows = np.arange(num)
+  for idx, wgt in ((low, 1.0 - frac), (low + 1.0, frac)):
+    ok = (idx >= 0) & (idx < mask_size)
+    weights[rows[ok], idx[ok].astype(np.int64)] += wgt[ok]
+  return weights
+
+
+def paste_mask(mask, box, image_hw, threshold=0.5):
+  """Pastes one mask into its box of an image.
+
+  Args:
+    mask: (M, M) float probabilities.
+    box: (4,) xyxy in the image's pixels.
+    image_hw: (h, w) of the image.
+    threshold: pixel on when the interpolated value >= threshold.
+  Returns:
+    (window, local): window = (y0, y1, x0, x1) and local (y1 - y0, x1 - x0) bool, the only part of
+    the (h, w) image that can be on.
+  """
+  mask = np.asarray(mask, np.float64)
+  if mask.ndim != 2 or mask.shape[0] != mask.shape[1]:
+    raise ValueError(f"paste_mask needs an (M, M) mask, got {mask.shape}")
+  h, w = int(image_hw[0]), int(image_hw[1])
+  m = mask.shape[0]
+  x1, y1, x2, y2 = (float(v) for v in box)
+  # Pixels whose centre reads a cell of the mask: within one cell of the box.
+  cy, cx = (y2 - y1) / m, (x2 - x1) / m
+  y0, y1_ = max(0, int(np.floor(y1 - cy))), min(h, int(np.ceil(y2 + cy)) + 1)
+  x0, x1_ = max(0, int(np.floor(x1 - cx))), min(w, int(np.ceil(x2 + cx)) + 1)
+  if y1_ <= y0 or x1_ <= x0:
+    return (0, 0, 0, 0), np.zeros((0, 0), bool)
+  wy = _paste_weights(y1, y2, y0, y1_ - y0, m)
+  wx = _paste_weights(x1, x2, x0, x1_ - x0, m)
+  return (y0, y1_, x0, x1_), (wy @ mask @ wx.T) >= threshold
+
+
+def paste_masks_numpy(masks, boxes, image_hw, threshold=0.5):
+  """Full-image pasting of R masks: (R, M, M), (R, 4) -> (R, h, w) bool (for tests and users)."""
+  h, w = int(image_hw[0]), int(image_hw[1])
+  out = np.zeros((len(masks), h, w), bool)
+  for r, (m, b) in enumerate(zip(masks, boxes)):
+    (y0, y1, x0, x1), local = paste_mask(m, b, (h, w), threshold)
+    out[r, y0:y1, x0:x1] = local
+  return out
+
+
+def _encode(window, local, image_hw):
+  h, w = image_hw
+  full = np.zeros((h, w, 1), np.uint8, order="F")
+  y0, y1, x0, x1 = window
+  full[y0:y1, x0:x1, 0] = local
+  rle = mask_utils.encode(full)[0]
+  rle["counts"] = rle["counts"].decode("ascii")
+  return rle
+
+
+def detections_to_coco(dets, batch, category_ids, mask_threshold=0.5):
+  """Fixed-shape detections of one batch -> COCO result dicts (padding dropped).
+
+  Args:
+    dets: numpy dict: boxes (B, D, 4) xyxy input pixels, scores (B, D), classes (B, D) int32
+      (1..K, 0 = padding), num_detections (B,), optional masks (B, D, M, M) probabilities.
+    batch: the batch dict the detections came from (image_id, valid, scale, orig_hw).
+    category_ids: COCO category id of label k at index k - 1.
+    mask_threshold: pasted-mask threshold.
+  Returns:
+    list of {"image_id", "category_id", "bbox" [x, y, w, h] original pixels, "score",
+    and "segmentation" (compressed RLE, counts as str) when masks are given}.
+  """
+  boxes = np.asarray(dets["boxes"], np.float64)
+  scores = np.asarray(dets["scores"], np.float64)
+  classes = np.asarray(dets["classes"])
+  if boxes.ndim != 3 or boxes.shape[-1] != 4 or scores.shape != boxes.shape[:2]:
+    raise ValueError(f"detections need boxes (B, D, 4) and scores (B, D), got {boxes.shape} and "
+                     f"{scores.shape}")
+  num = np.asarray(dets.get("num_detections", np.full(boxes.shape[0], boxes.shape[1])))
+  masks = dets.get("masks")
+  masks = None if masks is None else np.asarray(masks, np.float32)
+  category_ids = np.asarray(category_ids)
+  results = []
+  for b in range(boxes.shape[0]):
+    if not bool(batch["valid"][b]) or int(batch["image_id"][b]) < 0:
+      continue
+    image_id = int(batch["image_id"][b])
+    h, w = (int(v) for v in batch["orig_hw"][b])
+    scale = float(batch["scale"][b])
+    n = int(num[b])
+    keep = np.flatnonzero(classes[b, :n] > 0)
+    if keep.size and classes[b, keep].max() > len(category_ids):
+      raise ValueError(f"class {classes[b, keep].max()} beyond the {len(category_ids)} categories")
+    orig = boxes[b, keep] / scale
+    orig = np.clip(orig, 0.0, [w, h, w, h])
+    for k, box in zip(keep, orig):
+      res = {"image_id": image_id,
+             "category_id": int(category_ids[classes[b, k] - 1]),
+             "bbox": [float(box[0]), float(box[1]), float(box[2] - box[0]),
+                      float(box[3] - box[1])],
+             "score": float(scores[b, k])}
+      if masks is not None:
+        window, local = paste_mask(masks[b, k], box, (h, w), mask_threshold)
+        res["segmentation"] = _encode(window, local, (h, w))
+      results.append(res)
+  return results
+
+
+def _load_gt(coco_gt):
+  if isinstance(coco_gt, (str, os.PathLike)):
+    with contextlib.redirect_stdout(io.StringIO()):
+      return coco_lib.COCO(os.fspath(coco_gt))
+  return coco_gt
+
+
+def coco_metrics(coco_gt, results, iou_types=("bbox", "segm")):
+  """Scores COCO results with pycocotools' COCOeval.
+
+  Args:
+    coco_gt: a pycocotools COCO or the path of a COCO-format annotation file.
+    results: list of COCO result dicts (detections_to_coco's output).
+    iou_types: subset of ("bbox", "segm").
+  Returns:
+    {"bbox/AP": ..., "segm/AP75": ...}: the 12 COCOeval numbers per type, in percent.
+  """
+  coco_gt = _load_gt(coco_gt)
+  metrics = {}
+  for iou_type in iou_types:
+    if iou_type not in ("bbox", "segm"):
+      raise ValueError(f"iou_type must be 'bbox' or 'segm', got {iou_type!r}")
+    res = copy.deepcopy(results)  # loadRes writes into the dicts
+    if iou_type == "segm":
+      # With a "bbox" present, loadRes would score boxes turned into polygons, not the masks.
+      res = [{k: v for k, v in r.items() if k != "bbox"} for r in res if "segmentation" in r]
+    if not res:
+      logging.warning("no %s results to evaluate: every %s metric is 0", iou_type, iou_type)
+      metrics.update({f"{iou_type}/{n}": 0.0 for n in METRIC_NAMES})
+      continue
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+      coco_dt = coco_gt.loadRes(res)
+      ev = cocoeval.COCOeval(coco_gt, coco_dt, iou_type)
+      ev.evaluate()
+      ev.accumulate()
+      ev.summarize()
+    logging.info("COCOeval %s:\n%s", iou_type, out.getvalue())
+    for name, value in zip(METRIC_NAMES, ev.stats):
+      metrics[f"{iou_type}/{name}"] = float(value * 100.0) if value >= 0 else float("nan")
+  return metrics
+
+
+def gather_results(results):
+  """All processes' result lists, concatenated on every process (identity on one process)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.process_count() == 1:
+    return results
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  payload = np.frombuffer(json.dumps(results).encode(), np.uint8)
+  sizes = np.asarray(multihost_utils.process_allgather(np.array([payload.size], np.int64)))
+  sizes = sizes.reshape(-1)
+  buf = np.zeros(int(sizes.max()), np.uint8)
+  buf[:payload.size] = payload
+  every = np.asarray(multihost_utils.process_allgather(buf)).reshape(len(sizes), -1)
+  out = []
+  for p, n in enumerate(sizes):
+    out.extend(json.loads(every[p, :int(n)].tobytes().decode()))
+  return out
+
+
+def evaluate(predict_fn, eval_iterator, coco_gt, category_ids, *, iou_types=None,
+             output_json=None, mask_threshold=0.5):
+  """Runs predict_fn over the eval iterator and scores the detections.
+
+  Args:
+    predict_fn: batch dict -> detections dict (numpy or jax arrays, host-local, shapes of
+      detections_to_coco) for the batch's images.
+    eval_iterator: pipeline.make_eval_iterator(...) of this process.
+    coco_gt: pycocotools COCO of the eval split (pipeline.get_coco_gt) or its annotation file.
+    category_ids: pipeline.category_ids(config.data).
+    iou_types: default ("bbox", "segm") when detections have masks, else ("bbox",).
+    output_json: if set, process 0 writes the COCO results there.
+    mask_threshold: pasted-mask threshold.
+  Returns:
+    the metrics dict of coco_metrics (the same on every process).
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  results = []
+  has_masks = False
+  for batch in eval_iterator:
+    dets = jax.device_get(predict_fn(batch))
+    dets = {k: np.asarray(v) for k, v in dets.items()}
+    has_masks = has_masks or "masks" in dets
+    results.extend(detections_to_coco(dets, batch, category_ids, mask_threshold))
+  results = gather_results(results)
+  if iou_types is None:
+    iou_types = ("bbox", "segm") if has_masks else ("bbox",)
+  metrics = {}
+  if jax.process_index() == 0:
+    if output_json:
+      os.makedirs(os.path.dirname(os.fspath(output_json)) or ".", exist_ok=True)
+      with open(output_json, "w") as f:
+        json.dump(results, f)
+    metrics = coco_metrics(coco_gt, results, iou_types)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    names = [f"{t}/{n}" for t in iou_types for n in METRIC_NAMES]
+    values = np.asarray([metrics.get(n, 0.0) for n in names], np.float64)
+    values = np.asarray(multihost_utils.broadcast_one_to_all(values))
+    metrics = dict(zip(names, values.tolist()))
+  return metrics
