@@ -53,7 +53,7 @@ def _dilate(mask, k):
 def test_mask_targets_within_documented_bound_of_full_resolution(rng):
   g, r, s, h, w = 5, 40, 32, 140, 150
   masks, gt_boxes = _blob_masks(rng, g, h, w)
-  gt_masks = np.asarray(crop_masks_to_boxes(masks, gt_boxes, s))
+  gt_masks = np.asarray(jax.jit(lambda m, b: crop_masks_to_boxes(m, b, s))(masks, gt_boxes))
   matched = rng.integers(0, g, r).astype(np.int32)
   gb = gt_boxes[matched]
   gwh = gb[:, 2:] - gb[:, :2]
@@ -82,7 +82,7 @@ def test_mask_targets_within_documented_bound_of_full_resolution(rng):
     assert not (diff[i] & ~allowed).any(), f"roi {i}: differences outside the band {band}"
   assert diff.mean() < 0.05, diff.mean()
   # Targets of an ROI equal to its own gt box reproduce the crop at 28 x 28 closely.
-  same = np.asarray(mask_targets(gt_masks, gt_boxes, gt_boxes, np.arange(g)))
+  same = np.asarray(jax.jit(mask_targets)(gt_masks, gt_boxes, gt_boxes, np.arange(g)))
   direct = _tv_align(masks, gt_boxes, 28, 0) >= 0.5
   assert ((same > 0.5) != direct).mean() < 0.03
 
@@ -125,12 +125,12 @@ def test_paste_masks_matches_detectron2_and_torchvision(rng):
   iou = (ours & tv).sum((1, 2)) / np.maximum((ours | tv).sum((1, 2)), 1)
   assert (iou >= 0.97).all(), iou  # ... so the issue's IoU >= 0.97 holds with room to spare.
   # Detectron2's rule, equal to its grid_sample transcription.
-  d2_ours = np.asarray(paste_masks(probs, boxes, (h, w), method="detectron2"))
+  d2_ours = np.asarray(jax.jit(lambda p, b: paste_masks(p, b, (h, w), method="detectron2"))(probs, boxes))
   d2 = _detectron2_paste(probs, boxes, h, w)
   clear = np.abs(d2 - 0.5) > 1e-4
   np.testing.assert_array_equal(d2_ours[clear], (d2 >= 0.5)[clear])
   # vmapped over images
-  two = jax.vmap(lambda p, b: paste_masks(p, b, (h, w)))(np.stack([probs, probs]), np.stack([boxes, boxes]))
+  two = jax.jit(jax.vmap(lambda p, b: paste_masks(p, b, (h, w))))(np.stack([probs, probs]), np.stack([boxes, boxes]))
   np.testing.assert_array_equal(two[1], ours)
 
 

@@ -84,7 +84,7 @@ def test_roi_align_feature_gradient_matches_torchvision(rng, sr, aligned):
 def test_roi_align_vmap_and_bfloat16(rng):
   feats, boxes = _random_case(rng, r=8)
   stacked_f, stacked_b = np.stack([feats, feats[::-1]]), np.stack([boxes, boxes[::-1]])
-  ours = jax.vmap(lambda f, b: roi_align(f, b, OUT, 0.25, 2, True))(stacked_f, stacked_b)
+  ours = jax.jit(jax.vmap(lambda f, b: roi_align(f, b, OUT, 0.25, 2, True)))(stacked_f, stacked_b)
   np.testing.assert_allclose(ours[1], _tv_roi_align(feats[::-1].copy(), boxes[::-1].copy(), OUT, 0.25, 2, True), atol=1e-4)
   half = _jitted(2, True)(jnp.asarray(feats, jnp.bfloat16), boxes)
   assert half.dtype == jnp.bfloat16
