@@ -471,7 +471,8 @@ def _check_against_template(variables: dict, template: dict, origin_of_path) -> 
 
 def convert_backbone(path: str, source: str, depth: Optional[int] = None,
                      norm: Optional[str] = None, stride_in_1x1: Optional[bool] = None,
-                     verbose: bool = False) -> tuple[dict, dict]:
+                     input_format: Optional[str] = None, verbose: bool = False
+                     ) -> tuple[dict, dict]:
   """Converts a pretrained ResNet checkpoint into this project's ResNet variables.
 
   Args:
@@ -483,6 +484,7 @@ def convert_backbone(path: str, source: str, depth: Optional[int] = None,
       from the statistics); GN sources: "GN".
     stride_in_1x1: only for "detectron2", whose files do not say; default True for frozen-BN
       checkpoints (MSRA-initialised), False otherwise.
+    input_format: only for "detectron2": "BGR" (its default INPUT.FORMAT) or "RGB".
   Returns:
     (variables, meta): variables for ResNet(depth=meta["depth"], norm=meta["norm"],
     stride_in_1x1=meta["stride_in_1x1"]); meta with META_KEYS plus "used" and "dropped" lists.
@@ -512,29 +514,38 @@ def convert_backbone(path: str, source: str, depth: Optional[int] = None,
       src_kind = "affine"  # MSRA: BN already folded into per-channel affines
   norm = norm or ("GN" if src_kind == "GN" else "FrozenBN")
 
-  pixel_mean, pixel_std, input_format = RGB_MEAN, RGB_STD, "RGB"
+  if input_format is not None and (source != "detectron2" or input_format not in ("RGB", "BGR")):
+    raise ConversionError(f"input_format={input_format!r}: only detectron2 files take one, "
+                          "RGB or BGR; the other sources' colour order is fixed.")
+  if stride_in_1x1 is not None and source != "detectron2":
+    raise ConversionError(f"stride_in_1x1: only detectron2 files take one; {source} weights "
+                          "fix it.")
   if source in ("timm", "torchvision"):
-    stride = False
+    stride, fmt, pixel_mean, pixel_std = False, "RGB", RGB_MEAN, RGB_STD
   elif source == "detectron":
-    stride = src_kind == "affine"
-    pixel_mean, pixel_std, input_format = BGR_MEAN, [1.0, 1.0, 1.0], "BGR"
+    # MSRA (BN) weights carry the stride in the 1x1 conv, FAIR GN weights in the 3x3 conv.
+    stride, fmt, pixel_mean, pixel_std = src_kind == "affine", "BGR", BGR_MEAN, [1.0, 1.0, 1.0]
   else:
-    pixel_mean, pixel_std, input_format = BGR_MEAN, [1.0, 1.0, 1.0], "BGR"
+    fmt = input_format or "BGR"  # Detectron2's default INPUT.FORMAT
+    pixel_mean = BGR_MEAN if fmt == "BGR" else RGB_MEAN
+    pixel_std = [1.0, 1.0, 1.0] if fmt == "BGR" else RGB_STD
     if "pixel_mean" in sd:
       pixel_mean = [float(v) for v in np.ravel(sd["pixel_mean"])]
     if "pixel_std" in sd:
       pixel_std = [float(v) for v in np.ravel(sd["pixel_std"])]
+    # FrozenBatchNorm2d has no num_batches_tracked: such models were fine-tuned from MSRA weights.
     frozen_bn = src_kind == "BN" and not any(k.endswith("num_batches_tracked") for k in sd)
     stride = frozen_bn if stride_in_1x1 is None else stride_in_1x1
-  if stride_in_1x1 is not None and source != "detectron2" and stride_in_1x1 != stride:
-    raise ConversionError(f"{source} weights have stride_in_1x1={stride}; got {stride_in_1x1}.")
+    if stride_in_1x1 is None and verbose:
+      print(f"note: detectron2 files do not record STRIDE_IN_1X1; assuming {stride} "
+            "(pass --stride-in-1x1 true/false to be explicit)")
 
   variables, used, sources = d2_to_variables(d2, origin, norm, src_kind)
   _check_against_template(variables, _template(depth, norm, stride), lambda p: sources.get(p, "?"))
   meta = {
       "depth": depth, "norm": norm, "stride_in_1x1": bool(stride), "width": 64,
       "num_groups": 32, "pixel_mean": pixel_mean, "pixel_std": pixel_std,
-      "input_format": input_format, "source": source, "sha256": sha256_file(path),
+      "input_format": fmt, "source": source, "sha256": sha256_file(path),
       "input": os.path.basename(path), "source_norm": src_kind, "bn_eps": BN_EPS,
       "used": [f"{u[0]} {tuple(u[2])} -> {u[1]}" for u in used], "dropped": sorted(dropped),
   }
@@ -557,6 +568,8 @@ def main(argv: Optional[list[str]] = None) -> int:
   parser.add_argument("--norm", default=None, help="FrozenBN (default for BN), BN, SyncBN, GN")
   parser.add_argument("--stride-in-1x1", default=None, choices=("true", "false"),
                       help="detectron2 source only (the file does not say)")
+  parser.add_argument("--input-format", default=None, choices=("RGB", "BGR"),
+                      help="detectron2 source only (default BGR, Detectron2's INPUT.FORMAT)")
   parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
   args = parser.parse_args(argv)
   try:
@@ -564,7 +577,8 @@ def main(argv: Optional[list[str]] = None) -> int:
       raise ConversionError(f"{args.output} exists; pass --overwrite to replace it.")
     stride = None if args.stride_in_1x1 is None else args.stride_in_1x1 == "true"
     variables, meta = convert_backbone(args.input, args.source, depth=args.depth, norm=args.norm,
-                                       stride_in_1x1=stride, verbose=True)
+                                       stride_in_1x1=stride, input_format=args.input_format,
+                                       verbose=True)
     out = save_backbone(args.output, variables, meta, overwrite=args.overwrite)
   except (ConversionError, FileExistsError) as e:
     print(f"error: {e}", file=sys.stderr)

@@ -1,0 +1,349 @@
+"""Converter parity: every source format against its own framework, on random weights (no download)."""
+
+import copy
+import json
+import os
+import pickle
+import re
+import time
+
+import numpy as np
+import pytest
+import timm
+import torch
+import torchvision
+
+from rethink_jax import convert
+from rethink_jax.models import ResNet
+
+SEED = int(time.time() * 1000) % 2**31
+print("test_convert seed", SEED)
+HW = 64
+
+
+# ------------------------------------------------------------------------------------ helpers
+
+
+def randomize_norms(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+  """Random BN statistics and affines, random GN affines: folding mistakes cannot hide."""
+  gen = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for m in model.modules():
+      if isinstance(m, (torch.nn.BatchNorm2d, torch.nn.GroupNorm)):
+        c = m.weight.shape[0]
+        m.weight.copy_(torch.rand(c, generator=gen) + 0.5)
+        m.bias.copy_(torch.rand(c, generator=gen) * 0.4 - 0.2)
+        if isinstance(m, torch.nn.BatchNorm2d):
+          m.running_mean.copy_(torch.rand(c, generator=gen) * 0.4 - 0.2)
+          m.running_var.copy_(torch.rand(c, generator=gen) * 1.5 + 0.5)
+  return model.eval()
+
+
+def torch_stages(model, x_nchw: np.ndarray) -> dict:
+  """torchvision / timm ResNet stage outputs layer1..layer4 as NHWC res2..res5."""
+  act = getattr(model, "act1", None) or model.relu
+  with torch.no_grad():
+    t = model.maxpool(act(model.bn1(model.conv1(torch.from_numpy(x_nchw)))))
+    out = {}
+    for i in range(1, 5):
+      t = getattr(model, f"layer{i}")(t)
+      out[f"res{i + 1}"] = t.numpy().transpose(0, 2, 3, 1)
+  return out
+
+
+def jax_stages(variables, meta, x_nhwc: np.ndarray) -> dict:
+  model = ResNet(depth=meta["depth"], norm=meta["norm"], stride_in_1x1=meta["stride_in_1x1"])
+  return {k: np.asarray(v) for k, v in model.apply(variables, x_nhwc, train=False).items()}
+
+
+def assert_rel_close(got: dict, ref: dict, tol: float = 1e-4):
+  assert sorted(got) == sorted(ref) == ["res2", "res3", "res4", "res5"]
+  for k in ref:
+    assert got[k].shape == ref[k].shape, (k, got[k].shape, ref[k].shape)
+    err = float(np.max(np.abs(got[k] - ref[k])) / np.max(np.abs(ref[k])))
+    assert err < tol, f"{k}: relative error {err:.2e} (seed {SEED})"
+
+
+def random_image(seed_offset=0) -> np.ndarray:
+  return np.random.default_rng(SEED + seed_offset).normal(size=(1, HW, HW, 3)).astype(np.float32)
+
+
+def check_parity(path, source, model, **kw):
+  variables, meta = convert.convert_backbone(str(path), source, **kw)
+  x = random_image()
+  assert_rel_close(jax_stages(variables, meta, x), torch_stages(model, x.transpose(0, 3, 1, 2)))
+  return variables, meta
+
+
+def save_pth(model, path):
+  torch.save(model.state_dict(), path)
+  return path
+
+
+def assert_nothing_written(out_dir):
+  parent = os.path.dirname(out_dir)
+  assert not os.path.exists(out_dir)
+  base = os.path.basename(out_dir)
+  assert not [p for p in os.listdir(parent) if p.startswith(base)], os.listdir(parent)
+
+
+# ------------------------------------------------------------------------------------ fixtures
+
+
+@pytest.fixture(scope="module")
+def tmp(tmp_path_factory):
+  return tmp_path_factory.mktemp("convert")
+
+
+@pytest.fixture(scope="module")
+def tv_r50(tmp):
+  torch.manual_seed(SEED)
+  model = randomize_norms(torchvision.models.resnet50(), SEED)
+  return model, save_pth(model, tmp / "tv_r50.pth")
+
+
+@pytest.fixture(scope="module")
+def timm_gn(tmp):
+  torch.manual_seed(SEED + 1)
+  return randomize_norms(timm.create_model("resnet50_gn", pretrained=False), SEED + 1)
+
+
+# ------------------------------------------------------------------------------------ parity
+
+
+def test_torchvision_resnet50_frozen_bn_and_cli_roundtrip(tv_r50, tmp, capsys):
+  model, path = tv_r50
+  variables, meta = check_parity(path, "torchvision", model)
+  assert meta["norm"] == "FrozenBN" and meta["stride_in_1x1"] is False
+  assert meta["input_format"] == "RGB" and meta["pixel_std"] == convert.RGB_STD
+  assert set(variables) == {"params", "frozen"}
+  for k in convert.META_KEYS:
+    assert k in meta
+
+  out = str(tmp / "tv_r50_out")
+  assert convert.main(["--source", "torchvision", "--input", str(path), "--output", out]) == 0
+  printed = capsys.readouterr().out
+  assert "used    layer4.2.conv3.weight (2048, 512, 1, 1) -> params/res5/2/conv3/kernel" in printed
+  assert "dropped fc.weight (1000, 2048)" in printed
+  loaded, meta2 = convert.load_backbone(out)
+  assert meta2["sha256"] == convert.sha256_file(str(path)) and meta2["depth"] == 50
+  for a, b in zip(_leaves(loaded), _leaves(variables)):
+    np.testing.assert_array_equal(a, b)
+  with open(os.path.join(out, "meta.json")) as f:
+    assert json.load(f)["source"] == "torchvision"
+  # An existing output is refused without --overwrite, replaced with it.
+  assert convert.main(["--source", "torchvision", "--input", str(path), "--output", out]) == 1
+  assert convert.main(["--source", "torchvision", "--input", str(path), "--output", out,
+                       "--overwrite"]) == 0
+  assert sorted(p for p in os.listdir(tmp) if p.startswith("tv_r50_out")) == ["tv_r50_out"]
+
+
+def _leaves(tree):
+  if isinstance(tree, dict):
+    return [x for k in sorted(tree) for x in _leaves(tree[k])]
+  return [tree]
+
+
+def test_torchvision_resnet101_frozen_bn(tmp):
+  torch.manual_seed(SEED + 2)
+  model = randomize_norms(torchvision.models.resnet101(), SEED + 2)
+  path = save_pth(model, tmp / "tv_r101.pth")
+  _, meta = check_parity(path, "torchvision", model, depth=101)
+  assert meta["depth"] == 101
+
+
+def test_torchvision_resnet50_as_sync_bn(tv_r50):
+  model, path = tv_r50
+  variables, meta = check_parity(path, "torchvision", model, norm="SyncBN")
+  assert meta["norm"] == "SyncBN" and set(variables) == {"params", "batch_stats"}
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "pth"])
+def test_timm_resnet50_gn(timm_gn, tmp, fmt):
+  path = tmp / f"timm_r50_gn.{fmt}"
+  if fmt == "safetensors":
+    from safetensors.torch import save_file  # pylint: disable=g-import-not-at-top
+    save_file({k: v.contiguous() for k, v in timm_gn.state_dict().items()}, str(path))
+  else:
+    save_pth(timm_gn, path)
+  variables, meta = check_parity(path, "timm", timm_gn)
+  assert meta["norm"] == "GN" and meta["stride_in_1x1"] is False and "frozen" not in variables
+
+
+def test_timm_resnet50_bn(tmp):
+  torch.manual_seed(SEED + 3)
+  model = randomize_norms(timm.create_model("resnet50", pretrained=False), SEED + 3)
+  path = save_pth(model, tmp / "timm_r50.pth")
+  _, meta = check_parity(path, "timm", model)
+  assert meta["norm"] == "FrozenBN"
+
+
+# ------------------------------------------------------------------------------ Caffe2 Detectron
+
+
+def caffe2_blobs(model: torch.nn.Module, gn: bool) -> dict:
+  """Detectron's Caffe2 naming for a torchvision-layout ResNet; BN folded to *_bn_s/_bn_b
+  (MSRA) or GN as *_gn_s/_gn_b (FAIR); conv1 reads BGR 0..255 minus the mean (std folded in)."""
+  sd = {k: v.detach().numpy().astype(np.float32) for k, v in model.state_dict().items()}
+  blobs = {}
+
+  def norm(src, dst, stem=False):
+    if gn:
+      blobs[f"{dst}_gn_s"], blobs[f"{dst}_gn_b"] = sd[f"{src}.weight"], sd[f"{src}.bias"]
+    else:
+      s = sd[f"{src}.weight"] / np.sqrt(sd[f"{src}.running_var"] + 1e-5)
+      name = "res_conv1" if stem else dst
+      blobs[f"{name}_bn_s"] = s
+      blobs[f"{name}_bn_b"] = sd[f"{src}.bias"] - sd[f"{src}.running_mean"] * s
+
+  std = np.asarray(convert.RGB_STD, np.float32)
+  blobs["conv1_w"] = np.ascontiguousarray((sd["conv1.weight"] / std[None, :, None, None])[:, ::-1])
+  norm("bn1", "conv1", stem=True)
+  for i in range(1, 5):
+    j = 0
+    while f"layer{i}.{j}.conv1.weight" in sd:
+      pre, dst = f"layer{i}.{j}", f"res{i + 1}_{j}"
+      for c, br in ((1, "branch2a"), (2, "branch2b"), (3, "branch2c")):
+        blobs[f"{dst}_{br}_w"] = sd[f"{pre}.conv{c}.weight"]
+        norm(f"{pre}.bn{c}", f"{dst}_{br}")
+      if f"{pre}.downsample.0.weight" in sd:
+        blobs[f"{dst}_branch1_w"] = sd[f"{pre}.downsample.0.weight"]
+        norm(f"{pre}.downsample.1", f"{dst}_branch1")
+      j += 1
+  fc = "pred" if gn else "fc1000"
+  blobs[f"{fc}_w"], blobs[f"{fc}_b"] = sd["fc.weight"], sd["fc.bias"]
+  blobs["conv1_w_momentum"] = np.zeros_like(blobs["conv1_w"])  # optimizer state: dropped
+  return blobs
+
+
+def check_bgr_parity(variables, meta, model):
+  x_rgb = np.random.default_rng(SEED).uniform(0, 255, size=(1, HW, HW, 3)).astype(np.float32)
+  x_torch = (x_rgb - np.float32(convert.RGB_MEAN)) / np.float32(convert.RGB_STD)
+  assert meta["input_format"] == "BGR"
+  x_ours = (x_rgb[..., ::-1] - np.float32(meta["pixel_mean"])) / np.float32(meta["pixel_std"])
+  assert_rel_close(jax_stages(variables, meta, x_ours),
+                   torch_stages(model, np.ascontiguousarray(x_torch.transpose(0, 3, 1, 2))))
+
+
+def test_detectron_msra_bn_pickle(tv_r50, tmp):
+  model = copy.deepcopy(tv_r50[0])
+  for i in (2, 3, 4):  # MSRA: the stride in the first 1x1 conv
+    block = getattr(model, f"layer{i}")[0]
+    block.conv1.stride, block.conv2.stride = (2, 2), (1, 1)
+  path = tmp / "R-50.pkl"
+  with open(path, "wb") as f:
+    pickle.dump({"blobs": caffe2_blobs(model, gn=False)}, f)
+  variables, meta = convert.convert_backbone(str(path), "detectron")
+  assert meta["stride_in_1x1"] is True and meta["norm"] == "FrozenBN"
+  assert meta["pixel_std"] == [1.0, 1.0, 1.0] and meta["pixel_mean"] == convert.BGR_MEAN
+  assert "fc1000_w" in meta["dropped"] and "conv1_w_momentum" in meta["dropped"]
+  check_bgr_parity(variables, meta, model)
+
+
+def test_detectron_fair_gn_pickle(timm_gn, tmp):
+  path = tmp / "R-50-GN.pkl"
+  with open(path, "wb") as f:
+    pickle.dump(caffe2_blobs(timm_gn, gn=True), f)  # a plain dict this time
+  variables, meta = convert.convert_backbone(str(path), "detectron")
+  assert meta["stride_in_1x1"] is False and meta["norm"] == "GN"
+  check_bgr_parity(variables, meta, timm_gn)
+
+
+def test_detectron2_checkpoint(tv_r50, tmp):
+  model, _ = tv_r50
+  d2 = {}
+  for k, v in model.state_dict().items():
+    if k.startswith("fc.") or k.endswith("num_batches_tracked"):
+      continue  # Detectron2's FrozenBatchNorm2d has no counter
+    k = re.sub(r"^layer(\d)", lambda m: f"res{int(m.group(1)) + 1}", k)
+    k = re.sub(r"^conv1\.", "stem.conv1.", k)
+    k = re.sub(r"^bn1\.", "stem.conv1.norm.", k)
+    k = re.sub(r"\.bn(\d)\.", r".conv\1.norm.", k)
+    k = k.replace("downsample.0.", "shortcut.").replace("downsample.1.", "shortcut.norm.")
+    d2["backbone.bottom_up." + k] = v.numpy()
+  d2["backbone.fpn_lateral2.weight"] = np.zeros((256, 256, 1, 1), np.float32)
+  d2["proposal_generator.rpn_head.conv.weight"] = np.zeros((256, 256, 3, 3), np.float32)
+  d2["pixel_mean"] = np.float32(convert.RGB_MEAN).reshape(3, 1, 1)
+  d2["pixel_std"] = np.float32(convert.RGB_STD).reshape(3, 1, 1)
+  path = tmp / "model_final.pkl"
+  with open(path, "wb") as f:
+    pickle.dump({"model": d2, "__author__": "test"}, f)
+  variables, meta = convert.convert_backbone(str(path), "detectron2", stride_in_1x1=False,
+                                             input_format="RGB")
+  assert "backbone.fpn_lateral2.weight" in meta["dropped"]
+  assert meta["pixel_std"] == pytest.approx(convert.RGB_STD) and meta["input_format"] == "RGB"
+  x = random_image(1)
+  assert_rel_close(jax_stages(variables, meta, x), torch_stages(model, x.transpose(0, 3, 1, 2)))
+
+
+# ------------------------------------------------------------------------------------ bad input
+
+
+def run_cli_expect_failure(capsys, out, *args):
+  rc = convert.main(list(args) + ["--output", out])
+  err = capsys.readouterr().err
+  assert rc == 1, err
+  assert_nothing_written(out)
+  return err
+
+
+def test_bad_inputs_fail_clearly_and_write_nothing(tv_r50, tmp, capsys):
+  _, good = tv_r50
+  out = str(tmp / "bad_out")
+
+  truncated = tmp / "truncated.pth"
+  truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 3])
+  err = run_cli_expect_failure(capsys, out, "--source", "torchvision", "--input", str(truncated))
+  assert "Cannot read" in err and "truncated.pth" in err
+
+  truncated_st = tmp / "truncated.safetensors"
+  truncated_st.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\": ")
+  err = run_cli_expect_failure(capsys, out, "--source", "timm", "--input", str(truncated_st))
+  assert "Cannot read" in err
+
+  other = save_pth(torchvision.models.mobilenet_v3_small(), tmp / "mobilenet.pth")
+  err = run_cli_expect_failure(capsys, out, "--source", "torchvision", "--input", str(other))
+  assert "another architecture" in err and "features.0.0.weight" in err
+
+  sd = torch.load(good, weights_only=True)
+  sd["layer1.0.conv2.weight"] = torch.zeros(64, 64, 5, 5)  # e.g. a variant with 5x5 convs
+  wrong = tmp / "wrong_shape.pth"
+  torch.save(sd, wrong)
+  err = run_cli_expect_failure(capsys, out, "--source", "torchvision", "--input", str(wrong))
+  assert "layer1.0.conv2.weight" in err and "(5, 5, 64, 64)" in err and "(3, 3, 64, 64)" in err
+
+  err = run_cli_expect_failure(capsys, out, "--source", "torchvision", "--input", str(good),
+                               "--depth", "101")
+  assert "depth=101" in err and "ResNet-50" in err
+
+  err = run_cli_expect_failure(capsys, out, "--source", "caffe3", "--input", str(good))
+  assert "Unknown source 'caffe3'" in err
+
+  err = run_cli_expect_failure(capsys, out, "--source", "torchvision", "--input", str(good),
+                               "--norm", "GN")
+  assert "cannot become GN" in err
+
+  err = run_cli_expect_failure(capsys, out, "--source", "torchvision", "--input",
+                               str(tmp / "missing.pth"))
+  assert "does not exist" in err
+
+
+def test_save_backbone_is_atomic(tmp, monkeypatch):
+  variables = {"params": {"stem": {"conv1": {"kernel": np.ones((7, 7, 3, 4), np.float32)}}}}
+  meta = {k: None for k in convert.META_KEYS}
+  out = str(tmp / "atomic_out")
+  with pytest.raises(ValueError, match="meta lacks"):
+    convert.save_backbone(out, variables, {"depth": 50})
+  assert_nothing_written(out)
+
+  def boom(*a, **k):
+    raise OSError("disk full")
+
+  monkeypatch.setattr(json, "dump", boom)
+  with pytest.raises(OSError, match="disk full"):
+    convert.save_backbone(out, variables, meta)
+  assert_nothing_written(out)
+  monkeypatch.undo()
+  convert.save_backbone(out, variables, meta)
+  loaded, _ = convert.load_backbone(out)
+  np.testing.assert_array_equal(loaded["params"]["stem"]["conv1"]["kernel"], 1.0)
