@@ -15,8 +15,13 @@ Configs:
   folder  any COCO-format data set in manual_dir: annotations/<split>.json and images in
           <split>/ for every annotations/*.json.
   any other name: give the paths with `build_coco_instances(...)` (one call from Python).
-Command line: `tfds build rethink_jax/data/coco.py --config=2017 --manual_dir=/data/coco`
-(array_record is the default file format of this builder; the pipeline needs it).
+Command line (array_record is this builder's default file format; the pipeline needs it):
+  python -m rethink_jax.data.build --data_dir=~/tensorflow_datasets --config=2017 \
+      --manual_dir=/data/coco
+  python -m rethink_jax.data.build --data_dir=... --config=mine \
+      --split=train:/d/train.json:/d/train_images --split=validation:/d/val.json:/d/val_images
+  `tfds build rethink_jax/data/coco.py --config=2017 --manual_dir=/data/coco` works too where the
+  tfds CLI can start (tfds 4.9.10's CLI imports apache_beam).
 
 Bad input:
   errors (ValueError / FileNotFoundError naming the file, image or annotation id):
@@ -345,3 +350,4 @@ def build_coco_instances(data_dir, splits, *, name="custom", skip_bad_images=Fal
   builder.download_and_prepare(
       download_config=tfds.download.DownloadConfig(try_download_gcs=False))
   return builder
+

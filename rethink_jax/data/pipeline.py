@@ -19,7 +19,7 @@ The batch dict (the one place it is documented; every batch of a config has the 
                                     full-resolution mask at input point
                                     (x1 + (j + 0.5) * (x2 - x1) / S, y1 + (i + 0.5) * (y2 - y1) / S),
                                     thresholded at 0.5 (ops/masks.py's representation). Sampled from
-                                    the original-resolution mask (at that point / scale), with edge
+                                    the original-resolution RLE (at that point / scale), with edge
                                     clamping like RoIAlign; a flip mirrors the crop.
 
 Order and sharding. The training stream of every process is cut from one global stream: position t
@@ -254,40 +254,100 @@ def decode_masks(counts, runs, height, width):
   Returns:
     (n, height, width) uint8 in {0, 1}.
   """
-  parity = tf.ragged.range(runs).flat_values % 2  # 0 for runs of zeros, 1 for runs of ones
-  flat = tf.repeat(tf.cast(parity, tf.uint8), counts)
-  masks = tf.reshape(flat, [-1, width, height])  # COCO RLE is column-major
+  # Every instance's counts sum to h * w, so the running sum over all of them gives each run's
+  # [start, end) in the concatenated (n * h * w) pixels. Mark +1 / -1 where runs of ones start /
+  # end and integrate (tf.repeat would build an (R, max run) intermediate).
+  counts = tf.cast(counts, tf.int32)
+  ends = tf.cumsum(counts)
+  starts = ends - counts
+  ones = tf.equal(tf.ragged.range(runs).flat_values % 2, 1)
+  total = tf.shape(runs)[0] * height * width
+  pos = tf.concat([tf.boolean_mask(starts, ones), tf.boolean_mask(ends, ones)], 0)
+  delta = tf.concat([tf.ones_like(tf.boolean_mask(starts, ones)),
+                     -tf.ones_like(tf.boolean_mask(ends, ones))], 0)
+  flat = tf.cumsum(tf.math.unsorted_segment_sum(delta, pos, total + 1))[:total]
+  masks = tf.reshape(tf.cast(flat, tf.uint8), [-1, width, height])  # COCO RLE is column-major
   return tf.transpose(masks, [0, 2, 1])
 
 
-def crop_masks(masks, boxes, size):
-  """Crops full masks to boxes and resamples them to size x size (ops/masks.py's representation).
+def _sample_taps(lo, hi, size, dim):
+  """RoIAlign-style bilinear taps along one axis for S cell centres of [lo, hi] (pixel coords).
 
   Args:
-    masks: (n, h, w) uint8 full masks.
-    boxes: (n, 4) float32 xyxy in the same pixel frame as `masks`.
-    size: output side S.
+    lo, hi: (n,) float32 box sides; size: S; dim: image extent (int32 scalar).
   Returns:
-    (n, S, S) uint8: bilinear samples at the box's S x S cell centres, thresholded at 0.5.
+    i0, i1 (n, S) int32 clamped pixel indices, w0, w1 (n, S) float32 weights (0 where the sample
+    lies more than one pixel outside the image, as RoIAlign).
   """
+  k = (tf.range(size, dtype=tf.float32) + 0.5) / size
+  u = lo[:, None] + k[None, :] * (hi - lo)[:, None] - 0.5  # pixel-index coordinate
+  dimf = tf.cast(dim, tf.float32)
+  inside = tf.cast((u >= -1.0) & (u <= dimf), tf.float32)
+  u = tf.clip_by_value(u, 0.0, dimf - 1.0)
+  f0 = tf.floor(u)
+  i0 = tf.cast(f0, tf.int32)
+  i1 = tf.minimum(i0 + 1, dim - 1)
+  frac = u - f0
+  return i0, i1, (1.0 - frac) * inside, frac * inside
+
+
+def crop_masks_from_rle(counts, runs, height, width, boxes, size):
+  """Samples instance masks at their boxes straight from the RLE (no full-resolution mask).
+
+  Pixel (i, j) of crop g is the bilinear value of mask g at the point
+  (x1 + (j + 0.5) (x2 - x1) / S, y1 + (i + 0.5) (y2 - y1) / S) (continuous pixel coordinates),
+  with RoIAlign's edge handling (clamped within one pixel outside the image, 0 beyond),
+  thresholded at >= 0.5: ops/masks.py's representation. A pixel's value is the parity of the
+  number of RLE runs that end at or before its column-major index, i.e. a binary search.
+
+  Args:
+    counts: (R,) int32 concatenated uncompressed RLEs; runs: (n,) int32 runs per instance.
+    height, width: scalar int32 image size.
+    boxes: (n, 4) float32 xyxy in the image's pixels.
+    size: S.
+  Returns:
+    (n, S, S) uint8 in {0, 1}.
+  """
+  hw = height * width
+  counts = tf.cast(counts, tf.int32)
+  runs = tf.cast(runs, tf.int32)
+  n = tf.shape(runs)[0]
+  # Run ends within each instance: global running sum minus the instances before (each sums hw).
+  owner = tf.repeat(tf.range(n), runs)
+  ends = tf.cumsum(counts) - owner * hw
+  ends = tf.RaggedTensor.from_row_lengths(ends, runs).to_tensor(default_value=hw + 1)
+  x1, y1, x2, y2 = tf.unstack(boxes, axis=1)
+  yi0, yi1, yw0, yw1 = _sample_taps(y1, y2, size, height)
+  xi0, xi1, xw0, xw1 = _sample_taps(x1, x2, size, width)
+  total = tf.zeros([n, size, size], tf.float32)
+  for yi, yw in ((yi0, yw0), (yi1, yw1)):
+    for xi, xw in ((xi0, xw0), (xi1, xw1)):
+      idx = xi[:, None, :] * height + yi[:, :, None]  # (n, S, S) column-major index
+      val = tf.searchsorted(ends, tf.reshape(idx, [n, -1]), side="right") % 2
+      val = tf.cast(tf.reshape(val, [n, size, size]), tf.float32)
+      total += val * yw[:, :, None] * xw[:, None, :]
+  return tf.cast(total >= 0.5, tf.uint8)
+
+
+def crop_masks(masks, boxes, size):
+  """crop_masks_from_rle for full masks (n, h, w) uint8 (same sampling; for tests and tools)."""
   h = tf.shape(masks)[1]
   w = tf.shape(masks)[2]
-  # Replicate a one-pixel border so samples within half a pixel outside the image clamp to the
-  # edge (as RoIAlign does); farther ones read crop_and_resize's extrapolation value 0.
-  padded = tf.pad(masks[..., None], [[0, 0], [1, 1], [1, 1], [0, 0]], mode="SYMMETRIC")
-  x1, y1, x2, y2 = tf.unstack(boxes, axis=1)
-  # Sample k of [a, b] at a + (k + 0.5) (b - a) / S (continuous coords), i.e. pixel index
-  # a + (k + 0.5)(b - a)/S - 0.5, +1 for the border; crop_and_resize spans [lo, hi] / (dim - 1).
-  sy = (y2 - y1) / size
-  sx = (x2 - x1) / size
-  hf = tf.cast(h + 1, tf.float32)
-  wf = tf.cast(w + 1, tf.float32)
-  norm = tf.stack([(y1 + 0.5 * sy + 0.5) / hf, (x1 + 0.5 * sx + 0.5) / wf,
-                   (y2 - 0.5 * sy + 0.5) / hf, (x2 - 0.5 * sx + 0.5) / wf], axis=1)
-  crops = tf.image.crop_and_resize(
-      tf.cast(padded, tf.float32), norm, tf.range(tf.shape(masks)[0]), [size, size],
-      method="bilinear", extrapolation_value=0.0)
-  return tf.cast(crops[..., 0] >= 0.5, tf.uint8)
+  flat = tf.reshape(tf.transpose(masks, [0, 2, 1]), [tf.shape(masks)[0], -1])
+  # Run-length encode each row of `flat` (column-major masks) with a leading run of zeros.
+  change = tf.not_equal(flat[:, 1:], flat[:, :-1])
+  first = tf.not_equal(flat[:, :1], 0)
+  starts = tf.concat([first, change], axis=1)  # (n, hw): a run begins here (except a 0 at 0)
+  rows, cols = tf.unstack(tf.cast(tf.where(starts), tf.int32), axis=1)
+  hw = h * w
+  # Boundaries of each row: 0, the change positions, hw; counts are their differences.
+  per_row = tf.math.bincount(rows, minlength=tf.shape(masks)[0], dtype=tf.int32)
+  bounds = tf.RaggedTensor.from_row_lengths(cols, per_row)
+  zeros = tf.zeros([tf.shape(masks)[0], 1], tf.int32)
+  full = tf.concat([zeros, bounds, zeros + hw], axis=1)
+  counts = full[:, 1:] - full[:, :-1]
+  return crop_masks_from_rle(counts.flat_values, counts.row_lengths(), h, w,
+                             tf.cast(boxes, tf.float32), size)
 
 
 def _pad_to(x, length, axis=0):
@@ -331,14 +391,15 @@ def make_preprocess_fn(data_config, features, *, train, seed=0):
     new_h = tf.minimum(tf.cast(tf.round(hf * scale), tf.int32), pad_h)
     new_w = tf.minimum(tf.cast(tf.round(wf * scale), tf.int32), pad_w)
 
-    # Image: resize, flip, normalize, pad.
-    img = tf.image.resize(image, tf.stack([new_h, new_w]), method="bilinear")
+    # Image: flip, channel order and normalization commute with bilinear resizing (symmetric
+    # sampling, weights summing to 1), so they run on the smaller original image; padding to
+    # pad_to happens in padded_batch (one copy instead of two).
+    img = tf.cast(image, tf.float32)
     img = tf.cond(flip, lambda: img[:, ::-1], lambda: img)
     if bgr:
       img = img[..., ::-1]
-    img = (img - mean) / std
-    img = tf.pad(img, [[0, pad_h - new_h], [0, pad_w - new_w], [0, 0]])
-    img = tf.ensure_shape(img, [pad_h, pad_w, 3])
+    img = (img - mean) * (1.0 / std)
+    img = tf.image.resize(img, tf.stack([new_h, new_w]), method="bilinear")
 
     # Instances: no crowd, no degenerate box, at most max_instances.
     obj = ex["objects"]
@@ -350,8 +411,8 @@ def make_preprocess_fn(data_config, features, *, train, seed=0):
     rle = tf.gather(rle, keep_idx)
     boxes = tf.gather(boxes, keep_idx)
     classes = tf.cast(tf.gather(obj["label"], keep_idx), tf.int32) + 1
-    masks = decode_masks(rle.flat_values, tf.cast(rle.row_lengths(), tf.int32), h, w)
-    crops = crop_masks(masks, boxes, mask_size)  # sampled in the original frame
+    crops = crop_masks_from_rle(rle.flat_values, tf.cast(rle.row_lengths(), tf.int32), h, w,
+                                boxes, mask_size)  # sampled in the original frame
     in_boxes = boxes * scale
     new_wf = tf.cast(new_w, tf.float32)
     in_boxes = tf.minimum(tf.maximum(in_boxes, 0.0),
@@ -404,7 +465,10 @@ def _options(data_config):
 def _to_batches(ds, data_config, preprocess, batch_size):
   ds = ds.map(preprocess, num_parallel_calls=int(data_config.get("num_parallel_calls", 2)),
               deterministic=True)
-  ds = ds.batch(batch_size, drop_remainder=True)
+  pad_h, pad_w = (int(v) for v in data_config.pad_to)
+  shapes = {k: v.shape for k, v in ds.element_spec.items()}
+  shapes["image"] = tf.TensorShape([pad_h, pad_w, 3])  # zero padding at the bottom / right
+  ds = ds.padded_batch(batch_size, padded_shapes=shapes, drop_remainder=True)
   ds = ds.prefetch(int(data_config.get("prefetch", 2)))
   return ds.with_options(_options(data_config))
 
