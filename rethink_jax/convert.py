@@ -126,6 +126,46 @@ def load_backbone(directory: str) -> tuple[dict, dict]:
   return variables, meta
 
 
+def freeze_bn_stages(variables: dict, freeze_at: int, eps: float = BN_EPS) -> dict:
+  """Folds the BN norms of the stages a `ResNet(freeze_at=...)` freezes into FrozenBN.
+
+  A BN / SyncBN backbone checkpoint stores every norm as params scale/bias + batch_stats
+  mean/var; ResNet(norm="BN", freeze_at=k) wants the stem and res2..res{k} norms as FrozenBN
+  (collection "frozen"). Returns new variables with those norms folded
+  (scale = gamma / sqrt(var + eps), bias = beta - mean * scale); GN or FrozenBN are unchanged.
+  """
+  from rethink_jax.models.resnet import frozen_param_prefixes  # pylint: disable=g-import-not-at-top
+
+  frozen_stages = {p[0] for p in frozen_param_prefixes(freeze_at)}
+  params = _flatten(variables.get("params", {}))
+  stats = _flatten(variables.get("batch_stats", {}))
+  out = {c: _flatten(t) for c, t in variables.items() if c not in ("params", "batch_stats")}
+  out.setdefault("frozen", {})
+  new_params, new_stats = dict(params), dict(stats)
+  for path in params:
+    if path[0] in frozen_stages and path[-2:] == ("norm", "scale") and (
+        path[:-1] + ("mean",)) in stats:
+      base = path[:-1]
+      gamma, beta = params[base + ("scale",)], params[base + ("bias",)]
+      mean, var = stats[base + ("mean",)], stats[base + ("var",)]
+      scale = np.asarray(gamma, np.float64) / np.sqrt(np.asarray(var, np.float64) + eps)
+      out["frozen"][base + ("scale",)] = scale.astype(np.float32)
+      out["frozen"][base + ("bias",)] = (np.asarray(beta) - np.asarray(mean) * scale).astype(
+          np.float32)
+      for d, names in ((new_params, ("scale", "bias")), (new_stats, ("mean", "var"))):
+        for n in names:
+          del d[base + (n,)]
+  out["params"], out["batch_stats"] = new_params, new_stats
+
+  def unflatten(flat):
+    tree = {}
+    for k, v in flat.items():
+      _set(tree, k, v)
+    return tree
+
+  return {c: unflatten(t) for c, t in out.items() if t}
+
+
 # --------------------------------------------------------------------------------------------
 # Reading source files.
 # --------------------------------------------------------------------------------------------

@@ -347,3 +347,15 @@ def test_save_backbone_is_atomic(tmp, monkeypatch):
   convert.save_backbone(out, variables, meta)
   loaded, _ = convert.load_backbone(out)
   np.testing.assert_array_equal(loaded["params"]["stem"]["conv1"]["kernel"], 1.0)
+
+
+def test_freeze_bn_stages_matches_a_frozen_model(tv_r50):
+  _, path = tv_r50
+  variables, meta = convert.convert_backbone(str(path), "torchvision", norm="BN")
+  frozen = convert.freeze_bn_stages(variables, freeze_at=2)
+  assert set(frozen["frozen"]) == {"stem", "res2"} and "res2" not in frozen["batch_stats"]
+  assert "norm" not in frozen["params"]["stem"]["conv1"]
+  x = random_image(2)
+  ref = jax_stages(variables, meta, x)  # eval mode: BN with running statistics
+  got = ResNet(depth=50, norm="BN", freeze_at=2).apply(frozen, x, train=False)
+  assert_rel_close({k: np.asarray(v) for k, v in got.items()}, ref)
