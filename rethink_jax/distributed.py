@@ -1,0 +1,139 @@
+"""Multi-host start-up: one call before anything touches the devices.
+
+JAX runs one process per host (multi-controller): every host runs the same program, sees all the
+devices of the job through jax.devices() and its own through jax.local_devices(), reads its own
+shard of the data, and joins the collectives of every jitted step. The processes find each other
+through jax.distributed.initialize(), which `initialize` below calls when
+
+  * the coordinator is given explicitly (flags --coordinator_address / --num_processes /
+    --process_id of rethink_jax.main, or the environment variables JAX_COORDINATOR_ADDRESS,
+    JAX_NUM_PROCESSES, JAX_PROCESS_ID): any cluster, e.g. several GPU nodes without SLURM;
+  * the job runs under SLURM with more than one task (srun): JAX reads the job from SLURM_*;
+  * the host is a Cloud TPU VM (TPU devices under /dev and libtpu installed): JAX reads the slice
+    from the TPU metadata, the same command on every worker (gcloud ... ssh --worker=all);
+
+and does nothing on a single process (a laptop, one GPU box, CI). Afterwards:
+
+  from rethink_jax import distributed
+  info = distributed.initialize()          # {"mode", "process_index", "process_count"}
+  if distributed.is_main_process(): ...    # only process 0 writes files meant for people
+  distributed.sync("after-eval")           # a barrier across every process
+
+Processes on CPU (tests: several processes on one machine) exchange data through gloo, JAX's
+default CPU collectives ("jax_cpu_collectives_implementation").
+"""
+import glob
+import importlib.util
+import os
+from typing import Optional
+
+from absl import logging
+
+_ENV_COORDINATOR = "JAX_COORDINATOR_ADDRESS"
+_ENV_NUM_PROCESSES = "JAX_NUM_PROCESSES"
+_ENV_PROCESS_ID = "JAX_PROCESS_ID"
+_SLURM_VARS = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID",
+               "SLURM_LOCALID")
+
+
+def _env_int(name: str) -> Optional[int]:
+  value = os.environ.get(name, "").strip()
+  return int(value) if value else None
+
+
+def detect_cluster(environ=None) -> Optional[str]:
+  """Which launcher started this process, from the environment only (no device is touched).
+
+  Returns "slurm" (srun with more than one task), "cloud_tpu" (a Cloud TPU VM with libtpu), or
+  None (a single process, or a launcher that needs explicit flags).
+  """
+  env = os.environ if environ is None else environ
+  if all(v in env for v in _SLURM_VARS) and int(env.get("SLURM_NTASKS", "1") or 1) > 1:
+    return "slurm"
+  # TPU VMs expose their chips as /dev/accel* (v2-v4) or /dev/vfio/<n> (v5e, v5p, v6e).
+  has_tpu = bool(glob.glob("/dev/accel[0-9]*") or glob.glob("/dev/vfio/[0-9]*"))
+  skip = env.get("TPU_SKIP_MDS_QUERY") is not None and "TPU_WORKER_HOSTNAMES" not in env
+  if environ is None and has_tpu and not skip and importlib.util.find_spec("libtpu") is not None:
+    return "cloud_tpu"
+  return None
+
+
+def initialize(coordinator_address: Optional[str] = None, num_processes: Optional[int] = None,
+               process_id: Optional[int] = None, *, auto: bool = True,
+               initialization_timeout: int = 300) -> dict:
+  """Joins this process to the job (jax.distributed.initialize) when there is a job to join.
+
+  Call it first, before jax.devices(), the first jit or anything else that starts a backend.
+
+  Args:
+    coordinator_address: "host:port" of process 0 (any free port there); with num_processes
+      and process_id (all three, or none). Defaults: JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
+      JAX_PROCESS_ID from the environment.
+    num_processes: number of processes of the job (usually one per host).
+    process_id: this process's index, 0..num_processes-1; process 0 hosts the coordinator.
+    auto: detect SLURM and Cloud TPU (detect_cluster) when no coordinator is given.
+    initialization_timeout: seconds to wait for every process to join.
+  Returns:
+    {"mode": "explicit" | "slurm" | "cloud_tpu" | "already" | "single",
+     "process_index": int, "process_count": int}.
+  Raises:
+    ValueError: a coordinator without num_processes / process_id, or an id out of range.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  coordinator_address = coordinator_address or os.environ.get(_ENV_COORDINATOR) or None
+  if num_processes is None:
+    num_processes = _env_int(_ENV_NUM_PROCESSES)
+  if process_id is None:
+    process_id = _env_int(_ENV_PROCESS_ID)
+
+  if jax.distributed.is_initialized():
+    mode = "already"
+  elif coordinator_address:
+    if num_processes is None or process_id is None:
+      raise ValueError(
+          f"coordinator_address={coordinator_address!r} needs num_processes and process_id "
+          f"(got {num_processes}, {process_id}); set --num_processes and --process_id")
+    if not 0 <= process_id < num_processes:
+      raise ValueError(f"process_id={process_id} not in [0, num_processes={num_processes})")
+    mode = "explicit"
+    if num_processes > 1:
+      jax.distributed.initialize(coordinator_address=coordinator_address,
+                                 num_processes=num_processes, process_id=process_id,
+                                 initialization_timeout=initialization_timeout)
+    else:
+      mode = "single"
+  elif (num_processes or 1) > 1:
+    raise ValueError(f"num_processes={num_processes} needs a coordinator_address (host:port of "
+                     "process 0)")
+  else:
+    mode = detect_cluster() if auto else None
+    if mode is not None:
+      # JAX finds the coordinator, process count and id from SLURM or the TPU metadata.
+      jax.distributed.initialize(initialization_timeout=initialization_timeout)
+    else:
+      mode = "single"
+  info = dict(mode=mode, process_index=jax.process_index(), process_count=jax.process_count())
+  logging.info("distributed: %s", info)
+  return info
+
+
+def is_main_process() -> bool:
+  """True on process 0: the one that writes logs, curves and reports for people to read."""
+  import jax  # pylint: disable=g-import-not-at-top
+  return jax.process_index() == 0
+
+
+def sync(name: str) -> None:
+  """A barrier: returns once every process got here (a no-op on one process)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(name)
+
+
+def free_port() -> int:
+  """A free TCP port on this machine (for a local coordinator in tests and demos)."""
+  import socket  # pylint: disable=g-import-not-at-top
+  with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
