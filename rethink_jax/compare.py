@@ -275,6 +275,8 @@ def arm_config(config, arm: str, init_from: str | None = None):
     overrides = cc.get(f"{arm}_overrides", None)
     if overrides:
       _apply_overrides(c, overrides)
+    if arm == "scratch":
+      c.require_init_from = False
     _set_schedule(c, total, decay_steps(total, cc.unit_steps))
     c.init_from = init_from or ""
     del c["compare"]
@@ -282,12 +284,16 @@ def arm_config(config, arm: str, init_from: str | None = None):
 
 
 def _apply_overrides(c, overrides) -> None:
-  for dotted, value in dict(overrides).items():
-    node = c
-    *parents, leaf = dotted.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+  """Recursively sets the (nested dict / ConfigDict) `overrides` into config `c`."""
+  if hasattr(overrides, "to_dict"):
+    overrides = overrides.to_dict()
+  for key, value in overrides.items():
+    if hasattr(value, "to_dict"):
+      value = value.to_dict()
+    if isinstance(value, dict) and key in c and hasattr(c[key], "keys"):
+      _apply_overrides(c[key], value)
+    else:
+      c[key] = value
 
 
 def _set_schedule(c, total: int, decays: tuple[int, int]) -> None:
@@ -437,5 +443,9 @@ def _split_merge_args(argv: list[str]) -> list[str]:
 
 if __name__ == "__main__":
   from absl import app  # pylint: disable=g-import-not-at-top
+  # Config files import `from configs import common`: put the repository root on the path.
+  _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  if os.path.isdir(os.path.join(_ROOT, "configs")) and _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
   _define_flags()
   app.run(main, argv=_split_merge_args(sys.argv))
