@@ -312,21 +312,27 @@ def crop_masks_from_rle(counts, runs, height, width, boxes, size):
   counts = tf.cast(counts, tf.int32)
   runs = tf.cast(runs, tf.int32)
   n = tf.shape(runs)[0]
-  # Run ends within each instance: global running sum minus the instances before (each sums hw).
-  owner = tf.repeat(tf.range(n), runs)
-  ends = tf.cumsum(counts) - owner * hw
-  ends = tf.RaggedTensor.from_row_lengths(ends, runs).to_tensor(default_value=hw + 1)
-  x1, y1, x2, y2 = tf.unstack(boxes, axis=1)
-  yi0, yi1, yw0, yw1 = _sample_taps(y1, y2, size, height)
-  xi0, xi1, xw0, xw1 = _sample_taps(x1, x2, size, width)
-  total = tf.zeros([n, size, size], tf.float32)
-  for yi, yw in ((yi0, yw0), (yi1, yw1)):
-    for xi, xw in ((xi0, xw0), (xi1, xw1)):
-      idx = xi[:, None, :] * height + yi[:, :, None]  # (n, S, S) column-major index
-      val = tf.searchsorted(ends, tf.reshape(idx, [n, -1]), side="right") % 2
-      val = tf.cast(tf.reshape(val, [n, size, size]), tf.float32)
-      total += val * yw[:, :, None] * xw[:, None, :]
-  return tf.cast(total >= 0.5, tf.uint8)
+
+  def sample():
+    # Run ends within each instance: global running sum minus the instances before (each sums
+    # to hw).
+    owner = tf.repeat(tf.range(n), runs)
+    ends = tf.cumsum(counts) - owner * hw
+    ends = tf.RaggedTensor.from_row_lengths(ends, runs).to_tensor(default_value=hw + 1)
+    x1, y1, x2, y2 = tf.unstack(boxes, axis=1)
+    yi0, yi1, yw0, yw1 = _sample_taps(y1, y2, size, height)
+    xi0, xi1, xw0, xw1 = _sample_taps(x1, x2, size, width)
+    total = tf.zeros([n, size, size], tf.float32)
+    for yi, yw in ((yi0, yw0), (yi1, yw1)):
+      for xi, xw in ((xi0, xw0), (xi1, xw1)):
+        idx = xi[:, None, :] * height + yi[:, :, None]  # (n, S, S) column-major index
+        val = tf.searchsorted(ends, tf.reshape(idx, [n, size * size]), side="right") % 2
+        val = tf.cast(tf.reshape(val, [n, size, size]), tf.float32)
+        total += val * yw[:, :, None] * xw[:, None, :]
+    return tf.cast(total >= 0.5, tf.uint8)
+
+  # searchsorted rejects empty batches.
+  return tf.cond(n > 0, sample, lambda: tf.zeros([0, size, size], tf.uint8))
 
 
 def crop_masks(masks, boxes, size):
