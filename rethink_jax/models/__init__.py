@@ -3,3 +3,4 @@
 from rethink_jax.models.layers import Conv2d, get_norm  # noqa: E402
 from rethink_jax.models.resnet import ResNet, frozen_param_prefixes  # noqa: E402
 from rethink_jax.models.fpn import FPN, build_resnet_fpn  # noqa: E402
+from rethink_jax.models.mask_rcnn import MaskRCNN, build_model, default_model_config  # noqa: E402

@@ -128,6 +128,8 @@ def label_and_sample_anchors(anchors, gt_boxes, gt_valid, key, *, iou_thresholds
   safe = jnp.where(valid, idx, 0)
   sampled_labels = jnp.where(valid, labels[safe], 0).astype(jnp.int32)
   targets = box_ops.encode_boxes(gt_boxes[matched_gt[safe]], anchors[safe], box_reg_weights)
+  # Background anchors may match padding (zero) boxes whose encoding is -inf: zero them.
+  targets = jnp.where((sampled_labels == 1)[:, None], targets, 0.0)
   return {"indices": safe, "valid": valid, "labels": sampled_labels, "targets": targets}
 
 
@@ -149,9 +151,9 @@ def rpn_losses(objectness, deltas, samples, normalizer):
   pred = jnp.take_along_axis(deltas.astype(jnp.float32), idx[..., None], axis=1)
   bce = sigmoid_bce(logits, labels)
   loss_cls = jnp.sum(bce * valid) / normalizer
-  pos = valid * labels
+  pos = (valid * labels) > 0
   l1 = jnp.sum(jnp.abs(pred - samples["targets"]), axis=-1)  # smooth L1 with beta 0
-  loss_loc = jnp.sum(l1 * pos) / normalizer
+  loss_loc = jnp.sum(jnp.where(pos, l1, 0.0)) / normalizer
   return {"loss_rpn_cls": loss_cls, "loss_rpn_loc": loss_loc}
 
 

@@ -1,0 +1,422 @@
+"""ROI heads of Mask R-CNN (Detectron2's StandardROIHeads), with static shapes.
+
+Training, per image: ground-truth boxes are appended to the proposals, every box is matched to the
+ground truth at IoU 0.5 (no low-quality matches), and a balanced sampler picks 512 ROIs, at most 25%
+foreground. The box branch pools 7x7 with the multilevel RoIAlign (P2..P5, aligned, adaptive
+sampling), runs the box head ("4conv1fc" or "2fc") and the box predictor. The mask branch trains on a
+fixed `max_fg_rois` foreground ROIs per image with a validity mask (the TPU reference's design).
+
+Class index conventions: labels in the batch are 0 = background, 1..K objects. Inside the box
+predictor the logits follow Detectron2's order (column k-1 is class k, column K is background) and
+the class-specific deltas are (K, 4) class-major, so predictor weights map 1:1 to Detectron2's.
+fc1 of the box head flattens its input in (C, H, W) order for the same reason.
+
+Inference, per image: softmax scores, class-specific decoding, clipping, score > 0.05, per-class NMS
+0.5 keeping 100, then the mask head on the kept boxes and the sigmoid of the predicted class's mask.
+"""
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from rethink_jax.models import layers
+from rethink_jax.ops import boxes as box_ops
+from rethink_jax.ops import masks as mask_ops
+from rethink_jax.ops import matching
+from rethink_jax.ops.nms import batched_nms
+from rethink_jax.ops.roi_align import multilevel_roi_align
+from rethink_jax.ops import sampling
+
+# Detectron2's weight_init.c2_msra_fill (kaiming normal, fan_out, relu) and c2_xavier_fill
+# (kaiming uniform, a=1: U(-sqrt(3/fan_in), sqrt(3/fan_in))); biases are zero.
+_MSRA_FILL = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+_XAVIER_FILL = nn.initializers.variance_scaling(1.0, "fan_in", "uniform")
+# ConvTranspose2d(C, C, 2, 2) weight is (C_in, C_out, 2, 2) in PyTorch, whose "fan_out" is C_in*4:
+# our (2, 2, C_in, C_out) kernel's fan_in.
+_DECONV_FILL = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
+
+BOX_FEATURES = ("p2", "p3", "p4", "p5")
+
+
+def _check(cond, msg):
+  if not cond:
+    raise ValueError(msg)
+
+
+# ----------------------------------------------------------------------------------------------
+# Modules.
+# ----------------------------------------------------------------------------------------------
+class FastRCNNConvFCHead(nn.Module):
+  """Box head: num_conv x (conv3x3 + norm + ReLU), then num_fc x (fc + ReLU).
+
+  "4conv1fc": num_conv=4, num_fc=1; "2fc": num_conv=0, num_fc=2.
+  __call__(x (R, S, S, C), train) -> (R, fc_dim) (or (R, S*S*conv_dim) when num_fc == 0).
+  """
+  num_conv: int = 4
+  conv_dim: int = 256
+  num_fc: int = 1
+  fc_dim: int = 1024
+  norm: str | None = "GN"
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    _check(x.ndim == 4, f"box head input must be (R, S, S, C), got {x.shape}")
+    x = x.astype(self.dtype)
+    for i in range(self.num_conv):
+      x = layers.Conv2d(self.conv_dim, kernel_size=3, strides=1, padding=1, use_bias=not self.norm,
+                        norm=self.norm or None, kernel_init=_MSRA_FILL, dtype=self.dtype,
+                        name=f"conv{i + 1}")(x, train=train)
+      x = nn.relu(x)
+    # Flatten in (C, H, W) order, as PyTorch does, so fc1 maps 1:1 onto Detectron2's weight.
+    x = jnp.transpose(x, (0, 3, 1, 2)).reshape(x.shape[0], -1)
+    for i in range(self.num_fc):
+      x = nn.relu(nn.Dense(self.fc_dim, kernel_init=_XAVIER_FILL, dtype=self.dtype,
+                           param_dtype=jnp.float32, name=f"fc{i + 1}")(x))
+    return x
+
+
+class FastRCNNOutputLayers(nn.Module):
+  """Box predictor: cls_score (K+1, background last) and class-specific bbox_pred (4K).
+
+  __call__(x (R, D)) -> (logits (R, K+1) float32, deltas (R, K, 4) float32).
+  """
+  num_classes: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    _check(x.ndim == 2, f"box predictor input must be (R, D), got {x.shape}")
+    logits = nn.Dense(self.num_classes + 1, kernel_init=nn.initializers.normal(0.01),
+                      dtype=self.dtype, param_dtype=jnp.float32, name="cls_score")(x)
+    deltas = nn.Dense(4 * self.num_classes, kernel_init=nn.initializers.normal(0.001),
+                      dtype=self.dtype, param_dtype=jnp.float32, name="bbox_pred")(x)
+    return (logits.astype(jnp.float32),
+            deltas.astype(jnp.float32).reshape(x.shape[0], self.num_classes, 4))
+
+
+class ConvTranspose2x2(nn.Module):
+  """ConvTranspose 2x2 stride 2 (no overlap): one dot_general + a pixel shuffle.
+
+  Owns "kernel" (2, 2, C_in, C_out) with kernel[a, b, c, o] = PyTorch weight[c, o, a, b], and "bias".
+  __call__(x (R, H, W, C_in)) -> (R, 2H, 2W, C_out).
+  """
+  features: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    r, h, w, c = x.shape
+    kernel = self.param("kernel", _DECONV_FILL, (2, 2, c, self.features), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+    y = jnp.einsum("rhwc,abco->rhawbo", x.astype(self.dtype), kernel.astype(self.dtype))
+    return y.reshape(r, 2 * h, 2 * w, self.features) + bias.astype(self.dtype)
+
+
+class ClassMaskPredictor(nn.Module):
+  """1x1 conv to one mask per class, evaluated only on the channel of each ROI's class.
+
+  Owns "kernel" (1, 1, C, K) and "bias" (K,) (a plain 1x1 conv's parameters, init N(0, 0.001)).
+  __call__(x (R, M, M, C), classes (R,) int in 1..K (0 is treated as class 1)) -> logits (R, M, M)
+  float32.
+  """
+  num_classes: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, classes):
+    _check(x.ndim == 4 and classes.shape == x.shape[:1],
+           f"mask predictor wants x (R, M, M, C) and classes (R,), got {x.shape}, {classes.shape}")
+    kernel = self.param("kernel", nn.initializers.normal(0.001),
+                        (1, 1, x.shape[-1], self.num_classes), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (self.num_classes,), jnp.float32)
+    k = jnp.clip(classes - 1, 0, self.num_classes - 1)
+    w = kernel[0, 0].T[k]  # (R, C)
+    logits = jnp.einsum("rhwc,rc->rhw", x.astype(self.dtype), w.astype(self.dtype))
+    return logits.astype(jnp.float32) + bias[k][:, None, None]
+
+
+class MaskRCNNConvUpsampleHead(nn.Module):
+  """Mask head: num_conv x (conv3x3 + norm + ReLU), deconv 2x2 s2 + ReLU, class-specific 1x1.
+
+  __call__(x (R, 14, 14, C), classes (R,), train) -> mask logits (R, 28, 28) float32 of `classes`.
+  """
+  num_classes: int
+  num_conv: int = 4
+  conv_dim: int = 256
+  norm: str | None = "GN"
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, classes, train: bool = False):
+    _check(x.ndim == 4, f"mask head input must be (R, S, S, C), got {x.shape}")
+    x = x.astype(self.dtype)
+    for i in range(self.num_conv):
+      x = layers.Conv2d(self.conv_dim, kernel_size=3, strides=1, padding=1, use_bias=not self.norm,
+                        norm=self.norm or None, kernel_init=_MSRA_FILL, dtype=self.dtype,
+                        name=f"mask_fcn{i + 1}")(x, train=train)
+      x = nn.relu(x)
+    x = nn.relu(ConvTranspose2x2(self.conv_dim, dtype=self.dtype, name="deconv")(x))
+    return ClassMaskPredictor(self.num_classes, dtype=self.dtype, name="predictor")(x, classes)
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-image label/sample, losses and inference (plain functions; vmapped over the batch).
+# ----------------------------------------------------------------------------------------------
+def label_and_sample_proposals(proposals, proposal_valid, gt_boxes, gt_classes, key, *,
+                               batch_size_per_image, positive_fraction, iou_threshold,
+                               append_gt=True):
+  """Detectron2's label_and_sample_proposals for one image.
+
+  Args:
+    proposals (P, 4), proposal_valid (P,) bool, gt_boxes (G, 4), gt_classes (G,) int (0 = padding),
+    key: PRNG key of the sampler.
+  Returns dict of S = batch_size_per_image sampled ROIs:
+    rois (S, 4), classes (S,) int32 (0 = background), matched_gt (S,) int32, valid (S,) bool.
+  """
+  _check(proposals.shape == proposal_valid.shape + (4,) and gt_boxes.shape == gt_classes.shape + (4,),
+         f"proposals {proposals.shape}, proposal_valid {proposal_valid.shape}, gt_boxes "
+         f"{gt_boxes.shape}, gt_classes {gt_classes.shape}: want (P, 4), (P,), (G, 4), (G,)")
+  gt_valid = gt_classes > 0
+  boxes, valid = proposals, proposal_valid
+  if append_gt:
+    boxes = jnp.concatenate([proposals, gt_boxes.astype(proposals.dtype)])
+    valid = jnp.concatenate([proposal_valid, gt_valid])
+  iou = box_ops.box_iou(gt_boxes, boxes)  # (G, P + G)
+  matched_gt, labels = matching.match(iou, gt_valid, (iou_threshold,), (0, 1), False)
+  fg = (labels == 1) & jnp.any(gt_valid)
+  classes = jnp.where(fg, gt_classes[matched_gt], 0).astype(jnp.int32)
+  sampler_labels = jnp.where(valid, fg.astype(jnp.int32), -1)
+  idx, svalid = sampling.sample_balanced(sampler_labels, batch_size_per_image, positive_fraction,
+                                         key)
+  safe = jnp.where(svalid, idx, 0)
+  return {"rois": jnp.where(svalid[:, None], boxes[safe], 0.0),
+          "classes": jnp.where(svalid, classes[safe], 0),
+          "matched_gt": matched_gt[safe].astype(jnp.int32),
+          "valid": svalid}
+
+
+def select_foreground(samples, max_fg_rois):
+  """The first max_fg_rois foreground ROIs of one image's samples (label_and_sample output).
+
+  Returns dict rois (M, 4), classes (M,), matched_gt (M,), valid (M,) bool.
+  """
+  fg = samples["valid"] & (samples["classes"] > 0)
+  order = jnp.argsort(~fg, stable=True)[:max_fg_rois]
+  out = {k: samples[k][order] for k in ("rois", "classes", "matched_gt")}
+  out["valid"] = fg[order]
+  return out
+
+
+def fast_rcnn_losses(logits, deltas, classes, valid, targets):
+  """Detectron2's FastRCNNOutputLayers.losses over a batch of sampled ROIs.
+
+  Args:
+    logits (N, K+1) (background last), deltas (N, K, 4), classes (N,) in 0..K (0 = background),
+    valid (N,) bool, targets (N, 4) encoded regression targets of each ROI's matched gt.
+  Returns {"loss_cls": mean softmax CE over valid ROIs,
+           "loss_box_reg": L1 over foreground / number of valid ROIs}.
+  """
+  n, k1 = logits.shape
+  _check(deltas.shape == (n, k1 - 1, 4) and classes.shape == (n,) and valid.shape == (n,)
+         and targets.shape == (n, 4),
+         f"logits {logits.shape}, deltas {deltas.shape}, classes {classes.shape}, valid "
+         f"{valid.shape}, targets {targets.shape} disagree")
+  num_classes = k1 - 1
+  fvalid = valid.astype(jnp.float32)
+  denom = jnp.maximum(jnp.sum(fvalid), 1.0)
+  target_index = jnp.where(classes > 0, classes - 1, num_classes)
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  ce = -jnp.take_along_axis(logp, target_index[:, None], axis=-1)[:, 0]
+  loss_cls = jnp.sum(ce * fvalid) / denom
+  fg = valid & (classes > 0)
+  pred = jnp.take_along_axis(deltas, jnp.clip(classes - 1, 0)[:, None, None], axis=1)[:, 0]
+  # Background ROIs may carry non-finite targets (matched to padding): `where`, not a product.
+  l1 = jnp.sum(jnp.abs(pred - jnp.where(fg[:, None], targets, 0.0)), axis=-1)
+  return {"loss_cls": loss_cls, "loss_box_reg": jnp.sum(jnp.where(fg, l1, 0.0)) / denom}
+
+
+def mask_rcnn_loss(mask_logits, mask_targets, valid):
+  """Mean per-pixel sigmoid BCE over the valid foreground ROIs.
+
+  mask_logits (N, M, M) of each ROI's gt class, mask_targets (N, M, M) in {0, 1}, valid (N,).
+  """
+  _check(mask_logits.shape == mask_targets.shape and valid.shape == mask_logits.shape[:1],
+         f"mask_logits {mask_logits.shape}, targets {mask_targets.shape}, valid {valid.shape}")
+  x = mask_logits.astype(jnp.float32)
+  bce = jnp.maximum(x, 0) - x * mask_targets + jnp.log1p(jnp.exp(-jnp.abs(x)))
+  w = valid.astype(jnp.float32)[:, None, None]
+  pixels = jnp.maximum(jnp.sum(w) * x.shape[1] * x.shape[2], 1.0)
+  return jnp.sum(bce * w) / pixels
+
+
+def fast_rcnn_inference(proposals, proposal_valid, logits, deltas, image_hw, *, box_reg_weights,
+                        score_thresh, nms_thresh, detections_per_image, num_candidates):
+  """Detections of one image (Detectron2's fast_rcnn_inference_single_image, fixed shapes).
+
+  Before the per-class NMS the (proposal, class) candidates above score_thresh are cut to the
+  num_candidates best (exact whenever fewer pass the threshold, the usual case).
+  Args:
+    proposals (P, 4), proposal_valid (P,), logits (P, K+1) (background last), deltas (P, K, 4),
+    image_hw (2,).
+  Returns boxes (D, 4), scores (D,), classes (D,) int32 in 1..K (0 = padding), num (int32), with
+  D = detections_per_image; padded rows are zero.
+  """
+  p, k1 = logits.shape
+  k = k1 - 1
+  _check(proposals.shape == (p, 4) and deltas.shape == (p, k, 4),
+         f"proposals {proposals.shape}, logits {logits.shape}, deltas {deltas.shape} disagree")
+  scores = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)[:, :k]
+  anchors = jnp.broadcast_to(proposals[:, None, :], (p, k, 4))
+  boxes = box_ops.decode_boxes(deltas.reshape(p * k, 4), anchors.reshape(p * k, 4),
+                               box_reg_weights)
+  finite = jnp.all(jnp.isfinite(boxes), axis=-1)
+  boxes = box_ops.clip_boxes(jnp.where(finite[:, None], boxes, 0.0), image_hw)
+  scores = scores.reshape(-1)
+  keep = finite & jnp.repeat(proposal_valid, k) & (scores > score_thresh)
+  scores = jnp.where(keep, scores, -jnp.inf)
+  cand_scores, cand = jax.lax.top_k(scores, min(num_candidates, p * k))
+  cand_boxes = boxes[cand]
+  cand_classes = (cand % k + 1).astype(jnp.int32)
+  idx, num = batched_nms(cand_boxes, cand_scores, cand_classes, nms_thresh,
+                                 detections_per_image)
+  ok = jnp.arange(detections_per_image) < num
+  safe = jnp.where(ok, idx, 0)
+  return (jnp.where(ok[:, None], cand_boxes[safe], 0.0), jnp.where(ok, cand_scores[safe], 0.0),
+          jnp.where(ok, cand_classes[safe], 0), num.astype(jnp.int32))
+
+
+# ----------------------------------------------------------------------------------------------
+# StandardROIHeads.
+# ----------------------------------------------------------------------------------------------
+class StandardROIHeads(nn.Module):
+  """Box and mask branches. Parameters: box_head, box_predictor, mask_head.
+
+  __call__(features {"p2".."p5": (B, H_l, W_l, C)}, proposals (B, P, 4), proposal_valid (B, P),
+           image_hw (B, 2), gt_boxes (B, G, 4), gt_classes (B, G), gt_masks (B, G, S, S), train)
+    train: {"loss_cls", "loss_box_reg", "loss_mask"} float32 scalars.
+    test:  {"boxes" (B, D, 4), "scores" (B, D), "classes" (B, D), "masks" (B, D, 28, 28),
+            "num_detections" (B,)}.
+  """
+  num_classes: int
+  # Sampling.
+  batch_size_per_image: int = 512
+  positive_fraction: float = 0.25
+  iou_threshold: float = 0.5
+  proposal_append_gt: bool = True
+  bbox_reg_weights: Sequence[float] = (10.0, 10.0, 5.0, 5.0)
+  # Inference.
+  score_thresh_test: float = 0.05
+  nms_thresh_test: float = 0.5
+  detections_per_image: int = 100
+  test_candidates: int = 4000
+  # Box branch.
+  box_head_name: str = "4conv1fc"
+  box_num_conv: int = 4
+  box_conv_dim: int = 256
+  box_num_fc: int = 1
+  box_fc_dim: int = 1024
+  box_norm: str | None = "GN"
+  box_pooler_resolution: int = 7
+  box_pooler_sampling_ratio: int = 0
+  box_pooler_aligned: bool = True
+  # Mask branch.
+  mask_num_conv: int = 4
+  mask_conv_dim: int = 256
+  mask_norm: str | None = "GN"
+  mask_pooler_resolution: int = 14
+  mask_pooler_sampling_ratio: int = 0
+  mask_pooler_aligned: bool = True
+  mask_max_fg_rois: int = 128
+  mask_resolution: int = 28
+  dtype: Any = jnp.float32
+
+  def setup(self):
+    if self.box_head_name == "4conv1fc":
+      num_conv, num_fc = self.box_num_conv, self.box_num_fc
+    elif self.box_head_name == "2fc":
+      num_conv, num_fc = 0, 2
+    else:
+      raise ValueError(f"unknown box head {self.box_head_name!r}: '4conv1fc' or '2fc'")
+    self.box_head = FastRCNNConvFCHead(num_conv, self.box_conv_dim, num_fc, self.box_fc_dim,
+                                       self.box_norm, dtype=self.dtype)
+    self.box_predictor = FastRCNNOutputLayers(self.num_classes, dtype=self.dtype)
+    self.mask_head = MaskRCNNConvUpsampleHead(self.num_classes, self.mask_num_conv,
+                                              self.mask_conv_dim, self.mask_norm, dtype=self.dtype)
+
+  def _pool(self, features, rois, resolution, sampling_ratio, aligned):
+    """(B, R, 4) boxes -> (B*R, S, S, C) pooled from P2..P5."""
+    feats = {k: features[k] for k in BOX_FEATURES}
+    x = multilevel_roi_align(feats, rois, resolution, sampling_ratio, aligned)
+    return x.reshape((-1,) + x.shape[2:])
+
+  def _box_branch(self, features, rois, train):
+    b, r = rois.shape[:2]
+    x = self._pool(features, rois, self.box_pooler_resolution, self.box_pooler_sampling_ratio,
+                   self.box_pooler_aligned)
+    logits, deltas = self.box_predictor(self.box_head(x, train=train))
+    return logits.reshape(b, r, -1), deltas.reshape(b, r, self.num_classes, 4)
+
+  def _mask_branch(self, features, rois, classes, train):
+    b, r = rois.shape[:2]
+    x = self._pool(features, rois, self.mask_pooler_resolution, self.mask_pooler_sampling_ratio,
+                   self.mask_pooler_aligned)
+    logits = self.mask_head(x, classes.reshape(-1), train=train)
+    return logits.reshape((b, r) + logits.shape[1:])
+
+  def __call__(self, features, proposals, proposal_valid, image_hw, gt_boxes=None,
+               gt_classes=None, gt_masks=None, *, train: bool):
+    b = proposals.shape[0]
+    _check(proposals.shape[-1] == 4 and proposal_valid.shape == proposals.shape[:2]
+           and image_hw.shape == (b, 2),
+           f"proposals {proposals.shape}, proposal_valid {proposal_valid.shape}, image_hw "
+           f"{image_hw.shape}: want (B, P, 4), (B, P), (B, 2)")
+    weights = tuple(self.bbox_reg_weights)
+    if not train:
+      return self._inference(features, proposals, proposal_valid, image_hw)
+
+    _check(gt_boxes is not None and gt_classes is not None and gt_masks is not None,
+           "training the ROI heads needs gt_boxes, gt_classes and gt_masks")
+    keys = jax.random.split(self.make_rng("sampling"), b)
+    sample = lambda p, v, g, c, k: label_and_sample_proposals(
+        p, v, g, c, k, batch_size_per_image=self.batch_size_per_image,
+        positive_fraction=self.positive_fraction, iou_threshold=self.iou_threshold,
+        append_gt=self.proposal_append_gt)
+    samples = jax.vmap(sample)(proposals, proposal_valid, gt_boxes, gt_classes, keys)
+    samples = jax.lax.stop_gradient(samples)
+
+    # Box branch.
+    logits, deltas = self._box_branch(features, samples["rois"], train)
+    matched_boxes = jnp.take_along_axis(gt_boxes, samples["matched_gt"][..., None], axis=1)
+    targets = box_ops.encode_boxes(matched_boxes.reshape(-1, 4),
+                                   samples["rois"].reshape(-1, 4), weights)
+    losses = fast_rcnn_losses(logits.reshape(-1, self.num_classes + 1),
+                              deltas.reshape(-1, self.num_classes, 4),
+                              samples["classes"].reshape(-1), samples["valid"].reshape(-1),
+                              jax.lax.stop_gradient(targets))
+
+    # Mask branch on a fixed number of foreground ROIs per image.
+    fg = jax.vmap(lambda s: select_foreground(s, self.mask_max_fg_rois))(samples)
+    targets = jax.vmap(lambda m, g, r, i: mask_ops.mask_targets(
+        m, g, r, i, self.mask_resolution))(gt_masks, gt_boxes, fg["rois"], fg["matched_gt"])
+    mask_logits = self._mask_branch(features, fg["rois"], fg["classes"], train)
+    m = self.mask_resolution
+    losses["loss_mask"] = mask_rcnn_loss(mask_logits.reshape(-1, m, m),
+                                         jax.lax.stop_gradient(targets).reshape(-1, m, m),
+                                         fg["valid"].reshape(-1))
+    return losses
+
+  def _inference(self, features, proposals, proposal_valid, image_hw):
+    logits, deltas = self._box_branch(features, proposals, False)
+    infer = lambda p, v, l, d, hw: fast_rcnn_inference(
+        p, v, l, d, hw, box_reg_weights=tuple(self.bbox_reg_weights),
+        score_thresh=self.score_thresh_test, nms_thresh=self.nms_thresh_test,
+        detections_per_image=self.detections_per_image, num_candidates=self.test_candidates)
+    boxes, scores, classes, num = jax.vmap(infer)(proposals, proposal_valid, logits, deltas,
+                                                  image_hw)
+    mask_logits = self._mask_branch(features, boxes, classes, False)
+    valid = jnp.arange(self.detections_per_image)[None, :] < num[:, None]
+    masks = jnp.where(valid[..., None, None], jax.nn.sigmoid(mask_logits), 0.0)
+    return {"boxes": boxes, "scores": scores, "classes": classes, "masks": masks,
+            "num_detections": num}

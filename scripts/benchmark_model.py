@@ -1,0 +1,225 @@
+"""Times R50-FPN-GN Mask R-CNN on CPU: this project's Flax model vs torchvision's, same architecture.
+
+  timeout 1500 nice .venv/bin/python scripts/benchmark_model.py [--size 512 --batch 2 --steps 3]
+
+One training step = forward + backward + SGD (momentum 0.9) update, batch `--batch` at
+size x size; inference = one image. Each of the four measurements runs in its own process, so each
+peak resident set size (ru_maxrss) belongs to that measurement alone. Prints medians, the ratio
+JAX / torch (< 1 means JAX is faster), the compile time of the jitted JAX functions, and peak RSS.
+
+torchvision's model: torchvision.models.detection.MaskRCNN on a ResNet-50 with GroupNorm(32)
+everywhere, FPN with GroupNorm (_resnet_fpn_extractor(norm_layer=GN)), FastRCNNConvFCHead
+4conv1fc with GN, MaskRCNNHeads with GN, 81 classes (80 + background), RPN post-NMS top 1000 in
+training (Detectron2's value; torchvision's default is 2000).
+"""
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+NUM_CLASSES = 80
+
+
+def synthetic(size, batch, num_instances=8, seed=0):
+  """Images (B, S, S, 3) float32, boxes (B, G, 4), classes (B, G) 1..80, full masks (B, G, S, S)."""
+  rng = np.random.default_rng(seed)
+  images = rng.normal(size=(batch, size, size, 3)).astype(np.float32)
+  xy = rng.uniform(0, size * 0.6, (batch, num_instances, 2))
+  wh = rng.uniform(size * 0.05, size * 0.4, (batch, num_instances, 2))
+  boxes = np.concatenate([xy, np.minimum(xy + wh, size - 1)], -1).astype(np.float32)
+  classes = rng.integers(1, NUM_CLASSES + 1, (batch, num_instances)).astype(np.int32)
+  yy, xx = np.mgrid[:size, :size] + 0.5
+  masks = np.zeros((batch, num_instances, size, size), np.uint8)
+  for b in range(batch):
+    for g in range(num_instances):
+      x1, y1, x2, y2 = boxes[b, g]
+      masks[b, g] = (xx >= x1) & (xx < x2) & (yy >= y1) & (yy < y2)
+  return images, boxes, classes, masks
+
+
+def _timed(fn, steps):
+  times = []
+  for _ in range(steps):
+    t = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t)
+  return times
+
+
+# ------------------------------------------------------------------------------------------------
+# JAX
+# ------------------------------------------------------------------------------------------------
+def run_jax(mode, size, batch, steps):
+  import jax
+  import jax.numpy as jnp
+  import optax
+  from rethink_jax.models import build_model, default_model_config
+  from rethink_jax.ops.masks import crop_masks_to_boxes
+
+  images, boxes, classes, masks = synthetic(size, batch)
+  b = batch if mode == "train" else 1
+  crops = np.stack([np.asarray(crop_masks_to_boxes(masks[i], boxes[i], 112)) for i in range(b)])
+  data = {"image": images[:b], "image_hw": np.full((b, 2), size, np.int32),
+          "gt_boxes": boxes[:b], "gt_classes": classes[:b], "gt_masks": crops}
+  model = build_model(default_model_config())
+  key = jax.random.key(0, impl="rbg")  # rbg compiles much faster than threefry on XLA:CPU
+  t = time.perf_counter()
+  params = jax.jit(lambda k: model.init({"params": k, "sampling": k}, data,
+                                        train=False)["params"])(key)
+  jax.block_until_ready(params)
+  init_s = time.perf_counter() - t
+
+  if mode == "train":
+    tx = optax.sgd(0.02, momentum=0.9)
+    opt_state = tx.init(params)
+
+    @jax.jit
+    def step(params, opt_state, data, key):
+      def loss_fn(p):
+        losses = model.apply({"params": p}, data, train=True, rngs={"sampling": key})
+        return sum(v for k, v in losses.items() if k.startswith("loss_"))
+      loss, grads = jax.value_and_grad(loss_fn)(params)
+      updates, opt_state = tx.update(grads, opt_state, params)
+      return optax.apply_updates(params, updates), opt_state, loss
+
+    state = {"p": params, "o": opt_state, "k": key}
+
+    def call():
+      state["k"], sub = jax.random.split(state["k"])
+      state["p"], state["o"], loss = step(state["p"], state["o"], data, sub)
+      jax.block_until_ready(loss)
+  else:
+    predict = jax.jit(lambda p, d: model.apply({"params": p}, d, train=False))
+    def call():
+      jax.block_until_ready(predict(params, data))
+
+  t = time.perf_counter()
+  call()  # compile + first run
+  first_s = time.perf_counter() - t
+  return {"times": _timed(call, steps), "compile_and_first_s": first_s, "init_s": init_s}
+
+
+# ------------------------------------------------------------------------------------------------
+# torchvision
+# ------------------------------------------------------------------------------------------------
+def build_torchvision(size):
+  import functools
+  import torch.nn as nn
+  import torchvision
+  from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
+  from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead
+  from torchvision.models.detection.mask_rcnn import MaskRCNN, MaskRCNNHeads
+
+  gn = functools.partial(nn.GroupNorm, 32)
+  body = torchvision.models.resnet50(weights=None, norm_layer=gn)
+  backbone = _resnet_fpn_extractor(body, trainable_layers=5, norm_layer=gn)
+  box_head = FastRCNNConvFCHead((256, 7, 7), [256] * 4, [1024], norm_layer=gn)
+  mask_head = MaskRCNNHeads(256, [256] * 4, 1, norm_layer=gn)
+  return MaskRCNN(backbone, num_classes=NUM_CLASSES + 1, min_size=size, max_size=size,
+                  rpn_post_nms_top_n_train=1000, box_head=box_head, mask_head=mask_head)
+
+
+def run_torch(mode, size, batch, steps, threads):
+  import torch
+  torch.set_num_threads(threads)
+  images, boxes, classes, masks = synthetic(size, batch)
+  model = build_torchvision(size)
+  nparams = sum(p.numel() for p in model.parameters())
+  imgs = [torch.from_numpy(im).permute(2, 0, 1).contiguous() for im in images]
+  if mode == "train":
+    targets = [{"boxes": torch.from_numpy(boxes[i]), "labels": torch.from_numpy(classes[i]).long(),
+                "masks": torch.from_numpy(masks[i])} for i in range(batch)]
+    opt = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
+    model.train()
+
+    def call():
+      losses = model(imgs, targets)
+      loss = sum(losses.values())
+      opt.zero_grad()
+      loss.backward()
+      opt.step()
+  else:
+    model.eval()
+
+    def call():
+      with torch.no_grad():
+        model(imgs[:1])
+
+  t = time.perf_counter()
+  call()
+  first_s = time.perf_counter() - t
+  return {"times": _timed(call, steps), "compile_and_first_s": first_s, "params": nparams}
+
+
+# ------------------------------------------------------------------------------------------------
+# Driver
+# ------------------------------------------------------------------------------------------------
+def child(args):
+  if args.framework == "jax":
+    out = run_jax(args.mode, args.size, args.batch, args.steps)
+  else:
+    out = run_torch(args.mode, args.size, args.batch, args.steps, args.threads)
+  out["median_s"] = statistics.median(out["times"])
+  out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+  print("RESULT " + json.dumps(out), flush=True)
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--size", type=int, default=512)
+  p.add_argument("--batch", type=int, default=2)
+  p.add_argument("--steps", type=int, default=3, help="timed repetitions after the first call")
+  p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch intra-op threads")
+  p.add_argument("--modes", default="train,infer")
+  p.add_argument("--framework", choices=["jax", "torch"], help=argparse.SUPPRESS)
+  p.add_argument("--mode", choices=["train", "infer"], help=argparse.SUPPRESS)
+  args = p.parse_args()
+  if args.framework:
+    return child(args)
+
+  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env["PYTHONPATH"] = repo + os.pathsep + env.get("PYTHONPATH", "")
+  results = {}
+  for mode in args.modes.split(","):
+    for fw in ("torch", "jax"):
+      cmd = [sys.executable, os.path.abspath(__file__), "--framework", fw, "--mode", mode,
+             "--size", str(args.size), "--batch", str(args.batch), "--steps", str(args.steps),
+             "--threads", str(args.threads)]
+      t = time.perf_counter()
+      proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+      lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+      if proc.returncode or not lines:
+        print(f"{fw} {mode} failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}", flush=True)
+        continue
+      results[(fw, mode)] = json.loads(lines[-1][len("RESULT "):])
+      r = results[(fw, mode)]
+      print(f"{fw:5s} {mode:5s} median {r['median_s']:.2f} s  first call {r['compile_and_first_s']:.1f} s"
+            f"  peak RSS {r['peak_rss_mb']:.0f} MB  times {[round(x, 2) for x in r['times']]}"
+            f"  ({time.perf_counter() - t:.0f} s wall)", flush=True)
+
+  print(f"\nR50-FPN-GN Mask R-CNN, {args.size}x{args.size}, CPU ({os.cpu_count()} cores), "
+        f"train batch {args.batch}, inference batch 1, {args.steps} timed runs")
+  print("| measurement | torchvision (s) | rethink_jax (s) | ratio jax/torch | torch peak RSS (MB) | "
+        "jax peak RSS (MB) | jax compile+first (s) |")
+  print("| --- | --- | --- | --- | --- | --- | --- |")
+  for mode in args.modes.split(","):
+    t, j = results.get(("torch", mode)), results.get(("jax", mode))
+    fmt = lambda r, k, f: (f % r[k]) if r else "n/a"
+    ratio = f"{j['median_s'] / t['median_s']:.2f}" if (t and j) else "n/a"
+    what = f"train step (batch {args.batch})" if mode == "train" else "inference (per image)"
+    print(f"| {what} | {fmt(t, 'median_s', '%.2f')} | {fmt(j, 'median_s', '%.2f')} | {ratio} | "
+          f"{fmt(t, 'peak_rss_mb', '%.0f')} | {fmt(j, 'peak_rss_mb', '%.0f')} | "
+          f"{fmt(j, 'compile_and_first_s', '%.0f')} |")
+  if ("torch", "train") in results:
+    print(f"torchvision parameters: {results[('torch', 'train')]['params']:,}")
+
+
+if __name__ == "__main__":
+  main()
