@@ -50,24 +50,24 @@ def test_conv2d_matches_torch(rng, k, s, p, d, g, bias):
 
 def test_conv2d_params_and_init(rng):
   conv = Conv2d(64, 3, norm="GN")
-  v = conv.init(jax.random.key(SEED), jnp.zeros((1, 8, 8, 32)))
+  v = conv.init(jax.random.key(SEED, impl="rbg"), jnp.zeros((1, 8, 8, 32)))
   assert set(v["params"]) == {"kernel", "norm"}  # no bias when normed
   assert v["params"]["kernel"].shape == (3, 3, 32, 64) and v["params"]["kernel"].dtype == jnp.float32
   # MSRA fill: kaiming normal, fan_out = 3*3*64, std sqrt(2 / fan_out).
   std = float(np.std(v["params"]["kernel"]))
   assert abs(std / np.sqrt(2 / (9 * 64)) - 1) < 0.05
-  assert set(Conv2d(8, 1).init(jax.random.key(0), jnp.zeros((1, 4, 4, 3)))["params"]) == {
+  assert set(Conv2d(8, 1).init(jax.random.key(0, impl="rbg"), jnp.zeros((1, 4, 4, 3)))["params"]) == {
       "kernel", "bias"}
   with pytest.raises(ValueError, match=r"\(3, 8, 8\)"):
-    conv.init(jax.random.key(0), jnp.zeros((3, 8, 8)))
+    conv.init(jax.random.key(0, impl="rbg"), jnp.zeros((3, 8, 8)))
 
 
 def test_conv2d_bfloat16_keeps_float32_params(rng):
   x = rng.normal(size=(2, 9, 9, 16)).astype(np.float32)
-  v = Conv2d(32, 3, norm="GN").init(jax.random.key(SEED), x)
+  v = Conv2d(32, 3, norm="GN").init(jax.random.key(SEED, impl="rbg"), x)
   y32 = Conv2d(32, 3, norm="GN").apply(v, x)
   conv16 = Conv2d(32, 3, norm="GN", dtype=jnp.bfloat16)
-  v16 = conv16.init(jax.random.key(SEED), x)
+  v16 = conv16.init(jax.random.key(SEED, impl="rbg"), x)
   assert all(a.dtype == jnp.float32 for a in jax.tree_util.tree_leaves(v16))
   y16 = conv16.apply(v, x)
   assert y16.dtype == jnp.bfloat16
@@ -94,7 +94,7 @@ def test_group_norm_eps_and_torch(rng):
 
 def test_group_norm_tiny_width_uses_fewer_groups(rng):
   x = rng.normal(size=(2, 4, 4, 16)).astype(np.float32)
-  v = get_norm("GN").init(jax.random.key(0), x)
+  v = get_norm("GN").init(jax.random.key(0, impl="rbg"), x)
   ref = to_nhwc(torch.nn.GroupNorm(16, 16)(to_nchw(x)))  # gcd(32, 16) groups
   np.testing.assert_allclose(get_norm("GN").apply(v, x), ref, rtol=1e-4, atol=1e-4)
 
@@ -102,7 +102,7 @@ def test_group_norm_tiny_width_uses_fewer_groups(rng):
 def test_frozen_bn_is_an_affine(rng):
   x = rng.normal(size=(3, 4, 5, 8)).astype(np.float32)
   fbn = get_norm("FrozenBN")
-  v = fbn.init(jax.random.key(0), x)
+  v = fbn.init(jax.random.key(0, impl="rbg"), x)
   assert set(v) == {"frozen"}  # nothing in "params": no optimizer sees it
   scale, bias = rng.normal(size=8).astype(np.float32), rng.normal(size=8).astype(np.float32)
   y = fbn.apply({"frozen": {"scale": scale, "bias": bias}}, x, True)
@@ -117,7 +117,7 @@ def test_frozen_bn_is_an_affine(rng):
 def test_batch_norm_train_matches_torch(rng, group_size):
   x = rng.normal(loc=1.0, scale=2.0, size=(4, 5, 6, 8)).astype(np.float32)
   bn = get_norm("BN", bn_group_size=group_size)
-  v = bn.init(jax.random.key(0), x)
+  v = bn.init(jax.random.key(0, impl="rbg"), x)
   scale, bias = rng.uniform(0.5, 1.5, 8).astype(np.float32), rng.normal(size=8).astype(np.float32)
   v = {"params": {"scale": scale, "bias": bias}, "batch_stats": v["batch_stats"]}
   y, state = bn.apply(v, x, True, mutable=["batch_stats"])
@@ -144,7 +144,7 @@ def test_batch_norm_train_matches_torch(rng, group_size):
 def test_sync_bn_is_whole_batch_and_bad_group_raises(rng):
   x = rng.normal(size=(4, 3, 3, 4)).astype(np.float32)
   sbn = get_norm("SyncBN")
-  v = sbn.init(jax.random.key(0), x)
+  v = sbn.init(jax.random.key(0, impl="rbg"), x)
   y, _ = sbn.apply(v, x, True, mutable=["batch_stats"])
   ref = (x - x.mean((0, 1, 2))) / np.sqrt(x.var((0, 1, 2)) + 1e-5)
   np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4)
