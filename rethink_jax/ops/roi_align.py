@@ -16,9 +16,11 @@ sampling_ratio = 0 (Detectron2's ROIAlignV2 "adaptive": ceil(roi_size / bins) sa
 per axis, per ROI) uses the static cap G = max_sampling_ratio: each ROI samples on its own
 ceil(roi_size / bins) grid, with the unused of the G slots masked out, which is exact whenever
 ceil(roi_size / bins) <= G. Beyond the cap a ROI uses G evenly spaced samples per bin and axis
-(what sampling_ratio = G would compute for that ROI), a finer-than-needed average of the same bin.
-Inside multilevel_roi_align boxes are pooled on the level where they measure about 7-14 pixels, so
-with 7 x 7 bins the cap 4 is hit only by boxes much larger than 224 * 2 px on P5 or very elongated ones.
+(what sampling_ratio = G would compute for that ROI): a coarser average of the same bin than
+Detectron2's. Inside multilevel_roi_align boxes are pooled on the level where they measure about
+7-14 pixels, so with 7 x 7 bins the cap 4 is reached only by boxes whose longer side exceeds 28
+pixels on their level: longer than 896 px on P5, or elongated beyond about 4:1 (14 x 14 bins: twice
+that). The cost grows with G^2 (K = 64 taps per bin at G = 4, 16 at sampling_ratio = 2).
 
 Boxes get no gradient (torchvision's roi_align has none for the ROIs either).
 """

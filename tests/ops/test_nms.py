@@ -4,7 +4,22 @@ import pytest
 import torch
 import torchvision
 
+import functools
+import sys
+
 from rethink_jax.ops.nms import batched_nms, nms
+
+_nms_mod = sys.modules["rethink_jax.ops.nms"]
+# The public functions pick the implementation by backend; test both on CPU.
+IMPLS = {"public": None, "tiled": functools.partial(_nms_mod._tiled_nms, tile=64)}
+
+
+def _run(impl, boxes, scores, classes, thr, max_out):
+  if impl == "public":
+    if classes is None:
+      return nms(boxes, scores, thr, max_out)
+    return batched_nms(boxes, scores, classes, thr, max_out)
+  return IMPLS[impl](boxes, scores, classes, thr, max_out)
 from tests.ops._util import random_boxes
 
 
@@ -19,8 +34,9 @@ def _ref(boxes, scores, thr, max_out, classes=None):
   return idx[k][:max_out]
 
 
-@pytest.mark.parametrize("thr,max_out", [(0.7, 150), (0.5, 40), (0.3, 300)])
-def test_nms_matches_torchvision_vmapped(rng, thr, max_out):
+@pytest.mark.parametrize("impl", ["public", "tiled"])
+@pytest.mark.parametrize("thr,max_out", [(0.7, 150), (0.5, 40), (0.3, 400)])
+def test_nms_matches_torchvision_vmapped(rng, thr, max_out, impl):
   batch, n = 3, 300
   boxes = random_boxes(rng, batch * n, size=100.0, min_wh=2.0, max_wh=40.0).reshape(batch, n, 4)
   scores = rng.permutation(batch * n).reshape(batch, n).astype(np.float32) / (batch * n)
@@ -29,7 +45,7 @@ def test_nms_matches_torchvision_vmapped(rng, thr, max_out):
   scores[2, :5] = 1.0 + np.arange(5)
   boxes[0, :3] = boxes[0, 3]  # exact duplicates and one empty box
   boxes[0, 4, 2:] = boxes[0, 4, :2]
-  fn = jax.jit(jax.vmap(lambda b, s: nms(b, s, thr, max_out)))
+  fn = jax.jit(jax.vmap(lambda b, s: _run(impl, b, s, None, thr, max_out)))
   idx, num = map(np.asarray, fn(boxes, scores))
   for i in range(batch):
     ref = _ref(boxes[i], scores[i], thr, max_out)
@@ -38,13 +54,14 @@ def test_nms_matches_torchvision_vmapped(rng, thr, max_out):
     assert (idx[i, num[i]:] == -1).all()
 
 
-def test_batched_nms_matches_torchvision(rng):
+@pytest.mark.parametrize("impl", ["public", "tiled"])
+def test_batched_nms_matches_torchvision(rng, impl):
   batch, n, max_out = 2, 400, 120
   boxes = random_boxes(rng, batch * n, size=100.0, min_wh=2.0, max_wh=40.0).reshape(batch, n, 4)
   scores = rng.permutation(batch * n).reshape(batch, n).astype(np.float32) / (batch * n)
   classes = rng.integers(1, 5, (batch, n)).astype(np.int32)
   scores[1, :50] = -np.inf
-  fn = jax.jit(jax.vmap(lambda b, s, c: batched_nms(b, s, c, 0.5, max_out)))
+  fn = jax.jit(jax.vmap(lambda b, s, c: _run(impl, b, s, c, 0.5, max_out)))
   idx, num = map(np.asarray, fn(boxes, scores, classes))
   for i in range(batch):
     ref = _ref(boxes[i], scores[i], 0.5, max_out, classes[i])

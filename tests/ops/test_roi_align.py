@@ -104,7 +104,10 @@ def test_multilevel_equals_pooling_each_box_on_its_level(rng, sr, out):
   b, r, c, image = 2, 48, 4, 256
   feats = {f"p{k}": rng.normal(size=(b, image >> k, (image >> k) + 1, c)).astype(np.float32)
            for k in range(2, 6)}
-  size = np.exp(rng.uniform(np.log(4.0), np.log(500.0), (b, r, 1)))
+  # Sizes drawn per level band (sqrt(area) in [8, 56), [56, 112), [112, 224), [224, 500)).
+  edges = np.log(np.array([8.0, 56.0, 112.0, 224.0, 500.0]))
+  band = np.arange(b * r).reshape(b, r, 1) % 4
+  size = np.exp(rng.uniform(edges[band], edges[band + 1]))
   aspect = np.exp(rng.uniform(-1.0, 1.0, (b, r, 1)))
   ctr = rng.uniform(0, image, (b, r, 2))
   wh = np.concatenate([size * aspect, size / aspect], -1)
