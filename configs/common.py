@@ -79,6 +79,9 @@ def _data(**fields):
   from rethink_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   d = pipeline.default_data_config().to_dict()
   d.update(fields)  # not ConfigDict.update: min_size may change from int to a tuple of choices
+  for key in ("data_dir", "builder_config"):  # None, but settable from the command line
+    if d.get(key) is None:
+      d[key] = ml_collections.FieldReference(None, field_type=str)
   return ml_collections.ConfigDict(d)
 
 

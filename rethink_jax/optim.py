@@ -90,8 +90,10 @@ def resolve_schedule(schedule_config: Any, optim_config: Any, batch_size: int) -
     total = derived["total_steps"]
     if not decays:
       decays = derived["decay_steps"]
-  if any(d < 0 or d > total for d in decays):
-    raise ValueError(f"decay steps {decays} must lie in [0, total_steps={total}]")
+  # Decay steps past the end are allowed (they never happen): a run stopped early and resumed
+  # with a longer schedule keeps the same LR at every step.
+  if any(d < 0 for d in decays):
+    raise ValueError(f"decay steps must be >= 0, got {decays}")
   return dict(total_steps=total, decay_steps=tuple(sorted(decays)),
               decay_factor=float(s.get("decay_factor", 0.1)), base_lr=lr,
               warmup_steps=int(o.get("warmup_steps", 0)),

@@ -44,7 +44,7 @@ def test_every_config_loads_and_resolves(name):
   for key in ("seed", "batch_size", "init_from", "eval_every", "log_every"):
     assert key in c, (name, key)
   s = optim.resolve_schedule(c.schedule, c.optim, c.batch_size)
-  assert s["total_steps"] > 0 and all(0 < d <= s["total_steps"] for d in s["decay_steps"])
+  assert s["total_steps"] > 0 and all(0 < d < s["total_steps"] for d in s["decay_steps"])
   with open(os.path.join(CONFIG_DIR, name + ".py")) as f:
     text = f.read()
   assert "python -m rethink_jax.main --config configs/" + name in text, "docstring: command"

@@ -56,7 +56,7 @@ def test_resolve_schedule_explicit_and_derived():
   sc.total_steps, sc.decay_steps = 100, (90, 50)
   r = optim.resolve_schedule(sc, oc, 32)
   assert r["total_steps"] == 100 and r["decay_steps"] == (50, 90)
-  sc.decay_steps = (101,)
+  sc.decay_steps = (-1,)
   with pytest.raises(ValueError):
     optim.resolve_schedule(sc, oc, 32)
 

@@ -1,0 +1,61 @@
+r"""Command-line entry point: train and evaluate one recipe.
+
+  python -m rethink_jax.main --config configs/FILE.py[:ARG] --workdir DIR [--config.a.b=value ...]
+
+Examples:
+  python -m rethink_jax.main --config configs/tiny_shapes.py:20 --workdir runs/tiny
+  python -m rethink_jax.main --config configs/scratch_mask_rcnn_R_50_FPN_gn.py:3 \
+      --workdir runs/scratch_3x --config.batch_size=64
+
+Multi-host (TPU pod slices, SLURM, several GPU nodes): run the same command on every host.
+jax.distributed.initialize() is called when --coordinator_address is given, or with
+--multihost on Cloud TPU / SLURM (where JAX finds the cluster by itself). Starting the command
+again with the same --workdir resumes from the last checkpoint.
+"""
+import os
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+# Recipes import their shared pieces as `from configs import common`: put the repository root
+# (the directory above this package) on the path.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if os.path.isdir(os.path.join(_ROOT, "configs")) and _ROOT not in sys.path:
+  sys.path.insert(0, _ROOT)
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "A recipe file configs/FILE.py[:ARG].", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and curves.")
+_MULTIHOST = flags.DEFINE_bool(
+    "multihost", False, "Call jax.distributed.initialize() with auto-detection (Cloud TPU, SLURM).")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0 (jax.distributed.initialize).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  # Before anything touches the backend (jax.devices(), the first jit).
+  import jax  # pylint: disable=g-import-not-at-top
+  if _COORDINATOR.value:
+    jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
+                               num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
+  elif _MULTIHOST.value:
+    jax.distributed.initialize()
+  # tf.data must not grab accelerators (it only runs the input pipeline).
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  tf.config.set_visible_devices([], "GPU")
+  from rethink_jax import train  # pylint: disable=g-import-not-at-top
+  logging.info("JAX process %d / %d, devices %s", jax.process_index(), jax.process_count(),
+               jax.devices())
+  train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  app.run(main)

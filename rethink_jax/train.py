@@ -1,0 +1,536 @@
+r"""Training and evaluation of Mask R-CNN: `train_and_evaluate(config, workdir)`.
+
+One program for one CPU, a GPU box or a TPU pod slice (every host runs the same code):
+  * a Mesh over all devices with one axis "data"; each global batch is sharded on it, parameters
+    and optimizer state are replicated; one jax.jit train step with explicit shardings compiles
+    once and donates the state (SyncBN's statistics are those of the whole global batch because
+    the step sees the global batch as one array);
+  * each process reads its own shard of the data (data/pipeline.py) and the host batches become
+    global arrays with jax.make_array_from_process_local_data;
+  * orbax checkpoints (asynchronous, every `checkpoint.every_steps` and at the end, the last
+    `checkpoint.keep` kept); a run started again in the same workdir resumes exactly: parameters,
+    optimizer state, batch statistics, step, rng, and the data position (the pipeline's
+    start_step);
+  * `init_from`: a backbone checkpoint (rethink_jax.convert.save_backbone's format, from converted
+    ImageNet weights or from pre-training) loaded into params["backbone"]["bottom_up"];
+  * a loss that is not finite stops the run (NonFiniteLossError naming the step and the batch's
+    image ids); the step that produced it is not applied and no checkpoint of it is written;
+  * clu metric writers (TensorBoard + console): every loss, the LR, images seen, step time and the
+    time spent waiting for data; periodic COCO evaluation (bbox and segm AP) every `eval_every`
+    steps and at the end, also appended to workdir/eval_curve.json:
+      [{"step", "images_seen", "epoch", "wall_s", "bbox/AP", "segm/AP", ... all COCO metrics}].
+
+Usage: python -m rethink_jax.main --config configs/FILE.py[:ARG] --workdir DIR [--config.a.b=v]
+"""
+import collections
+import functools
+import json
+import os
+import time
+from typing import Any, Iterator, Optional
+
+from absl import logging
+from clu import metric_writers
+from clu import periodic_actions
+import flax
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+
+from rethink_jax import optim
+
+CURVE_FILE = "eval_curve.json"
+
+
+class NonFiniteLossError(FloatingPointError):
+  """A train step produced a non-finite loss or gradient; the run stops, state not saved."""
+
+
+def _log(msg: str) -> None:
+  """Process 0 prints (and logs) `msg`; other processes only log it."""
+  logging.info(msg)
+  if jax.process_index() == 0:
+    print(f"[train {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# Sharding helpers.
+# ------------------------------------------------------------------------------------------------
+def make_mesh(devices=None) -> Mesh:
+  """A 1-D mesh with axis "data" over `devices` (default: all devices of all processes)."""
+  devices = jax.devices() if devices is None else devices
+  return Mesh(np.asarray(devices), ("data",))
+
+
+def to_global(batch: dict, sharding: NamedSharding) -> dict:
+  """Host-local numpy batch {k: (b, ...)} -> global jax.Arrays {k: (b * process_count, ...)}
+  sharded on the batch axis. Every process passes its own b rows (the same b everywhere)."""
+  n = jax.process_count()
+
+  def one(x):
+    x = np.asarray(x)
+    return jax.make_array_from_process_local_data(sharding, x, (x.shape[0] * n,) + x.shape[1:])
+
+  return {k: one(v) for k, v in batch.items()}
+
+
+def local_rows(x: jax.Array) -> np.ndarray:
+  """The rows of a batch-sharded global array that this process fed in (in its local order)."""
+  if jax.process_count() == 1:
+    return np.asarray(x)
+  shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
+  rows, seen = [], set()
+  for s in shards:
+    start = s.index[0].start or 0
+    if start not in seen:  # replicas of the same rows on several local devices
+      seen.add(start)
+      rows.append(np.asarray(s.data))
+  return np.concatenate(rows)
+
+
+# ------------------------------------------------------------------------------------------------
+# Parameters: counting, init_from.
+# ------------------------------------------------------------------------------------------------
+def _flat(tree: Any) -> dict:
+  return flax.traverse_util.flatten_dict(flax.core.unfreeze(tree) if tree else {}, sep="/")
+
+
+def parameter_counts(state: dict, frozen_prefixes) -> dict:
+  """{"total", "trainable", "frozen", "batch_stats"} scalar counts of the model's variables.
+
+  frozen = parameters under `frozen_prefixes` (zero updates) + the "frozen" collection
+  (FrozenBN affines); batch_stats (BN running statistics) are counted apart.
+  """
+  labels = optim.param_labels(state["params"], frozen_prefixes)
+  sizes = jax.tree_util.tree_map(lambda x: int(np.prod(x.shape)), state["params"])
+  trainable = sum(s for s, l in zip(jax.tree_util.tree_leaves(sizes),
+                                    jax.tree_util.tree_leaves(labels)) if l != "frozen")
+  total_params = optim.count_params(state["params"])
+  frozen_coll = optim.count_params(state["collections"].get("frozen", {}))
+  return dict(total=total_params + frozen_coll, trainable=trainable,
+              frozen=total_params - trainable + frozen_coll,
+              batch_stats=optim.count_params(state["collections"].get("batch_stats", {})))
+
+
+def check_backbone_meta(meta: dict, config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming the config fields to set when a backbone checkpoint's meta.json
+  disagrees with the config (norm, stride_in_1x1, width, depth, pixel format)."""
+  b, d = config.model.backbone, config.data
+  problems = []
+
+  def same_norm(a, c):
+    # BN and SyncBN store the same variables (scale/bias + running mean/var).
+    group = lambda n: "BN" if n in ("BN", "SyncBN") else n
+    return group(a) == group(c)
+
+  if "depth" in meta and int(meta["depth"]) != int(b.depth):
+    problems.append(f"config.model.backbone.depth={meta['depth']} (config has {b.depth})")
+  if "norm" in meta and not same_norm(meta["norm"], b.norm):
+    problems.append(f"config.model.backbone.norm={meta['norm']!r} (config has {b.norm!r}); "
+                    "or convert the weights again with --norm " + repr(b.norm))
+  if "stride_in_1x1" in meta and bool(meta["stride_in_1x1"]) != bool(b.stride_in_1x1):
+    problems.append(f"config.model.backbone.stride_in_1x1={bool(meta['stride_in_1x1'])} "
+                    f"(config has {b.stride_in_1x1})")
+  if "width" in meta and int(meta["width"]) != int(b.get("width", 64)):
+    problems.append(f"config.model.backbone.width={meta['width']} (config has {b.get('width')})")
+  if "input_format" in meta and meta["input_format"] != d.get("input_format"):
+    problems.append(f"config.data.input_format={meta['input_format']!r} "
+                    f"(config has {d.get('input_format')!r})")
+  for key in ("pixel_mean", "pixel_std"):
+    if key in meta and meta[key] is not None and not np.allclose(
+        np.asarray(meta[key], np.float64), np.asarray(d.get(key), np.float64), atol=1e-3):
+      problems.append(f"config.data.{key}={tuple(float(v) for v in meta[key])} "
+                      f"(config has {tuple(d.get(key))})")
+  if problems:
+    raise ValueError(
+        f"init_from={config.init_from}: the backbone checkpoint (meta.json: source "
+        f"{meta.get('source')!r}) disagrees with the config; set\n  " + "\n  ".join(problems))
+
+
+def load_backbone_into(state: dict, backbone_vars: dict, where=("backbone", "bottom_up")) -> dict:
+  """Copies a ResNet's variables {"params", ["frozen"|"batch_stats"]} into the model state under
+  `where`. Returns a report {"loaded", "missing", "unexpected"} of "collection/path" keys;
+  raises ValueError listing every shape mismatch (nothing is loaded then)."""
+  prefix = "/".join(where)
+  loaded, missing, unexpected, mismatched = [], [], [], []
+  new = {"params": _flat(state["params"])}
+  for coll, tree in state["collections"].items():
+    new[coll] = _flat(tree)
+  for coll in sorted(set(backbone_vars) | {"params"}):
+    src = _flat(backbone_vars.get(coll, {}))
+    dst = new.get(coll, {})
+    targets = {k[len(prefix) + 1:]: k for k in dst if k.startswith(prefix + "/")}
+    for key, value in src.items():
+      if key not in targets:
+        unexpected.append(f"{coll}/{key}")
+        continue
+      full = targets[key]
+      if tuple(np.shape(value)) != tuple(dst[full].shape):
+        mismatched.append(f"{coll}/{key}: checkpoint {tuple(np.shape(value))} vs model "
+                          f"{tuple(dst[full].shape)}")
+        continue
+      dst[full] = jnp.asarray(value, dst[full].dtype)
+      loaded.append(f"{coll}/{key}")
+    missing += [f"{coll}/{k}" for k in targets if k not in src]
+  if mismatched:
+    raise ValueError("init_from: shape mismatch between the backbone checkpoint and the model "
+                     "(check depth / width / norm in config.model.backbone):\n  "
+                     + "\n  ".join(mismatched))
+  state = dict(state)
+  state["params"] = flax.traverse_util.unflatten_dict(new["params"], sep="/")
+  state["collections"] = {c: flax.traverse_util.unflatten_dict(new[c], sep="/")
+                          for c in state["collections"]}
+  return dict(state=state, loaded=sorted(loaded), missing=sorted(missing),
+              unexpected=sorted(unexpected))
+
+
+# ------------------------------------------------------------------------------------------------
+# State and steps.
+# ------------------------------------------------------------------------------------------------
+def init_batch(batch: dict) -> dict:
+  """A one-image batch with the shapes and dtypes of `batch` for model.init: a blank image
+  filling the padded size, no instances (the same on every process, whatever its data)."""
+  out = {k: np.zeros((1,) + np.shape(v)[1:], np.asarray(v).dtype) for k, v in batch.items()}
+  h, w = np.shape(batch["image"])[1:3]
+  for key in ("image_hw", "orig_hw"):
+    if key in out:
+      out[key][:] = (h, w)
+  if "scale" in out:
+    out["scale"][:] = 1
+  if "valid" in out:
+    out["valid"][:] = True
+  return out
+
+
+def make_init_fn(model, tx):
+  """rng (PRNG key), batch -> the train state:
+  {"step": int32, "rng": key, "params", "opt_state", "collections": {batch_stats, frozen, ...},
+   "bad_step": int32 (-1: every step so far was finite)}."""
+
+  def init(rng, batch):
+    init_rng, sample_rng, train_rng = jax.random.split(rng, 3)
+    variables = flax.core.unfreeze(
+        model.init({"params": init_rng, "sampling": sample_rng}, batch, train=False))
+    params = variables.pop("params")
+    return dict(step=jnp.zeros((), jnp.int32), rng=train_rng, params=params,
+                opt_state=tx.init(params), collections=variables,
+                bad_step=jnp.full((), -1, jnp.int32))
+
+  return init
+
+
+def make_train_step(model, tx, lr_fn):
+  """(state, global batch) -> (new state, metrics). Pure; jit it with shardings.
+
+  The step's rng is the run's rng folded with the step (the same on every process: the step is
+  one global computation). A non-finite loss or gradient norm leaves params / optimizer state /
+  batch stats unchanged and records the step in state["bad_step"] (sticky), which the host
+  checks through the metrics it fetches anyway: no extra host round trip inside the step.
+  """
+
+  def step_fn(state, batch):
+    step = state["step"]
+    rng = jax.random.fold_in(state["rng"], step)
+    collections = state["collections"]
+
+    def loss_fn(params):
+      losses, new_coll = model.apply({"params": params, **collections}, batch, train=True,
+                                     rngs={"sampling": rng}, mutable=["batch_stats"])
+      losses = {k: jnp.asarray(v, jnp.float32) for k, v in losses.items()}
+      total = sum(v for k, v in losses.items() if k.startswith("loss_"))
+      return total, (losses, new_coll)
+
+    (total, (losses, new_coll)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state["params"])
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
+    ok = finite & (state["bad_step"] < 0)
+    keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(ok, n, o), new, old)
+    new_collections = dict(collections, **flax.core.unfreeze(new_coll))
+    new_state = dict(
+        step=step + 1, rng=state["rng"],
+        params=keep(params, state["params"]),
+        opt_state=keep(opt_state, state["opt_state"]),
+        collections=keep(new_collections, collections),
+        bad_step=jnp.where(~finite & (state["bad_step"] < 0), step, state["bad_step"]))
+    metrics = dict(losses, total_loss=total, grad_norm=grad_norm, lr=lr_fn(step),
+                   param_norm=optax.global_norm(new_state["params"]),
+                   bad_step=new_state["bad_step"])
+    return new_state, metrics
+
+  return step_fn
+
+
+def make_predict_fn(model, mesh: Mesh, replicated: NamedSharding, data: NamedSharding):
+  """Returns predict(variables, host batch) -> this process's rows of the detections (numpy)."""
+
+  @functools.partial(jax.jit, in_shardings=(replicated, data), out_shardings=data)
+  def predict(variables, batch):
+    return model.apply(variables, batch, train=False)
+
+  def predict_fn(variables, batch):
+    dets = predict(variables, to_global(batch, data))
+    return {k: local_rows(v) for k, v in dets.items()}
+
+  del mesh
+  return predict_fn
+
+
+# ------------------------------------------------------------------------------------------------
+# The curve file read by compare.py.
+# ------------------------------------------------------------------------------------------------
+def read_curve(workdir: str) -> list:
+  path = os.path.join(workdir, CURVE_FILE)
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return json.load(f)
+
+
+def _write_curve(workdir: str, curve: list) -> None:
+  if jax.process_index() != 0:
+    return
+  path = os.path.join(workdir, CURVE_FILE)
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(curve, f, indent=1)
+  os.replace(tmp, path)  # atomic: readers never see half a file
+
+
+def _jsonable(x):
+  if isinstance(x, dict):
+    return {k: _jsonable(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [_jsonable(v) for v in x]
+  if isinstance(x, (np.generic, np.ndarray)):
+    return np.asarray(x).tolist()
+  return x
+
+
+# ------------------------------------------------------------------------------------------------
+# train_and_evaluate.
+# ------------------------------------------------------------------------------------------------
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains the config's model, evaluating along the way; resumes from workdir's checkpoints.
+
+  Args:
+    config: a configs/*.py ConfigDict (groups model, data, optim, schedule, eval, checkpoint;
+      top level seed, batch_size, init_from, eval_every, log_every).
+    workdir: output directory: checkpoints/, TensorBoard events, config.json, eval_curve.json.
+
+  Returns:
+    {"metrics": the last evaluation's metrics ({"bbox/AP", "segm/AP", ...}, {} if none),
+     "curve": every evaluation of this workdir [{"step", "images_seen", "wall_s", ...}],
+     "history": the logged train metrics of this call [{"step", "loss_*", "lr", ...}],
+     "step": the final step, "train_step_compilations": 1 unless something recompiled}.
+  Raises NonFiniteLossError when a loss or gradient is not finite.
+  """
+  # pylint: disable=g-import-not-at-top
+  from rethink_jax.data import pipeline
+  from rethink_jax.models.mask_rcnn import build_model
+  from rethink_jax.models import resnet
+  # pylint: enable=g-import-not-at-top
+  t_start = time.time()
+  workdir = os.path.abspath(workdir)
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=1))
+
+  # == Mesh and batch ==========================================================================
+  mesh = make_mesh()
+  replicated = NamedSharding(mesh, P())
+  data_sharding = NamedSharding(mesh, P("data"))
+  n_dev, n_proc = jax.device_count(), jax.process_count()
+  batch_size = int(config.batch_size)
+  if batch_size % n_dev:
+    raise ValueError(f"config.batch_size={batch_size} must be a multiple of the number of "
+                     f"devices ({n_dev})")
+  local_batch = batch_size // n_proc
+  eval_batch = int(config.eval.get("batch_size", n_dev))
+  eval_batch = max(n_dev, eval_batch - eval_batch % n_dev)
+  sched = optim.resolve_schedule(config.schedule, config.optim, batch_size)
+  total_steps = sched["total_steps"]
+  _log(f"{n_proc} process(es), {n_dev} device(s) ({jax.devices()[0].platform}); global batch "
+       f"{batch_size} ({local_batch} per process); {total_steps} steps, LR {sched['base_lr']:g} "
+       f"x{sched['decay_factor']:g} at {sched['decay_steps']}, warmup {sched['warmup_steps']} "
+       f"from {sched['warmup_factor']:.3g}")
+
+  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+
+  # == Checkpoints =============================================================================
+  ckpt_cfg = config.checkpoint
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  mngr = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(
+      max_to_keep=int(ckpt_cfg.get("keep", 3)), create=True,
+      enable_async_checkpointing=bool(ckpt_cfg.get("async_save", True))))
+  resume_step = mngr.latest_step()
+  start_step = int(resume_step or 0)
+
+  # == Data ====================================================================================
+  train_iter = pipeline.make_train_iterator(
+      config.data, local_batch, seed=int(config.seed), start_step=start_step,
+      process_index=jax.process_index(), process_count=n_proc)
+  first = next(train_iter)
+
+  # == Model, optimizer, state =================================================================
+  model = build_model(config.model)
+  frozen_prefixes = resnet.frozen_param_prefixes(int(config.model.backbone.freeze_at),
+                                                 prefix=("backbone", "bottom_up"))
+  sample = init_batch(first)
+  rng = jax.random.PRNGKey(int(config.seed))
+  param_shapes = jax.eval_shape(
+      lambda r, b: model.init({"params": r, "sampling": r}, b, train=False)["params"], rng, sample)
+  tx, lr_fn = optim.make_optimizer(config.optim, sched, param_shapes, frozen_prefixes)
+  init_fn = make_init_fn(model, tx)
+  abstract_state = jax.eval_shape(init_fn, rng, sample)
+  state_sharding = jax.tree_util.tree_map(lambda _: replicated, abstract_state)
+
+  if resume_step is not None:
+    target = jax.tree_util.tree_map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state,
+        state_sharding)
+    state = mngr.restore(resume_step, args=ocp.args.StandardRestore(target))
+    _log(f"resumed from {ckpt_dir} at step {resume_step}")
+  else:
+    state = jax.jit(init_fn, out_shardings=state_sharding)(rng, sample)
+    if config.get("init_from"):
+      from rethink_jax import convert  # pylint: disable=g-import-not-at-top
+      variables, meta = convert.load_backbone(config.init_from)
+      check_backbone_meta(meta, config)
+      report = load_backbone_into(state, variables)
+      state = jax.device_put(report["state"], state_sharding)
+      _log(f"init_from {config.init_from} (source {meta.get('source')!r}): loaded "
+           f"{len(report['loaded'])} arrays; missing {len(report['missing'])}: "
+           f"{report['missing'][:20]}; unexpected {len(report['unexpected'])}: "
+           f"{report['unexpected'][:20]}")
+      if not report["loaded"]:
+        raise ValueError(f"init_from={config.init_from}: nothing matched the model's backbone")
+    elif config.get("require_init_from", False):
+      raise ValueError("this recipe fine-tunes pre-trained weights: set --config.init_from=DIR "
+                       "(a backbone checkpoint written by rethink_jax.convert or pre-training)")
+  counts = parameter_counts(state, frozen_prefixes)
+  _log(f"parameters: {counts['total']:,} ({counts['trainable']:,} trainable, "
+       f"{counts['frozen']:,} frozen; {counts['batch_stats']:,} batch statistics)")
+
+  train_step = jax.jit(make_train_step(model, tx, lr_fn),
+                       in_shardings=(state_sharding, data_sharding),
+                       out_shardings=(state_sharding, replicated), donate_argnums=(0,))
+  predict_fn = make_predict_fn(model, mesh, replicated, data_sharding)
+
+  # == Evaluation ==============================================================================
+  from rethink_jax import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
+  curve = [p for p in read_curve(workdir) if p["step"] <= start_step]
+  wall_offset = curve[-1].get("wall_s", 0.0) if curve else 0.0
+  coco_cache = {}
+
+  def run_eval(state, step):
+    if "gt" not in coco_cache:
+      coco_cache["gt"] = pipeline.get_coco_gt(config.data)
+      coco_cache["ids"] = pipeline.category_ids(config.data)
+    variables = {"params": state["params"], **state["collections"]}
+    eval_iter = pipeline.make_eval_iterator(config.data, eval_batch // n_proc,
+                                            process_index=jax.process_index(),
+                                            process_count=n_proc)
+    t0 = time.time()
+    metrics = evaluate_lib.evaluate(lambda b: predict_fn(variables, b), eval_iter,
+                                    coco_cache["gt"], coco_cache["ids"])
+    metrics = {k: float(v) for k, v in metrics.items()}
+    # COCOeval's "undefined" (no object of that size) is NaN: null in JSON.
+    point = {"step": int(step), "images_seen": int(step) * batch_size,
+             "wall_s": wall_offset + time.time() - t_start, "eval_s": time.time() - t0,
+             **{k: (None if np.isnan(v) else v) for k, v in metrics.items()}}
+    curve[:] = [p for p in curve if p["step"] != step] + [point]
+    _write_curve(workdir, curve)
+    writer.write_scalars(step, {f"eval/{k}": v for k, v in metrics.items()})
+    _log(f"step {step}: " + ", ".join(f"{k} {metrics[k]:.2f}" for k in ("bbox/AP", "segm/AP")
+                                      if k in metrics) + f" ({time.time() - t0:.0f} s)")
+    return metrics
+
+  # == Train loop ==============================================================================
+  log_every = max(1, int(config.get("log_every", 20)))
+  eval_every = int(config.get("eval_every", 0) or 0)
+  ckpt_every = int(ckpt_cfg.get("every_steps", 0) or 0)
+  progress = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
+                                             every_secs=60.0)
+  image_ids = collections.deque(maxlen=log_every + 1)  # (step, this process's image ids)
+  history, last_metrics = [], {}
+  data_wait, t_interval, steps_in_interval = 0.0, time.time(), 0
+  batches = _prepend(first, train_iter)
+
+  def check_finite(metrics, step):
+    m = jax.device_get(metrics)
+    bad = int(m["bad_step"])
+    if bad >= 0:
+      mngr.wait_until_finished()
+      ids = {s: v for s, v in image_ids}.get(bad)
+      good = mngr.latest_step()
+      losses = {k: float(v) for k, v in m.items() if k.startswith("loss_") or k == "total_loss"}
+      msg = (f"non-finite loss or gradient at train step {bad} (detected at step {step}); "
+             f"image ids of that step's batch (process {jax.process_index()}): "
+             f"{None if ids is None else ids.tolist()}; losses at step {step - 1}: {losses}. "
+             f"Training stopped; that update was not applied and no checkpoint after step "
+             f"{good} was written (last good checkpoint: "
+             f"{'none' if good is None else os.path.join(ckpt_dir, str(good))}). A lower LR, a "
+             f"longer warmup (config.optim.warmup_steps) or config.optim.grad_clip_norm may help.")
+      writer.flush()
+      mngr.close()
+      raise NonFiniteLossError(msg)
+    return m
+
+  step = start_step
+  if start_step == 0 and eval_every > 0 and config.eval.get("at_start", False):
+    last_metrics = run_eval(state, 0)
+  while step < total_steps:
+    with jax.profiler.StepTraceAnnotation("train", step_num=step):
+      t0 = time.perf_counter()
+      batch = next(batches)
+      data_wait += time.perf_counter() - t0
+      image_ids.append((step, np.asarray(batch["image_id"]).copy()))
+      state, metrics = train_step(state, to_global(batch, data_sharding))
+    step += 1
+    steps_in_interval += 1
+    progress(step)
+    is_last = step == total_steps
+    do_eval = eval_every > 0 and (step % eval_every == 0 or is_last)
+    do_eval = do_eval or (is_last and config.eval.get("at_end", True))
+    do_ckpt = is_last or (ckpt_every > 0 and step % ckpt_every == 0)
+    if step % log_every == 0 or is_last or do_ckpt or do_eval:
+      m = check_finite(metrics, step)
+      if step % log_every == 0 or is_last:
+        elapsed = time.time() - t_interval
+        scalars = {k: float(v) for k, v in m.items() if k != "bad_step"}
+        scalars.update({
+            "images_seen": step * batch_size,
+            "time/step_s": elapsed / steps_in_interval,
+            "time/data_wait_s": data_wait / steps_in_interval,
+            "time/data_wait_fraction": data_wait / max(elapsed, 1e-9)})
+        writer.write_scalars(step, scalars)
+        history.append(dict(step=step, **scalars))
+        data_wait, t_interval, steps_in_interval = 0.0, time.time(), 0
+    if do_ckpt:
+      mngr.save(step, args=ocp.args.StandardSave(state))
+    if do_eval:
+      with progress.timed("eval"):
+        last_metrics = run_eval(state, step)
+
+  mngr.wait_until_finished()
+  mngr.close()
+  if not last_metrics and curve:
+    last_metrics = {k: v for k, v in curve[-1].items()
+                    if k not in ("step", "images_seen", "wall_s", "eval_s")}
+  writer.flush()
+  _log(f"done: step {step}, {(time.time() - t_start) / 60:.1f} min")
+  return {"metrics": last_metrics, "curve": list(curve), "history": history, "step": step,
+          "train_step_compilations": train_step._cache_size()}  # pylint: disable=protected-access
+
+
+def _prepend(first: Any, rest: Iterator) -> Iterator:
+  yield first
+  yield from rest
