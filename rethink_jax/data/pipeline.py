@@ -36,7 +36,9 @@ images so that every process yields the same number of batches.
 
 config.data fields (ConfigDict; `default_data_config()` lists them with defaults):
   name "shapes_instances" | "coco_instances"; data_dir (tfds data dir, None = tfds default);
-  builder_config (config name); builder_kwargs (dict); train_split, eval_split (tfds split specs,
+  builder_config (config name); builder_kwargs (dict, passed to the builder); builder_overrides
+  (shapes_instances only: dict of ShapesConfig fields, e.g. {"num_train": 500}, deriving a new
+  config named after them); train_split, eval_split (tfds split specs,
   slices like "validation[:100]" allowed); min_size (int, or a sequence of ints to choose from per
   image in training: "train aug"); min_size_test (int; 0 = max of min_size); max_size (int);
   pad_to (H, W), multiples of 32; max_instances; mask_size; pixel_mean, pixel_std (0..255, in
@@ -44,6 +46,7 @@ config.data fields (ConfigDict; `default_data_config()` lists them with defaults
   drop_empty_train; num_parallel_calls; prefetch.
 If an image resized by (min_size, max_size) would not fit into pad_to, it is scaled down to fit.
 """
+import dataclasses
 import fcntl
 import functools
 import json
@@ -70,6 +73,7 @@ def default_data_config():
       "data_dir": None,
       "builder_config": "demo",
       "builder_kwargs": {},
+      "builder_overrides": {},
       "train_split": "train",
       "eval_split": "validation",
       "min_size": 128,
@@ -119,6 +123,13 @@ def get_builder(data_config, prepare=True):
   if name == "coco_instances" and config is not None:
     from rethink_jax.data import coco  # pylint: disable=g-import-not-at-top
     config = coco.config_for_name(config)
+  overrides = dict(data_config.get("builder_overrides") or {})
+  if overrides:
+    if name != "shapes_instances":
+      raise ValueError(f"data.builder_overrides is for shapes_instances, not {name!r}")
+    base = cls.builder_configs[config or cls.DEFAULT_CONFIG_NAME]
+    tag = "_".join(f"{k}{v}" for k, v in sorted(overrides.items()))
+    config = dataclasses.replace(base, name=f"{base.name}_{tag}", **overrides)
   builder = cls(config=config, data_dir=data_config.get("data_dir"), **kwargs)
   if not builder.is_prepared():
     if not prepare or name != "shapes_instances":
@@ -552,6 +563,18 @@ def make_train_iterator(data_config, batch_size_per_process, *, seed, start_step
       tf.TensorSpec([], tf.int64), tf.TensorSpec([], tf.string), tf.TensorSpec([], tf.bool)))
   preprocess = make_preprocess_fn(data_config, builder.info.features, train=True, seed=seed)
   return TrainIterator(_to_batches(ds, data_config, preprocess, b), start_step)
+
+
+def make_dataset(data_config, split, batch_size_per_process, *, seed=0, start_step=0,
+                 process_index=None, process_count=None):
+  """The training iterator if split == data.train_split, else the eval iterator of `split`."""
+  if split == data_config.train_split:
+    return make_train_iterator(data_config, batch_size_per_process, seed=seed,
+                               start_step=start_step, process_index=process_index,
+                               process_count=process_count)
+  c = ml_collections.ConfigDict(data_config.to_dict(), type_safe=False)
+  c.eval_split = split
+  return make_eval_iterator(c, batch_size_per_process, process_index, process_count)
 
 
 def eval_records(num_records, batch_size_per_process, process_index, process_count):

@@ -261,3 +261,15 @@ def test_crops_match_ops_reference(tiny_config):
                                                  c.mask_size))  # one call: one compilation
   diffs = int((ref != ours).sum())
   assert ref.size > 0 and diffs <= 0.002 * ref.size, (diffs, ref.size)
+
+
+def test_builder_overrides_and_make_dataset(tiny_config):
+  c = tiny_config
+  c.builder_overrides = {"num_train": 6, "num_validation": 2}
+  b = pipeline.get_builder(c)  # generated on first use
+  assert b.info.splits["train"].num_examples == 6
+  assert b.builder_config.name == "tiny_num_train6_num_validation2"
+  ev = list(pipeline.make_dataset(c, "validation", 2, process_index=0, process_count=1))
+  assert len(ev) == 1 and ev[0]["valid"].all()
+  tr = pipeline.make_dataset(c, "train", 2, seed=0, process_index=0, process_count=1)
+  _check_batch(next(tr), 2)
