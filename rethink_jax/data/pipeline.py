@@ -11,14 +11,15 @@ The batch dict (the one place it is documented; every batch of a config has the 
                                     original image is at p * scale in the input (before a flip).
   valid       (B,)   bool           False for padding images (last eval batches), True otherwise.
   gt_boxes    (B, G, 4) float32     xyxy in input pixels (after resize and flip), G = max_instances;
-                                    padding rows are 0.
+                                    padding rows are 0. Images with more than G instances keep the
+                                    first G (annotation order).
   gt_classes  (B, G) int32          1..num_classes, 0 = padding. Crowd regions are dropped (training
                                     and eval batches alike; evaluation scores against the JSON).
   gt_masks    (B, G, S, S) uint8    {0, 1}, S = data.mask_size: instance g's mask cropped to ITS OWN
                                     gt box and resampled: pixel (i, j) is the bilinear value of the
                                     full-resolution mask at input point
                                     (x1 + (j + 0.5) * (x2 - x1) / S, y1 + (i + 0.5) * (y2 - y1) / S),
-                                    thresholded at 0.5 (ops/masks.py's representation). Sampled from
+                                    thresholded at >= 0.5 (ops/masks.py's representation). Sampled from
                                     the original-resolution RLE (at that point / scale), with edge
                                     clamping like RoIAlign; a flip mirrors the crop.
 
@@ -31,8 +32,9 @@ an epoch is covered exactly once, and resuming at start_step=k reads from positi
 decoding anything before it (records are read by index from array_record files). Augmentation
 randomness is a function of (seed, t) only.
 
-Eval: process p reads records p, p + P, p + 2P, ... of the eval split, padded with valid=False
-images so that every process yields the same number of batches.
+Eval: process p reads records p, p + P, p + 2P, ... of the eval split (shorter side min_size_test,
+no flip), padded with valid=False images (image_id -1, gt_classes 0) so that every process yields
+the same number of batches.
 
 config.data fields (ConfigDict; `default_data_config()` lists them with defaults):
   name "shapes_instances" | "coco_instances"; data_dir (tfds data dir, None = tfds default);
