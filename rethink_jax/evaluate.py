@@ -33,7 +33,7 @@ def _paste_weights(lo, hi, start, num, mask_size):
   u = (centers - lo) / max(hi - lo, 1e-6) * mask_size - 0.5
   low = np.floor(u)
   frac = u - low
-  weights = np.zeros((num, mask_size), np.float64)
+  weights = np.zeros((num, mask_size), np.float32)
   rows = np.arange(num)
   for idx, wgt in ((low, 1.0 - frac), (low + 1.0, frac)):
     ok = (idx >= 0) & (idx < mask_size)
@@ -53,7 +53,7 @@ def paste_mask(mask, box, image_hw, threshold=0.5):
     (window, local): window = (y0, y1, x0, x1) and local (y1 - y0, x1 - x0) bool, the only part of
     the (h, w) image that can be on.
   """
-  mask = np.asarray(mask, np.float64)
+  mask = np.asarray(mask, np.float32)
   if mask.ndim != 2 or mask.shape[0] != mask.shape[1]:
     raise ValueError(f"paste_mask needs an (M, M) mask, got {mask.shape}")
   h, w = int(image_hw[0]), int(image_hw[1])
@@ -67,7 +67,10 @@ def paste_mask(mask, box, image_hw, threshold=0.5):
     return (0, 0, 0, 0), np.zeros((0, 0), bool)
   wy = _paste_weights(y1, y2, y0, y1_ - y0, m)
   wx = _paste_weights(x1, x2, x0, x1_ - x0, m)
-  return (y0, y1_, x0, x1_), (wy @ mask @ wx.T) >= threshold
+  # einsum without `optimize` runs its own loops: BLAS matmuls this small spend more time in
+  # thread hand-offs than in arithmetic (8x slower on a busy 2-core machine).
+  rows = np.einsum("ys,st->yt", wy, mask)
+  return (y0, y1_, x0, x1_), np.einsum("yt,xt->yx", rows, wx) >= threshold
 
 
 def paste_masks_numpy(masks, boxes, image_hw, threshold=0.5):
@@ -78,16 +81,6 @@ def paste_masks_numpy(masks, boxes, image_hw, threshold=0.5):
     (y0, y1, x0, x1), local = paste_mask(m, b, (h, w), threshold)
     out[r, y0:y1, x0:x1] = local
   return out
-
-
-def _encode(window, local, image_hw):
-  h, w = image_hw
-  full = np.zeros((h, w, 1), np.uint8, order="F")
-  y0, y1, x0, x1 = window
-  full[y0:y1, x0:x1, 0] = local
-  rle = mask_utils.encode(full)[0]
-  rle["counts"] = rle["counts"].decode("ascii")
-  return rle
 
 
 def detections_to_coco(dets, batch, category_ids, mask_threshold=0.5):
@@ -126,15 +119,24 @@ def detections_to_coco(dets, batch, category_ids, mask_threshold=0.5):
       raise ValueError(f"class {classes[b, keep].max()} beyond the {len(category_ids)} categories")
     orig = boxes[b, keep] / scale
     orig = np.clip(orig, 0.0, [w, h, w, h])
-    for k, box in zip(keep, orig):
+    rles = [None] * len(keep)
+    if masks is not None and len(keep):
+      # One Fortran-ordered (h, w, n) array and one pycocotools call per image.
+      full = np.zeros((h, w, len(keep)), np.uint8, order="F")
+      for i, (k, box) in enumerate(zip(keep, orig)):
+        (y0, y1, x0, x1), local = paste_mask(masks[b, k], box, (h, w), mask_threshold)
+        full[y0:y1, x0:x1, i] = local
+      rles = mask_utils.encode(full)
+      for rle in rles:
+        rle["counts"] = rle["counts"].decode("ascii")
+    for i, (k, box) in enumerate(zip(keep, orig)):
       res = {"image_id": image_id,
              "category_id": int(category_ids[classes[b, k] - 1]),
              "bbox": [float(box[0]), float(box[1]), float(box[2] - box[0]),
                       float(box[3] - box[1])],
              "score": float(scores[b, k])}
-      if masks is not None:
-        window, local = paste_mask(masks[b, k], box, (h, w), mask_threshold)
-        res["segmentation"] = _encode(window, local, (h, w))
+      if rles[i] is not None:
+        res["segmentation"] = rles[i]
       results.append(res)
   return results
 
