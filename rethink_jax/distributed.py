@@ -59,7 +59,7 @@ def detect_cluster(environ=None) -> Optional[str]:
 
 
 def initialize(coordinator_address: Optional[str] = None, num_processes: Optional[int] = None,
-               process_id: Optional[int] = None, *, auto: bool = True,
+               process_id: Optional[int] = None, *, auto: bool = True, force: bool = False,
                initialization_timeout: int = 300) -> dict:
   """Joins this process to the job (jax.distributed.initialize) when there is a job to join.
 
@@ -72,6 +72,8 @@ def initialize(coordinator_address: Optional[str] = None, num_processes: Optiona
     num_processes: number of processes of the job (usually one per host).
     process_id: this process's index, 0..num_processes-1; process 0 hosts the coordinator.
     auto: detect SLURM and Cloud TPU (detect_cluster) when no coordinator is given.
+    force: call jax.distributed.initialize() even when detect_cluster finds nothing, letting
+      JAX's own detection find the job (Open MPI, mpi4py, Kubernetes/GKE, ...).
     initialization_timeout: seconds to wait for every process to join.
   Returns:
     {"mode": "explicit" | "slurm" | "cloud_tpu" | "already" | "single",
@@ -107,14 +109,50 @@ def initialize(coordinator_address: Optional[str] = None, num_processes: Optiona
                      "process 0)")
   else:
     mode = detect_cluster() if auto else None
+    if mode is None and force:
+      mode = "jax_auto"
     if mode is not None:
-      # JAX finds the coordinator, process count and id from SLURM or the TPU metadata.
+      # JAX finds the coordinator, process count and id (SLURM, TPU metadata, MPI, k8s).
       jax.distributed.initialize(initialization_timeout=initialization_timeout)
     else:
       mode = "single"
   info = dict(mode=mode, process_index=jax.process_index(), process_count=jax.process_count())
+  if mode not in ("single", "already") and jax.process_count() > 1 and (
+      jax.default_backend() == "cpu"):
+    _warm_up_cpu_collectives()
   logging.info("distributed: %s", info)
   return info
+
+
+def _warm_up_cpu_collectives(timeout_s: int = 600) -> None:
+  """Creates the gloo communicators while every process is in step.
+
+  Over gloo (CPU) a process gets only 30 s to join a new communicator: the first collective of a
+  group of devices fails when another process reaches it later than that (still compiling, still
+  writing files, or just starved on a busy machine). Communicators are cached per group of
+  devices and reused by every later program, so this runs the two groups the trainer uses (all
+  devices: the step's all-reduce; one device per process: barriers and host gathers) right away,
+  each compiled first and started after a barrier of the coordination service (which waits as
+  long as `timeout_s`), so that arrival skew later on is harmless.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from jax._src import distributed as jax_distributed  # pylint: disable=g-import-not-at-top
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  client = jax_distributed.global_state.client
+  firsts = [min((d for d in jax.devices() if d.process_index == p), key=lambda d: d.id)
+            for p in range(jax.process_count())]
+  for i, devices in enumerate((jax.devices(), firsts)):
+    mesh = Mesh(np.asarray(devices), ("d",))
+    mine = [d for d in devices if d.process_index == jax.process_index()]
+    x = jax.make_array_from_process_local_data(
+        NamedSharding(mesh, P("d")), np.ones((len(mine),), np.float32), (len(devices),))
+    total = jax.jit(lambda v: v.sum(), out_shardings=NamedSharding(mesh, P())).lower(x).compile()
+    if client is not None:
+      client.wait_at_barrier(f"rethink_jax_warm_up_{i}", timeout_s * 1000)
+    got = int(np.asarray(total(x)))
+    if got != len(devices):
+      raise RuntimeError(f"all-reduce over {len(devices)} devices gave {got}")
 
 
 def is_main_process() -> bool:

@@ -1,0 +1,207 @@
+r"""Ahead-of-time compilation of the real train step for TPU slices, without TPU hardware.
+
+libtpu (requirements-tpu.txt) compiles for a described topology (jax.experimental.topologies);
+nothing runs. For each (topology, padded image size, images per chip, dtype) the script builds
+the recipe's model, optimizer and train step exactly as rethink_jax.train does (make_init_fn,
+make_train_step, the same shardings: batch on the "data" axis, state replicated, state donated),
+lowers it on abstract arguments and compiles it, then prints per chip:
+  * memory from compiled.memory_analysis(): arguments (state + batch), temporaries, and the total
+    the chip must hold (arguments + outputs - donated aliases + temporaries + code) vs its HBM;
+  * FLOPs per step from compiled.cost_analysis() (per chip: the SPMD-partitioned program);
+  * the time that many FLOPs take at the chip's peak bf16 rate, hence an upper bound on images/s
+    per chip (real steps are slower: memory-bound ops, gathers, NMS, the input pipeline).
+
+  .venv/bin/pip install -r requirements-tpu.txt
+  nice .venv/bin/python scripts/tpu_compile.py --topologies v5e:2x2 --images-per-chip 2 \
+      --dtypes bfloat16 --image-sizes 1024x1024
+  .venv/bin/python scripts/tpu_compile.py   # everything: 3 topologies x 2 sizes x 3 x 2 (slow)
+
+Each compile of R50-FPN-GN Mask R-CNN takes minutes on a small CPU; pick a subset with the flags.
+--json FILE appends one JSON line per compiled case (to keep a table across runs).
+"""
+import os
+
+# Compile-only use of libtpu: no TPU is attached; other processes on the machine may hold libtpu's
+# lock file; never query the GCE metadata server.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import argparse  # pylint: disable=g-import-not-at-top,wrong-import-position
+import importlib.util  # pylint: disable=g-import-not-at-top,wrong-import-position
+import json  # pylint: disable=g-import-not-at-top,wrong-import-position
+import sys  # pylint: disable=g-import-not-at-top,wrong-import-position
+import time  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+  sys.path.insert(0, ROOT)
+
+GIB = 2.0**30
+# Per chip: HBM (GiB), peak dense bf16 TFLOP/s, and the topology's options (v4: one device per
+# chip, both TensorCores as one "megacore" device, as JAX uses it; v5p is megacore by default).
+CHIPS = {
+    "v5e": dict(hbm_gib=16.0, peak_tflops=197.0, options={}),
+    "v4": dict(hbm_gib=32.0, peak_tflops=275.0, options=dict(chip_config_name="megacore")),
+    "v5p": dict(hbm_gib=95.0, peak_tflops=459.0, options={}),
+}
+DEFAULT_CONFIG = os.path.join(ROOT, "configs", "scratch_mask_rcnn_R_50_FPN_gn.py")
+
+
+def libtpu_available() -> bool:
+  return importlib.util.find_spec("libtpu") is not None
+
+
+def chip_of(topology: str) -> dict:
+  kind = topology.split(":")[0]
+  if kind not in CHIPS:
+    raise ValueError(f"unknown TPU generation {kind!r} in {topology!r}; known: {sorted(CHIPS)}")
+  return CHIPS[kind]
+
+
+def topology_devices(topology: str) -> list:
+  """The compile-only devices of a topology such as "v5e:2x2" (one per chip)."""
+  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+  return list(topologies.get_topology_desc(topology, "tpu", **chip_of(topology)["options"]).devices)
+
+
+def load_config(path: str, arg: str = ""):
+  """get_config(arg) of a configs/*.py file."""
+  spec = importlib.util.spec_from_file_location("tpu_compile_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg or None)
+
+
+def abstract_batch(config, batch_size: int, image_hw, sharding=None) -> dict:
+  """ShapeDtypeStructs of a global training batch (the pipeline's batch dict, CONTRACTS.md)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  h, w = image_hw
+  g, s = int(config.data.max_instances), int(config.data.mask_size)
+  shapes = dict(
+      image=((h, w, 3), np.float32), image_hw=((2,), np.int32), image_id=((), np.int32),
+      orig_hw=((2,), np.int32), scale=((), np.float32), valid=((), np.bool_),
+      gt_boxes=((g, 4), np.float32), gt_classes=((g,), np.int32), gt_masks=((g, s, s), np.uint8))
+  return {k: jax.ShapeDtypeStruct((batch_size,) + shape, dtype, sharding=sharding)
+          for k, (shape, dtype) in shapes.items()}
+
+
+def compile_train_step(config, devices, images_per_chip: int, image_hw):
+  """Lowers and compiles rethink_jax.train's step for `devices` (one "data" mesh axis).
+
+  Returns (compiled, seconds to lower, seconds to compile).
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  from rethink_jax import optim, train  # pylint: disable=g-import-not-at-top
+  from rethink_jax.models import mask_rcnn, resnet  # pylint: disable=g-import-not-at-top
+
+  mesh = train.make_mesh(devices)
+  replicated, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+  batch_size = images_per_chip * len(devices)
+  model = mask_rcnn.build_model(config.model)
+  frozen = resnet.frozen_param_prefixes(int(config.model.backbone.freeze_at),
+                                        prefix=("backbone", "bottom_up"))
+  sample = {k: jax.ShapeDtypeStruct((1,) + v.shape[1:], v.dtype)
+            for k, v in abstract_batch(config, 1, image_hw).items()}
+  rng = jax.ShapeDtypeStruct((2,), np.uint32)
+  params = jax.eval_shape(
+      lambda r, b: model.init({"params": r, "sampling": r}, b, train=False)["params"], rng, sample)
+  sched = optim.resolve_schedule(config.schedule, config.optim, batch_size)
+  tx, lr_fn = optim.make_optimizer(config.optim, sched, params, frozen)
+  state = jax.eval_shape(train.make_init_fn(model, tx), rng, sample)
+  state = jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), state)
+  state_sharding = jax.tree_util.tree_map(lambda _: replicated, state)
+  step = jax.jit(train.make_train_step(model, tx, lr_fn),
+                 in_shardings=(state_sharding, data), out_shardings=(state_sharding, replicated),
+                 donate_argnums=(0,))
+  t0 = time.time()
+  lowered = step.lower(state, abstract_batch(config, batch_size, image_hw, data))
+  t1 = time.time()
+  compiled = lowered.compile()
+  return compiled, t1 - t0, time.time() - t1
+
+
+def analyse(compiled, chip: dict, images_per_chip: int) -> dict:
+  """Per-chip memory (GiB), FLOPs and the peak-rate bounds of a compiled step."""
+  mem = compiled.memory_analysis()
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):  # older JAX: one dict per program
+    cost = cost[0]
+  args = mem.argument_size_in_bytes
+  temp = mem.temp_size_in_bytes
+  total = (args + mem.output_size_in_bytes - mem.alias_size_in_bytes + temp
+           + mem.generated_code_size_in_bytes)
+  flops = float(cost.get("flops", 0.0))
+  t_min = flops / (chip["peak_tflops"] * 1e12)
+  return dict(args_gib=args / GIB, temp_gib=temp / GIB, total_gib=total / GIB,
+              hbm_gib=chip["hbm_gib"], fits=total / GIB <= chip["hbm_gib"],
+              gflops=flops / 1e9, t_min_ms=t_min * 1e3,
+              max_img_s=images_per_chip / t_min if t_min > 0 else float("inf"))
+
+
+def _parse_hw(text: str):
+  h, w = (int(v) for v in text.lower().split("x"))
+  return h, w
+
+
+HEADER = ("| topology | image | img/chip | dtype | args GiB | temp GiB | total GiB | HBM GiB | "
+          "fits | GFLOP/step/chip | t_min ms | img/s/chip max | compile s |")
+
+
+def row(r: dict) -> str:
+  return (f"| {r['topology']} | {r['image']} | {r['images_per_chip']} | {r['dtype']} | "
+          f"{r['args_gib']:.2f} | {r['temp_gib']:.2f} | {r['total_gib']:.2f} | {r['hbm_gib']:.0f} "
+          f"| {'yes' if r['fits'] else 'NO'} | {r['gflops']:.0f} | {r['t_min_ms']:.1f} | "
+          f"{r['max_img_s']:.1f} | {r['compile_s']:.0f} |")
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--config", default=DEFAULT_CONFIG, help="a configs/*.py recipe")
+  p.add_argument("--config-arg", default="", help="its ARG (schedule); irrelevant to the step")
+  p.add_argument("--topologies", default="v5e:2x2,v4:2x2x1,v5p:2x2x1")
+  p.add_argument("--image-sizes", default="1024x1024,1344x1344",
+                 help="padded HxW; 1344x1344 is the pipeline's pad for the 800/1333 setting")
+  p.add_argument("--images-per-chip", default="1,2,4")
+  p.add_argument("--dtypes", default="float32,bfloat16")
+  p.add_argument("--json", default="", help="append one JSON line per case to this file")
+  args = p.parse_args(argv)
+  if not libtpu_available():
+    sys.exit("libtpu is not installed: pip install -r requirements-tpu.txt")
+
+  config = load_config(args.config, args.config_arg)
+  print(f"config {os.path.relpath(args.config, ROOT)}; model: R{config.model.backbone.depth}-FPN "
+        f"norm {config.model.backbone.norm}, {config.model.num_classes} classes", flush=True)
+  print(HEADER)
+  print("|" + "---|" * (HEADER.count("|") - 1))
+  rows = []
+  for topology in args.topologies.split(","):
+    devices = topology_devices(topology)
+    chip = chip_of(topology)
+    for size in args.image_sizes.split(","):
+      hw = _parse_hw(size)
+      for ipc in (int(v) for v in args.images_per_chip.split(",")):
+        for dtype in args.dtypes.split(","):
+          c = config.copy_and_resolve_references()
+          c.model.dtype = dtype
+          c.data.pad_to = hw
+          compiled, lower_s, compile_s = compile_train_step(c, devices, ipc, hw)
+          r = dict(topology=topology, chips=len(devices), image=f"{hw[0]}x{hw[1]}",
+                   images_per_chip=ipc, dtype=dtype, lower_s=lower_s, compile_s=compile_s,
+                   **analyse(compiled, chip, ipc))
+          rows.append(r)
+          print(row(r), flush=True)
+          if args.json:
+            with open(args.json, "a") as f:
+              f.write(json.dumps(r) + "\n")
+          del compiled
+  return rows
+
+
+if __name__ == "__main__":
+  main()
