@@ -34,6 +34,9 @@ def match(iou, gt_valid, thresholds, labels, allow_low_quality_matches):
   if len(labels) != len(thresholds) + 1:
     raise ValueError(f"need len(thresholds) + 1 labels, got {labels} for {thresholds}")
 
+  if iou.shape[0] == 0:  # no ground-truth rows at all (static): everything background
+    return (jnp.zeros(iou.shape[1:], jnp.int32), jnp.full(iou.shape[1:], labels[0], jnp.int32))
+
   # Padded rows get -1 (< any IoU) so that they never win the argmax.
   masked = jnp.where(gt_valid[:, None], iou, -1.0)
   matched_gt = jnp.argmax(masked, axis=0).astype(jnp.int32)

@@ -53,6 +53,11 @@ def test_match_equals_detectron2(rng, thresholds, labels, low_quality):
   assert matched.dtype == jnp.int32 and lab.dtype == jnp.int32
 
 
+def test_match_without_gt_rows():
+  m, l = jax.jit(lambda i, v: match(i, v, (0.3, 0.7), (0, -1, 1), True))(np.zeros((0, 7)), np.zeros(0, bool))
+  assert m.shape == l.shape == (7,) and not np.asarray(m).any() and not np.asarray(l).any()
+
+
 def test_match_shape_error():
   with pytest.raises(ValueError, match=r"\(3,\)"):
     match(np.zeros((4, 5)), np.ones(3, bool), (0.5,), (0, 1), False)
