@@ -132,11 +132,14 @@ def test_boxes_and_masks_stay_aligned(tiny_config):
         assert (crop != ref).mean() < 0.01
         # The box is tight around the mask: the crop touches all four borders.
         assert crop[:2].any() and crop[-2:].any() and crop[:, :2].any() and crop[:, -2:].any()
-        # The image pixels under the mask are the object's colour, not padding or background
-        # of another place: the un-normalized image inside the box is in range.
-        img = p["image"][k] * std + mean
-        assert img[:h, :w].min() > -2 and img[:h, :w].max() < 257
         checked += 1
+      # The image is the original resized by the same scale as the boxes (so objects stay
+      # under their boxes and masks), zero (= mean) padded, and normalized.
+      img = p["image"][k] * std + mean
+      ref = tf.image.resize(ex["image"], [h, w], method="bilinear").numpy()
+      np.testing.assert_allclose(img[:h, :w], ref, atol=1e-2)
+      assert h == round(64 * float(scale)) and w == round(64 * float(scale))
+      assert not p["image"][k, h:].any() and not p["image"][k, :, w:].any()
   assert checked > 5
 
 
