@@ -57,10 +57,10 @@ def get_config(arg=None):
   del arg
   batch = 8
   c = common.base_config(demo_model(), common.shapes_data("demo", 128), 1.0, batch_size=batch)
-  c.optim.base_lr = 0.02 * 2  # quoted at 16 images: 0.02 at batch 8
+  c.optim.base_lr = 0.06  # quoted at 16 images: 0.03 at batch 8
   c.optim.warmup_steps = 50
   c.optim.warmup_factor = 0.1
-  unit = 150
+  unit = 100
   c.eval_every = unit // 2
   c.log_every = 25
   c.eval.batch_size = 20
@@ -71,7 +71,8 @@ def get_config(arg=None):
   c.compare = compare_config(
       unit_steps=unit, finetune_multiples=(1, 2), scratch_multiples=(1, 2, 3, 4, 6),
       pretrain=dict(
-          steps=600, batch_size=32, base_lr=0.04, warmup_steps=30, log_every=50,
-          data=dict(builder_config="demo", image_size=64,
-                    builder_overrides={"image_size": 64, "num_train": 3000})))
+          optimizer="adamw", steps=800, batch_size=32, base_lr=0.002, weight_decay=1e-4,
+          warmup_steps=30, log_every=50,
+          data=dict(builder_config="demo", image_size=48,
+                    builder_overrides={"image_size": 48, "num_train": 3000})))
   return c

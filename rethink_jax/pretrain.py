@@ -46,6 +46,7 @@ def default_pretrain_config() -> ml_collections.ConfigDict:
       max_eval_images=0))
   c.model = ml_collections.ConfigDict(dict(
       depth=18, norm="GN", num_groups=32, stride_in_1x1=False, width=16, bn_group_size=0))
+  c.optimizer = "sgd"         # "sgd" (momentum) or "adamw" (converges faster on tiny budgets)
   c.batch_size = 64           # global
   c.steps = 300
   c.base_lr = 0.1
@@ -236,15 +237,21 @@ def _decay_mask(params):
 
 
 def make_optimizer(c: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  """SGD momentum, linear warmup then cosine decay, decoupled-from-norms weight decay."""
+  """SGD momentum (or AdamW), linear warmup then cosine decay; no weight decay on norm
+  parameters and biases."""
   schedule = optax.warmup_cosine_decay_schedule(
       init_value=c.base_lr * 0.01, peak_value=c.base_lr, warmup_steps=max(1, c.warmup_steps),
       decay_steps=max(c.steps, c.warmup_steps + 1), end_value=0.0)
   parts = []
   if c.grad_clip_norm:
     parts.append(optax.clip_by_global_norm(c.grad_clip_norm))
-  parts += [optax.add_decayed_weights(c.weight_decay, mask=_decay_mask),
-            optax.sgd(schedule, momentum=c.momentum)]
+  if c.get("optimizer", "sgd") == "adamw":
+    parts.append(optax.adamw(schedule, weight_decay=c.weight_decay, mask=_decay_mask))
+  elif c.get("optimizer", "sgd") == "sgd":
+    parts += [optax.add_decayed_weights(c.weight_decay, mask=_decay_mask),
+              optax.sgd(schedule, momentum=c.momentum)]
+  else:
+    raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {c.optimizer!r}")
   return optax.chain(*parts)
 
 
