@@ -8,9 +8,11 @@ Examples:
       --workdir runs/scratch_3x --config.batch_size=64
 
 Multi-host (TPU pod slices, SLURM, several GPU nodes): run the same command on every host.
-jax.distributed.initialize() is called when --coordinator_address is given, or with
---multihost on Cloud TPU / SLURM (where JAX finds the cluster by itself). Starting the command
-again with the same --workdir resumes from the last checkpoint.
+rethink_jax.distributed.initialize() joins the hosts: automatically on Cloud TPU VMs and under
+SLURM (srun, more than one task), explicitly with --coordinator_address=HOST:PORT
+--num_processes=N --process_id=K elsewhere, and with --multihost JAX's own discovery (Open MPI,
+Kubernetes). Starting the command again with the same --workdir resumes from the last
+checkpoint.
 """
 import os
 import sys
@@ -30,7 +32,8 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "A recipe file configs/FILE.py[:ARG].", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and curves.")
 _MULTIHOST = flags.DEFINE_bool(
-    "multihost", False, "Call jax.distributed.initialize() with auto-detection (Cloud TPU, SLURM).")
+    "multihost", False, "Call jax.distributed.initialize() even when neither Cloud TPU nor SLURM "
+    "is detected (JAX's own cluster discovery: Open MPI, mpi4py, Kubernetes).")
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None, "host:port of process 0 (jax.distributed.initialize).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
@@ -41,13 +44,12 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  # Before anything touches the backend (jax.devices(), the first jit).
+  # Before anything touches the backend (jax.devices(), the first jit): join the other hosts
+  # (explicit flags / JAX_* env, SLURM and Cloud TPU detected; a no-op on one process).
   import jax  # pylint: disable=g-import-not-at-top
-  if _COORDINATOR.value:
-    jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
-                               num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
-  elif _MULTIHOST.value:
-    jax.distributed.initialize()
+  from rethink_jax import distributed  # pylint: disable=g-import-not-at-top
+  distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                         force=_MULTIHOST.value)
   # tf.data must not grab accelerators (it only runs the input pipeline).
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], "GPU")
