@@ -95,6 +95,9 @@ def results_markdown(results: dict) -> str:
   lines = ["# Rethinking ImageNet pre-training: comparison", ""]
   if results.get("command"):
     lines += [f"Command: `{results['command']}`", ""]
+  if results.get("partial"):
+    lines += ["**Partial report**: the evaluations the arms had written when it was made (they "
+              "were still running or had been stopped); a schedule not reached yet shows `–`.", ""]
   if results.get("wall_s") is not None:
     lines += [f"Total wall time: {results['wall_s'] / 60:.1f} min.", ""]
   lines += [f"Schedule unit: 1x = {unit} iterations"
@@ -108,9 +111,13 @@ def results_markdown(results: dict) -> str:
     lines.append("| --- |" + " --- |" * len(all_multiples))
     for arm, r in arms.items():
       cells = []
+      last = max(p["step"] for p in r["curve"])
       for m in all_multiples:
-        cells.append(_fmt(ap_at(r["curve"], int(round(m * unit)), key))
-                     if m <= max(r["multiples"]) else "")
+        step = int(round(m * unit))
+        if m > max(r["multiples"]):
+          cells.append("")
+        else:
+          cells.append(_fmt(ap_at(r["curve"], step, key)) if step <= last else "–")
       lines.append(f"| {_LABELS.get(arm, arm)} | " + " | ".join(cells) + " |")
     lines.append("")
 
@@ -389,6 +396,32 @@ def run(config, workdir: str, arms: Iterable[str] = ARMS, command: str | None = 
   return results
 
 
+def report_progress(config, workdir: str, command: str | None = None) -> dict:
+  """Rebuilds the report from the arms' eval_curve.json files in `workdir` as they are now:
+  readable while the arms are still training (or after a run was stopped)."""
+  results = {"unit_steps": int(config.compare.unit_steps), "workdir": workdir,
+             "command": command, "arms": {}, "batch_size": config.get("batch_size", None),
+             "partial": True}
+  for arm in ARMS:
+    arm_dir = os.path.join(workdir, arm)
+    curve = _curve_of(arm_dir)
+    if not curve:
+      continue
+    c = arm_config(config, arm)
+    r = {"config": _config_dict(c), "multiples": list(config.compare[f"{arm}_multiples"]),
+         "unit_steps": int(config.compare.unit_steps), "curve": curve, "workdir": arm_dir,
+         "wall_s": curve[-1].get("wall_s")}
+    meta_path = os.path.join(workdir, "pretrain", "backbone", "meta.json")
+    if arm == "finetune" and os.path.exists(meta_path):
+      with open(meta_path) as f:
+        meta = json.load(f)
+      r["pretrain"] = {k: meta[k] for k in ("source", "top1", "steps", "wall_s", "num_classes")
+                       if k in meta}
+    results["arms"][arm] = r
+  write_report(results, workdir)
+  return results
+
+
 # --------------------------------------------------------------------------------------------
 # Command line.
 # --------------------------------------------------------------------------------------------
@@ -410,6 +443,11 @@ def main(argv: Sequence[str]) -> None:
     return
   if FLAGS.config is None:
     raise flags.ValidationError("--config is required unless --merge is given")
+  if FLAGS.report_only:
+    res = report_progress(FLAGS.config, FLAGS.workdir,
+                          command=" ".join(["python -m rethink_jax.compare", *sys.argv[1:]]))
+    print(results_markdown(res), flush=True)
+    return
   arms = ARMS if FLAGS.arm == "both" else (FLAGS.arm,)
   run(FLAGS.config, FLAGS.workdir, arms,
       command=" ".join(["python -m rethink_jax.compare", *sys.argv[1:]]))
@@ -422,6 +460,8 @@ def _define_flags() -> None:
                                   lock_config=False)
   flags.DEFINE_string("workdir", None, "output directory", required=True)
   flags.DEFINE_enum("arm", "both", ["both", *ARMS], "which arm(s) to run")
+  flags.DEFINE_bool("report_only", False, "only rebuild the report from the evaluations the "
+                    "arms in --workdir have written so far (while they run, or after a stop)")
   flags.DEFINE_multi_string("merge", None, "merge results.json of these dirs (give twice or "
                             "space-separated after --merge) into --workdir")
 
