@@ -222,8 +222,10 @@ class Conv2d(nn.Module):
                         jnp.float32)
     x = x.astype(self.dtype)
     kernel = kernel.astype(self.dtype)
-    if (kh, kw, ph, pw, dh, dw, self.groups) == (1, 1, 0, 0, 1, 1, 1):
-      # A 1x1 conv is a matmul; XLA:CPU runs its backward much faster as dot_general.
+    if ((kh, kw, ph, pw, dh, dw, self.groups) == (1, 1, 0, 0, 1, 1, 1)
+        and jax.default_backend() == "cpu"):
+      # A 1x1 conv is a matmul; XLA:CPU runs its backward much faster as dot_general. (Not on
+      # GPU: there f32 dots default to TF32 where cuDNN convs do not, and cuDNN is fast anyway.)
       y = jnp.einsum("bhwc,cf->bhwf", x[:, ::sh, ::sw, :], kernel[0, 0])
     else:
       y = jax.lax.conv_general_dilated(
