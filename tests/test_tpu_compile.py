@@ -1,0 +1,60 @@
+"""scripts/tpu_compile.py: ahead-of-time compilation of the train step for a TPU topology.
+
+The compile test needs libtpu (requirements-tpu.txt, optional): without it, it skips.
+"""
+import importlib.util
+import os
+import types
+
+import jax
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def tpu_compile():
+  spec = importlib.util.spec_from_file_location(
+      "tpu_compile", os.path.join(ROOT, "scripts", "tpu_compile.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_analysis_arithmetic(tpu_compile):
+  gib = 2**30
+  mem = types.SimpleNamespace(argument_size_in_bytes=3 * gib, output_size_in_bytes=3 * gib,
+                              alias_size_in_bytes=3 * gib, temp_size_in_bytes=10 * gib,
+                              generated_code_size_in_bytes=0)
+  compiled = types.SimpleNamespace(memory_analysis=lambda: mem,
+                                   cost_analysis=lambda: {"flops": 197e12 * 0.5})
+  r = tpu_compile.analyse(compiled, tpu_compile.CHIPS["v5e"], images_per_chip=2)
+  # Donated state: outputs alias the arguments, so the chip holds args + temps.
+  assert r["total_gib"] == pytest.approx(13.0) and r["fits"]
+  assert r["t_min_ms"] == pytest.approx(500.0) and r["max_img_s"] == pytest.approx(4.0)
+  with pytest.raises(ValueError, match="unknown TPU generation"):
+    tpu_compile.chip_of("v99:2x2")
+
+
+@pytest.mark.slow
+def test_tiny_train_step_compiles_for_v5e(tpu_compile):
+  if not tpu_compile.libtpu_available():
+    pytest.skip("libtpu is not installed (optional: pip install -r requirements-tpu.txt); "
+                "ahead-of-time TPU compilation needs it")
+  # Compile-only use; other processes on the machine may hold libtpu's lock file.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+  devices = tpu_compile.topology_devices("v5e:2x2")
+  assert len(devices) == 4 and devices[0].platform == "tpu", devices
+  config = tpu_compile.load_config(os.path.join(ROOT, "configs", "tiny_shapes.py"))
+  config.model.dtype = "bfloat16"
+  compiled, _, _ = tpu_compile.compile_train_step(config, devices, 2, (64, 64))
+  r = tpu_compile.analyse(compiled, tpu_compile.CHIPS["v5e"], 2)
+  print(r)
+  assert 0 < r["args_gib"] <= r["total_gib"] < 16 and r["fits"], r
+  assert r["gflops"] > 0 and r["max_img_s"] > 0, r
+  # The step is sharded over the 4 chips: its input batch is split, the state replicated.
+  shardings = compiled.input_shardings[0]
+  state_sharding, batch_sharding = shardings
+  assert batch_sharding["image"].spec[0] == "data"
+  assert all(s.is_fully_replicated for s in jax.tree_util.tree_leaves(state_sharding["params"]))
