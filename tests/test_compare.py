@@ -83,7 +83,7 @@ def test_merge_combines_arms_and_refuses_duplicates(tmp_path):
     compare.merge_results([a, _results(rng, 60, arms=("scratch",))])
 
 
-def _run_compare(args, timeout=900):
+def _run_compare(args, timeout=2400):
   cmd = [sys.executable, "-m", "rethink_jax.compare", *args]
   proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
                         env=dict(os.environ, JAX_PLATFORMS="cpu"))
