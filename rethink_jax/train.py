@@ -282,6 +282,59 @@ def make_predict_fn(model, mesh: Mesh, replicated: NamedSharding, data: NamedSha
   return predict_fn
 
 
+_PARTS_CACHE: "collections.OrderedDict[str, Any]" = collections.OrderedDict()
+
+
+def build_parts(config: ml_collections.ConfigDict, sched: dict, mesh: Mesh, sample: dict):
+  """Model, optimizer and the jitted init / train step / predict for this config and mesh.
+
+  Memoized on (model, optim, schedule, seed-independent shapes, mesh): a process that calls
+  train_and_evaluate several times with the same model and schedule (tests, resumed runs,
+  sweeps over seeds or data) traces and compiles the step once.
+
+  Returns a SimpleNamespace: model, tx, lr_fn, frozen_prefixes, abstract_state, state_sharding,
+  init (jitted: rng, sample batch -> state), train_step (jitted, donates the state),
+  predict_fn (variables, host batch -> this process's detections as numpy).
+  """
+  import types  # pylint: disable=g-import-not-at-top
+  from rethink_jax.models import resnet  # pylint: disable=g-import-not-at-top
+  from rethink_jax.models.mask_rcnn import build_model  # pylint: disable=g-import-not-at-top
+  key = json.dumps([config.model.to_json_best_effort(sort_keys=True),
+                    config.optim.to_json_best_effort(sort_keys=True),
+                    # only what the LR function depends on (not total_steps)
+                    [str(sched[k]) for k in ("base_lr", "decay_steps", "decay_factor",
+                                             "warmup_steps", "warmup_factor")],
+                    sorted((k, v.shape, str(v.dtype)) for k, v in sample.items()),
+                    [d.id for d in mesh.devices.flat], jax.process_index()])
+  if key in _PARTS_CACHE:
+    _PARTS_CACHE.move_to_end(key)
+    return _PARTS_CACHE[key]
+  replicated = NamedSharding(mesh, P())
+  data_sharding = NamedSharding(mesh, P("data"))
+  model = build_model(config.model)
+  frozen_prefixes = resnet.frozen_param_prefixes(int(config.model.backbone.freeze_at),
+                                                 prefix=("backbone", "bottom_up"))
+  rng = jax.random.PRNGKey(0)
+  param_shapes = jax.eval_shape(
+      lambda r, b: model.init({"params": r, "sampling": r}, b, train=False)["params"], rng, sample)
+  tx, lr_fn = optim.make_optimizer(config.optim, sched, param_shapes, frozen_prefixes)
+  init_fn = make_init_fn(model, tx)
+  abstract_state = jax.eval_shape(init_fn, rng, sample)
+  state_sharding = jax.tree_util.tree_map(lambda _: replicated, abstract_state)
+  parts = types.SimpleNamespace(
+      model=model, tx=tx, lr_fn=lr_fn, frozen_prefixes=frozen_prefixes,
+      abstract_state=abstract_state, state_sharding=state_sharding,
+      init=jax.jit(init_fn, out_shardings=state_sharding),
+      train_step=jax.jit(make_train_step(model, tx, lr_fn),
+                         in_shardings=(state_sharding, data_sharding),
+                         out_shardings=(state_sharding, replicated), donate_argnums=(0,)),
+      predict_fn=make_predict_fn(model, mesh, replicated, data_sharding))
+  _PARTS_CACHE[key] = parts
+  while len(_PARTS_CACHE) > 4:  # compiled executables hold memory
+    _PARTS_CACHE.popitem(last=False)
+  return parts
+
+
 # ------------------------------------------------------------------------------------------------
 # The curve file read by compare.py.
 # ------------------------------------------------------------------------------------------------
@@ -331,11 +384,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
      "step": the final step, "train_step_compilations": 1 unless something recompiled}.
   Raises NonFiniteLossError when a loss or gradient is not finite.
   """
-  # pylint: disable=g-import-not-at-top
-  from rethink_jax.data import pipeline
-  from rethink_jax.models.mask_rcnn import build_model
-  from rethink_jax.models import resnet
-  # pylint: enable=g-import-not-at-top
+  from rethink_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   t_start = time.time()
   workdir = os.path.abspath(workdir)
   if jax.process_index() == 0:
@@ -372,6 +421,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       enable_async_checkpointing=bool(ckpt_cfg.get("async_save", True))))
   resume_step = mngr.latest_step()
   start_step = int(resume_step or 0)
+  if resume_step is None and config.get("require_init_from") and not config.get("init_from"):
+    raise ValueError("this recipe fine-tunes pre-trained weights: set --config.init_from=DIR "
+                     "(a backbone checkpoint written by rethink_jax.convert or pre-training)")
 
   # == Data ====================================================================================
   train_iter = pipeline.make_train_iterator(
@@ -380,17 +432,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   first = next(train_iter)
 
   # == Model, optimizer, state =================================================================
-  model = build_model(config.model)
-  frozen_prefixes = resnet.frozen_param_prefixes(int(config.model.backbone.freeze_at),
-                                                 prefix=("backbone", "bottom_up"))
   sample = init_batch(first)
   rng = jax.random.PRNGKey(int(config.seed))
-  param_shapes = jax.eval_shape(
-      lambda r, b: model.init({"params": r, "sampling": r}, b, train=False)["params"], rng, sample)
-  tx, lr_fn = optim.make_optimizer(config.optim, sched, param_shapes, frozen_prefixes)
-  init_fn = make_init_fn(model, tx)
-  abstract_state = jax.eval_shape(init_fn, rng, sample)
-  state_sharding = jax.tree_util.tree_map(lambda _: replicated, abstract_state)
+  parts = build_parts(config, sched, mesh, sample)
+  frozen_prefixes = parts.frozen_prefixes
+  abstract_state, state_sharding = parts.abstract_state, parts.state_sharding
+  train_step, predict_fn = parts.train_step, parts.predict_fn
 
   if resume_step is not None:
     target = jax.tree_util.tree_map(
@@ -399,7 +446,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     state = mngr.restore(resume_step, args=ocp.args.StandardRestore(target))
     _log(f"resumed from {ckpt_dir} at step {resume_step}")
   else:
-    state = jax.jit(init_fn, out_shardings=state_sharding)(rng, sample)
+    state = parts.init(rng, sample)
     if config.get("init_from"):
       from rethink_jax import convert  # pylint: disable=g-import-not-at-top
       variables, meta = convert.load_backbone(config.init_from)
@@ -412,17 +459,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
            f"{report['unexpected'][:20]}")
       if not report["loaded"]:
         raise ValueError(f"init_from={config.init_from}: nothing matched the model's backbone")
-    elif config.get("require_init_from", False):
-      raise ValueError("this recipe fine-tunes pre-trained weights: set --config.init_from=DIR "
-                       "(a backbone checkpoint written by rethink_jax.convert or pre-training)")
   counts = parameter_counts(state, frozen_prefixes)
   _log(f"parameters: {counts['total']:,} ({counts['trainable']:,} trainable, "
        f"{counts['frozen']:,} frozen; {counts['batch_stats']:,} batch statistics)")
-
-  train_step = jax.jit(make_train_step(model, tx, lr_fn),
-                       in_shardings=(state_sharding, data_sharding),
-                       out_shardings=(state_sharding, replicated), donate_argnums=(0,))
-  predict_fn = make_predict_fn(model, mesh, replicated, data_sharding)
 
   # == Evaluation ==============================================================================
   from rethink_jax import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top

@@ -317,20 +317,19 @@ _MULTI_DEVICE_SCRIPT = textwrap.dedent("""
                               rng, sample)
       tx, lr_fn = optim.make_optimizer(c.optim, sched, shapes,
                                        resnet.frozen_param_prefixes(0, ("backbone", "bottom_up")))
-      init_fn = train.make_init_fn(model, tx)
+      # One initial state (host copy) for both meshes: init compiles once per model.
+      initial = jax.device_get(jax.jit(train.make_init_fn(model, tx))(rng, sample))
       out = {}
       for n in (1, 8):
         mesh = train.make_mesh(jax.devices()[:n])
         repl, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-        state = jax.jit(init_fn, out_shardings=repl)(rng, sample)
-        before = jax.device_get(state)
+        state = jax.device_put(initial, repl)
+        before = initial
         step = jax.jit(train.make_train_step(model, tx, lr_fn), in_shardings=(repl, data),
                        out_shardings=(repl, repl))
         new, metrics = step(state, train.to_global(batch, data))
         out[n] = (before, jax.device_get(new), jax.device_get(metrics))
-      (b1, s1, m1), (b8, s8, m8) = out[1], out[8]
-      for x, y in zip(jax.tree_util.tree_leaves(b1), jax.tree_util.tree_leaves(b8)):
-        np.testing.assert_array_equal(x, y)  # the same initial state
+      (b1, s1, m1), (_, s8, m8) = out[1], out[8]
       losses = {k: (float(m1[k]), float(m8[k])) for k in m1 if k.startswith("loss_")}
       worst_loss = max(abs(a - b) / max(abs(a), 1e-12) for a, b in losses.values())
       worst_param, worst_update = 0.0, 0.0
