@@ -7,16 +7,16 @@ FPN, GN in the backbone, FPN, box and mask heads, as in the paper) on shapes_ins
 (128 x 128 images, 1600 train / 200 validation, 4 categories) and are evaluated every half unit on
 the same 200 validation images:
   * fine-tune arm: the ResNet pre-trained on shapes_classification (12 categories, single objects,
-    rendered at 64 x 64; the demo's "ImageNet", generated offline) for `compare.pretrain.steps`
+    rendered at 48 x 48; the demo's "ImageNet", generated offline) for `compare.pretrain.steps`
     steps, then the detector for 1x-2x;
   * scratch arm: random init, up to 6x.
 One schedule unit (1x) is `compare.unit_steps` iterations at batch `batch_size` (the paper's
 1x is 90k iterations at batch 16). The LR decays follow the paper's rule scaled to this unit
 (x0.1 at the last 2/3 and the last 2/9 of a unit).
 
-Expected (README, Results): the fine-tune arm reaches segm AP >= 50 on the validation split
-within its schedule; the whole run (data generation, pre-training, both arms, evaluations) takes
-under 20 minutes on 2 CPU cores.
+Targets (issue 7): the fine-tune arm reaches segm AP >= 50 on the validation split within its
+schedule, and the whole run (data generation, pre-training, both arms, evaluations) takes under 20
+minutes on 2 CPU cores. What was measured, and on what machine, is in README.md (Results).
 """
 import ml_collections
 
