@@ -9,7 +9,8 @@ Every recipe file is `get_config(arg) -> ml_collections.ConfigDict` with these g
              weight_decay_norm, weight_decay_bias, warmup_steps, warmup_factor, grad_clip_norm,
   schedule   multiple (1x = 90k iterations at 16 images), base_batch_size, total_steps and
              decay_steps (0 / () = derived by rethink_jax.optim.schedule), decay_factor,
-  eval       batch_size (global), num_images (0 = the whole split), at_start,
+  eval       batch_size (global), num_images (0 = the whole split, else its first N images),
+             at_start (evaluate the initial model too), at_end (evaluate after the last step),
   checkpoint every_steps, keep, async_save,
   reference  the paper's numbers for this recipe (documentation and comparisons only).
 Import from a recipe file as `from configs import common` (run from the repository root;
@@ -123,7 +124,8 @@ def base_config(model, data, multiple, *, batch_size=16, eval_every=0):
   c.schedule = schedule_config(multiple)
   c.eval_every = eval_every or int(round(ITERS_1X / 2 * 16 / batch_size))
   c.log_every = 20
-  c.eval = ml_collections.ConfigDict(dict(batch_size=8, num_images=0, at_start=False))
+  c.eval = ml_collections.ConfigDict(dict(batch_size=8, num_images=0, at_start=False,
+                                          at_end=True))
   c.checkpoint = ml_collections.ConfigDict(dict(every_steps=5000, keep=3, async_save=True))
   c.reference = ml_collections.ConfigDict()
   return c

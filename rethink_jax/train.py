@@ -468,13 +468,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   curve = [p for p in read_curve(workdir) if p["step"] <= start_step]
   wall_offset = curve[-1].get("wall_s", 0.0) if curve else 0.0
   coco_cache = {}
+  eval_data = config.data
+  num_eval = int(config.eval.get("num_images", 0) or 0)
+  if num_eval > 0 and "[" not in eval_data.eval_split:  # the first N images of the split
+    eval_data = ml_collections.ConfigDict(config.data.to_dict())
+    eval_data.eval_split = f"{config.data.eval_split}[:{num_eval}]"
 
   def run_eval(state, step):
     if "gt" not in coco_cache:
-      coco_cache["gt"] = pipeline.get_coco_gt(config.data)
-      coco_cache["ids"] = pipeline.category_ids(config.data)
+      coco_cache["gt"] = pipeline.get_coco_gt(eval_data)
+      coco_cache["ids"] = pipeline.category_ids(eval_data)
     variables = {"params": state["params"], **state["collections"]}
-    eval_iter = pipeline.make_eval_iterator(config.data, eval_batch // n_proc,
+    eval_iter = pipeline.make_eval_iterator(eval_data, eval_batch // n_proc,
                                             process_index=jax.process_index(),
                                             process_count=n_proc)
     t0 = time.time()

@@ -140,7 +140,7 @@ def test_train_evaluate_resume_and_init_from(compile_cache, shapes_dir, tmp_path
   del compile_cache
   from rethink_jax import convert  # pylint: disable=g-import-not-at-top
   from rethink_jax.models import resnet  # pylint: disable=g-import-not-at-top
-  c = tiny_config(shapes_dir, 2, evaluate=True)
+  c = tiny_config(shapes_dir, 2, evaluate=True, **{"eval.num_images": 4})
   b = c.model.backbone
   net = resnet.ResNet(depth=b.depth, norm=b.norm, num_groups=b.num_groups, width=b.width)
   variables = net.init(jax.random.PRNGKey(7), np.zeros((1, 64, 64, 3), np.float32))
@@ -171,7 +171,7 @@ def test_train_evaluate_resume_and_init_from(compile_cache, shapes_dir, tmp_path
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir))
 
   # Resume in the same workdir with a longer schedule: starts at step 2, the curve grows.
-  c2 = tiny_config(shapes_dir, 4, evaluate=True)
+  c2 = tiny_config(shapes_dir, 4, evaluate=True, **{"eval.num_images": 4})
   c2.init_from = backbone_dir  # ignored: the checkpoint wins
   out2 = train.train_and_evaluate(c2, workdir)
   assert "resumed from" in capsys.readouterr().out
