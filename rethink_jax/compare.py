@@ -140,15 +140,22 @@ def results_markdown(results: dict) -> str:
     ft, sc = arms["finetune"], arms["scratch"]
     ft_end = int(round(max(ft["multiples"]) * unit))
     sc_end = int(round(max(sc["multiples"]) * unit))
+    ft_last = max(p["step"] for p in ft["curve"])
+    sc_last = max(p["step"] for p in sc["curve"])
     for key in METRICS:
+      if ft_last < ft_end or sc_last < sc_end:
+        lines.append(f"- {key}: not available yet (fine-tune arm evaluated up to iteration "
+                     f"{ft_last} of {ft_end}, scratch arm up to {sc_last} of {sc_end})")
+        continue
       a, b = ap_at(ft["curve"], ft_end, key), ap_at(sc["curve"], sc_end, key)
       gap = None if a is None or b is None else b - a
       lines.append(f"- {key}: random init at {max(sc['multiples']):g}x = {_fmt(b)}, "
                    f"pre-trained at {max(ft['multiples']):g}x = {_fmt(a)}, "
                    f"gap (scratch - pre-trained) = {'–' if gap is None else f'{gap:+.1f}'}")
+    ft_1 = int(round(min(ft["multiples"]) * unit))
     for key in METRICS:
-      a = ap_at(ft["curve"], int(round(min(ft["multiples"]) * unit)), key)
-      if a is None:
+      a = ap_at(ft["curve"], ft_1, key)
+      if a is None or ft_last < ft_1:
         continue
       hit = first_step_reaching(sc["curve"], key, a)
       where = (f"at iteration {hit['step']} ({hit['step'] / unit:.2f}x)" if hit
