@@ -24,7 +24,7 @@ demo: $(VENV)/.installed
 
 # The whole test suite, with timings.
 test: $(VENV)/.installed-test
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests -n 2 --dist loadfile
 
 clean:
 	rm -rf runs .pytest_cache

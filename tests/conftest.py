@@ -7,6 +7,15 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 # TF must never grab the (absent) GPU nor compete with XLA for all cores.
 os.environ.setdefault("TF_NUM_INTEROP_THREADS", "1")
 
+# One persistent XLA compilation cache for the whole run, inherited by the subprocess tests
+# (multi-device, multi-host): the tiny models compile to the same executables again and again,
+# and XLA:CPU compilation dominates the suite's time. It lives in the checkout's .pytest_cache, so
+# a fresh clone starts cold and measures the honest cost.
+_CACHE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                          ".pytest_cache", "jax_compilation_cache")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE_DIR)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
+
 # Import order matters: importing torchvision AFTER tensorflow segfaults (their bundled native
 # libraries clash); torchvision first is fine. The reference implementations are imported here,
 # before any test module can pull in tensorflow.
