@@ -118,7 +118,7 @@ def test_weight_decay_mask_and_labels():
 def test_matches_torch_sgd(clip):
   """Several steps of our tx == torch.optim.SGD (momentum, per-group weight decay) driven by
   Detectron2-style LR factors, with a frozen group that never moves."""
-  torch = pytest.importorskip("torch")
+  import torch  # pylint: disable=g-import-not-at-top
   seed = int(np.random.SeedSequence().entropy % 2**31)
   rng = np.random.default_rng(seed)
   params = _tree(rng)
