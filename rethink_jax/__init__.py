@@ -11,9 +11,9 @@ import os
 
 # XLA:CPU of jaxlib 0.10.2 routes convolutions into YNNPACK fusions by default. Without them the
 # R50-FPN-GN Mask R-CNN train step at 512 x 512 runs 1.48x faster and inference 1.32x faster
-# (scripts/benchmark_model.py: 69.0 -> 46.5 s and 3.60 -> 2.72 s on 2 cores), because the heads'
-# 3x3 convs and the kernel gradients over large maps run faster outside YNNPACK. The flag touches
-# only the CPU backend. Other jaxlib versions may not know the flag (XLA aborts on unknown flags),
+# (scripts/benchmark_model.py: 69.0 -> 46.5 s and 3.60 -> 2.72 s on 2 cores): convolutions run
+# faster outside YNNPACK (one 256-channel 3x3 conv over 256 ROIs at 7 x 7, forward + backward:
+# 381 -> 266 ms). The flag touches only the CPU backend. Other jaxlib versions may not know the flag (XLA aborts on unknown flags),
 # so it is added only for the version it was measured on.
 _CPU_FLAG = "--xla_cpu_experimental_ynn_fusion_type="
 _CPU_FLAG_JAXLIB = ("0.10.2",)
