@@ -55,18 +55,37 @@ def _timed(fn, steps):
 # ------------------------------------------------------------------------------------------------
 # JAX
 # ------------------------------------------------------------------------------------------------
+def jax_batch(size, batch):
+  """The synthetic batch as the model's input dict (masks as 112 x 112 crops of their boxes)."""
+  from rethink_jax.ops.masks import crop_masks_to_boxes
+  images, boxes, classes, masks = synthetic(size, batch)
+  crops = np.stack([np.asarray(crop_masks_to_boxes(masks[i], boxes[i], 112))
+                    for i in range(batch)])
+  return {"image": images, "image_hw": np.full((batch, 2), size, np.int32),
+          "gt_boxes": boxes, "gt_classes": classes, "gt_masks": crops}
+
+
+def jax_train_step(model, tx):
+  """(params, opt_state, data, key) -> (params, opt_state, loss): forward, backward, update."""
+  import jax
+  import optax
+
+  def step(params, opt_state, data, key):
+    def loss_fn(p):
+      losses = model.apply({"params": p}, data, train=True, rngs={"sampling": key})
+      return sum(v for k, v in losses.items() if k.startswith("loss_"))
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+  return step
+
+
 def run_jax(mode, size, batch, steps):
   import jax
-  import jax.numpy as jnp
   import optax
   from rethink_jax.models import build_model, default_model_config
-  from rethink_jax.ops.masks import crop_masks_to_boxes
 
-  images, boxes, classes, masks = synthetic(size, batch)
-  b = batch if mode == "train" else 1
-  crops = np.stack([np.asarray(crop_masks_to_boxes(masks[i], boxes[i], 112)) for i in range(b)])
-  data = {"image": images[:b], "image_hw": np.full((b, 2), size, np.int32),
-          "gt_boxes": boxes[:b], "gt_classes": classes[:b], "gt_masks": crops}
+  data = jax_batch(size, batch if mode == "train" else 1)
   model = build_model(default_model_config())
   key = jax.random.key(0, impl="rbg")  # rbg compiles much faster than threefry on XLA:CPU
   t = time.perf_counter()
@@ -79,15 +98,7 @@ def run_jax(mode, size, batch, steps):
     tx = optax.sgd(0.02, momentum=0.9)
     opt_state = tx.init(params)
 
-    @jax.jit
-    def step(params, opt_state, data, key):
-      def loss_fn(p):
-        losses = model.apply({"params": p}, data, train=True, rngs={"sampling": key})
-        return sum(v for k, v in losses.items() if k.startswith("loss_"))
-      loss, grads = jax.value_and_grad(loss_fn)(params)
-      updates, opt_state = tx.update(grads, opt_state, params)
-      return optax.apply_updates(params, updates), opt_state, loss
-
+    step = jax.jit(jax_train_step(model, tx))
     state = {"p": params, "o": opt_state, "k": key}
 
     def call():

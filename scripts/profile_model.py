@@ -19,7 +19,6 @@ import sys
 import tempfile
 import time
 
-import numpy as np
 
 _SCRIPTS = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [_SCRIPTS, os.path.dirname(_SCRIPTS)]  # benchmark_model and rethink_jax
@@ -78,26 +77,14 @@ def main():
   import jax  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
   from rethink_jax.models import build_model, default_model_config  # pylint: disable=g-import-not-at-top
-  from rethink_jax.ops.masks import crop_masks_to_boxes  # pylint: disable=g-import-not-at-top
 
-  images, boxes, classes, masks = benchmark_model.synthetic(args.size, args.batch)
-  crops = np.stack([np.asarray(crop_masks_to_boxes(masks[i], boxes[i], 112))
-                    for i in range(args.batch)])
-  data = {"image": images, "image_hw": np.full((args.batch, 2), args.size, np.int32),
-          "gt_boxes": boxes, "gt_classes": classes, "gt_masks": crops}
+  data = benchmark_model.jax_batch(args.size, args.batch)
   model = build_model(default_model_config())
   key = jax.random.key(0, impl="rbg")
   params = jax.jit(lambda k: model.init({"params": k, "sampling": k}, data,
                                         train=False)["params"])(key)
   tx = optax.sgd(0.02, momentum=0.9)
-
-  def step(params, opt_state, data, key):
-    def loss_fn(p):
-      losses = model.apply({"params": p}, data, train=True, rngs={"sampling": key})
-      return sum(v for k, v in losses.items() if k.startswith("loss_"))
-    loss, grads = jax.value_and_grad(loss_fn)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
+  step = benchmark_model.jax_train_step(model, tx)
 
   t = time.perf_counter()
   compiled = jax.jit(step).lower(params, tx.init(params), data, key).compile()

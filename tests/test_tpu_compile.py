@@ -1,6 +1,6 @@
 """scripts/tpu_compile.py: ahead-of-time compilation of the train step for a TPU topology.
 
-The compile test needs libtpu (requirements-tpu.txt, optional): without it, it skips.
+The compile test needs libtpu (requirements-tpu.txt, included by requirements-test.txt).
 """
 import importlib.util
 import os
@@ -38,9 +38,8 @@ def test_analysis_arithmetic(tpu_compile):
 
 @pytest.mark.slow
 def test_tiny_train_step_compiles_for_v5e(tpu_compile):
-  if not tpu_compile.libtpu_available():
-    pytest.skip("libtpu is not installed (optional: pip install -r requirements-tpu.txt); "
-                "ahead-of-time TPU compilation needs it")
+  assert tpu_compile.libtpu_available(), (
+      "libtpu is missing: requirements-test.txt installs it (requirements-tpu.txt)")
   # Compile-only use; other processes on the machine may hold libtpu's lock file.
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
