@@ -332,36 +332,35 @@ _MULTI_DEVICE_SCRIPT = textwrap.dedent("""
       (b1, s1, m1), (_, s8, m8) = out[1], out[8]
       losses = {k: (float(m1[k]), float(m8[k])) for k in m1 if k.startswith("loss_")}
       worst_loss = max(abs(a - b) / max(abs(a), 1e-12) for a, b in losses.values())
-      # Updates are compared against the largest update of the step: a leaf whose own update is
-      # ~0 (one SGD step, tiny gradient) would otherwise turn float32 reduction-order noise into
-      # a large relative error (seen: 1.2e-2 on such a leaf while every parameter agreed to 9e-6).
-      worst_param, worst_leaf, update_diff, update_max = 0.0, "", 0.0, 0.0
-      flat1 = jax.tree_util.tree_leaves_with_path({"p": s1["params"], "c": s1["collections"]})
-      flat8 = jax.tree_util.tree_leaves({"p": s8["params"], "c": s8["collections"]})
-      flat0 = jax.tree_util.tree_leaves({"p": b1["params"], "c": b1["collections"]})
-      keys = [jax.tree_util.keystr(path) for path, _ in flat1]
-      stds = {k[:-len("['var']")]: np.sqrt(x) for k, (_, x) in zip(keys, flat1)
-              if k.endswith("['var']")}
-      for key, (_, x1), x8, x0 in zip(keys, flat1, flat8, flat0):
-        # Relative to the leaf's magnitude, floored at 1e-2 (an absolute 1e-7 for leaves near 0,
-        # e.g. zero-initialised biases after one step). A running mean is compared, per channel,
-        # against the activation's scale, its running std: a mean near 0 over large activations
-        # carries the float32 rounding of those activations (seen: 7.5e-5 of a mean's largest
-        # value).
-        scale = max(np.abs(x1).max(), 1e-2)
+      # Parameters: each leaf's update on 8 devices against its update on 1, relative to the
+      # step's largest parameter update. Not relative to the leaf's own update: a norm bias deep
+      # in the backbone gets a gradient that is a sum of cancelling terms, so its tiny update
+      # (1e-4) carries the float32 reduction-order noise of those terms (seen: 1.4e-6 absolute,
+      # 9e-5 of the step's largest update, while the losses agreed to 1e-6).
+      p1, p8, p0 = (jax.tree_util.tree_leaves_with_path(s["params"]) for s in (s1, s8, b1))
+      update_max = max(float(np.abs(x1 - x0).max()) for (_, x1), (_, x0) in zip(p1, p0))
+      worst_update, update_leaf = 0.0, ""
+      for (path, x1), (_, x8), (_, x0) in zip(p1, p8, p0):
+        err = float(np.abs((x1 - x0) - (x8 - x0)).max()) / max(update_max, 1e-12)
+        if err > worst_update:
+          worst_update, update_leaf = err, jax.tree_util.keystr(path)
+      # Running statistics (SyncBN): a mean against the activation's scale, its running std (a
+      # mean near 0 over large activations carries their rounding), a variance against itself.
+      worst_stat, stat_leaf = 0.0, ""
+      stats1 = dict((jax.tree_util.keystr(k), v)
+                    for k, v in jax.tree_util.tree_leaves_with_path(s1["collections"]))
+      stats8 = jax.tree_util.tree_leaves(s8["collections"])
+      for (key, x1), x8 in zip(stats1.items(), stats8):
+        scale = np.abs(x1)
         if key.endswith("['mean']"):
-          scale = np.maximum(scale, stds[key[:-len("['mean']")]])
-        err = float(np.max(np.abs(x1 - x8) / scale))
-        if err > worst_param:
-          worst_param, worst_leaf = err, key
-        u1, u8 = x1 - x0, x8 - x0
-        update_diff = max(update_diff, float(np.abs(u1 - u8).max()))
-        update_max = max(update_max, float(np.abs(u1).max()))
-      worst_update = update_diff / max(update_max, 1e-12)
+          scale = np.maximum(scale, np.sqrt(stats1[key[:-len("['mean']")] + "['var']"]))
+        err = float(np.max(np.abs(x1 - x8) / np.maximum(scale, 1e-12)))
+        if err > worst_stat:
+          worst_stat, stat_leaf = err, key
       has_stats = "batch_stats" in s1["collections"]
-      report[norm] = dict(losses=losses, worst_loss=worst_loss, worst_param=worst_param,
-                          worst_leaf=worst_leaf, worst_update=worst_update,
-                          batch_stats=has_stats)
+      report[norm] = dict(losses=losses, worst_loss=worst_loss, worst_update=worst_update,
+                          update_leaf=update_leaf, update_max=update_max, worst_stat=worst_stat,
+                          stat_leaf=stat_leaf, batch_stats=has_stats)
     print("REPORT " + json.dumps(report))
 """)
 
@@ -383,6 +382,7 @@ def test_eight_devices_equal_one_device(compile_cache, tmp_path):
     assert set(r["losses"]) >= {"loss_rpn_cls", "loss_rpn_loc", "loss_cls", "loss_box_reg",
                                 "loss_mask"}, msg
     assert r["worst_loss"] <= 1e-5, msg
-    assert r["worst_param"] <= 1e-5, msg
+    assert r["update_max"] > 1e-4, msg  # the step moved the parameters
     assert r["worst_update"] <= 1e-3, msg
+    assert r["worst_stat"] <= 1e-4, msg
   assert report["SyncBN"]["batch_stats"] and not report["GN"]["batch_stats"]
