@@ -61,7 +61,10 @@ def default_model_config() -> ml_collections.ConfigDict:
       pooler_resolution=7, pooler_sampling_ratio=0, pooler_aligned=True))
   c.mask_head = ml_collections.ConfigDict(dict(
       num_conv=4, conv_dim=256, norm="GN", pooler_resolution=14, pooler_sampling_ratio=0,
-      pooler_aligned=True, max_fg_rois=128, resolution=28))
+      pooler_aligned=True, max_fg_rois=128, resolution=28,
+      # The mask branch runs in chunks of this many ROIs per image and skips chunks that hold no
+      # ROI (foreground in training, detection in inference) in any image; 0 = one pass.
+      chunk_rois=32))
   return c
 
 
@@ -115,7 +118,8 @@ class MaskRCNN(nn.Module):
         mask_pooler_resolution=mh.pooler_resolution,
         mask_pooler_sampling_ratio=mh.pooler_sampling_ratio,
         mask_pooler_aligned=mh.pooler_aligned, mask_max_fg_rois=mh.max_fg_rois,
-        mask_resolution=mh.resolution, dtype=dtype)
+        mask_resolution=mh.resolution, mask_chunk_rois=mh.chunk_rois,
+        dtype=dtype)
 
   def anchors(self, features):
     """Anchors of every level P2..P6 for these (static) feature sizes: list of (H_l*W_l*A, 4)."""

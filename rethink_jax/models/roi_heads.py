@@ -4,7 +4,8 @@ Training, per image: ground-truth boxes are appended to the proposals, every box
 ground truth at IoU 0.5 (no low-quality matches), and a balanced sampler picks 512 ROIs, at most 25%
 foreground. The box branch pools 7x7 with the multilevel RoIAlign (P2..P5, aligned, adaptive
 sampling), runs the box head ("4conv1fc" or "2fc") and the box predictor. The mask branch trains on a
-fixed `max_fg_rois` foreground ROIs per image with a validity mask (the TPU reference's design).
+fixed `max_fg_rois` foreground ROIs per image with a validity mask (the TPU reference's design), in
+chunks that are skipped when they hold no foreground ROI (`mask_chunk_rois`).
 
 Class index conventions: labels in the batch are 0 = background, 1..K objects. Inside the box
 predictor the logits follow Detectron2's order (column k-1 is class k, column K is background) and
@@ -330,6 +331,7 @@ class StandardROIHeads(nn.Module):
   mask_pooler_aligned: bool = True
   mask_max_fg_rois: int = 128
   mask_resolution: int = 28
+  mask_chunk_rois: int = 32
   dtype: Any = jnp.float32
 
   def setup(self):
@@ -364,6 +366,27 @@ class StandardROIHeads(nn.Module):
                    self.mask_pooler_aligned)
     logits = self.mask_head(x, classes.reshape(-1), train=train)
     return logits.reshape((b, r) + logits.shape[1:])
+
+  def _mask_logits(self, features, rois, classes, valid, train):
+    """(B, R, 4) boxes, (B, R) classes, (B, R) valid -> (B, R, M, M) mask logits.
+
+    The R slots run in chunks of `mask_chunk_rois` per image, and a chunk with no valid ROI in any
+    image of the (global) batch is skipped (zero logits): the static maximum (128 foreground ROIs,
+    100 detections) is paid only where ROIs fill it, as torchvision pays only for its positives.
+    Valid ROIs come first in every image, so the result equals one pass over all R. Norms with
+    batch statistics (BN, SyncBN) see all R ROIs in one pass, as before.
+    """
+    b, r = rois.shape[:2]
+    chunk = self.mask_chunk_rois or r
+    if chunk >= r or self.mask_norm in ("BN", "SyncBN") or self.is_initializing():
+      return self._mask_branch(features, rois, classes, train)
+    m = self.mask_resolution
+    run = lambda mdl, f, x, c: mdl._mask_branch(f, x, c, train)
+    skip = lambda mdl, f, x, c: jnp.zeros(x.shape[:2] + (m, m), jnp.float32)
+    logits = [nn.cond(jnp.any(valid[:, s:s + chunk]), run, skip, self, features,
+                      rois[:, s:s + chunk], classes[:, s:s + chunk])
+              for s in range(0, r, chunk)]
+    return jnp.concatenate(logits, axis=1)
 
   def __call__(self, features, proposals, proposal_valid, image_hw, gt_boxes=None,
                gt_classes=None, gt_masks=None, *, train: bool):
@@ -400,7 +423,7 @@ class StandardROIHeads(nn.Module):
     fg = jax.vmap(lambda s: select_foreground(s, self.mask_max_fg_rois))(samples)
     targets = jax.vmap(lambda m, g, r, i: mask_ops.mask_targets(
         m, g, r, i, self.mask_resolution))(gt_masks, gt_boxes, fg["rois"], fg["matched_gt"])
-    mask_logits = self._mask_branch(features, fg["rois"], fg["classes"], train)
+    mask_logits = self._mask_logits(features, fg["rois"], fg["classes"], fg["valid"], train)
     m = self.mask_resolution
     losses["loss_mask"] = mask_rcnn_loss(mask_logits.reshape(-1, m, m),
                                          jax.lax.stop_gradient(targets).reshape(-1, m, m),
@@ -415,8 +438,8 @@ class StandardROIHeads(nn.Module):
         detections_per_image=self.detections_per_image, num_candidates=self.test_candidates)
     boxes, scores, classes, num = jax.vmap(infer)(proposals, proposal_valid, logits, deltas,
                                                   image_hw)
-    mask_logits = self._mask_branch(features, boxes, classes, False)
     valid = jnp.arange(self.detections_per_image)[None, :] < num[:, None]
+    mask_logits = self._mask_logits(features, boxes, classes, valid, False)
     masks = jnp.where(valid[..., None, None], jax.nn.sigmoid(mask_logits), 0.0)
     return {"boxes": boxes, "scores": scores, "classes": classes, "masks": masks,
             "num_detections": num}

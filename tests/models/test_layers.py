@@ -49,6 +49,31 @@ def test_conv2d_matches_torch(rng, k, s, p, d, g, bias):
   np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("k,p", [(3, 1), (3, 0), (5, 2), (3, 2)])
+def test_conv2d_stride1_gradients_match_torch(rng, k, p):
+  """Stride-1 convs (layers.conv_stride1 on CPU): output and both gradients, also under a cond."""
+  x = rng.normal(size=(3, 10, 12, 8)).astype(np.float32)
+  tconv = torch.nn.Conv2d(8, 6, k, padding=p, bias=False)
+  tx = to_nchw(x).requires_grad_(True)
+  ty = tconv(tx)
+  dy = rng.normal(size=ty.shape).astype(np.float32)
+  ty.backward(torch.from_numpy(dy))
+  conv = Conv2d(6, k, padding=p, use_bias=False)
+  kernel = tconv.weight.detach().numpy().transpose(2, 3, 1, 0)
+
+  def loss(x, kernel, taken):
+    y = jax.lax.cond(taken, lambda: conv.apply({"params": {"kernel": kernel}}, x),
+                     lambda: jnp.zeros((3,) + dy.shape[2:] + (6,)))
+    return jnp.sum(y * dy.transpose(0, 2, 3, 1)), y
+
+  with jax.default_matmul_precision("highest"):
+    (_, y), (dx, dk) = jax.jit(jax.value_and_grad(loss, (0, 1), has_aux=True))(x, kernel, True)
+  np.testing.assert_allclose(y, to_nhwc(ty), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(dx, to_nhwc(tx.grad), rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(dk, tconv.weight.grad.numpy().transpose(2, 3, 1, 0), rtol=1e-4,
+                             atol=1e-4)
+
+
 def test_conv2d_params_and_init(rng):
   conv = Conv2d(64, 3, norm="GN")
   v = conv.init(jax.random.key(SEED, impl="rbg"), jnp.zeros((1, 8, 8, 32)))

@@ -197,3 +197,66 @@ def test_fast_rcnn_inference_matches_reference():
       box_reg_weights=(10.0, 10.0, 5.0, 5.0), score_thresh=0.05, nms_thresh=0.5,
       detections_per_image=20, num_candidates=p * k)
   assert int(num) == 0
+
+
+def test_mask_branch_chunks_equal_one_pass():
+  """Chunks of the mask branch with no ROI are skipped; losses, gradients and masks are those of
+  one pass over all max_fg_rois (or detections_per_image) slots."""
+  rng = _rng()
+  size, c = 64, 16
+  features = {f"p{k}": jnp.asarray(rng.normal(size=(2, size >> k, size >> k, c)), jnp.float32)
+              for k in range(2, 6)}
+  hw = np.full((2, 2), size, np.int32)
+  gt = np.stack([_random_boxes(rng, 3, size, 12, 30), _random_boxes(rng, 3, size, 12, 30)])
+  gt_classes = np.array([[1, 3, 2], [2, 0, 0]], np.int32)  # image 1: one object
+  gt_masks = (rng.uniform(size=(2, 3, 16, 16)) < 0.5).astype(np.uint8)
+  # Image 0: jittered copies of its objects (about 2 x 4 = 8 foreground ROIs with the appended gt);
+  # image 1: random boxes far from positive, so 1-2 foreground.
+  jitter = np.repeat(gt[0], 2, axis=0) + rng.normal(scale=1.0, size=(6, 4)).astype(np.float32)
+  proposals = np.stack([np.concatenate([jitter, _random_boxes(rng, 26, size, 2, 6)]),
+                        _random_boxes(rng, 32, size, 2, 6)])
+  proposals[..., 2:] = np.maximum(proposals[..., 2:], proposals[..., :2] + 1)
+  proposal_valid = np.ones((2, 32), bool)
+
+  def heads(chunk):
+    return roi_heads.StandardROIHeads(
+        num_classes=3, batch_size_per_image=32, box_num_conv=1, box_conv_dim=16, box_fc_dim=32,
+        mask_num_conv=2, mask_conv_dim=16, mask_max_fg_rois=16, mask_chunk_rois=chunk,
+        detections_per_image=10, test_candidates=50)
+
+  key = jax.random.key(int(rng.integers(1 << 30)))
+  args = (features, proposals, proposal_valid, hw, gt, gt_classes, gt_masks)
+  params = heads(0).init({"params": key, "sampling": key}, *args, train=True)["params"]
+
+  def loss_and_grads(chunk):
+    def loss(p):
+      out = heads(chunk).apply({"params": p}, *args, train=True, rngs={"sampling": key})
+      return out["loss_mask"], out
+    return jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+
+  (_, one), g_one = loss_and_grads(0)
+  (_, chunked), g_chunked = loss_and_grads(4)
+  num_fg = jax.vmap(lambda s: jnp.sum(s["valid"] & (s["classes"] > 0)))(
+      jax.vmap(lambda p, v, g, k, kk: roi_heads.label_and_sample_proposals(
+          p, v, g, k, kk, batch_size_per_image=32, positive_fraction=0.25, iou_threshold=0.5))(
+              proposals, proposal_valid, gt, gt_classes, jax.random.split(key, 2)))
+  print(f"foreground ROIs per image {np.asarray(num_fg)}, losses {one}")
+  assert 1 <= int(num_fg.max()) <= 12  # the last of the four chunks is skipped
+  for k in one:
+    np.testing.assert_allclose(chunked[k], one[k], rtol=1e-5, atol=1e-7, err_msg=k)
+  flat_one = jax.tree_util.tree_leaves_with_path(g_one["mask_head"])
+  flat_chunked = jax.tree_util.tree_leaves(g_chunked["mask_head"])
+  for (path, a), b in zip(flat_one, flat_chunked):
+    scale = float(jnp.abs(a).max())
+    assert scale > 0, path
+    np.testing.assert_allclose(b, a, rtol=0, atol=1e-5 * scale, err_msg=str(path))
+
+  # Inference: image 0 keeps up to 3 classes x 1 proposal, image 1 up to 3 x 2 (<= 6 of 10 slots).
+  infer_valid = np.zeros((2, 32), bool)
+  infer_valid[0, 0] = infer_valid[1, :2] = True
+  predict = lambda chunk: jax.jit(lambda p: heads(chunk).apply(
+      {"params": p}, features, proposals, infer_valid, hw, train=False))(params)
+  one, chunked = predict(0), predict(4)
+  assert 1 <= int(one["num_detections"].max()) <= 6
+  np.testing.assert_array_equal(chunked["num_detections"], one["num_detections"])
+  np.testing.assert_allclose(chunked["masks"], one["masks"], rtol=0, atol=1e-6)
