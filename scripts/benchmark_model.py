@@ -107,13 +107,18 @@ def run_jax(mode, size, batch, steps):
       jax.block_until_ready(loss)
   else:
     predict = jax.jit(lambda p, d: model.apply({"params": p}, d, train=False))
+    detections = []
+
     def call():
-      jax.block_until_ready(predict(params, data))
+      detections.append(int(jax.block_until_ready(predict(params, data))["num_detections"][0]))
 
   t = time.perf_counter()
   call()  # compile + first run
   first_s = time.perf_counter() - t
-  return {"times": _timed(call, steps), "compile_and_first_s": first_s, "init_s": init_s}
+  out = {"times": _timed(call, steps), "compile_and_first_s": first_s, "init_s": init_s}
+  if mode != "train":
+    out["detections"] = detections[-1]
+  return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -157,15 +162,19 @@ def run_torch(mode, size, batch, steps, threads):
       opt.step()
   else:
     model.eval()
+    detections = []
 
     def call():
       with torch.no_grad():
-        model(imgs[:1])
+        detections.append(len(model(imgs[:1])[0]["boxes"]))
 
   t = time.perf_counter()
   call()
   first_s = time.perf_counter() - t
-  return {"times": _timed(call, steps), "compile_and_first_s": first_s, "params": nparams}
+  out = {"times": _timed(call, steps), "compile_and_first_s": first_s, "params": nparams}
+  if mode != "train":
+    out["detections"] = detections[-1]  # with random weights usually 0: no mask head runs
+  return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -211,9 +220,10 @@ def main():
         continue
       results[(fw, mode)] = json.loads(lines[-1][len("RESULT "):])
       r = results[(fw, mode)]
+      detections = f"  detections {r['detections']}" if "detections" in r else ""
       print(f"{fw:5s} {mode:5s} median {r['median_s']:.2f} s  first call {r['compile_and_first_s']:.1f} s"
             f"  peak RSS {r['peak_rss_mb']:.0f} MB  times {[round(x, 2) for x in r['times']]}"
-            f"  ({time.perf_counter() - t:.0f} s wall)", flush=True)
+            f"{detections}  ({time.perf_counter() - t:.0f} s wall)", flush=True)
 
   print(f"\nR50-FPN-GN Mask R-CNN, {args.size}x{args.size}, CPU ({os.cpu_count()} cores), "
         f"train batch {args.batch}, inference batch 1, {args.steps} timed runs")
