@@ -322,7 +322,7 @@ _MULTI_DEVICE_SCRIPT = textwrap.dedent("""
       if norm == "SyncBN":
         # SyncBN's cross-device sums round differently from one device's, and random-init
         # objectness scores are nearly tied: the two meshes can then keep different proposals
-        # (seed 560239976: one ROI apart, loss_cls 1.4e-4 off). Zero RPN predictors make every
+        # (seed 560239976: loss_cls 1.4e-4 off; 2e-6 once pinned). Zero RPN predictors make every
         # proposal its anchor with an exactly tied score (ties break by index), so the ROI heads
         # see the same ROIs; the GN run checks the RPN's own path.
         pin = lambda path, x: (np.zeros_like(x) if any(
