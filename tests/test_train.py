@@ -325,13 +325,9 @@ _MULTI_DEVICE_SCRIPT = textwrap.dedent("""
         # (seed 560239976: loss_cls 1.4e-4 off; 2e-6 once pinned). Zero RPN predictors make every
         # proposal its anchor with an exactly tied score (ties break by index), so the ROI heads
         # see the same ROIs; the GN run checks the RPN's own path.
-        pin = lambda path, x: (np.zeros_like(x) if any(
-            k in jax.tree_util.keystr(path) for k in (
-                "['params']['proposal_generator']['rpn_head']['objectness_logits']['kernel']",
-                "['params']['proposal_generator']['rpn_head']['anchor_deltas']['kernel']"))
-            else x)
-        initial = jax.tree_util.tree_map_with_path(pin, initial)
         rpn_head = initial["params"]["proposal_generator"]["rpn_head"]
+        for name in ("objectness_logits", "anchor_deltas"):
+          rpn_head[name]["kernel"] = np.zeros_like(rpn_head[name]["kernel"])
         assert not rpn_head["objectness_logits"]["kernel"].any()
         assert not rpn_head["anchor_deltas"]["kernel"].any()
       out = {}
