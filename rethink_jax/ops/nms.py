@@ -58,11 +58,16 @@ def _greedy_nms(boxes, scores, classes, iou_threshold, max_output):
 
 
 def _pairwise_over(a, b, ca, cb, iou_threshold):
-  """(T, 4), (N, 4) -> (T, N) bool: IoU > threshold (and same class when classes are given)."""
-  area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
-  area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-  w = jnp.maximum(jnp.minimum(a[:, None, 2], b[None, :, 2]) - jnp.maximum(a[:, None, 0], b[None, :, 0]), 0.0)
-  h = jnp.maximum(jnp.minimum(a[:, None, 3], b[None, :, 3]) - jnp.maximum(a[:, None, 1], b[None, :, 1]), 0.0)
+  """Coordinates (x1, y1, x2, y2) of (T,) and of (N,) -> (T, N) bool: IoU > threshold.
+
+  With classes ca (T,), cb (N,) only boxes of the same class count as overlapping.
+  """
+  ax1, ay1, ax2, ay2 = a
+  bx1, by1, bx2, by2 = b
+  area_a = (ax2 - ax1) * (ay2 - ay1)
+  area_b = (bx2 - bx1) * (by2 - by1)
+  w = jnp.maximum(jnp.minimum(ax2[:, None], bx2[None, :]) - jnp.maximum(ax1[:, None], bx1[None, :]), 0.0)
+  h = jnp.maximum(jnp.minimum(ay2[:, None], by2[None, :]) - jnp.maximum(ay1[:, None], by1[None, :]), 0.0)
   inter = w * h
   over = inter / (area_a[:, None] + area_b[None, :] - inter) > iou_threshold
   if ca is not None:
@@ -78,7 +83,11 @@ def _tiled_nms(boxes, scores, classes, iou_threshold, max_output, tile=512):
   num_tiles = -(-n // tile)
   pad = num_tiles * tile - n
   order = jnp.argsort(-scores, stable=True).astype(jnp.int32)
-  b = jnp.pad(boxes[order], ((0, pad), (0, 0)))
+  # Four (N + pad,) coordinate vectors rather than one (N + pad, 4) array: lane-dense on TPU, and
+  # libtpu 0.0.42.1 crashes compiling for v5p the fusion of padding an (N, 4) array and slicing
+  # its columns (Check failed: llo::CouldLtS32 in math_util.cc).
+  sorted_boxes = boxes[order]
+  b = tuple(jnp.pad(sorted_boxes[:, i], (0, pad)) for i in range(4))
   valid = jnp.pad(scores[order] > -jnp.inf, (0, pad))
   c = None if classes is None else jnp.pad(classes[order], (0, pad))
   earlier = jnp.arange(tile)[:, None] < jnp.arange(tile)[None, :]  # [j, i]: j before i
@@ -90,7 +99,7 @@ def _tiled_nms(boxes, scores, classes, iou_threshold, max_output, tile=512):
   def body(state):
     t, kept = state
     start = t * tile
-    bt = jax.lax.dynamic_slice_in_dim(b, start, tile)
+    bt = tuple(jax.lax.dynamic_slice_in_dim(v, start, tile) for v in b)
     ct = None if c is None else jax.lax.dynamic_slice_in_dim(c, start, tile)
     # Suppressed by a box kept in an earlier tile (kept is False for this and later tiles).
     by_kept = jnp.any(_pairwise_over(bt, b, ct, c, iou_threshold) & kept[None, :], axis=1)
