@@ -1,11 +1,15 @@
-"""Times R50-FPN-GN Mask R-CNN on CPU: this project's Flax model vs torchvision's, same architecture.
+"""Times R50-FPN-GN Mask R-CNN: this project's Flax model vs torchvision's, same architecture.
 
   timeout 1500 nice .venv/bin/python scripts/benchmark_model.py [--size 512 --batch 2 --steps 3]
+  python3 scripts/benchmark_model.py --device cuda --size 1024 --steps 20   # on a GPU machine
+  ... --frameworks jax --set mask_head.chunk_rois=0                          # a model variant
 
 One training step = forward + backward + SGD (momentum 0.9) update, batch `--batch` at
 size x size; inference = one image. Each of the four measurements runs in its own process, so each
 peak resident set size (ru_maxrss) belongs to that measurement alone. Prints medians, the ratio
-JAX / torch (< 1 means JAX is faster), the compile time of the jitted JAX functions, and peak RSS.
+JAX / torch (< 1 means JAX is faster), the compile time of the jitted JAX functions, and peak RSS
+(on a GPU also each framework's peak device memory: JAX's allocator statistics,
+torch.cuda.max_memory_allocated).
 
 torchvision's model: torchvision.models.detection.MaskRCNN on a ResNet-50 with GroupNorm(32)
 everywhere, FPN with GroupNorm (_resnet_fpn_extractor(norm_layer=GN)), FastRCNNConvFCHead
@@ -80,13 +84,30 @@ def jax_train_step(model, tx):
   return step
 
 
-def run_jax(mode, size, batch, steps):
+def model_config_with(overrides):
+  """The default R50-FPN-GN model config with `overrides` ("key.sub=python literal") applied."""
+  import ast
+  from rethink_jax.models import default_model_config
+  config = default_model_config()
+  for item in overrides:
+    key, _, value = item.partition("=")
+    *parents, leaf = key.split(".")
+    node = config
+    for name in parents:
+      node = node[name]
+    if leaf not in node:
+      raise KeyError(f"--set {item}: the model config has no field {key!r}")
+    node[leaf] = ast.literal_eval(value)
+  return config
+
+
+def run_jax(mode, size, batch, steps, overrides=()):
   import jax
   import optax
-  from rethink_jax.models import build_model, default_model_config
+  from rethink_jax.models import build_model
 
-  data = jax_batch(size, batch if mode == "train" else 1)
-  model = build_model(default_model_config())
+  data = jax.device_put(jax_batch(size, batch if mode == "train" else 1))  # once, as torch's
+  model = build_model(model_config_with(overrides))
   key = jax.random.key(0, impl="rbg")  # rbg compiles much faster than threefry on XLA:CPU
   t = time.perf_counter()
   params = jax.jit(lambda k: model.init({"params": k, "sampling": k}, data,
@@ -94,11 +115,11 @@ def run_jax(mode, size, batch, steps):
   jax.block_until_ready(params)
   init_s = time.perf_counter() - t
 
+  t = time.perf_counter()
   if mode == "train":
     tx = optax.sgd(0.02, momentum=0.9)
     opt_state = tx.init(params)
-
-    step = jax.jit(jax_train_step(model, tx))
+    step = jax.jit(jax_train_step(model, tx)).lower(params, opt_state, data, key).compile()
     state = {"p": params, "o": opt_state, "k": key}
 
     def call():
@@ -106,18 +127,25 @@ def run_jax(mode, size, batch, steps):
       state["p"], state["o"], loss = step(state["p"], state["o"], data, sub)
       jax.block_until_ready(loss)
   else:
-    predict = jax.jit(lambda p, d: model.apply({"params": p}, d, train=False))
+    step = jax.jit(lambda p, d: model.apply({"params": p}, d, train=False)).lower(
+        params, data).compile()
     detections = []
 
     def call():
-      detections.append(int(jax.block_until_ready(predict(params, data))["num_detections"][0]))
+      detections.append(int(jax.block_until_ready(step(params, data))["num_detections"][0]))
 
-  t = time.perf_counter()
-  call()  # compile + first run
+  call()  # first run, after the compile
   first_s = time.perf_counter() - t
   out = {"times": _timed(call, steps), "compile_and_first_s": first_s, "init_s": init_s}
   if mode != "train":
     out["detections"] = detections[-1]
+  memory = step.memory_analysis()
+  if memory is not None:  # what the program needs: arguments + outputs - aliased + temporaries
+    out["program_mb"] = (memory.argument_size_in_bytes + memory.output_size_in_bytes
+                         - memory.alias_size_in_bytes + memory.temp_size_in_bytes) / 2**20
+  stats = jax.devices()[0].memory_stats() or {}
+  if "peak_bytes_in_use" in stats:  # GPU allocators report it (autotuning's scratch included)
+    out["peak_device_mb"] = stats["peak_bytes_in_use"] / 2**20
   return out
 
 
@@ -141,16 +169,19 @@ def build_torchvision(size):
                   rpn_post_nms_top_n_train=1000, box_head=box_head, mask_head=mask_head)
 
 
-def run_torch(mode, size, batch, steps, threads):
+def run_torch(mode, size, batch, steps, threads, device):
   import torch
   torch.set_num_threads(threads)
+  dev = torch.device(device)
+  sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
   images, boxes, classes, masks = synthetic(size, batch)
-  model = build_torchvision(size)
+  model = build_torchvision(size).to(dev)
   nparams = sum(p.numel() for p in model.parameters())
-  imgs = [torch.from_numpy(im).permute(2, 0, 1).contiguous() for im in images]
+  imgs = [torch.from_numpy(im).permute(2, 0, 1).contiguous().to(dev) for im in images]
   if mode == "train":
-    targets = [{"boxes": torch.from_numpy(boxes[i]), "labels": torch.from_numpy(classes[i]).long(),
-                "masks": torch.from_numpy(masks[i])} for i in range(batch)]
+    targets = [{"boxes": torch.from_numpy(boxes[i]).to(dev),
+                "labels": torch.from_numpy(classes[i]).long().to(dev),
+                "masks": torch.from_numpy(masks[i]).to(dev)} for i in range(batch)]
     opt = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
     model.train()
 
@@ -160,6 +191,7 @@ def run_torch(mode, size, batch, steps, threads):
       opt.zero_grad()
       loss.backward()
       opt.step()
+      sync()
   else:
     model.eval()
     detections = []
@@ -174,6 +206,8 @@ def run_torch(mode, size, batch, steps, threads):
   out = {"times": _timed(call, steps), "compile_and_first_s": first_s, "params": nparams}
   if mode != "train":
     out["detections"] = detections[-1]  # with random weights usually 0: no mask head runs
+  if device == "cuda":
+    out["peak_device_mb"] = torch.cuda.max_memory_allocated() / 2**20
   return out
 
 
@@ -182,9 +216,9 @@ def run_torch(mode, size, batch, steps, threads):
 # ------------------------------------------------------------------------------------------------
 def child(args):
   if args.framework == "jax":
-    out = run_jax(args.mode, args.size, args.batch, args.steps)
+    out = run_jax(args.mode, args.size, args.batch, args.steps, args.set)
   else:
-    out = run_torch(args.mode, args.size, args.batch, args.steps, args.threads)
+    out = run_torch(args.mode, args.size, args.batch, args.steps, args.threads, args.device)
   out["median_s"] = statistics.median(out["times"])
   out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
   print("RESULT " + json.dumps(out), flush=True)
@@ -197,21 +231,27 @@ def main():
   p.add_argument("--steps", type=int, default=3, help="timed repetitions after the first call")
   p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch intra-op threads")
   p.add_argument("--modes", default="train,infer")
+  p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                 help="where both frameworks run (cuda: a GPU, with jax[cuda] installed)")
+  p.add_argument("--frameworks", default="torch,jax")
+  p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                 help="override a field of the JAX model config, e.g. mask_head.chunk_rois=0")
   p.add_argument("--framework", choices=["jax", "torch"], help=argparse.SUPPRESS)
   p.add_argument("--mode", choices=["train", "infer"], help=argparse.SUPPRESS)
   args = p.parse_args()
   if args.framework:
     return child(args)
 
-  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
+  env = dict(os.environ, JAX_PLATFORMS=args.device, TF_CPP_MIN_LOG_LEVEL="2")
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env["PYTHONPATH"] = repo + os.pathsep + env.get("PYTHONPATH", "")
   results = {}
   for mode in args.modes.split(","):
-    for fw in ("torch", "jax"):
+    for fw in args.frameworks.split(","):
       cmd = [sys.executable, os.path.abspath(__file__), "--framework", fw, "--mode", mode,
              "--size", str(args.size), "--batch", str(args.batch), "--steps", str(args.steps),
-             "--threads", str(args.threads)]
+             "--threads", str(args.threads), "--device", args.device]
+      cmd += [f"--set={item}" for item in args.set]
       t = time.perf_counter()
       proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
       lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
@@ -221,12 +261,18 @@ def main():
       results[(fw, mode)] = json.loads(lines[-1][len("RESULT "):])
       r = results[(fw, mode)]
       detections = f"  detections {r['detections']}" if "detections" in r else ""
-      print(f"{fw:5s} {mode:5s} median {r['median_s']:.2f} s  first call {r['compile_and_first_s']:.1f} s"
-            f"  peak RSS {r['peak_rss_mb']:.0f} MB  times {[round(x, 2) for x in r['times']]}"
-            f"{detections}  ({time.perf_counter() - t:.0f} s wall)", flush=True)
+      device_mb = f"  peak device {r['peak_device_mb']:.0f} MB" if "peak_device_mb" in r else ""
+      if "program_mb" in r:
+        device_mb += f"  compiled program {r['program_mb']:.0f} MB"
+      print(f"{fw:5s} {mode:5s} median {r['median_s']:.3f} s  first call {r['compile_and_first_s']:.1f} s"
+            f"  peak RSS {r['peak_rss_mb']:.0f} MB{device_mb}  "
+            f"times {[round(x, 3) for x in r['times']]}{detections}  "
+            f"({time.perf_counter() - t:.0f} s wall)", flush=True)
 
-  print(f"\nR50-FPN-GN Mask R-CNN, {args.size}x{args.size}, CPU ({os.cpu_count()} cores), "
-        f"train batch {args.batch}, inference batch 1, {args.steps} timed runs")
+  where = f"CPU ({os.cpu_count()} cores)" if args.device == "cpu" else args.device
+  variant = f", JAX model with {', '.join(args.set)}" if args.set else ""
+  print(f"\nR50-FPN-GN Mask R-CNN, {args.size}x{args.size}, {where}, "
+        f"train batch {args.batch}, inference batch 1, {args.steps} timed runs{variant}")
   print("| measurement | torchvision (s) | rethink_jax (s) | ratio jax/torch | torch peak RSS (MB) | "
         "jax peak RSS (MB) | jax compile+first (s) |")
   print("| --- | --- | --- | --- | --- | --- | --- |")
@@ -235,9 +281,13 @@ def main():
     fmt = lambda r, k, f: (f % r[k]) if r else "n/a"
     ratio = f"{j['median_s'] / t['median_s']:.2f}" if (t and j) else "n/a"
     what = f"train step (batch {args.batch})" if mode == "train" else "inference (per image)"
-    print(f"| {what} | {fmt(t, 'median_s', '%.2f')} | {fmt(j, 'median_s', '%.2f')} | {ratio} | "
+    print(f"| {what} | {fmt(t, 'median_s', '%.3f')} | {fmt(j, 'median_s', '%.3f')} | {ratio} | "
           f"{fmt(t, 'peak_rss_mb', '%.0f')} | {fmt(j, 'peak_rss_mb', '%.0f')} | "
           f"{fmt(j, 'compile_and_first_s', '%.0f')} |")
+    if args.device != "cpu":
+      print(f"|   peak device memory (MB): torch max_memory_allocated, JAX allocator peak | "
+            f"{fmt(t, 'peak_device_mb', '%.0f')} | {fmt(j, 'peak_device_mb', '%.0f')} | | | | |")
+      print(f"|   JAX compiled program's memory (MB) | | {fmt(j, 'program_mb', '%.0f')} | | | | |")
   if ("torch", "train") in results:
     print(f"torchvision parameters: {results[('torch', 'train')]['params']:,}")
 
