@@ -1,6 +1,6 @@
 """Times R50-FPN-GN Mask R-CNN: this project's Flax model vs torchvision's, same architecture.
 
-  timeout 1500 nice .venv/bin/python scripts/benchmark_model.py [--size 512 --batch 2 --steps 3]
+  timeout 1500 nice .venv/bin/python scripts/benchmark_model.py [--size 512 --batch 2 --steps 3 --rounds 1]
   python3 scripts/benchmark_model.py --device cuda --size 1024 --steps 20   # on a GPU machine
   ... --frameworks jax --set mask_head.chunk_rois=0                          # a model variant
 
@@ -234,6 +234,9 @@ def main():
   p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                  help="where both frameworks run (cuda: a GPU, with jax[cuda] installed)")
   p.add_argument("--frameworks", default="torch,jax")
+  p.add_argument("--rounds", type=int, default=1,
+                 help="repeat the torch/jax pair of processes; the machine's speed drifts, so "
+                      "each round's ratio is printed and the table pools every round's times")
   p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                  help="override a field of the JAX model config, e.g. mask_head.chunk_rois=0")
   p.add_argument("--framework", choices=["jax", "torch"], help=argparse.SUPPRESS)
@@ -245,34 +248,47 @@ def main():
   env = dict(os.environ, JAX_PLATFORMS=args.device, TF_CPP_MIN_LOG_LEVEL="2")
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env["PYTHONPATH"] = repo + os.pathsep + env.get("PYTHONPATH", "")
-  results = {}
-  for mode in args.modes.split(","):
-    for fw in args.frameworks.split(","):
-      cmd = [sys.executable, os.path.abspath(__file__), "--framework", fw, "--mode", mode,
-             "--size", str(args.size), "--batch", str(args.batch), "--steps", str(args.steps),
-             "--threads", str(args.threads), "--device", args.device]
-      cmd += [f"--set={item}" for item in args.set]
-      t = time.perf_counter()
-      proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-      lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-      if proc.returncode or not lines:
-        print(f"{fw} {mode} failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}", flush=True)
-        continue
-      results[(fw, mode)] = json.loads(lines[-1][len("RESULT "):])
-      r = results[(fw, mode)]
-      detections = f"  detections {r['detections']}" if "detections" in r else ""
-      device_mb = f"  peak device {r['peak_device_mb']:.0f} MB" if "peak_device_mb" in r else ""
-      if "program_mb" in r:
-        device_mb += f"  compiled program {r['program_mb']:.0f} MB"
-      print(f"{fw:5s} {mode:5s} median {r['median_s']:.3f} s  first call {r['compile_and_first_s']:.1f} s"
-            f"  peak RSS {r['peak_rss_mb']:.0f} MB{device_mb}  "
-            f"times {[round(x, 3) for x in r['times']]}{detections}  "
-            f"({time.perf_counter() - t:.0f} s wall)", flush=True)
+  results, ratios = {}, {}
+  runs = [(mode, fw) for _ in range(args.rounds) for mode in args.modes.split(",")
+          for fw in args.frameworks.split(",")]
+  for mode, fw in runs:
+    cmd = [sys.executable, os.path.abspath(__file__), "--framework", fw, "--mode", mode,
+           "--size", str(args.size), "--batch", str(args.batch), "--steps", str(args.steps),
+           "--threads", str(args.threads), "--device", args.device]
+    cmd += [f"--set={item}" for item in args.set]
+    t = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+    if proc.returncode or not lines:
+      print(f"{fw} {mode} failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}", flush=True)
+      continue
+    r = json.loads(lines[-1][len("RESULT "):])
+    if (fw, mode) in results:  # a later round: pool its times and keep the larger peaks
+      old = results[(fw, mode)]
+      r["times"] = old["times"] + r["times"]
+      for k in ("peak_rss_mb", "peak_device_mb", "program_mb", "compile_and_first_s"):
+        if k in old:
+          r[k] = max(r[k], old[k])
+    results[(fw, mode)] = r
+    if fw == "jax" and ("torch", mode) in results:  # this round's ratio
+      ratios.setdefault(mode, []).append(
+          statistics.median(r["times"][-args.steps:])
+          / statistics.median(results[("torch", mode)]["times"][-args.steps:]))
+    detections = f"  detections {r['detections']}" if "detections" in r else ""
+    device_mb = f"  peak device {r['peak_device_mb']:.0f} MB" if "peak_device_mb" in r else ""
+    if "program_mb" in r:
+      device_mb += f"  compiled program {r['program_mb']:.0f} MB"
+    r["median_s"] = statistics.median(r["times"])
+    print(f"{fw:5s} {mode:5s} median {r['median_s']:.3f} s  first call {r['compile_and_first_s']:.1f} s"
+          f"  peak RSS {r['peak_rss_mb']:.0f} MB{device_mb}  "
+          f"times {[round(x, 3) for x in r['times']]}{detections}  "
+          f"({time.perf_counter() - t:.0f} s wall)", flush=True)
 
   where = f"CPU ({os.cpu_count()} cores)" if args.device == "cpu" else args.device
   variant = f", JAX model with {', '.join(args.set)}" if args.set else ""
   print(f"\nR50-FPN-GN Mask R-CNN, {args.size}x{args.size}, {where}, "
-        f"train batch {args.batch}, inference batch 1, {args.steps} timed runs{variant}")
+        f"train batch {args.batch}, inference batch 1, {args.rounds} round(s) of {args.steps} "
+        f"timed runs{variant}")
   print("| measurement | torchvision (s) | rethink_jax (s) | ratio jax/torch | torch peak RSS (MB) | "
         "jax peak RSS (MB) | jax compile+first (s) |")
   print("| --- | --- | --- | --- | --- | --- | --- |")
@@ -288,6 +304,10 @@ def main():
       print(f"|   peak device memory (MB): torch max_memory_allocated, JAX allocator peak | "
             f"{fmt(t, 'peak_device_mb', '%.0f')} | {fmt(j, 'peak_device_mb', '%.0f')} | | | | |")
       print(f"|   JAX compiled program's memory (MB) | | {fmt(j, 'program_mb', '%.0f')} | | | | |")
+  for mode, rs in ratios.items():
+    if len(rs) > 1:
+      print(f"{mode}: ratio of each round {[round(x, 2) for x in rs]}, median "
+            f"{statistics.median(rs):.2f}")
   if ("torch", "train") in results:
     print(f"torchvision parameters: {results[('torch', 'train')]['params']:,}")
 

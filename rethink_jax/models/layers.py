@@ -46,6 +46,60 @@ def _check_nhwc(x: Array, what: str, channels: Optional[int] = None):
     raise ValueError(f"{what}: expected input of shape {want}, got {x.shape}.")
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def group_norm(x: Array, scale: Array, bias: Array, num_groups: int, epsilon: float) -> Array:
+  """torch.nn.GroupNorm on NHWC: x (B, H, W, C), scale and bias (C,) -> (B, H, W, C) in x.dtype.
+
+  Statistics and arithmetic in float32. The gradient is written out (custom VJP) so that every
+  reduction over the activations runs in the (B, H, W, G, C/G) layout, which XLA:CPU reduces
+  quickly, and the parameter gradients as one (B*H*W, C) column sum each: R50-FPN-GN forward +
+  backward at 512 x 512, batch 2, 4.55 -> 4.25 s on 2 cores, against autodiff's per-(image,
+  channel) sums over (H, W).
+  """
+  return _group_norm_fwd(x, scale, bias, num_groups, epsilon)[0]
+
+
+def _group_stats(x, num_groups, epsilon):
+  """x (B, H, W, C) -> xg (B, H, W, G, C/G) float32, mean and inv_std (B, 1, 1, G, 1)."""
+  b, h, w, c = x.shape
+  xg = x.astype(jnp.float32).reshape(b, h, w, num_groups, c // num_groups)
+  # Two-pass statistics: E[x^2] - E[x]^2 cancels badly in float32.
+  mean = jnp.mean(xg, axis=(1, 2, 4), keepdims=True)
+  var = jnp.mean(jnp.square(xg - mean), axis=(1, 2, 4), keepdims=True)
+  return xg, mean, jax.lax.rsqrt(var + epsilon)
+
+
+def _group_norm_fwd(x, scale, bias, num_groups, epsilon):
+  b, _, _, c = x.shape
+  _, mean, inv = _group_stats(x, num_groups, epsilon)
+  # One per-(image, channel) affine over x: y = x * a + shift.
+  a = inv * scale.reshape(num_groups, c // num_groups)  # (B, 1, 1, G, C/G)
+  shift = bias.reshape(num_groups, c // num_groups) - mean * a
+  y = x.astype(jnp.float32) * a.reshape(b, 1, 1, c) + shift.reshape(b, 1, 1, c)
+  return y.astype(x.dtype), (x, scale, mean, inv)
+
+
+def _group_norm_bwd(num_groups, epsilon, res, dy):
+  """dx = inv * (dxhat - mean_g(dxhat) - xhat * mean_g(dxhat * xhat)), dxhat = dy * scale."""
+  del epsilon
+  x, scale, mean, inv = res
+  b, h, w, c = x.shape
+  n = h * w * (c // num_groups)
+  xg = x.astype(jnp.float32).reshape(b, h, w, num_groups, c // num_groups)
+  dyg = dy.astype(jnp.float32).reshape(xg.shape)
+  xhat = (xg - mean) * inv
+  dxhat = dyg * scale.reshape(num_groups, c // num_groups)
+  mean_dxhat = jnp.sum(dxhat, axis=(1, 2, 4), keepdims=True) / n
+  mean_dxhat_xhat = jnp.sum(dxhat * xhat, axis=(1, 2, 4), keepdims=True) / n
+  dx = inv * (dxhat - mean_dxhat - xhat * mean_dxhat_xhat)
+  dscale = jnp.sum((dyg * xhat).reshape(-1, c), axis=0)
+  dbias = jnp.sum(dyg.reshape(-1, c), axis=0)
+  return dx.reshape(x.shape).astype(x.dtype), dscale, dbias
+
+
+group_norm.defvjp(_group_norm_fwd, _group_norm_bwd)
+
+
 class GroupNorm(nn.Module):
   """GroupNorm as torch.nn.GroupNorm (eps 1e-5), statistics in float32.
 
@@ -64,18 +118,7 @@ class GroupNorm(nn.Module):
     g = self.num_groups if c % self.num_groups == 0 else math.gcd(self.num_groups, c)
     scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
     bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
-    b = x.shape[0]
-    xf = x.astype(jnp.float32)
-    xg = xf.reshape(x.shape[:-1] + (g, c // g))
-    # Two-pass statistics (E[x^2] - E[x]^2 cancels badly in float32) ...
-    mean = jnp.mean(xg, axis=(1, 2, 4), keepdims=True)
-    var = jnp.mean(jnp.square(xg - mean), axis=(1, 2, 4))  # (B, G)
-    inv = jax.lax.rsqrt(var + self.epsilon)
-    # ... then one per-(image, channel) affine over x: ~1.4x faster fwd+bwd on XLA:CPU than
-    # normalizing in the (B, H, W, G, C/G) layout.
-    a = jnp.repeat(inv, c // g, axis=1) * scale  # (B, C)
-    shift = bias - jnp.repeat(mean.reshape(b, g) * inv, c // g, axis=1) * scale
-    return (xf * a[:, None, None, :] + shift[:, None, None, :]).astype(x.dtype)
+    return group_norm(x, scale, bias, g, self.epsilon)
 
 
 class BatchNorm(nn.Module):
