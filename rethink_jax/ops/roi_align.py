@@ -18,10 +18,11 @@ per axis, per ROI) uses the static cap G = max_sampling_ratio: each ROI samples 
 ceil(roi_size / bins) grid, with the unused of the G slots masked out, which is exact whenever
 ceil(roi_size / bins) <= G. Beyond the cap a ROI uses G evenly spaced samples per bin and axis
 (what sampling_ratio = G would compute for that ROI): a coarser average of the same bin than
-Detectron2's. Inside multilevel_roi_align boxes are pooled on the level where they measure about
-7-14 pixels, so with 7 x 7 bins the cap 4 is reached only by boxes whose longer side exceeds 28
-pixels on their level: longer than 896 px on P5, or elongated beyond about 4:1 (14 x 14 bins: twice
-that). The cost grows with G^2 (K = 64 taps per bin at G = 4, 16 at sampling_ratio = 2).
+Detectron2's. Inside multilevel_roi_align a box is pooled on the level where sqrt(area) measures
+14-28 cells (P2 and P5 clamp: smaller boxes on P2, larger on P5), so with 7 x 7 bins the cap 4 is
+reached by boxes whose longer side exceeds 28 cells on their level: square boxes above 896 px (on
+P5), and elongated ones sooner (a 2:1 box once sqrt(area) passes 20 cells); 14 x 14 bins: twice
+those sizes. The cost grows with G^2 (K = 64 taps per bin at G = 4, 16 at sampling_ratio = 2).
 
 Boxes get no gradient (torchvision's roi_align has none for the ROIs either).
 """
