@@ -1,9 +1,11 @@
 """Times R50-GN + FPN-GN forward+backward (this project vs torchvision, same run, same device).
 
-  python scripts/benchmark_backbone.py --size 512 --batch 2 [--dtype bfloat16] [--iters 5]
+  PYTHONPATH=. python scripts/benchmark_backbone.py --size 512 --batch 2 [--dtype bfloat16]
+      [--iters 5] [--norm FrozenBN]
 
 Prints the median step time of each and the ratio (ours / torchvision); on a GPU torch runs on
-CUDA too (autocast for bfloat16). The loss is the mean square of P2..P6.
+CUDA too (autocast for bfloat16). The loss is the mean square of P2..P6. --norm FrozenBN swaps
+every GroupNorm for a fixed affine (FPN without norm) in both, which isolates the norms' cost.
 """
 
 import argparse
@@ -14,14 +16,15 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def bench_jax(size, batch, dtype, iters):
+def bench_jax(size, batch, dtype, iters, norm):
   from rethink_jax.models import build_resnet_fpn  # pylint: disable=g-import-not-at-top
-  model = build_resnet_fpn(depth=50, norm="GN", fpn_norm="GN", dtype=dtype)
+  model = build_resnet_fpn(depth=50, norm=norm, fpn_norm="GN" if norm == "GN" else "", dtype=dtype)
   x = jnp.asarray(np.random.default_rng(0).normal(size=(batch, size, size, 3)), jnp.float32)
-  params = jax.jit(model.init)(jax.random.key(0, impl="rbg"), x[:1])["params"]
+  variables = jax.jit(model.init)(jax.random.key(0, impl="rbg"), x[:1])
+  params = variables.pop("params")  # FrozenBN's affines stay constants
 
   def loss(p, x):
-    out = model.apply({"params": p}, x, train=True)
+    out = model.apply({"params": p, **variables}, x, train=True)
     return sum(jnp.mean(jnp.square(o.astype(jnp.float32))) for o in out.values())
 
   step = jax.jit(jax.value_and_grad(loss))
@@ -36,16 +39,17 @@ def bench_jax(size, batch, dtype, iters):
   return float(np.median(times)), compile_s
 
 
-def bench_torch(size, batch, dtype, iters):
+def bench_torch(size, batch, dtype, iters, norm):
   import torch  # pylint: disable=g-import-not-at-top
   import torchvision  # pylint: disable=g-import-not-at-top
   from torchvision.ops import FeaturePyramidNetwork  # pylint: disable=g-import-not-at-top
   from torchvision.ops.feature_pyramid_network import LastLevelMaxPool  # pylint: disable=g-import-not-at-top
   dev = "cuda" if torch.cuda.is_available() else "cpu"
   gn = lambda c: torch.nn.GroupNorm(32, c)
-  body = torchvision.models.resnet50(norm_layer=gn).to(dev)
+  norm_layer = gn if norm == "GN" else torchvision.ops.FrozenBatchNorm2d
+  body = torchvision.models.resnet50(norm_layer=norm_layer).to(dev)
   fpn = FeaturePyramidNetwork([256, 512, 1024, 2048], 256, extra_blocks=LastLevelMaxPool(),
-                              norm_layer=gn).to(dev)
+                              norm_layer=gn if norm == "GN" else None).to(dev)
   x = torch.randn(batch, 3, size, size, device=dev)
 
   def step():
@@ -76,10 +80,12 @@ def main():
   parser.add_argument("--batch", type=int, default=2)
   parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
   parser.add_argument("--iters", type=int, default=5)
+  parser.add_argument("--norm", default="GN", choices=("GN", "FrozenBN"))
   args = parser.parse_args()
-  ours, compile_s = bench_jax(args.size, args.batch, args.dtype, args.iters)
-  theirs, dev = bench_torch(args.size, args.batch, args.dtype, args.iters)
-  print(f"R50-GN+FPN-GN fwd+bwd batch {args.batch} {args.size}x{args.size} {args.dtype} on "
+  ours, compile_s = bench_jax(args.size, args.batch, args.dtype, args.iters, args.norm)
+  theirs, dev = bench_torch(args.size, args.batch, args.dtype, args.iters, args.norm)
+  what = "R50-GN+FPN-GN" if args.norm == "GN" else "R50-FrozenBN+FPN"
+  print(f"{what} fwd+bwd batch {args.batch} {args.size}x{args.size} {args.dtype} on "
         f"{jax.devices()[0].platform} / torch {dev}: ours {ours * 1e3:.1f} ms (compile "
         f"{compile_s:.1f} s), torchvision {theirs * 1e3:.1f} ms, ratio {ours / theirs:.2f}")
 
