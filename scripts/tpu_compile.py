@@ -170,13 +170,19 @@ def main(argv=None):
   p.add_argument("--images-per-chip", default="1,2,4")
   p.add_argument("--dtypes", default="float32,bfloat16")
   p.add_argument("--json", default="", help="append one JSON line per case to this file")
+  p.add_argument("--mask-chunk-rois", type=int, default=None,
+                 help="override model.mask_head.chunk_rois (0: the mask branch in one pass, "
+                      "which needs less memory than skippable chunks)")
   args = p.parse_args(argv)
   if not libtpu_available():
     sys.exit("libtpu is not installed: pip install -r requirements-tpu.txt")
 
   config = load_config(args.config, args.config_arg)
+  if args.mask_chunk_rois is not None:
+    config.model.mask_head.chunk_rois = args.mask_chunk_rois
   print(f"config {os.path.relpath(args.config, ROOT)}; model: R{config.model.backbone.depth}-FPN "
-        f"norm {config.model.backbone.norm}, {config.model.num_classes} classes", flush=True)
+        f"norm {config.model.backbone.norm}, {config.model.num_classes} classes, mask branch in "
+        f"chunks of {config.model.mask_head.chunk_rois or 'all'} ROIs", flush=True)
   print(HEADER)
   print("|" + "---|" * (HEADER.count("|") - 1))
   rows = []
@@ -193,6 +199,7 @@ def main(argv=None):
           compiled, lower_s, compile_s = compile_train_step(c, devices, ipc, hw)
           r = dict(topology=topology, chips=len(devices), image=f"{hw[0]}x{hw[1]}",
                    images_per_chip=ipc, dtype=dtype, lower_s=lower_s, compile_s=compile_s,
+                   mask_chunk_rois=c.model.mask_head.chunk_rois,
                    **analyse(compiled, chip, ipc))
           rows.append(r)
           print(row(r), flush=True)
