@@ -59,19 +59,12 @@ def group_norm(x: Array, scale: Array, bias: Array, num_groups: int, epsilon: fl
   return _group_norm_fwd(x, scale, bias, num_groups, epsilon)[0]
 
 
-def _group_stats(x, num_groups, epsilon):
-  """x (B, H, W, C) -> xg (B, H, W, G, C/G) float32, mean and inv_std (B, 1, 1, G, 1)."""
+def _group_norm_fwd(x, scale, bias, num_groups, epsilon):
   b, h, w, c = x.shape
   xg = x.astype(jnp.float32).reshape(b, h, w, num_groups, c // num_groups)
-  # Two-pass statistics: E[x^2] - E[x]^2 cancels badly in float32.
+  # Two-pass statistics (E[x^2] - E[x]^2 cancels badly in float32), (B, 1, 1, G, 1) each.
   mean = jnp.mean(xg, axis=(1, 2, 4), keepdims=True)
-  var = jnp.mean(jnp.square(xg - mean), axis=(1, 2, 4), keepdims=True)
-  return xg, mean, jax.lax.rsqrt(var + epsilon)
-
-
-def _group_norm_fwd(x, scale, bias, num_groups, epsilon):
-  b, _, _, c = x.shape
-  _, mean, inv = _group_stats(x, num_groups, epsilon)
+  inv = jax.lax.rsqrt(jnp.mean(jnp.square(xg - mean), axis=(1, 2, 4), keepdims=True) + epsilon)
   # One per-(image, channel) affine over x: y = x * a + shift.
   a = inv * scale.reshape(num_groups, c // num_groups)  # (B, 1, 1, G, C/G)
   shift = bias.reshape(num_groups, c // num_groups) - mean * a
