@@ -248,7 +248,7 @@ def main():
   env = dict(os.environ, JAX_PLATFORMS=args.device, TF_CPP_MIN_LOG_LEVEL="2")
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env["PYTHONPATH"] = repo + os.pathsep + env.get("PYTHONPATH", "")
-  results, ratios = {}, {}
+  results, round_medians = {}, {}
   runs = [(mode, fw) for _ in range(args.rounds) for mode in args.modes.split(",")
           for fw in args.frameworks.split(",")]
   for mode, fw in runs:
@@ -270,10 +270,7 @@ def main():
         if k in old:
           r[k] = max(r[k], old[k])
     results[(fw, mode)] = r
-    if fw == "jax" and ("torch", mode) in results:  # this round's ratio
-      ratios.setdefault(mode, []).append(
-          statistics.median(r["times"][-args.steps:])
-          / statistics.median(results[("torch", mode)]["times"][-args.steps:]))
+    round_medians.setdefault((fw, mode), []).append(statistics.median(r["times"][-args.steps:]))
     detections = f"  detections {r['detections']}" if "detections" in r else ""
     device_mb = f"  peak device {r['peak_device_mb']:.0f} MB" if "peak_device_mb" in r else ""
     if "program_mb" in r:
@@ -304,7 +301,9 @@ def main():
       print(f"|   peak device memory (MB): torch max_memory_allocated, JAX allocator peak | "
             f"{fmt(t, 'peak_device_mb', '%.0f')} | {fmt(j, 'peak_device_mb', '%.0f')} | | | | |")
       print(f"|   JAX compiled program's memory (MB) | | {fmt(j, 'program_mb', '%.0f')} | | | | |")
-  for mode, rs in ratios.items():
+  for mode in args.modes.split(","):
+    rs = [j / t for t, j in zip(round_medians.get(("torch", mode), []),
+                                round_medians.get(("jax", mode), []))]
     if len(rs) > 1:
       print(f"{mode}: ratio of each round {[round(x, 2) for x in rs]}, median "
             f"{statistics.median(rs):.2f}")
