@@ -47,15 +47,19 @@ def _check_nhwc(x: Array, what: str, channels: Optional[int] = None):
 
 
 def _column_sums(a: Array) -> Array:
-  """(N, C) -> (C,), as a vector-matrix product.
+  """(N, C) -> (C,) float32 sums over N.
 
-  XLA:CPU emits a reduction over N of a (N, C) array (which it folds back into the activation's
-  (B, H, W, C) shape) as strided window reductions, e.g. 49 ms for (2, 128, 128, 256); the
-  product with a vector of ones reads the rows in order. The barrier keeps XLA from rewriting
-  the product back into that reduction.
+  On CPU as a product with a row of ones: XLA:CPU emits the reduction (which it folds back into
+  the activation's (B, H, W, C) shape) as strided window reductions, e.g. 49 ms for
+  (2, 128, 128, 256), while the product reads the rows in order. The barrier keeps XLA from
+  rewriting the product back into that reduction. Elsewhere a plain sum (a float32 product would
+  run at reduced precision on TPU / TF32 GPUs).
   """
-  ones = jax.lax.optimization_barrier(jnp.ones((1, a.shape[0]), a.dtype))
-  return (ones @ a)[0]
+  def as_product(a):
+    ones = jax.lax.optimization_barrier(jnp.ones((1, a.shape[0]), a.dtype))
+    return (ones @ a)[0]
+
+  return jax.lax.platform_dependent(a, cpu=as_product, default=lambda a: jnp.sum(a, axis=0))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
