@@ -14,7 +14,11 @@ torch.cuda.max_memory_allocated).
 torchvision's model: torchvision.models.detection.MaskRCNN on a ResNet-50 with GroupNorm(32)
 everywhere, FPN with GroupNorm (_resnet_fpn_extractor(norm_layer=GN)), FastRCNNConvFCHead
 4conv1fc with GN, MaskRCNNHeads with GN, 81 classes (80 + background), RPN post-NMS top 1000 in
-training (Detectron2's value; torchvision's default is 2000).
+training (Detectron2's value; torchvision's default is 2000), and RoIAlign poolers with
+sampling_ratio 0 (adaptive, ceil(roi size / bins) samples per bin: Detectron2's
+POOLER_SAMPLING_RATIO, which the JAX model uses; torchvision's default is 2, a fixed 2 x 2 grid:
+`--torch-sampling-ratio 2`, beside `--set box_head.pooler_sampling_ratio=2 --set
+mask_head.pooler_sampling_ratio=2` for the JAX model).
 """
 import argparse
 import json
@@ -152,10 +156,11 @@ def run_jax(mode, size, batch, steps, overrides=()):
 # ------------------------------------------------------------------------------------------------
 # torchvision
 # ------------------------------------------------------------------------------------------------
-def build_torchvision(size):
+def build_torchvision(size, sampling_ratio=0):
   import functools
   import torch.nn as nn
   import torchvision
+  from torchvision.ops import MultiScaleRoIAlign
   from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
   from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead
   from torchvision.models.detection.mask_rcnn import MaskRCNN, MaskRCNNHeads
@@ -165,17 +170,20 @@ def build_torchvision(size):
   backbone = _resnet_fpn_extractor(body, trainable_layers=5, norm_layer=gn)
   box_head = FastRCNNConvFCHead((256, 7, 7), [256] * 4, [1024], norm_layer=gn)
   mask_head = MaskRCNNHeads(256, [256] * 4, 1, norm_layer=gn)
+  levels = ["0", "1", "2", "3"]  # P2..P5
   return MaskRCNN(backbone, num_classes=NUM_CLASSES + 1, min_size=size, max_size=size,
-                  rpn_post_nms_top_n_train=1000, box_head=box_head, mask_head=mask_head)
+                  rpn_post_nms_top_n_train=1000, box_head=box_head, mask_head=mask_head,
+                  box_roi_pool=MultiScaleRoIAlign(levels, 7, sampling_ratio),
+                  mask_roi_pool=MultiScaleRoIAlign(levels, 14, sampling_ratio))
 
 
-def run_torch(mode, size, batch, steps, threads, device):
+def run_torch(mode, size, batch, steps, threads, device, sampling_ratio):
   import torch
   torch.set_num_threads(threads)
   dev = torch.device(device)
   sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
   images, boxes, classes, masks = synthetic(size, batch)
-  model = build_torchvision(size).to(dev)
+  model = build_torchvision(size, sampling_ratio).to(dev)
   nparams = sum(p.numel() for p in model.parameters())
   imgs = [torch.from_numpy(im).permute(2, 0, 1).contiguous().to(dev) for im in images]
   if mode == "train":
@@ -218,7 +226,8 @@ def child(args):
   if args.framework == "jax":
     out = run_jax(args.mode, args.size, args.batch, args.steps, args.set)
   else:
-    out = run_torch(args.mode, args.size, args.batch, args.steps, args.threads, args.device)
+    out = run_torch(args.mode, args.size, args.batch, args.steps, args.threads, args.device,
+                    args.torch_sampling_ratio)
   out["median_s"] = statistics.median(out["times"])
   out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
   print("RESULT " + json.dumps(out), flush=True)
@@ -237,6 +246,9 @@ def main():
   p.add_argument("--rounds", type=int, default=1,
                  help="repeat the torch/jax pair of processes; the machine's speed drifts, so "
                       "each round's ratio is printed and the table pools every round's times")
+  p.add_argument("--torch-sampling-ratio", type=int, default=0,
+                 help="torchvision's RoIAlign sampling_ratio (0: adaptive, as the JAX model's "
+                      "Detectron2 default; torchvision's own default is 2)")
   p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                  help="override a field of the JAX model config, e.g. mask_head.chunk_rois=0")
   p.add_argument("--framework", choices=["jax", "torch"], help=argparse.SUPPRESS)
@@ -254,7 +266,8 @@ def main():
   for mode, fw in runs:
     cmd = [sys.executable, os.path.abspath(__file__), "--framework", fw, "--mode", mode,
            "--size", str(args.size), "--batch", str(args.batch), "--steps", str(args.steps),
-           "--threads", str(args.threads), "--device", args.device]
+           "--threads", str(args.threads), "--device", args.device,
+           "--torch-sampling-ratio", str(args.torch_sampling_ratio)]
     cmd += [f"--set={item}" for item in args.set]
     t = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -285,7 +298,7 @@ def main():
   variant = f", JAX model with {', '.join(args.set)}" if args.set else ""
   print(f"\nR50-FPN-GN Mask R-CNN, {args.size}x{args.size}, {where}, "
         f"train batch {args.batch}, inference batch 1, {args.rounds} round(s) of {args.steps} "
-        f"timed runs{variant}")
+        f"timed runs, torchvision RoIAlign sampling_ratio {args.torch_sampling_ratio}{variant}")
   print("| measurement | torchvision (s) | rethink_jax (s) | ratio jax/torch | torch peak RSS (MB) | "
         "jax peak RSS (MB) | jax compile+first (s) |")
   print("| --- | --- | --- | --- | --- | --- | --- |")
