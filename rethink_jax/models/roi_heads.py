@@ -98,7 +98,8 @@ class FastRCNNOutputLayers(nn.Module):
 
 
 class ConvTranspose2x2(nn.Module):
-  """ConvTranspose 2x2 stride 2 (no overlap): one dot_general + a pixel shuffle.
+  """ConvTranspose 2x2 stride 2 (no overlap): one (R*H*W, C_in) @ (C_in, 4*C_out) product + a
+  pixel shuffle (a 2D product: XLA:CPU copied einsum's 4D operands transposed in the backward).
 
   Owns "kernel" (2, 2, C_in, C_out) with kernel[a, b, c, o] = PyTorch weight[c, o, a, b], and "bias".
   __call__(x (R, H, W, C_in)) -> (R, 2H, 2W, C_out).
@@ -111,8 +112,10 @@ class ConvTranspose2x2(nn.Module):
     r, h, w, c = x.shape
     kernel = self.param("kernel", _DECONV_FILL, (2, 2, c, self.features), jnp.float32)
     bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
-    y = jnp.einsum("rhwc,abco->rhawbo", x.astype(self.dtype), kernel.astype(self.dtype))
-    return y.reshape(r, 2 * h, 2 * w, self.features) + bias.astype(self.dtype)
+    k = kernel.astype(self.dtype).transpose(2, 0, 1, 3).reshape(c, 4 * self.features)
+    y = (x.astype(self.dtype).reshape(r * h * w, c) @ k).reshape(r, h, w, 2, 2, self.features)
+    y = y.transpose(0, 1, 3, 2, 4, 5).reshape(r, 2 * h, 2 * w, self.features)
+    return layers.add_bias(y, bias.astype(self.dtype))
 
 
 class ClassMaskPredictor(nn.Module):

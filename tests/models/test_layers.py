@@ -49,6 +49,27 @@ def test_conv2d_matches_torch(rng, k, s, p, d, g, bias):
   np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("k,s", [(1, 1), (3, 1), (3, 2)])
+def test_conv2d_with_bias_gradients_match_torch(rng, k, s):
+  """All three gradients of a biased conv (the bias one is layers.add_bias's column sum)."""
+  x = rng.normal(size=(2, 9, 10, 8)).astype(np.float32)
+  tconv = torch.nn.Conv2d(8, 6, k, stride=s, padding=k // 2)
+  tx = to_nchw(x).requires_grad_(True)
+  ty = tconv(tx)
+  dy = rng.normal(size=ty.shape).astype(np.float32)
+  ty.backward(torch.from_numpy(dy))
+  conv = Conv2d(6, k, strides=s, padding=k // 2, use_bias=True)
+  params = {"kernel": tconv.weight.detach().numpy().transpose(2, 3, 1, 0),
+            "bias": tconv.bias.detach().numpy()}
+  loss = lambda p, x: jnp.sum(conv.apply({"params": p}, x) * dy.transpose(0, 2, 3, 1))
+  with jax.default_matmul_precision("highest"):
+    dp, dx = jax.jit(jax.grad(loss, (0, 1)))(params, x)
+  np.testing.assert_allclose(dx, to_nhwc(tx.grad), rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(dp["kernel"], tconv.weight.grad.numpy().transpose(2, 3, 1, 0),
+                             rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(dp["bias"], tconv.bias.grad.numpy(), rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("k,p", [(3, 1), (3, 0), (5, 2), (3, 2)])
 def test_conv2d_stride1_gradients_match_torch(rng, k, p):
   """Stride-1 convs (layers.conv_stride1 on CPU): output and both gradients, also under a cond."""
@@ -214,3 +235,19 @@ def test_max_pool_matches_torch_with_negative_inputs(rng):
   y = layers.max_pool(jnp.asarray(x), 3, 2, 1)
   ref = to_nhwc(torch.nn.functional.max_pool2d(to_nchw(x), 3, 2, 1))
   np.testing.assert_array_equal(y, ref)
+
+
+@pytest.mark.parametrize("window,stride,padding", [(3, 2, 1), (1, 2, 0), (2, 2, 0)])
+def test_max_pool_gradient_matches_torch_with_ties(rng, window, stride, padding):
+  """Each window's gradient goes to its first maximum (row-major), as in torch, ties included."""
+  x = np.maximum(rng.normal(size=(2, 11, 12, 3)), 0)  # after ReLU: windows of equal zeros
+  x = (np.round(x * 2) / 2).astype(np.float32)  # and ties between positive values
+  tx = to_nchw(x).requires_grad_(True)
+  ty = torch.nn.functional.max_pool2d(tx, window, stride, padding)
+  dy = rng.normal(size=ty.shape).astype(np.float32)
+  ty.backward(torch.from_numpy(dy))
+  pool = lambda x: layers.max_pool(x, window, stride, padding)
+  y, vjp = jax.vjp(pool, jnp.asarray(x))
+  np.testing.assert_array_equal(y, to_nhwc(ty))
+  np.testing.assert_allclose(vjp(jnp.asarray(dy.transpose(0, 2, 3, 1)))[0], to_nhwc(tx.grad),
+                             rtol=1e-6, atol=1e-6)

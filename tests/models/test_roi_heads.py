@@ -81,6 +81,20 @@ def test_deconv_and_mask_predictor_match_torch():
                                               stride=2).permute(0, 2, 3, 1).numpy()
   np.testing.assert_allclose(np.asarray(y), want, rtol=1e-5, atol=1e-5)
 
+  # Gradients (the 2D product, the pixel shuffle and layers.add_bias) against torch autograd.
+  tx = torch.from_numpy(x).permute(0, 3, 1, 2).requires_grad_(True)
+  tw, tb = w.clone().requires_grad_(True), b.clone().requires_grad_(True)
+  ty = torch.nn.functional.conv_transpose2d(tx, tw, tb, stride=2)
+  dy = rng.normal(size=ty.shape).astype(np.float32)
+  ty.backward(torch.from_numpy(dy))
+  loss = lambda p, x: jnp.sum(deconv.apply({"params": p}, x) * dy.transpose(0, 2, 3, 1))
+  with jax.default_matmul_precision("highest"):
+    dp, dx = jax.grad(loss, (0, 1))(v["params"], x)
+  np.testing.assert_allclose(dx, tx.grad.permute(0, 2, 3, 1).numpy(), rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(dp["kernel"], tw.grad.permute(2, 3, 0, 1).numpy(), rtol=1e-4,
+                             atol=1e-4)
+  np.testing.assert_allclose(dp["bias"], tb.grad.numpy(), rtol=1e-4, atol=1e-4)
+
   pred = roi_heads.ClassMaskPredictor(5)
   classes = jnp.array([1, 5, 3])
   v = pred.init(jax.random.key(1), x, classes)
