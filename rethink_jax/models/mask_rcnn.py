@@ -64,7 +64,9 @@ def default_model_config() -> ml_collections.ConfigDict:
       pooler_aligned=True, max_fg_rois=128, resolution=28,
       # The mask branch runs in chunks of this many ROIs per image and skips chunks that hold no
       # ROI (foreground in training, detection in inference) in any image; 0 = one pass.
-      chunk_rois=32))
+      # 16: the CPU train step at 512 x 512, batch 2, measured 7.5-7.9 s against 8.0-8.3 s with
+      # 32 and 8.1-8.6 s with 8 (benchmark_model.py --set mask_head.chunk_rois=N).
+      chunk_rois=16))
   return c
 
 

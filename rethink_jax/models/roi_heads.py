@@ -334,7 +334,7 @@ class StandardROIHeads(nn.Module):
   mask_pooler_aligned: bool = True
   mask_max_fg_rois: int = 128
   mask_resolution: int = 28
-  mask_chunk_rois: int = 32
+  mask_chunk_rois: int = 16
   dtype: Any = jnp.float32
 
   def setup(self):
