@@ -93,7 +93,7 @@ def add_bias(y: Array, bias: Array) -> Array:
 
 
 def _add_bias_fwd(y, bias):
-  return y + bias, None
+  return add_bias(y, bias), None
 
 
 def _add_bias_bwd(_, g):
@@ -393,12 +393,6 @@ class Conv2d(nn.Module):
     return y
 
 
-def _max_window(x, window, stride, padding):
-  return jax.lax.reduce_window(
-      x, -jnp.inf, jax.lax.max, (1, window, window, 1), (1, stride, stride, 1),
-      ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
 def max_pool(x: Array, window: int = 3, stride: int = 2, padding: int = 1) -> Array:
   """PyTorch max_pool2d: x (B, H, W, C) -> (B, H', W', C), symmetric -inf padding.
@@ -408,7 +402,9 @@ def max_pool(x: Array, window: int = 3, stride: int = 2, padding: int = 1) -> Ar
   XLA:CPU as a scatter, 112 ms against 40 ms here for the stem's (2, 256, 256, 64).
   """
   _check_nhwc(x, "max_pool")
-  return _max_window(x, window, stride, padding)
+  return jax.lax.reduce_window(
+      x, -jnp.inf, jax.lax.max, (1, window, window, 1), (1, stride, stride, 1),
+      ((0, 0), (padding, padding), (padding, padding), (0, 0)))
 
 
 def _max_pool_fwd(x, window, stride, padding):
@@ -420,8 +416,8 @@ def _max_pool_bwd(window, stride, padding, res, g):
   x, y = res
   _, h, w, _ = x.shape
   _, oh, ow, _ = y.shape
-  pads = ((0, 0), (padding, padding), (padding, padding), (0, 0))
-  xp = jnp.pad(x, pads, constant_values=-jnp.inf)
+  xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)),
+               constant_values=-jnp.inf)
   span_h, span_w = stride * (oh - 1) + 1, stride * (ow - 1) + 1
   zero = jnp.zeros((), g.dtype)
   taken = jnp.zeros(y.shape, bool)  # the window's maximum was found at an earlier tap
