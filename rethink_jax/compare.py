@@ -434,8 +434,10 @@ def report_progress(config, workdir: str, command: str | None = None) -> dict:
 # --------------------------------------------------------------------------------------------
 def main(argv: Sequence[str]) -> None:
   from absl import flags  # pylint: disable=g-import-not-at-top
+  from rethink_jax import runtime  # pylint: disable=g-import-not-at-top
   FLAGS = flags.FLAGS  # pylint: disable=invalid-name
   del argv
+  runtime.configure()
   if FLAGS.merge:
     parts = []
     for d in FLAGS.merge:

@@ -46,13 +46,12 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   # Before anything touches the backend (jax.devices(), the first jit): join the other hosts
   # (explicit flags / JAX_* env, SLURM and Cloud TPU detected; a no-op on one process).
+  from rethink_jax import runtime  # pylint: disable=g-import-not-at-top
+  runtime.configure()
   import jax  # pylint: disable=g-import-not-at-top
   from rethink_jax import distributed  # pylint: disable=g-import-not-at-top
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                          force=_MULTIHOST.value)
-  # tf.data must not grab accelerators (it only runs the input pipeline).
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  tf.config.set_visible_devices([], "GPU")
   from rethink_jax import train  # pylint: disable=g-import-not-at-top
   logging.info("JAX process %d / %d, devices %s", jax.process_index(), jax.process_count(),
                jax.devices())

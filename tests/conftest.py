@@ -16,6 +16,11 @@ _CACHE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE_DIR)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
 
+# The XLA:CPU flag the entry points set (rethink_jax.runtime), before any test starts JAX.
+from rethink_jax import runtime  # noqa: E402
+
+runtime.configure(hide_gpus_from_tf=False)
+
 # Import order matters: importing torchvision AFTER tensorflow segfaults (their bundled native
 # libraries clash); torchvision first is fine. The reference implementations are imported here,
 # before any test module can pull in tensorflow.

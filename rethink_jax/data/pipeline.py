@@ -62,11 +62,6 @@ import tensorflow_datasets as tfds
 
 from rethink_jax.data import instances
 
-try:  # TF must never take the accelerator away from JAX.
-  tf.config.set_visible_devices([], "GPU")
-except RuntimeError:  # Already initialized (then it was configured before).
-  pass
-
 
 def default_data_config():
   """The data fields with their defaults (the demo: shapes_instances/demo at 128 x 128)."""
