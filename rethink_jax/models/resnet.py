@@ -16,7 +16,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from rethink_jax.models.layers import Conv2d, max_pool
+from rethink_jax.models.layers import Conv2d
+from rethink_jax.ops.xla_cpu import max_pool
 
 Array = jax.Array
 

@@ -28,6 +28,7 @@ from rethink_jax.ops import matching
 from rethink_jax.ops.nms import batched_nms
 from rethink_jax.ops.roi_align import multilevel_roi_align
 from rethink_jax.ops import sampling
+from rethink_jax.ops import xla_cpu
 
 # Detectron2's weight_init.c2_msra_fill (kaiming normal, fan_out, relu) and c2_xavier_fill
 # (kaiming uniform, a=1: U(-sqrt(3/fan_in), sqrt(3/fan_in))); biases are zero.
@@ -115,7 +116,7 @@ class ConvTranspose2x2(nn.Module):
     k = kernel.astype(self.dtype).transpose(2, 0, 1, 3).reshape(c, 4 * self.features)
     y = (x.astype(self.dtype).reshape(r * h * w, c) @ k).reshape(r, h, w, 2, 2, self.features)
     y = y.transpose(0, 1, 3, 2, 4, 5).reshape(r, 2 * h, 2 * w, self.features)
-    return layers.add_bias(y, bias.astype(self.dtype))
+    return xla_cpu.add_bias(y, bias.astype(self.dtype))
 
 
 class ClassMaskPredictor(nn.Module):

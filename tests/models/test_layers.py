@@ -10,6 +10,7 @@ import torch
 
 from rethink_jax.models import layers
 from rethink_jax.models.layers import Conv2d, get_norm
+from rethink_jax.ops import xla_cpu
 
 SEED = int(time.time() * 1000) % 2**31
 print("test_layers seed", SEED)
@@ -51,7 +52,7 @@ def test_conv2d_matches_torch(rng, k, s, p, d, g, bias):
 
 @pytest.mark.parametrize("k,s", [(1, 1), (3, 1), (3, 2)])
 def test_conv2d_with_bias_gradients_match_torch(rng, k, s):
-  """All three gradients of a biased conv (the bias one is layers.add_bias's column sum)."""
+  """All three gradients of a biased conv (the bias one is xla_cpu.add_bias's column sum)."""
   x = rng.normal(size=(2, 9, 10, 8)).astype(np.float32)
   tconv = torch.nn.Conv2d(8, 6, k, stride=s, padding=k // 2)
   tx = to_nchw(x).requires_grad_(True)
@@ -72,7 +73,7 @@ def test_conv2d_with_bias_gradients_match_torch(rng, k, s):
 
 @pytest.mark.parametrize("k,p", [(3, 1), (3, 0), (5, 2), (3, 2)])
 def test_conv2d_stride1_gradients_match_torch(rng, k, p):
-  """Stride-1 convs (layers.conv_stride1 on CPU): output and both gradients, also under a cond."""
+  """Stride-1 convs (xla_cpu.conv_stride1 on CPU): output and both gradients, also under a cond."""
   x = rng.normal(size=(3, 10, 12, 8)).astype(np.float32)
   tconv = torch.nn.Conv2d(8, 6, k, padding=p, bias=False)
   tx = to_nchw(x).requires_grad_(True)
@@ -150,7 +151,7 @@ def test_group_norm_gradients_match_torch(rng, shape, groups):
   c = shape[-1]
   scale = rng.uniform(0.5, 1.5, c).astype(np.float32)
   bias = rng.uniform(-0.5, 0.5, c).astype(np.float32)
-  y, vjp = jax.vjp(lambda x, s, b: layers.group_norm(x, s, b, groups, 1e-5), x, scale, bias)
+  y, vjp = jax.vjp(lambda x, s, b: xla_cpu.group_norm(x, s, b, groups, 1e-5), x, scale, bias)
   dx, dscale, dbias = vjp(jnp.asarray(dy))
 
   tgn = torch.nn.GroupNorm(groups, c, eps=1e-5)
@@ -235,7 +236,7 @@ def test_get_norm_names():
 def test_max_pool_matches_torch_with_negative_inputs(rng):
   # All-negative inputs: zero padding would leak 0 into border windows; -inf padding must not.
   x = -np.abs(rng.normal(size=(2, 9, 10, 3))).astype(np.float32) - 1
-  y = layers.max_pool(jnp.asarray(x), 3, 2, 1)
+  y = xla_cpu.max_pool(jnp.asarray(x), 3, 2, 1)
   ref = to_nhwc(torch.nn.functional.max_pool2d(to_nchw(x), 3, 2, 1))
   np.testing.assert_array_equal(y, ref)
 
@@ -249,7 +250,7 @@ def test_max_pool_gradient_matches_torch_with_ties(rng, window, stride, padding)
   ty = torch.nn.functional.max_pool2d(tx, window, stride, padding)
   dy = rng.normal(size=ty.shape).astype(np.float32)
   ty.backward(torch.from_numpy(dy))
-  pool = lambda x: layers.max_pool(x, window, stride, padding)
+  pool = lambda x: xla_cpu.max_pool(x, window, stride, padding)
   y, vjp = jax.vjp(pool, jnp.asarray(x))
   np.testing.assert_array_equal(y, to_nhwc(ty))
   np.testing.assert_allclose(vjp(jnp.asarray(dy.transpose(0, 2, 3, 1)))[0], to_nhwc(tx.grad),

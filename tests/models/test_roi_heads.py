@@ -81,7 +81,7 @@ def test_deconv_and_mask_predictor_match_torch():
                                               stride=2).permute(0, 2, 3, 1).numpy()
   np.testing.assert_allclose(np.asarray(y), want, rtol=1e-5, atol=1e-5)
 
-  # Gradients (the 2D product, the pixel shuffle and layers.add_bias) against torch autograd.
+  # Gradients (the 2D product, the pixel shuffle and xla_cpu.add_bias) against torch autograd.
   tx = torch.from_numpy(x).permute(0, 3, 1, 2).requires_grad_(True)
   tw, tb = w.clone().requires_grad_(True), b.clone().requires_grad_(True)
   ty = torch.nn.functional.conv_transpose2d(tx, tw, tb, stride=2)
