@@ -91,18 +91,20 @@ def op_array(a: np.ndarray, module: str = "numpy.core.multiarray", dtype: bytes 
   return op_build(empty, state)
 
 
+def op_py2_value(v) -> bytes:
+  if isinstance(v, dict):
+    return op_dict([(op_py2str(k.encode("latin1")), op_py2_value(x)) for k, x in v.items()])
+  if isinstance(v, np.ndarray):
+    return op_array(v)
+  if isinstance(v, str):
+    return op_py2str(v.encode("latin1"))
+  assert isinstance(v, int), type(v)
+  return op_int(v)
+
+
 def python2_numpy1_pickle(tree: dict) -> bytes:
-  """A dict of str -> numpy array / str / int, as Python 2 + NumPy 1.x pickled it (protocol 2)."""
-  pairs = []
-  for k, v in tree.items():
-    if isinstance(v, np.ndarray):
-      value = op_array(v)
-    elif isinstance(v, str):
-      value = op_py2str(v.encode("latin1"))
-    else:
-      value = op_int(v)
-    pairs.append((op_py2str(k.encode("latin1")), value))
-  return protocol2(op_dict(pairs))
+  """Dicts of str -> numpy array / str / int, as Python 2 + NumPy 1.x pickled them (protocol 2)."""
+  return protocol2(op_py2_value(tree))
 
 
 def read(data: bytes):
