@@ -85,18 +85,30 @@ class _Built:
     raise _refuse(f"BUILD on a finished numpy {type(self.value).__name__} ({_short(state)})")
 
 
-class _NdarrayClass:
-  """Stands for numpy.ndarray, which a weight pickle names only as _reconstruct's argument."""
-  __slots__ = ()
+class _Global:
+  """What find_class hands out: calls `build`. BUILD on it is refused (on a plain function it
+  would set attributes such as __defaults__, changing later loads)."""
+  __slots__ = ("name", "build")
 
-  def __call__(self, *args: Any) -> None:
-    raise _refuse(f"numpy.ndarray{_short(args)} called directly")
+  def __init__(self, name: str, build: Callable[..., Any]):
+    self.name, self.build = name, build
+
+  def __call__(self, *args: Any) -> Any:
+    return self.build(*args)
+
+  def __setstate__(self, state: Any) -> None:
+    raise _refuse(f"BUILD on {self.name} ({_short(state)})")
 
   def __repr__(self) -> str:
-    return "numpy.ndarray"
+    return self.name
 
 
-_NDARRAY = _NdarrayClass()
+def _ndarray_called(*args: Any) -> None:
+  raise _refuse(f"numpy.ndarray{_short(args)} called directly")
+
+
+# numpy.ndarray: a weight pickle names it only as _reconstruct's first argument.
+_NDARRAY = _Global("numpy.ndarray", _ndarray_called)
 
 
 # --------------------------------------------------------------------------------------------
@@ -236,8 +248,7 @@ def _plain_dict(items: Any = ()) -> dict:
 
 # (module, name) a pickle may ask for -> what it gets. NumPy 1.x files name numpy.core.*, NumPy 2.x
 # files numpy._core.*; Python 2 files name __builtin__ where Python 3 files name builtins.
-ALLOWED_GLOBALS: dict[tuple[str, str], Callable[..., Any]] = {
-    ("numpy", "ndarray"): _NDARRAY,
+_REBUILDERS: dict[tuple[str, str], Callable[..., Any]] = {
     ("numpy", "dtype"): _dtype,
     ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
     ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
@@ -249,6 +260,10 @@ ALLOWED_GLOBALS: dict[tuple[str, str], Callable[..., Any]] = {
     ("builtins", "bytes"): _empty_bytes,
     ("__builtin__", "bytes"): _empty_bytes,
     ("collections", "OrderedDict"): _plain_dict,
+}
+ALLOWED_GLOBALS: dict[tuple[str, str], _Global] = {
+    ("numpy", "ndarray"): _NDARRAY,
+    **{key: _Global(".".join(key), fn) for key, fn in _REBUILDERS.items()},
 }
 
 

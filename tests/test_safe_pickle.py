@@ -270,6 +270,11 @@ def test_refusals_of_crafted_numpy_opcodes():
       "copy_reg._reconstructor": (op_call(op_global("copy_reg", "_reconstructor"),
                                           op_global("__builtin__", "object")),
                                   "copy_reg._reconstructor"),
+      "BUILD setting an allowed global's __defaults__": (
+          op_build(op_global("collections", "OrderedDict"),
+                   op_tuple(pickle.NONE, op_dict([(op_str("__defaults__"),
+                                                   op_tuple(op_str("injected")))]))),
+          "BUILD on collections.OrderedDict"),
       "list that contains itself": (pickle.EMPTY_LIST + pickle.BINPUT + b"\x00" + pickle.BINGET +
                                      b"\x00" + pickle.APPEND, "contains itself"),
   }
@@ -299,10 +304,14 @@ def test_persistent_ids_are_refused():
 
 
 def test_allowed_globals_are_only_this_modules_rebuilders():
-  for (module, name), target in safe_pickle.ALLOWED_GLOBALS.items():
-    assert module.split(".")[0] in ("numpy", "_codecs", "builtins", "__builtin__", "collections")
-    assert getattr(target, "__module__", None) == safe_pickle.__name__ or (
-        type(target).__module__ == safe_pickle.__name__), (module, name, target)
+  assert sorted(".".join(k) for k in safe_pickle.ALLOWED_GLOBALS) == [
+      "__builtin__.bytes", "_codecs.encode", "builtins.bytes", "collections.OrderedDict",
+      "numpy._core.multiarray._reconstruct", "numpy._core.multiarray.scalar",
+      "numpy._core.numeric._frombuffer", "numpy.core.multiarray._reconstruct",
+      "numpy.core.multiarray.scalar", "numpy.core.numeric._frombuffer", "numpy.dtype",
+      "numpy.ndarray"]
+  for target in safe_pickle.ALLOWED_GLOBALS.values():
+    assert target.build.__module__ == safe_pickle.__name__, target
 
 
 # ------------------------------------------------------------------------- the rest of the package
