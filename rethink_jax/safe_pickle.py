@@ -28,7 +28,7 @@ _DTYPE_CODE = re.compile(r"[<>=|]?[A-Za-z?][0-9]{0,6}")  # 'f4', '<i8', 'b', '?'
 _OBJECT_FLAGS = 0x01 | 0x02 | 0x04 | 0x10
 _MAX_NDIM = 32
 WHAT_IS_ALLOWED = ("a weight pickle may hold only dicts, lists, tuples, strings, numbers and NumPy "
-                   "arrays of kinds " + WEIGHT_DTYPE_KINDS)
+                   "arrays of numbers, bools or fixed-width strings")
 
 
 class UnsafePickleError(pickle.UnpicklingError):
