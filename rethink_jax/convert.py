@@ -21,7 +21,6 @@ import argparse
 import hashlib
 import json
 import os
-import pickle
 import re
 import shutil
 import sys
@@ -29,6 +28,8 @@ import tempfile
 from typing import Any, Optional
 
 import numpy as np
+
+from rethink_jax import safe_pickle
 
 SOURCES = ("timm", "torchvision", "detectron", "detectron2")
 DEPTHS = {(2, 2, 2, 2, False): 18, (3, 4, 6, 3, False): 34, (3, 4, 6, 3, True): 50,
@@ -210,9 +211,11 @@ def _read_torch(path: str) -> dict:
 
 
 def _read_pickle(path: str) -> dict:
+  """Caffe2 / Detectron2 pickles through the safe reader: a file that would run code is refused."""
   try:
-    with open(path, "rb") as f:
-      return pickle.load(f, encoding="latin1")
+    return safe_pickle.read_weight_pickle(path)
+  except safe_pickle.UnsafePickleError as e:
+    raise ConversionError(str(e)) from e
   except Exception as e:  # pylint: disable=broad-except
     raise ConversionError(f"Cannot read {path} as a pickle: {type(e).__name__}: {e}") from e
 

@@ -16,6 +16,7 @@ import torchvision
 
 from rethink_jax import convert
 from rethink_jax.models import ResNet
+from tests.test_safe_pickle import python2_numpy1_pickle
 
 SEED = int(time.time() * 1000) % 2**31
 print("test_convert seed", SEED)
@@ -75,6 +76,20 @@ def check_parity(path, source, model, **kw):
   x = random_image()
   assert_rel_close(jax_stages(variables, meta, x), torch_stages(model, x.transpose(0, 3, 1, 2)))
   return variables, meta
+
+
+def check_same_conversion(variables, meta, path, source, **kw):
+  """Another file of the same weights (other protocol or writer) converts to the same result."""
+  got, got_meta = convert.convert_backbone(str(path), source, **kw)
+  flatten = convert._flatten  # pylint: disable=protected-access
+  want_flat, got_flat = flatten(variables), flatten(got)
+  assert sorted(got_flat) == sorted(want_flat)
+  for k, v in want_flat.items():
+    assert got_flat[k].dtype == v.dtype, k
+    np.testing.assert_array_equal(got_flat[k], v, err_msg=str(k))
+  ignore = ("sha256", "input")
+  assert {k: v for k, v in got_meta.items() if k not in ignore} == {
+      k: v for k, v in meta.items() if k not in ignore}
 
 
 def save_pth(model, path):
@@ -240,6 +255,15 @@ def test_detectron_msra_bn_pickle(tv_r50, tmp):
   assert meta["pixel_std"] == [1.0, 1.0, 1.0] and meta["pixel_mean"] == convert.BGR_MEAN
   assert "fc1000_w" in meta["dropped"] and "conv1_w_momentum" in meta["dropped"]
   check_bgr_parity(variables, meta, model)
+  # The same blobs as Python 3 protocol 2 (bytes via _codecs.encode) and as Python 2 + NumPy 1.x
+  # wrote them (numpy.core.multiarray._reconstruct, byte strings read with latin1).
+  p2 = tmp / "R-50-protocol2.pkl"
+  with open(p2, "wb") as f:
+    pickle.dump({"blobs": caffe2_blobs(model, gn=False)}, f, protocol=2)
+  check_same_conversion(variables, meta, p2, "detectron")
+  py2 = tmp / "R-50-py2.pkl"
+  py2.write_bytes(python2_numpy1_pickle({"blobs": caffe2_blobs(model, gn=False)}))
+  check_same_conversion(variables, meta, py2, "detectron")
 
 
 def test_detectron_fair_gn_pickle(timm_gn, tmp):
@@ -249,6 +273,9 @@ def test_detectron_fair_gn_pickle(timm_gn, tmp):
   variables, meta = convert.convert_backbone(str(path), "detectron")
   assert meta["stride_in_1x1"] is False and meta["norm"] == "GN"
   check_bgr_parity(variables, meta, timm_gn)
+  py2 = tmp / "R-50-GN-py2.pkl"
+  py2.write_bytes(python2_numpy1_pickle(caffe2_blobs(timm_gn, gn=True)))
+  check_same_conversion(variables, meta, py2, "detectron")
 
 
 def test_detectron2_checkpoint(tv_r50, tmp):
@@ -276,6 +303,12 @@ def test_detectron2_checkpoint(tv_r50, tmp):
   assert meta["pixel_std"] == pytest.approx(convert.RGB_STD) and meta["input_format"] == "RGB"
   x = random_image(1)
   assert_rel_close(jax_stages(variables, meta, x), torch_stages(model, x.transpose(0, 3, 1, 2)))
+  for protocol in (2, 5):
+    other = tmp / f"model_final_protocol{protocol}.pkl"
+    with open(other, "wb") as f:
+      pickle.dump({"model": d2, "__author__": "test"}, f, protocol=protocol)
+    check_same_conversion(variables, meta, other, "detectron2", stride_in_1x1=False,
+                          input_format="RGB")
 
 
 # ------------------------------------------------------------------------------------ bad input
@@ -328,6 +361,35 @@ def test_bad_inputs_fail_clearly_and_write_nothing(tv_r50, tmp, capsys):
   err = run_cli_expect_failure(capsys, out, "--source", "torchvision", "--input",
                                str(tmp / "missing.pth"))
   assert "does not exist" in err
+
+
+class _System:
+  """Pickles as os.system(command): a weight file that would run a command."""
+
+  def __init__(self, command):
+    self.command = command
+
+  def __reduce__(self):
+    return os.system, (self.command,)
+
+
+def test_pickles_that_would_run_code_are_refused_and_write_nothing(tmp, capsys):
+  marker = tmp / "payload_ran"
+  out = str(tmp / "evil_out")
+  call = _System(f"touch {marker}")
+  blobs = {"conv1_w": np.ones((64, 3, 7, 7), np.float32), "res2_0_branch2a_w": call}
+  as_object_array = dict(blobs, res2_0_branch2a_w=np.array([call, 1.0], dtype=object))
+  for name, tree, asked in (("evil.pkl", {"blobs": blobs}, f"{os.name}.system"),
+                            ("evil_object.pkl", as_object_array, "object dtype")):
+    path = tmp / name
+    with open(path, "wb") as f:
+      pickle.dump(tree, f, protocol=2)
+    err = run_cli_expect_failure(capsys, out, "--source", "detectron", "--input", str(path))
+    assert name in err and asked in err and "not a plain weight file" in err, err
+    assert not marker.exists()
+    with pytest.raises(convert.ConversionError, match="not a plain weight file"):
+      convert.read_state_dict(str(path))
+    assert not marker.exists()
 
 
 def test_save_backbone_is_atomic(tmp, monkeypatch):
