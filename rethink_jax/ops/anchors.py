@@ -3,11 +3,16 @@
 Anchors depend only on static shapes, so they are computed with NumPy (float64, cast to float32
 at the end) and returned as constants; they never cost anything inside jit.
 """
-import numpy as np
+from typing import Sequence, Union
+
+import jax
 import jax.numpy as jnp
+import numpy as np
+
+PerLevel = Union[Sequence[float], Sequence[Sequence[float]]]
 
 
-def _per_level(param, num_levels, name):
+def _per_level(param: PerLevel, num_levels: int, name: str) -> list[list[float]]:
   """Detectron2's broadcasting: a flat list applies to every level, a list of lists is per level."""
   param = list(param)
   if param and not isinstance(param[0], (list, tuple)):
@@ -19,7 +24,7 @@ def _per_level(param, num_levels, name):
   return [list(p) for p in param]
 
 
-def cell_anchors(sizes, aspect_ratios):
+def cell_anchors(sizes: Sequence[float], aspect_ratios: Sequence[float]) -> np.ndarray:
   """Anchors centred at (0, 0), not rounded: (len(sizes) * len(aspect_ratios), 4) float64.
 
   Ordered size-major, then aspect ratio (ratio = h / w), area = size ** 2.
@@ -34,7 +39,9 @@ def cell_anchors(sizes, aspect_ratios):
   return np.asarray(out, np.float64).reshape(-1, 4)
 
 
-def generate_anchors(feature_hw, strides, sizes, aspect_ratios, offset=0.0):
+def generate_anchors(feature_hw: Sequence[tuple[int, int]], strides: Sequence[int],
+                     sizes: PerLevel, aspect_ratios: PerLevel,
+                     offset: float = 0.0) -> list[jax.Array]:
   """Anchors for every feature level.
 
   Args:

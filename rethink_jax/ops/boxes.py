@@ -4,25 +4,30 @@ All functions are pure jnp, broadcast over leading dimensions and run under jit/
 Box arithmetic is done in float32 whatever the input dtype.
 """
 import math
+from typing import Sequence
 
+import jax
 import jax.numpy as jnp
+
+Array = jax.Array
+ArrayLike = jax.typing.ArrayLike
 
 DEFAULT_SCALE_CLAMP = math.log(1000.0 / 16)
 
 
-def _check_boxes(name, boxes):
+def _check_boxes(name: str, boxes: Array) -> None:
   if boxes.ndim < 1 or boxes.shape[-1] != 4:
     raise ValueError(f"{name} must have shape (..., 4), got {boxes.shape}")
 
 
-def box_area(boxes):
+def box_area(boxes: ArrayLike) -> Array:
   """Area of boxes (..., 4) xyxy -> (...,). Degenerate boxes may give <= 0."""
   boxes = jnp.asarray(boxes, jnp.float32)
   _check_boxes("boxes", boxes)
   return (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
 
 
-def box_iou(boxes1, boxes2):
+def box_iou(boxes1: ArrayLike, boxes2: ArrayLike) -> Array:
   """Pairwise IoU, equal to torchvision.ops.box_iou.
 
   Args:
@@ -48,13 +53,14 @@ def box_iou(boxes1, boxes2):
   return inter / (area1 + area2 - inter)
 
 
-def _centers_sizes(boxes):
+def _centers_sizes(boxes: Array) -> tuple[Array, Array, Array, Array]:
   w = boxes[..., 2] - boxes[..., 0]
   h = boxes[..., 3] - boxes[..., 1]
   return boxes[..., 0] + 0.5 * w, boxes[..., 1] + 0.5 * h, w, h
 
 
-def encode_boxes(targets, anchors, weights=(1.0, 1.0, 1.0, 1.0)):
+def encode_boxes(targets: ArrayLike, anchors: ArrayLike,
+                 weights: Sequence[float] = (1.0, 1.0, 1.0, 1.0)) -> Array:
   """Regression deltas that take `anchors` to `targets` (torchvision BoxCoder.encode_single).
 
   Args:
@@ -82,7 +88,9 @@ def encode_boxes(targets, anchors, weights=(1.0, 1.0, 1.0, 1.0)):
   ], axis=-1)
 
 
-def decode_boxes(deltas, anchors, weights=(1.0, 1.0, 1.0, 1.0), scale_clamp=DEFAULT_SCALE_CLAMP):
+def decode_boxes(deltas: ArrayLike, anchors: ArrayLike,
+                 weights: Sequence[float] = (1.0, 1.0, 1.0, 1.0),
+                 scale_clamp: float = DEFAULT_SCALE_CLAMP) -> Array:
   """Apply deltas to anchors (torchvision BoxCoder.decode_single with bbox_xform_clip=scale_clamp).
 
   Args:
@@ -113,7 +121,7 @@ def decode_boxes(deltas, anchors, weights=(1.0, 1.0, 1.0, 1.0), scale_clamp=DEFA
   return jnp.stack([cx - half_w, cy - half_h, cx + half_w, cy + half_h], axis=-1)
 
 
-def clip_boxes(boxes, image_hw):
+def clip_boxes(boxes: ArrayLike, image_hw: ArrayLike) -> Array:
   """Clip xyxy boxes to [0, w] x [0, h].
 
   Args:

@@ -1,8 +1,12 @@
 """Detectron2's Matcher at static shape, with padded ground truth."""
+from typing import Sequence
+
+import jax
 import jax.numpy as jnp
 
 
-def match(iou, gt_valid, thresholds, labels, allow_low_quality_matches):
+def match(iou: jax.typing.ArrayLike, gt_valid: jax.typing.ArrayLike, thresholds: Sequence[float],
+          labels: Sequence[int], allow_low_quality_matches: bool) -> tuple[jax.Array, jax.Array]:
   """Assign each prediction (column) to a ground-truth box (row).
 
   Detectron2 Matcher semantics: with thresholds t_1 < ... < t_k and sentinels t_0 = -inf,
@@ -27,7 +31,8 @@ def match(iou, gt_valid, thresholds, labels, allow_low_quality_matches):
   iou = jnp.asarray(iou, jnp.float32)
   gt_valid = jnp.asarray(gt_valid, bool)
   if iou.ndim != 2 or gt_valid.shape != iou.shape[:1]:
-    raise ValueError(f"match needs iou (G, N) and gt_valid (G,), got {iou.shape} and {gt_valid.shape}")
+    raise ValueError(f"match needs iou (G, N) and gt_valid (G,), got {iou.shape} and "
+                     f"{gt_valid.shape}")
   thresholds = [float(t) for t in thresholds]
   if any(a > b for a, b in zip(thresholds[:-1], thresholds[1:])):
     raise ValueError(f"thresholds must be increasing, got {thresholds}")

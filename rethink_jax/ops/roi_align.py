@@ -6,12 +6,9 @@ outside [-1, H] x [-1, W] read 0, coordinates below 0 clamp to 0, the last row /
 act on y and x independently. So for every ROI we build, per output row p, the 2 * G (row index,
 weight) taps of its G sample rows, and likewise per output column q, and the value of bin (p, q)
 is the sum over the K = (2G)^2 products of taps of one row of C channels from the flattened
-(H * W, C) map. The forward is written as K row gathers added up, which XLA fuses into one loop
-writing only the (R, oh, ow, C) output (a single (R, oh, ow, K, C) gather would be materialised:
-822 MB for 2 x 512 ROIs at 7 x 7 with sampling_ratio 2, and 3-4x slower on CPU). The backward
-(custom VJP) scatter-adds the taps, i.e. torchvision's backward: one scatter on GPU / TPU, a
-loop of K in-place scatters on CPU. Shapes never depend on
-the data: the work is R * oh * ow * K * C.
+(H * W, C) map: xla_cpu.weighted_rows, written as K row gathers added up (never an
+(R, oh, ow, K, C) array), whose backward scatter-adds the taps (torchvision's backward). Shapes
+never depend on the data: the work is R * oh * ow * K * C.
 
 sampling_ratio = 0 (Detectron2's ROIAlignV2 "adaptive": ceil(roi_size / bins) samples per bin,
 per axis, per ROI) uses the static cap G = max_sampling_ratio: each ROI samples on its own
@@ -26,13 +23,21 @@ those sizes. The cost grows with G^2 (K = 64 taps per bin at G = 4, 16 at sampli
 
 Boxes get no gradient (torchvision's roi_align has none for the ROIs either).
 """
+from typing import Mapping, Sequence, Union
+
 import jax
 import jax.numpy as jnp
+
+from rethink_jax.ops import xla_cpu
+
+Array = jax.Array
+OutputSize = Union[int, Sequence[int]]
 
 _EPS_LEVEL = 1e-8
 
 
-def _axis_taps(start, bin_size, grid, size, num_bins, max_grid):
+def _axis_taps(start: Array, bin_size: Array, grid: Array, size: Union[int, Array],
+               num_bins: int, max_grid: int) -> tuple[Array, Array]:
   """Bilinear taps along one axis for every ROI and output bin.
 
   Args:
@@ -68,8 +73,9 @@ def _axis_taps(start, bin_size, grid, size, num_bins, max_grid):
   return index.reshape(shape), weight.reshape(shape)
 
 
-def _pool_flat(flat, boxes, heights, widths, offsets, scales, output_size, sampling_ratio,
-               aligned, max_sampling_ratio):
+def _pool_flat(flat: Array, boxes: Array, heights: Array, widths: Array, offsets: Array,
+               scales: Array, output_size: tuple[int, int], sampling_ratio: int, aligned: bool,
+               max_sampling_ratio: int) -> Array:
   """RoIAlign of one image from a flattened map (or several concatenated maps).
 
   Args:
@@ -109,67 +115,10 @@ def _pool_flat(flat, boxes, heights, widths, offsets, scales, output_size, sampl
   k = (2 * g) ** 2
   index = index.reshape(r, oh, ow, k)
   weight = weight.reshape(r, oh, ow, k, 1)
-  return _weighted_rows(flat, index, weight)
+  return xla_cpu.weighted_rows(flat, index, weight)
 
 
-@jax.custom_vjp
-def _weighted_rows(flat, index, weight):
-  """sum_k weight[..., k] * flat[index[..., k]]: (S, C), (..., K) int, (..., K, 1) -> (..., C).
-
-  Written as K separate row gathers added up, which XLA fuses into one loop that reads each
-  row once (a single (..., K, C) gather followed by a reduction materialises K times the output).
-  """
-  out = None
-  for k in range(index.shape[-1]):
-    rows = jnp.take(flat, index[..., k], axis=0, mode="clip").astype(jnp.float32)
-    term = rows * weight[..., k, :]
-    out = term if out is None else out + term
-  out = out.astype(flat.dtype)
-  return jax.lax.platform_dependent(out, cpu=_materialize, default=lambda x: x)
-
-
-def _materialize(x):
-  """x, written once to memory: an identity that XLA cannot fuse into x's consumers (CPU only).
-
-  The head conv's kernel gradient reads the pooled features transposed (ROIs as the contracted
-  dimension). XLA:CPU fuses this function's K gathers into that transpose and recomputes them in
-  its cache-hostile order: 11.4 s instead of 1.7 s for RoIAlign + one 3x3 conv, forward and
-  backward, at 2 x 512 ROIs. A scatter is never fused into its consumers (optimization_barrier is
-  removed before fusion), so the sum is computed once, in order, and transposed as a plain copy.
-  """
-  rows = jnp.arange(x.shape[0])
-  return jnp.zeros_like(x).at[rows].set(x, unique_indices=True, indices_are_sorted=True)
-
-
-def _weighted_rows_fwd(flat, index, weight):
-  return _weighted_rows(flat, index, weight), (index, weight, jnp.zeros((0,) + flat.shape, flat.dtype))
-
-
-def _weighted_rows_bwd(res, g):
-  index, weight, like = res
-  g = g.astype(jnp.float32)
-  zeros = jnp.zeros(like.shape[1:], jnp.float32)
-
-  def one_scatter(index, weight, g):
-    # All taps in one scatter-add (GPU / TPU: XLA fuses the update computation into it).
-    return zeros.at[index].add(g[..., None, :] * weight, mode="drop")
-
-  def loop_over_taps(index, weight, g):
-    # CPU: one in-place scatter-add per tap; the (..., K, C) updates are never materialised
-    # (3.5x faster and 5x less memory than one_scatter on CPU).
-    idx_t = jnp.moveaxis(index, -1, 0)
-    w_t = jnp.moveaxis(weight, -2, 0)
-    body = lambda k, acc: acc.at[idx_t[k]].add(g * w_t[k], mode="drop")
-    return jax.lax.fori_loop(0, index.shape[-1], body, zeros)
-
-  flat = jax.lax.platform_dependent(index, weight, g, cpu=loop_over_taps, default=one_scatter)
-  return flat.astype(like.dtype), None, None
-
-
-_weighted_rows.defvjp(_weighted_rows_fwd, _weighted_rows_bwd)
-
-
-def _check_output_size(output_size):
+def _check_output_size(output_size: OutputSize) -> tuple[int, int]:
   if isinstance(output_size, int):
     output_size = (output_size, output_size)
   output_size = tuple(int(s) for s in output_size)
@@ -178,8 +127,8 @@ def _check_output_size(output_size):
   return output_size
 
 
-def roi_align(features, boxes, output_size, spatial_scale, sampling_ratio, aligned,
-              max_sampling_ratio=4):
+def roi_align(features: Array, boxes: Array, output_size: OutputSize, spatial_scale: float,
+              sampling_ratio: int, aligned: bool, max_sampling_ratio: int = 4) -> Array:
   """RoIAlign, equal to torchvision.ops.roi_align (NCHW there, NHWC here).
 
   Args:
@@ -194,7 +143,8 @@ def roi_align(features, boxes, output_size, spatial_scale, sampling_ratio, align
   Returns:
     (B, R, oh, ow, C) in features' dtype.
   """
-  if features.ndim != 4 or boxes.ndim != 3 or boxes.shape[-1] != 4 or boxes.shape[0] != features.shape[0]:
+  if (features.ndim != 4 or boxes.ndim != 3 or boxes.shape[-1] != 4
+      or boxes.shape[0] != features.shape[0]):
     raise ValueError(f"roi_align needs features (B, H, W, C) and boxes (B, R, 4), got "
                      f"{features.shape} and {boxes.shape}")
   output_size = _check_output_size(output_size)
@@ -208,7 +158,8 @@ def roi_align(features, boxes, output_size, spatial_scale, sampling_ratio, align
   return jax.vmap(fn)(flat, boxes)
 
 
-def assign_levels(boxes, min_level, max_level, canonical_box_size=224, canonical_level=4):
+def assign_levels(boxes: Array, min_level: int, max_level: int, canonical_box_size: float = 224,
+                  canonical_level: int = 4) -> Array:
   """Detectron2's assign_boxes_to_levels: (..., 4) boxes -> (...,) int32 level in [min, max]."""
   w = boxes[..., 2] - boxes[..., 0]
   h = boxes[..., 3] - boxes[..., 1]
@@ -217,8 +168,9 @@ def assign_levels(boxes, min_level, max_level, canonical_box_size=224, canonical
   return jnp.clip(level, min_level, max_level).astype(jnp.int32)
 
 
-def multilevel_roi_align(features, boxes, output_size, sampling_ratio, aligned,
-                         canonical_box_size=224, canonical_level=4, max_sampling_ratio=4):
+def multilevel_roi_align(features: Mapping[str, Array], boxes: Array, output_size: OutputSize,
+                         sampling_ratio: int, aligned: bool, canonical_box_size: float = 224,
+                         canonical_level: int = 4, max_sampling_ratio: int = 4) -> Array:
   """RoIAlign of each box on its FPN level (Detectron2's ROIPooler).
 
   The levels are flattened into one (sum_l H_l * W_l, C) array per image and each ROI's taps point

@@ -73,7 +73,7 @@ def test_conv2d_with_bias_gradients_match_torch(rng, k, s):
 
 @pytest.mark.parametrize("k,p", [(3, 1), (3, 0), (5, 2), (3, 2)])
 def test_conv2d_stride1_gradients_match_torch(rng, k, p):
-  """Stride-1 convs (xla_cpu.conv_stride1 on CPU): output and both gradients, also under a cond."""
+  """Stride-1 convs (on CPU xla_cpu.conv2d_cpu's custom VJP): output and gradients, in a cond."""
   x = rng.normal(size=(3, 10, 12, 8)).astype(np.float32)
   tconv = torch.nn.Conv2d(8, 6, k, padding=p, bias=False)
   tx = to_nchw(x).requires_grad_(True)
