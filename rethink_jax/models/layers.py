@@ -158,18 +158,21 @@ class FrozenBatchNorm(nn.Module):
     return (x.astype(jnp.float32) * scale + bias).astype(x.dtype)
 
 
-def build_norm(norm: Optional[str], *, num_groups: int, bn_group_size: Optional[int] = None,
+def build_norm(norm: Optional[str], *, num_groups: Optional[int] = None,
+               bn_group_size: Optional[int] = None,
                axis_name: Optional[str] = None) -> Optional[NormDef]:
   """The norm factory for `norm` in {"GN", "SyncBN", "BN", "FrozenBN"}, or None for None / "".
 
   The factory builds a module called as `module(x (B,H,W,C), train) -> (B,H,W,C)`; Conv2d
-  builds it as `norm(name="norm")`. num_groups: GroupNorm groups. bn_group_size: images per
-  statistics group for "BN" (the per-device batch; None or 0 = whole batch). axis_name: for
-  "SyncBN" under shard_map / pmap.
+  builds it as `norm(name="norm")`. num_groups: GroupNorm groups (needed for "GN").
+  bn_group_size: images per statistics group for "BN" (the per-device batch; None or 0 = whole
+  batch). axis_name: for "SyncBN" under shard_map / pmap.
   """
   if not norm:
     return None
   if norm == "GN":
+    if not num_groups:
+      raise ValueError("build_norm('GN') needs num_groups.")
     return functools.partial(GroupNorm, num_groups=num_groups)
   if norm == "SyncBN":
     return functools.partial(BatchNorm, group_size=None, axis_name=axis_name)

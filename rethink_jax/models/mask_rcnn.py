@@ -20,7 +20,7 @@ Parameter tree (Detectron2's module names, so importing weights is a rename tabl
   roi_heads/{box_head/{conv1..conv4, fc1}, box_predictor/{cls_score, bbox_pred},
              mask_head/{mask_fcn1..mask_fcn4, deconv, predictor}}
 """
-from typing import Any, Mapping, Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 import flax.linen as nn
 import jax

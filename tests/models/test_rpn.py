@@ -8,7 +8,7 @@ import pytest
 import torch
 import torchvision
 
-from rethink_jax.models import rpn
+from rethink_jax.models import default_model_config, layers, rpn
 
 
 def _rng():
@@ -45,7 +45,8 @@ def _np_decode(d, a, clamp=np.log(1000.0 / 16)):
 
 
 def test_head_layout_shapes_and_init():
-  head = rpn.StandardRPNHead(num_anchors=3)
+  head = rpn.StandardRPNHead(num_anchors=3, conv_dims=-1,
+                             conv=layers.conv_def(norm=None, dtype=jnp.float32))
   feats = [jnp.ones((2, 8, 8, 256)), jnp.ones((2, 4, 4, 256))]
   variables = head.init(jax.random.key(0), feats)
   p = variables["params"]
@@ -179,8 +180,11 @@ def test_rpn_module_train_and_test_shapes():
   rng = _rng()
   feats = [jnp.asarray(rng.normal(size=(2, s, s, 16)), jnp.float32) for s in (16, 8, 4)]
   anchors = [jnp.asarray(_random_boxes(rng, s * s * 3, 64, 4, 32)) for s in (16, 8, 4)]
-  module = rpn.RPN(num_anchors=3, pre_nms_topk_train=100, post_nms_topk_train=50,
-                   pre_nms_topk_test=80, post_nms_topk_test=40, batch_size_per_image=64)
+  c = default_model_config()  # 3 anchors per location
+  c.rpn.update(pre_nms_topk_train=100, post_nms_topk_train=50, pre_nms_topk_test=80,
+               post_nms_topk_test=40, batch_size_per_image=64)
+  module = rpn.build_rpn(c)
+  assert module.rpn_head.num_anchors == 3 and module.nms_thresh == c.rpn.nms_thresh
   gt = jnp.asarray(np.stack([_random_boxes(rng, 3, 64, 8, 32)] * 2))
   gt_valid = jnp.array([[True, True, False], [True, False, False]])
   hw = jnp.array([[64, 64], [50, 60]])
@@ -200,6 +204,9 @@ def test_rpn_module_train_and_test_shapes():
       lambda v: (test(v), jax.grad(lambda w: test(w)[0].sum())(v)))(variables)
   assert props.shape == (2, 40, 4) and losses == {}
   assert all(float(jnp.abs(x).max()) == 0 for x in jax.tree_util.tree_leaves(g))
+  c.rpn.smooth_l1_beta = 0.1
+  with pytest.raises(ValueError, match="smooth_l1_beta"):
+    rpn.build_rpn(c)
 
 
 if __name__ == "__main__":
