@@ -199,12 +199,13 @@ class ResNet(nn.Module):
     return {s: self.width * 2 ** k * (4 if bottleneck else 1) for k, s in enumerate(STAGES)}
 
 
-def resnet_from_config(backbone: Mapping[str, Any], dtype: Any,
-                       axis_name: Optional[str] = None) -> ResNet:
+def resnet_from_config(backbone: Mapping[str, Any], dtype: Any, axis_name: Optional[str] = None,
+                       name: Optional[str] = None) -> ResNet:
   """The ResNet of a config's `backbone` section (default_model_config() layout).
 
   dtype: conv computation dtype, e.g. "bfloat16" (params and norm statistics stay float32).
   axis_name: mapped axis for SyncBN under shard_map / pmap (None under plain jit).
+  name: the module name, when built inside a parent's compact method.
   """
   norm_def = lambda norm: layers.build_norm(
       norm, num_groups=backbone["num_groups"], bn_group_size=backbone["bn_group_size"] or None,
@@ -215,14 +216,15 @@ def resnet_from_config(backbone: Mapping[str, Any], dtype: Any,
   frozen_conv = layers.conv_def(norm=norm_def(frozen_norm(norm)), dtype=dtype, use_bias=False)
   return ResNet(depth=backbone["depth"], width=backbone["width"],
                 stride_in_1x1=backbone["stride_in_1x1"], freeze_at=backbone["freeze_at"],
-                conv=conv, frozen_conv=frozen_conv)
+                conv=conv, frozen_conv=frozen_conv, name=name)
 
 
-def build_resnet(*, dtype: Any = None, axis_name: Optional[str] = None, **backbone: Any) -> ResNet:
+def build_resnet(*, dtype: Any = None, axis_name: Optional[str] = None, name: Optional[str] = None,
+                 **backbone: Any) -> ResNet:
   """A ResNet from plain values: default_model_config().backbone with `backbone` overridden.
 
     build_resnet(depth=18, norm="GN", width=8)   # the other fields as in the config
-  dtype: None = the config's dtype. axis_name: as in `resnet_from_config`.
+  dtype: None = the config's dtype. axis_name, name: as in `resnet_from_config`.
   """
   model_config = config_lib.default_model_config()
   fields = model_config.backbone.to_dict()
@@ -230,4 +232,5 @@ def build_resnet(*, dtype: Any = None, axis_name: Optional[str] = None, **backbo
   if unknown:
     raise ValueError(f"build_resnet: unknown fields {unknown}; known: {sorted(fields)}")
   fields.update(backbone)
-  return resnet_from_config(fields, model_config.dtype if dtype is None else dtype, axis_name)
+  return resnet_from_config(fields, model_config.dtype if dtype is None else dtype, axis_name,
+                            name)
