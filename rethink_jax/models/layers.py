@@ -33,7 +33,8 @@ NormDef = Callable[..., nn.Module]
 ConvDef = Callable[..., nn.Module]
 DenseDef = Callable[..., nn.Module]
 
-# Detectron2's c2_msra_fill / torchvision ResNet: kaiming normal, fan_out, gain sqrt(2), untruncated.
+# Detectron2's c2_msra_fill / torchvision ResNet: kaiming normal, fan_out, gain sqrt(2),
+# untruncated.
 msra_fill = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 # Detectron2's c2_xavier_fill (FPN convs): kaiming uniform with a=1, i.e. U(+-sqrt(3 / fan_in)).
 xavier_fill = nn.initializers.variance_scaling(1.0, "fan_in", "uniform")
@@ -154,7 +155,8 @@ class FrozenBatchNorm(nn.Module):
     scale = self.variable("frozen", "scale", lambda: jnp.ones((c,), jnp.float32)).value
     bias = self.variable("frozen", "bias", lambda: jnp.zeros((c,), jnp.float32)).value
     if scale.shape != (c,) or bias.shape != (c,):
-      raise ValueError(f"FrozenBatchNorm: input {x.shape} vs scale {scale.shape}, bias {bias.shape}.")
+      raise ValueError(f"FrozenBatchNorm: input {x.shape} vs scale {scale.shape}, "
+                       f"bias {bias.shape}.")
     return (x.astype(jnp.float32) * scale + bias).astype(x.dtype)
 
 

@@ -64,7 +64,8 @@ class MaskRCNN(nn.Module):
   def __call__(self, batch: Mapping[str, Array], train: bool = False) -> dict[str, Array]:
     images, image_hw = batch["image"], batch["image_hw"]
     if images.ndim != 4 or image_hw.shape != (images.shape[0], 2):
-      raise ValueError(f"image {images.shape}, image_hw {image_hw.shape}: want (B, H, W, 3), (B, 2)")
+      raise ValueError(f"image {images.shape}, image_hw {image_hw.shape}: "
+                       "want (B, H, W, 3), (B, 2)")
     features = self.backbone(images, train)
 
     gt_boxes = gt_classes = gt_masks = gt_valid = None

@@ -1,7 +1,10 @@
 """ResNet backbone (Detectron2's ResNet: BasicStem + res2..res5), Flax Linen.
 
-  build_resnet(depth=50, norm="GN")(x (B, H, W, 3), train) -> {"res2": (B, H/4, W/4, 256), ...,
-                                                         "res5": (B, H/32, W/32, 2048)}
+  build_resnet(depth=50, norm="GN")(x (B, H, W, 3), train)
+    -> {"res2": (B, H/4, W/4, 256), ..., "res5": (B, H/32, W/32, 2048)}
+
+ResNet receives its convs built (`conv`, `frozen_conv`: Conv2d factories with their norm and
+dtype bound); `resnet_from_config` / `build_resnet` build them from the config.
 
 Parameter tree (mirrors Detectron2's backbone.bottom_up.*, so weights move by renaming):
   stem/conv1/{kernel, norm/{scale, bias}}
@@ -40,7 +43,8 @@ def frozen_norm(norm: Optional[str]) -> Optional[str]:
   return "FrozenBN" if norm in _BN_LIKE else norm
 
 
-def frozen_param_prefixes(freeze_at: int, prefix: Sequence[str] = ()) -> tuple[tuple[str, ...], ...]:
+def frozen_param_prefixes(freeze_at: int,
+                          prefix: Sequence[str] = ()) -> tuple[tuple[str, ...], ...]:
   """Param-tree path prefixes the optimizer must not update for `freeze_at`.
 
   freeze_at=0: none; 1: stem; k >= 2: stem and res2..res{k}. `prefix` is where the ResNet's
@@ -76,7 +80,10 @@ class BasicStem(nn.Module):
 
 
 class BottleneckBlock(nn.Module):
-  """1x1 -> 3x3 -> 1x1 (+ projection shortcut when channels change): (B,H,W,Cin) -> (B,H/s,W/s,C)."""
+  """1x1 -> 3x3 -> 1x1 (+ projection shortcut when channels change).
+
+  (B, H, W, Cin) -> (B, H/s, W/s, out_channels).
+  """
   out_channels: int
   bottleneck_channels: int
   stride: int

@@ -3,9 +3,9 @@
 Training, per image: ground-truth boxes are appended to the proposals, every box is matched to the
 ground truth at IoU 0.5 (no low-quality matches), and a balanced sampler picks 512 ROIs, at most 25%
 foreground. The box branch pools 7x7 with the multilevel RoIAlign (P2..P5, aligned, adaptive
-sampling), runs the box head ("4conv1fc" or "2fc") and the box predictor. The mask branch trains on a
-fixed `max_fg_rois` foreground ROIs per image with a validity mask (the TPU reference's design), in
-chunks that are skipped when they hold no foreground ROI (`mask_chunk_rois`).
+sampling), runs the box head ("4conv1fc" or "2fc") and the box predictor. The mask branch trains on
+a fixed `max_fg_rois` foreground ROIs per image with a validity mask (the TPU reference's design),
+in chunks that are skipped when they hold no foreground ROI (`mask_chunk_rois`).
 
 Class index conventions: labels in the batch are 0 = background, 1..K objects. Inside the box
 predictor the logits follow Detectron2's order (column k-1 is class k, column K is background) and
@@ -14,6 +14,9 @@ fc1 of the box head flattens its input in (C, H, W) order for the same reason.
 
 Inference, per image: softmax scores, class-specific decoding, clipping, score > 0.05, per-class NMS
 0.5 keeping 100, then the mask head on the kept boxes and the sigmoid of the predicted class's mask.
+
+StandardROIHeads receives its poolers, box head, box predictor and mask head built, as Detectron2's
+does; `build_roi_heads(model_config)` builds them.
 """
 import dataclasses
 from typing import Any, Mapping, Optional, Sequence
@@ -120,7 +123,8 @@ class ConvTranspose2x2(nn.Module):
   """ConvTranspose 2x2 stride 2 (no overlap): one (R*H*W, C_in) @ (C_in, 4*C_out) product + a
   pixel shuffle (a 2D product: XLA:CPU copied einsum's 4D operands transposed in the backward).
 
-  Owns "kernel" (2, 2, C_in, C_out) with kernel[a, b, c, o] = PyTorch weight[c, o, a, b], and "bias".
+  Owns "kernel" (2, 2, C_in, C_out) with kernel[a, b, c, o] = PyTorch weight[c, o, a, b], and
+  "bias".
   __call__(x (R, H, W, C_in)) -> (R, 2H, 2W, C_out), computed in x's dtype.
   """
   features: int
@@ -199,7 +203,8 @@ def label_and_sample_proposals(proposals, proposal_valid, gt_boxes, gt_classes, 
   Returns dict of S = batch_size_per_image sampled ROIs:
     rois (S, 4), classes (S,) int32 (0 = background), matched_gt (S,) int32, valid (S,) bool.
   """
-  _check(proposals.shape == proposal_valid.shape + (4,) and gt_boxes.shape == gt_classes.shape + (4,),
+  _check(proposals.shape == proposal_valid.shape + (4,)
+         and gt_boxes.shape == gt_classes.shape + (4,),
          f"proposals {proposals.shape}, proposal_valid {proposal_valid.shape}, gt_boxes "
          f"{gt_boxes.shape}, gt_classes {gt_classes.shape}: want (P, 4), (P,), (G, 4), (G,)")
   gt_valid = gt_classes > 0

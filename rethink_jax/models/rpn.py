@@ -4,11 +4,13 @@ The head runs one shared 3x3 conv over every FPN level, then two 1x1 convs: obje
 location) and anchor deltas (4A per location). Flattened outputs follow Detectron2's order: location
 major, then anchor, i.e. index = (y * W + x) * A + a, the order of `ops.anchors.generate_anchors`.
 
-Training labels every anchor with the matcher (IoU 0.3 / 0.7, low-quality matches allowed) and samples
-256 per image, half positive; both losses are sums over the sampled anchors divided by
+Training labels every anchor with the matcher (IoU 0.3 / 0.7, low-quality matches allowed) and
+samples 256 per image, half positive; both losses are sums over the sampled anchors divided by
 batch_size_per_image * num_images (Detectron2's normaliser). Proposals are per level top-k by
 objectness, decoded, clipped, NMS'd per level at 0.7 (batched NMS with level ids) and cut to the top
 post_nms_topk per image; they carry no gradient.
+
+RPN receives its head built (StandardRPNHead); `build_rpn(model_config)` builds both.
 """
 from typing import Any, Mapping, Optional, Sequence
 
@@ -145,7 +147,8 @@ def rpn_losses(objectness, deltas, samples, normalizer):
 
   Args:
     objectness: (B, N) logits over all anchors. deltas: (B, N, 4).
-    samples: label_and_sample_anchors output batched: indices/valid/labels (B, S), targets (B, S, 4).
+    samples: label_and_sample_anchors output batched: indices/valid/labels (B, S),
+      targets (B, S, 4).
     normalizer: batch_size_per_image * B.
   Returns: {"loss_rpn_cls", "loss_rpn_loc"} float32 scalars (sums / normalizer).
   """
