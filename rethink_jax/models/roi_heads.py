@@ -192,9 +192,10 @@ class MaskRCNNConvUpsampleHead(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # Per-image label/sample, losses and inference (plain functions; vmapped over the batch).
 # ----------------------------------------------------------------------------------------------
-def label_and_sample_proposals(proposals, proposal_valid, gt_boxes, gt_classes, key, *,
-                               batch_size_per_image, positive_fraction, iou_threshold,
-                               append_gt=True):
+def label_and_sample_proposals(proposals: Array, proposal_valid: Array, gt_boxes: Array,
+                               gt_classes: Array, key: Array, *, batch_size_per_image: int,
+                               positive_fraction: float, iou_threshold: float,
+                               append_gt: bool) -> dict[str, Array]:
   """Detectron2's label_and_sample_proposals for one image.
 
   Args:
@@ -226,7 +227,7 @@ def label_and_sample_proposals(proposals, proposal_valid, gt_boxes, gt_classes, 
           "valid": svalid}
 
 
-def select_foreground(samples, max_fg_rois):
+def select_foreground(samples: Mapping[str, Array], max_fg_rois: int) -> dict[str, Array]:
   """The first max_fg_rois foreground ROIs of one image's samples (label_and_sample output).
 
   Returns dict rois (M, 4), classes (M,), matched_gt (M,), valid (M,) bool.
@@ -238,7 +239,8 @@ def select_foreground(samples, max_fg_rois):
   return out
 
 
-def fast_rcnn_losses(logits, deltas, classes, valid, targets):
+def fast_rcnn_losses(logits: Array, deltas: Array, classes: Array, valid: Array,
+                     targets: Array) -> dict[str, Array]:
   """Detectron2's FastRCNNOutputLayers.losses over a batch of sampled ROIs.
 
   Args:
@@ -266,7 +268,7 @@ def fast_rcnn_losses(logits, deltas, classes, valid, targets):
   return {"loss_cls": loss_cls, "loss_box_reg": jnp.sum(jnp.where(fg, l1, 0.0)) / denom}
 
 
-def mask_rcnn_loss(mask_logits, mask_targets, valid):
+def mask_rcnn_loss(mask_logits: Array, mask_targets: Array, valid: Array) -> Array:
   """Mean per-pixel sigmoid BCE over the valid foreground ROIs.
 
   mask_logits (N, M, M) of each ROI's gt class, mask_targets (N, M, M) in {0, 1}, valid (N,).
@@ -280,8 +282,10 @@ def mask_rcnn_loss(mask_logits, mask_targets, valid):
   return jnp.sum(bce * w) / pixels
 
 
-def fast_rcnn_inference(proposals, proposal_valid, logits, deltas, image_hw, *, box_reg_weights,
-                        score_thresh, nms_thresh, detections_per_image, num_candidates):
+def fast_rcnn_inference(proposals: Array, proposal_valid: Array, logits: Array, deltas: Array,
+                        image_hw: Array, *, box_reg_weights: Sequence[float], score_thresh: float,
+                        nms_thresh: float, detections_per_image: int,
+                        num_candidates: int) -> tuple[Array, Array, Array, Array]:
   """Detections of one image (Detectron2's fast_rcnn_inference_single_image, fixed shapes).
 
   Before the per-class NMS the (proposal, class) candidates above score_thresh are cut to the

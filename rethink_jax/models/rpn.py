@@ -67,8 +67,10 @@ class StandardRPNHead(nn.Module):
     return objectness, deltas
 
 
-def find_top_proposals(objectness, deltas, anchors, image_hw, *, pre_nms_topk, post_nms_topk,
-                       nms_thresh, min_size=0.0, box_reg_weights=(1.0, 1.0, 1.0, 1.0)):
+def find_top_proposals(objectness: Sequence[Array], deltas: Sequence[Array],
+                       anchors: Sequence[Array], image_hw: Array, *, pre_nms_topk: int,
+                       post_nms_topk: int, nms_thresh: float, min_size: float,
+                       box_reg_weights: Sequence[float]) -> tuple[Array, Array, Array]:
   """Proposals of one image (Detectron2's find_top_rpn_proposals with fixed shapes).
 
   Args:
@@ -113,9 +115,10 @@ def find_top_proposals(objectness, deltas, anchors, image_hw, *, pre_nms_topk, p
   return boxes, logits, valid
 
 
-def label_and_sample_anchors(anchors, gt_boxes, gt_valid, key, *, iou_thresholds, iou_labels,
-                             batch_size_per_image, positive_fraction,
-                             box_reg_weights=(1.0, 1.0, 1.0, 1.0)):
+def label_and_sample_anchors(anchors: Array, gt_boxes: Array, gt_valid: Array, key: Array, *,
+                             iou_thresholds: Sequence[float], iou_labels: Sequence[int],
+                             batch_size_per_image: int, positive_fraction: float,
+                             box_reg_weights: Sequence[float]) -> dict[str, Array]:
   """Samples the anchors that train the RPN of one image.
 
   Args:
@@ -142,7 +145,8 @@ def label_and_sample_anchors(anchors, gt_boxes, gt_valid, key, *, iou_thresholds
   return {"indices": safe, "valid": valid, "labels": sampled_labels, "targets": targets}
 
 
-def rpn_losses(objectness, deltas, samples, normalizer):
+def rpn_losses(objectness: Array, deltas: Array, samples: Mapping[str, Array],
+               normalizer: float) -> dict[str, Array]:
   """Detectron2's RPN losses over the sampled anchors of a batch.
 
   Args:
@@ -167,7 +171,7 @@ def rpn_losses(objectness, deltas, samples, normalizer):
   return {"loss_rpn_cls": loss_cls, "loss_rpn_loc": loss_loc}
 
 
-def sigmoid_bce(logits, labels):
+def sigmoid_bce(logits: Array, labels: Array) -> Array:
   """Numerically stable binary cross-entropy with logits, elementwise (same shapes)."""
   return jnp.maximum(logits, 0) - logits * labels + jnp.log1p(jnp.exp(-jnp.abs(logits)))
 

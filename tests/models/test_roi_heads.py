@@ -143,7 +143,7 @@ def test_label_and_sample_proposals():
   proposals[:, 2:] = np.maximum(proposals[:, 2:], proposals[:, :2] + 1)
   valid = rng.uniform(size=p) < 0.9
   out = jax.jit(lambda *a: roi_heads.label_and_sample_proposals(
-      *a, batch_size_per_image=128, positive_fraction=0.25, iou_threshold=0.5))(
+      *a, batch_size_per_image=128, positive_fraction=0.25, iou_threshold=0.5, append_gt=True))(
           proposals, valid, gt, gt_classes, jax.random.key(int(rng.integers(1 << 30))))
   rois, classes = np.asarray(out["rois"]), np.asarray(out["classes"])
   svalid, matched = np.asarray(out["valid"]), np.asarray(out["matched_gt"])
@@ -280,7 +280,8 @@ def test_mask_branch_chunks_equal_one_pass():
   (_, chunked), g_chunked = loss_and_grads(4)
   num_fg = jax.vmap(lambda s: jnp.sum(s["valid"] & (s["classes"] > 0)))(
       jax.vmap(lambda p, v, g, k, kk: roi_heads.label_and_sample_proposals(
-          p, v, g, k, kk, batch_size_per_image=32, positive_fraction=0.25, iou_threshold=0.5))(
+          p, v, g, k, kk, batch_size_per_image=32, positive_fraction=0.25, iou_threshold=0.5,
+          append_gt=True))(
               proposals, proposal_valid, gt, gt_classes, jax.random.split(key, 2)))
   print(f"foreground ROIs per image {np.asarray(num_fg)}, losses {one}")
   assert 1 <= int(num_fg.max()) <= 12  # the last of the four chunks is skipped

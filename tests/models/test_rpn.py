@@ -103,7 +103,8 @@ def test_find_top_proposals_matches_reference():
   deltas = [rng.normal(scale=0.5, size=(len(a), 4)).astype(np.float32) for a in anchors]
   pre, post = 300, 200
   f = jax.jit(lambda o, d, a, s: rpn.find_top_proposals(
-      o, d, a, s, pre_nms_topk=pre, post_nms_topk=post, nms_thresh=0.7))
+      o, d, a, s, pre_nms_topk=pre, post_nms_topk=post, nms_thresh=0.7, min_size=0.0,
+      box_reg_weights=(1.0, 1.0, 1.0, 1.0)))
   boxes, logits, valid = f(objectness, deltas, anchors, jnp.array(hw))
   want_boxes, want_scores = _reference_proposals(objectness, deltas, anchors, hw, pre, post, 0.7)
   n = int(valid.sum())
@@ -122,7 +123,8 @@ def test_label_sample_and_losses_match_numpy():
   gt_valid = np.array([True] * 4 + [False] * 2)
   samples = jax.jit(lambda a, b, v, k: rpn.label_and_sample_anchors(
       a, b, v, k, iou_thresholds=(0.3, 0.7), iou_labels=(0, -1, 1), batch_size_per_image=256,
-      positive_fraction=0.5))(anchors, gt, gt_valid, jax.random.key(int(rng.integers(1 << 30))))
+      positive_fraction=0.5, box_reg_weights=(1.0, 1.0, 1.0, 1.0)))(
+          anchors, gt, gt_valid, jax.random.key(int(rng.integers(1 << 30))))
   idx = np.asarray(samples["indices"])
   valid = np.asarray(samples["valid"])
   labels = np.asarray(samples["labels"])
@@ -171,7 +173,7 @@ def test_no_ground_truth_samples_only_background():
   samples = rpn.label_and_sample_anchors(
       jnp.asarray(anchors), jnp.zeros((3, 4)), jnp.zeros((3,), bool), jax.random.key(0),
       iou_thresholds=(0.3, 0.7), iou_labels=(0, -1, 1), batch_size_per_image=256,
-      positive_fraction=0.5)
+      positive_fraction=0.5, box_reg_weights=(1.0, 1.0, 1.0, 1.0))
   assert int(samples["valid"].sum()) == 256
   assert int(samples["labels"].sum()) == 0
 
