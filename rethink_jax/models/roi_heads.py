@@ -40,7 +40,7 @@ Array = jax.Array
 # our (2, 2, C_in, C_out) kernel's fan_in.
 _DECONV_FILL = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
 
-BOX_FEATURES = ("p2", "p3", "p4", "p5")
+POOLER_FEATURES = ("p2", "p3", "p4", "p5")  # box and mask poolers (Detectron2: IN_FEATURES)
 
 
 def _check(cond, msg):
@@ -63,7 +63,7 @@ class ROIPooler:
   aligned: bool
 
   def __call__(self, features: Mapping[str, Array], rois: Array) -> Array:
-    feats = {k: features[k] for k in BOX_FEATURES}
+    feats = {k: features[k] for k in POOLER_FEATURES}
     x = multilevel_roi_align(feats, rois, self.resolution, self.sampling_ratio, self.aligned)
     return x.reshape((-1,) + x.shape[2:])
 
