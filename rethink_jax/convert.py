@@ -1,8 +1,8 @@
 """ImageNet-pretrained ResNets (timm, torchvision, Detectron, Detectron2) -> this project's ResNet.
 
   variables, meta = convert_backbone("R-50-GN.pkl", "detectron")
-  ResNet(depth=meta["depth"], norm=meta["norm"],
-         stride_in_1x1=meta["stride_in_1x1"]).apply(variables, x, train=False)
+  build_resnet(depth=meta["depth"], norm=meta["norm"],
+               stride_in_1x1=meta["stride_in_1x1"]).apply(variables, x, train=False)
 
 Command line (writes DIR/meta.json and an orbax checkpoint DIR/variables, atomically):
   python -m rethink_jax.convert --source detectron --input R-50-GN.pkl --output weights/R-50-GN
@@ -413,9 +413,9 @@ def _template(depth: int, norm: str, stride_in_1x1: bool) -> dict:
   """{(collection, *path): shape} of the ResNet's variables, without computing anything."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from rethink_jax.models.resnet import ResNet  # pylint: disable=g-import-not-at-top
+  from rethink_jax.models.resnet import build_resnet  # pylint: disable=g-import-not-at-top
 
-  model = ResNet(depth=depth, norm=norm, stride_in_1x1=stride_in_1x1)
+  model = build_resnet(depth=depth, norm=norm, stride_in_1x1=stride_in_1x1)
   shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3))))
   shapes = jax.tree_util.tree_map(lambda s: tuple(s.shape), shapes)
   return _flatten(dict(shapes))

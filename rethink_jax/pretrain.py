@@ -110,7 +110,7 @@ class Classifier(nn.Module):
     if x.ndim != 4 or x.shape[-1] != 3:
       raise ValueError(f"Classifier expects images (B, H, W, 3), got {x.shape}")
     from rethink_jax.models import resnet as resnet_lib  # pylint: disable=g-import-not-at-top
-    feats = resnet_lib.ResNet(
+    feats = resnet_lib.build_resnet(
         depth=self.depth, norm=self.norm, stride_in_1x1=self.stride_in_1x1, freeze_at=0,
         num_groups=self.num_groups, width=self.width, bn_group_size=self.bn_group_size,
         name="resnet")(x, train=train)

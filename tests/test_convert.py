@@ -15,7 +15,7 @@ import torch
 import torchvision
 
 from rethink_jax import convert
-from rethink_jax.models import ResNet
+from rethink_jax.models import build_resnet
 from tests.test_safe_pickle import python2_numpy1_pickle
 
 SEED = int(time.time() * 1000) % 2**31
@@ -54,7 +54,8 @@ def torch_stages(model, x_nchw: np.ndarray) -> dict:
 
 
 def jax_stages(variables, meta, x_nhwc: np.ndarray) -> dict:
-  model = ResNet(depth=meta["depth"], norm=meta["norm"], stride_in_1x1=meta["stride_in_1x1"])
+  model = build_resnet(depth=meta["depth"], norm=meta["norm"],
+                       stride_in_1x1=meta["stride_in_1x1"])
   with jax.default_matmul_precision("highest"):  # no TF32 on GPUs: this is a parity check
     return {k: np.asarray(v) for k, v in model.apply(variables, x_nhwc, train=False).items()}
 
@@ -422,5 +423,5 @@ def test_freeze_bn_stages_matches_a_frozen_model(tv_r50):
   x = random_image(2)
   ref = jax_stages(variables, meta, x)  # eval mode: BN with running statistics
   with jax.default_matmul_precision("highest"):
-    got = ResNet(depth=50, norm="BN", freeze_at=2).apply(frozen, x, train=False)
+    got = build_resnet(depth=50, norm="BN", freeze_at=2).apply(frozen, x, train=False)
   assert_rel_close({k: np.asarray(v) for k, v in got.items()}, ref)

@@ -50,8 +50,9 @@ def test_checkpoint_round_trips_into_the_detector_resnet(tiny_run):
   assert loaded["sha256"] is None
   # The saved tree is exactly the ResNet's: the detector's backbone accepts it as is.
   from rethink_jax.models import resnet  # pylint: disable=g-import-not-at-top
-  net = resnet.ResNet(depth=c.model.depth, norm=c.model.norm, num_groups=c.model.num_groups,
-                      width=c.model.width, stride_in_1x1=c.model.stride_in_1x1)
+  net = resnet.build_resnet(depth=c.model.depth, norm=c.model.norm,
+                            num_groups=c.model.num_groups, width=c.model.width,
+                            stride_in_1x1=c.model.stride_in_1x1)
   x = jnp.asarray(np.random.default_rng().normal(size=(2, 32, 32, 3)), jnp.float32)
   fresh = net.init(jax.random.PRNGKey(0), x)
   shapes = lambda t: jax.tree_util.tree_map(lambda a: a.shape, t)

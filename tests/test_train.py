@@ -142,7 +142,7 @@ def test_train_evaluate_resume_and_init_from(compile_cache, shapes_dir, tmp_path
   from rethink_jax.models import resnet  # pylint: disable=g-import-not-at-top
   c = tiny_config(shapes_dir, 2, evaluate=True, **{"eval.num_images": 4})
   b = c.model.backbone
-  net = resnet.ResNet(depth=b.depth, norm=b.norm, num_groups=b.num_groups, width=b.width)
+  net = resnet.build_resnet(depth=b.depth, norm=b.norm, num_groups=b.num_groups, width=b.width)
   variables = net.init(jax.random.PRNGKey(7), np.zeros((1, 64, 64, 3), np.float32))
   backbone_dir = convert.save_backbone(str(tmp_path / "backbone"), variables, _meta(
       pixel_mean=list(c.data.pixel_mean), pixel_std=list(c.data.pixel_std)))

@@ -1,6 +1,7 @@
 """Flax modules of Mask R-CNN with a ResNet-FPN backbone (Detectron2 architecture and names)."""
 
-from rethink_jax.models.layers import Conv2d, get_norm  # noqa: E402
-from rethink_jax.models.resnet import ResNet, frozen_param_prefixes  # noqa: E402
+from rethink_jax.models.config import default_model_config  # noqa: E402
+from rethink_jax.models.layers import Conv2d, build_norm  # noqa: E402
+from rethink_jax.models.resnet import ResNet, build_resnet, frozen_param_prefixes  # noqa: E402
 from rethink_jax.models.fpn import FPN, build_resnet_fpn  # noqa: E402
-from rethink_jax.models.mask_rcnn import MaskRCNN, build_model, default_model_config  # noqa: E402
+from rethink_jax.models.mask_rcnn import MaskRCNN, build_model  # noqa: E402

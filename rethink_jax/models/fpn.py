@@ -1,20 +1,22 @@
 """Feature Pyramid Network on a ResNet (Detectron2's FPN with LastLevelMaxPool), Flax Linen.
 
-  FPN(bottom_up=ResNet(...), out_channels=256, norm="GN")(x (B, H, W, 3), train)
+  build_resnet_fpn(depth=50, norm="GN", fpn_norm="GN")(x (B, H, W, 3), train)
     -> {"p2": (B, H/4, W/4, 256), ..., "p5": (B, H/32, W/32, 256), "p6": (B, H/64, W/64, 256)}
 
 Params: bottom_up/... (the ResNet), fpn_lateral{2..5}/{kernel, [bias], [norm]},
 fpn_output{2..5}/{kernel, [bias], [norm]}. Convs have a bias only when not normed.
 """
 
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from rethink_jax.models.layers import Conv2d, xavier_fill
-from rethink_jax.models.resnet import ResNet
+from rethink_jax.models import config as config_lib
+from rethink_jax.models import layers
+from rethink_jax.models import resnet as resnet_lib
+from rethink_jax.models.layers import ConvDef, xavier_fill
 
 Array = jax.Array
 
@@ -32,7 +34,7 @@ def upsample_nearest(x: Array, hw: tuple[int, int]) -> Array:
 
 
 class FPN(nn.Module):
-  """FPN: lateral 1x1 + output 3x3 convs (each followed by `norm`), sum fusion, nearest 2x
+  """FPN: lateral 1x1 + output 3x3 convs (each followed by the conv's norm), sum fusion, nearest 2x
   top-down upsampling, P6 = max-pool(kernel 1, stride 2) of P5.
 
   __call__(x (B, H, W, 3), train) -> {"p2".."p6"} (B, ceil(H/s), ceil(W/s), out_channels),
@@ -41,19 +43,15 @@ class FPN(nn.Module):
   Attributes:
     bottom_up: the ResNet module (its params live under "bottom_up"); see `build_resnet_fpn`.
     in_features: bottom-up outputs used, finest first; level = the digit of the name.
-    out_channels: 256.
-    norm: "GN", "SyncBN", "BN", "FrozenBN" or None/"" (then the convs have a bias).
-    dtype: conv computation dtype (params and norm statistics stay float32).
+    out_channels: 256 in Detectron2.
+    conv: the FPN's Conv2d with its norm (layers.conv_def); it has a bias only when not normed.
+    top_block: add P6 (LastLevelMaxPool).
   """
   bottom_up: nn.Module
-  in_features: Sequence[str] = ("res2", "res3", "res4", "res5")
-  out_channels: int = 256
-  norm: Optional[str] = "GN"
-  num_groups: int = 32
-  bn_group_size: Optional[int] = None
-  axis_name: Optional[str] = None
+  in_features: Sequence[str]
+  out_channels: int
+  conv: ConvDef
   top_block: bool = True
-  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> dict[str, Array]:
@@ -61,10 +59,8 @@ class FPN(nn.Module):
     missing = [f for f in self.in_features if f not in feats]
     if missing:
       raise ValueError(f"FPN: bottom_up gave {sorted(feats)}, missing {missing}.")
-    conv = lambda k, name: Conv2d(
-        self.out_channels, k, padding=k // 2, norm=self.norm, num_groups=self.num_groups,
-        bn_group_size=self.bn_group_size, axis_name=self.axis_name, kernel_init=xavier_fill,
-        dtype=jnp.dtype(self.dtype), name=name)
+    conv = lambda k, name: self.conv(self.out_channels, k, padding=k // 2, kernel_init=xavier_fill,
+                                     name=name)
     levels = [int(f[-1]) for f in self.in_features]
     outputs = {}
     prev = None
@@ -82,14 +78,37 @@ class FPN(nn.Module):
     return {k: outputs[k] for k in sorted(outputs, key=lambda k: int(k[1:]))}
 
 
-def build_resnet_fpn(depth: int = 50, norm: Optional[str] = "GN", fpn_norm: Optional[str] = "GN",
-                     stride_in_1x1: bool = False, freeze_at: int = 0, num_groups: int = 32,
-                     width: int = 64, bn_group_size: Optional[int] = None,
-                     out_channels: int = 256, axis_name: Optional[str] = None,
-                     dtype: Any = jnp.float32) -> FPN:
-  """ResNet-FPN backbone (Detectron2's build_resnet_fpn_backbone): x (B,H,W,3) -> {"p2".."p6"}."""
-  bottom_up = ResNet(depth=depth, norm=norm, stride_in_1x1=stride_in_1x1, freeze_at=freeze_at,
-                     num_groups=num_groups, width=width, bn_group_size=bn_group_size,
-                     axis_name=axis_name, dtype=dtype)
-  return FPN(bottom_up=bottom_up, out_channels=out_channels, norm=fpn_norm,
-             num_groups=num_groups, bn_group_size=bn_group_size, axis_name=axis_name, dtype=dtype)
+def backbone_from_config(model_config: Mapping[str, Any],
+                         axis_name: Optional[str] = None) -> FPN:
+  """ResNet-FPN backbone (Detectron2's build_resnet_fpn_backbone) of a model config:
+  x (B, H, W, 3) -> {"p2".."p6"}. The FPN's norm shares the backbone's num_groups and
+  bn_group_size."""
+  b, dtype = model_config["backbone"], model_config["dtype"]
+  bottom_up = resnet_lib.resnet_from_config(b, dtype, axis_name)
+  norm = layers.build_norm(model_config["fpn"]["norm"], num_groups=b["num_groups"],
+                           bn_group_size=b["bn_group_size"] or None, axis_name=axis_name)
+  return FPN(bottom_up=bottom_up, in_features=resnet_lib.STAGES,
+             out_channels=model_config["fpn"]["out_channels"],
+             conv=layers.conv_def(norm=norm, dtype=dtype))
+
+
+def build_resnet_fpn(*, fpn_norm: Optional[str] = None, out_channels: Optional[int] = None,
+                     dtype: Any = None, axis_name: Optional[str] = None, **backbone: Any) -> FPN:
+  """ResNet-FPN from plain values: default_model_config() with these fields overridden.
+
+    build_resnet_fpn(depth=50, norm="GN", fpn_norm="GN")
+  backbone: fields of the config's backbone section; fpn_norm, out_channels: of its fpn section
+  (None = the config's); dtype: None = the config's.
+  """
+  c = config_lib.default_model_config().to_dict()
+  unknown = sorted(set(backbone) - set(c["backbone"]))
+  if unknown:
+    raise ValueError(f"build_resnet_fpn: unknown fields {unknown}; known: {sorted(c['backbone'])}")
+  c["backbone"].update(backbone)
+  if fpn_norm is not None:
+    c["fpn"]["norm"] = fpn_norm
+  if out_channels is not None:
+    c["fpn"]["out_channels"] = out_channels
+  if dtype is not None:
+    c["dtype"] = dtype
+  return backbone_from_config(c, axis_name)

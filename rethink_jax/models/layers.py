@@ -2,13 +2,18 @@
 
 Mirrors Detectron2's `layers.Conv2d` (a conv that owns its `.norm`) and `get_norm`, in Flax Linen:
 
-  Conv2d(256, 3, padding=1, use_bias=False, norm="GN")  ->  params {"kernel" (3,3,I,256), "norm": {...}}
+  gn = build_norm("GN", num_groups=32)
+  Conv2d(256, 3, padding=1, norm=gn)  ->  params {"kernel" (3,3,I,256), "norm": {scale, bias}}
+
+Modules receive their layers as factories built once from the config (`conv_def`, `dense_def`,
+`build_norm`), so a block says which convs it has and not how they are normed or typed.
 
 Activations are NHWC, kernels HWIO, padding is explicit and symmetric (PyTorch semantics; never
 'SAME', which is asymmetric at stride 2). Convolutions compute in `dtype` (e.g. bfloat16) while
 parameters and all norm statistics stay float32.
 """
 
+import functools
 import math
 from typing import Any, Callable, Optional, Sequence, Union
 
@@ -20,8 +25,16 @@ from rethink_jax.ops import xla_cpu
 
 Array = jax.Array
 IntOrPair = Union[int, Sequence[int]]
+Activation = Callable[[Array], Array]
+# Factories of built layers, passed down to the modules that use them (as flax/examples/imagenet
+# passes `conv` and `norm`): NormDef(name=...) -> a norm; ConvDef(features, kernel_size, ...,
+# name=...) -> a Conv2d; DenseDef(features, kernel_init=..., name=...) -> an nn.Dense.
+NormDef = Callable[..., nn.Module]
+ConvDef = Callable[..., nn.Module]
+DenseDef = Callable[..., nn.Module]
 
-# Detectron2's c2_msra_fill / torchvision ResNet: kaiming normal, fan_out, gain sqrt(2), untruncated.
+# Detectron2's c2_msra_fill / torchvision ResNet: kaiming normal, fan_out, gain sqrt(2),
+# untruncated.
 msra_fill = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 # Detectron2's c2_xavier_fill (FPN convs): kaiming uniform with a=1, i.e. U(+-sqrt(3 / fan_in)).
 xavier_fill = nn.initializers.variance_scaling(1.0, "fan_in", "uniform")
@@ -54,8 +67,8 @@ class GroupNorm(nn.Module):
   `num_groups` groups when C is a multiple of it; tiny widths (C < num_groups, e.g. width=8 test
   models) use gcd(num_groups, C) groups.
   """
-  num_groups: int = 32
-  epsilon: float = 1e-5
+  num_groups: int
+  epsilon: float = 1e-5  # torch.nn.GroupNorm's
 
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> Array:
@@ -142,28 +155,33 @@ class FrozenBatchNorm(nn.Module):
     scale = self.variable("frozen", "scale", lambda: jnp.ones((c,), jnp.float32)).value
     bias = self.variable("frozen", "bias", lambda: jnp.zeros((c,), jnp.float32)).value
     if scale.shape != (c,) or bias.shape != (c,):
-      raise ValueError(f"FrozenBatchNorm: input {x.shape} vs scale {scale.shape}, bias {bias.shape}.")
+      raise ValueError(f"FrozenBatchNorm: input {x.shape} vs scale {scale.shape}, "
+                       f"bias {bias.shape}.")
     return (x.astype(jnp.float32) * scale + bias).astype(x.dtype)
 
 
-def get_norm(norm: Optional[str], *, num_groups: int = 32, bn_group_size: Optional[int] = None,
-             axis_name: Optional[str] = None, name: str = "norm") -> Optional[nn.Module]:
-  """Returns a norm module for `norm` in {"GN", "SyncBN", "BN", "FrozenBN"}, or None for None/"".
+def build_norm(norm: Optional[str], *, num_groups: Optional[int] = None,
+               bn_group_size: Optional[int] = None,
+               axis_name: Optional[str] = None) -> Optional[NormDef]:
+  """The norm factory for `norm` in {"GN", "SyncBN", "BN", "FrozenBN"}, or None for None / "".
 
-  Every returned module is called as `module(x (B,H,W,C), train) -> (B,H,W,C)`.
+  The factory builds a module called as `module(x (B,H,W,C), train) -> (B,H,W,C)`; Conv2d
+  builds it as `norm(name="norm")`. num_groups: GroupNorm groups (needed for "GN").
   bn_group_size: images per statistics group for "BN" (the per-device batch; None or 0 = whole
-  batch). axis_name: for "SyncBN" (and "BN") under shard_map / pmap.
+  batch). axis_name: for "SyncBN" under shard_map / pmap.
   """
   if not norm:
     return None
   if norm == "GN":
-    return GroupNorm(num_groups=num_groups, epsilon=1e-5, name=name)
+    if not num_groups:
+      raise ValueError("build_norm('GN') needs num_groups.")
+    return functools.partial(GroupNorm, num_groups=num_groups)
   if norm == "SyncBN":
-    return BatchNorm(group_size=None, axis_name=axis_name, name=name)
+    return functools.partial(BatchNorm, group_size=None, axis_name=axis_name)
   if norm == "BN":
-    return BatchNorm(group_size=bn_group_size or None, axis_name=None, name=name)
+    return functools.partial(BatchNorm, group_size=bn_group_size or None, axis_name=None)
   if norm == "FrozenBN":
-    return FrozenBatchNorm(name=name)
+    return FrozenBatchNorm
   raise ValueError(f"Unknown norm {norm!r}; expected one of {NORMS} or None.")
 
 
@@ -176,20 +194,18 @@ class Conv2d(nn.Module):
   Attributes:
     padding: int or (ph, pw), symmetric; None = kernel_size // 2 * dilation ("same" at stride 1).
     use_bias: None = no bias when normed (Detectron2's rule), else as given.
+    norm: a norm factory (`build_norm`), built as the submodule "norm"; None = no norm.
     dtype: computation dtype of the conv (params stay float32; norms compute in float32).
   """
   features: int
-  kernel_size: IntOrPair = 3
+  kernel_size: IntOrPair
   strides: IntOrPair = 1
   padding: Optional[IntOrPair] = None
   dilation: IntOrPair = 1
   groups: int = 1
   use_bias: Optional[bool] = None
-  norm: Optional[str] = None
-  num_groups: int = 32  # GN groups
-  bn_group_size: Optional[int] = None
-  axis_name: Optional[str] = None
-  activation: Optional[Callable[[Array], Array]] = None
+  norm: Optional[NormDef] = None
+  activation: Optional[Activation] = None
   kernel_init: Callable = msra_fill
   bias_init: Callable = nn.initializers.zeros
   dtype: Any = jnp.float32
@@ -208,7 +224,7 @@ class Conv2d(nn.Module):
     if cin % self.groups or self.features % self.groups:
       raise ValueError(f"Conv2d: input {x.shape} / features {self.features} not divisible by "
                        f"groups={self.groups}.")
-    use_bias = (not self.norm) if self.use_bias is None else self.use_bias
+    use_bias = (self.norm is None) if self.use_bias is None else self.use_bias
     kernel = self.param("kernel", self.kernel_init, (kh, kw, cin // self.groups, self.features),
                         jnp.float32)
     x = x.astype(self.dtype)
@@ -218,10 +234,18 @@ class Conv2d(nn.Module):
     if use_bias:
       bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)
       y = xla_cpu.add_bias(y, bias.astype(self.dtype))
-    norm = get_norm(self.norm, num_groups=self.num_groups, bn_group_size=self.bn_group_size,
-                    axis_name=self.axis_name, name="norm")
-    if norm is not None:
-      y = norm(y, train)
+    if self.norm is not None:
+      y = self.norm(name="norm")(y, train)
     if self.activation is not None:
       y = self.activation(y)
     return y
+
+
+def conv_def(*, norm: Optional[NormDef], dtype: Any, **kwargs) -> ConvDef:
+  """Conv2d with `norm` and compute `dtype` bound: the `conv` the backbone and heads receive."""
+  return functools.partial(Conv2d, norm=norm, dtype=jnp.dtype(dtype), **kwargs)
+
+
+def dense_def(*, dtype: Any) -> DenseDef:
+  """nn.Dense computing in `dtype` with float32 parameters: the `dense` the box heads receive."""
+  return functools.partial(nn.Dense, dtype=jnp.dtype(dtype), param_dtype=jnp.float32)

@@ -1,7 +1,10 @@
 """ResNet backbone (Detectron2's ResNet: BasicStem + res2..res5), Flax Linen.
 
-  ResNet(depth=50, norm="GN")(x (B, H, W, 3), train) -> {"res2": (B, H/4, W/4, 256), ...,
-                                                         "res5": (B, H/32, W/32, 2048)}
+  build_resnet(depth=50, norm="GN")(x (B, H, W, 3), train)
+    -> {"res2": (B, H/4, W/4, 256), ..., "res5": (B, H/32, W/32, 2048)}
+
+ResNet receives its convs built (`conv`, `frozen_conv`: Conv2d factories with their norm and
+dtype bound); `resnet_from_config` / `build_resnet` build them from the config.
 
 Parameter tree (mirrors Detectron2's backbone.bottom_up.*, so weights move by renaming):
   stem/conv1/{kernel, norm/{scale, bias}}
@@ -10,13 +13,14 @@ BasicBlock (depth 18/34) blocks have conv1, conv2 and (when channels change) sho
 FrozenBN keeps its scale/bias in the collection "frozen" at the same paths.
 """
 
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
-from rethink_jax.models.layers import Conv2d
+from rethink_jax.models import config as config_lib
+from rethink_jax.models import layers
+from rethink_jax.models.layers import Activation, ConvDef
 from rethink_jax.ops.xla_cpu import max_pool
 
 Array = jax.Array
@@ -39,7 +43,8 @@ def frozen_norm(norm: Optional[str]) -> Optional[str]:
   return "FrozenBN" if norm in _BN_LIKE else norm
 
 
-def frozen_param_prefixes(freeze_at: int, prefix: Sequence[str] = ()) -> tuple[tuple[str, ...], ...]:
+def frozen_param_prefixes(freeze_at: int,
+                          prefix: Sequence[str] = ()) -> tuple[tuple[str, ...], ...]:
   """Param-tree path prefixes the optimizer must not update for `freeze_at`.
 
   freeze_at=0: none; 1: stem; k >= 2: stem and res2..res{k}. `prefix` is where the ResNet's
@@ -64,74 +69,61 @@ def trainable_mask(params: Any, prefixes: Sequence[Sequence[str]]) -> Any:
 
 class BasicStem(nn.Module):
   """conv1 7x7/2 (pad 3) + norm + ReLU + max-pool 3x3/2 (pad 1): (B,H,W,3) -> (B,H/4,W/4,C)."""
-  features: int = 64
-  norm: Optional[str] = "GN"
-  num_groups: int = 32
-  bn_group_size: Optional[int] = None
-  axis_name: Optional[str] = None
-  dtype: Any = jnp.float32
+  features: int
+  conv: ConvDef
+  activation: Activation = nn.relu
 
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> Array:
-    x = Conv2d(self.features, 7, strides=2, padding=3, use_bias=False, norm=self.norm,
-               num_groups=self.num_groups, bn_group_size=self.bn_group_size,
-               axis_name=self.axis_name, dtype=self.dtype, name="conv1")(x, train)
-    x = nn.relu(x)
+    x = self.activation(self.conv(self.features, 7, strides=2, padding=3, name="conv1")(x, train))
     return max_pool(x, 3, 2, 1)
 
 
 class BottleneckBlock(nn.Module):
-  """1x1 -> 3x3 -> 1x1 (+ projection shortcut when channels change): (B,H,W,Cin) -> (B,H/s,W/s,C)."""
+  """1x1 -> 3x3 -> 1x1 (+ projection shortcut when channels change).
+
+  (B, H, W, Cin) -> (B, H/s, W/s, out_channels).
+  """
   out_channels: int
   bottleneck_channels: int
-  stride: int = 1
-  stride_in_1x1: bool = False
-  norm: Optional[str] = "GN"
-  num_groups: int = 32
-  bn_group_size: Optional[int] = None
-  axis_name: Optional[str] = None
-  dtype: Any = jnp.float32
+  stride: int
+  stride_in_1x1: bool
+  conv: ConvDef
+  activation: Activation = nn.relu
 
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> Array:
-    conv = lambda f, k, s, name: Conv2d(
-        f, k, strides=s, padding=k // 2, use_bias=False, norm=self.norm,
-        num_groups=self.num_groups, bn_group_size=self.bn_group_size, axis_name=self.axis_name,
-        dtype=self.dtype, name=name)
+    conv = lambda f, k, s, name: self.conv(f, k, strides=s, padding=k // 2, name=name)
+    act = self.activation
     s1, s3 = (self.stride, 1) if self.stride_in_1x1 else (1, self.stride)
     if x.shape[-1] != self.out_channels:
       shortcut = conv(self.out_channels, 1, self.stride, "shortcut")(x, train)
     else:
       shortcut = x
-    y = nn.relu(conv(self.bottleneck_channels, 1, s1, "conv1")(x, train))
-    y = nn.relu(conv(self.bottleneck_channels, 3, s3, "conv2")(y, train))
+    y = act(conv(self.bottleneck_channels, 1, s1, "conv1")(x, train))
+    y = act(conv(self.bottleneck_channels, 3, s3, "conv2")(y, train))
     y = conv(self.out_channels, 1, 1, "conv3")(y, train)
-    return nn.relu(y + shortcut)
+    return act(y + shortcut)
 
 
 class BasicBlock(nn.Module):
   """3x3 -> 3x3 (+ projection shortcut when channels change): (B,H,W,Cin) -> (B,H/s,W/s,C)."""
   out_channels: int
-  stride: int = 1
-  norm: Optional[str] = "GN"
-  num_groups: int = 32
-  bn_group_size: Optional[int] = None
-  axis_name: Optional[str] = None
-  dtype: Any = jnp.float32
+  stride: int
+  conv: ConvDef
+  activation: Activation = nn.relu
 
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> Array:
-    conv = lambda k, s, name: Conv2d(
-        self.out_channels, k, strides=s, padding=k // 2, use_bias=False, norm=self.norm,
-        num_groups=self.num_groups, bn_group_size=self.bn_group_size, axis_name=self.axis_name,
-        dtype=self.dtype, name=name)
+    conv = lambda k, s, name: self.conv(self.out_channels, k, strides=s, padding=k // 2, name=name)
+    act = self.activation
     if x.shape[-1] != self.out_channels:
       shortcut = conv(1, self.stride, "shortcut")(x, train)
     else:
       shortcut = x
-    y = nn.relu(conv(3, self.stride, "conv1")(x, train))
+    y = act(conv(3, self.stride, "conv1")(x, train))
     y = conv(3, 1, "conv2")(y, train)
-    return nn.relu(y + shortcut)
+    return act(y + shortcut)
 
 
 class ResStage(nn.Module):
@@ -140,57 +132,47 @@ class ResStage(nn.Module):
   out_channels: int
   bottleneck_channels: int
   stride: int
-  bottleneck: bool = True
-  stride_in_1x1: bool = False
-  norm: Optional[str] = "GN"
-  num_groups: int = 32
-  bn_group_size: Optional[int] = None
-  axis_name: Optional[str] = None
-  dtype: Any = jnp.float32
+  bottleneck: bool
+  stride_in_1x1: bool
+  conv: ConvDef
+  activation: Activation = nn.relu
 
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> Array:
-    common = dict(norm=self.norm, num_groups=self.num_groups, bn_group_size=self.bn_group_size,
-                  axis_name=self.axis_name, dtype=self.dtype)
     for i in range(self.num_blocks):
       s = self.stride if i == 0 else 1
       if self.bottleneck:
         x = BottleneckBlock(self.out_channels, self.bottleneck_channels, s, self.stride_in_1x1,
-                            name=str(i), **common)(x, train)
+                            self.conv, self.activation, name=str(i))(x, train)
       else:
-        x = BasicBlock(self.out_channels, s, name=str(i), **common)(x, train)
+        x = BasicBlock(self.out_channels, s, self.conv, self.activation, name=str(i))(x, train)
     return x
 
 
 class ResNet(nn.Module):
-  """Detectron2's ResNet (stem + res2..res5).
+  """Detectron2's ResNet (stem + res2..res5); build it with `build_resnet` or `resnet_from_config`.
 
   __call__(x (B, H, W, 3), train) -> {"res2".."res5"} at strides 4, 8, 16, 32 with
   4w, 8w, 16w, 32w channels (bottleneck, w = width) or w, 2w, 4w, 8w (depth 18/34).
 
   Attributes:
     depth: 18, 34, 50, 101 or 152.
-    norm: "GN", "SyncBN", "BN", "FrozenBN" or None (see layers.get_norm).
+    width: channels of the stem (64 = standard; tiny models use 8 or 16).
     stride_in_1x1: True puts a stage's stride in the first 1x1 conv (MSRA / Caffe2 weights), False
       in the 3x3 conv (torchvision, timm, FAIR GN weights).
     freeze_at: 0 trains everything; 1 freezes the stem; k >= 2 the stem and res2..res{k}. Frozen
-      outputs pass through stop_gradient, frozen BN norms are FrozenBN, and
-      `frozen_param_prefixes(freeze_at)` lists the params the optimizer must mask.
-    num_groups: GroupNorm groups (32).
-    width: channels of the stem (64 = standard; tiny models use 8 or 16).
-    bn_group_size: images per statistics group for norm="BN" (the per-device batch; None/0 = all).
-    axis_name: mapped axis for SyncBN under shard_map/pmap (None under plain jit).
-    dtype: conv computation dtype, e.g. "bfloat16" (params and norm statistics stay float32).
+      outputs pass through stop_gradient and `frozen_param_prefixes(freeze_at)` lists the params
+      the optimizer must mask.
+    conv: the normed, bias-free Conv2d of the trained stages (layers.conv_def).
+    frozen_conv: the Conv2d of the frozen stages (BN norms become FrozenBN, see `frozen_norm`).
   """
-  depth: int = 50
-  norm: Optional[str] = "GN"
-  stride_in_1x1: bool = False
-  freeze_at: int = 0
-  num_groups: int = 32
-  width: int = 64
-  bn_group_size: Optional[int] = None
-  axis_name: Optional[str] = None
-  dtype: Any = jnp.float32
+  depth: int
+  width: int
+  stride_in_1x1: bool
+  freeze_at: int
+  conv: ConvDef
+  frozen_conv: ConvDef
+  activation: Activation = nn.relu
 
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> dict[str, Array]:
@@ -200,30 +182,62 @@ class ResNet(nn.Module):
       raise ValueError(f"ResNet depth must be one of {sorted(STAGE_BLOCKS)}, got {self.depth}.")
     if not 0 <= self.freeze_at <= 5:
       raise ValueError(f"freeze_at must be in 0..5, got {self.freeze_at}.")
-    dtype = jnp.dtype(self.dtype)
     blocks, bottleneck = STAGE_BLOCKS[self.depth]
-    common = dict(num_groups=self.num_groups, bn_group_size=self.bn_group_size,
-                  axis_name=self.axis_name, dtype=dtype)
-    norm_of = lambda frozen: frozen_norm(self.norm) if frozen else self.norm
+    conv_of = lambda frozen: self.frozen_conv if frozen else self.conv
 
     frozen = self.freeze_at >= 1
-    x = BasicStem(self.width, norm_of(frozen), name="stem", **common)(x, train)
+    x = BasicStem(self.width, conv_of(frozen), self.activation, name="stem")(x, train)
     if frozen:
       x = jax.lax.stop_gradient(x)
     outputs = {}
-    for k, (name, n) in enumerate(zip(STAGES, blocks)):
-      mult = 2 ** k
-      out_channels = self.width * mult * (4 if bottleneck else 1)
+    for k, (stage, n) in enumerate(zip(STAGES, blocks)):
+      out_channels = self.out_channels[stage]
       frozen = self.freeze_at >= k + 2
-      x = ResStage(n, out_channels, self.width * mult, stride=1 if k == 0 else 2,
-                   bottleneck=bottleneck, stride_in_1x1=self.stride_in_1x1,
-                   norm=norm_of(frozen), name=name, **common)(x, train)
+      x = ResStage(n, out_channels, self.width * 2 ** k, 1 if k == 0 else 2, bottleneck,
+                   self.stride_in_1x1, conv_of(frozen), self.activation, name=stage)(x, train)
       if frozen:
         x = jax.lax.stop_gradient(x)
-      outputs[name] = x
+      outputs[stage] = x
     return outputs
 
   @property
   def out_channels(self) -> dict[str, int]:
     bottleneck = STAGE_BLOCKS[self.depth][1]
     return {s: self.width * 2 ** k * (4 if bottleneck else 1) for k, s in enumerate(STAGES)}
+
+
+def resnet_from_config(backbone: Mapping[str, Any], dtype: Any, axis_name: Optional[str] = None,
+                       name: Optional[str] = None) -> ResNet:
+  """The ResNet of a config's `backbone` section (default_model_config() layout).
+
+  dtype: conv computation dtype, e.g. "bfloat16" (params and norm statistics stay float32).
+  axis_name: mapped axis for SyncBN under shard_map / pmap (None under plain jit).
+  name: the module name, when built inside a parent's compact method.
+  """
+  norm_def = lambda norm: layers.build_norm(
+      norm, num_groups=backbone["num_groups"], bn_group_size=backbone["bn_group_size"] or None,
+      axis_name=axis_name)
+  norm = backbone["norm"] or None
+  # Detectron2's ResNet convs have no bias, normed or not.
+  conv = layers.conv_def(norm=norm_def(norm), dtype=dtype, use_bias=False)
+  frozen_conv = layers.conv_def(norm=norm_def(frozen_norm(norm)), dtype=dtype, use_bias=False)
+  return ResNet(depth=backbone["depth"], width=backbone["width"],
+                stride_in_1x1=backbone["stride_in_1x1"], freeze_at=backbone["freeze_at"],
+                conv=conv, frozen_conv=frozen_conv, name=name)
+
+
+def build_resnet(*, dtype: Any = None, axis_name: Optional[str] = None, name: Optional[str] = None,
+                 **backbone: Any) -> ResNet:
+  """A ResNet from plain values: default_model_config().backbone with `backbone` overridden.
+
+    build_resnet(depth=18, norm="GN", width=8)   # the other fields as in the config
+  dtype: None = the config's dtype. axis_name, name: as in `resnet_from_config`.
+  """
+  model_config = config_lib.default_model_config()
+  fields = model_config.backbone.to_dict()
+  unknown = sorted(set(backbone) - set(fields))
+  if unknown:
+    raise ValueError(f"build_resnet: unknown fields {unknown}; known: {sorted(fields)}")
+  fields.update(backbone)
+  return resnet_from_config(fields, model_config.dtype if dtype is None else dtype, axis_name,
+                            name)

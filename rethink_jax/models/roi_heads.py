@@ -3,9 +3,9 @@
 Training, per image: ground-truth boxes are appended to the proposals, every box is matched to the
 ground truth at IoU 0.5 (no low-quality matches), and a balanced sampler picks 512 ROIs, at most 25%
 foreground. The box branch pools 7x7 with the multilevel RoIAlign (P2..P5, aligned, adaptive
-sampling), runs the box head ("4conv1fc" or "2fc") and the box predictor. The mask branch trains on a
-fixed `max_fg_rois` foreground ROIs per image with a validity mask (the TPU reference's design), in
-chunks that are skipped when they hold no foreground ROI (`mask_chunk_rois`).
+sampling), runs the box head ("4conv1fc" or "2fc") and the box predictor. The mask branch trains on
+a fixed `max_fg_rois` foreground ROIs per image with a validity mask (the TPU reference's design),
+in chunks that are skipped when they hold no foreground ROI (`mask_chunk_rois`).
 
 Class index conventions: labels in the batch are 0 = background, 1..K objects. Inside the box
 predictor the logits follow Detectron2's order (column k-1 is class k, column K is background) and
@@ -14,14 +14,19 @@ fc1 of the box head flattens its input in (C, H, W) order for the same reason.
 
 Inference, per image: softmax scores, class-specific decoding, clipping, score > 0.05, per-class NMS
 0.5 keeping 100, then the mask head on the kept boxes and the sigmoid of the predicted class's mask.
+
+StandardROIHeads receives its poolers, box head, box predictor and mask head built, as Detectron2's
+does; `build_roi_heads(model_config)` builds them.
 """
-from typing import Any, Sequence
+import dataclasses
+from typing import Any, Mapping, Optional, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from rethink_jax.models import layers
+from rethink_jax.models.layers import Activation, ConvDef, DenseDef
 from rethink_jax.ops import boxes as box_ops
 from rethink_jax.ops import masks as mask_ops
 from rethink_jax.ops import matching
@@ -30,15 +35,12 @@ from rethink_jax.ops.roi_align import multilevel_roi_align
 from rethink_jax.ops import sampling
 from rethink_jax.ops import xla_cpu
 
-# Detectron2's weight_init.c2_msra_fill (kaiming normal, fan_out, relu) and c2_xavier_fill
-# (kaiming uniform, a=1: U(-sqrt(3/fan_in), sqrt(3/fan_in))); biases are zero.
-_MSRA_FILL = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
-_XAVIER_FILL = nn.initializers.variance_scaling(1.0, "fan_in", "uniform")
+Array = jax.Array
 # ConvTranspose2d(C, C, 2, 2) weight is (C_in, C_out, 2, 2) in PyTorch, whose "fan_out" is C_in*4:
 # our (2, 2, C_in, C_out) kernel's fan_in.
 _DECONV_FILL = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
 
-BOX_FEATURES = ("p2", "p3", "p4", "p5")
+POOLER_FEATURES = ("p2", "p3", "p4", "p5")  # box and mask poolers (Detectron2: IN_FEATURES)
 
 
 def _check(cond, msg):
@@ -49,33 +51,52 @@ def _check(cond, msg):
 # ----------------------------------------------------------------------------------------------
 # Modules.
 # ----------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class ROIPooler:
+  """Multilevel RoIAlign on P2..P5 (Detectron2's ROIPooler, ROIAlignV2): no parameters.
+
+  __call__(features {"p2".."p5": (B, H_l, W_l, C)}, rois (B, R, 4)) -> (B*R, S, S, C),
+  S = resolution.
+  """
+  resolution: int
+  sampling_ratio: int  # 0: adaptive, ceil(roi size / resolution) taps per bin
+  aligned: bool
+
+  def __call__(self, features: Mapping[str, Array], rois: Array) -> Array:
+    feats = {k: features[k] for k in POOLER_FEATURES}
+    x = multilevel_roi_align(feats, rois, self.resolution, self.sampling_ratio, self.aligned)
+    return x.reshape((-1,) + x.shape[2:])
+
+
 class FastRCNNConvFCHead(nn.Module):
   """Box head: num_conv x (conv3x3 + norm + ReLU), then num_fc x (fc + ReLU).
 
   "4conv1fc": num_conv=4, num_fc=1; "2fc": num_conv=0, num_fc=2.
   __call__(x (R, S, S, C), train) -> (R, fc_dim) (or (R, S*S*conv_dim) when num_fc == 0).
+
+  Attributes:
+    conv: the head's normed Conv2d (layers.conv_def); dense: its nn.Dense (layers.dense_def).
   """
-  num_conv: int = 4
-  conv_dim: int = 256
-  num_fc: int = 1
-  fc_dim: int = 1024
-  norm: str | None = "GN"
-  dtype: Any = jnp.float32
+  num_conv: int
+  conv_dim: int
+  num_fc: int
+  fc_dim: int
+  conv: ConvDef
+  dense: DenseDef
+  activation: Activation = nn.relu
 
   @nn.compact
-  def __call__(self, x, train: bool = False):
+  def __call__(self, x: Array, train: bool = False) -> Array:
     _check(x.ndim == 4, f"box head input must be (R, S, S, C), got {x.shape}")
-    x = x.astype(self.dtype)
     for i in range(self.num_conv):
-      x = layers.Conv2d(self.conv_dim, kernel_size=3, strides=1, padding=1, use_bias=not self.norm,
-                        norm=self.norm or None, kernel_init=_MSRA_FILL, dtype=self.dtype,
-                        name=f"conv{i + 1}")(x, train=train)
-      x = nn.relu(x)
+      x = self.conv(self.conv_dim, 3, padding=1, kernel_init=layers.msra_fill,
+                    name=f"conv{i + 1}")(x, train=train)
+      x = self.activation(x)
     # Flatten in (C, H, W) order, as PyTorch does, so fc1 maps 1:1 onto Detectron2's weight.
     x = jnp.transpose(x, (0, 3, 1, 2)).reshape(x.shape[0], -1)
     for i in range(self.num_fc):
-      x = nn.relu(nn.Dense(self.fc_dim, kernel_init=_XAVIER_FILL, dtype=self.dtype,
-                           param_dtype=jnp.float32, name=f"fc{i + 1}")(x))
+      x = self.activation(self.dense(self.fc_dim, kernel_init=layers.xavier_fill,
+                                     name=f"fc{i + 1}")(x))
     return x
 
 
@@ -85,15 +106,15 @@ class FastRCNNOutputLayers(nn.Module):
   __call__(x (R, D)) -> (logits (R, K+1) float32, deltas (R, K, 4) float32).
   """
   num_classes: int
-  dtype: Any = jnp.float32
+  dense: DenseDef
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x: Array) -> tuple[Array, Array]:
     _check(x.ndim == 2, f"box predictor input must be (R, D), got {x.shape}")
-    logits = nn.Dense(self.num_classes + 1, kernel_init=nn.initializers.normal(0.01),
-                      dtype=self.dtype, param_dtype=jnp.float32, name="cls_score")(x)
-    deltas = nn.Dense(4 * self.num_classes, kernel_init=nn.initializers.normal(0.001),
-                      dtype=self.dtype, param_dtype=jnp.float32, name="bbox_pred")(x)
+    logits = self.dense(self.num_classes + 1, kernel_init=nn.initializers.normal(0.01),
+                        name="cls_score")(x)
+    deltas = self.dense(4 * self.num_classes, kernel_init=nn.initializers.normal(0.001),
+                        name="bbox_pred")(x)
     return (logits.astype(jnp.float32),
             deltas.astype(jnp.float32).reshape(x.shape[0], self.num_classes, 4))
 
@@ -102,21 +123,21 @@ class ConvTranspose2x2(nn.Module):
   """ConvTranspose 2x2 stride 2 (no overlap): one (R*H*W, C_in) @ (C_in, 4*C_out) product + a
   pixel shuffle (a 2D product: XLA:CPU copied einsum's 4D operands transposed in the backward).
 
-  Owns "kernel" (2, 2, C_in, C_out) with kernel[a, b, c, o] = PyTorch weight[c, o, a, b], and "bias".
-  __call__(x (R, H, W, C_in)) -> (R, 2H, 2W, C_out).
+  Owns "kernel" (2, 2, C_in, C_out) with kernel[a, b, c, o] = PyTorch weight[c, o, a, b], and
+  "bias".
+  __call__(x (R, H, W, C_in)) -> (R, 2H, 2W, C_out), computed in x's dtype.
   """
   features: int
-  dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x: Array) -> Array:
     r, h, w, c = x.shape
     kernel = self.param("kernel", _DECONV_FILL, (2, 2, c, self.features), jnp.float32)
     bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
-    k = kernel.astype(self.dtype).transpose(2, 0, 1, 3).reshape(c, 4 * self.features)
-    y = (x.astype(self.dtype).reshape(r * h * w, c) @ k).reshape(r, h, w, 2, 2, self.features)
+    k = kernel.astype(x.dtype).transpose(2, 0, 1, 3).reshape(c, 4 * self.features)
+    y = (x.reshape(r * h * w, c) @ k).reshape(r, h, w, 2, 2, self.features)
     y = y.transpose(0, 1, 3, 2, 4, 5).reshape(r, 2 * h, 2 * w, self.features)
-    return xla_cpu.add_bias(y, bias.astype(self.dtype))
+    return xla_cpu.add_bias(y, bias.astype(x.dtype))
 
 
 class ClassMaskPredictor(nn.Module):
@@ -124,13 +145,12 @@ class ClassMaskPredictor(nn.Module):
 
   Owns "kernel" (1, 1, C, K) and "bias" (K,) (a plain 1x1 conv's parameters, init N(0, 0.001)).
   __call__(x (R, M, M, C), classes (R,) int in 1..K (0 is treated as class 1)) -> logits (R, M, M)
-  float32.
+  float32; the product is computed in x's dtype.
   """
   num_classes: int
-  dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, classes):
+  def __call__(self, x: Array, classes: Array) -> Array:
     _check(x.ndim == 4 and classes.shape == x.shape[:1],
            f"mask predictor wants x (R, M, M, C) and classes (R,), got {x.shape}, {classes.shape}")
     kernel = self.param("kernel", nn.initializers.normal(0.001),
@@ -138,7 +158,7 @@ class ClassMaskPredictor(nn.Module):
     bias = self.param("bias", nn.initializers.zeros, (self.num_classes,), jnp.float32)
     k = jnp.clip(classes - 1, 0, self.num_classes - 1)
     w = kernel[0, 0].T[k]  # (R, C)
-    logits = jnp.einsum("rhwc,rc->rhw", x.astype(self.dtype), w.astype(self.dtype))
+    logits = jnp.einsum("rhwc,rc->rhw", x, w.astype(x.dtype))
     return logits.astype(jnp.float32) + bias[k][:, None, None]
 
 
@@ -146,32 +166,36 @@ class MaskRCNNConvUpsampleHead(nn.Module):
   """Mask head: num_conv x (conv3x3 + norm + ReLU), deconv 2x2 s2 + ReLU, class-specific 1x1.
 
   __call__(x (R, 14, 14, C), classes (R,), train) -> mask logits (R, 28, 28) float32 of `classes`.
+
+  Attributes:
+    conv: the head's normed Conv2d (layers.conv_def); the deconv and the predictor compute in
+      the dtype of its output.
   """
   num_classes: int
-  num_conv: int = 4
-  conv_dim: int = 256
-  norm: str | None = "GN"
-  dtype: Any = jnp.float32
+  num_conv: int
+  conv_dim: int
+  conv: ConvDef
+  activation: Activation = nn.relu
 
   @nn.compact
-  def __call__(self, x, classes, train: bool = False):
+  def __call__(self, x: Array, classes: Array, train: bool = False) -> Array:
     _check(x.ndim == 4, f"mask head input must be (R, S, S, C), got {x.shape}")
-    x = x.astype(self.dtype)
+    _check(self.num_conv > 0, "the mask head needs num_conv >= 1 (its convs set the dtype)")
     for i in range(self.num_conv):
-      x = layers.Conv2d(self.conv_dim, kernel_size=3, strides=1, padding=1, use_bias=not self.norm,
-                        norm=self.norm or None, kernel_init=_MSRA_FILL, dtype=self.dtype,
-                        name=f"mask_fcn{i + 1}")(x, train=train)
-      x = nn.relu(x)
-    x = nn.relu(ConvTranspose2x2(self.conv_dim, dtype=self.dtype, name="deconv")(x))
-    return ClassMaskPredictor(self.num_classes, dtype=self.dtype, name="predictor")(x, classes)
+      x = self.conv(self.conv_dim, 3, padding=1, kernel_init=layers.msra_fill,
+                    name=f"mask_fcn{i + 1}")(x, train=train)
+      x = self.activation(x)
+    x = self.activation(ConvTranspose2x2(self.conv_dim, name="deconv")(x))
+    return ClassMaskPredictor(self.num_classes, name="predictor")(x, classes)
 
 
 # ----------------------------------------------------------------------------------------------
 # Per-image label/sample, losses and inference (plain functions; vmapped over the batch).
 # ----------------------------------------------------------------------------------------------
-def label_and_sample_proposals(proposals, proposal_valid, gt_boxes, gt_classes, key, *,
-                               batch_size_per_image, positive_fraction, iou_threshold,
-                               append_gt=True):
+def label_and_sample_proposals(proposals: Array, proposal_valid: Array, gt_boxes: Array,
+                               gt_classes: Array, key: Array, *, batch_size_per_image: int,
+                               positive_fraction: float, iou_threshold: float,
+                               append_gt: bool) -> dict[str, Array]:
   """Detectron2's label_and_sample_proposals for one image.
 
   Args:
@@ -180,7 +204,8 @@ def label_and_sample_proposals(proposals, proposal_valid, gt_boxes, gt_classes, 
   Returns dict of S = batch_size_per_image sampled ROIs:
     rois (S, 4), classes (S,) int32 (0 = background), matched_gt (S,) int32, valid (S,) bool.
   """
-  _check(proposals.shape == proposal_valid.shape + (4,) and gt_boxes.shape == gt_classes.shape + (4,),
+  _check(proposals.shape == proposal_valid.shape + (4,)
+         and gt_boxes.shape == gt_classes.shape + (4,),
          f"proposals {proposals.shape}, proposal_valid {proposal_valid.shape}, gt_boxes "
          f"{gt_boxes.shape}, gt_classes {gt_classes.shape}: want (P, 4), (P,), (G, 4), (G,)")
   gt_valid = gt_classes > 0
@@ -202,7 +227,7 @@ def label_and_sample_proposals(proposals, proposal_valid, gt_boxes, gt_classes, 
           "valid": svalid}
 
 
-def select_foreground(samples, max_fg_rois):
+def select_foreground(samples: Mapping[str, Array], max_fg_rois: int) -> dict[str, Array]:
   """The first max_fg_rois foreground ROIs of one image's samples (label_and_sample output).
 
   Returns dict rois (M, 4), classes (M,), matched_gt (M,), valid (M,) bool.
@@ -214,7 +239,8 @@ def select_foreground(samples, max_fg_rois):
   return out
 
 
-def fast_rcnn_losses(logits, deltas, classes, valid, targets):
+def fast_rcnn_losses(logits: Array, deltas: Array, classes: Array, valid: Array,
+                     targets: Array) -> dict[str, Array]:
   """Detectron2's FastRCNNOutputLayers.losses over a batch of sampled ROIs.
 
   Args:
@@ -242,7 +268,7 @@ def fast_rcnn_losses(logits, deltas, classes, valid, targets):
   return {"loss_cls": loss_cls, "loss_box_reg": jnp.sum(jnp.where(fg, l1, 0.0)) / denom}
 
 
-def mask_rcnn_loss(mask_logits, mask_targets, valid):
+def mask_rcnn_loss(mask_logits: Array, mask_targets: Array, valid: Array) -> Array:
   """Mean per-pixel sigmoid BCE over the valid foreground ROIs.
 
   mask_logits (N, M, M) of each ROI's gt class, mask_targets (N, M, M) in {0, 1}, valid (N,).
@@ -256,8 +282,10 @@ def mask_rcnn_loss(mask_logits, mask_targets, valid):
   return jnp.sum(bce * w) / pixels
 
 
-def fast_rcnn_inference(proposals, proposal_valid, logits, deltas, image_hw, *, box_reg_weights,
-                        score_thresh, nms_thresh, detections_per_image, num_candidates):
+def fast_rcnn_inference(proposals: Array, proposal_valid: Array, logits: Array, deltas: Array,
+                        image_hw: Array, *, box_reg_weights: Sequence[float], score_thresh: float,
+                        nms_thresh: float, detections_per_image: int,
+                        num_candidates: int) -> tuple[Array, Array, Array, Array]:
   """Detections of one image (Detectron2's fast_rcnn_inference_single_image, fixed shapes).
 
   Before the per-class NMS the (proposal, class) candidates above score_thresh are cut to the
@@ -303,72 +331,41 @@ class StandardROIHeads(nn.Module):
     train: {"loss_cls", "loss_box_reg", "loss_mask"} float32 scalars.
     test:  {"boxes" (B, D, 4), "scores" (B, D), "classes" (B, D), "masks" (B, D, 28, 28),
             "num_detections" (B,)}.
+
+  The sub-modules come built (`build_roi_heads`); the other attributes are the config's
+  roi_heads section and mask_head.{max_fg_rois, resolution, chunk_rois}.
   """
   num_classes: int
+  box_pooler: ROIPooler
+  box_head: nn.Module
+  box_predictor: nn.Module
+  mask_pooler: ROIPooler
+  mask_head: nn.Module
   # Sampling.
-  batch_size_per_image: int = 512
-  positive_fraction: float = 0.25
-  iou_threshold: float = 0.5
-  proposal_append_gt: bool = True
-  bbox_reg_weights: Sequence[float] = (10.0, 10.0, 5.0, 5.0)
+  batch_size_per_image: int
+  positive_fraction: float
+  iou_threshold: float
+  proposal_append_gt: bool
+  bbox_reg_weights: Sequence[float]
   # Inference.
-  score_thresh_test: float = 0.05
-  nms_thresh_test: float = 0.5
-  detections_per_image: int = 100
-  test_candidates: int = 4000
-  # Box branch.
-  box_head_name: str = "4conv1fc"
-  box_num_conv: int = 4
-  box_conv_dim: int = 256
-  box_num_fc: int = 1
-  box_fc_dim: int = 1024
-  box_norm: str | None = "GN"
-  box_pooler_resolution: int = 7
-  box_pooler_sampling_ratio: int = 0
-  box_pooler_aligned: bool = True
+  score_thresh_test: float
+  nms_thresh_test: float
+  detections_per_image: int
+  test_candidates: int
   # Mask branch.
-  mask_num_conv: int = 4
-  mask_conv_dim: int = 256
-  mask_norm: str | None = "GN"
-  mask_pooler_resolution: int = 14
-  mask_pooler_sampling_ratio: int = 0
-  mask_pooler_aligned: bool = True
-  mask_max_fg_rois: int = 128
-  mask_resolution: int = 28
-  mask_chunk_rois: int = 16
-  dtype: Any = jnp.float32
-
-  def setup(self):
-    if self.box_head_name == "4conv1fc":
-      num_conv, num_fc = self.box_num_conv, self.box_num_fc
-    elif self.box_head_name == "2fc":
-      num_conv, num_fc = 0, 2
-    else:
-      raise ValueError(f"unknown box head {self.box_head_name!r}: '4conv1fc' or '2fc'")
-    self.box_head = FastRCNNConvFCHead(num_conv, self.box_conv_dim, num_fc, self.box_fc_dim,
-                                       self.box_norm, dtype=self.dtype)
-    self.box_predictor = FastRCNNOutputLayers(self.num_classes, dtype=self.dtype)
-    self.mask_head = MaskRCNNConvUpsampleHead(self.num_classes, self.mask_num_conv,
-                                              self.mask_conv_dim, self.mask_norm, dtype=self.dtype)
-
-  def _pool(self, features, rois, resolution, sampling_ratio, aligned):
-    """(B, R, 4) boxes -> (B*R, S, S, C) pooled from P2..P5."""
-    feats = {k: features[k] for k in BOX_FEATURES}
-    x = multilevel_roi_align(feats, rois, resolution, sampling_ratio, aligned)
-    return x.reshape((-1,) + x.shape[2:])
+  mask_max_fg_rois: int
+  mask_resolution: int
+  mask_chunk_rois: int  # 0: one pass; must be 0 when the mask head's norm has batch statistics
 
   def _box_branch(self, features, rois, train):
     b, r = rois.shape[:2]
-    x = self._pool(features, rois, self.box_pooler_resolution, self.box_pooler_sampling_ratio,
-                   self.box_pooler_aligned)
-    logits, deltas = self.box_predictor(self.box_head(x, train=train))
+    logits, deltas = self.box_predictor(self.box_head(self.box_pooler(features, rois),
+                                                      train=train))
     return logits.reshape(b, r, -1), deltas.reshape(b, r, self.num_classes, 4)
 
   def _mask_branch(self, features, rois, classes, train):
     b, r = rois.shape[:2]
-    x = self._pool(features, rois, self.mask_pooler_resolution, self.mask_pooler_sampling_ratio,
-                   self.mask_pooler_aligned)
-    logits = self.mask_head(x, classes.reshape(-1), train=train)
+    logits = self.mask_head(self.mask_pooler(features, rois), classes.reshape(-1), train=train)
     return logits.reshape((b, r) + logits.shape[1:])
 
   def _mask_logits(self, features, rois, classes, valid, train):
@@ -377,12 +374,11 @@ class StandardROIHeads(nn.Module):
     The R slots run in chunks of `mask_chunk_rois` per image, and a chunk with no valid ROI in any
     image of the (global) batch is skipped (zero logits): the static maximum (128 foreground ROIs,
     100 detections) is paid only where ROIs fill it, as torchvision pays only for its positives.
-    Valid ROIs come first in every image, so the result equals one pass over all R. Norms with
-    batch statistics (BN, SyncBN) see all R ROIs in one pass, as before.
+    Valid ROIs come first in every image, so the result equals one pass over all R.
     """
     b, r = rois.shape[:2]
     chunk = self.mask_chunk_rois or r
-    if chunk >= r or self.mask_norm in ("BN", "SyncBN") or self.is_initializing():
+    if chunk >= r or self.is_initializing():
       return self._mask_branch(features, rois, classes, train)
     m = self.mask_resolution
     run = lambda mdl, f, x, c: mdl._mask_branch(f, x, c, train)
@@ -392,8 +388,10 @@ class StandardROIHeads(nn.Module):
               for s in range(0, r, chunk)]
     return jnp.concatenate(logits, axis=1)
 
-  def __call__(self, features, proposals, proposal_valid, image_hw, gt_boxes=None,
-               gt_classes=None, gt_masks=None, *, train: bool):
+  def __call__(self, features: Mapping[str, Array], proposals: Array, proposal_valid: Array,
+               image_hw: Array, gt_boxes: Optional[Array] = None,
+               gt_classes: Optional[Array] = None, gt_masks: Optional[Array] = None, *,
+               train: bool) -> dict[str, Array]:
     b = proposals.shape[0]
     _check(proposals.shape[-1] == 4 and proposal_valid.shape == proposals.shape[:2]
            and image_hw.shape == (b, 2),
@@ -447,3 +445,40 @@ class StandardROIHeads(nn.Module):
     masks = jnp.where(valid[..., None, None], jax.nn.sigmoid(mask_logits), 0.0)
     return {"boxes": boxes, "scores": scores, "classes": classes, "masks": masks,
             "num_detections": num}
+
+
+def build_roi_heads(model_config: Mapping[str, Any]) -> StandardROIHeads:
+  """StandardROIHeads of a model config (default_model_config() layout), with its poolers,
+  box head, box predictor and mask head built."""
+  c, bh, mh = model_config["roi_heads"], model_config["box_head"], model_config["mask_head"]
+  dtype, num_classes = model_config["dtype"], model_config["num_classes"]
+  if bh["name"] == "4conv1fc":
+    num_conv, num_fc = bh["num_conv"], bh["num_fc"]
+  elif bh["name"] == "2fc":
+    num_conv, num_fc = 0, 2
+  else:
+    raise ValueError(f"unknown box head {bh['name']!r}: '4conv1fc' or '2fc'")
+  # Head norms see (R, S, S, C) ROI batches: BN statistics over all ROIs, no image groups.
+  head_conv = lambda h: layers.conv_def(
+      norm=layers.build_norm(h["norm"], num_groups=h["num_groups"]), dtype=dtype)
+  dense = layers.dense_def(dtype=dtype)
+  box_head = FastRCNNConvFCHead(num_conv=num_conv, conv_dim=bh["conv_dim"], num_fc=num_fc,
+                                fc_dim=bh["fc_dim"], conv=head_conv(bh), dense=dense)
+  mask_head = MaskRCNNConvUpsampleHead(num_classes=num_classes, num_conv=mh["num_conv"],
+                                       conv_dim=mh["conv_dim"], conv=head_conv(mh))
+  # Batch statistics must see all ROIs at once, so BN mask heads run in one pass.
+  chunk_rois = 0 if mh["norm"] in ("BN", "SyncBN") else mh["chunk_rois"]
+  return StandardROIHeads(
+      num_classes=num_classes,
+      box_pooler=ROIPooler(bh["pooler_resolution"], bh["pooler_sampling_ratio"],
+                           bh["pooler_aligned"]),
+      box_head=box_head, box_predictor=FastRCNNOutputLayers(num_classes, dense),
+      mask_pooler=ROIPooler(mh["pooler_resolution"], mh["pooler_sampling_ratio"],
+                            mh["pooler_aligned"]),
+      mask_head=mask_head, batch_size_per_image=c["batch_size_per_image"],
+      positive_fraction=c["positive_fraction"], iou_threshold=c["iou_threshold"],
+      proposal_append_gt=c["proposal_append_gt"], bbox_reg_weights=tuple(c["bbox_reg_weights"]),
+      score_thresh_test=c["score_thresh_test"], nms_thresh_test=c["nms_thresh_test"],
+      detections_per_image=c["detections_per_image"], test_candidates=c["test_candidates"],
+      mask_max_fg_rois=mh["max_fg_rois"], mask_resolution=mh["resolution"],
+      mask_chunk_rois=chunk_rois)

@@ -4,19 +4,22 @@ The head runs one shared 3x3 conv over every FPN level, then two 1x1 convs: obje
 location) and anchor deltas (4A per location). Flattened outputs follow Detectron2's order: location
 major, then anchor, i.e. index = (y * W + x) * A + a, the order of `ops.anchors.generate_anchors`.
 
-Training labels every anchor with the matcher (IoU 0.3 / 0.7, low-quality matches allowed) and samples
-256 per image, half positive; both losses are sums over the sampled anchors divided by
+Training labels every anchor with the matcher (IoU 0.3 / 0.7, low-quality matches allowed) and
+samples 256 per image, half positive; both losses are sums over the sampled anchors divided by
 batch_size_per_image * num_images (Detectron2's normaliser). Proposals are per level top-k by
 objectness, decoded, clipped, NMS'd per level at 0.7 (batched NMS with level ids) and cut to the top
 post_nms_topk per image; they carry no gradient.
+
+RPN receives its head built (StandardRPNHead); `build_rpn(model_config)` builds both.
 """
-from typing import Any, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from rethink_jax.models import layers
+from rethink_jax.models.layers import Activation, ConvDef
 from rethink_jax.ops import boxes as box_ops
 from rethink_jax.ops import matching
 from rethink_jax.ops.nms import batched_nms
@@ -25,41 +28,49 @@ from rethink_jax.ops import sampling
 # Detectron2's RPN init: normal(std=0.01), zero bias, for all three convs.
 _RPN_INIT = nn.initializers.normal(stddev=0.01)
 
+Array = jax.Array
+
 
 class StandardRPNHead(nn.Module):
   """Shared 3x3 conv + ReLU, objectness_logits (A) and anchor_deltas (4A) 1x1 convs.
 
   __call__(features: list of (B, H_l, W_l, C)) ->
     (objectness: list of (B, H_l*W_l*A) float32, deltas: list of (B, H_l*W_l*A, 4) float32).
+
+  Attributes:
+    num_anchors: A, anchors per location.
+    conv_dims: channels of the shared conv; -1 = the input channel count.
+    conv: the head's Conv2d (layers.conv_def, no norm; the convs have biases).
   """
   num_anchors: int
-  conv_dims: int = -1  # -1: the input channel count
-  dtype: Any = jnp.float32
+  conv_dims: int
+  conv: ConvDef
+  activation: Activation = nn.relu
 
   @nn.compact
-  def __call__(self, features: Sequence[jax.Array]):
+  def __call__(self, features: Sequence[Array]) -> tuple[list[Array], list[Array]]:
     channels = features[0].shape[-1]
     if any(f.shape[-1] != channels for f in features):
       raise ValueError(f"RPN levels must share channels, got {[f.shape for f in features]}")
     dims = channels if self.conv_dims == -1 else self.conv_dims
-    conv = layers.Conv2d(dims, kernel_size=3, strides=1, padding=1, use_bias=True, norm=None,
-                         kernel_init=_RPN_INIT, dtype=self.dtype, name="conv")
-    # layers.Conv2d computes 1x1 convs as a dot_general (much faster backward on XLA:CPU).
-    cls = layers.Conv2d(self.num_anchors, kernel_size=1, padding=0, use_bias=True,
-                        kernel_init=_RPN_INIT, dtype=self.dtype, name="objectness_logits")
-    reg = layers.Conv2d(4 * self.num_anchors, kernel_size=1, padding=0, use_bias=True,
-                        kernel_init=_RPN_INIT, dtype=self.dtype, name="anchor_deltas")
+    conv = lambda f, k, name: self.conv(f, k, padding=k // 2, use_bias=True,
+                                        kernel_init=_RPN_INIT, name=name)
+    shared = conv(dims, 3, "conv")
+    cls = conv(self.num_anchors, 1, "objectness_logits")
+    reg = conv(4 * self.num_anchors, 1, "anchor_deltas")
     objectness, deltas = [], []
     for x in features:
       b = x.shape[0]
-      t = nn.relu(conv(x))
+      t = self.activation(shared(x))
       objectness.append(cls(t).astype(jnp.float32).reshape(b, -1))
       deltas.append(reg(t).astype(jnp.float32).reshape(b, -1, 4))
     return objectness, deltas
 
 
-def find_top_proposals(objectness, deltas, anchors, image_hw, *, pre_nms_topk, post_nms_topk,
-                       nms_thresh, min_size=0.0, box_reg_weights=(1.0, 1.0, 1.0, 1.0)):
+def find_top_proposals(objectness: Sequence[Array], deltas: Sequence[Array],
+                       anchors: Sequence[Array], image_hw: Array, *, pre_nms_topk: int,
+                       post_nms_topk: int, nms_thresh: float, min_size: float,
+                       box_reg_weights: Sequence[float]) -> tuple[Array, Array, Array]:
   """Proposals of one image (Detectron2's find_top_rpn_proposals with fixed shapes).
 
   Args:
@@ -104,9 +115,10 @@ def find_top_proposals(objectness, deltas, anchors, image_hw, *, pre_nms_topk, p
   return boxes, logits, valid
 
 
-def label_and_sample_anchors(anchors, gt_boxes, gt_valid, key, *, iou_thresholds, iou_labels,
-                             batch_size_per_image, positive_fraction,
-                             box_reg_weights=(1.0, 1.0, 1.0, 1.0)):
+def label_and_sample_anchors(anchors: Array, gt_boxes: Array, gt_valid: Array, key: Array, *,
+                             iou_thresholds: Sequence[float], iou_labels: Sequence[int],
+                             batch_size_per_image: int, positive_fraction: float,
+                             box_reg_weights: Sequence[float]) -> dict[str, Array]:
   """Samples the anchors that train the RPN of one image.
 
   Args:
@@ -133,12 +145,14 @@ def label_and_sample_anchors(anchors, gt_boxes, gt_valid, key, *, iou_thresholds
   return {"indices": safe, "valid": valid, "labels": sampled_labels, "targets": targets}
 
 
-def rpn_losses(objectness, deltas, samples, normalizer):
+def rpn_losses(objectness: Array, deltas: Array, samples: Mapping[str, Array],
+               normalizer: float) -> dict[str, Array]:
   """Detectron2's RPN losses over the sampled anchors of a batch.
 
   Args:
     objectness: (B, N) logits over all anchors. deltas: (B, N, 4).
-    samples: label_and_sample_anchors output batched: indices/valid/labels (B, S), targets (B, S, 4).
+    samples: label_and_sample_anchors output batched: indices/valid/labels (B, S),
+      targets (B, S, 4).
     normalizer: batch_size_per_image * B.
   Returns: {"loss_rpn_cls", "loss_rpn_loc"} float32 scalars (sums / normalizer).
   """
@@ -157,7 +171,7 @@ def rpn_losses(objectness, deltas, samples, normalizer):
   return {"loss_rpn_cls": loss_cls, "loss_rpn_loc": loss_loc}
 
 
-def sigmoid_bce(logits, labels):
+def sigmoid_bce(logits: Array, labels: Array) -> Array:
   """Numerically stable binary cross-entropy with logits, elementwise (same shapes)."""
   return jnp.maximum(logits, 0) - logits * labels + jnp.log1p(jnp.exp(-jnp.abs(logits)))
 
@@ -168,27 +182,27 @@ class RPN(nn.Module):
   __call__(features: list of (B, H_l, W_l, C) (P2..P6), anchors: list of (N_l, 4), image_hw (B, 2),
            gt_boxes (B, G, 4) | None, gt_valid (B, G) | None, train) ->
     (proposals (B, P, 4) float32, proposal_valid (B, P) bool, losses dict (empty at test time)).
+  Attributes are the config's rpn section (default_model_config()); rpn_head is the built head.
   """
-  num_anchors: int
-  head_conv_dims: int = -1
-  pre_nms_topk_train: int = 2000
-  pre_nms_topk_test: int = 1000
-  post_nms_topk_train: int = 1000
-  post_nms_topk_test: int = 1000
-  nms_thresh: float = 0.7
-  min_size: float = 0.0
-  iou_thresholds: Sequence[float] = (0.3, 0.7)
-  iou_labels: Sequence[int] = (0, -1, 1)
-  batch_size_per_image: int = 256
-  positive_fraction: float = 0.5
-  bbox_reg_weights: Sequence[float] = (1.0, 1.0, 1.0, 1.0)
-  loss_weight: float = 1.0
-  dtype: Any = jnp.float32
+  rpn_head: nn.Module
+  pre_nms_topk_train: int
+  pre_nms_topk_test: int
+  post_nms_topk_train: int
+  post_nms_topk_test: int
+  nms_thresh: float
+  min_size: float
+  iou_thresholds: Sequence[float]
+  iou_labels: Sequence[int]
+  batch_size_per_image: int
+  positive_fraction: float
+  bbox_reg_weights: Sequence[float]
+  loss_weight: float
 
   @nn.compact
-  def __call__(self, features, anchors, image_hw, gt_boxes=None, gt_valid=None, *, train: bool):
-    objectness, deltas = StandardRPNHead(self.num_anchors, self.head_conv_dims, dtype=self.dtype,
-                                         name="rpn_head")(features)
+  def __call__(self, features: Sequence[Array], anchors: Sequence[Array], image_hw: Array,
+               gt_boxes: Optional[Array] = None, gt_valid: Optional[Array] = None, *,
+               train: bool) -> tuple[Array, Array, dict[str, Array]]:
+    objectness, deltas = self.rpn_head(features)
     for o, a in zip(objectness, anchors):
       if o.shape[1] != a.shape[0]:
         raise ValueError(f"objectness {o.shape} vs anchors {a.shape}: anchor count mismatch")
@@ -220,3 +234,21 @@ class RPN(nn.Module):
                           samples, float(self.batch_size_per_image * b))
       losses = {k: v * self.loss_weight for k, v in losses.items()}
     return proposals, valid, losses
+
+
+def build_rpn(model_config: Mapping[str, Any]) -> RPN:
+  """The RPN of a model config (default_model_config() layout), with its StandardRPNHead."""
+  c, a = model_config["rpn"], model_config["anchors"]
+  if c["smooth_l1_beta"] != 0.0:
+    raise ValueError("only smooth_l1_beta=0 (L1, Detectron2's default) is implemented")
+  num_anchors = len(a["aspect_ratios"]) * len(a["sizes"][0])
+  head = StandardRPNHead(num_anchors=num_anchors, conv_dims=c["head_conv_dims"],
+                         conv=layers.conv_def(norm=None, dtype=model_config["dtype"]))
+  return RPN(
+      rpn_head=head, pre_nms_topk_train=c["pre_nms_topk_train"],
+      pre_nms_topk_test=c["pre_nms_topk_test"], post_nms_topk_train=c["post_nms_topk_train"],
+      post_nms_topk_test=c["post_nms_topk_test"], nms_thresh=c["nms_thresh"],
+      min_size=c["min_size"], iou_thresholds=tuple(c["iou_thresholds"]),
+      iou_labels=tuple(c["iou_labels"]), batch_size_per_image=c["batch_size_per_image"],
+      positive_fraction=c["positive_fraction"], bbox_reg_weights=tuple(c["bbox_reg_weights"]),
+      loss_weight=c["loss_weight"])

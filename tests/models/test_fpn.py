@@ -12,7 +12,7 @@ from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from rethink_jax import convert
-from rethink_jax.models import FPN, ResNet, build_resnet_fpn
+from rethink_jax.models import FPN, build_resnet, build_resnet_fpn, layers
 from rethink_jax.models.fpn import upsample_nearest
 
 SEED = int(time.time() * 1000) % 2**31
@@ -49,13 +49,19 @@ def test_param_count_r50_gn_fpn_gn():
 
 
 def test_fpn_without_norm_has_biases_and_shapes():
-  model = FPN(bottom_up=ResNet(depth=18, norm="GN", width=8), out_channels=16, norm=None)
+  model = FPN(bottom_up=build_resnet(depth=18, norm="GN", width=8),
+              in_features=("res2", "res3", "res4", "res5"), out_channels=16,
+              conv=layers.conv_def(norm=None, dtype=jnp.float32))
   out, v = jax.eval_shape(lambda: model.init_with_output(jax.random.key(0),
                                                          jnp.zeros((2, 96, 64, 3))))
   assert set(v["params"]["fpn_output4"]) == {"kernel", "bias"}
   assert {k: o.shape for k, o in out.items()} == {
       "p2": (2, 24, 16, 16), "p3": (2, 12, 8, 16), "p4": (2, 6, 4, 16), "p5": (2, 3, 2, 16),
       "p6": (2, 2, 1, 16)}
+  # The plain-values builder: fpn_norm "" is no norm, the other fields come from the config.
+  built = build_resnet_fpn(depth=18, norm="GN", width=8, out_channels=16, fpn_norm="")
+  v2 = jax.eval_shape(lambda: built.init(jax.random.key(0), jnp.zeros((2, 96, 64, 3))))
+  assert jax.tree_util.tree_structure(v2) == jax.tree_util.tree_structure(v)
 
 
 def test_upsample_nearest_matches_torch():

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from rethink_jax.models import layers
-from rethink_jax.models.layers import Conv2d, get_norm
+from rethink_jax.models.layers import Conv2d, build_norm
 from rethink_jax.ops import xla_cpu
 
 SEED = int(time.time() * 1000) % 2**31
@@ -19,6 +19,14 @@ print("test_layers seed", SEED)
 @pytest.fixture
 def rng():
   return np.random.default_rng(SEED)
+
+
+def get_norm(norm, **kwargs):
+  """A norm module as Conv2d builds it from build_norm's factory."""
+  return build_norm(norm, **kwargs)()
+
+
+GN = build_norm("GN", num_groups=32)
 
 
 def to_nchw(x):
@@ -97,7 +105,7 @@ def test_conv2d_stride1_gradients_match_torch(rng, k, p):
 
 
 def test_conv2d_params_and_init(rng):
-  conv = Conv2d(64, 3, norm="GN")
+  conv = Conv2d(64, 3, norm=GN)
   v = conv.init(jax.random.key(SEED, impl="rbg"), jnp.zeros((1, 8, 8, 32)))
   assert set(v["params"]) == {"kernel", "norm"}  # no bias when normed
   assert v["params"]["kernel"].shape == (3, 3, 32, 64) and v["params"]["kernel"].dtype == jnp.float32
@@ -112,9 +120,9 @@ def test_conv2d_params_and_init(rng):
 
 def test_conv2d_bfloat16_keeps_float32_params(rng):
   x = rng.normal(size=(2, 9, 9, 16)).astype(np.float32)
-  v = Conv2d(32, 3, norm="GN").init(jax.random.key(SEED, impl="rbg"), x)
-  y32 = Conv2d(32, 3, norm="GN").apply(v, x)
-  conv16 = Conv2d(32, 3, norm="GN", dtype=jnp.bfloat16)
+  v = Conv2d(32, 3, norm=GN).init(jax.random.key(SEED, impl="rbg"), x)
+  y32 = Conv2d(32, 3, norm=GN).apply(v, x)
+  conv16 = Conv2d(32, 3, norm=GN, dtype=jnp.bfloat16)
   v16 = conv16.init(jax.random.key(SEED, impl="rbg"), x)
   assert all(a.dtype == jnp.float32 for a in jax.tree_util.tree_leaves(v16))
   y16 = conv16.apply(v, x)
@@ -123,7 +131,7 @@ def test_conv2d_bfloat16_keeps_float32_params(rng):
 
 
 def test_group_norm_eps_and_torch(rng):
-  gn = get_norm("GN")
+  gn = get_norm("GN", num_groups=32)
   assert gn.epsilon == 1e-5 and gn.num_groups == 32
   # Small-variance groups make the epsilon matter: 1e-6 (Flax's default) would differ.
   x = (rng.normal(size=(2, 5, 6, 64)) * 3e-3).astype(np.float32)
@@ -169,9 +177,9 @@ def test_group_norm_gradients_match_torch(rng, shape, groups):
 
 def test_group_norm_tiny_width_uses_fewer_groups(rng):
   x = rng.normal(size=(2, 4, 4, 16)).astype(np.float32)
-  v = get_norm("GN").init(jax.random.key(0, impl="rbg"), x)
+  v = get_norm("GN", num_groups=32).init(jax.random.key(0, impl="rbg"), x)
   ref = to_nhwc(torch.nn.GroupNorm(16, 16)(to_nchw(x)))  # gcd(32, 16) groups
-  np.testing.assert_allclose(get_norm("GN").apply(v, x), ref, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(get_norm("GN", num_groups=32).apply(v, x), ref, rtol=1e-4, atol=1e-4)
 
 
 def test_frozen_bn_is_an_affine(rng):
@@ -227,10 +235,16 @@ def test_sync_bn_is_whole_batch_and_bad_group_raises(rng):
     get_norm("BN", bn_group_size=3).apply(v, x, True, mutable=["batch_stats"])
 
 
-def test_get_norm_names():
-  assert get_norm(None) is None and get_norm("") is None
+def test_build_norm_names():
+  assert build_norm(None) is None and build_norm("") is None
   with pytest.raises(ValueError, match="LayerNorm"):
-    get_norm("LayerNorm")
+    build_norm("LayerNorm")
+  with pytest.raises(ValueError, match="num_groups"):
+    build_norm("GN")
+  assert isinstance(get_norm("SyncBN", axis_name="data"), layers.BatchNorm)
+  assert get_norm("SyncBN", axis_name="data").axis_name == "data"
+  assert get_norm("BN", bn_group_size=0).group_size is None  # 0: the whole batch
+  assert get_norm("BN", bn_group_size=4, axis_name="data").axis_name is None
 
 
 def test_max_pool_matches_torch_with_negative_inputs(rng):

@@ -15,7 +15,7 @@ import torch
 import torchvision
 
 from rethink_jax import convert
-from rethink_jax.models import ResNet, frozen_param_prefixes
+from rethink_jax.models import build_resnet, frozen_param_prefixes, layers
 from rethink_jax.models.resnet import trainable_mask
 
 SEED = int(time.time() * 1000) % 2**31
@@ -78,13 +78,13 @@ def test_frozen_bn_resnet_matches_torchvision(tv_resnet50, depth):
   variables = torch_to_variables(tm, "FrozenBN")
   x = np.random.default_rng(SEED).normal(size=(2, 64, 64, 3)).astype(np.float32)
   with jax.default_matmul_precision("highest"):  # no TF32 on GPUs: this is a parity check
-    out = ResNet(depth=depth, norm="FrozenBN", stride_in_1x1=False).apply(variables, x)
+    out = build_resnet(depth=depth, norm="FrozenBN", stride_in_1x1=False).apply(variables, x)
   assert_rel_close(out, torch_stages(tm, x))
 
 
 @pytest.mark.parametrize("depth", [18, 34, 50, 101, 152])
 def test_param_count_equals_torchvision(depth):
-  shapes = jax.eval_shape(lambda: ResNet(depth=depth, norm="GN").init(
+  shapes = jax.eval_shape(lambda: build_resnet(depth=depth, norm="GN").init(
       jax.random.key(0), jnp.zeros((1, 64, 64, 3))))
   n = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(shapes["params"]))
   with torch.device("meta"):
@@ -96,7 +96,7 @@ def test_param_count_equals_torchvision(depth):
 
 def test_param_tree_and_output_shapes():
   x = jnp.zeros((2, 64, 96, 3))
-  model = ResNet(depth=50, norm="GN", width=8)
+  model = build_resnet(depth=50, norm="GN", width=8)
   v = jax.eval_shape(lambda: model.init(jax.random.key(0), x))
   p = v["params"]
   assert set(p) == {"stem", "res2", "res3", "res4", "res5"}
@@ -115,17 +115,34 @@ def test_param_tree_and_output_shapes():
 def test_stride_in_1x1_moves_the_stride():
   x = jnp.zeros((1, 64, 64, 3))
   for s1 in (True, False):
-    model = ResNet(depth=50, norm="GN", width=8, stride_in_1x1=s1)
+    model = build_resnet(depth=50, norm="GN", width=8, stride_in_1x1=s1)
     _, inter = jax.eval_shape(lambda: model.init_with_output(
         jax.random.key(0), x, capture_intermediates=True, mutable=["params", "intermediates"]))
     c1 = inter["intermediates"]["res3"]["0"]["conv1"]["__call__"][0]
     assert c1.shape[1] == (8 if s1 else 16)
 
 
+def test_build_resnet_reads_the_config_defaults():
+  from rethink_jax.models import default_model_config, resnet  # pylint: disable=g-import-not-at-top
+  b = default_model_config().backbone
+  model = build_resnet()
+  assert (model.depth, model.width, model.stride_in_1x1, model.freeze_at) == (
+      b.depth, b.width, b.stride_in_1x1, b.freeze_at)
+  assert isinstance(model, resnet.ResNet)
+  with pytest.raises(ValueError, match="nrom"):
+    build_resnet(nrom="GN")
+  # One conv factory for the trained stages, another (FrozenBN) for the frozen ones.
+  bn = build_resnet(norm="BN", freeze_at=2, bn_group_size=4)
+  assert bn.conv.keywords["norm"]().group_size == 4
+  assert bn.frozen_conv.keywords["norm"] is layers.FrozenBatchNorm
+  gn = build_resnet(norm="GN", num_groups=8, freeze_at=2)
+  assert gn.frozen_conv.keywords["norm"]().num_groups == 8  # GN stays GN, masked by the optimizer
+
+
 def test_bfloat16_resnet():
   # Numerics of bf16 convs are checked in test_layers; here the dtype plumbing of the whole net.
   x = jnp.zeros((2, 32, 32, 3))
-  m16 = ResNet(depth=50, norm="GN", width=8, dtype="bfloat16")
+  m16 = build_resnet(depth=50, norm="GN", width=8, dtype="bfloat16")
   out, v = jax.eval_shape(lambda: m16.init_with_output(jax.random.key(0), x))
   assert all(a.dtype == jnp.float32 for a in jax.tree_util.tree_leaves(v))
   assert all(o.dtype == jnp.bfloat16 for o in out.values())
@@ -133,7 +150,7 @@ def test_bfloat16_resnet():
 
 def test_frozen_bn_stages_have_no_trainable_norms():
   x = jnp.zeros((2, 32, 32, 3))
-  v = jax.eval_shape(lambda: ResNet(depth=50, norm="BN", width=8, freeze_at=2).init(
+  v = jax.eval_shape(lambda: build_resnet(depth=50, norm="BN", width=8, freeze_at=2).init(
       jax.random.key(0), x))
   # Frozen stages' BNs are FrozenBN (collection "frozen"); later ones keep batch statistics.
   assert set(v["frozen"]) == {"stem", "res2"}
@@ -145,7 +162,7 @@ def test_frozen_bn_stages_have_no_trainable_norms():
 @pytest.mark.parametrize("norm", ["GN"])
 def test_freeze_at_really_freezes(norm):
   x = np.random.default_rng(SEED).normal(size=(2, 32, 32, 3)).astype(np.float32)
-  model = ResNet(depth=18, norm=norm, width=8, freeze_at=2)
+  model = build_resnet(depth=18, norm=norm, width=8, freeze_at=2)
   # rbg keys: threefry-based init compiles several times slower on XLA:CPU.
   v = jax.jit(model.init)(jax.random.key(SEED, impl="rbg"), x)
   prefixes = frozen_param_prefixes(2)
@@ -188,7 +205,7 @@ MULTI_DEVICE_SCRIPT = textwrap.dedent("""
     os.environ["JAX_PLATFORMS"] = "cpu"
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-    from rethink_jax.models import ResNet
+    from rethink_jax.models import build_resnet
     assert jax.device_count() == 8, jax.devices()
     seed = int(sys.argv[1])
     mesh = Mesh(np.array(jax.devices()), ("data",))
@@ -201,7 +218,7 @@ MULTI_DEVICE_SCRIPT = textwrap.dedent("""
         assert err < tol, (what, k, err)
 
     # SyncBN: a globally sharded batch under jit == the same global batch on one device.
-    model = ResNet(depth=18, norm="SyncBN", width=8)
+    model = build_resnet(depth=18, norm="SyncBN", width=8)
     v = jax.jit(model.init)(jax.random.key(seed, impl="rbg"), x[:2])
     step = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]))
     out1, st1 = step(v, x)
@@ -212,7 +229,7 @@ MULTI_DEVICE_SCRIPT = textwrap.dedent("""
 
     # SyncBN via shard_map with axis_name == the global batch as well.
     if hasattr(jax, "shard_map"):
-      m_ax = ResNet(depth=18, norm="SyncBN", width=8, axis_name="data")
+      m_ax = build_resnet(depth=18, norm="SyncBN", width=8, axis_name="data")
       f = jax.jit(jax.shard_map(lambda v, x: m_ax.apply(v, x, train=True, mutable=["batch_stats"]),
                                 mesh=mesh, in_specs=(P(), P("data")), out_specs=(P("data"), P()),
                                 check_vma=False))
@@ -221,7 +238,7 @@ MULTI_DEVICE_SCRIPT = textwrap.dedent("""
       check(st_sm, st1, "shard_map SyncBN batch_stats")
 
     # BN with bn_group_size = per-device batch: per-device statistics.
-    bn = ResNet(depth=18, norm="BN", width=8, bn_group_size=2)
+    bn = build_resnet(depth=18, norm="BN", width=8, bn_group_size=2)
     bstep = jax.jit(lambda v, x: bn.apply(v, x, train=True, mutable=["batch_stats"]))
     outb, _ = bstep(jax.device_put(v, NamedSharding(mesh, P())), xs)
     for d in range(8):

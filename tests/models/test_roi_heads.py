@@ -5,10 +5,18 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 import torch
 import torchvision
 
-from rethink_jax.models import roi_heads
+from rethink_jax.models import default_model_config, layers, roi_heads
+
+GN = layers.build_norm("GN", num_groups=32)
+DENSE = layers.dense_def(dtype=jnp.float32)
+
+
+def _conv(norm=GN):
+  return layers.conv_def(norm=norm, dtype=jnp.float32)
 
 
 def _rng():
@@ -31,37 +39,55 @@ def _count(tree):
 def test_head_parameter_counts_and_names():
   x = jnp.zeros((2, 7, 7, 256))
   shapes = lambda m, *a: jax.eval_shape(lambda: m.init(jax.random.key(0), *a))["params"]
-  p = shapes(roi_heads.FastRCNNConvFCHead(), x)
+  heads = roi_heads.build_roi_heads(default_model_config())  # 4conv1fc, GN, 80 classes
+  p = shapes(heads.box_head, x)
   assert set(p) == {"conv1", "conv2", "conv3", "conv4", "fc1"}
   assert _count(p) == 15_207_424  # 4 x (conv 3x3 256, no bias, GN) + fc 12544 -> 1024
   assert "bias" not in p["conv1"] and set(p["conv1"]["norm"]) == {"scale", "bias"}
-  p = shapes(roi_heads.FastRCNNConvFCHead(num_conv=0, num_fc=2, norm=None), x)
+  c = default_model_config()
+  c.box_head.update(name="2fc", norm="")
+  p = shapes(roi_heads.build_roi_heads(c).box_head, x)
   assert set(p) == {"fc1", "fc2"} and _count(p) == 12_846_080 + 1_049_600  # "2fc"
-  p = shapes(roi_heads.FastRCNNOutputLayers(80), jnp.zeros((2, 1024)))
+  p = shapes(heads.box_predictor, jnp.zeros((2, 1024)))
   assert p["cls_score"]["kernel"].shape == (1024, 81)
   assert p["bbox_pred"]["kernel"].shape == (1024, 320)
   assert _count(p) == 411_025
-  p = shapes(roi_heads.MaskRCNNConvUpsampleHead(80), jnp.zeros((2, 14, 14, 256)),
-             jnp.ones((2,), jnp.int32))
+  p = shapes(heads.mask_head, jnp.zeros((2, 14, 14, 256)), jnp.ones((2,), jnp.int32))
   assert set(p) == {"mask_fcn1", "mask_fcn2", "mask_fcn3", "mask_fcn4", "deconv", "predictor"}
   assert p["deconv"]["kernel"].shape == (2, 2, 256, 256)
   assert p["predictor"]["kernel"].shape == (1, 1, 256, 80)
   assert _count(p) == 2_361_344 + 282_960
 
 
+def test_build_roi_heads_reads_the_config():
+  c = default_model_config()
+  heads = roi_heads.build_roi_heads(c)
+  assert heads.test_candidates == c.roi_heads.test_candidates == 2000
+  assert heads.mask_chunk_rois == c.mask_head.chunk_rois
+  assert (heads.box_pooler.resolution, heads.mask_pooler.resolution) == (7, 14)
+  assert heads.box_head.conv.keywords["norm"]().num_groups == c.box_head.num_groups
+  # Batch statistics must see every ROI: BN mask heads run in one pass.
+  c.mask_head.norm = "SyncBN"
+  assert roi_heads.build_roi_heads(c).mask_chunk_rois == 0
+  c.box_head.name = "3fc"
+  with pytest.raises(ValueError, match="3fc"):
+    roi_heads.build_roi_heads(c)
+
+
 def test_initialisation_statistics():
-  head = roi_heads.FastRCNNOutputLayers(80)
+  head = roi_heads.FastRCNNOutputLayers(80, DENSE)
   p = head.init(jax.random.key(1), jnp.zeros((1, 1024)))["params"]
   assert abs(float(jnp.std(p["cls_score"]["kernel"])) - 0.01) < 0.0005
   assert abs(float(jnp.std(p["bbox_pred"]["kernel"])) - 0.001) < 0.00005
   assert float(jnp.abs(p["cls_score"]["bias"]).max()) == 0.0
-  mask = roi_heads.MaskRCNNConvUpsampleHead(80, num_conv=1, conv_dim=64)
+  mask = roi_heads.MaskRCNNConvUpsampleHead(80, num_conv=1, conv_dim=64, conv=_conv())
   p = mask.init(jax.random.key(2), jnp.zeros((1, 14, 14, 64)), jnp.ones((1,), jnp.int32))["params"]
   assert abs(float(jnp.std(p["predictor"]["kernel"])) - 0.001) < 0.0001
   # MSRA fill: std sqrt(2 / fan_out), fan_out = 3 * 3 * 64 (conv), 4 * C_in (deconv, PyTorch).
   assert abs(float(jnp.std(p["mask_fcn1"]["kernel"])) / np.sqrt(2 / 576) - 1) < 0.05
   assert abs(float(jnp.std(p["deconv"]["kernel"])) / np.sqrt(2 / 256) - 1) < 0.05
-  box = roi_heads.FastRCNNConvFCHead(num_conv=0, num_fc=1, fc_dim=256)
+  box = roi_heads.FastRCNNConvFCHead(num_conv=0, conv_dim=256, num_fc=1, fc_dim=256,
+                                     conv=_conv(), dense=DENSE)
   p = box.init(jax.random.key(3), jnp.zeros((1, 7, 7, 64)))["params"]
   bound = np.sqrt(3 / (7 * 7 * 64))  # c2_xavier_fill: U(-sqrt(3/fan_in), sqrt(3/fan_in))
   k = np.asarray(p["fc1"]["kernel"])
@@ -117,7 +143,7 @@ def test_label_and_sample_proposals():
   proposals[:, 2:] = np.maximum(proposals[:, 2:], proposals[:, :2] + 1)
   valid = rng.uniform(size=p) < 0.9
   out = jax.jit(lambda *a: roi_heads.label_and_sample_proposals(
-      *a, batch_size_per_image=128, positive_fraction=0.25, iou_threshold=0.5))(
+      *a, batch_size_per_image=128, positive_fraction=0.25, iou_threshold=0.5, append_gt=True))(
           proposals, valid, gt, gt_classes, jax.random.key(int(rng.integers(1 << 30))))
   rois, classes = np.asarray(out["rois"]), np.asarray(out["classes"])
   svalid, matched = np.asarray(out["valid"]), np.asarray(out["matched_gt"])
@@ -233,10 +259,12 @@ def test_mask_branch_chunks_equal_one_pass():
   proposal_valid = np.ones((2, 32), bool)
 
   def heads(chunk):
-    return roi_heads.StandardROIHeads(
-        num_classes=3, batch_size_per_image=32, box_num_conv=1, box_conv_dim=16, box_fc_dim=32,
-        mask_num_conv=2, mask_conv_dim=16, mask_max_fg_rois=16, mask_chunk_rois=chunk,
-        detections_per_image=10, test_candidates=50)
+    c = default_model_config()
+    c.num_classes = 3
+    c.roi_heads.update(batch_size_per_image=32, detections_per_image=10, test_candidates=50)
+    c.box_head.update(num_conv=1, conv_dim=16, fc_dim=32)
+    c.mask_head.update(num_conv=2, conv_dim=16, max_fg_rois=16, chunk_rois=chunk)
+    return roi_heads.build_roi_heads(c)
 
   key = jax.random.key(int(rng.integers(1 << 30)))
   args = (features, proposals, proposal_valid, hw, gt, gt_classes, gt_masks)
@@ -252,7 +280,8 @@ def test_mask_branch_chunks_equal_one_pass():
   (_, chunked), g_chunked = loss_and_grads(4)
   num_fg = jax.vmap(lambda s: jnp.sum(s["valid"] & (s["classes"] > 0)))(
       jax.vmap(lambda p, v, g, k, kk: roi_heads.label_and_sample_proposals(
-          p, v, g, k, kk, batch_size_per_image=32, positive_fraction=0.25, iou_threshold=0.5))(
+          p, v, g, k, kk, batch_size_per_image=32, positive_fraction=0.25, iou_threshold=0.5,
+          append_gt=True))(
               proposals, proposal_valid, gt, gt_classes, jax.random.split(key, 2)))
   print(f"foreground ROIs per image {np.asarray(num_fg)}, losses {one}")
   assert 1 <= int(num_fg.max()) <= 12  # the last of the four chunks is skipped

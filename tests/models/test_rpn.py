@@ -8,7 +8,7 @@ import pytest
 import torch
 import torchvision
 
-from rethink_jax.models import rpn
+from rethink_jax.models import default_model_config, layers, rpn
 
 
 def _rng():
@@ -45,7 +45,8 @@ def _np_decode(d, a, clamp=np.log(1000.0 / 16)):
 
 
 def test_head_layout_shapes_and_init():
-  head = rpn.StandardRPNHead(num_anchors=3)
+  head = rpn.StandardRPNHead(num_anchors=3, conv_dims=-1,
+                             conv=layers.conv_def(norm=None, dtype=jnp.float32))
   feats = [jnp.ones((2, 8, 8, 256)), jnp.ones((2, 4, 4, 256))]
   variables = head.init(jax.random.key(0), feats)
   p = variables["params"]
@@ -102,7 +103,8 @@ def test_find_top_proposals_matches_reference():
   deltas = [rng.normal(scale=0.5, size=(len(a), 4)).astype(np.float32) for a in anchors]
   pre, post = 300, 200
   f = jax.jit(lambda o, d, a, s: rpn.find_top_proposals(
-      o, d, a, s, pre_nms_topk=pre, post_nms_topk=post, nms_thresh=0.7))
+      o, d, a, s, pre_nms_topk=pre, post_nms_topk=post, nms_thresh=0.7, min_size=0.0,
+      box_reg_weights=(1.0, 1.0, 1.0, 1.0)))
   boxes, logits, valid = f(objectness, deltas, anchors, jnp.array(hw))
   want_boxes, want_scores = _reference_proposals(objectness, deltas, anchors, hw, pre, post, 0.7)
   n = int(valid.sum())
@@ -121,7 +123,8 @@ def test_label_sample_and_losses_match_numpy():
   gt_valid = np.array([True] * 4 + [False] * 2)
   samples = jax.jit(lambda a, b, v, k: rpn.label_and_sample_anchors(
       a, b, v, k, iou_thresholds=(0.3, 0.7), iou_labels=(0, -1, 1), batch_size_per_image=256,
-      positive_fraction=0.5))(anchors, gt, gt_valid, jax.random.key(int(rng.integers(1 << 30))))
+      positive_fraction=0.5, box_reg_weights=(1.0, 1.0, 1.0, 1.0)))(
+          anchors, gt, gt_valid, jax.random.key(int(rng.integers(1 << 30))))
   idx = np.asarray(samples["indices"])
   valid = np.asarray(samples["valid"])
   labels = np.asarray(samples["labels"])
@@ -170,7 +173,7 @@ def test_no_ground_truth_samples_only_background():
   samples = rpn.label_and_sample_anchors(
       jnp.asarray(anchors), jnp.zeros((3, 4)), jnp.zeros((3,), bool), jax.random.key(0),
       iou_thresholds=(0.3, 0.7), iou_labels=(0, -1, 1), batch_size_per_image=256,
-      positive_fraction=0.5)
+      positive_fraction=0.5, box_reg_weights=(1.0, 1.0, 1.0, 1.0))
   assert int(samples["valid"].sum()) == 256
   assert int(samples["labels"].sum()) == 0
 
@@ -179,8 +182,11 @@ def test_rpn_module_train_and_test_shapes():
   rng = _rng()
   feats = [jnp.asarray(rng.normal(size=(2, s, s, 16)), jnp.float32) for s in (16, 8, 4)]
   anchors = [jnp.asarray(_random_boxes(rng, s * s * 3, 64, 4, 32)) for s in (16, 8, 4)]
-  module = rpn.RPN(num_anchors=3, pre_nms_topk_train=100, post_nms_topk_train=50,
-                   pre_nms_topk_test=80, post_nms_topk_test=40, batch_size_per_image=64)
+  c = default_model_config()  # 3 anchors per location
+  c.rpn.update(pre_nms_topk_train=100, post_nms_topk_train=50, pre_nms_topk_test=80,
+               post_nms_topk_test=40, batch_size_per_image=64)
+  module = rpn.build_rpn(c)
+  assert module.rpn_head.num_anchors == 3 and module.nms_thresh == c.rpn.nms_thresh
   gt = jnp.asarray(np.stack([_random_boxes(rng, 3, 64, 8, 32)] * 2))
   gt_valid = jnp.array([[True, True, False], [True, False, False]])
   hw = jnp.array([[64, 64], [50, 60]])
@@ -200,6 +206,9 @@ def test_rpn_module_train_and_test_shapes():
       lambda v: (test(v), jax.grad(lambda w: test(w)[0].sum())(v)))(variables)
   assert props.shape == (2, 40, 4) and losses == {}
   assert all(float(jnp.abs(x).max()) == 0 for x in jax.tree_util.tree_leaves(g))
+  c.rpn.smooth_l1_beta = 0.1
+  with pytest.raises(ValueError, match="smooth_l1_beta"):
+    rpn.build_rpn(c)
 
 
 if __name__ == "__main__":
