@@ -86,11 +86,9 @@ def abstract_batch(config, batch_size: int, image_hw, sharding=None) -> dict:
           for k, (shape, dtype) in shapes.items()}
 
 
-def compile_train_step(config, devices, images_per_chip: int, image_hw):
-  """Lowers and compiles the trainer's step (rethink_jax.train.build_parts) for `devices`.
-
-  Returns (compiled, seconds to lower, seconds to compile).
-  """
+def lower_train_step(config, devices, images_per_chip: int, image_hw):
+  """The trainer's step (rethink_jax.train.build_parts on a "data" mesh over `devices`) lowered on
+  abstract arguments with the trainer's shardings. Returns (lowered, parts)."""
   import jax  # pylint: disable=g-import-not-at-top
   from rethink_jax import optim, train, trainer  # pylint: disable=g-import-not-at-top
 
@@ -100,10 +98,19 @@ def compile_train_step(config, devices, images_per_chip: int, image_hw):
             for k, v in abstract_batch(config, 1, image_hw).items()}
   sched = optim.resolve_schedule(config.schedule, config.optim, batch_size)
   parts = train.build_parts(config, sched, mesh, sample)
-  t0 = time.time()
   lowered = parts.train_step.lower(
       trainer.abstract_state_with_shardings(parts),
       abstract_batch(config, batch_size, image_hw, parts.batch_sharding))
+  return lowered, parts
+
+
+def compile_train_step(config, devices, images_per_chip: int, image_hw):
+  """Lowers and compiles the trainer's step for `devices` (lower_train_step).
+
+  Returns (compiled, seconds to lower, seconds to compile).
+  """
+  t0 = time.time()
+  lowered, _ = lower_train_step(config, devices, images_per_chip, image_hw)
   t1 = time.time()
   compiled = lowered.compile()
   return compiled, t1 - t0, time.time() - t1
