@@ -42,9 +42,10 @@ import orbax.checkpoint as ocp
 from rethink_jax import files
 from rethink_jax import optim
 from rethink_jax import trainer
-from rethink_jax.trainer import NonFiniteLossError  # pylint: disable=unused-import
 
 CURVE_FILE = "eval_curve.json"
+# What train_and_evaluate raises when a step is not finite (callers catch it as train's).
+NonFiniteLossError = trainer.NonFiniteLossError
 
 
 def _log(msg: str) -> None:
