@@ -1,11 +1,12 @@
-"""The "ImageNet" pre-training arm of the embedded demo: a ResNet classifier on shapes_classification.
+"""The "ImageNet" pre-training arm of the demo: a ResNet classifier on shapes_classification.
 
-The classifier is rethink_jax.models.ResNet (the detector backbone's depth, width, norm and stride
-placement) + global average pooling of res5 + one linear layer, trained with SGD momentum and
-cross-entropy under one jax.jit step on a data-parallel mesh (the global batch sharded on the "data"
-axis, parameters and optimizer state replicated), like the detector's trainer. The trained ResNet
-variables are written with rethink_jax.convert.save_backbone, so the fine-tune arm loads them through
-`config.init_from` exactly as it loads converted ImageNet weights.
+A classification task on rethink_jax.trainer's skeleton (the same mesh, state, jitted step with
+its finite check, shardings and logging as the detector's trainer). The classifier is
+rethink_jax.models.ResNet (the detector backbone's depth, width, norm and stride placement) +
+global average pooling of res5 + one linear layer, trained with SGD momentum (or AdamW) and
+cross-entropy. The trained ResNet variables are written with rethink_jax.convert.save_backbone,
+so the fine-tune arm loads them through `config.init_from` exactly as it loads converted ImageNet
+weights.
 
 Usage (normally called by rethink_jax.compare):
   meta = pretrain(pretrain_config(compare_config), workdir)   # writes workdir/backbone
@@ -13,22 +14,25 @@ Usage (normally called by rethink_jax.compare):
 from __future__ import annotations
 
 import functools
-import math
 import os
 import time
 from typing import Any, Iterator
 
+from clu import parameter_overview
 import flax.linen as nn
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from rethink_jax import optim
+from rethink_jax import trainer
 
 
 def _log(msg: str) -> None:
-  print(f"[pretrain {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+  trainer.log(msg, "pretrain")
 
 
 # --------------------------------------------------------------------------------------------
@@ -62,7 +66,11 @@ def default_pretrain_config() -> ml_collections.ConfigDict:
 
 def pretrain_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """The pre-training config of a compare config: backbone and pixel format from the detector
-  (config.model.backbone, config.data), the rest from config.compare.pretrain over the defaults."""
+  (config.model.backbone, config.data), the rest from config.compare.pretrain over the defaults.
+
+  config.compare.pretrain may only set fields the defaults have (a misspelt one raises), except
+  inside data.builder_overrides, which names fields of the dataset's builder config.
+  """
   c = default_pretrain_config()
   bb = config.model.backbone
   for k in ("depth", "norm", "num_groups", "stride_in_1x1", "width", "bn_group_size"):
@@ -73,18 +81,11 @@ def pretrain_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
       c.data[k] = config.data[k]
   over = config.compare.get("pretrain", None)
   if over is not None:
-    c.update_from_flattened_dict({k: v for k, v in _flatten(over.to_dict()).items()})
+    c.lock()
+    c.data.builder_overrides.unlock()
+    c.update(over)
+    c.unlock()
   return c
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict) and k != "builder_overrides":
-      out.update(_flatten(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = v
-  return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -226,19 +227,16 @@ def eval_batches(data_config, builder, batch_size_per_process: int) -> Iterator[
 
 
 # --------------------------------------------------------------------------------------------
-# Optimizer and steps.
+# The classification task: optimizer, init, loss, predict.
 # --------------------------------------------------------------------------------------------
 def _decay_mask(params):
-  """True for conv/dense kernels; False for norm parameters and biases (no weight decay)."""
-  def keep(path, _):
-    names = [getattr(p, "key", str(p)) for p in path]
-    return names[-1] == "kernel" and "norm" not in names
-  return jax.tree_util.tree_map_with_path(keep, params)
+  """True for conv/dense weights; False for norm parameters and biases (no weight decay)."""
+  return jax.tree_util.tree_map(lambda label: label == "weight", optim.param_labels(params))
 
 
-def make_optimizer(c: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  """SGD momentum (or AdamW), linear warmup then cosine decay; no weight decay on norm
-  parameters and biases."""
+def make_optimizer(c: ml_collections.ConfigDict):
+  """(tx, lr_fn): SGD momentum (or AdamW), linear warmup then cosine decay; no weight decay on
+  norm parameters and biases."""
   schedule = optax.warmup_cosine_decay_schedule(
       init_value=c.base_lr * 0.01, peak_value=c.base_lr, warmup_steps=max(1, c.warmup_steps),
       decay_steps=max(c.steps, c.warmup_steps + 1), end_value=0.0)
@@ -252,43 +250,29 @@ def make_optimizer(c: ml_collections.ConfigDict) -> optax.GradientTransformation
               optax.sgd(schedule, momentum=c.momentum)]
   else:
     raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {c.optimizer!r}")
-  return optax.chain(*parts)
+  return optax.chain(*parts), schedule
 
 
-def _train_step(state, batch, *, model, tx, label_smoothing, num_classes):
-  """One SGD step. state: {"params", "batch_stats" (maybe empty), "opt_state"}; batch: image
-  (B, S, S, 3), label (B,). Returns (new state, metrics {loss, accuracy})."""
-  has_bs = bool(jax.tree_util.tree_leaves(state["batch_stats"]))
+def _init_variables(model, rngs, batch):
+  return model.init(rngs, batch["image"], train=False)
 
-  def loss_fn(params):
-    variables = {"params": params}
-    if has_bs:
-      variables["batch_stats"] = state["batch_stats"]
-      logits, new_vars = model.apply(variables, batch["image"], train=True,
-                                     mutable=["batch_stats"])
-      new_bs = new_vars["batch_stats"]
-    else:
-      logits, new_bs = model.apply(variables, batch["image"], train=True), state["batch_stats"]
-    targets = optax.smooth_labels(jax.nn.one_hot(batch["label"], num_classes), label_smoothing)
-    loss = optax.softmax_cross_entropy(logits.astype(jnp.float32), targets).mean()
-    return loss, (logits, new_bs)
 
-  (loss, (logits, new_bs)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
-  updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-  params = optax.apply_updates(state["params"], updates)
+def _loss(model, params, collections, batch, rng, *, num_classes, label_smoothing):
+  """Cross-entropy of a batch {image (B, S, S, 3), label (B,)}; metrics loss and accuracy."""
+  del rng
+  logits, new_coll = model.apply({"params": params, **collections}, batch["image"], train=True,
+                                 mutable=["batch_stats"])
+  logits = logits.astype(jnp.float32)
+  targets = optax.smooth_labels(jax.nn.one_hot(batch["label"], num_classes), label_smoothing)
+  loss = optax.softmax_cross_entropy(logits, targets).mean()
   acc = jnp.mean((jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32))
-  return ({"params": params, "batch_stats": new_bs, "opt_state": opt_state},
-          {"loss": loss, "accuracy": acc})
+  return loss, ({"loss": loss, "accuracy": acc}, new_coll)
 
 
-def _eval_step(state, batch, *, model):
-  """Correct and counted images of a padded eval batch (valid (B,) bool)."""
-  variables = {"params": state["params"]}
-  if jax.tree_util.tree_leaves(state["batch_stats"]):
-    variables["batch_stats"] = state["batch_stats"]
+def _predict(model, variables, batch):
+  """The predicted class of each image: {"label": (B,) int32}."""
   logits = model.apply(variables, batch["image"], train=False)
-  correct = (jnp.argmax(logits, -1) == batch["label"]) & batch["valid"]
-  return jnp.sum(correct.astype(jnp.int32)), jnp.sum(batch["valid"].astype(jnp.int32))
+  return {"label": jnp.argmax(logits, -1).astype(jnp.int32)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -298,16 +282,15 @@ def pretrain(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Pre-trains the classifier and writes the ResNet to workdir/backbone (save_backbone).
 
   Returns the backbone's meta dict (depth, norm, ..., top1 accuracy in percent, steps).
+  Raises trainer.NonFiniteLossError (a FloatingPointError) when a loss is not finite.
   """
   from rethink_jax import convert  # pylint: disable=g-import-not-at-top
   t_start = time.time()
-  devices = np.array(jax.devices())
-  mesh = Mesh(devices, ("data",))
-  if c.batch_size % len(devices):
-    raise ValueError(f"batch_size {c.batch_size} is not divisible by {len(devices)} devices")
+  mesh = trainer.make_mesh()
+  n_dev = jax.device_count()
+  if c.batch_size % n_dev:
+    raise ValueError(f"batch_size {c.batch_size} is not divisible by {n_dev} devices")
   per_process = c.batch_size // jax.process_count()
-  data_sharding = NamedSharding(mesh, P("data"))
-  replicated = NamedSharding(mesh, P())
 
   _log(f"preparing {c.data.name} (data_dir={c.data.data_dir or 'default'})")
   builder = _builder(c.data)
@@ -315,44 +298,35 @@ def pretrain(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   n_train = builder.info.splits[c.data.train_split].num_examples
   _log(f"{n_train} training images, {num_classes} classes (chance {100 / num_classes:.1f}%)")
 
-  model = build_classifier(c.model, num_classes)
   size = int(c.data.image_size)
-  dummy = jnp.zeros((1, size, size, 3), jnp.float32)
+  sample = {"image": np.zeros((1, size, size, 3), np.float32), "label": np.zeros((1,), np.int32)}
+  parts = trainer.build(
+      build_classifier(c.model, num_classes), mesh, sample, init_variables=_init_variables,
+      loss_fn=functools.partial(_loss, num_classes=num_classes,
+                                label_smoothing=c.label_smoothing),
+      make_optimizer=lambda _: make_optimizer(c), predict=_predict)
   t0 = time.time()
-  variables = jax.jit(functools.partial(model.init, train=False))(
-      jax.random.PRNGKey(c.seed), dummy)
+  state = parts.init(jax.random.PRNGKey(c.seed), sample)
   _log(f"initialized in {time.time() - t0:.0f} s")
-  tx = make_optimizer(c)
-  state = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {}),
-           "opt_state": tx.init(variables["params"])}
-  state = jax.device_put(state, replicated)
-  n_params = sum(x.size for x in jax.tree_util.tree_leaves(variables["params"]["resnet"]))
+  n_params = parameter_overview.count_parameters(state["params"]["resnet"])
   _log(f"ResNet-{c.model.depth} width {c.model.width} norm {c.model.norm}: {n_params:,} "
-       f"backbone parameters; {c.steps} steps at batch {c.batch_size} on {len(devices)} devices")
+       f"backbone parameters; {c.steps} steps at batch {c.batch_size} on {n_dev} devices")
 
-  train_step = jax.jit(
-      functools.partial(_train_step, model=model, tx=tx, label_smoothing=c.label_smoothing,
-                        num_classes=num_classes),
-      in_shardings=(replicated, data_sharding), out_shardings=(replicated, replicated),
-      donate_argnums=(0,))
-  eval_step = jax.jit(functools.partial(_eval_step, model=model),
-                      in_shardings=(replicated, data_sharding), out_shardings=replicated)
-
-  def to_global(batch):
-    return {k: jax.make_array_from_process_local_data(data_sharding, v) for k, v in batch.items()}
+  def describe_bad_step(bad, m):
+    return (f"pre-training loss or gradient is not finite at step {bad + 1} (loss "
+            f"{float(m['loss'])} at the last step); training stopped")
 
   it = train_iterator(c.data, builder, per_process, seed=c.seed + jax.process_index())
   pending, t_log, step_log = [], time.time(), 0
   history = []
   for step in range(1, c.steps + 1):
-    state, metrics = train_step(state, to_global(next(it)))
+    state, metrics = parts.train_step(state, trainer.to_global(next(it), parts.batch_sharding))
     pending.append(metrics)
     if step % c.log_every == 0 or step == c.steps:
+      trainer.check_finite(metrics, describe_bad_step)
       m = jax.device_get(pending)
       loss = float(np.mean([x["loss"] for x in m]))
       acc = float(np.mean([x["accuracy"] for x in m]))
-      if not math.isfinite(loss):
-        raise FloatingPointError(f"pre-training loss is {loss} at step {step}")
       now = time.time()
       rate = (step - step_log) / max(now - t_log, 1e-9)
       eta = (c.steps - step) / max(rate, 1e-9)
@@ -361,17 +335,23 @@ def pretrain(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       history.append({"step": step, "loss": loss, "accuracy": 100 * acc})
       pending, t_log, step_log = [], now, step
 
+  variables = trainer.variables_of(state)
   correct = total = 0
   for b in eval_batches(c.data, builder, per_process):
-    k, n = jax.device_get(eval_step(state, to_global(b)))
-    correct, total = correct + int(k), total + int(n)
-  top1 = 100.0 * correct / max(total, 1)
+    predicted = parts.predict_fn(variables, b)["label"]
+    correct += int(np.sum((predicted == b["label"]) & b["valid"]))
+    total += int(np.sum(b["valid"]))
+  # Every process counted its own shard of the split.
+  correct, total = np.asarray(multihost_utils.process_allgather(
+      np.asarray([correct, total]))).reshape(-1, 2).sum(0)
+  top1 = 100.0 * float(correct) / max(int(total), 1)
   _log(f"top-1 on {c.data.eval_split} ({total} images): {top1:.1f}% "
        f"(chance {100 / num_classes:.1f}%)")
 
   resnet_vars = {"params": state["params"]["resnet"]}
-  if jax.tree_util.tree_leaves(state["batch_stats"]):
-    resnet_vars["batch_stats"] = state["batch_stats"]["resnet"]
+  batch_stats = state["collections"].get("batch_stats", {})
+  if jax.tree_util.tree_leaves(batch_stats):
+    resnet_vars["batch_stats"] = batch_stats["resnet"]
   resnet_vars = jax.device_get(resnet_vars)
   meta = {
       "depth": int(c.model.depth), "norm": c.model.norm, "num_groups": int(c.model.num_groups),

@@ -1,12 +1,12 @@
 r"""Training and evaluation of Mask R-CNN: `train_and_evaluate(config, workdir)`.
 
-One program for one CPU, a GPU box or a TPU pod slice (every host runs the same code):
-  * a Mesh over all devices with one axis "data"; each global batch is sharded on it, parameters
-    and optimizer state are replicated; one jax.jit train step with explicit shardings compiles
-    once and donates the state (SyncBN's statistics are those of the whole global batch because
-    the step sees the global batch as one array);
-  * each process reads its own shard of the data (data/pipeline.py) and the host batches become
-    global arrays with jax.make_array_from_process_local_data;
+The detection task on rethink_jax.trainer's skeleton (mesh, state, jitted step, shardings): its
+loss is the model's training losses, its predict the detections. Every host runs the same code:
+  * `build_parts(config, sched, mesh, sample)`: THE model, optimizer, state layout and jitted
+    init / train step / predict of a config, used by training, scripts/benchmark_model.py,
+    scripts/profile_model.py and scripts/tpu_compile.py alike;
+  * each process reads its own shard of the data (data/pipeline.py); its host batches become
+    one global batch sharded on the mesh's "data" axis;
   * orbax checkpoints (asynchronous, every `checkpoint.every_steps` and at the end, the last
     `checkpoint.keep` kept); a run started again in the same workdir resumes exactly: parameters,
     optimizer state, batch statistics, step, rng, and the data position (the pipeline's
@@ -18,78 +18,38 @@ One program for one CPU, a GPU box or a TPU pod slice (every host runs the same 
   * clu metric writers (TensorBoard + console): every loss, the LR, images seen, step time and the
     time spent waiting for data; periodic COCO evaluation (bbox and segm AP) every `eval_every`
     steps and at the end, also appended to workdir/eval_curve.json:
-      [{"step", "images_seen", "epoch", "wall_s", "bbox/AP", "segm/AP", ... all COCO metrics}].
+      [{"step", "images_seen", "wall_s", "eval_s", "bbox/AP", "segm/AP", ... all COCO metrics}].
 
 Usage: python -m rethink_jax.main --config configs/FILE.py[:ARG] --workdir DIR [--config.a.b=v]
 """
 import collections
-import functools
 import json
 import os
 import time
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator
 
-from absl import logging
 from clu import metric_writers
+from clu import parameter_overview
 from clu import periodic_actions
 import flax
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 import ml_collections
 import numpy as np
-import optax
 import orbax.checkpoint as ocp
 
+from rethink_jax import files
 from rethink_jax import optim
+from rethink_jax import trainer
 
 CURVE_FILE = "eval_curve.json"
-
-
-class NonFiniteLossError(FloatingPointError):
-  """A train step produced a non-finite loss or gradient; the run stops, state not saved."""
+# What train_and_evaluate raises when a step is not finite (callers catch it as train's).
+NonFiniteLossError = trainer.NonFiniteLossError
 
 
 def _log(msg: str) -> None:
-  """Process 0 prints (and logs) `msg`; other processes only log it."""
-  logging.info(msg)
-  if jax.process_index() == 0:
-    print(f"[train {time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-# ------------------------------------------------------------------------------------------------
-# Sharding helpers.
-# ------------------------------------------------------------------------------------------------
-def make_mesh(devices=None) -> Mesh:
-  """A 1-D mesh with axis "data" over `devices` (default: all devices of all processes)."""
-  devices = jax.devices() if devices is None else devices
-  return Mesh(np.asarray(devices), ("data",))
-
-
-def to_global(batch: dict, sharding: NamedSharding) -> dict:
-  """Host-local numpy batch {k: (b, ...)} -> global jax.Arrays {k: (b * process_count, ...)}
-  sharded on the batch axis. Every process passes its own b rows (the same b everywhere)."""
-  n = jax.process_count()
-
-  def one(x):
-    x = np.asarray(x)
-    return jax.make_array_from_process_local_data(sharding, x, (x.shape[0] * n,) + x.shape[1:])
-
-  return {k: one(v) for k, v in batch.items()}
-
-
-def local_rows(x: jax.Array) -> np.ndarray:
-  """The rows of a batch-sharded global array that this process fed in (in its local order)."""
-  if jax.process_count() == 1:
-    return np.asarray(x)
-  shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
-  rows, seen = [], set()
-  for s in shards:
-    start = s.index[0].start or 0
-    if start not in seen:  # replicas of the same rows on several local devices
-      seen.add(start)
-      rows.append(np.asarray(s.data))
-  return np.concatenate(rows)
+  trainer.log(msg, "train")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -105,15 +65,15 @@ def parameter_counts(state: dict, frozen_prefixes) -> dict:
   frozen = parameters under `frozen_prefixes` (zero updates) + the "frozen" collection
   (FrozenBN affines); batch_stats (BN running statistics) are counted apart.
   """
-  labels = optim.param_labels(state["params"], frozen_prefixes)
-  sizes = jax.tree_util.tree_map(lambda x: int(np.prod(x.shape)), state["params"])
-  trainable = sum(s for s, l in zip(jax.tree_util.tree_leaves(sizes),
-                                    jax.tree_util.tree_leaves(labels)) if l != "frozen")
-  total_params = optim.count_params(state["params"])
-  frozen_coll = optim.count_params(state["collections"].get("frozen", {}))
-  return dict(total=total_params + frozen_coll, trainable=trainable,
-              frozen=total_params - trainable + frozen_coll,
-              batch_stats=optim.count_params(state["collections"].get("batch_stats", {})))
+  count = lambda tree: int(parameter_overview.count_parameters(tree)) if tree else 0
+  labels = _flat(optim.param_labels(state["params"], frozen_prefixes))
+  frozen_params = count({k: v for k, v in _flat(state["params"]).items()
+                         if labels[k] == "frozen"})
+  total_params = count(state["params"])
+  frozen_coll = count(state["collections"].get("frozen", {}))
+  return dict(total=total_params + frozen_coll, trainable=total_params - frozen_params,
+              frozen=frozen_params + frozen_coll,
+              batch_stats=count(state["collections"].get("batch_stats", {})))
 
 
 def check_backbone_meta(meta: dict, config: ml_collections.ConfigDict) -> None:
@@ -189,8 +149,11 @@ def load_backbone_into(state: dict, backbone_vars: dict, where=("backbone", "bot
 
 
 # ------------------------------------------------------------------------------------------------
-# State and steps.
+# The detection task: init, loss, predict, and the parts of a config.
 # ------------------------------------------------------------------------------------------------
+INIT_RNGS = ("params", "sampling")
+
+
 def init_batch(batch: dict) -> dict:
   """A one-image batch with the shapes and dtypes of `batch` for model.init: a blank image
   filling the padded size, no instances (the same on every process, whatever its data)."""
@@ -206,129 +169,58 @@ def init_batch(batch: dict) -> dict:
   return out
 
 
-def make_init_fn(model, tx):
-  """rng (PRNG key), batch -> the train state:
-  {"step": int32, "rng": key, "params", "opt_state", "collections": {batch_stats, frozen, ...},
-   "bad_step": int32 (-1: every step so far was finite)}."""
-
-  def init(rng, batch):
-    init_rng, sample_rng, train_rng = jax.random.split(rng, 3)
-    variables = flax.core.unfreeze(
-        model.init({"params": init_rng, "sampling": sample_rng}, batch, train=False))
-    params = variables.pop("params")
-    return dict(step=jnp.zeros((), jnp.int32), rng=train_rng, params=params,
-                opt_state=tx.init(params), collections=variables,
-                bad_step=jnp.full((), -1, jnp.int32))
-
-  return init
+def init_variables(model, rngs: dict, batch: dict) -> dict:
+  """The model's variables for a batch (rngs: "params", "sampling")."""
+  return model.init(rngs, batch, train=False)
 
 
-def make_train_step(model, tx, lr_fn):
-  """(state, global batch) -> (new state, metrics). Pure; jit it with shardings.
-
-  The step's rng is the run's rng folded with the step (the same on every process: the step is
-  one global computation). A non-finite loss or gradient norm leaves params / optimizer state /
-  batch stats unchanged and records the step in state["bad_step"] (sticky), which the host
-  checks through the metrics it fetches anyway: no extra host round trip inside the step.
-  """
-
-  def step_fn(state, batch):
-    step = state["step"]
-    rng = jax.random.fold_in(state["rng"], step)
-    collections = state["collections"]
-
-    def loss_fn(params):
-      losses, new_coll = model.apply({"params": params, **collections}, batch, train=True,
-                                     rngs={"sampling": rng}, mutable=["batch_stats"])
-      losses = {k: jnp.asarray(v, jnp.float32) for k, v in losses.items()}
-      total = sum(v for k, v in losses.items() if k.startswith("loss_"))
-      return total, (losses, new_coll)
-
-    (total, (losses, new_coll)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state["params"])
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
-    grad_norm = optax.global_norm(grads)
-    finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
-    ok = finite & (state["bad_step"] < 0)
-    keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(ok, n, o), new, old)
-    new_collections = dict(collections, **flax.core.unfreeze(new_coll))
-    new_state = dict(
-        step=step + 1, rng=state["rng"],
-        params=keep(params, state["params"]),
-        opt_state=keep(opt_state, state["opt_state"]),
-        collections=keep(new_collections, collections),
-        bad_step=jnp.where(~finite & (state["bad_step"] < 0), step, state["bad_step"]))
-    metrics = dict(losses, total_loss=total, grad_norm=grad_norm, lr=lr_fn(step),
-                   param_norm=optax.global_norm(new_state["params"]),
-                   bad_step=new_state["bad_step"])
-    return new_state, metrics
-
-  return step_fn
+def loss_fn(model, params, collections, batch: dict, rng):
+  """The sum of the model's "loss_*" terms (float32) and (every loss, updated batch_stats)."""
+  losses, new_coll = model.apply({"params": params, **collections}, batch, train=True,
+                                 rngs={"sampling": rng}, mutable=["batch_stats"])
+  losses = {k: jnp.asarray(v, jnp.float32) for k, v in losses.items()}
+  total = sum(v for k, v in losses.items() if k.startswith("loss_"))
+  return total, (losses, new_coll)
 
 
-def make_predict_fn(model, mesh: Mesh, replicated: NamedSharding, data: NamedSharding):
-  """Returns predict(variables, host batch) -> this process's rows of the detections (numpy)."""
-
-  @functools.partial(jax.jit, in_shardings=(replicated, data), out_shardings=data)
-  def predict(variables, batch):
-    return model.apply(variables, batch, train=False)
-
-  def predict_fn(variables, batch):
-    dets = predict(variables, to_global(batch, data))
-    return {k: local_rows(v) for k, v in dets.items()}
-
-  del mesh
-  return predict_fn
+def predict(model, variables: dict, batch: dict) -> dict:
+  """The model's detections of a batch (rethink_jax.models.mask_rcnn's inference outputs)."""
+  return model.apply(variables, batch, train=False)
 
 
-_PARTS_CACHE: "collections.OrderedDict[str, Any]" = collections.OrderedDict()
+_PARTS_CACHE: "collections.OrderedDict[Any, Any]" = collections.OrderedDict()
 
 
 def build_parts(config: ml_collections.ConfigDict, sched: dict, mesh: Mesh, sample: dict):
-  """Model, optimizer and the jitted init / train step / predict for this config and mesh.
+  """The model, optimizer and jitted init / train step / predict of a config on `mesh`.
 
-  Memoized on (model, optim, schedule, seed-independent shapes, mesh): a process that calls
-  train_and_evaluate several times with the same model and schedule (tests, resumed runs,
-  sweeps over seeds or data) traces and compiles the step once.
+  config: a recipe (its model and optim groups are used); sched: optim.resolve_schedule's dict;
+  sample: a batch (arrays or ShapeDtypeStructs) with the shapes of the batches to come.
+  Returns trainer.build's parts plus frozen_prefixes (the backbone stages held at zero update).
 
-  Returns a SimpleNamespace: model, tx, lr_fn, frozen_prefixes, abstract_state, state_sharding,
-  init (jitted: rng, sample batch -> state), train_step (jitted, donates the state),
-  predict_fn (variables, host batch -> this process's detections as numpy).
+  Memoized on (model, optim, schedule, shapes, mesh): a process that calls train_and_evaluate
+  several times with the same model and schedule (tests, resumed runs, sweeps over seeds or data)
+  traces and compiles the step once.
   """
-  import types  # pylint: disable=g-import-not-at-top
-  from rethink_jax.models import resnet  # pylint: disable=g-import-not-at-top
-  from rethink_jax.models.mask_rcnn import build_model  # pylint: disable=g-import-not-at-top
-  key = json.dumps([config.model.to_json_best_effort(sort_keys=True),
-                    config.optim.to_json_best_effort(sort_keys=True),
-                    # only what the LR function depends on (not total_steps)
-                    [str(sched[k]) for k in ("base_lr", "decay_steps", "decay_factor",
-                                             "warmup_steps", "warmup_factor")],
-                    sorted((k, v.shape, str(v.dtype)) for k, v in sample.items()),
-                    [d.id for d in mesh.devices.flat], jax.process_index()])
+  from rethink_jax import models  # pylint: disable=g-import-not-at-top
+  key = (json.dumps([config.model.to_json_best_effort(sort_keys=True),
+                     config.optim.to_json_best_effort(sort_keys=True),
+                     # only what the LR function depends on (not total_steps)
+                     [str(sched[k]) for k in ("base_lr", "decay_steps", "decay_factor",
+                                              "warmup_steps", "warmup_factor")],
+                     sorted((k, v.shape, str(v.dtype)) for k, v in sample.items())]),
+         mesh, jax.process_index())
   if key in _PARTS_CACHE:
     _PARTS_CACHE.move_to_end(key)
     return _PARTS_CACHE[key]
-  replicated = NamedSharding(mesh, P())
-  data_sharding = NamedSharding(mesh, P("data"))
-  model = build_model(config.model)
-  frozen_prefixes = resnet.frozen_param_prefixes(int(config.model.backbone.freeze_at),
+  frozen_prefixes = models.frozen_param_prefixes(int(config.model.backbone.freeze_at),
                                                  prefix=("backbone", "bottom_up"))
-  rng = jax.random.PRNGKey(0)
-  param_shapes = jax.eval_shape(
-      lambda r, b: model.init({"params": r, "sampling": r}, b, train=False)["params"], rng, sample)
-  tx, lr_fn = optim.make_optimizer(config.optim, sched, param_shapes, frozen_prefixes)
-  init_fn = make_init_fn(model, tx)
-  abstract_state = jax.eval_shape(init_fn, rng, sample)
-  state_sharding = jax.tree_util.tree_map(lambda _: replicated, abstract_state)
-  parts = types.SimpleNamespace(
-      model=model, tx=tx, lr_fn=lr_fn, frozen_prefixes=frozen_prefixes,
-      abstract_state=abstract_state, state_sharding=state_sharding,
-      init=jax.jit(init_fn, out_shardings=state_sharding),
-      train_step=jax.jit(make_train_step(model, tx, lr_fn),
-                         in_shardings=(state_sharding, data_sharding),
-                         out_shardings=(state_sharding, replicated), donate_argnums=(0,)),
-      predict_fn=make_predict_fn(model, mesh, replicated, data_sharding))
+  parts = trainer.build(
+      models.build_model(config.model), mesh, sample, init_variables=init_variables,
+      loss_fn=loss_fn, predict=predict, init_rngs=INIT_RNGS,
+      make_optimizer=lambda shapes: optim.make_optimizer(config.optim, sched, shapes,
+                                                         frozen_prefixes))
+  parts.frozen_prefixes = frozen_prefixes
   _PARTS_CACHE[key] = parts
   while len(_PARTS_CACHE) > 4:  # compiled executables hold memory
     _PARTS_CACHE.popitem(last=False)
@@ -336,34 +228,16 @@ def build_parts(config: ml_collections.ConfigDict, sched: dict, mesh: Mesh, samp
 
 
 # ------------------------------------------------------------------------------------------------
-# The curve file read by compare.py.
+# The curve file (compare.py reads it through read_curve).
 # ------------------------------------------------------------------------------------------------
 def read_curve(workdir: str) -> list:
-  path = os.path.join(workdir, CURVE_FILE)
-  if not os.path.exists(path):
-    return []
-  with open(path) as f:
-    return json.load(f)
+  """workdir's evaluations [{"step", "images_seen", "wall_s", "eval_s", "bbox/AP", ...}]."""
+  return files.read_json(os.path.join(workdir, CURVE_FILE), default=[])
 
 
 def _write_curve(workdir: str, curve: list) -> None:
-  if jax.process_index() != 0:
-    return
-  path = os.path.join(workdir, CURVE_FILE)
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(curve, f, indent=1)
-  os.replace(tmp, path)  # atomic: readers never see half a file
-
-
-def _jsonable(x):
-  if isinstance(x, dict):
-    return {k: _jsonable(v) for k, v in x.items()}
-  if isinstance(x, (list, tuple)):
-    return [_jsonable(v) for v in x]
-  if isinstance(x, (np.generic, np.ndarray)):
-    return np.asarray(x).tolist()
-  return x
+  if jax.process_index() == 0:
+    files.write_json(os.path.join(workdir, CURVE_FILE), curve, indent=1)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -389,13 +263,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   workdir = os.path.abspath(workdir)
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=1))
+    files.atomic_write(os.path.join(workdir, "config.json"),
+                       config.to_json_best_effort(indent=1))
 
   # == Mesh and batch ==========================================================================
-  mesh = make_mesh()
-  replicated = NamedSharding(mesh, P())
-  data_sharding = NamedSharding(mesh, P("data"))
+  mesh = trainer.make_mesh()
   n_dev, n_proc = jax.device_count(), jax.process_count()
   batch_size = int(config.batch_size)
   if batch_size % n_dev:
@@ -435,15 +307,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   sample = init_batch(first)
   rng = jax.random.PRNGKey(int(config.seed))
   parts = build_parts(config, sched, mesh, sample)
-  frozen_prefixes = parts.frozen_prefixes
-  abstract_state, state_sharding = parts.abstract_state, parts.state_sharding
   train_step, predict_fn = parts.train_step, parts.predict_fn
 
   if resume_step is not None:
-    target = jax.tree_util.tree_map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state,
-        state_sharding)
-    state = mngr.restore(resume_step, args=ocp.args.StandardRestore(target))
+    state = mngr.restore(resume_step, args=ocp.args.StandardRestore(
+        trainer.abstract_state_with_shardings(parts)))
     _log(f"resumed from {ckpt_dir} at step {resume_step}")
   else:
     state = parts.init(rng, sample)
@@ -452,14 +320,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       variables, meta = convert.load_backbone(config.init_from)
       check_backbone_meta(meta, config)
       report = load_backbone_into(state, variables)
-      state = jax.device_put(report["state"], state_sharding)
+      state = jax.device_put(report["state"], parts.state_sharding)
       _log(f"init_from {config.init_from} (source {meta.get('source')!r}): loaded "
            f"{len(report['loaded'])} arrays; missing {len(report['missing'])}: "
            f"{report['missing'][:20]}; unexpected {len(report['unexpected'])}: "
            f"{report['unexpected'][:20]}")
       if not report["loaded"]:
         raise ValueError(f"init_from={config.init_from}: nothing matched the model's backbone")
-  counts = parameter_counts(state, frozen_prefixes)
+  parameter_overview.log_parameter_overview(state["params"], include_stats=False,
+                                            msg="parameters", jax_logging_process=0)
+  counts = parameter_counts(state, parts.frozen_prefixes)
   _log(f"parameters: {counts['total']:,} ({counts['trainable']:,} trainable, "
        f"{counts['frozen']:,} frozen; {counts['batch_stats']:,} batch statistics)")
 
@@ -478,7 +348,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if "gt" not in coco_cache:
       coco_cache["gt"] = pipeline.get_coco_gt(eval_data)
       coco_cache["ids"] = pipeline.category_ids(eval_data)
-    variables = {"params": state["params"], **state["collections"]}
+    variables = trainer.variables_of(state)
     eval_iter = pipeline.make_eval_iterator(eval_data, eval_batch // n_proc,
                                             process_index=jax.process_index(),
                                             process_count=n_proc)
@@ -508,25 +378,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   data_wait, t_interval, steps_in_interval = 0.0, time.time(), 0
   batches = _prepend(first, train_iter)
 
-  def check_finite(metrics, step):
-    m = jax.device_get(metrics)
-    bad = int(m["bad_step"])
-    if bad >= 0:
-      mngr.wait_until_finished()
-      ids = {s: v for s, v in image_ids}.get(bad)
-      good = mngr.latest_step()
-      losses = {k: float(v) for k, v in m.items() if k.startswith("loss_") or k == "total_loss"}
-      msg = (f"non-finite loss or gradient at train step {bad} (detected at step {step}); "
-             f"image ids of that step's batch (process {jax.process_index()}): "
-             f"{None if ids is None else ids.tolist()}; losses at step {step - 1}: {losses}. "
-             f"Training stopped; that update was not applied and no checkpoint after step "
-             f"{good} was written (last good checkpoint: "
-             f"{'none' if good is None else os.path.join(ckpt_dir, str(good))}). A lower LR, a "
-             f"longer warmup (config.optim.warmup_steps) or config.optim.grad_clip_norm may help.")
-      writer.flush()
-      mngr.close()
-      raise NonFiniteLossError(msg)
-    return m
+  def describe_bad_step(bad, m):
+    """The NaN stop's message; waits for the checkpoints and closes the writers first."""
+    mngr.wait_until_finished()
+    ids = {s: v for s, v in image_ids}.get(bad)
+    good = mngr.latest_step()
+    losses = {k: float(v) for k, v in m.items() if k.startswith("loss_") or k == "total_loss"}
+    writer.flush()
+    mngr.close()
+    return (f"non-finite loss or gradient at train step {bad} (detected at step {step}); "
+            f"image ids of that step's batch (process {jax.process_index()}): "
+            f"{None if ids is None else ids.tolist()}; losses at step {step - 1}: {losses}. "
+            f"Training stopped; that update was not applied and no checkpoint after step "
+            f"{good} was written (last good checkpoint: "
+            f"{'none' if good is None else os.path.join(ckpt_dir, str(good))}). A lower LR, a "
+            f"longer warmup (config.optim.warmup_steps) or config.optim.grad_clip_norm may help.")
 
   step = start_step
   if start_step == 0 and eval_every > 0 and config.eval.get("at_start", False):
@@ -537,7 +403,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       batch = next(batches)
       data_wait += time.perf_counter() - t0
       image_ids.append((step, np.asarray(batch["image_id"]).copy()))
-      state, metrics = train_step(state, to_global(batch, data_sharding))
+      state, metrics = train_step(state, trainer.to_global(batch, parts.batch_sharding))
     step += 1
     steps_in_interval += 1
     progress(step)
@@ -546,7 +412,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     do_eval = do_eval or (is_last and config.eval.get("at_end", True))
     do_ckpt = is_last or (ckpt_every > 0 and step % ckpt_every == 0)
     if step % log_every == 0 or is_last or do_ckpt or do_eval:
-      m = check_finite(metrics, step)
+      m = trainer.check_finite(metrics, describe_bad_step)
       if step % log_every == 0 or is_last:
         elapsed = time.time() - t_interval
         scalars = {k: float(v) for k, v in m.items() if k != "bad_step"}

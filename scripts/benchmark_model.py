@@ -5,7 +5,11 @@
   ... --frameworks jax --set mask_head.chunk_rois=0                          # a model variant
 
 One training step = forward + backward + SGD (momentum 0.9) update, batch `--batch` at
-size x size; inference = one image. Each of the four measurements runs in its own process, so each
+size x size; inference = one image. The JAX side is the trainer's own jitted train step and
+predict (rethink_jax.train.build_parts: its state, NaN bookkeeping, shardings and donation) on
+one device; its optimizer is torchvision's here (SGD, LR 0.02, momentum 0.9, no weight decay).
+`--set KEY=VALUE` overrides a field of the JAX model config (ml_collections' config_flags parse
+it as --model.KEY=VALUE). Each of the four measurements runs in its own process, so each
 peak resident set size (ru_maxrss) belongs to that measurement alone. Prints medians, the ratio
 JAX / torch (< 1 means JAX is faster), the compile time of the jitted JAX functions, and peak RSS
 (on a GPU also each framework's peak device memory: JAX's allocator statistics,
@@ -73,70 +77,73 @@ def jax_batch(size, batch):
           "gt_boxes": boxes, "gt_classes": classes, "gt_masks": crops}
 
 
-def jax_train_step(model, tx):
-  """(params, opt_state, data, key) -> (params, opt_state, loss): forward, backward, update."""
-  import jax
-  import optax
-
-  def step(params, opt_state, data, key):
-    def loss_fn(p):
-      losses = model.apply({"params": p}, data, train=True, rngs={"sampling": key})
-      return sum(v for k, v in losses.items() if k.startswith("loss_"))
-    loss, grads = jax.value_and_grad(loss_fn)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
-  return step
-
-
-def model_config_with(overrides):
-  """The default R50-FPN-GN model config with `overrides` ("key.sub=python literal") applied."""
-  import ast
+def model_config_with(overrides=()):
+  """The default R50-FPN-GN model config with `overrides` ("key.sub=value") applied by
+  ml_collections' config_flags (as the flags --model.key.sub=value)."""
+  from absl import flags
+  from ml_collections import config_flags
   from rethink_jax.models import default_model_config
-  config = default_model_config()
-  for item in overrides:
-    key, _, value = item.partition("=")
-    *parents, leaf = key.split(".")
-    node = config
-    for name in parents:
-      node = node[name]
-    if leaf not in node:
-      raise KeyError(f"--set {item}: the model config has no field {key!r}")
-    node[leaf] = ast.literal_eval(value)
-  return config
+  argv = ["benchmark_model"] + [f"--model.{item}" for item in overrides]
+  flag_values = flags.FlagValues()
+  model = config_flags.DEFINE_config_dict("model", default_model_config(),
+                                          flag_values=flag_values, sys_argv=argv)
+  flag_values(argv)
+  return model.value
+
+
+def jax_train_config(overrides=(), batch=2):
+  """The trainer's config for the benchmark: the model with `overrides`, and torchvision's side's
+  optimizer (SGD, LR 0.02 at this batch, momentum 0.9, no weight decay, no warmup)."""
+  import ml_collections
+  c = ml_collections.ConfigDict()
+  c.model = model_config_with(overrides)
+  c.optim = ml_collections.ConfigDict(dict(
+      base_lr=0.02, momentum=0.9, weight_decay=0.0, warmup_steps=0, warmup_factor=1.0,
+      grad_clip_norm=0.0))
+  c.schedule = ml_collections.ConfigDict(dict(
+      multiple=1.0, base_batch_size=batch, total_steps=1, decay_steps=(), decay_factor=0.1))
+  return c
+
+
+def jax_parts(size, batch, overrides=()):
+  """The trainer's parts for a synthetic batch on one device: (parts, host batch, the batch
+  on the device). parts: rethink_jax.train.build_parts's, the construction train.py uses."""
+  import jax
+  from rethink_jax import optim, train, trainer
+  config = jax_train_config(overrides, batch)
+  host = jax_batch(size, batch)
+  mesh = trainer.make_mesh(jax.devices()[:1])
+  sched = optim.resolve_schedule(config.schedule, config.optim, batch)
+  parts = train.build_parts(config, sched, mesh, train.init_batch(host))
+  return parts, host, jax.device_put(host, parts.batch_sharding)
 
 
 def run_jax(mode, size, batch, steps, overrides=()):
   import jax
-  import optax
-  from rethink_jax.models import build_model
+  from rethink_jax import train, trainer
 
-  data = jax.device_put(jax_batch(size, batch if mode == "train" else 1))  # once, as torch's
-  model = build_model(model_config_with(overrides))
-  key = jax.random.key(0, impl="rbg")  # rbg compiles much faster than threefry on XLA:CPU
+  # The batch is put on the device once, as torch's.
+  parts, host, data = jax_parts(size, batch if mode == "train" else 1, overrides)
   t = time.perf_counter()
-  params = jax.jit(lambda k: model.init({"params": k, "sampling": k}, data,
-                                        train=False)["params"])(key)
-  jax.block_until_ready(params)
+  state = parts.init(jax.random.PRNGKey(0), train.init_batch(host))
+  jax.block_until_ready(state)
   init_s = time.perf_counter() - t
 
   t = time.perf_counter()
   if mode == "train":
-    tx = optax.sgd(0.02, momentum=0.9)
-    opt_state = tx.init(params)
-    step = jax.jit(jax_train_step(model, tx)).lower(params, opt_state, data, key).compile()
-    state = {"p": params, "o": opt_state, "k": key}
+    step = parts.train_step.lower(state, data).compile()
+    live = {"state": state}
 
-    def call():
-      state["k"], sub = jax.random.split(state["k"])
-      state["p"], state["o"], loss = step(state["p"], state["o"], data, sub)
-      jax.block_until_ready(loss)
+    def call():  # the step donates its state: keep only the new one
+      live["state"], metrics = step(live["state"], data)
+      jax.block_until_ready(metrics)
   else:
-    step = jax.jit(lambda p, d: model.apply({"params": p}, d, train=False)).lower(
-        params, data).compile()
+    variables = trainer.variables_of(state)
+    step = parts.predict.lower(variables, data).compile()
     detections = []
 
     def call():
-      detections.append(int(jax.block_until_ready(step(params, data))["num_detections"][0]))
+      detections.append(int(jax.block_until_ready(step(variables, data))["num_detections"][0]))
 
   call()  # first run, after the compile
   first_s = time.perf_counter() - t
@@ -254,12 +261,12 @@ def main():
   p.add_argument("--framework", choices=["jax", "torch"], help=argparse.SUPPRESS)
   p.add_argument("--mode", choices=["train", "infer"], help=argparse.SUPPRESS)
   args = p.parse_args()
+  from rethink_jax import runtime
+  runtime.configure(hide_gpus_from_tf=False)  # TF is not used; torchvision must load before it
   if args.framework:
     return child(args)
 
   env = dict(os.environ, JAX_PLATFORMS=args.device, TF_CPP_MIN_LOG_LEVEL="2")
-  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env["PYTHONPATH"] = repo + os.pathsep + env.get("PYTHONPATH", "")
   results, round_medians = {}, {}
   runs = [(mode, fw) for _ in range(args.rounds) for mode in args.modes.split(",")
           for fw in args.frameworks.split(",")]
@@ -289,8 +296,9 @@ def main():
     if "program_mb" in r:
       device_mb += f"  compiled program {r['program_mb']:.0f} MB"
     r["median_s"] = statistics.median(r["times"])
-    print(f"{fw:5s} {mode:5s} median {r['median_s']:.3f} s  first call {r['compile_and_first_s']:.1f} s"
-          f"  peak RSS {r['peak_rss_mb']:.0f} MB{device_mb}  "
+    print(f"{fw:5s} {mode:5s} median {r['median_s']:.3f} s  "
+          f"first call {r['compile_and_first_s']:.1f} s  "
+          f"peak RSS {r['peak_rss_mb']:.0f} MB{device_mb}  "
           f"times {[round(x, 3) for x in r['times']]}{detections}  "
           f"({time.perf_counter() - t:.0f} s wall)", flush=True)
 
@@ -299,8 +307,8 @@ def main():
   print(f"\nR50-FPN-GN Mask R-CNN, {args.size}x{args.size}, {where}, "
         f"train batch {args.batch}, inference batch 1, {args.rounds} round(s) of {args.steps} "
         f"timed runs, torchvision RoIAlign sampling_ratio {args.torch_sampling_ratio}{variant}")
-  print("| measurement | torchvision (s) | rethink_jax (s) | ratio jax/torch | torch peak RSS (MB) | "
-        "jax peak RSS (MB) | jax compile+first (s) |")
+  print("| measurement | torchvision (s) | rethink_jax (s) | ratio jax/torch | "
+        "torch peak RSS (MB) | jax peak RSS (MB) | jax compile+first (s) |")
   print("| --- | --- | --- | --- | --- | --- | --- |")
   for mode in args.modes.split(","):
     t, j = results.get(("torch", mode)), results.get(("jax", mode))

@@ -1,5 +1,6 @@
 """Where the time of the R50-FPN-GN Mask R-CNN train step goes: seconds per module, forward and
-backward, from a JAX profiler trace of one jitted step (benchmark_model.py's setting).
+backward, from a JAX profiler trace of one step of the trainer (benchmark_model.py's setting:
+rethink_jax.train.build_parts's jitted step on its state, the synthetic batch, one device).
 
   .venv/bin/python scripts/profile_model.py [--size 512 --batch 2 --depth 4]
 
@@ -15,14 +16,8 @@ import collections
 import glob
 import os
 import re
-import sys
 import tempfile
 import time
-
-
-_SCRIPTS = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [_SCRIPTS, os.path.dirname(_SCRIPTS)]  # benchmark_model and rethink_jax
-import benchmark_model  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 # HLO instruction name -> the op_name metadata (the JAX name stack) of the compiled module.
 _OP_NAME = re.compile(r'\s*(?:ROOT )?%?([\w.\-]+) = .*metadata=\{[^}]*op_name="([^"]+)"')
@@ -73,32 +68,28 @@ def main():
   p.add_argument("--depth", type=int, default=4, help="module names kept per group")
   p.add_argument("--top", type=int, default=25, help="groups printed")
   args = p.parse_args()
+  from rethink_jax import runtime  # pylint: disable=g-import-not-at-top
+  runtime.configure()
 
   import jax  # pylint: disable=g-import-not-at-top
-  import optax  # pylint: disable=g-import-not-at-top
-  from rethink_jax.models import build_model, default_model_config  # pylint: disable=g-import-not-at-top
+  from rethink_jax import train  # pylint: disable=g-import-not-at-top
+  # The sibling script (this script's directory is sys.path[0] when it runs).
+  import benchmark_model  # pylint: disable=g-import-not-at-top
 
-  data = benchmark_model.jax_batch(args.size, args.batch)
-  model = build_model(default_model_config())
-  key = jax.random.key(0, impl="rbg")
-  params = jax.jit(lambda k: model.init({"params": k, "sampling": k}, data,
-                                        train=False)["params"])(key)
-  tx = optax.sgd(0.02, momentum=0.9)
-  step = benchmark_model.jax_train_step(model, tx)
-
+  parts, host, data = benchmark_model.jax_parts(args.size, args.batch)
+  state = parts.init(jax.random.PRNGKey(0), train.init_batch(host))
   t = time.perf_counter()
-  compiled = jax.jit(step).lower(params, tx.init(params), data, key).compile()
+  compiled = parts.train_step.lower(state, data).compile()
   print(f"compiled in {time.perf_counter() - t:.0f} s", flush=True)
   known = op_names(compiled.as_text())
-  state = (params, tx.init(params))
   for _ in range(2):
-    *state, loss = compiled(*state, data, key)
-    jax.block_until_ready(loss)
+    state, metrics = compiled(state, data)  # donates the state: keep only the new one
+    jax.block_until_ready(metrics)
   t = time.perf_counter()
   with tempfile.TemporaryDirectory() as trace_dir:
     with jax.profiler.trace(trace_dir):
-      *state, loss = compiled(*state, data, key)
-      jax.block_until_ready(loss)
+      state, metrics = compiled(state, data)
+      jax.block_until_ready(metrics)
     step_s = time.perf_counter() - t
     per_op = seconds_per_op(trace_dir, known)
 

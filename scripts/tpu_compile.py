@@ -1,10 +1,10 @@
 r"""Ahead-of-time compilation of the real train step for TPU slices, without TPU hardware.
 
 libtpu (requirements-tpu.txt) compiles for a described topology (jax.experimental.topologies);
-nothing runs. For each (topology, padded image size, images per chip, dtype) the script builds
-the recipe's model, optimizer and train step exactly as rethink_jax.train does (make_init_fn,
-make_train_step, the same shardings: batch on the "data" axis, state replicated, state donated),
-lowers it on abstract arguments and compiles it, then prints per chip:
+nothing runs. For each (topology, padded image size, images per chip, dtype) the script gets the
+recipe's train step from rethink_jax.train.build_parts, the trainer's own construction (its
+jitted step with its shardings: batch on the "data" axis, state replicated and donated) on a mesh
+of the topology's devices, lowers it on abstract arguments and compiles it, then prints per chip:
   * memory from compiled.memory_analysis(): arguments (state + batch), temporaries, and the total
     the chip must hold (arguments + outputs - donated aliases + temporaries + code) vs its HBM;
   * FLOPs per step from compiled.cost_analysis() (per chip: the SPMD-partitioned program);
@@ -12,9 +12,9 @@ lowers it on abstract arguments and compiles it, then prints per chip:
     per chip (real steps are slower: memory-bound ops, gathers, NMS, the input pipeline).
 
   .venv/bin/pip install -r requirements-tpu.txt
-  nice .venv/bin/python scripts/tpu_compile.py --topologies v5e:2x2 --images-per-chip 2 \
-      --dtypes bfloat16 --image-sizes 1024x1024
-  .venv/bin/python scripts/tpu_compile.py   # everything: 3 topologies x 2 sizes x 3 x 2 (slow)
+  PYTHONPATH=. nice .venv/bin/python scripts/tpu_compile.py --topologies v5e:2x2 \
+      --images-per-chip 2 --dtypes bfloat16 --image-sizes 1024x1024
+  PYTHONPATH=. .venv/bin/python scripts/tpu_compile.py  # all: 3 topologies x 2 sizes x 3 x 2, slow
 
 Each compile of R50-FPN-GN Mask R-CNN takes minutes on a small CPU; pick a subset with the flags.
 --json FILE appends one JSON line per compiled case (to keep a table across runs).
@@ -35,8 +35,6 @@ import sys  # pylint: disable=g-import-not-at-top,wrong-import-position
 import time  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-  sys.path.insert(0, ROOT)
 
 GIB = 2.0**30
 # Per chip: HBM (GiB), peak dense bf16 TFLOP/s, and the topology's options (v4: one device per
@@ -88,39 +86,31 @@ def abstract_batch(config, batch_size: int, image_hw, sharding=None) -> dict:
           for k, (shape, dtype) in shapes.items()}
 
 
+def lower_train_step(config, devices, images_per_chip: int, image_hw):
+  """The trainer's step (rethink_jax.train.build_parts on a "data" mesh over `devices`) lowered on
+  abstract arguments with the trainer's shardings. Returns (lowered, parts)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from rethink_jax import optim, train, trainer  # pylint: disable=g-import-not-at-top
+
+  mesh = trainer.make_mesh(devices)
+  batch_size = images_per_chip * len(devices)
+  sample = {k: jax.ShapeDtypeStruct((1,) + v.shape[1:], v.dtype)
+            for k, v in abstract_batch(config, 1, image_hw).items()}
+  sched = optim.resolve_schedule(config.schedule, config.optim, batch_size)
+  parts = train.build_parts(config, sched, mesh, sample)
+  lowered = parts.train_step.lower(
+      trainer.abstract_state_with_shardings(parts),
+      abstract_batch(config, batch_size, image_hw, parts.batch_sharding))
+  return lowered, parts
+
+
 def compile_train_step(config, devices, images_per_chip: int, image_hw):
-  """Lowers and compiles rethink_jax.train's step for `devices` (one "data" mesh axis).
+  """Lowers and compiles the trainer's step for `devices` (lower_train_step).
 
   Returns (compiled, seconds to lower, seconds to compile).
   """
-  import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
-  from rethink_jax import optim, train  # pylint: disable=g-import-not-at-top
-  from rethink_jax.models import mask_rcnn, resnet  # pylint: disable=g-import-not-at-top
-
-  mesh = train.make_mesh(devices)
-  replicated, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-  batch_size = images_per_chip * len(devices)
-  model = mask_rcnn.build_model(config.model)
-  frozen = resnet.frozen_param_prefixes(int(config.model.backbone.freeze_at),
-                                        prefix=("backbone", "bottom_up"))
-  sample = {k: jax.ShapeDtypeStruct((1,) + v.shape[1:], v.dtype)
-            for k, v in abstract_batch(config, 1, image_hw).items()}
-  rng = jax.ShapeDtypeStruct((2,), np.uint32)
-  params = jax.eval_shape(
-      lambda r, b: model.init({"params": r, "sampling": r}, b, train=False)["params"], rng, sample)
-  sched = optim.resolve_schedule(config.schedule, config.optim, batch_size)
-  tx, lr_fn = optim.make_optimizer(config.optim, sched, params, frozen)
-  state = jax.eval_shape(train.make_init_fn(model, tx), rng, sample)
-  state = jax.tree_util.tree_map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), state)
-  state_sharding = jax.tree_util.tree_map(lambda _: replicated, state)
-  step = jax.jit(train.make_train_step(model, tx, lr_fn),
-                 in_shardings=(state_sharding, data), out_shardings=(state_sharding, replicated),
-                 donate_argnums=(0,))
   t0 = time.time()
-  lowered = step.lower(state, abstract_batch(config, batch_size, image_hw, data))
+  lowered, _ = lower_train_step(config, devices, images_per_chip, image_hw)
   t1 = time.time()
   compiled = lowered.compile()
   return compiled, t1 - t0, time.time() - t1
@@ -174,6 +164,8 @@ def main(argv=None):
                  help="override model.mask_head.chunk_rois (0: the mask branch in one pass, "
                       "which needs less memory than skippable chunks)")
   args = p.parse_args(argv)
+  from rethink_jax import runtime  # pylint: disable=g-import-not-at-top
+  runtime.configure()
   if not libtpu_available():
     sys.exit("libtpu is not installed: pip install -r requirements-tpu.txt")
 

@@ -2,7 +2,7 @@
 box arithmetic and the optimizer in float32.
 
 The tiny Mask R-CNN is trained for a few dozen steps on one fixed batch of the tiny shapes set
-with the trainer's own step (rethink_jax.train.make_train_step): losses stay finite and fall,
+with the trainer's own step (rethink_jax.train.build_parts): losses stay finite and fall,
 every parameter and optimizer leaf stays float32; the traced program convolves in bf16.
 """
 import os
@@ -13,8 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rethink_jax import optim, train
-from rethink_jax.models import mask_rcnn, resnet
+from rethink_jax import optim, train, trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -37,16 +36,12 @@ def setup(tmp_path_factory):
   c.model.dtype = "bfloat16"
   c.schedule.decay_steps = (10 * STEPS,)  # no decay: a constant LR after the warmup
   batch = next(pipeline.make_train_iterator(c.data, c.batch_size, seed=0))
-  model = mask_rcnn.build_model(c.model)
   sched = optim.resolve_schedule(c.schedule, c.optim, c.batch_size)
-  frozen = resnet.frozen_param_prefixes(0, prefix=("backbone", "bottom_up"))
   rng = jax.random.PRNGKey(int(np.random.default_rng().integers(1 << 30)))
   sample = train.init_batch(batch)
-  shapes_ = jax.eval_shape(
-      lambda r, b: model.init({"params": r, "sampling": r}, b, train=False)["params"], rng, sample)
-  tx, lr_fn = optim.make_optimizer(c.optim, sched, shapes_, frozen)
-  state = jax.jit(train.make_init_fn(model, tx))(rng, sample)
-  return dict(config=c, batch=batch, model=model, tx=tx, lr_fn=lr_fn, state=state, rng=rng)
+  parts = train.build_parts(c, sched, trainer.make_mesh(jax.devices()[:1]), sample)
+  state = parts.init(rng, sample)
+  return dict(config=c, batch=batch, parts=parts, model=parts.model, state=state, rng=rng)
 
 
 def _eqns(jaxpr):
@@ -88,8 +83,7 @@ def test_convs_and_matmuls_run_in_bfloat16(setup):
 
 
 def test_bfloat16_trains_with_float32_state(setup):
-  step = jax.jit(train.make_train_step(setup["model"], setup["tx"], setup["lr_fn"]),
-                 donate_argnums=(0,))
+  step = setup["parts"].train_step
   state = jax.tree_util.tree_map(jnp.copy, setup["state"])  # the step donates its state
   batch = setup["batch"]
   totals = []

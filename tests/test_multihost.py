@@ -63,28 +63,16 @@ _WORKER = textwrap.dedent(r"""
     out.update(history=r["history"], metrics=r["metrics"], step=r["step"])
   if spec.get("checkpoint_dir"):  # evaluate a checkpoint of another run: the same weights
     import orbax.checkpoint as ocp
-    from jax.sharding import NamedSharding, PartitionSpec as P
-    from rethink_jax import evaluate, optim
+    from rethink_jax import evaluate, optim, trainer
     from rethink_jax.data import pipeline
-    from rethink_jax.models import mask_rcnn, resnet
-    model = mask_rcnn.build_model(c.model)
     sample = train.init_batch(next(pipeline.make_train_iterator(c.data, 1, seed=0)))
-    rng = jax.random.PRNGKey(0)
-    shapes = jax.eval_shape(
-        lambda r, b: model.init({"params": r, "sampling": r}, b, train=False)["params"], rng,
-        sample)
     sched = optim.resolve_schedule(c.schedule, c.optim, c.batch_size)
-    frozen = resnet.frozen_param_prefixes(0, prefix=("backbone", "bottom_up"))
-    tx, _ = optim.make_optimizer(c.optim, sched, shapes, frozen)
-    mesh = train.make_mesh()
-    rep, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-    target = jax.tree_util.tree_map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep),
-        jax.eval_shape(train.make_init_fn(model, tx), rng, sample))
+    parts = train.build_parts(c, sched, trainer.make_mesh(), sample)
     mngr = ocp.CheckpointManager(spec["checkpoint_dir"])
-    state = mngr.restore(spec["checkpoint_step"], args=ocp.args.StandardRestore(target))
-    variables = {"params": state["params"], **state["collections"]}
-    predict = train.make_predict_fn(model, mesh, rep, data)
+    state = mngr.restore(spec["checkpoint_step"], args=ocp.args.StandardRestore(
+        trainer.abstract_state_with_shardings(parts)))
+    variables = trainer.variables_of(state)
+    predict = parts.predict_fn
     metrics = evaluate.evaluate(
         lambda b: predict(variables, b),
         pipeline.make_eval_iterator(c.data, 4 // jax.process_count()),

@@ -7,6 +7,7 @@ import os
 import types
 
 import jax
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -34,6 +35,34 @@ def test_analysis_arithmetic(tpu_compile):
   assert r["t_min_ms"] == pytest.approx(500.0) and r["max_img_s"] == pytest.approx(4.0)
   with pytest.raises(ValueError, match="unknown TPU generation"):
     tpu_compile.chip_of("v99:2x2")
+
+
+def test_lowers_the_trainers_own_step(tpu_compile, tmp_path):
+  """The abstract batch is the pipeline's batch, and the step lowered is train_and_evaluate's
+  (the same build_parts object for the same config, batch shapes and devices)."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from rethink_jax import optim, train, trainer  # pylint: disable=g-import-not-at-top
+  from rethink_jax.data import pipeline, shapes  # pylint: disable=g-import-not-at-top
+  tfds.disable_progress_bar()
+  shapes.ShapesInstances(config="tiny", data_dir=str(tmp_path)).download_and_prepare()
+  config = tpu_compile.load_config(os.path.join(ROOT, "configs", "tiny_shapes.py"))
+  config.data.data_dir = str(tmp_path)
+  config.data.num_parallel_calls = 1
+  hw = tuple(config.data.pad_to)
+  batch = next(pipeline.make_train_iterator(config.data, 2, seed=0))
+  abstract = tpu_compile.abstract_batch(config, 2, hw)
+  assert {k: (v.shape, np.dtype(v.dtype)) for k, v in abstract.items()} == {
+      k: (np.shape(v), np.asarray(v).dtype) for k, v in batch.items()}
+
+  devices = jax.devices()[:1]
+  lowered, parts = tpu_compile.lower_train_step(config, devices, 2, hw)
+  sched = optim.resolve_schedule(config.schedule, config.optim, 2)
+  assert train.build_parts(config, sched, trainer.make_mesh(devices),
+                           train.init_batch(batch)) is parts
+  # Lowered with the trainer's shardings, the state donated.
+  args = lowered.args_info[0]
+  assert args[0]["params"] and all(a.donated for a in jax.tree_util.tree_leaves(args[0]))
+  assert not any(a.donated for a in jax.tree_util.tree_leaves(args[1]))
 
 
 @pytest.mark.slow

@@ -276,14 +276,11 @@ _MULTI_DEVICE_SCRIPT = textwrap.dedent("""
     sys.path.insert(0, sys.argv[1])
     import jax
     import numpy as np
-    from jax.sharding import NamedSharding, PartitionSpec as P
     if sys.argv[2]:
       jax.config.update("jax_compilation_cache_dir", sys.argv[2])
       jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     from configs import tiny_shapes
-    from rethink_jax import optim, train
-    from rethink_jax.models import resnet
-    from rethink_jax.models.mask_rcnn import build_model
+    from rethink_jax import optim, train, trainer
     assert jax.device_count() == 8, jax.devices()
 
     def make_batch(rng, b=8, size=64, g=16, s=28):
@@ -309,22 +306,20 @@ _MULTI_DEVICE_SCRIPT = textwrap.dedent("""
     for norm in ("GN", "SyncBN"):
       c = tiny_shapes.get_config("4")
       c.model = tiny_shapes.tiny_model(norm)
-      model = build_model(c.model)
       sched = optim.resolve_schedule(c.schedule, c.optim, 8)
       rng = jax.random.PRNGKey(0)
       sample = train.init_batch(batch)
-      shapes = jax.eval_shape(lambda r, x: model.init({"params": r, "sampling": r}, x)["params"],
-                              rng, sample)
-      tx, lr_fn = optim.make_optimizer(c.optim, sched, shapes,
-                                       resnet.frozen_param_prefixes(0, ("backbone", "bottom_up")))
+      # The trainer's parts on each mesh (train.build_parts: the step train_and_evaluate runs).
+      parts = {n: train.build_parts(c, sched, trainer.make_mesh(jax.devices()[:n]), sample)
+               for n in (1, 8)}
       # One initial state (host copy) for both meshes: init compiles once per model.
-      initial = jax.device_get(jax.jit(train.make_init_fn(model, tx))(rng, sample))
+      initial = jax.device_get(parts[1].init(rng, sample))
       if norm == "SyncBN":
         # SyncBN's cross-device sums round differently from one device's, and random-init
         # objectness scores are nearly tied: the two meshes can then keep different proposals
-        # (seed 560239976: loss_cls 1.4e-4 off; 2e-6 once pinned). Zero RPN predictors make every
-        # proposal its anchor with an exactly tied score (ties break by index), so the ROI heads
-        # see the same ROIs; the GN run checks the RPN's own path.
+        # (docs/perf_notes_trainer.md). Zero RPN predictors make every proposal its anchor with
+        # an exactly tied score (ties break by index), so the ROI heads see the same ROIs; the
+        # GN run checks the RPN's own path.
         rpn_head = initial["params"]["proposal_generator"]["rpn_head"]
         for name in ("objectness_logits", "anchor_deltas"):
           rpn_head[name]["kernel"] = np.zeros_like(rpn_head[name]["kernel"])
@@ -332,13 +327,10 @@ _MULTI_DEVICE_SCRIPT = textwrap.dedent("""
         assert not rpn_head["anchor_deltas"]["kernel"].any()
       out = {}
       for n in (1, 8):
-        mesh = train.make_mesh(jax.devices()[:n])
-        repl, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-        state = jax.device_put(initial, repl)
+        p = parts[n]
+        state = jax.device_put(initial, p.state_sharding)  # fresh buffers: the step donates them
         before = initial
-        step = jax.jit(train.make_train_step(model, tx, lr_fn), in_shardings=(repl, data),
-                       out_shardings=(repl, repl))
-        new, metrics = step(state, train.to_global(batch, data))
+        new, metrics = p.train_step(state, trainer.to_global(batch, p.batch_sharding))
         out[n] = (before, jax.device_get(new), jax.device_get(metrics))
       (b1, s1, m1), (_, s8, m8) = out[1], out[8]
       losses = {k: (float(m1[k]), float(m8[k])) for k in m1 if k.startswith("loss_")}
@@ -346,8 +338,7 @@ _MULTI_DEVICE_SCRIPT = textwrap.dedent("""
       # Parameters: each leaf's update on 8 devices against its update on 1, relative to the
       # step's largest parameter update. Not relative to the leaf's own update: a norm bias deep
       # in the backbone gets a gradient that is a sum of cancelling terms, so its tiny update
-      # (1e-4) carries the float32 reduction-order noise of those terms (seen: 1.4e-6 absolute,
-      # 9e-5 of the step's largest update, while the losses agreed to 1e-6).
+      # carries the float32 reduction-order noise of those terms (docs/perf_notes_trainer.md).
       p1, p8, p0 = (jax.tree_util.tree_leaves_with_path(s["params"]) for s in (s1, s8, b1))
       update_max = max(float(np.abs(x1 - x0).max()) for (_, x1), (_, x0) in zip(p1, p0))
       worst_update, update_leaf = 0.0, ""
