@@ -1,4 +1,4 @@
-"""Optimizer and schedule: the paper's rule, Detectron2's warmup, PyTorch SGD semantics, masks."""
+"""Optimizer and schedule: the paper's rule, Detectron2's warmup, PyTorch SGD semantics, labels."""
 import math
 
 import jax
@@ -61,8 +61,12 @@ def test_resolve_schedule_explicit_and_derived():
     optim.resolve_schedule(sc, oc, 32)
 
 
-def test_lr_schedule_matches_detectron2_warmup_multistep():
-  base, wf, wi, decays = 0.02, 0.001, 1000, (60_000, 80_000)
+@pytest.mark.parametrize("base, wf, wi, decays, end", [
+    (0.02, 0.001, 1000, (60_000, 80_000), 90_000),
+    (0.5, 0.25, 8, (3, 5, 5), 20),  # decays inside the warmup, one of them twice
+    (0.1, 1 / 3, 0, (0, 7), 12),  # no warmup, a decay at step 0
+])
+def test_lr_schedule_matches_detectron2_warmup_multistep(base, wf, wi, decays, end):
   fn = jax.jit(optim.lr_schedule(base, decays, warmup_steps=wi, warmup_factor=wf))
 
   def reference(it):  # Detectron2's WarmupMultiStepLR, written out.
@@ -72,10 +76,11 @@ def test_lr_schedule_matches_detectron2_warmup_multistep():
       factor = wf * (1 - alpha) + alpha
     return base * factor * 0.1 ** sum(it >= d for d in decays)
 
-  steps = [0, 1, 499, 500, 999, 1000, 59_999, 60_000, 79_999, 80_000, 89_999]
-  steps += list(np.random.default_rng().integers(0, 90_000, 20))
+  steps = sorted({0, 1, wi // 2, max(wi - 1, 0), wi, *decays, *(d - 1 for d in decays), end - 1})
+  steps += list(np.random.default_rng().integers(0, end, 20))
   for it in steps:
-    np.testing.assert_allclose(float(fn(it)), reference(int(it)), rtol=1e-6)
+    if it >= 0:
+      np.testing.assert_allclose(float(fn(it)), reference(int(it)), rtol=1e-6, err_msg=str(it))
 
 
 def _tree(rng):
@@ -97,7 +102,7 @@ def _tree(rng):
 FROZEN = [("backbone", "bottom_up", "stem")]
 
 
-def test_weight_decay_mask_and_labels():
+def test_param_labels():
   params = _tree(np.random.default_rng())
   labels = optim.param_labels(params, FROZEN)
   bu = labels["backbone"]["bottom_up"]
@@ -105,13 +110,9 @@ def test_weight_decay_mask_and_labels():
   assert bu["res2"]["0"]["conv1"]["kernel"] == "weight"
   assert bu["res2"]["0"]["conv1"]["norm"]["bias"] == "norm"
   assert labels["backbone"]["fpn_lateral2"]["bias"] == "bias"
-  mask = optim.weight_decay_mask(params, frozen_prefixes=["backbone/bottom_up/stem"])
-  assert mask["backbone"]["bottom_up"]["res2"]["0"]["conv1"]["kernel"]
-  assert not mask["backbone"]["bottom_up"]["res2"]["0"]["conv1"]["norm"]["scale"]
-  assert not mask["backbone"]["bottom_up"]["stem"]["conv1"]["kernel"]
-  assert mask["roi_heads"]["box_head"]["fc1"]["bias"]
-  mask = optim.weight_decay_mask(params, decay_norm=True)
-  assert mask["backbone"]["bottom_up"]["stem"]["conv1"]["norm"]["scale"]
+  assert labels["roi_heads"]["box_head"]["fc1"]["bias"] == "bias"
+  # "a/b" string prefixes work like key tuples.
+  assert optim.param_labels(params, ["backbone/bottom_up/stem"]) == labels
 
 
 @pytest.mark.parametrize("clip", [0.0, 1.5])
