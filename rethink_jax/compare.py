@@ -37,7 +37,9 @@ import math
 import os
 import sys
 import time
-from typing import Any, Iterable, Sequence
+from typing import Iterable, Sequence
+
+from rethink_jax import files
 
 ARMS = ("finetune", "scratch")
 METRICS = ("bbox/AP", "segm/AP")
@@ -217,28 +219,19 @@ def plot_curves(results: dict, path: str) -> None:
 
 def write_report(results: dict, workdir: str) -> None:
   """Writes results.json, results.md and curves.png of `results` into `workdir`."""
-  os.makedirs(workdir, exist_ok=True)
-  tmp = os.path.join(workdir, "results.json.tmp")
-  with open(tmp, "w") as f:
-    json.dump(results, f, indent=1, default=_json_default)
-  os.replace(tmp, os.path.join(workdir, "results.json"))
-  with open(os.path.join(workdir, "results.md"), "w") as f:
-    f.write(results_markdown(results))
+  files.write_json(os.path.join(workdir, "results.json"), results, indent=1)
+  files.atomic_write(os.path.join(workdir, "results.md"), results_markdown(results))
   if any(r.get("curve") for r in results["arms"].values()):
     plot_curves(results, os.path.join(workdir, "curves.png"))
 
 
-def _json_default(x: Any):
-  if hasattr(x, "tolist"):
-    return x.tolist()
-  if isinstance(x, (set, frozenset)):
-    return sorted(x)
-  return str(x)
-
-
 def load_results(workdir: str) -> dict:
-  with open(os.path.join(workdir, "results.json")) as f:
-    return json.load(f)
+  """The results.json dict that write_report wrote into `workdir`."""
+  path = os.path.join(workdir, "results.json")
+  results = files.read_json(path)
+  if results is None:
+    raise FileNotFoundError(f"{path} not found")
+  return results
 
 
 def merge_results(parts: Sequence[dict]) -> dict:
@@ -288,26 +281,13 @@ def arm_config(config, arm: str, init_from: str | None = None):
   with c.unlocked():
     overrides = cc.get(f"{arm}_overrides", None)
     if overrides:
-      _apply_overrides(c, overrides)
+      c.update(overrides)  # recurses into nested ConfigDicts
     if arm == "scratch":
       c.require_init_from = False
     _set_schedule(c, total, decay_steps(total, cc.unit_steps))
     c.init_from = init_from or ""
     del c["compare"]
   return c
-
-
-def _apply_overrides(c, overrides) -> None:
-  """Recursively sets the (nested dict / ConfigDict) `overrides` into config `c`."""
-  if hasattr(overrides, "to_dict"):
-    overrides = overrides.to_dict()
-  for key, value in overrides.items():
-    if hasattr(value, "to_dict"):
-      value = value.to_dict()
-    if isinstance(value, dict) and key in c and hasattr(c[key], "keys"):
-      _apply_overrides(c[key], value)
-    else:
-      c[key] = value
 
 
 def _set_schedule(c, total: int, decays: tuple[int, int]) -> None:
@@ -318,18 +298,14 @@ def _set_schedule(c, total: int, decays: tuple[int, int]) -> None:
 
 
 def _curve_of(workdir: str) -> list[dict]:
-  path = os.path.join(workdir, "eval_curve.json")
-  if not os.path.exists(path):
-    return []
-  with open(path) as f:
-    curve = json.load(f)
-  if isinstance(curve, dict):  # tolerate {"curve": [...]}
-    curve = curve.get("curve", [])
-  return sorted(curve, key=lambda p: p["step"])
+  """The trainer's evaluations in `workdir`, sorted by step ([] before the first one)."""
+  from rethink_jax import train  # pylint: disable=g-import-not-at-top
+  return sorted(train.read_curve(workdir), key=lambda p: p["step"])
 
 
 def _config_dict(c) -> dict:
-  return json.loads(json.dumps(c.to_dict(), default=_json_default))
+  """The config as plain JSON values (tuples as lists, references resolved)."""
+  return json.loads(c.to_json())
 
 
 def run_pretrain(config, workdir: str) -> tuple[str, dict]:
@@ -418,10 +394,8 @@ def report_progress(config, workdir: str, command: str | None = None) -> dict:
     r = {"config": _config_dict(c), "multiples": list(config.compare[f"{arm}_multiples"]),
          "unit_steps": int(config.compare.unit_steps), "curve": curve, "workdir": arm_dir,
          "wall_s": curve[-1].get("wall_s")}
-    meta_path = os.path.join(workdir, "pretrain", "backbone", "meta.json")
-    if arm == "finetune" and os.path.exists(meta_path):
-      with open(meta_path) as f:
-        meta = json.load(f)
+    meta = files.read_json(os.path.join(workdir, "pretrain", "backbone", "meta.json"))
+    if arm == "finetune" and meta is not None:
       r["pretrain"] = {k: meta[k] for k in ("source", "top1", "steps", "wall_s", "num_classes")
                        if k in meta}
     results["arms"][arm] = r
@@ -492,9 +466,5 @@ def _split_merge_args(argv: list[str]) -> list[str]:
 
 if __name__ == "__main__":
   from absl import app  # pylint: disable=g-import-not-at-top
-  # Config files import `from configs import common`: put the repository root on the path.
-  _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  if os.path.isdir(os.path.join(_ROOT, "configs")) and _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
   _define_flags()
   app.run(main, argv=_split_merge_args(sys.argv))

@@ -83,6 +83,33 @@ def test_merge_combines_arms_and_refuses_duplicates(tmp_path):
     compare.merge_results([a, _results(rng, 60, arms=("scratch",))])
 
 
+def test_arm_config_applies_the_arms_overrides():
+  from configs import compare_coco  # pylint: disable=g-import-not-at-top
+  c = compare_coco.get_config()
+  unit = c.compare.unit_steps
+  ft = compare.arm_config(c, "finetune", init_from="weights/R-50-GN")
+  sc = compare.arm_config(c, "scratch")
+  # The override replaces the pixel fields only; the rest of config.data stays.
+  assert tuple(ft.data.pixel_std) == (1.0, 1.0, 1.0) and ft.data.input_format == "BGR"
+  assert tuple(sc.data.pixel_std) == tuple(c.data.pixel_std) != (1.0, 1.0, 1.0)
+  assert ft.data.max_size == sc.data.max_size == c.data.max_size
+  assert ft.require_init_from and not sc.require_init_from
+  assert ft.init_from == "weights/R-50-GN" and sc.init_from == ""
+  assert ft.schedule.total_steps == 3 * unit and sc.schedule.total_steps == 6 * unit
+  assert tuple(sc.schedule.decay_steps) == compare.decay_steps(6 * unit, unit)
+  assert "compare" not in ft and "compare" not in sc
+  assert tuple(c.data.pixel_std) == tuple(sc.data.pixel_std)  # the input config is untouched
+
+
+def test_curve_is_the_trainers_sorted_by_step(tmp_path):
+  from rethink_jax import train  # pylint: disable=g-import-not-at-top
+  assert compare._curve_of(str(tmp_path)) == []  # pylint: disable=protected-access
+  points = [{"step": s, "segm/AP": float(s)} for s in (8, 2, 4)]
+  (tmp_path / train.CURVE_FILE).write_text(json.dumps(points))
+  curve = compare._curve_of(str(tmp_path))  # pylint: disable=protected-access
+  assert [p["step"] for p in curve] == [2, 4, 8]
+
+
 def _run_compare(args, timeout=2400):
   cmd = [sys.executable, "-m", "rethink_jax.compare", *args]
   proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
