@@ -15,6 +15,7 @@ import torch
 import torchvision
 
 from rethink_jax import convert
+from rethink_jax import files
 from rethink_jax.models import ResNet
 
 SEED = int(time.time() * 1000) % 2**31
@@ -341,7 +342,7 @@ def test_save_backbone_is_atomic(tmp, monkeypatch):
   def boom(*a, **k):
     raise OSError("disk full")
 
-  monkeypatch.setattr(json, "dump", boom)
+  monkeypatch.setattr(files, "atomic_write", boom)  # the meta.json write fails
   with pytest.raises(OSError, match="disk full"):
     convert.save_backbone(out, variables, meta)
   assert_nothing_written(out)

@@ -27,12 +27,13 @@ generated example and the side files below can be indexed by record number:
                                         (what evaluation scores against).
 The builder's `info.metadata["categories"]` lists {"id", "name"} in contiguous-label order.
 """
-import json
 import os
 
 import numpy as np
 from pycocotools import mask as mask_utils
 import tensorflow_datasets as tfds
+
+from rethink_jax import files
 
 RECORDS_DIR = "records"
 ANNOTATIONS_DIR = "annotations"
@@ -112,16 +113,6 @@ def normalized_bbox(xyxy, height, width):
   return tfds.features.BBox(*[float(v) for v in vals])
 
 
-def write_json_atomic(path, obj):
-  """Writes JSON to `path` through a temporary file so readers never see half a file."""
-  path = os.fspath(path)
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f)
-  os.replace(tmp, path)
-
-
 def write_split_files(data_path, split, *, images, annotations, categories, image_ids,
                       num_objects, write_annotations=True):
   """Writes records/<split>.json and (optionally) annotations/<split>.json under data_path.
@@ -137,11 +128,11 @@ def write_split_files(data_path, split, *, images, annotations, categories, imag
     write_annotations: whether to write the COCO ground truth file.
   """
   data_path = os.fspath(data_path)
-  write_json_atomic(
+  files.write_json(
       os.path.join(data_path, RECORDS_DIR, f"{split}.json"),
       {"image_id": [int(i) for i in image_ids], "num_objects": [int(n) for n in num_objects]})
   if write_annotations:
-    write_json_atomic(
+    files.write_json(
         os.path.join(data_path, ANNOTATIONS_DIR, f"{split}.json"),
         {"images": images, "annotations": annotations, "categories": categories,
          "info": {"description": f"ground truth of split {split!r}"}, "licenses": []})
