@@ -13,10 +13,12 @@ Every recipe file is `get_config(arg) -> ml_collections.ConfigDict` with these g
              at_start (evaluate the initial model too), at_end (evaluate after the last step),
   checkpoint every_steps, keep, async_save,
   reference  the paper's numbers for this recipe (documentation and comparisons only).
-Import from a recipe file as `from configs import common` (run from the repository root;
-rethink_jax.main puts the root on sys.path).
+Import from a recipe file as `from configs import common` (from the repository root, or anywhere
+after `pip install -e .`).
 """
 import ml_collections
+
+from rethink_jax.optim import ITERS_1X  # 1x at 16 images per step
 
 # Pixel formats (0..255 scale, in the channel order of input_format). See REFERENCE.md.
 DETECTRON_BGR = dict(input_format="BGR", pixel_mean=(103.530, 116.280, 123.675),
@@ -27,20 +29,13 @@ SCRATCH_BGR = dict(input_format="BGR", pixel_mean=(103.530, 116.280, 123.675),
 TORCHVISION_RGB = dict(input_format="RGB", pixel_mean=(123.675, 116.280, 103.530),
                        pixel_std=(58.395, 57.120, 57.375))  # torchvision / timm weights
 
-# Table 1 of the paper (box AP, COCO val2017) and Table 2 (best schedule; box / mask AP).
+# Table 1 of the paper (box AP, COCO val2017).
 TABLE1_BOX_AP = {
     (50, "scratch"): {2: 36.8, 3: 39.5, 4: 40.6, 5: 40.7, 6: 41.3},
     (50, "pretrained"): {2: 40.3, 3: 40.8, 4: 40.9, 5: 40.9, 6: 41.1},
     (101, "scratch"): {2: 38.2, 3: 41.0, 4: 41.8, 5: 42.2, 6: 42.7},
     (101, "pretrained"): {2: 41.8, 3: 42.3, 4: 42.3, 5: 41.9, 6: 42.2},
 }
-TABLE2 = {  # box AP / AP50 / AP75, mask AP / AP50 / AP75 at the best schedule
-    (50, "scratch"): (41.3, 61.8, 45.6, 36.6, 59.0, 38.9),
-    (50, "pretrained"): (41.1, 61.7, 44.6, 36.4, 58.5, 38.7),
-    (101, "scratch"): (42.7, 62.9, 47.0, 37.6, 59.9, 39.7),
-    (101, "pretrained"): (42.3, 62.6, 46.2, 37.2, 59.7, 39.7),
-}
-ITERS_1X = 90_000  # at 16 images per step
 
 
 def parse_schedule_arg(arg, default):

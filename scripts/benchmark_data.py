@@ -20,10 +20,10 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from rethink_jax import runtime
 
 
-def write_coco_like(root, num_images, seed=0):
+def write_coco_like(root: str, num_images: int, seed: int = 0) -> tuple[str, str, float]:
   """num_images 640x480 JPEGs + a COCO JSON with ~7 polygon instances per image."""
   from PIL import Image, ImageDraw  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(seed)
@@ -62,7 +62,7 @@ def write_coco_like(root, num_images, seed=0):
   return ann_file, img_dir, len(anns) / num_images
 
 
-def measure(spec):
+def measure(spec: dict) -> tuple[float, float]:
   """Runs in the pinned subprocess: builds the iterator, times `batches` batches after warmup."""
   from rethink_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   c = pipeline.default_data_config()
@@ -79,7 +79,7 @@ def measure(spec):
   return n / dt, n / dcpu
 
 
-def run_pinned(spec):
+def run_pinned(spec: dict) -> tuple[float, float]:
   """Runs measure(spec) in a fresh process pinned to one core (before TF starts its threads)."""
   env = dict(os.environ, CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="2", JAX_PLATFORMS="cpu",
              TF_NUM_INTEROP_THREADS="1", TF_NUM_INTRAOP_THREADS="1")
@@ -91,7 +91,7 @@ def run_pinned(spec):
   return tuple(float(v) for v in line.split()[1:3])
 
 
-def main():
+def main() -> None:
   parser = argparse.ArgumentParser()
   parser.add_argument("--images", type=int, default=96)
   parser.add_argument("--batches", type=int, default=12)
@@ -100,8 +100,10 @@ def main():
   args = parser.parse_args()
   if args.measure:
     os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[-1]})
+    runtime.configure()  # after the pinning: TensorFlow starts its threads here
     print("RESULT", *measure(json.loads(args.measure)))
     return
+  runtime.configure()
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   from rethink_jax.data import coco  # pylint: disable=g-import-not-at-top
   from rethink_jax.data import shapes  # pylint: disable=g-import-not-at-top

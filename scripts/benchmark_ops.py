@@ -15,6 +15,8 @@ import time
 
 import numpy as np
 
+from rethink_jax import runtime
+
 
 def _median_time(fn, repeats):
   fn()  # warm up / compile
@@ -35,7 +37,7 @@ def _boxes(rng, n, image=1024.0):
   return np.clip(np.concatenate([ctr - wh / 2, ctr + wh / 2], 1), 0, image).astype(np.float32)
 
 
-def main():
+def main() -> None:
   parser = argparse.ArgumentParser()
   parser.add_argument("--threads", type=int, default=2)
   parser.add_argument("--repeats", type=int, default=5)
@@ -45,13 +47,14 @@ def main():
   parser.add_argument("--adaptive", action="store_true",
                       help="also time sampling_ratio=0 (the default config; cap 4 here)")
   args = parser.parse_args()
+  runtime.configure(hide_gpus_from_tf=False)  # TensorFlow plays no part here
 
   import jax
   import jax.numpy as jnp
   import torch
   import torchvision
   from rethink_jax.ops.nms import nms
-  from rethink_jax.ops.roi_align import assign_levels, multilevel_roi_align
+  from rethink_jax.ops.roi_align import multilevel_roi_align
 
   torch.set_num_threads(args.threads)
   dev = torch.device(args.device)

@@ -2,7 +2,6 @@
 import glob
 import importlib.util
 import os
-import sys
 
 from absl import flags
 from ml_collections import config_flags
@@ -11,8 +10,6 @@ import pytest
 from rethink_jax import optim
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-  sys.path.insert(0, ROOT)  # recipes do `from configs import common`
 CONFIG_DIR = os.path.join(ROOT, "configs")
 RECIPES = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(CONFIG_DIR, "*.py"))
                  if not os.path.basename(p).startswith(("common", "compare_", "_")))

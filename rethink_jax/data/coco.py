@@ -46,7 +46,6 @@ import os
 
 from absl import logging
 from etils import epath
-import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 import tensorflow_datasets as tfds

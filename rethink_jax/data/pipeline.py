@@ -609,12 +609,6 @@ def make_eval_iterator(data_config, batch_size_per_process, process_index=None,
   return _to_batches(ds, data_config, preprocess, b).as_numpy_iterator()
 
 
-def num_eval_images(data_config):
-  """Number of images in the eval split (all processes together)."""
-  builder = get_builder(data_config)
-  return len(_split_range(builder, data_config.eval_split)[1])
-
-
 def num_train_images(data_config):
   """Number of images the training stream draws from (after subset and empty-image drop)."""
   return len(train_pool(data_config))
@@ -626,10 +620,6 @@ def num_train_images(data_config):
 def category_ids(data_config):
   """COCO category ids in contiguous-label order: index = label - 1."""
   return [int(c["id"]) for c in get_builder(data_config).info.metadata["categories"]]
-
-
-def category_names(data_config):
-  return [str(c["name"]) for c in get_builder(data_config).info.metadata["categories"]]
 
 
 def num_classes(data_config):
