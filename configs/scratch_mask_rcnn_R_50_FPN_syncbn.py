@@ -12,10 +12,11 @@ Random initialization: nothing frozen, every norm trained, no ImageNet weights.
 The paper's Figure 5 (SyncBN curves) shows the same convergence as GN; no table number.
 Detectron2 scratch_mask_rcnn_R_50_FPN_9x_syncbn (batch 64, train aug): 43.6 / 39.3.
 """
+
 from configs import common
 
 
 def get_config(arg=None):
   return common.coco_mask_rcnn(
-      depth=50, norm="SyncBN", pretrained=False,
-      multiple=common.parse_schedule_arg(arg, 6))
+    depth=50, norm="SyncBN", pretrained=False, multiple=common.parse_schedule_arg(arg, 6)
+  )

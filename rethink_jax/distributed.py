@@ -23,6 +23,7 @@ Afterwards:
 Processes on CPU (tests: several processes on one machine) exchange data through gloo, JAX's
 default CPU collectives ("jax_cpu_collectives_implementation").
 """
+
 import os
 from typing import Optional
 
@@ -38,9 +39,14 @@ def _env_int(name: str) -> Optional[int]:
   return int(value) if value else None
 
 
-def initialize(coordinator_address: Optional[str] = None, num_processes: Optional[int] = None,
-               process_id: Optional[int] = None, *, auto: bool = True,
-               initialization_timeout: int = 300) -> dict:
+def initialize(
+  coordinator_address: Optional[str] = None,
+  num_processes: Optional[int] = None,
+  process_id: Optional[int] = None,
+  *,
+  auto: bool = True,
+  initialization_timeout: int = 300,
+) -> dict:
   """Joins this process to the job (jax.distributed.initialize) when there is a job to join.
 
   Call it first, before jax.devices(), the first jit or anything else that starts a backend.
@@ -61,6 +67,7 @@ def initialize(coordinator_address: Optional[str] = None, num_processes: Optiona
     ValueError: a coordinator without num_processes / process_id, or an id out of range.
   """
   import jax  # pylint: disable=g-import-not-at-top
+
   coordinator_address = coordinator_address or os.environ.get(_ENV_COORDINATOR) or None
   if num_processes is None:
     num_processes = _env_int(_ENV_NUM_PROCESSES)
@@ -72,27 +79,35 @@ def initialize(coordinator_address: Optional[str] = None, num_processes: Optiona
   elif coordinator_address:
     if num_processes is None or process_id is None:
       raise ValueError(
-          f"coordinator_address={coordinator_address!r} needs num_processes and process_id "
-          f"(got {num_processes}, {process_id}); set --num_processes and --process_id")
+        f"coordinator_address={coordinator_address!r} needs num_processes and process_id "
+        f"(got {num_processes}, {process_id}); set --num_processes and --process_id"
+      )
     if not 0 <= process_id < num_processes:
       raise ValueError(f"process_id={process_id} not in [0, num_processes={num_processes})")
     mode = "explicit"
     if num_processes > 1:
-      jax.distributed.initialize(coordinator_address=coordinator_address,
-                                 num_processes=num_processes, process_id=process_id,
-                                 initialization_timeout=initialization_timeout)
+      jax.distributed.initialize(
+        coordinator_address=coordinator_address,
+        num_processes=num_processes,
+        process_id=process_id,
+        initialization_timeout=initialization_timeout,
+      )
     else:
       mode = "single"
   elif (num_processes or 1) > 1:
-    raise ValueError(f"num_processes={num_processes} needs a coordinator_address (host:port of "
-                     "process 0)")
+    raise ValueError(
+      f"num_processes={num_processes} needs a coordinator_address (host:port of process 0)"
+    )
   elif auto and _join_detected_cluster(initialization_timeout):
     mode = "auto"
   else:
     mode = "single"
   info = dict(mode=mode, process_index=jax.process_index(), process_count=jax.process_count())
-  if mode not in ("single", "already") and jax.process_count() > 1 and (
-      jax.default_backend() == "cpu"):
+  if (
+    mode not in ("single", "already")
+    and jax.process_count() > 1
+    and (jax.default_backend() == "cpu")
+  ):
     _warm_up_cpu_collectives()
   logging.info("distributed: %s", info)
   return info
@@ -101,6 +116,7 @@ def initialize(coordinator_address: Optional[str] = None, num_processes: Optiona
 def _join_detected_cluster(initialization_timeout: int) -> bool:
   """jax.distributed.initialize() with JAX's cluster detection; False when it finds no cluster."""
   import jax  # pylint: disable=g-import-not-at-top
+
   try:
     jax.distributed.initialize(initialization_timeout=initialization_timeout)
   except ValueError as e:
@@ -123,18 +139,24 @@ def _warm_up_cpu_collectives(timeout_s: int = 600) -> None:
   long as `timeout_s`), so that arrival skew later on is harmless.
   """
   import jax  # pylint: disable=g-import-not-at-top
-  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  from jax.sharding import Mesh  # pylint: disable=g-import-not-at-top
+  from jax.sharding import NamedSharding  # pylint: disable=g-import-not-at-top
+  from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from orbax.checkpoint import multihost  # pylint: disable=g-import-not-at-top
+
   # The coordination service's barrier (not a collective: those are what is being set up here).
   barrier = multihost.get_barrier_sync_fn()
-  firsts = [min((d for d in jax.devices() if d.process_index == p), key=lambda d: d.id)
-            for p in range(jax.process_count())]
+  firsts = [
+    min((d for d in jax.devices() if d.process_index == p), key=lambda d: d.id)
+    for p in range(jax.process_count())
+  ]
   for i, devices in enumerate((jax.devices(), firsts)):
     mesh = Mesh(np.asarray(devices), ("d",))
     mine = [d for d in devices if d.process_index == jax.process_index()]
     x = jax.make_array_from_process_local_data(
-        NamedSharding(mesh, P("d")), np.ones((len(mine),), np.float32), (len(devices),))
+      NamedSharding(mesh, P("d")), np.ones((len(mine),), np.float32), (len(devices),)
+    )
     total = jax.jit(lambda v: v.sum(), out_shardings=NamedSharding(mesh, P())).lower(x).compile()
     barrier(key=f"rethink_jax_warm_up_{i}", timeout_ms=timeout_s * 1000)
     got = int(np.asarray(total(x)))
@@ -145,20 +167,24 @@ def _warm_up_cpu_collectives(timeout_s: int = 600) -> None:
 def is_main_process() -> bool:
   """True on process 0: the one that writes logs, curves and reports for people to read."""
   import jax  # pylint: disable=g-import-not-at-top
+
   return jax.process_index() == 0
 
 
 def sync(name: str) -> None:
   """A barrier: returns once every process got here (a no-op on one process)."""
   import jax  # pylint: disable=g-import-not-at-top
+
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
     multihost_utils.sync_global_devices(name)
 
 
 def free_port() -> int:
   """A free TCP port on this machine (for a local coordinator in tests and demos)."""
   import socket  # pylint: disable=g-import-not-at-top
+
   with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
     s.bind(("127.0.0.1", 0))
     return s.getsockname()[1]

@@ -11,12 +11,14 @@ outside it, and the pixel is on when the value >= 0.5. Pasting runs in NumPy on 
 detection on the box's window only: original image sizes vary (a jitted paste would recompile for
 every size) and a whole-image paste does the work of every pixel for every mask.
 """
+
+from collections.abc import Callable, Iterable, Sequence
 import contextlib
 import copy
 import io
 import json
 import os
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 from absl import logging
 import numpy as np
@@ -26,8 +28,20 @@ from pycocotools import mask as mask_utils
 
 from rethink_jax import files
 
-METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl",
-                "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+METRIC_NAMES = (
+  "AP",
+  "AP50",
+  "AP75",
+  "APs",
+  "APm",
+  "APl",
+  "AR1",
+  "AR10",
+  "AR100",
+  "ARs",
+  "ARm",
+  "ARl",
+)
 
 
 def _paste_weights(lo: float, hi: float, start: int, num: int, mask_size: int) -> np.ndarray:
@@ -44,8 +58,9 @@ def _paste_weights(lo: float, hi: float, start: int, num: int, mask_size: int) -
   return weights
 
 
-def paste_mask(mask: np.ndarray, box: Sequence[float], image_hw: Sequence[int],
-               threshold: float = 0.5) -> tuple[tuple[int, int, int, int], np.ndarray]:
+def paste_mask(
+  mask: np.ndarray, box: Sequence[float], image_hw: Sequence[int], threshold: float = 0.5
+) -> tuple[tuple[int, int, int, int], np.ndarray]:
   """Pastes one mask into its box of an image (Detectron2's rule, see the module doc).
 
   Args:
@@ -77,8 +92,9 @@ def paste_mask(mask: np.ndarray, box: Sequence[float], image_hw: Sequence[int],
   return (y0, y1_, x0, x1_), np.einsum("yt,xt->yx", rows, wx) >= threshold
 
 
-def paste_masks(masks: np.ndarray, boxes: np.ndarray, image_hw: Sequence[int],
-                threshold: float = 0.5) -> np.ndarray:
+def paste_masks(
+  masks: np.ndarray, boxes: np.ndarray, image_hw: Sequence[int], threshold: float = 0.5
+) -> np.ndarray:
   """Pastes R masks into whole images.
 
   Args:
@@ -92,8 +108,9 @@ def paste_masks(masks: np.ndarray, boxes: np.ndarray, image_hw: Sequence[int],
   masks = np.asarray(masks, np.float32)
   boxes = np.asarray(boxes, np.float64)
   if masks.ndim != 3 or boxes.shape != (len(masks), 4):
-    raise ValueError(f"paste_masks needs masks (R, M, M) and boxes (R, 4), got {masks.shape} and "
-                     f"{boxes.shape}")
+    raise ValueError(
+      f"paste_masks needs masks (R, M, M) and boxes (R, 4), got {masks.shape} and {boxes.shape}"
+    )
   h, w = int(image_hw[0]), int(image_hw[1])
   out = np.zeros((h, w, len(masks)), np.uint8, order="F")
   for r, (mask, box) in enumerate(zip(masks, boxes)):
@@ -102,8 +119,9 @@ def paste_masks(masks: np.ndarray, boxes: np.ndarray, image_hw: Sequence[int],
   return out
 
 
-def detections_to_coco(dets: dict, batch: dict, category_ids: Sequence[int],
-                       mask_threshold: float = 0.5) -> list[dict]:
+def detections_to_coco(
+  dets: dict, batch: dict, category_ids: Sequence[int], mask_threshold: float = 0.5
+) -> list[dict]:
   """Fixed-shape detections of one batch -> COCO result dicts (padding dropped).
 
   Args:
@@ -120,8 +138,9 @@ def detections_to_coco(dets: dict, batch: dict, category_ids: Sequence[int],
   scores = np.asarray(dets["scores"], np.float64)
   classes = np.asarray(dets["classes"])
   if boxes.ndim != 3 or boxes.shape[-1] != 4 or scores.shape != boxes.shape[:2]:
-    raise ValueError(f"detections need boxes (B, D, 4) and scores (B, D), got {boxes.shape} and "
-                     f"{scores.shape}")
+    raise ValueError(
+      f"detections need boxes (B, D, 4) and scores (B, D), got {boxes.shape} and {scores.shape}"
+    )
   num = np.asarray(dets.get("num_detections", np.full(boxes.shape[0], boxes.shape[1])))
   masks = dets.get("masks")
   masks = None if masks is None else np.asarray(masks, np.float32)
@@ -145,11 +164,12 @@ def detections_to_coco(dets: dict, batch: dict, category_ids: Sequence[int],
       for rle in rles:
         rle["counts"] = rle["counts"].decode("ascii")
     for i, (k, box) in enumerate(zip(keep, orig)):
-      res = {"image_id": image_id,
-             "category_id": int(category_ids[classes[b, k] - 1]),
-             "bbox": [float(box[0]), float(box[1]), float(box[2] - box[0]),
-                      float(box[3] - box[1])],
-             "score": float(scores[b, k])}
+      res = {
+        "image_id": image_id,
+        "category_id": int(category_ids[classes[b, k] - 1]),
+        "bbox": [float(box[0]), float(box[1]), float(box[2] - box[0]), float(box[3] - box[1])],
+        "score": float(scores[b, k]),
+      }
       if rles[i] is not None:
         res["segmentation"] = rles[i]
       results.append(res)
@@ -163,8 +183,9 @@ def _load_gt(coco_gt: Any) -> coco_lib.COCO:
   return coco_gt
 
 
-def coco_metrics(coco_gt: Any, results: list[dict],
-                 iou_types: Sequence[str] = ("bbox", "segm")) -> dict[str, float]:
+def coco_metrics(
+  coco_gt: Any, results: list[dict], iou_types: Sequence[str] = ("bbox", "segm")
+) -> dict[str, float]:
   """Scores COCO results with pycocotools' COCOeval.
 
   Args:
@@ -202,24 +223,33 @@ def coco_metrics(coco_gt: Any, results: list[dict],
 def gather_results(results: list[dict]) -> list[dict]:
   """All processes' result lists, concatenated on every process (identity on one process)."""
   import jax  # pylint: disable=g-import-not-at-top
+
   if jax.process_count() == 1:
     return results
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
   payload = np.frombuffer(json.dumps(results).encode(), np.uint8)
   sizes = np.asarray(multihost_utils.process_allgather(np.array([payload.size], np.int64)))
   sizes = sizes.reshape(-1)
   buf = np.zeros(int(sizes.max()), np.uint8)
-  buf[:payload.size] = payload
+  buf[: payload.size] = payload
   every = np.asarray(multihost_utils.process_allgather(buf)).reshape(len(sizes), -1)
   out = []
   for p, n in enumerate(sizes):
-    out.extend(json.loads(every[p, :int(n)].tobytes().decode()))
+    out.extend(json.loads(every[p, : int(n)].tobytes().decode()))
   return out
 
 
-def evaluate(predict_fn: Callable[[dict], dict], eval_iterator: Iterable[dict], coco_gt: Any,
-             category_ids: Sequence[int], *, iou_types: Sequence[str] | None = None,
-             output_json: str | None = None, mask_threshold: float = 0.5) -> dict[str, float]:
+def evaluate(
+  predict_fn: Callable[[dict], dict],
+  eval_iterator: Iterable[dict],
+  coco_gt: Any,
+  category_ids: Sequence[int],
+  *,
+  iou_types: Sequence[str] | None = None,
+  output_json: str | None = None,
+  mask_threshold: float = 0.5,
+) -> dict[str, float]:
   """Runs predict_fn over the eval iterator and scores the detections.
 
   Args:
@@ -235,6 +265,7 @@ def evaluate(predict_fn: Callable[[dict], dict], eval_iterator: Iterable[dict], 
     the metrics dict of coco_metrics (the same on every process).
   """
   import jax  # pylint: disable=g-import-not-at-top
+
   results = []
   has_masks = False
   for batch in eval_iterator:
@@ -252,6 +283,7 @@ def evaluate(predict_fn: Callable[[dict], dict], eval_iterator: Iterable[dict], 
     metrics = coco_metrics(coco_gt, results, iou_types)
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
     names = [f"{t}/{n}" for t in iou_types for n in METRIC_NAMES]
     values = np.asarray([metrics.get(n, 0.0) for n in names], np.float64)
     values = np.asarray(multihost_utils.broadcast_one_to_all(values))

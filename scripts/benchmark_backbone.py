@@ -20,6 +20,7 @@ from rethink_jax import runtime
 
 def bench_jax(size: int, batch: int, dtype: str, iters: int, norm: str) -> tuple[float, float]:
   from rethink_jax.models import build_resnet_fpn  # pylint: disable=g-import-not-at-top
+
   model = build_resnet_fpn(depth=50, norm=norm, fpn_norm="GN" if norm == "GN" else "", dtype=dtype)
   x = jnp.asarray(np.random.default_rng(0).normal(size=(batch, size, size, 3)), jnp.float32)
   variables = jax.jit(model.init)(jax.random.key(0, impl="rbg"), x[:1])
@@ -46,12 +47,17 @@ def bench_torch(size: int, batch: int, dtype: str, iters: int, norm: str) -> tup
   import torchvision  # pylint: disable=g-import-not-at-top
   from torchvision.ops import FeaturePyramidNetwork  # pylint: disable=g-import-not-at-top
   from torchvision.ops.feature_pyramid_network import LastLevelMaxPool  # pylint: disable=g-import-not-at-top
+
   dev = "cuda" if torch.cuda.is_available() else "cpu"
   gn = lambda c: torch.nn.GroupNorm(32, c)
   norm_layer = gn if norm == "GN" else torchvision.ops.FrozenBatchNorm2d
   body = torchvision.models.resnet50(norm_layer=norm_layer).to(dev)
-  fpn = FeaturePyramidNetwork([256, 512, 1024, 2048], 256, extra_blocks=LastLevelMaxPool(),
-                              norm_layer=gn if norm == "GN" else None).to(dev)
+  fpn = FeaturePyramidNetwork(
+    [256, 512, 1024, 2048],
+    256,
+    extra_blocks=LastLevelMaxPool(),
+    norm_layer=gn if norm == "GN" else None,
+  ).to(dev)
   x = torch.randn(batch, 3, size, size, device=dev)
 
   def step():
@@ -88,9 +94,11 @@ def main() -> None:
   ours, compile_s = bench_jax(args.size, args.batch, args.dtype, args.iters, args.norm)
   theirs, dev = bench_torch(args.size, args.batch, args.dtype, args.iters, args.norm)
   what = "R50-GN+FPN-GN" if args.norm == "GN" else "R50-FrozenBN+FPN"
-  print(f"{what} fwd+bwd batch {args.batch} {args.size}x{args.size} {args.dtype} on "
-        f"{jax.devices()[0].platform} / torch {dev}: ours {ours * 1e3:.1f} ms (compile "
-        f"{compile_s:.1f} s), torchvision {theirs * 1e3:.1f} ms, ratio {ours / theirs:.2f}")
+  print(
+    f"{what} fwd+bwd batch {args.batch} {args.size}x{args.size} {args.dtype} on "
+    f"{jax.devices()[0].platform} / torch {dev}: ours {ours * 1e3:.1f} ms (compile "
+    f"{compile_s:.1f} s), torchvision {theirs * 1e3:.1f} ms, ratio {ours / theirs:.2f}"
+  )
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Importing rethink_jax changes nothing; runtime.configure() adds the XLA:CPU flag it documents
 and leaves a user's own choice alone."""
+
 import os
 import subprocess
 import sys
@@ -14,8 +15,14 @@ def _flags_after(code, xla_flags):
   env.pop("XLA_FLAGS", None)
   if xla_flags is not None:
     env["XLA_FLAGS"] = xla_flags
-  out = subprocess.run([sys.executable, "-c", code + "; print(os.environ.get('XLA_FLAGS', ''))"],
-                       env=env, capture_output=True, text=True, timeout=120, check=True)
+  out = subprocess.run(
+    [sys.executable, "-c", code + "; print(os.environ.get('XLA_FLAGS', ''))"],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=120,
+    check=True,
+  )
   return out.stdout.strip()
 
 
@@ -29,7 +36,9 @@ def test_configure_adds_the_cpu_flag_and_keeps_other_flags():
   code = "import os; from rethink_jax import runtime; runtime.configure(hide_gpus_from_tf=False)"
   assert _flags_after(code, None) == runtime.CPU_FLAG
   assert _flags_after(code, "--xla_force_host_platform_device_count=8").split() == [
-      "--xla_force_host_platform_device_count=8", runtime.CPU_FLAG]
+    "--xla_force_host_platform_device_count=8",
+    runtime.CPU_FLAG,
+  ]
   mine = "--xla_cpu_experimental_ynn_fusion_type=dot"
   assert _flags_after(code, mine) == mine
 

@@ -27,6 +27,7 @@ generated example and the side files below can be indexed by record number:
                                         (what evaluation scores against).
 The builder's `info.metadata["categories"]` lists {"id", "name"} in contiguous-label order.
 """
+
 import os
 
 import numpy as np
@@ -41,13 +42,15 @@ ANNOTATIONS_DIR = "annotations"
 
 def instance_features():
   """The tfds FeaturesDict of one instance-segmentation record (see module docstring)."""
-  return tfds.features.FeaturesDict({
+  return tfds.features.FeaturesDict(
+    {
       "image": tfds.features.Image(shape=(None, None, 3)),
       "image_id": np.int64,
       "file_name": tfds.features.Text(),
       "height": np.int32,
       "width": np.int32,
-      "objects": tfds.features.Sequence({
+      "objects": tfds.features.Sequence(
+        {
           "id": np.int64,
           "bbox": tfds.features.BBoxFeature(),
           "label": np.int64,
@@ -55,9 +58,11 @@ def instance_features():
           "is_crowd": np.bool_,
           "area": np.float32,
           "mask_runs": np.int32,
-      }),
+        }
+      ),
       "mask_counts": tfds.features.Tensor(shape=(None,), dtype=np.int32),
-  })
+    }
+  )
 
 
 def mask_to_counts(mask):
@@ -113,8 +118,17 @@ def normalized_bbox(xyxy, height, width):
   return tfds.features.BBox(*[float(v) for v in vals])
 
 
-def write_split_files(data_path, split, *, images, annotations, categories, image_ids,
-                      num_objects, write_annotations=True):
+def write_split_files(
+  data_path,
+  split,
+  *,
+  images,
+  annotations,
+  categories,
+  image_ids,
+  num_objects,
+  write_annotations=True,
+):
   """Writes records/<split>.json and (optionally) annotations/<split>.json under data_path.
 
   Args:
@@ -129,10 +143,17 @@ def write_split_files(data_path, split, *, images, annotations, categories, imag
   """
   data_path = os.fspath(data_path)
   files.write_json(
-      os.path.join(data_path, RECORDS_DIR, f"{split}.json"),
-      {"image_id": [int(i) for i in image_ids], "num_objects": [int(n) for n in num_objects]})
+    os.path.join(data_path, RECORDS_DIR, f"{split}.json"),
+    {"image_id": [int(i) for i in image_ids], "num_objects": [int(n) for n in num_objects]},
+  )
   if write_annotations:
     files.write_json(
-        os.path.join(data_path, ANNOTATIONS_DIR, f"{split}.json"),
-        {"images": images, "annotations": annotations, "categories": categories,
-         "info": {"description": f"ground truth of split {split!r}"}, "licenses": []})
+      os.path.join(data_path, ANNOTATIONS_DIR, f"{split}.json"),
+      {
+        "images": images,
+        "annotations": annotations,
+        "categories": categories,
+        "info": {"description": f"ground truth of split {split!r}"},
+        "licenses": [],
+      },
+    )

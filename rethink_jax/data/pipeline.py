@@ -17,9 +17,9 @@ The batch dict (the one place it is documented; every batch of a config has the 
                                     and eval batches alike; evaluation scores against the JSON).
   gt_masks    (B, G, S, S) uint8    {0, 1}, S = data.mask_size: instance g's mask cropped to ITS OWN
                                     gt box and resampled: pixel (i, j) is the bilinear value of the
-                                    full-resolution mask at input point
-                                    (x1 + (j + 0.5) * (x2 - x1) / S, y1 + (i + 0.5) * (y2 - y1) / S),
-                                    thresholded at >= 0.5 (ops/masks.py's representation). Sampled from
+                                    full-resolution mask at input point (x1 + (j + 0.5) *
+                                    (x2 - x1) / S, y1 + (i + 0.5) * (y2 - y1) / S), thresholded
+                                    at >= 0.5 (ops/masks.py's representation). Sampled from
                                     the original-resolution RLE (at that point / scale), with edge
                                     clamping like RoIAlign; a flip mirrors the crop.
 
@@ -48,6 +48,7 @@ config.data fields (ConfigDict; `default_data_config()` lists them with defaults
   drop_empty_train; num_parallel_calls; prefetch.
 If an image resized by (min_size, max_size) would not fit into pad_to, it is scaled down to fit.
 """
+
 import dataclasses
 import fcntl
 import functools
@@ -65,7 +66,8 @@ from rethink_jax.data import instances
 
 def default_data_config():
   """The data fields with their defaults (the demo: shapes_instances/demo at 128 x 128)."""
-  return ml_collections.ConfigDict({
+  return ml_collections.ConfigDict(
+    {
       "name": "shapes_instances",
       "data_dir": None,
       "builder_config": "demo",
@@ -88,7 +90,9 @@ def default_data_config():
       "drop_empty_train": True,
       "num_parallel_calls": 2,
       "prefetch": 2,
-  }, type_safe=False)  # min_size may be an int or a sequence
+    },
+    type_safe=False,
+  )  # min_size may be an int or a sequence
 
 
 # ---------------------------------------------------------------------------------------------
@@ -97,9 +101,11 @@ def default_data_config():
 def _builder_cls(name):
   if name == "shapes_instances":
     from rethink_jax.data import shapes  # pylint: disable=g-import-not-at-top
+
     return shapes.ShapesInstances
   if name == "coco_instances":
     from rethink_jax.data import coco  # pylint: disable=g-import-not-at-top
+
     return coco.CocoInstances
   raise ValueError(f"data.name must be 'shapes_instances' or 'coco_instances', got {name!r}")
 
@@ -119,6 +125,7 @@ def get_builder(data_config, prepare=True):
   config = data_config.get("builder_config") or None
   if name == "coco_instances" and config is not None:
     from rethink_jax.data import coco  # pylint: disable=g-import-not-at-top
+
     config = coco.config_for_name(config)
   overrides = dict(data_config.get("builder_overrides") or {})
   if overrides:
@@ -131,9 +138,14 @@ def get_builder(data_config, prepare=True):
   if not builder.is_prepared():
     if not prepare or name != "shapes_instances":
       raise FileNotFoundError(
-          f"{builder.info.full_name} is not prepared in {builder.data_dir_root}. "
-          + ("Build it with rethink_jax.data.coco.build_coco_instances(...) or `tfds build "
-             "rethink_jax/data/coco.py --manual_dir=...`." if name == "coco_instances" else ""))
+        f"{builder.info.full_name} is not prepared in {builder.data_dir_root}. "
+        + (
+          "Build it with rethink_jax.data.coco.build_coco_instances(...) or `tfds build "
+          "rethink_jax/data/coco.py --manual_dir=...`."
+          if name == "coco_instances"
+          else ""
+        )
+      )
     os.makedirs(builder.data_dir_root, exist_ok=True)
     with open(os.path.join(builder.data_dir_root, f".{name}.lock"), "w") as lock:
       fcntl.flock(lock, fcntl.LOCK_EX)
@@ -141,12 +153,14 @@ def get_builder(data_config, prepare=True):
       if not builder.is_prepared():
         logging.info("Generating %s in %s", builder.info.full_name, builder.data_dir_root)
         builder.download_and_prepare(
-            download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+          download_config=tfds.download.DownloadConfig(try_download_gcs=False)
+        )
       fcntl.flock(lock, fcntl.LOCK_UN)
   if builder.info.file_format != tfds.core.FileFormat.ARRAY_RECORD:
     raise ValueError(
-        f"{builder.data_dir} holds {builder.info.file_format} files; the pipeline reads records "
-        "by index and needs array_record: rebuild with file_format='array_record'.")
+      f"{builder.data_dir} holds {builder.info.file_format} files; the pipeline reads records "
+      "by index and needs array_record: rebuild with file_format='array_record'."
+    )
   return builder
 
 
@@ -173,8 +187,10 @@ def records_meta(builder, base_split):
   """Per-record side info of a split: {"image_id": (N,), "num_objects": (N,)} int64."""
   path = os.path.join(builder.data_dir, instances.RECORDS_DIR, f"{base_split}.json")
   if not os.path.exists(path):
-    raise FileNotFoundError(f"{path} is missing: the dataset was not built by this project's "
-                            "builders (they write it next to the records).")
+    raise FileNotFoundError(
+      f"{path} is missing: the dataset was not built by this project's "
+      "builders (they write it next to the records)."
+    )
   return _records_meta_cached(path)
 
 
@@ -209,25 +225,31 @@ def train_pool(data_config, builder=None):
     idx = idx[num_objects[idx] > 0]
   if len(idx) == 0:
     raise ValueError(f"no usable training images in {data_config.train_split!r}")
-  return select_subset(idx, data_config.get("num_train_images", 0),
-                       data_config.get("subset_seed", 0))
+  return select_subset(
+    idx, data_config.get("num_train_images", 0), data_config.get("subset_seed", 0)
+  )
 
 
 def _data_source(builder, base_split):
   """Random access to the serialized records of a split; checks they are in generation order."""
   from array_record.python import array_record_data_source  # pylint: disable=g-import-not-at-top
+
   paths = [os.fspath(p) for p in builder.info.splits[base_split].filepaths]
   source = array_record_data_source.ArrayRecordDataSource(paths)
   ids = records_meta(builder, base_split)["image_id"]
   if len(ids) != len(source):
-    raise ValueError(f"{builder.data_dir}: {len(source)} records in split {base_split!r} but "
-                     f"{len(ids)} entries in its records/{base_split}.json")
+    raise ValueError(
+      f"{builder.data_dir}: {len(source)} records in split {base_split!r} but "
+      f"{len(ids)} entries in its records/{base_split}.json"
+    )
   parse = {"image_id": tf.io.FixedLenFeature([], tf.int64)}
   for i in {0, len(source) - 1}:
     got = int(tf.io.parse_single_example(source[i], parse)["image_id"])
     if got != ids[i]:
-      raise ValueError(f"{builder.data_dir}: record {i} of {base_split!r} has image id {got}, "
-                       f"records/{base_split}.json says {ids[i]} (records shuffled?)")
+      raise ValueError(
+        f"{builder.data_dir}: record {i} of {base_split!r} has image id {got}, "
+        f"records/{base_split}.json says {ids[i]} (records shuffled?)"
+      )
   return source
 
 
@@ -271,8 +293,9 @@ def decode_masks(counts, runs, height, width):
   ones = tf.equal(tf.ragged.range(runs).flat_values % 2, 1)
   total = tf.shape(runs)[0] * height * width
   pos = tf.concat([tf.boolean_mask(starts, ones), tf.boolean_mask(ends, ones)], 0)
-  delta = tf.concat([tf.ones_like(tf.boolean_mask(starts, ones)),
-                     -tf.ones_like(tf.boolean_mask(ends, ones))], 0)
+  delta = tf.concat(
+    [tf.ones_like(tf.boolean_mask(starts, ones)), -tf.ones_like(tf.boolean_mask(ends, ones))], 0
+  )
   flat = tf.cumsum(tf.math.unsorted_segment_sum(delta, pos, total + 1))[:total]
   masks = tf.reshape(tf.cast(flat, tf.uint8), [-1, width, height])  # COCO RLE is column-major
   return tf.transpose(masks, [0, 2, 1])
@@ -360,8 +383,9 @@ def crop_masks(masks, boxes, size):
   zeros = tf.zeros([tf.shape(masks)[0], 1], tf.int32)
   full = tf.concat([zeros, bounds, zeros + hw], axis=1)
   counts = full[:, 1:] - full[:, :-1]
-  return crop_masks_from_rle(counts.flat_values, counts.row_lengths(), h, w,
-                             tf.cast(boxes, tf.float32), size)
+  return crop_masks_from_rle(
+    counts.flat_values, counts.row_lengths(), h, w, tf.cast(boxes, tf.float32), size
+  )
 
 
 def _pad_to(x, length, axis=0):
@@ -396,12 +420,14 @@ def make_preprocess_fn(data_config, features, *, train, seed=0):
     w = tf.shape(image)[1]
     hf, wf = tf.cast(h, tf.float32), tf.cast(w, tf.float32)
     rng_seed = tf.stack([tf.constant(seed, tf.int64), t])
-    size_i = tf.random.stateless_uniform([], seed=rng_seed, maxval=len(_sizes(data_config, train)),
-                                         dtype=tf.int32)
+    size_i = tf.random.stateless_uniform(
+      [], seed=rng_seed, maxval=len(_sizes(data_config, train)), dtype=tf.int32
+    )
     flip = tf.random.stateless_uniform([], seed=rng_seed + [0, 1 << 40]) < flip_prob
     short = tf.gather(sizes, size_i)
-    scale = tf.reduce_min(tf.stack([short / tf.minimum(hf, wf), max_size / tf.maximum(hf, wf),
-                                    pad_h / hf, pad_w / wf]))
+    scale = tf.reduce_min(
+      tf.stack([short / tf.minimum(hf, wf), max_size / tf.maximum(hf, wf), pad_h / hf, pad_w / wf])
+    )
     new_h = tf.minimum(tf.cast(tf.round(hf * scale), tf.int32), pad_h)
     new_w = tf.minimum(tf.cast(tf.round(wf * scale), tf.int32), pad_w)
 
@@ -425,12 +451,14 @@ def make_preprocess_fn(data_config, features, *, train, seed=0):
     rle = tf.gather(rle, keep_idx)
     boxes = tf.gather(boxes, keep_idx)
     classes = tf.cast(tf.gather(obj["label"], keep_idx), tf.int32) + 1
-    crops = crop_masks_from_rle(rle.flat_values, tf.cast(rle.row_lengths(), tf.int32), h, w,
-                                boxes, mask_size)  # sampled in the original frame
+    crops = crop_masks_from_rle(
+      rle.flat_values, tf.cast(rle.row_lengths(), tf.int32), h, w, boxes, mask_size
+    )  # sampled in the original frame
     in_boxes = boxes * scale
     new_wf = tf.cast(new_w, tf.float32)
-    in_boxes = tf.minimum(tf.maximum(in_boxes, 0.0),
-                          tf.stack([new_wf, tf.cast(new_h, tf.float32)] * 2))
+    in_boxes = tf.minimum(
+      tf.maximum(in_boxes, 0.0), tf.stack([new_wf, tf.cast(new_h, tf.float32)] * 2)
+    )
 
     def flip_fn():
       x1, y1, x2, y2 = tf.unstack(in_boxes, axis=1)
@@ -439,15 +467,15 @@ def make_preprocess_fn(data_config, features, *, train, seed=0):
     in_boxes, crops = tf.cond(flip, flip_fn, lambda: (in_boxes, crops))
     valid_f = tf.cast(valid, tf.int32)
     return {
-        "image": img,
-        "image_hw": tf.stack([new_h, new_w]),
-        "image_id": tf.where(valid, tf.cast(ex["image_id"], tf.int32), -1),
-        "orig_hw": tf.stack([h, w]),
-        "scale": scale,
-        "valid": valid,
-        "gt_boxes": tf.ensure_shape(_pad_to(in_boxes, num_inst), [num_inst, 4]),
-        "gt_classes": tf.ensure_shape(_pad_to(classes * valid_f, num_inst), [num_inst]),
-        "gt_masks": tf.ensure_shape(_pad_to(crops, num_inst), [num_inst, mask_size, mask_size]),
+      "image": img,
+      "image_hw": tf.stack([new_h, new_w]),
+      "image_id": tf.where(valid, tf.cast(ex["image_id"], tf.int32), -1),
+      "orig_hw": tf.stack([h, w]),
+      "scale": scale,
+      "valid": valid,
+      "gt_boxes": tf.ensure_shape(_pad_to(in_boxes, num_inst), [num_inst, 4]),
+      "gt_classes": tf.ensure_shape(_pad_to(classes * valid_f, num_inst), [num_inst]),
+      "gt_masks": tf.ensure_shape(_pad_to(crops, num_inst), [num_inst, mask_size, mask_size]),
     }
 
   return fn
@@ -459,6 +487,7 @@ def make_preprocess_fn(data_config, features, *, train, seed=0):
 def _process(process_index, process_count):
   if process_index is None or process_count is None:
     import jax  # pylint: disable=g-import-not-at-top
+
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
   if not 0 <= process_index < process_count:
@@ -477,8 +506,9 @@ def _options(data_config):
 
 
 def _to_batches(ds, data_config, preprocess, batch_size):
-  ds = ds.map(preprocess, num_parallel_calls=int(data_config.get("num_parallel_calls", 2)),
-              deterministic=True)
+  ds = ds.map(
+    preprocess, num_parallel_calls=int(data_config.get("num_parallel_calls", 2)), deterministic=True
+  )
   pad_h, pad_w = (int(v) for v in data_config.pad_to)
   shapes = {k: v.shape for k, v in ds.element_spec.items()}
   shapes["image"] = tf.TensorShape([pad_h, pad_w, 3])  # zero padding at the bottom / right
@@ -525,8 +555,9 @@ class TrainIterator:
     return batch
 
 
-def make_train_iterator(data_config, batch_size_per_process, *, seed, start_step=0,
-                        process_index=None, process_count=None):
+def make_train_iterator(
+  data_config, batch_size_per_process, *, seed, start_step=0, process_index=None, process_count=None
+):
   """The training iterator of this process (see the module docstring for order and sharding).
 
   Args:
@@ -556,19 +587,38 @@ def make_train_iterator(data_config, batch_size_per_process, *, seed, start_step
         yield t, source[int(record)], True
       step += 1
 
-  ds = tf.data.Dataset.from_generator(gen, output_signature=(
-      tf.TensorSpec([], tf.int64), tf.TensorSpec([], tf.string), tf.TensorSpec([], tf.bool)))
+  ds = tf.data.Dataset.from_generator(
+    gen,
+    output_signature=(
+      tf.TensorSpec([], tf.int64),
+      tf.TensorSpec([], tf.string),
+      tf.TensorSpec([], tf.bool),
+    ),
+  )
   preprocess = make_preprocess_fn(data_config, builder.info.features, train=True, seed=seed)
   return TrainIterator(_to_batches(ds, data_config, preprocess, b), start_step)
 
 
-def make_dataset(data_config, split, batch_size_per_process, *, seed=0, start_step=0,
-                 process_index=None, process_count=None):
+def make_dataset(
+  data_config,
+  split,
+  batch_size_per_process,
+  *,
+  seed=0,
+  start_step=0,
+  process_index=None,
+  process_count=None,
+):
   """The training iterator if split == data.train_split, else the eval iterator of `split`."""
   if split == data_config.train_split:
-    return make_train_iterator(data_config, batch_size_per_process, seed=seed,
-                               start_step=start_step, process_index=process_index,
-                               process_count=process_count)
+    return make_train_iterator(
+      data_config,
+      batch_size_per_process,
+      seed=seed,
+      start_step=start_step,
+      process_index=process_index,
+      process_count=process_count,
+    )
   c = ml_collections.ConfigDict(data_config.to_dict(), type_safe=False)
   c.eval_split = split
   return make_eval_iterator(c, batch_size_per_process, process_index, process_count)
@@ -580,12 +630,11 @@ def eval_records(num_records, batch_size_per_process, process_index, process_cou
   per_process = -(-num_records // process_count)
   num_batches = -(-per_process // batch_size_per_process)
   out = np.full(num_batches * batch_size_per_process, -1, np.int64)
-  out[:len(mine)] = mine
+  out[: len(mine)] = mine
   return out
 
 
-def make_eval_iterator(data_config, batch_size_per_process, process_index=None,
-                       process_count=None):
+def make_eval_iterator(data_config, batch_size_per_process, process_index=None, process_count=None):
   """Finite iterator over this process's share of the eval split (no augmentation).
 
   All processes yield the same number of batches; padding images have valid=False, image_id=-1
@@ -603,8 +652,14 @@ def make_eval_iterator(data_config, batch_size_per_process, process_index=None,
       record = idx[pos] if pos >= 0 else idx[0]
       yield t, source[int(record)], bool(pos >= 0)
 
-  ds = tf.data.Dataset.from_generator(gen, output_signature=(
-      tf.TensorSpec([], tf.int64), tf.TensorSpec([], tf.string), tf.TensorSpec([], tf.bool)))
+  ds = tf.data.Dataset.from_generator(
+    gen,
+    output_signature=(
+      tf.TensorSpec([], tf.int64),
+      tf.TensorSpec([], tf.string),
+      tf.TensorSpec([], tf.bool),
+    ),
+  )
   preprocess = make_preprocess_fn(data_config, builder.info.features, train=False)
   return _to_batches(ds, data_config, preprocess, b).as_numpy_iterator()
 
@@ -640,7 +695,9 @@ def get_coco_gt(data_config, split=None):
   """pycocotools COCO of the eval split (restricted to the records of a sliced spec)."""
   import contextlib  # pylint: disable=g-import-not-at-top
   import io  # pylint: disable=g-import-not-at-top
+
   from pycocotools import coco as coco_lib  # pylint: disable=g-import-not-at-top
+
   builder = get_builder(data_config)
   split = split or data_config.eval_split
   base, idx = _split_range(builder, split)
@@ -654,6 +711,10 @@ def get_coco_gt(data_config, split=None):
   gt.dataset = dataset
   with contextlib.redirect_stdout(io.StringIO()):
     gt.createIndex()
-  logging.info("COCO ground truth of %s: %d images, %d annotations", split,
-               len(dataset["images"]), len(dataset["annotations"]))
+  logging.info(
+    "COCO ground truth of %s: %d images, %d annotations",
+    split,
+    len(dataset["images"]),
+    len(dataset["annotations"]),
+  )
   return gt

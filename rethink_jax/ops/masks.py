@@ -20,6 +20,7 @@ if its bin lies within delta of the mask boundary, i.e. within ceil(delta / bin)
 of the boundary of Detectron2's target (bin = roi side / 28). Elsewhere the targets are equal.
 tests/ops/test_masks.py checks exactly this band on random blob masks.
 """
+
 import jax
 import jax.numpy as jnp
 
@@ -40,8 +41,10 @@ def crop_masks_to_boxes(full_masks, boxes, size=112):
   full_masks = jnp.asarray(full_masks)
   boxes = jnp.asarray(boxes, jnp.float32)
   if full_masks.ndim != 3 or boxes.shape != (full_masks.shape[0], 4):
-    raise ValueError(f"crop_masks_to_boxes needs full_masks (G, H, W) and boxes (G, 4), got "
-                     f"{full_masks.shape} and {boxes.shape}")
+    raise ValueError(
+      f"crop_masks_to_boxes needs full_masks (G, H, W) and boxes (G, 4), got "
+      f"{full_masks.shape} and {boxes.shape}"
+    )
   g, h, w = full_masks.shape
   flat = full_masks.reshape(g, h * w, 1).astype(jnp.float32)
   ones = jnp.ones((1,), jnp.float32)
@@ -78,7 +81,7 @@ def _sample_weights(start, length, num_bins, grid, max_grid, box_lo, box_len, cr
   scale = jnp.where(inside, 1.0 / g, 0.0)
   cols = jnp.arange(crop_size, dtype=jnp.float32)
   onehot = lambda idx: (idx[..., None] == cols).astype(jnp.float32)
-  mat = (onehot(low) * ((1.0 - frac) * scale)[..., None] + onehot(high) * (frac * scale)[..., None])
+  mat = onehot(low) * ((1.0 - frac) * scale)[..., None] + onehot(high) * (frac * scale)[..., None]
   return jnp.sum(mat, axis=2)
 
 
@@ -105,12 +108,18 @@ def mask_targets(gt_masks, gt_boxes, rois, matched_gt, size=28, max_sampling_rat
   gt_boxes = jnp.asarray(gt_boxes, jnp.float32)
   rois = jnp.asarray(rois, jnp.float32)
   matched_gt = jnp.asarray(matched_gt)
-  if (gt_masks.ndim != 3 or gt_masks.shape[1] != gt_masks.shape[2]
-      or gt_boxes.shape != (gt_masks.shape[0], 4) or rois.ndim != 2 or rois.shape[1] != 4
-      or matched_gt.shape != rois.shape[:1]):
+  if (
+    gt_masks.ndim != 3
+    or gt_masks.shape[1] != gt_masks.shape[2]
+    or gt_boxes.shape != (gt_masks.shape[0], 4)
+    or rois.ndim != 2
+    or rois.shape[1] != 4
+    or matched_gt.shape != rois.shape[:1]
+  ):
     raise ValueError(
-        f"mask_targets needs gt_masks (G, S, S), gt_boxes (G, 4), rois (R, 4), matched_gt (R,); "
-        f"got {gt_masks.shape}, {gt_boxes.shape}, {rois.shape}, {matched_gt.shape}")
+      f"mask_targets needs gt_masks (G, S, S), gt_boxes (G, 4), rois (R, 4), matched_gt (R,); "
+      f"got {gt_masks.shape}, {gt_boxes.shape}, {rois.shape}, {matched_gt.shape}"
+    )
   s = gt_masks.shape[1]
   crops = gt_masks.astype(jnp.float32)[matched_gt]  # (R, S, S)
   gt = jax.lax.stop_gradient(gt_boxes[matched_gt])
@@ -119,10 +128,12 @@ def mask_targets(gt_masks, gt_boxes, rois, matched_gt, size=28, max_sampling_rat
   roi_h = rois[:, 3] - rois[:, 1]
   grid_w = jnp.ceil(roi_w / size).astype(jnp.int32)
   grid_h = jnp.ceil(roi_h / size).astype(jnp.int32)
-  wy = _sample_weights(rois[:, 1], roi_h, size, grid_h, max_sampling_ratio, gt[:, 1],
-                       gt[:, 3] - gt[:, 1], s)
-  wx = _sample_weights(rois[:, 0], roi_w, size, grid_w, max_sampling_ratio, gt[:, 0],
-                       gt[:, 2] - gt[:, 0], s)
+  wy = _sample_weights(
+    rois[:, 1], roi_h, size, grid_h, max_sampling_ratio, gt[:, 1], gt[:, 3] - gt[:, 1], s
+  )
+  wx = _sample_weights(
+    rois[:, 0], roi_w, size, grid_w, max_sampling_ratio, gt[:, 0], gt[:, 2] - gt[:, 0], s
+  )
   hi = jax.lax.Precision.HIGHEST
   vals = jnp.einsum("rps,rst,rqt->rpq", wy, crops, wx, precision=hi)
   # Adaptive grids of size <= 0 (empty ROIs) average nothing: target 0, as in torchvision.

@@ -4,7 +4,8 @@ import pytest
 import torch
 import torchvision
 
-from rethink_jax.ops.masks import crop_masks_to_boxes, mask_targets
+from rethink_jax.ops.masks import crop_masks_to_boxes
+from rethink_jax.ops.masks import mask_targets
 
 
 def _blob_masks(rng, g, h, w):
@@ -26,8 +27,9 @@ def _blob_masks(rng, g, h, w):
 
 def _tv_align(masks, boxes, size, sr):
   rois = torch.cat([torch.arange(len(boxes)).float()[:, None], torch.from_numpy(boxes)], 1)
-  return torchvision.ops.roi_align(torch.from_numpy(masks).float()[:, None], rois, size, 1.0, sr,
-                                   True)[:, 0].numpy()
+  return torchvision.ops.roi_align(
+    torch.from_numpy(masks).float()[:, None], rois, size, 1.0, sr, True
+  )[:, 0].numpy()
 
 
 def test_crop_masks_to_boxes_is_roi_align_of_full_mask(rng):
@@ -59,10 +61,14 @@ def test_mask_targets_within_documented_bound_of_full_resolution(rng):
   ctr = (gb[:, :2] + gb[:, 2:]) / 2 + rng.uniform(-0.2, 0.2, (r, 2)) * gwh
   half = gwh / 2 * rng.uniform(0.4, 1.4, (r, 2))
   rois = np.concatenate([ctr - half, ctr + half], 1).astype(np.float32)
-  fn = jax.jit(jax.vmap(lambda m, b, ro, mg: mask_targets(m, b, ro, mg, 28), in_axes=(None, None, 0, 0)))
+  fn = jax.jit(
+    jax.vmap(lambda m, b, ro, mg: mask_targets(m, b, ro, mg, 28), in_axes=(None, None, 0, 0))
+  )
   ours = np.asarray(fn(gt_masks, gt_boxes, rois.reshape(2, r // 2, 4), matched.reshape(2, r // 2)))
   ours = ours.reshape(r, 28, 28)
-  ref_vals = np.stack([_tv_align(masks[matched[i]][None], rois[i][None], 28, 0)[0] for i in range(r)])
+  ref_vals = np.stack(
+    [_tv_align(masks[matched[i]][None], rois[i][None], 28, 0)[0] for i in range(r)]
+  )
   ref = ref_vals >= 0.5
   assert set(np.unique(ours)) <= {0.0, 1.0}
   diff = (ours > 0.5) != ref
