@@ -42,7 +42,7 @@ TABLE1_BOX_AP = {
 }
 
 
-def parse_schedule_arg(arg, default):
+def parse_schedule_arg(arg: str | None, default: float | str) -> float:
   """The recipes' ARG: a schedule multiple ("3", "0.5") or iterations at batch 16 ("220k",
   "60000"). Returns the multiple (float). An empty ARG gives `default`."""
   arg = str(arg).strip() if arg not in (None, "") else str(default)
@@ -54,7 +54,7 @@ def parse_schedule_arg(arg, default):
   return value / ITERS_1X if value >= 1000 else value
 
 
-def optim_config(**overrides):
+def optim_config(**overrides) -> ml_collections.ConfigDict:
   """The paper's (Detectron's) optimizer: SGD 0.9, wd 1e-4, LR 0.02 at 16 images, warmup 500
   iterations from 1/3. No weight decay on norm parameters (Detectron2's scratch configs; kept for
   both arms so they differ only in initialization and schedule)."""
@@ -75,7 +75,7 @@ def optim_config(**overrides):
   return c
 
 
-def schedule_config(multiple, **overrides):
+def schedule_config(multiple: float, **overrides) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict(
     dict(
       multiple=float(multiple), base_batch_size=16, total_steps=0, decay_steps=(), decay_factor=0.1
@@ -97,7 +97,13 @@ def _data(**fields):
   return ml_collections.ConfigDict(d)
 
 
-def coco_data(pixel, *, min_size=800, max_size=1333, num_train_images=0):
+def coco_data(
+  pixel: dict,
+  *,
+  min_size: int | tuple[int, ...] = 800,
+  max_size: int = 1333,
+  num_train_images: int = 0,
+) -> ml_collections.ConfigDict:
   """COCO 2017 instances (coco_instances builder): train2017 -> val2017.
 
   min_size: shorter side at training, one value, or the "train aug" choices (640, 672, ..., 800:
@@ -124,7 +130,9 @@ def coco_data(pixel, *, min_size=800, max_size=1333, num_train_images=0):
   )
 
 
-def shapes_data(builder_config="demo", image_size=128, pixel=None, **fields):
+def shapes_data(
+  builder_config: str = "demo", image_size: int = 128, pixel: dict | None = None, **fields
+) -> ml_collections.ConfigDict:
   """The synthetic shapes_instances set (data/shapes.py), generated offline on first use."""
   pixel = pixel or SCRATCH_BGR
   return _data(
@@ -146,7 +154,14 @@ def shapes_data(builder_config="demo", image_size=128, pixel=None, **fields):
   )
 
 
-def base_config(model, data, multiple, *, batch_size=16, eval_every=0):
+def base_config(
+  model: ml_collections.ConfigDict,
+  data: ml_collections.ConfigDict,
+  multiple: float,
+  *,
+  batch_size: int = 16,
+  eval_every: int = 0,
+) -> ml_collections.ConfigDict:
   """The groups every recipe has. eval_every=0: twice per 1x of the schedule (an AP curve)."""
   c = ml_collections.ConfigDict()
   c.seed = 0
@@ -168,8 +183,14 @@ TRAIN_AUG_SIZES = (640, 672, 704, 736, 768, 800)  # "train aug": shorter side in
 
 
 def coco_mask_rcnn(
-  *, depth=50, norm="GN", pretrained=False, multiple=3.0, min_size=800, num_train_images=0
-):
+  *,
+  depth: int = 50,
+  norm: str = "GN",
+  pretrained: bool = False,
+  multiple: float = 3.0,
+  min_size: int | tuple[int, ...] = 800,
+  num_train_images: int = 0,
+) -> ml_collections.ConfigDict:
   """Mask R-CNN R-{depth}-FPN with `norm` everywhere (ResNet, FPN, 4conv1fc box head, mask head),
   trained from random init or fine-tuned from ImageNet weights (the paper's Section 4 recipe).
 

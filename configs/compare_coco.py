@@ -21,7 +21,7 @@ import ml_collections
 from configs import common
 
 
-def get_config(arg=None):
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   del arg
   c = common.coco_mask_rcnn(depth=50, norm="GN", pretrained=False, multiple=6)
   c.require_init_from = False

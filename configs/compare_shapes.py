@@ -31,7 +31,7 @@ import ml_collections
 from configs import common
 
 
-def demo_model(num_classes=4, norm="GN"):
+def demo_model(num_classes: int = 4, norm: str = "GN") -> ml_collections.ConfigDict:
   """R-18-FPN-GN Mask R-CNN sized for 128 x 128 images on a CPU."""
   from rethink_jax.models import mask_rcnn  # pylint: disable=g-import-not-at-top
 
@@ -54,7 +54,13 @@ def demo_model(num_classes=4, norm="GN"):
   return m
 
 
-def compare_config(*, unit_steps, finetune_multiples, scratch_multiples, pretrain):
+def compare_config(
+  *,
+  unit_steps: int,
+  finetune_multiples: tuple[float, ...],
+  scratch_multiples: tuple[float, ...],
+  pretrain: dict,
+) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.unit_steps = unit_steps
   c.finetune_multiples = tuple(finetune_multiples)
@@ -66,7 +72,7 @@ def compare_config(*, unit_steps, finetune_multiples, scratch_multiples, pretrai
   return c
 
 
-def get_config(arg=None):
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   del arg
   batch = 4
   # The 128 x 128 shapes_instances/demo images, resized to 96 x 96 (objects ~8-68 px).

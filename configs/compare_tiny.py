@@ -14,7 +14,7 @@ import ml_collections
 from configs import tiny_shapes
 
 
-def get_config(arg=None):
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   del arg
   unit = 4
   c = tiny_shapes.get_config(str(unit))

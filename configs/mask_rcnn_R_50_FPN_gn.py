@@ -16,10 +16,12 @@ Best schedule (Table 2): box 41.1 / 61.7 / 44.6, mask 36.4 / 58.5 / 38.7 (AP / A
 Detectron2 mask_rcnn_R_50_FPN_3x_gn: 42.6 / 38.6.
 """
 
+import ml_collections
+
 from configs import common
 
 
-def get_config(arg=None):
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   return common.coco_mask_rcnn(
     depth=50, norm="GN", pretrained=True, multiple=common.parse_schedule_arg(arg, 2)
   )

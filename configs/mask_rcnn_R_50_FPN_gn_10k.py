@@ -15,10 +15,12 @@ Reference (paper, Section 5): pre-trained 26.0 box AP at 60k iterations (it over
 trained longer) vs scratch 25.9 at 220k.
 """
 
+import ml_collections
+
 from configs import common
 
 
-def get_config(arg=None):
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   return common.coco_mask_rcnn(
     depth=50,
     norm="GN",

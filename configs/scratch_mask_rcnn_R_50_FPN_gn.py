@@ -15,10 +15,12 @@ Others: Detectron scratch 3x 39.5 / 35.2; Detectron2 scratch_mask_rcnn_R_50_FPN_
 MMDetection GN-all scratch 6x 41.2 / 37.4.
 """
 
+import ml_collections
+
 from configs import common
 
 
-def get_config(arg=None):
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   return common.coco_mask_rcnn(
     depth=50, norm="GN", pretrained=False, multiple=common.parse_schedule_arg(arg, 6)
   )

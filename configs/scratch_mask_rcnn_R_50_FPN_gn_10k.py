@@ -14,10 +14,12 @@ Reference (paper, Section 5): scratch 25.9 box AP at 220k iterations vs pre-trai
 on the pre-trained arm and reused; the recipe's defaults are used here.
 """
 
+import ml_collections
+
 from configs import common
 
 
-def get_config(arg=None):
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   return common.coco_mask_rcnn(
     depth=50,
     norm="GN",

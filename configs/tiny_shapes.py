@@ -8,10 +8,12 @@ with 8-channel-wide ResNet stages, 16-channel FPN, small heads and few anchors /
 expected (it trains for a handful of steps); tests use it to exercise the whole trainer.
 """
 
+import ml_collections
+
 from configs import common
 
 
-def tiny_model(norm="GN"):
+def tiny_model(norm: str = "GN") -> ml_collections.ConfigDict:
   """R-18-FPN Mask R-CNN small enough to compile on a CPU in well under a minute."""
   from rethink_jax.models import mask_rcnn  # pylint: disable=g-import-not-at-top
 
@@ -37,7 +39,7 @@ def tiny_model(norm="GN"):
   return m
 
 
-def get_config(arg=None):
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   steps = int(arg) if arg else 4
   c = common.base_config(
     tiny_model(), common.shapes_data("tiny", 64), 1.0, batch_size=2, eval_every=steps

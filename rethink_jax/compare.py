@@ -40,6 +40,8 @@ import os
 import sys
 import time
 
+import ml_collections
+
 from rethink_jax import files
 
 ARMS = ("finetune", "scratch")
@@ -310,7 +312,9 @@ def decay_steps(total_steps: int, unit_steps: int) -> tuple[int, int]:
   )
 
 
-def arm_config(config, arm: str, init_from: str | None = None):
+def arm_config(
+  config: ml_collections.ConfigDict, arm: str, init_from: str | None = None
+) -> ml_collections.ConfigDict:
   """The trainer config of one arm: schedule length, LR decays, init_from, eval_every.
 
   Args:
@@ -355,7 +359,7 @@ def _config_dict(c) -> dict:
   return json.loads(c.to_json())
 
 
-def run_pretrain(config, workdir: str) -> tuple[str, dict]:
+def run_pretrain(config: ml_collections.ConfigDict, workdir: str) -> tuple[str, dict]:
   """The embedded pre-training arm (or the given converted backbone). Returns (dir, info)."""
   given = config.compare.get("pretrained_backbone", "")
   if given:
@@ -381,7 +385,9 @@ def run_pretrain(config, workdir: str) -> tuple[str, dict]:
   return out, info
 
 
-def run_arm(config, arm: str, workdir: str, init_from: str | None = None) -> dict:
+def run_arm(
+  config: ml_collections.ConfigDict, arm: str, workdir: str, init_from: str | None = None
+) -> dict:
   """Trains and evaluates one arm; returns its results entry."""
   from rethink_jax import train  # pylint: disable=g-import-not-at-top
 
@@ -413,7 +419,12 @@ def run_arm(config, arm: str, workdir: str, init_from: str | None = None) -> dic
   }
 
 
-def run(config, workdir: str, arms: Iterable[str] = ARMS, command: str | None = None) -> dict:
+def run(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  arms: Iterable[str] = ARMS,
+  command: str | None = None,
+) -> dict:
   """Runs the requested arms (fine-tune first: it includes pre-training), writing the report
   after each arm so partial results are readable while the next arm runs."""
   t0 = time.time()
@@ -444,7 +455,9 @@ def run(config, workdir: str, arms: Iterable[str] = ARMS, command: str | None = 
   return results
 
 
-def report_progress(config, workdir: str, command: str | None = None) -> dict:
+def report_progress(
+  config: ml_collections.ConfigDict, workdir: str, command: str | None = None
+) -> dict:
   """Rebuilds the report from the arms' eval_curve.json files in `workdir` as they are now:
   readable while the arms are still training (or after a run was stopped)."""
   results = {

@@ -26,7 +26,7 @@ flags.DEFINE_bool("skip_bad_images", False, "coco_instances: drop missing/corrup
 FLAGS = flags.FLAGS
 
 
-def main(argv):
+def main(argv: list[str]) -> None:
   del argv
   tfds.disable_progress_bar()
   from rethink_jax.data import coco  # pylint: disable=g-import-not-at-top

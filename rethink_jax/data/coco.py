@@ -82,7 +82,7 @@ class CocoInstancesConfig(tfds.core.BuilderConfig):
   annotation_splits: tuple | None = None
 
 
-def config_for_name(name):
+def config_for_name(name: str) -> "str | CocoInstancesConfig":
   """The registered config of that name, or a path-less config to read a prepared data set."""
   if name in CocoInstances.builder_configs:
     return name
@@ -236,7 +236,7 @@ class CocoInstances(shapes.ArrayRecordBuilderMixin, tfds.core.GeneratorBasedBuil
 # ---------------------------------------------------------------------------------------------
 # Parsing and validation.
 # ---------------------------------------------------------------------------------------------
-def parse_annotations(ann_file, split="?"):
+def parse_annotations(ann_file: str | os.PathLike, split: str = "?") -> dict:
   """Reads and validates a COCO-format annotation file (no image is opened).
 
   Returns:

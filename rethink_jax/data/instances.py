@@ -28,6 +28,7 @@ generated example and the side files below can be indexed by record number:
 The builder's `info.metadata["categories"]` lists {"id", "name"} in contiguous-label order.
 """
 
+from collections.abc import Sequence
 import os
 
 import numpy as np
@@ -40,7 +41,7 @@ RECORDS_DIR = "records"
 ANNOTATIONS_DIR = "annotations"
 
 
-def instance_features():
+def instance_features() -> tfds.features.FeaturesDict:
   """The tfds FeaturesDict of one instance-segmentation record (see module docstring)."""
   return tfds.features.FeaturesDict(
     {
@@ -65,7 +66,7 @@ def instance_features():
   )
 
 
-def mask_to_counts(mask):
+def mask_to_counts(mask: np.ndarray) -> np.ndarray:
   """Uncompressed COCO RLE of one binary mask.
 
   Args:
@@ -82,14 +83,14 @@ def mask_to_counts(mask):
   return counts.astype(np.int32)
 
 
-def concat_counts(counts_list):
+def concat_counts(counts_list: Sequence[np.ndarray]) -> np.ndarray:
   """Concatenates per-instance (R_i,) counts into the record's flat (sum R_i,) int32 array."""
   if not counts_list:
     return np.zeros((0,), np.int32)
   return np.concatenate(counts_list).astype(np.int32)
 
 
-def counts_to_mask(counts, height, width):
+def counts_to_mask(counts: np.ndarray, height: int, width: int) -> np.ndarray:
   """Inverse of `mask_to_counts`: (R,) run lengths -> (H, W) uint8 mask."""
   counts = np.asarray(counts, dtype=np.int64)
   if counts.sum() != height * width:
@@ -98,20 +99,20 @@ def counts_to_mask(counts, height, width):
   return np.repeat(values, counts).reshape(width, height).T
 
 
-def rle_to_counts(rle):
+def rle_to_counts(rle: dict) -> np.ndarray:
   """A pycocotools (compressed) RLE dict -> (R,) int32 uncompressed counts."""
   mask = mask_utils.decode(rle)
   return mask_to_counts(mask)
 
 
-def coco_rle(mask):
+def coco_rle(mask: np.ndarray) -> dict:
   """(H, W) binary mask -> JSON-serializable compressed COCO RLE {"size", "counts": str}."""
   rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
   rle["counts"] = rle["counts"].decode("ascii")
   return rle
 
 
-def normalized_bbox(xyxy, height, width):
+def normalized_bbox(xyxy: Sequence[float], height: int, width: int) -> tfds.features.BBox:
   """xyxy in pixels -> tfds BBox (normalized ymin, xmin, ymax, xmax), clipped to [0, 1]."""
   x1, y1, x2, y2 = [float(v) for v in xyxy]
   vals = np.clip([y1 / height, x1 / width, y2 / height, x2 / width], 0.0, 1.0)

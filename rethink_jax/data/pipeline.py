@@ -49,11 +49,13 @@ config.data fields (ConfigDict; `default_data_config()` lists them with defaults
 If an image resized by (min_size, max_size) would not fit into pad_to, it is scaled down to fit.
 """
 
+from collections.abc import Callable, Iterator
 import dataclasses
 import fcntl
 import functools
 import json
 import os
+from typing import Any
 
 from absl import logging
 import ml_collections
@@ -64,7 +66,7 @@ import tensorflow_datasets as tfds
 from rethink_jax.data import instances
 
 
-def default_data_config():
+def default_data_config() -> ml_collections.ConfigDict:
   """The data fields with their defaults (the demo: shapes_instances/demo at 128 x 128)."""
   return ml_collections.ConfigDict(
     {
@@ -110,7 +112,9 @@ def _builder_cls(name):
   raise ValueError(f"data.name must be 'shapes_instances' or 'coco_instances', got {name!r}")
 
 
-def get_builder(data_config, prepare=True):
+def get_builder(
+  data_config: ml_collections.ConfigDict, prepare: bool = True
+) -> tfds.core.DatasetBuilder:
   """The tfds builder of config.data; generates synthetic data on first use.
 
   Args:
@@ -183,7 +187,7 @@ def _records_meta_cached(path):
   return {k: np.asarray(v, np.int64) for k, v in meta.items()}
 
 
-def records_meta(builder, base_split):
+def records_meta(builder: tfds.core.DatasetBuilder, base_split: str) -> dict[str, np.ndarray]:
   """Per-record side info of a split: {"image_id": (N,), "num_objects": (N,)} int64."""
   path = os.path.join(builder.data_dir, instances.RECORDS_DIR, f"{base_split}.json")
   if not os.path.exists(path):
@@ -194,7 +198,7 @@ def records_meta(builder, base_split):
   return _records_meta_cached(path)
 
 
-def select_subset(pool, num_images, seed):
+def select_subset(pool: np.ndarray, num_images: int, seed: int) -> np.ndarray:
   """Deterministic seeded choice of `num_images` records from `pool` (sorted record indices).
 
   The same (pool, num_images, seed) always gives the same subset: both arms of a comparison that
@@ -216,7 +220,9 @@ def select_subset(pool, num_images, seed):
   return np.sort(pool[chosen])
 
 
-def train_pool(data_config, builder=None):
+def train_pool(
+  data_config: ml_collections.ConfigDict, builder: tfds.core.DatasetBuilder | None = None
+) -> np.ndarray:
   """Record indices of the training split that the training stream draws from, sorted (N,)."""
   builder = builder or get_builder(data_config)
   base, idx = _split_range(builder, data_config.train_split)
@@ -275,7 +281,9 @@ def _check_config(data_config):
     raise ValueError("data.pixel_mean and data.pixel_std need 3 values each")
 
 
-def decode_masks(counts, runs, height, width):
+def decode_masks(
+  counts: tf.Tensor, runs: tf.Tensor, height: tf.Tensor, width: tf.Tensor
+) -> tf.Tensor:
   """Uncompressed RLEs -> masks, in the graph.
 
   Args:
@@ -322,7 +330,14 @@ def _sample_taps(lo, hi, size, dim):
   return i0, i1, (1.0 - frac) * inside, frac * inside
 
 
-def crop_masks_from_rle(counts, runs, height, width, boxes, size):
+def crop_masks_from_rle(
+  counts: tf.Tensor,
+  runs: tf.Tensor,
+  height: tf.Tensor,
+  width: tf.Tensor,
+  boxes: tf.Tensor,
+  size: int,
+) -> tf.Tensor:
   """Samples instance masks at their boxes straight from the RLE (no full-resolution mask).
 
   Pixel (i, j) of crop g is the bilinear value of mask g at the point
@@ -366,7 +381,7 @@ def crop_masks_from_rle(counts, runs, height, width, boxes, size):
   return tf.cond(n > 0, sample, lambda: tf.zeros([0, size, size], tf.uint8))
 
 
-def crop_masks(masks, boxes, size):
+def crop_masks(masks: tf.Tensor, boxes: tf.Tensor, size: int) -> tf.Tensor:
   """crop_masks_from_rle for full masks (n, h, w) uint8 (same sampling; for tests and tools)."""
   h = tf.shape(masks)[1]
   w = tf.shape(masks)[2]
@@ -396,7 +411,13 @@ def _pad_to(x, length, axis=0):
   return tf.pad(x, pad)
 
 
-def make_preprocess_fn(data_config, features, *, train, seed=0):
+def make_preprocess_fn(
+  data_config: ml_collections.ConfigDict,
+  features: tfds.features.FeaturesDict,
+  *,
+  train: bool,
+  seed: int = 0,
+) -> Callable[[tf.Tensor, tf.Tensor, tf.Tensor], dict[str, tf.Tensor]]:
   """Returns fn(position t int64, serialized record, valid bool) -> one element of the batch dict.
 
   Augmentation randomness (size choice, flip) is a function of (seed, t) only.
@@ -517,7 +538,9 @@ def _to_batches(ds, data_config, preprocess, batch_size):
   return ds.with_options(_options(data_config))
 
 
-def train_positions(step, batch_size_per_process, process_index, process_count):
+def train_positions(
+  step: int, batch_size_per_process: int, process_index: int, process_count: int
+) -> range:
   """Global stream positions of one process's batch at `step`: (B,) int64."""
   start = (step * process_count + process_index) * batch_size_per_process
   return np.arange(start, start + batch_size_per_process, dtype=np.int64)
@@ -556,8 +579,14 @@ class TrainIterator:
 
 
 def make_train_iterator(
-  data_config, batch_size_per_process, *, seed, start_step=0, process_index=None, process_count=None
-):
+  data_config: ml_collections.ConfigDict,
+  batch_size_per_process: int,
+  *,
+  seed: int,
+  start_step: int = 0,
+  process_index: int | None = None,
+  process_count: int | None = None,
+) -> "TrainIterator":
   """The training iterator of this process (see the module docstring for order and sharding).
 
   Args:
@@ -600,15 +629,15 @@ def make_train_iterator(
 
 
 def make_dataset(
-  data_config,
-  split,
-  batch_size_per_process,
+  data_config: ml_collections.ConfigDict,
+  split: str,
+  batch_size_per_process: int,
   *,
-  seed=0,
-  start_step=0,
-  process_index=None,
-  process_count=None,
-):
+  seed: int = 0,
+  start_step: int = 0,
+  process_index: int | None = None,
+  process_count: int | None = None,
+) -> Iterator[dict[str, np.ndarray]]:
   """The training iterator if split == data.train_split, else the eval iterator of `split`."""
   if split == data_config.train_split:
     return make_train_iterator(
@@ -624,7 +653,9 @@ def make_dataset(
   return make_eval_iterator(c, batch_size_per_process, process_index, process_count)
 
 
-def eval_records(num_records, batch_size_per_process, process_index, process_count):
+def eval_records(
+  num_records: int, batch_size_per_process: int, process_index: int, process_count: int
+) -> np.ndarray:
   """Record indices of one process's eval batches: (num_batches * B,) int64, -1 = padding."""
   mine = np.arange(process_index, num_records, process_count, dtype=np.int64)
   per_process = -(-num_records // process_count)
@@ -634,7 +665,12 @@ def eval_records(num_records, batch_size_per_process, process_index, process_cou
   return out
 
 
-def make_eval_iterator(data_config, batch_size_per_process, process_index=None, process_count=None):
+def make_eval_iterator(
+  data_config: ml_collections.ConfigDict,
+  batch_size_per_process: int,
+  process_index: int | None = None,
+  process_count: int | None = None,
+) -> Iterator[dict[str, np.ndarray]]:
   """Finite iterator over this process's share of the eval split (no augmentation).
 
   All processes yield the same number of batches; padding images have valid=False, image_id=-1
@@ -664,7 +700,7 @@ def make_eval_iterator(data_config, batch_size_per_process, process_index=None, 
   return _to_batches(ds, data_config, preprocess, b).as_numpy_iterator()
 
 
-def num_train_images(data_config):
+def num_train_images(data_config: ml_collections.ConfigDict) -> int:
   """Number of images the training stream draws from (after subset and empty-image drop)."""
   return len(train_pool(data_config))
 
@@ -672,16 +708,16 @@ def num_train_images(data_config):
 # ---------------------------------------------------------------------------------------------
 # Ground truth and categories.
 # ---------------------------------------------------------------------------------------------
-def category_ids(data_config):
+def category_ids(data_config: ml_collections.ConfigDict) -> list[int]:
   """COCO category ids in contiguous-label order: index = label - 1."""
   return [int(c["id"]) for c in get_builder(data_config).info.metadata["categories"]]
 
 
-def num_classes(data_config):
+def num_classes(data_config: ml_collections.ConfigDict) -> int:
   return len(category_ids(data_config))
 
 
-def annotation_file(data_config, split=None):
+def annotation_file(data_config: ml_collections.ConfigDict, split: str | None = None) -> str:
   """Path of the COCO-format ground truth of a split (the base split of a sliced spec)."""
   builder = get_builder(data_config)
   base, _ = _split_range(builder, split or data_config.eval_split)
@@ -691,7 +727,7 @@ def annotation_file(data_config, split=None):
   return path
 
 
-def get_coco_gt(data_config, split=None):
+def get_coco_gt(data_config: ml_collections.ConfigDict, split: str | None = None) -> Any:
   """pycocotools COCO of the eval split (restricted to the records of a sliced spec)."""
   import contextlib  # pylint: disable=g-import-not-at-top
   import io  # pylint: disable=g-import-not-at-top

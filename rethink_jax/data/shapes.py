@@ -15,6 +15,7 @@ Build: `tfds build rethink_jax/data/shapes.py --config=demo` or, from Python,
 Records are stored as array_record (random access, used by data/pipeline.py) by default.
 """
 
+from collections.abc import Sequence
 import dataclasses
 import functools
 import io
@@ -188,7 +189,14 @@ def _noise(rng, image):
   return np.clip(image, 0, 255).astype(np.uint8)
 
 
-def render_instances(rng, size, categories, min_objects, max_objects, min_visible=0.6):
+def render_instances(
+  rng: np.random.Generator,
+  size: int,
+  categories: Sequence[str],
+  min_objects: int,
+  max_objects: int,
+  min_visible: float = 0.6,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Renders one instance-segmentation image.
 
   Args:
@@ -228,7 +236,9 @@ def render_instances(rng, size, categories, min_objects, max_objects, min_visibl
   return image, masks, np.asarray(labels, np.int64)
 
 
-def render_classification(rng, size, categories):
+def render_classification(
+  rng: np.random.Generator, size: int, categories: Sequence[str]
+) -> tuple[np.ndarray, int]:
   """One object centred-ish on a background: image (size, size, 3) uint8, label int."""
   yy, xx = _grid_cache(size)
   image, bg = _background(rng, yy, xx, size)

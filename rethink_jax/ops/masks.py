@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from rethink_jax.ops.roi_align import _pool_flat
 
 
-def crop_masks_to_boxes(full_masks, boxes, size=112):
+def crop_masks_to_boxes(full_masks: jax.Array, boxes: jax.Array, size: int = 112) -> jax.Array:
   """Reference for the gt_masks representation (see module doc).
 
   Args:
@@ -85,7 +85,14 @@ def _sample_weights(start, length, num_bins, grid, max_grid, box_lo, box_len, cr
   return jnp.sum(mat, axis=2)
 
 
-def mask_targets(gt_masks, gt_boxes, rois, matched_gt, size=28, max_sampling_ratio=8):
+def mask_targets(
+  gt_masks: jax.Array,
+  gt_boxes: jax.Array,
+  rois: jax.Array,
+  matched_gt: jax.Array,
+  size: int = 28,
+  max_sampling_ratio: int = 8,
+) -> jax.Array:
   """Mask-head targets: each ROI's matched instance mask cropped to the ROI at size x size.
 
   Detectron2's rule (RoIAlign(aligned=True, sampling_ratio=0) of the binary mask at the ROI,
