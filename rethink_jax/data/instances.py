@@ -99,12 +99,6 @@ def counts_to_mask(counts: np.ndarray, height: int, width: int) -> np.ndarray:
   return np.repeat(values, counts).reshape(width, height).T
 
 
-def rle_to_counts(rle: dict) -> np.ndarray:
-  """A pycocotools (compressed) RLE dict -> (R,) int32 uncompressed counts."""
-  mask = mask_utils.decode(rle)
-  return mask_to_counts(mask)
-
-
 def coco_rle(mask: np.ndarray) -> dict:
   """(H, W) binary mask -> JSON-serializable compressed COCO RLE {"size", "counts": str}."""
   rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))

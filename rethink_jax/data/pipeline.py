@@ -281,34 +281,6 @@ def _check_config(data_config):
     raise ValueError("data.pixel_mean and data.pixel_std need 3 values each")
 
 
-def decode_masks(
-  counts: tf.Tensor, runs: tf.Tensor, height: tf.Tensor, width: tf.Tensor
-) -> tf.Tensor:
-  """Uncompressed RLEs -> masks, in the graph.
-
-  Args:
-    counts: (R,) int32 concatenated run lengths; runs: (n,) int32 runs per instance.
-    height, width: scalar int32.
-  Returns:
-    (n, height, width) uint8 in {0, 1}.
-  """
-  # Every instance's counts sum to h * w, so the running sum over all of them gives each run's
-  # [start, end) in the concatenated (n * h * w) pixels. Mark +1 / -1 where runs of ones start /
-  # end and integrate (tf.repeat would build an (R, max run) intermediate).
-  counts = tf.cast(counts, tf.int32)
-  ends = tf.cumsum(counts)
-  starts = ends - counts
-  ones = tf.equal(tf.ragged.range(runs).flat_values % 2, 1)
-  total = tf.shape(runs)[0] * height * width
-  pos = tf.concat([tf.boolean_mask(starts, ones), tf.boolean_mask(ends, ones)], 0)
-  delta = tf.concat(
-    [tf.ones_like(tf.boolean_mask(starts, ones)), -tf.ones_like(tf.boolean_mask(ends, ones))], 0
-  )
-  flat = tf.cumsum(tf.math.unsorted_segment_sum(delta, pos, total + 1))[:total]
-  masks = tf.reshape(tf.cast(flat, tf.uint8), [-1, width, height])  # COCO RLE is column-major
-  return tf.transpose(masks, [0, 2, 1])
-
-
 def _sample_taps(lo, hi, size, dim):
   """RoIAlign-style bilinear taps along one axis for S cell centres of [lo, hi] (pixel coords).
 
@@ -379,28 +351,6 @@ def crop_masks_from_rle(
 
   # searchsorted rejects empty batches.
   return tf.cond(n > 0, sample, lambda: tf.zeros([0, size, size], tf.uint8))
-
-
-def crop_masks(masks: tf.Tensor, boxes: tf.Tensor, size: int) -> tf.Tensor:
-  """crop_masks_from_rle for full masks (n, h, w) uint8 (same sampling; for tests and tools)."""
-  h = tf.shape(masks)[1]
-  w = tf.shape(masks)[2]
-  flat = tf.reshape(tf.transpose(masks, [0, 2, 1]), [tf.shape(masks)[0], -1])
-  # Run-length encode each row of `flat` (column-major masks) with a leading run of zeros.
-  change = tf.not_equal(flat[:, 1:], flat[:, :-1])
-  first = tf.not_equal(flat[:, :1], 0)
-  starts = tf.concat([first, change], axis=1)  # (n, hw): a run begins here (except a 0 at 0)
-  rows, cols = tf.unstack(tf.cast(tf.where(starts), tf.int32), axis=1)
-  hw = h * w
-  # Boundaries of each row: 0, the change positions, hw; counts are their differences.
-  per_row = tf.math.bincount(rows, minlength=tf.shape(masks)[0], dtype=tf.int32)
-  bounds = tf.RaggedTensor.from_row_lengths(cols, per_row)
-  zeros = tf.zeros([tf.shape(masks)[0], 1], tf.int32)
-  full = tf.concat([zeros, bounds, zeros + hw], axis=1)
-  counts = full[:, 1:] - full[:, :-1]
-  return crop_masks_from_rle(
-    counts.flat_values, counts.row_lengths(), h, w, tf.cast(boxes, tf.float32), size
-  )
 
 
 def _pad_to(x, length, axis=0):
@@ -586,7 +536,7 @@ def make_train_iterator(
   start_step: int = 0,
   process_index: int | None = None,
   process_count: int | None = None,
-) -> "TrainIterator":
+) -> TrainIterator:
   """The training iterator of this process (see the module docstring for order and sharding).
 
   Args:
@@ -626,31 +576,6 @@ def make_train_iterator(
   )
   preprocess = make_preprocess_fn(data_config, builder.info.features, train=True, seed=seed)
   return TrainIterator(_to_batches(ds, data_config, preprocess, b), start_step)
-
-
-def make_dataset(
-  data_config: ml_collections.ConfigDict,
-  split: str,
-  batch_size_per_process: int,
-  *,
-  seed: int = 0,
-  start_step: int = 0,
-  process_index: int | None = None,
-  process_count: int | None = None,
-) -> Iterator[dict[str, np.ndarray]]:
-  """The training iterator if split == data.train_split, else the eval iterator of `split`."""
-  if split == data_config.train_split:
-    return make_train_iterator(
-      data_config,
-      batch_size_per_process,
-      seed=seed,
-      start_step=start_step,
-      process_index=process_index,
-      process_count=process_count,
-    )
-  c = ml_collections.ConfigDict(data_config.to_dict(), type_safe=False)
-  c.eval_split = split
-  return make_eval_iterator(c, batch_size_per_process, process_index, process_count)
 
 
 def eval_records(

@@ -60,35 +60,6 @@ def _reference_crop(full, box, size):
   return _bilinear_clamped(full.astype(np.float64), ys[:, None], xs[None, :]) >= 0.5
 
 
-def test_decode_and_crop_masks_match_numpy():
-  rng = np.random.default_rng()
-  h, w, n, s = 23, 31, 3, 14
-  yy, xx = np.mgrid[0:h, 0:w]
-  masks = []
-  for _ in range(n):
-    cy, cx, r = rng.uniform(0, h), rng.uniform(0, w), rng.uniform(3, 10)
-    masks.append((yy - cy) ** 2 + (xx - cx) ** 2 <= r * r)
-  masks = np.stack(masks).astype(np.uint8)
-  counts = [instances.mask_to_counts(m) for m in masks]
-  dec = pipeline.decode_masks(
-    tf.constant(np.concatenate(counts)), tf.constant([len(c) for c in counts], tf.int32), h, w
-  ).numpy()
-  np.testing.assert_array_equal(dec, masks)
-  boxes = np.stack(
-    [
-      rng.uniform(-3, w / 2, n),
-      rng.uniform(-3, h / 2, n),
-      rng.uniform(w / 2 + 1, w + 3, n),
-      rng.uniform(h / 2 + 1, h + 3, n),
-    ],
-    1,
-  )
-  crops = pipeline.crop_masks(tf.constant(masks), tf.constant(boxes, tf.float32), s).numpy()
-  for m, bx, c in zip(masks, boxes, crops):
-    ref = _reference_crop(m, bx, s)
-    assert (ref != c).mean() <= 0.01, (bx, (ref != c).sum())
-
-
 def test_fixed_shapes_every_batch(tiny_config):
   c = tiny_config
   c.min_size = (48, 56, 64)  # "train aug": shorter side drawn per image
@@ -292,13 +263,13 @@ def test_crops_match_ops_reference(tiny_config):
   assert ref.size > 0 and diffs <= 0.002 * ref.size, (diffs, ref.size)
 
 
-def test_builder_overrides_and_make_dataset(tiny_config):
+def test_builder_overrides(tiny_config):
   c = tiny_config
   c.builder_overrides = {"num_train": 6, "num_validation": 2}
   b = pipeline.get_builder(c)  # generated on first use
   assert b.info.splits["train"].num_examples == 6
   assert b.builder_config.name == "tiny_num_train6_num_validation2"
-  ev = list(pipeline.make_dataset(c, "validation", 2, process_index=0, process_count=1))
+  ev = list(pipeline.make_eval_iterator(c, 2, process_index=0, process_count=1))
   assert len(ev) == 1 and ev[0]["valid"].all()
-  tr = pipeline.make_dataset(c, "train", 2, seed=0, process_index=0, process_count=1)
+  tr = pipeline.make_train_iterator(c, 2, seed=0, process_index=0, process_count=1)
   _check_batch(next(tr), 2)

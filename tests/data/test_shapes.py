@@ -86,4 +86,4 @@ def test_mask_counts_roundtrip():
     assert counts.sum() == h * w
     np.testing.assert_array_equal(instances.counts_to_mask(counts, h, w), m)
     rle = mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))
-    np.testing.assert_array_equal(instances.rle_to_counts(rle), counts)
+    np.testing.assert_array_equal(mask_utils.decode(rle), instances.counts_to_mask(counts, h, w))
