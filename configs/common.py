@@ -13,37 +13,36 @@ Every recipe file is `get_config(arg) -> ml_collections.ConfigDict` with these g
              at_start (evaluate the initial model too), at_end (evaluate after the last step),
   checkpoint every_steps, keep, async_save,
   reference  the paper's numbers for this recipe (documentation and comparisons only).
-Import from a recipe file as `from configs import common` (run from the repository root;
-rethink_jax.main puts the root on sys.path).
+Import from a recipe file as `from configs import common` (from the repository root, or anywhere
+after `pip install -e .`).
 """
+
 import ml_collections
 
+from rethink_jax.optim import ITERS_1X  # 1x at 16 images per step
+
 # Pixel formats (0..255 scale, in the channel order of input_format). See REFERENCE.md.
-DETECTRON_BGR = dict(input_format="BGR", pixel_mean=(103.530, 116.280, 123.675),
-                     pixel_std=(1.0, 1.0, 1.0))  # MSRA / FAIR Detectron weights (R-50-GN.pkl)
+DETECTRON_BGR = dict(
+  input_format="BGR", pixel_mean=(103.530, 116.280, 123.675), pixel_std=(1.0, 1.0, 1.0)
+)  # MSRA / FAIR Detectron weights (R-50-GN.pkl)
 # Detectron2's scratch configs: same mean, the ImageNet std (BGR order) so inputs are ~unit scale.
-SCRATCH_BGR = dict(input_format="BGR", pixel_mean=(103.530, 116.280, 123.675),
-                   pixel_std=(57.375, 57.120, 58.395))
-TORCHVISION_RGB = dict(input_format="RGB", pixel_mean=(123.675, 116.280, 103.530),
-                       pixel_std=(58.395, 57.120, 57.375))  # torchvision / timm weights
+SCRATCH_BGR = dict(
+  input_format="BGR", pixel_mean=(103.530, 116.280, 123.675), pixel_std=(57.375, 57.120, 58.395)
+)
+TORCHVISION_RGB = dict(
+  input_format="RGB", pixel_mean=(123.675, 116.280, 103.530), pixel_std=(58.395, 57.120, 57.375)
+)  # torchvision / timm weights
 
-# Table 1 of the paper (box AP, COCO val2017) and Table 2 (best schedule; box / mask AP).
+# Table 1 of the paper (box AP, COCO val2017).
 TABLE1_BOX_AP = {
-    (50, "scratch"): {2: 36.8, 3: 39.5, 4: 40.6, 5: 40.7, 6: 41.3},
-    (50, "pretrained"): {2: 40.3, 3: 40.8, 4: 40.9, 5: 40.9, 6: 41.1},
-    (101, "scratch"): {2: 38.2, 3: 41.0, 4: 41.8, 5: 42.2, 6: 42.7},
-    (101, "pretrained"): {2: 41.8, 3: 42.3, 4: 42.3, 5: 41.9, 6: 42.2},
+  (50, "scratch"): {2: 36.8, 3: 39.5, 4: 40.6, 5: 40.7, 6: 41.3},
+  (50, "pretrained"): {2: 40.3, 3: 40.8, 4: 40.9, 5: 40.9, 6: 41.1},
+  (101, "scratch"): {2: 38.2, 3: 41.0, 4: 41.8, 5: 42.2, 6: 42.7},
+  (101, "pretrained"): {2: 41.8, 3: 42.3, 4: 42.3, 5: 41.9, 6: 42.2},
 }
-TABLE2 = {  # box AP / AP50 / AP75, mask AP / AP50 / AP75 at the best schedule
-    (50, "scratch"): (41.3, 61.8, 45.6, 36.6, 59.0, 38.9),
-    (50, "pretrained"): (41.1, 61.7, 44.6, 36.4, 58.5, 38.7),
-    (101, "scratch"): (42.7, 62.9, 47.0, 37.6, 59.9, 39.7),
-    (101, "pretrained"): (42.3, 62.6, 46.2, 37.2, 59.7, 39.7),
-}
-ITERS_1X = 90_000  # at 16 images per step
 
 
-def parse_schedule_arg(arg, default):
+def parse_schedule_arg(arg: str | None, default: float | str) -> float:
   """The recipes' ARG: a schedule multiple ("3", "0.5") or iterations at batch 16 ("220k",
   "60000"). Returns the multiple (float). An empty ARG gives `default`."""
   arg = str(arg).strip() if arg not in (None, "") else str(default)
@@ -55,22 +54,33 @@ def parse_schedule_arg(arg, default):
   return value / ITERS_1X if value >= 1000 else value
 
 
-def optim_config(**overrides):
+def optim_config(**overrides) -> ml_collections.ConfigDict:
   """The paper's (Detectron's) optimizer: SGD 0.9, wd 1e-4, LR 0.02 at 16 images, warmup 500
   iterations from 1/3. No weight decay on norm parameters (Detectron2's scratch configs; kept for
   both arms so they differ only in initialization and schedule)."""
-  c = ml_collections.ConfigDict(dict(
-      base_lr=0.02, momentum=0.9, nesterov=False, weight_decay=1e-4, weight_decay_norm=0.0,
+  c = ml_collections.ConfigDict(
+    dict(
+      base_lr=0.02,
+      momentum=0.9,
+      nesterov=False,
+      weight_decay=1e-4,
+      weight_decay_norm=0.0,
       weight_decay_bias=ml_collections.FieldReference(None, field_type=float),
-      warmup_steps=500, warmup_factor=1.0 / 3.0, grad_clip_norm=0.0))
+      warmup_steps=500,
+      warmup_factor=1.0 / 3.0,
+      grad_clip_norm=0.0,
+    )
+  )
   c.update(overrides)
   return c
 
 
-def schedule_config(multiple, **overrides):
-  c = ml_collections.ConfigDict(dict(
-      multiple=float(multiple), base_batch_size=16, total_steps=0, decay_steps=(),
-      decay_factor=0.1))
+def schedule_config(multiple: float, **overrides) -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict(
+    dict(
+      multiple=float(multiple), base_batch_size=16, total_steps=0, decay_steps=(), decay_factor=0.1
+    )
+  )
   c.update(overrides)
   return c
 
@@ -78,6 +88,7 @@ def schedule_config(multiple, **overrides):
 def _data(**fields):
   """rethink_jax.data.pipeline.default_data_config() with `fields` set."""
   from rethink_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+
   d = pipeline.default_data_config().to_dict()
   d.update(fields)  # not ConfigDict.update: min_size may change from int to a tuple of choices
   for key in ("data_dir", "builder_config"):  # None, but settable from the command line
@@ -86,33 +97,71 @@ def _data(**fields):
   return ml_collections.ConfigDict(d)
 
 
-def coco_data(pixel, *, min_size=800, max_size=1333, num_train_images=0):
+def coco_data(
+  pixel: dict,
+  *,
+  min_size: int | tuple[int, ...] = 800,
+  max_size: int = 1333,
+  num_train_images: int = 0,
+) -> ml_collections.ConfigDict:
   """COCO 2017 instances (coco_instances builder): train2017 -> val2017.
 
   min_size: shorter side at training, one value, or the "train aug" choices (640, 672, ..., 800:
   Detectron2's multi-scale training, one per image); evaluation uses 800 (min_size_test).
   """
   return _data(
-      name="coco_instances", builder_config=None, train_split="train",
-      eval_split="validation", min_size=min_size, min_size_test=800, max_size=max_size,
-      pad_to=(1344, 1344),  # 1333 rounded up to a multiple of 32 (the FPN's coarsest stride)
-      max_instances=100, mask_size=112, flip_prob=0.5,
-      num_train_images=num_train_images, subset_seed=0, drop_empty_train=True,
-      num_parallel_calls=8, prefetch=2, **pixel)
+    name="coco_instances",
+    builder_config=None,
+    train_split="train",
+    eval_split="validation",
+    min_size=min_size,
+    min_size_test=800,
+    max_size=max_size,
+    pad_to=(1344, 1344),  # 1333 rounded up to a multiple of 32 (the FPN's coarsest stride)
+    max_instances=100,
+    mask_size=112,
+    flip_prob=0.5,
+    num_train_images=num_train_images,
+    subset_seed=0,
+    drop_empty_train=True,
+    num_parallel_calls=8,
+    prefetch=2,
+    **pixel,
+  )
 
 
-def shapes_data(builder_config="demo", image_size=128, pixel=None, **fields):
+def shapes_data(
+  builder_config: str = "demo", image_size: int = 128, pixel: dict | None = None, **fields
+) -> ml_collections.ConfigDict:
   """The synthetic shapes_instances set (data/shapes.py), generated offline on first use."""
   pixel = pixel or SCRATCH_BGR
   return _data(
-      name="shapes_instances", builder_config=builder_config, train_split="train",
-      eval_split="validation", min_size=image_size, min_size_test=image_size,
-      max_size=image_size, pad_to=(image_size, image_size), max_instances=16, mask_size=28,
-      flip_prob=0.5, num_train_images=0, subset_seed=0, drop_empty_train=True,
-      **dict(pixel, **fields))
+    name="shapes_instances",
+    builder_config=builder_config,
+    train_split="train",
+    eval_split="validation",
+    min_size=image_size,
+    min_size_test=image_size,
+    max_size=image_size,
+    pad_to=(image_size, image_size),
+    max_instances=16,
+    mask_size=28,
+    flip_prob=0.5,
+    num_train_images=0,
+    subset_seed=0,
+    drop_empty_train=True,
+    **dict(pixel, **fields),
+  )
 
 
-def base_config(model, data, multiple, *, batch_size=16, eval_every=0):
+def base_config(
+  model: ml_collections.ConfigDict,
+  data: ml_collections.ConfigDict,
+  multiple: float,
+  *,
+  batch_size: int = 16,
+  eval_every: int = 0,
+) -> ml_collections.ConfigDict:
   """The groups every recipe has. eval_every=0: twice per 1x of the schedule (an AP curve)."""
   c = ml_collections.ConfigDict()
   c.seed = 0
@@ -124,8 +173,7 @@ def base_config(model, data, multiple, *, batch_size=16, eval_every=0):
   c.schedule = schedule_config(multiple)
   c.eval_every = eval_every or int(round(ITERS_1X / 2 * 16 / batch_size))
   c.log_every = 20
-  c.eval = ml_collections.ConfigDict(dict(batch_size=8, num_images=0, at_start=False,
-                                          at_end=True))
+  c.eval = ml_collections.ConfigDict(dict(batch_size=8, num_images=0, at_start=False, at_end=True))
   c.checkpoint = ml_collections.ConfigDict(dict(every_steps=5000, keep=3, async_save=True))
   c.reference = ml_collections.ConfigDict()
   return c
@@ -134,8 +182,15 @@ def base_config(model, data, multiple, *, batch_size=16, eval_every=0):
 TRAIN_AUG_SIZES = (640, 672, 704, 736, 768, 800)  # "train aug": shorter side in [640, 800]
 
 
-def coco_mask_rcnn(*, depth=50, norm="GN", pretrained=False, multiple=3.0, min_size=800,
-                   num_train_images=0):
+def coco_mask_rcnn(
+  *,
+  depth: int = 50,
+  norm: str = "GN",
+  pretrained: bool = False,
+  multiple: float = 3.0,
+  min_size: int | tuple[int, ...] = 800,
+  num_train_images: int = 0,
+) -> ml_collections.ConfigDict:
   """Mask R-CNN R-{depth}-FPN with `norm` everywhere (ResNet, FPN, 4conv1fc box head, mask head),
   trained from random init or fine-tuned from ImageNet weights (the paper's Section 4 recipe).
 
@@ -143,6 +198,7 @@ def coco_mask_rcnn(*, depth=50, norm="GN", pretrained=False, multiple=3.0, min_s
   norms trained), stride in the 3x3 conv (FAIR's GN weights), no zero-init of residual norms.
   """
   from rethink_jax.models import mask_rcnn  # pylint: disable=g-import-not-at-top
+
   m = mask_rcnn.default_model_config()
   m.num_classes = 80
   m.backbone.depth = depth
@@ -160,8 +216,9 @@ def coco_mask_rcnn(*, depth=50, norm="GN", pretrained=False, multiple=3.0, min_s
     pixel = DETECTRON_BGR if norm == "GN" else TORCHVISION_RGB
   else:
     pixel = SCRATCH_BGR
-  c = base_config(m, coco_data(pixel, min_size=min_size, num_train_images=num_train_images),
-                  multiple)
+  c = base_config(
+    m, coco_data(pixel, min_size=min_size, num_train_images=num_train_images), multiple
+  )
   arm = "pretrained" if pretrained else "scratch"
   # Fine-tuning: set --config.init_from=DIR, a backbone checkpoint (convert.save_backbone's
   # output); train.py refuses to fine-tune from nothing (config.require_init_from).
@@ -169,8 +226,11 @@ def coco_mask_rcnn(*, depth=50, norm="GN", pretrained=False, multiple=3.0, min_s
   c.require_init_from = bool(pretrained)
   table = TABLE1_BOX_AP.get((depth, arm), {}) if norm == "GN" and min_size == 800 else {}
   mult = c.schedule.multiple
-  c.reference = ml_collections.ConfigDict(dict(
+  c.reference = ml_collections.ConfigDict(
+    dict(
       source="Rethinking ImageNet Pre-training, Table 1 (box AP, COCO val2017)",
       arm=arm,
-      bbox_AP=table.get(int(mult), -1.0) if float(mult).is_integer() else -1.0))
+      bbox_AP=table.get(int(mult), -1.0) if float(mult).is_integer() else -1.0,
+    )
+  )
   return c

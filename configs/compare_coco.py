@@ -15,21 +15,27 @@ unit is computed here, so pass --config.batch_size only together with
 Reference box AP (paper, Table 1, R50): random init 2x 36.8, 3x 39.5, 4x 40.6, 5x 40.7, 6x 41.3;
 pre-trained 2x 40.3, 3x 40.8. Mask AP at the best schedule: 36.6 (scratch) vs 36.4 (pre-trained).
 """
+
 import ml_collections
 
 from configs import common
 
 
-def get_config(arg=None):
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   del arg
   c = common.coco_mask_rcnn(depth=50, norm="GN", pretrained=False, multiple=6)
   c.require_init_from = False
   unit = int(round(common.ITERS_1X * 16 / c.batch_size))
-  c.compare = ml_collections.ConfigDict(dict(
-      unit_steps=unit, finetune_multiples=(1, 2, 3), scratch_multiples=(2, 3, 4, 5, 6),
+  c.compare = ml_collections.ConfigDict(
+    dict(
+      unit_steps=unit,
+      finetune_multiples=(1, 2, 3),
+      scratch_multiples=(2, 3, 4, 5, 6),
       pretrained_backbone="",
       # The fine-tune arm reads pixels as FAIR's ImageNet GN weights expect (BGR, std 1); the
       # scratch arm keeps Detectron2's scratch normalization. Nothing else differs.
       finetune_overrides={"data": dict(common.DETECTRON_BGR), "require_init_from": True},
-      scratch_overrides={}))
+      scratch_overrides={},
+    )
+  )
   return c

@@ -25,30 +25,42 @@ COCO AP in percent on the 200 validation images): whole run 16.7 min; pre-traini
 26.2 / 37.9 / 44.3 / 51.7 at 1x / 2x / 3x / 4x (box 57.6 at 4x); scratch arm (6x = 2400): segm AP
 17.7 / 25.9 / 40.9 / 46.8 / 60.6 at 1x / 2x / 3x / 4x / 6x (box 66.5 at 6x). Both targets are met.
 """
+
 import ml_collections
 
 from configs import common
 
 
-def demo_model(num_classes=4, norm="GN"):
+def demo_model(num_classes: int = 4, norm: str = "GN") -> ml_collections.ConfigDict:
   """R-18-FPN-GN Mask R-CNN sized for 128 x 128 images on a CPU."""
   from rethink_jax.models import mask_rcnn  # pylint: disable=g-import-not-at-top
+
   m = mask_rcnn.default_model_config()
   m.num_classes = num_classes
-  m.backbone.update(depth=18, norm=norm, width=16, num_groups=8, freeze_at=0,
-                    stride_in_1x1=False)
+  m.backbone.update(depth=18, norm=norm, width=16, num_groups=8, freeze_at=0, stride_in_1x1=False)
   m.fpn.update(out_channels=64, norm=norm)
   # Objects are 10-90 px: anchors of 16..256 px on P2..P6.
   m.anchors.sizes = ((16,), (32,), (64,), (128,), (256,))
-  m.rpn.update(pre_nms_topk_train=300, pre_nms_topk_test=200, post_nms_topk_train=64,
-               post_nms_topk_test=50, batch_size_per_image=64)
+  m.rpn.update(
+    pre_nms_topk_train=300,
+    pre_nms_topk_test=200,
+    post_nms_topk_train=64,
+    post_nms_topk_test=50,
+    batch_size_per_image=64,
+  )
   m.roi_heads.update(batch_size_per_image=32, detections_per_image=20, test_candidates=200)
   m.box_head.update(name="4conv1fc", num_conv=2, conv_dim=64, num_fc=1, fc_dim=256, norm=norm)
   m.mask_head.update(num_conv=2, conv_dim=64, norm=norm, max_fg_rois=8)
   return m
 
 
-def compare_config(*, unit_steps, finetune_multiples, scratch_multiples, pretrain):
+def compare_config(
+  *,
+  unit_steps: int,
+  finetune_multiples: tuple[float, ...],
+  scratch_multiples: tuple[float, ...],
+  pretrain: dict,
+) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.unit_steps = unit_steps
   c.finetune_multiples = tuple(finetune_multiples)
@@ -60,7 +72,7 @@ def compare_config(*, unit_steps, finetune_multiples, scratch_multiples, pretrai
   return c
 
 
-def get_config(arg=None):
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   del arg
   batch = 4
   # The 128 x 128 shapes_instances/demo images, resized to 96 x 96 (objects ~8-68 px).
@@ -80,13 +92,25 @@ def get_config(arg=None):
   c.checkpoint.keep = 1
   c.reference = ml_collections.ConfigDict()
   c.compare = compare_config(
-      unit_steps=unit, finetune_multiples=(1, 2, 3, 4), scratch_multiples=(1, 2, 3, 4, 6),
-      pretrain=dict(
-          # Shape classification under random colours and textures is slow to start: top-1 stays
-          # near chance for ~1000 steps, then climbs (measured: 13% after 800 steps on 3000
-          # images, 53% after 6000 on 10000).
-          optimizer="adamw", steps=4500, batch_size=32, base_lr=0.003, weight_decay=1e-4,
-          warmup_steps=200, log_every=250,
-          data=dict(builder_config="demo", image_size=48,
-                    builder_overrides={"image_size": 48, "num_train": 10000})))
+    unit_steps=unit,
+    finetune_multiples=(1, 2, 3, 4),
+    scratch_multiples=(1, 2, 3, 4, 6),
+    pretrain=dict(
+      # Shape classification under random colours and textures is slow to start: top-1 stays
+      # near chance for ~1000 steps, then climbs (measured: 13% after 800 steps on 3000
+      # images, 53% after 6000 on 10000).
+      optimizer="adamw",
+      steps=4500,
+      batch_size=32,
+      base_lr=0.003,
+      weight_decay=1e-4,
+      warmup_steps=200,
+      log_every=250,
+      data=dict(
+        builder_config="demo",
+        image_size=48,
+        builder_overrides={"image_size": 48, "num_train": 10000},
+      ),
+    ),
+  )
   return c

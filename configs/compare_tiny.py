@@ -8,12 +8,13 @@ shapes_instances/tiny (64 x 64, 24 train / 8 validation images); pre-training ru
 trains 2x (8 iterations), the scratch arm 3x (12), evaluating every 4. Used by
 tests/test_compare.py; expect AP near 0.
 """
+
 import ml_collections
 
 from configs import tiny_shapes
 
 
-def get_config(arg=None):
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   del arg
   unit = 4
   c = tiny_shapes.get_config(str(unit))
@@ -23,11 +24,24 @@ def get_config(arg=None):
   c.log_every = 2
   c.checkpoint.every_steps = 0
   c.checkpoint.keep = 1
-  c.compare = ml_collections.ConfigDict(dict(
-      unit_steps=unit, finetune_multiples=(1, 2), scratch_multiples=(1, 2, 3),
+  c.compare = ml_collections.ConfigDict(
+    dict(
+      unit_steps=unit,
+      finetune_multiples=(1, 2),
+      scratch_multiples=(1, 2, 3),
       pretrained_backbone="",
       pretrain=dict(
-          steps=10, batch_size=8, base_lr=0.02, warmup_steps=2, log_every=5,
-          data=dict(builder_config="tiny", image_size=32,
-                    builder_overrides={"image_size": 32, "num_train": 64, "num_validation": 16}))))
+        steps=10,
+        batch_size=8,
+        base_lr=0.02,
+        warmup_steps=2,
+        log_every=5,
+        data=dict(
+          builder_config="tiny",
+          image_size=32,
+          builder_overrides={"image_size": 32, "num_train": 64, "num_validation": 16},
+        ),
+      ),
+    )
+  )
   return c

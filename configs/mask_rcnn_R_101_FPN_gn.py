@@ -14,10 +14,13 @@ norm, stride and pixel format must match the config (the trainer names the field
 Reference box AP (paper, Table 1): 2x 41.8, 3x 42.3, 4x 42.3, 5x 41.9, 6x 42.2.
 Best schedule (Table 2): box 42.3 / 62.6 / 46.2, mask 37.2 / 59.7 / 39.7 (AP / AP50 / AP75).
 """
+
+import ml_collections
+
 from configs import common
 
 
-def get_config(arg=None):
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   return common.coco_mask_rcnn(
-      depth=101, norm="GN", pretrained=True,
-      multiple=common.parse_schedule_arg(arg, 2))
+    depth=101, norm="GN", pretrained=True, multiple=common.parse_schedule_arg(arg, 2)
+  )

@@ -15,10 +15,13 @@ Reference box AP (paper, Table 1): 2x 40.3, 3x 40.8, 4x 40.9, 5x 40.9, 6x 41.1.
 Best schedule (Table 2): box 41.1 / 61.7 / 44.6, mask 36.4 / 58.5 / 38.7 (AP / AP50 / AP75).
 Detectron2 mask_rcnn_R_50_FPN_3x_gn: 42.6 / 38.6.
 """
+
+import ml_collections
+
 from configs import common
 
 
-def get_config(arg=None):
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   return common.coco_mask_rcnn(
-      depth=50, norm="GN", pretrained=True,
-      multiple=common.parse_schedule_arg(arg, 2))
+    depth=50, norm="GN", pretrained=True, multiple=common.parse_schedule_arg(arg, 2)
+  )

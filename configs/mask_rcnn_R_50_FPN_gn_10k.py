@@ -14,10 +14,17 @@ norm, stride and pixel format must match the config (the trainer names the field
 Reference (paper, Section 5): pre-trained 26.0 box AP at 60k iterations (it overfits when
 trained longer) vs scratch 25.9 at 220k.
 """
+
+import ml_collections
+
 from configs import common
 
 
-def get_config(arg=None):
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   return common.coco_mask_rcnn(
-      depth=50, norm="GN", pretrained=True,
-      multiple=common.parse_schedule_arg(arg, '60k'), num_train_images=10000)
+    depth=50,
+    norm="GN",
+    pretrained=True,
+    multiple=common.parse_schedule_arg(arg, "60k"),
+    num_train_images=10000,
+  )

@@ -13,10 +13,17 @@ norm, stride and pixel format must match the config (the trainer names the field
 
 The paper trains this variant 6x fine-tuned and 9x from scratch.
 """
+
+import ml_collections
+
 from configs import common
 
 
-def get_config(arg=None):
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   return common.coco_mask_rcnn(
-      depth=50, norm="GN", pretrained=True,
-      multiple=common.parse_schedule_arg(arg, 6), min_size=common.TRAIN_AUG_SIZES)
+    depth=50,
+    norm="GN",
+    pretrained=True,
+    multiple=common.parse_schedule_arg(arg, 6),
+    min_size=common.TRAIN_AUG_SIZES,
+  )

@@ -14,10 +14,13 @@ norm, stride and pixel format must match the config (the trainer names the field
 The paper's Figure 5 (SyncBN curves); no table number. Pixel format: torchvision's (RGB,
 ImageNet mean/std); convert the weights with rethink_jax.convert.
 """
+
+import ml_collections
+
 from configs import common
 
 
-def get_config(arg=None):
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   return common.coco_mask_rcnn(
-      depth=50, norm="SyncBN", pretrained=True,
-      multiple=common.parse_schedule_arg(arg, 2))
+    depth=50, norm="SyncBN", pretrained=True, multiple=common.parse_schedule_arg(arg, 2)
+  )

@@ -12,10 +12,13 @@ Random initialization: nothing frozen, every norm trained, no ImageNet weights.
 Reference box AP (paper, Table 1): 2x 38.2, 3x 41.0, 4x 41.8, 5x 42.2, 6x 42.7.
 Best schedule (Table 2): box 42.7 / 62.9 / 47.0, mask 37.6 / 59.9 / 39.7 (AP / AP50 / AP75).
 """
+
+import ml_collections
+
 from configs import common
 
 
-def get_config(arg=None):
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   return common.coco_mask_rcnn(
-      depth=101, norm="GN", pretrained=False,
-      multiple=common.parse_schedule_arg(arg, 6))
+    depth=101, norm="GN", pretrained=False, multiple=common.parse_schedule_arg(arg, 6)
+  )

@@ -14,10 +14,13 @@ Best schedule (6x, Table 2): box 41.3 / 61.8 / 45.6, mask 36.6 / 59.0 / 38.9 (AP
 Others: Detectron scratch 3x 39.5 / 35.2; Detectron2 scratch_mask_rcnn_R_50_FPN_3x_gn 39.9 / 36.6;
 MMDetection GN-all scratch 6x 41.2 / 37.4.
 """
+
+import ml_collections
+
 from configs import common
 
 
-def get_config(arg=None):
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   return common.coco_mask_rcnn(
-      depth=50, norm="GN", pretrained=False,
-      multiple=common.parse_schedule_arg(arg, 6))
+    depth=50, norm="GN", pretrained=False, multiple=common.parse_schedule_arg(arg, 6)
+  )

@@ -13,10 +13,17 @@ Reference (paper, Section 5): scratch 25.9 box AP at 220k iterations vs pre-trai
 60k (the pre-trained model overfits when trained longer). Hyper-parameters were grid-searched
 on the pre-trained arm and reused; the recipe's defaults are used here.
 """
+
+import ml_collections
+
 from configs import common
 
 
-def get_config(arg=None):
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   return common.coco_mask_rcnn(
-      depth=50, norm="GN", pretrained=False,
-      multiple=common.parse_schedule_arg(arg, '220k'), num_train_images=10000)
+    depth=50,
+    norm="GN",
+    pretrained=False,
+    multiple=common.parse_schedule_arg(arg, "220k"),
+    num_train_images=10000,
+  )

@@ -2,10 +2,10 @@ r"""The paper's comparison: random initialization vs pre-training + fine-tuning.
 
 Runs the two arms of "Rethinking ImageNet Pre-training" on the same data and the same evaluation:
 
-- fine-tune arm: a backbone pre-trained on a classification set (on the embedded default, pre-trained
-  in this run on `shapes_classification` by rethink_jax/pretrain.py; on COCO, converted ImageNet
-  weights given as `config.compare.pretrained_backbone`), then the detector trained with the short
-  schedules (`config.compare.finetune_multiples`);
+- fine-tune arm: a backbone pre-trained on a classification set (on the embedded default,
+  pre-trained in this run on `shapes_classification` by rethink_jax/pretrain.py; on COCO,
+  converted ImageNet weights given as `config.compare.pretrained_backbone`), then the detector
+  trained with the short schedules (`config.compare.finetune_multiples`);
 - scratch arm: the same detector from random initialization with the longer schedules
   (`config.compare.scratch_multiples`).
 
@@ -29,15 +29,20 @@ Outputs in --workdir:
   curves.png    AP versus iterations of both arms with the schedule multiples marked (Figure 1)
   pretrain/, finetune/, scratch/   the runs' own workdirs (checkpoints, TensorBoard events).
 """
+
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 import copy
 import json
 import math
 import os
 import sys
 import time
-from typing import Any, Iterable, Sequence
+
+import ml_collections
+
+from rethink_jax import files
 
 ARMS = ("finetune", "scratch")
 METRICS = ("bbox/AP", "segm/AP")
@@ -96,14 +101,20 @@ def results_markdown(results: dict) -> str:
   if results.get("command"):
     lines += [f"Command: `{results['command']}`", ""]
   if results.get("partial"):
-    lines += ["**Partial report**: the evaluations the arms had written when it was made (they "
-              "were still running or had been stopped); a schedule not reached yet shows `–`.", ""]
+    lines += [
+      "**Partial report**: the evaluations the arms had written when it was made (they "
+      "were still running or had been stopped); a schedule not reached yet shows `–`.",
+      "",
+    ]
   if results.get("wall_s") is not None:
     lines += [f"Total wall time: {results['wall_s'] / 60:.1f} min.", ""]
-  lines += [f"Schedule unit: 1x = {unit} iterations"
-            + (f" at batch {results['batch_size']}" if results.get("batch_size") else "")
-            + ". Each arm is one run to its longest schedule; the AP at kx is its evaluation at"
-            " iteration k x unit.", ""]
+  lines += [
+    f"Schedule unit: 1x = {unit} iterations"
+    + (f" at batch {results['batch_size']}" if results.get("batch_size") else "")
+    + ". Each arm is one run to its longest schedule; the AP at kx is its evaluation at"
+    " iteration k x unit.",
+    "",
+  ]
 
   for key in METRICS:
     lines += [f"## {key} at each schedule (Table 1)", ""]
@@ -122,17 +133,27 @@ def results_markdown(results: dict) -> str:
     lines.append("")
 
   lines += ["## Best of each arm (Table 2)", ""]
-  extra = [k for k in ("bbox/AP50", "bbox/AP75", "segm/AP50", "segm/AP75")
-           if any(k in p for r in arms.values() for p in r["curve"])]
-  keys = ["bbox/AP", *[k for k in extra if k.startswith("bbox")], "segm/AP",
-          *[k for k in extra if k.startswith("segm")]]
+  extra = [
+    k
+    for k in ("bbox/AP50", "bbox/AP75", "segm/AP50", "segm/AP75")
+    if any(k in p for r in arms.values() for p in r["curve"])
+  ]
+  keys = [
+    "bbox/AP",
+    *[k for k in extra if k.startswith("bbox")],
+    "segm/AP",
+    *[k for k in extra if k.startswith("segm")],
+  ]
   lines.append("| arm | " + " | ".join(keys) + " | at iteration | images seen | wall (min) |")
   lines.append("| --- |" + " --- |" * (len(keys) + 3))
   for arm, r in arms.items():
     best = max(r["curve"], key=lambda p: (p.get("segm/AP") or 0.0, p["step"]))
-    lines.append(f"| {_LABELS.get(arm, arm)} | " + " | ".join(_fmt(best.get(k)) for k in keys)
-                 + f" | {best['step']} | {best.get('images_seen', '–')} | "
-                 + f"{best.get('wall_s', float('nan')) / 60:.1f} |")
+    lines.append(
+      f"| {_LABELS.get(arm, arm)} | "
+      + " | ".join(_fmt(best.get(k)) for k in keys)
+      + f" | {best['step']} | {best.get('images_seen', '–')} | "
+      + f"{best.get('wall_s', float('nan')) / 60:.1f} |"
+    )
   lines.append("")
 
   if all(a in arms for a in ARMS):
@@ -144,36 +165,48 @@ def results_markdown(results: dict) -> str:
     sc_last = max(p["step"] for p in sc["curve"])
     for key in METRICS:
       if ft_last < ft_end or sc_last < sc_end:
-        lines.append(f"- {key}: not available yet (fine-tune arm evaluated up to iteration "
-                     f"{ft_last} of {ft_end}, scratch arm up to {sc_last} of {sc_end})")
+        lines.append(
+          f"- {key}: not available yet (fine-tune arm evaluated up to iteration "
+          f"{ft_last} of {ft_end}, scratch arm up to {sc_last} of {sc_end})"
+        )
         continue
       a, b = ap_at(ft["curve"], ft_end, key), ap_at(sc["curve"], sc_end, key)
       gap = None if a is None or b is None else b - a
-      lines.append(f"- {key}: random init at {max(sc['multiples']):g}x = {_fmt(b)}, "
-                   f"pre-trained at {max(ft['multiples']):g}x = {_fmt(a)}, "
-                   f"gap (scratch - pre-trained) = {'–' if gap is None else f'{gap:+.1f}'}")
+      lines.append(
+        f"- {key}: random init at {max(sc['multiples']):g}x = {_fmt(b)}, "
+        f"pre-trained at {max(ft['multiples']):g}x = {_fmt(a)}, "
+        f"gap (scratch - pre-trained) = {'–' if gap is None else f'{gap:+.1f}'}"
+      )
     ft_1 = int(round(min(ft["multiples"]) * unit))
     for key in METRICS:
       a = ap_at(ft["curve"], ft_1, key)
       if a is None or ft_last < ft_1:
         continue
       hit = first_step_reaching(sc["curve"], key, a)
-      where = (f"at iteration {hit['step']} ({hit['step'] / unit:.2f}x)" if hit
-               else "not within its schedule")
-      lines.append(f"- random init reaches the pre-trained arm's {min(ft['multiples']):g}x "
-                   f"{key} ({_fmt(a)}) {where}")
+      where = (
+        f"at iteration {hit['step']} ({hit['step'] / unit:.2f}x)"
+        if hit
+        else "not within its schedule"
+      )
+      lines.append(
+        f"- random init reaches the pre-trained arm's {min(ft['multiples']):g}x "
+        f"{key} ({_fmt(a)}) {where}"
+      )
     lines.append("")
 
   pre = arms.get("finetune", {}).get("pretrain")
   if pre:
     lines += ["## Pre-training", ""]
-    lines.append(", ".join(f"{k}: {v:.4g}" if isinstance(v, float) else f"{k}: {v}"
-                           for k, v in pre.items()))
+    lines.append(
+      ", ".join(f"{k}: {v:.4g}" if isinstance(v, float) else f"{k}: {v}" for k, v in pre.items())
+    )
     lines.append("")
   for arm, r in arms.items():
     if r.get("wall_s") is not None:
-      lines.append(f"- {arm}: {len(r['curve'])} evaluations, training + evaluation wall time "
-                   f"{r['wall_s'] / 60:.1f} min")
+      lines.append(
+        f"- {arm}: {len(r['curve'])} evaluations, training + evaluation wall time "
+        f"{r['wall_s'] / 60:.1f} min"
+      )
   lines.append("")
   return "\n".join(lines)
 
@@ -187,6 +220,7 @@ def plot_curves(results: dict, path: str) -> None:
   Vertical dotted lines mark the schedule multiples (1x, 2x, ...), as in the paper's Figure 1.
   """
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
@@ -197,12 +231,26 @@ def plot_curves(results: dict, path: str) -> None:
   for ax, key in zip(axes[0], METRICS):
     for arm, r in arms.items():
       pts = sorted((p for p in r["curve"] if p.get(key) is not None), key=lambda p: p["step"])
-      ax.plot([p["step"] for p in pts], [p[key] for p in pts], marker="o", markersize=3,
-              color=_COLORS.get(arm), label=_LABELS.get(arm, arm))
+      ax.plot(
+        [p["step"] for p in pts],
+        [p[key] for p in pts],
+        marker="o",
+        markersize=3,
+        color=_COLORS.get(arm),
+        label=_LABELS.get(arm, arm),
+      )
     for m in range(1, int(math.ceil(max_mult)) + 1):
       ax.axvline(m * unit, color="gray", linestyle=":", linewidth=0.8)
-      ax.text(m * unit, 1.0, f"{m}x", transform=ax.get_xaxis_transform(), ha="center",
-              va="bottom", fontsize=8, color="gray")
+      ax.text(
+        m * unit,
+        1.0,
+        f"{m}x",
+        transform=ax.get_xaxis_transform(),
+        ha="center",
+        va="bottom",
+        fontsize=8,
+        color="gray",
+      )
     ax.set_xlabel("iterations")
     ax.set_ylabel(key.replace("/", " ") + " (%)")
     ax.set_xlim(0, max_mult * unit * 1.02)
@@ -217,28 +265,19 @@ def plot_curves(results: dict, path: str) -> None:
 
 def write_report(results: dict, workdir: str) -> None:
   """Writes results.json, results.md and curves.png of `results` into `workdir`."""
-  os.makedirs(workdir, exist_ok=True)
-  tmp = os.path.join(workdir, "results.json.tmp")
-  with open(tmp, "w") as f:
-    json.dump(results, f, indent=1, default=_json_default)
-  os.replace(tmp, os.path.join(workdir, "results.json"))
-  with open(os.path.join(workdir, "results.md"), "w") as f:
-    f.write(results_markdown(results))
+  files.write_json(os.path.join(workdir, "results.json"), results, indent=1)
+  files.atomic_write(os.path.join(workdir, "results.md"), results_markdown(results))
   if any(r.get("curve") for r in results["arms"].values()):
     plot_curves(results, os.path.join(workdir, "curves.png"))
 
 
-def _json_default(x: Any):
-  if hasattr(x, "tolist"):
-    return x.tolist()
-  if isinstance(x, (set, frozenset)):
-    return sorted(x)
-  return str(x)
-
-
 def load_results(workdir: str) -> dict:
-  with open(os.path.join(workdir, "results.json")) as f:
-    return json.load(f)
+  """The results.json dict that write_report wrote into `workdir`."""
+  path = os.path.join(workdir, "results.json")
+  results = files.read_json(path)
+  if results is None:
+    raise FileNotFoundError(f"{path} not found")
+  return results
 
 
 def merge_results(parts: Sequence[dict]) -> dict:
@@ -267,11 +306,15 @@ def merge_results(parts: Sequence[dict]) -> dict:
 # --------------------------------------------------------------------------------------------
 def decay_steps(total_steps: int, unit_steps: int) -> tuple[int, int]:
   """The paper's rule: x0.1 at the last 60k and the last 20k of any schedule (1x = 90k)."""
-  return (max(0, total_steps - int(round(unit_steps * 60 / 90))),
-          max(0, total_steps - int(round(unit_steps * 20 / 90))))
+  return (
+    max(0, total_steps - int(round(unit_steps * 60 / 90))),
+    max(0, total_steps - int(round(unit_steps * 20 / 90))),
+  )
 
 
-def arm_config(config, arm: str, init_from: str | None = None):
+def arm_config(
+  config: ml_collections.ConfigDict, arm: str, init_from: str | None = None
+) -> ml_collections.ConfigDict:
   """The trainer config of one arm: schedule length, LR decays, init_from, eval_every.
 
   Args:
@@ -288,26 +331,13 @@ def arm_config(config, arm: str, init_from: str | None = None):
   with c.unlocked():
     overrides = cc.get(f"{arm}_overrides", None)
     if overrides:
-      _apply_overrides(c, overrides)
+      c.update(overrides)  # recurses into nested ConfigDicts
     if arm == "scratch":
       c.require_init_from = False
     _set_schedule(c, total, decay_steps(total, cc.unit_steps))
     c.init_from = init_from or ""
     del c["compare"]
   return c
-
-
-def _apply_overrides(c, overrides) -> None:
-  """Recursively sets the (nested dict / ConfigDict) `overrides` into config `c`."""
-  if hasattr(overrides, "to_dict"):
-    overrides = overrides.to_dict()
-  for key, value in overrides.items():
-    if hasattr(value, "to_dict"):
-      value = value.to_dict()
-    if isinstance(value, dict) and key in c and hasattr(c[key], "keys"):
-      _apply_overrides(c[key], value)
-    else:
-      c[key] = value
 
 
 def _set_schedule(c, total: int, decays: tuple[int, int]) -> None:
@@ -318,32 +348,32 @@ def _set_schedule(c, total: int, decays: tuple[int, int]) -> None:
 
 
 def _curve_of(workdir: str) -> list[dict]:
-  path = os.path.join(workdir, "eval_curve.json")
-  if not os.path.exists(path):
-    return []
-  with open(path) as f:
-    curve = json.load(f)
-  if isinstance(curve, dict):  # tolerate {"curve": [...]}
-    curve = curve.get("curve", [])
-  return sorted(curve, key=lambda p: p["step"])
+  """The trainer's evaluations in `workdir`, sorted by step ([] before the first one)."""
+  from rethink_jax import train  # pylint: disable=g-import-not-at-top
+
+  return sorted(train.read_curve(workdir), key=lambda p: p["step"])
 
 
 def _config_dict(c) -> dict:
-  return json.loads(json.dumps(c.to_dict(), default=_json_default))
+  """The config as plain JSON values (tuples as lists, references resolved)."""
+  return json.loads(c.to_json())
 
 
-def run_pretrain(config, workdir: str) -> tuple[str, dict]:
+def run_pretrain(config: ml_collections.ConfigDict, workdir: str) -> tuple[str, dict]:
   """The embedded pre-training arm (or the given converted backbone). Returns (dir, info)."""
   given = config.compare.get("pretrained_backbone", "")
   if given:
     from rethink_jax import convert  # pylint: disable=g-import-not-at-top
+
     _, meta = convert.load_backbone(given)
     _log(f"fine-tune arm starts from the given backbone {given} (source: {meta.get('source')})")
     return given, {"backbone": given, "source": meta.get("source")}
   from rethink_jax import pretrain  # pylint: disable=g-import-not-at-top
+
   out = os.path.join(workdir, "pretrain", "backbone")
   if os.path.exists(os.path.join(out, "meta.json")):
     from rethink_jax import convert  # pylint: disable=g-import-not-at-top
+
     _, meta = convert.load_backbone(out)
     _log(f"reusing the pre-trained backbone in {out} (top-1 {meta.get('top1')})")
   else:
@@ -351,40 +381,60 @@ def run_pretrain(config, workdir: str) -> tuple[str, dict]:
     t0 = time.time()
     meta = pretrain.pretrain(pretrain.pretrain_config(config), os.path.join(workdir, "pretrain"))
     meta = dict(meta, wall_s=time.time() - t0)
-  info = {k: meta[k] for k in ("source", "top1", "steps", "wall_s", "num_classes")
-          if k in meta}
+  info = {k: meta[k] for k in ("source", "top1", "steps", "wall_s", "num_classes") if k in meta}
   return out, info
 
 
-def run_arm(config, arm: str, workdir: str, init_from: str | None = None) -> dict:
+def run_arm(
+  config: ml_collections.ConfigDict, arm: str, workdir: str, init_from: str | None = None
+) -> dict:
   """Trains and evaluates one arm; returns its results entry."""
   from rethink_jax import train  # pylint: disable=g-import-not-at-top
+
   c = arm_config(config, arm, init_from)
   arm_dir = os.path.join(workdir, arm)
   multiples = list(config.compare[f"{arm}_multiples"])
-  _log(f"arm {arm}: {c.schedule.total_steps} iterations ({max(multiples):g}x of "
-       f"{config.compare.unit_steps}), LR decays at {tuple(c.schedule.decay_steps)}, "
-       f"evaluation every {c.eval_every}, init_from={c.init_from or 'random'}; workdir {arm_dir}")
+  _log(
+    f"arm {arm}: {c.schedule.total_steps} iterations ({max(multiples):g}x of "
+    f"{config.compare.unit_steps}), LR decays at {tuple(c.schedule.decay_steps)}, "
+    f"evaluation every {c.eval_every}, init_from={c.init_from or 'random'}; workdir {arm_dir}"
+  )
   t0 = time.time()
   train.train_and_evaluate(c, arm_dir)
   curve = _curve_of(arm_dir)
   if not curve:
     raise RuntimeError(f"arm {arm}: the trainer wrote no {arm_dir}/eval_curve.json")
   last = curve[-1]
-  _log(f"arm {arm} done in {(time.time() - t0) / 60:.1f} min: step {last['step']} bbox AP "
-       f"{_fmt(last.get('bbox/AP'))} segm AP {_fmt(last.get('segm/AP'))}")
-  return {"config": _config_dict(c), "multiples": multiples,
-          "unit_steps": int(config.compare.unit_steps), "curve": curve,
-          "wall_s": time.time() - t0, "workdir": arm_dir}
+  _log(
+    f"arm {arm} done in {(time.time() - t0) / 60:.1f} min: step {last['step']} bbox AP "
+    f"{_fmt(last.get('bbox/AP'))} segm AP {_fmt(last.get('segm/AP'))}"
+  )
+  return {
+    "config": _config_dict(c),
+    "multiples": multiples,
+    "unit_steps": int(config.compare.unit_steps),
+    "curve": curve,
+    "wall_s": time.time() - t0,
+    "workdir": arm_dir,
+  }
 
 
-def run(config, workdir: str, arms: Iterable[str] = ARMS, command: str | None = None) -> dict:
+def run(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  arms: Iterable[str] = ARMS,
+  command: str | None = None,
+) -> dict:
   """Runs the requested arms (fine-tune first: it includes pre-training), writing the report
   after each arm so partial results are readable while the next arm runs."""
   t0 = time.time()
-  results = {"unit_steps": int(config.compare.unit_steps), "workdir": workdir,
-             "command": command, "arms": {},
-             "batch_size": config.get("batch_size", None)}
+  results = {
+    "unit_steps": int(config.compare.unit_steps),
+    "workdir": workdir,
+    "command": command,
+    "arms": {},
+    "batch_size": config.get("batch_size", None),
+  }
   for arm in [a for a in ARMS if a in arms]:
     if arm == "finetune":
       t_pre = time.time()
@@ -397,33 +447,46 @@ def run(config, workdir: str, arms: Iterable[str] = ARMS, command: str | None = 
     results["arms"][arm] = r
     results["wall_s"] = time.time() - t0
     write_report(results, workdir)
-  _log(f"comparison done in {(time.time() - t0) / 60:.1f} min; report: "
-       f"{os.path.join(workdir, 'results.md')}, {os.path.join(workdir, 'curves.png')}")
+  _log(
+    f"comparison done in {(time.time() - t0) / 60:.1f} min; report: "
+    f"{os.path.join(workdir, 'results.md')}, {os.path.join(workdir, 'curves.png')}"
+  )
   print(results_markdown(results), flush=True)
   return results
 
 
-def report_progress(config, workdir: str, command: str | None = None) -> dict:
+def report_progress(
+  config: ml_collections.ConfigDict, workdir: str, command: str | None = None
+) -> dict:
   """Rebuilds the report from the arms' eval_curve.json files in `workdir` as they are now:
   readable while the arms are still training (or after a run was stopped)."""
-  results = {"unit_steps": int(config.compare.unit_steps), "workdir": workdir,
-             "command": command, "arms": {}, "batch_size": config.get("batch_size", None),
-             "partial": True}
+  results = {
+    "unit_steps": int(config.compare.unit_steps),
+    "workdir": workdir,
+    "command": command,
+    "arms": {},
+    "batch_size": config.get("batch_size", None),
+    "partial": True,
+  }
   for arm in ARMS:
     arm_dir = os.path.join(workdir, arm)
     curve = _curve_of(arm_dir)
     if not curve:
       continue
     c = arm_config(config, arm)
-    r = {"config": _config_dict(c), "multiples": list(config.compare[f"{arm}_multiples"]),
-         "unit_steps": int(config.compare.unit_steps), "curve": curve, "workdir": arm_dir,
-         "wall_s": curve[-1].get("wall_s")}
-    meta_path = os.path.join(workdir, "pretrain", "backbone", "meta.json")
-    if arm == "finetune" and os.path.exists(meta_path):
-      with open(meta_path) as f:
-        meta = json.load(f)
-      r["pretrain"] = {k: meta[k] for k in ("source", "top1", "steps", "wall_s", "num_classes")
-                       if k in meta}
+    r = {
+      "config": _config_dict(c),
+      "multiples": list(config.compare[f"{arm}_multiples"]),
+      "unit_steps": int(config.compare.unit_steps),
+      "curve": curve,
+      "workdir": arm_dir,
+      "wall_s": curve[-1].get("wall_s"),
+    }
+    meta = files.read_json(os.path.join(workdir, "pretrain", "backbone", "meta.json"))
+    if arm == "finetune" and meta is not None:
+      r["pretrain"] = {
+        k: meta[k] for k in ("source", "top1", "steps", "wall_s", "num_classes") if k in meta
+      }
     results["arms"][arm] = r
   write_report(results, workdir)
   return results
@@ -434,7 +497,9 @@ def report_progress(config, workdir: str, command: str | None = None) -> dict:
 # --------------------------------------------------------------------------------------------
 def main(argv: Sequence[str]) -> None:
   from absl import flags  # pylint: disable=g-import-not-at-top
+
   from rethink_jax import runtime  # pylint: disable=g-import-not-at-top
+
   FLAGS = flags.FLAGS  # pylint: disable=invalid-name
   del argv
   runtime.configure()
@@ -453,26 +518,42 @@ def main(argv: Sequence[str]) -> None:
   if FLAGS.config is None:
     raise flags.ValidationError("--config is required unless --merge is given")
   if FLAGS.report_only:
-    res = report_progress(FLAGS.config, FLAGS.workdir,
-                          command=" ".join(["python -m rethink_jax.compare", *sys.argv[1:]]))
+    res = report_progress(
+      FLAGS.config,
+      FLAGS.workdir,
+      command=" ".join(["python -m rethink_jax.compare", *sys.argv[1:]]),
+    )
     print(results_markdown(res), flush=True)
     return
   arms = ARMS if FLAGS.arm == "both" else (FLAGS.arm,)
-  run(FLAGS.config, FLAGS.workdir, arms,
-      command=" ".join(["python -m rethink_jax.compare", *sys.argv[1:]]))
+  run(
+    FLAGS.config,
+    FLAGS.workdir,
+    arms,
+    command=" ".join(["python -m rethink_jax.compare", *sys.argv[1:]]),
+  )
 
 
 def _define_flags() -> None:
   from absl import flags  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  config_flags.DEFINE_config_file("config", None, "compare config file (configs/compare_*.py)",
-                                  lock_config=False)
+
+  config_flags.DEFINE_config_file(
+    "config", None, "compare config file (configs/compare_*.py)", lock_config=False
+  )
   flags.DEFINE_string("workdir", None, "output directory", required=True)
   flags.DEFINE_enum("arm", "both", ["both", *ARMS], "which arm(s) to run")
-  flags.DEFINE_bool("report_only", False, "only rebuild the report from the evaluations the "
-                    "arms in --workdir have written so far (while they run, or after a stop)")
-  flags.DEFINE_multi_string("merge", None, "merge results.json of these dirs (give twice or "
-                            "space-separated after --merge) into --workdir")
+  flags.DEFINE_bool(
+    "report_only",
+    False,
+    "only rebuild the report from the evaluations the "
+    "arms in --workdir have written so far (while they run, or after a stop)",
+  )
+  flags.DEFINE_multi_string(
+    "merge",
+    None,
+    "merge results.json of these dirs (give twice or space-separated after --merge) into --workdir",
+  )
 
 
 def _split_merge_args(argv: list[str]) -> list[str]:
@@ -492,9 +573,6 @@ def _split_merge_args(argv: list[str]) -> list[str]:
 
 if __name__ == "__main__":
   from absl import app  # pylint: disable=g-import-not-at-top
-  # Config files import `from configs import common`: put the repository root on the path.
-  _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  if os.path.isdir(os.path.join(_ROOT, "configs")) and _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
+
   _define_flags()
   app.run(main, argv=_split_merge_args(sys.argv))

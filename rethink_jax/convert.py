@@ -19,7 +19,6 @@ Backbone checkpoint directories (also written by pre-training, read by the train
 
 import argparse
 import hashlib
-import json
 import os
 import re
 import shutil
@@ -29,6 +28,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from rethink_jax import files
 from rethink_jax import safe_pickle
 
 SOURCES = ("timm", "torchvision", "detectron", "detectron2")
@@ -58,18 +58,6 @@ def _to_numpy_tree(tree: Any) -> Any:
   return np.asarray(tree)
 
 
-def _jsonable(x: Any) -> Any:
-  if isinstance(x, dict):
-    return {str(k): _jsonable(v) for k, v in x.items()}
-  if isinstance(x, (list, tuple)):
-    return [_jsonable(v) for v in x]
-  if isinstance(x, np.ndarray):
-    return x.tolist()
-  if isinstance(x, np.generic):
-    return x.item()
-  return x
-
-
 def save_backbone(directory: str, variables: dict, meta: dict, overwrite: bool = True) -> str:
   """Writes DIR/variables (orbax PyTree checkpoint of numpy arrays) and DIR/meta.json atomically.
 
@@ -94,8 +82,7 @@ def save_backbone(directory: str, variables: dict, meta: dict, overwrite: bool =
   old = None
   try:
     ocp.PyTreeCheckpointer().save(os.path.join(tmp, "variables"), _to_numpy_tree(dict(variables)))
-    with open(os.path.join(tmp, "meta.json"), "w") as f:
-      json.dump(_jsonable(meta), f, indent=2, sort_keys=True)
+    files.write_json(os.path.join(tmp, "meta.json"), meta, indent=2, sort_keys=True)
     if os.path.exists(directory):
       old = tempfile.mkdtemp(prefix=os.path.basename(directory) + ".old-", dir=parent)
       os.rename(directory, os.path.join(old, "d"))
@@ -117,11 +104,10 @@ def load_backbone(directory: str) -> tuple[dict, dict]:
 
   directory = os.path.abspath(directory)
   meta_path = os.path.join(directory, "meta.json")
-  if not os.path.isfile(meta_path):
+  meta = files.read_json(meta_path)
+  if meta is None:
     raise FileNotFoundError(f"{meta_path} not found: not a backbone checkpoint directory "
                             "(write one with `python -m rethink_jax.convert`).")
-  with open(meta_path) as f:
-    meta = json.load(f)
   variables = ocp.PyTreeCheckpointer().restore(os.path.join(directory, "variables"))
   variables = _to_numpy_tree(variables)
   return variables, meta

@@ -3,16 +3,17 @@
 JAX runs one process per host (multi-controller): every host runs the same program, sees all the
 devices of the job through jax.devices() and its own through jax.local_devices(), reads its own
 shard of the data, and joins the collectives of every jitted step. The processes find each other
-through jax.distributed.initialize(), which `initialize` below calls when
+through jax.distributed.initialize(), which `initialize` below calls
 
-  * the coordinator is given explicitly (flags --coordinator_address / --num_processes /
+  * with the coordinator given explicitly (flags --coordinator_address / --num_processes /
     --process_id of rethink_jax.main, or the environment variables JAX_COORDINATOR_ADDRESS,
-    JAX_NUM_PROCESSES, JAX_PROCESS_ID): any cluster, e.g. several GPU nodes without SLURM;
-  * the job runs under SLURM with more than one task (srun): JAX reads the job from SLURM_*;
-  * the host is a Cloud TPU VM (TPU devices under /dev and libtpu installed): JAX reads the slice
-    from the TPU metadata, the same command on every worker (gcloud ... ssh --worker=all);
+    JAX_NUM_PROCESSES, JAX_PROCESS_ID): any cluster, e.g. several GPU nodes without a launcher;
+  * otherwise without arguments, so that JAX's own cluster detection finds the job: SLURM (srun),
+    Cloud TPU VMs and GKE (the slice from the TPU metadata, the same command on every worker),
+    Open MPI, Kubernetes;
 
-and does nothing on a single process (a laptop, one GPU box, CI). Afterwards:
+and does nothing on a single process (a laptop, one GPU box, CI: JAX detects no cluster).
+Afterwards:
 
   from rethink_jax import distributed
   info = distributed.initialize()          # {"mode", "process_index", "process_count"}
@@ -22,8 +23,7 @@ and does nothing on a single process (a laptop, one GPU box, CI). Afterwards:
 Processes on CPU (tests: several processes on one machine) exchange data through gloo, JAX's
 default CPU collectives ("jax_cpu_collectives_implementation").
 """
-import glob
-import importlib.util
+
 import os
 from typing import Optional
 
@@ -32,8 +32,6 @@ from absl import logging
 _ENV_COORDINATOR = "JAX_COORDINATOR_ADDRESS"
 _ENV_NUM_PROCESSES = "JAX_NUM_PROCESSES"
 _ENV_PROCESS_ID = "JAX_PROCESS_ID"
-_SLURM_VARS = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID",
-               "SLURM_LOCALID")
 
 
 def _env_int(name: str) -> Optional[int]:
@@ -41,26 +39,14 @@ def _env_int(name: str) -> Optional[int]:
   return int(value) if value else None
 
 
-def detect_cluster(environ=None) -> Optional[str]:
-  """Which launcher started this process, from the environment only (no device is touched).
-
-  Returns "slurm" (srun with more than one task), "cloud_tpu" (a Cloud TPU VM with libtpu), or
-  None (a single process, or a launcher that needs explicit flags).
-  """
-  env = os.environ if environ is None else environ
-  if all(v in env for v in _SLURM_VARS) and int(env.get("SLURM_NTASKS", "1") or 1) > 1:
-    return "slurm"
-  # TPU VMs expose their chips as /dev/accel* (v2-v4) or /dev/vfio/<n> (v5e, v5p, v6e).
-  has_tpu = bool(glob.glob("/dev/accel[0-9]*") or glob.glob("/dev/vfio/[0-9]*"))
-  skip = env.get("TPU_SKIP_MDS_QUERY") is not None and "TPU_WORKER_HOSTNAMES" not in env
-  if environ is None and has_tpu and not skip and importlib.util.find_spec("libtpu") is not None:
-    return "cloud_tpu"
-  return None
-
-
-def initialize(coordinator_address: Optional[str] = None, num_processes: Optional[int] = None,
-               process_id: Optional[int] = None, *, auto: bool = True, force: bool = False,
-               initialization_timeout: int = 300) -> dict:
+def initialize(
+  coordinator_address: Optional[str] = None,
+  num_processes: Optional[int] = None,
+  process_id: Optional[int] = None,
+  *,
+  auto: bool = True,
+  initialization_timeout: int = 300,
+) -> dict:
   """Joins this process to the job (jax.distributed.initialize) when there is a job to join.
 
   Call it first, before jax.devices(), the first jit or anything else that starts a backend.
@@ -71,17 +57,17 @@ def initialize(coordinator_address: Optional[str] = None, num_processes: Optiona
       JAX_PROCESS_ID from the environment.
     num_processes: number of processes of the job (usually one per host).
     process_id: this process's index, 0..num_processes-1; process 0 hosts the coordinator.
-    auto: detect SLURM and Cloud TPU (detect_cluster) when no coordinator is given.
-    force: call jax.distributed.initialize() even when detect_cluster finds nothing, letting
-      JAX's own detection find the job (Open MPI, mpi4py, Kubernetes/GKE, ...).
+    auto: without a coordinator, let JAX's cluster detection find the job (SLURM, Cloud TPU,
+      Open MPI, Kubernetes); a single process when it finds none.
     initialization_timeout: seconds to wait for every process to join.
   Returns:
-    {"mode": "explicit" | "slurm" | "cloud_tpu" | "already" | "single",
+    {"mode": "explicit" | "auto" | "already" | "single",
      "process_index": int, "process_count": int}.
   Raises:
     ValueError: a coordinator without num_processes / process_id, or an id out of range.
   """
   import jax  # pylint: disable=g-import-not-at-top
+
   coordinator_address = coordinator_address or os.environ.get(_ENV_COORDINATOR) or None
   if num_processes is None:
     num_processes = _env_int(_ENV_NUM_PROCESSES)
@@ -93,35 +79,52 @@ def initialize(coordinator_address: Optional[str] = None, num_processes: Optiona
   elif coordinator_address:
     if num_processes is None or process_id is None:
       raise ValueError(
-          f"coordinator_address={coordinator_address!r} needs num_processes and process_id "
-          f"(got {num_processes}, {process_id}); set --num_processes and --process_id")
+        f"coordinator_address={coordinator_address!r} needs num_processes and process_id "
+        f"(got {num_processes}, {process_id}); set --num_processes and --process_id"
+      )
     if not 0 <= process_id < num_processes:
       raise ValueError(f"process_id={process_id} not in [0, num_processes={num_processes})")
     mode = "explicit"
     if num_processes > 1:
-      jax.distributed.initialize(coordinator_address=coordinator_address,
-                                 num_processes=num_processes, process_id=process_id,
-                                 initialization_timeout=initialization_timeout)
+      jax.distributed.initialize(
+        coordinator_address=coordinator_address,
+        num_processes=num_processes,
+        process_id=process_id,
+        initialization_timeout=initialization_timeout,
+      )
     else:
       mode = "single"
   elif (num_processes or 1) > 1:
-    raise ValueError(f"num_processes={num_processes} needs a coordinator_address (host:port of "
-                     "process 0)")
+    raise ValueError(
+      f"num_processes={num_processes} needs a coordinator_address (host:port of process 0)"
+    )
+  elif auto and _join_detected_cluster(initialization_timeout):
+    mode = "auto"
   else:
-    mode = detect_cluster() if auto else None
-    if mode is None and force:
-      mode = "jax_auto"
-    if mode is not None:
-      # JAX finds the coordinator, process count and id (SLURM, TPU metadata, MPI, k8s).
-      jax.distributed.initialize(initialization_timeout=initialization_timeout)
-    else:
-      mode = "single"
+    mode = "single"
   info = dict(mode=mode, process_index=jax.process_index(), process_count=jax.process_count())
-  if mode not in ("single", "already") and jax.process_count() > 1 and (
-      jax.default_backend() == "cpu"):
+  if (
+    mode not in ("single", "already")
+    and jax.process_count() > 1
+    and (jax.default_backend() == "cpu")
+  ):
     _warm_up_cpu_collectives()
   logging.info("distributed: %s", info)
   return info
+
+
+def _join_detected_cluster(initialization_timeout: int) -> bool:
+  """jax.distributed.initialize() with JAX's cluster detection; False when it finds no cluster."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  try:
+    jax.distributed.initialize(initialization_timeout=initialization_timeout)
+  except ValueError as e:
+    # Nothing detected: JAX names the argument it could not fill ("... should be defined").
+    if "defined" not in str(e) or jax.distributed.is_initialized():
+      raise
+    return False
+  return True
 
 
 def _warm_up_cpu_collectives(timeout_s: int = 600) -> None:
@@ -136,20 +139,26 @@ def _warm_up_cpu_collectives(timeout_s: int = 600) -> None:
   long as `timeout_s`), so that arrival skew later on is harmless.
   """
   import jax  # pylint: disable=g-import-not-at-top
+  from jax.sharding import Mesh  # pylint: disable=g-import-not-at-top
+  from jax.sharding import NamedSharding  # pylint: disable=g-import-not-at-top
+  from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from jax._src import distributed as jax_distributed  # pylint: disable=g-import-not-at-top
-  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
-  client = jax_distributed.global_state.client
-  firsts = [min((d for d in jax.devices() if d.process_index == p), key=lambda d: d.id)
-            for p in range(jax.process_count())]
+  from orbax.checkpoint import multihost  # pylint: disable=g-import-not-at-top
+
+  # The coordination service's barrier (not a collective: those are what is being set up here).
+  barrier = multihost.get_barrier_sync_fn()
+  firsts = [
+    min((d for d in jax.devices() if d.process_index == p), key=lambda d: d.id)
+    for p in range(jax.process_count())
+  ]
   for i, devices in enumerate((jax.devices(), firsts)):
     mesh = Mesh(np.asarray(devices), ("d",))
     mine = [d for d in devices if d.process_index == jax.process_index()]
     x = jax.make_array_from_process_local_data(
-        NamedSharding(mesh, P("d")), np.ones((len(mine),), np.float32), (len(devices),))
+      NamedSharding(mesh, P("d")), np.ones((len(mine),), np.float32), (len(devices),)
+    )
     total = jax.jit(lambda v: v.sum(), out_shardings=NamedSharding(mesh, P())).lower(x).compile()
-    if client is not None:
-      client.wait_at_barrier(f"rethink_jax_warm_up_{i}", timeout_s * 1000)
+    barrier(key=f"rethink_jax_warm_up_{i}", timeout_ms=timeout_s * 1000)
     got = int(np.asarray(total(x)))
     if got != len(devices):
       raise RuntimeError(f"all-reduce over {len(devices)} devices gave {got}")
@@ -158,20 +167,24 @@ def _warm_up_cpu_collectives(timeout_s: int = 600) -> None:
 def is_main_process() -> bool:
   """True on process 0: the one that writes logs, curves and reports for people to read."""
   import jax  # pylint: disable=g-import-not-at-top
+
   return jax.process_index() == 0
 
 
 def sync(name: str) -> None:
   """A barrier: returns once every process got here (a no-op on one process)."""
   import jax  # pylint: disable=g-import-not-at-top
+
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
     multihost_utils.sync_global_devices(name)
 
 
 def free_port() -> int:
   """A free TCP port on this machine (for a local coordinator in tests and demos)."""
   import socket  # pylint: disable=g-import-not-at-top
+
   with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
     s.bind(("127.0.0.1", 0))
     return s.getsockname()[1]

@@ -5,17 +5,20 @@ Metric names (percent, 0..100; NaN where COCOeval reports -1, e.g. no ground tru
   "<type>/AR1", "<type>/AR10", "<type>/AR100", "<type>/ARs", "<type>/ARm", "<type>/ARl"
 for <type> in ("bbox", "segm").
 
-Masks are pasted with Detectron2's rule (rethink_jax.ops.masks.paste_masks(method="detectron2")):
-each pixel centre of the original image is mapped into the real-valued box, the M x M mask is read
-bilinearly with zero padding outside it, and the pixel is on when the value >= 0.5. Pasting is done
-in NumPy per detection on the box's window only (two small matmuls, no per-pixel Python), because
-original image sizes vary and a jitted paste would recompile for every size.
+Masks are pasted with Detectron2's rule (paste_masks_in_image): each pixel centre of the original
+image is mapped into the real-valued box, the M x M mask is read bilinearly with zero padding
+outside it, and the pixel is on when the value >= 0.5. Pasting runs in NumPy on the host, per
+detection on the box's window only: original image sizes vary (a jitted paste would recompile for
+every size) and a whole-image paste does the work of every pixel for every mask.
 """
+
+from collections.abc import Callable, Iterable, Sequence
 import contextlib
 import copy
 import io
 import json
 import os
+from typing import Any
 
 from absl import logging
 import numpy as np
@@ -23,11 +26,25 @@ from pycocotools import coco as coco_lib
 from pycocotools import cocoeval
 from pycocotools import mask as mask_utils
 
-METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl",
-                "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+from rethink_jax import files
+
+METRIC_NAMES = (
+  "AP",
+  "AP50",
+  "AP75",
+  "APs",
+  "APm",
+  "APl",
+  "AR1",
+  "AR10",
+  "AR100",
+  "ARs",
+  "ARm",
+  "ARl",
+)
 
 
-def _paste_weights(lo, hi, start, num, mask_size):
+def _paste_weights(lo: float, hi: float, start: int, num: int, mask_size: int) -> np.ndarray:
   """(num, M) interpolation weights of pixels start..start+num-1 into a box [lo, hi] of M cells."""
   centers = np.arange(start, start + num, dtype=np.float64) + 0.5
   u = (centers - lo) / max(hi - lo, 1e-6) * mask_size - 0.5
@@ -41,8 +58,10 @@ def _paste_weights(lo, hi, start, num, mask_size):
   return weights
 
 
-def paste_mask(mask, box, image_hw, threshold=0.5):
-  """Pastes one mask into its box of an image.
+def paste_mask(
+  mask: np.ndarray, box: Sequence[float], image_hw: Sequence[int], threshold: float = 0.5
+) -> tuple[tuple[int, int, int, int], np.ndarray]:
+  """Pastes one mask into its box of an image (Detectron2's rule, see the module doc).
 
   Args:
     mask: (M, M) float probabilities.
@@ -67,23 +86,42 @@ def paste_mask(mask, box, image_hw, threshold=0.5):
     return (0, 0, 0, 0), np.zeros((0, 0), bool)
   wy = _paste_weights(y1, y2, y0, y1_ - y0, m)
   wx = _paste_weights(x1, x2, x0, x1_ - x0, m)
-  # einsum without `optimize` runs its own loops: BLAS matmuls this small spend more time in
-  # thread hand-offs than in arithmetic (8x slower on a busy 2-core machine).
+  # einsum without `optimize` runs its own loops: BLAS matmuls this small cost more in thread
+  # hand-offs than in arithmetic.
   rows = np.einsum("ys,st->yt", wy, mask)
   return (y0, y1_, x0, x1_), np.einsum("yt,xt->yx", rows, wx) >= threshold
 
 
-def paste_masks_numpy(masks, boxes, image_hw, threshold=0.5):
-  """Full-image pasting of R masks: (R, M, M), (R, 4) -> (R, h, w) bool (for tests and users)."""
+def paste_masks(
+  masks: np.ndarray, boxes: np.ndarray, image_hw: Sequence[int], threshold: float = 0.5
+) -> np.ndarray:
+  """Pastes R masks into whole images.
+
+  Args:
+    masks: (R, M, M) float probabilities.
+    boxes: (R, 4) xyxy in the image's pixels.
+    image_hw: (h, w) of the image.
+    threshold: pixel on when the interpolated value >= threshold.
+  Returns:
+    (h, w, R) uint8 in {0, 1}, Fortran-ordered: the layout pycocotools' mask.encode takes.
+  """
+  masks = np.asarray(masks, np.float32)
+  boxes = np.asarray(boxes, np.float64)
+  if masks.ndim != 3 or boxes.shape != (len(masks), 4):
+    raise ValueError(
+      f"paste_masks needs masks (R, M, M) and boxes (R, 4), got {masks.shape} and {boxes.shape}"
+    )
   h, w = int(image_hw[0]), int(image_hw[1])
-  out = np.zeros((len(masks), h, w), bool)
-  for r, (m, b) in enumerate(zip(masks, boxes)):
-    (y0, y1, x0, x1), local = paste_mask(m, b, (h, w), threshold)
-    out[r, y0:y1, x0:x1] = local
+  out = np.zeros((h, w, len(masks)), np.uint8, order="F")
+  for r, (mask, box) in enumerate(zip(masks, boxes)):
+    (y0, y1, x0, x1), local = paste_mask(mask, box, (h, w), threshold)
+    out[y0:y1, x0:x1, r] = local
   return out
 
 
-def detections_to_coco(dets, batch, category_ids, mask_threshold=0.5):
+def detections_to_coco(
+  dets: dict, batch: dict, category_ids: Sequence[int], mask_threshold: float = 0.5
+) -> list[dict]:
   """Fixed-shape detections of one batch -> COCO result dicts (padding dropped).
 
   Args:
@@ -100,8 +138,9 @@ def detections_to_coco(dets, batch, category_ids, mask_threshold=0.5):
   scores = np.asarray(dets["scores"], np.float64)
   classes = np.asarray(dets["classes"])
   if boxes.ndim != 3 or boxes.shape[-1] != 4 or scores.shape != boxes.shape[:2]:
-    raise ValueError(f"detections need boxes (B, D, 4) and scores (B, D), got {boxes.shape} and "
-                     f"{scores.shape}")
+    raise ValueError(
+      f"detections need boxes (B, D, 4) and scores (B, D), got {boxes.shape} and {scores.shape}"
+    )
   num = np.asarray(dets.get("num_detections", np.full(boxes.shape[0], boxes.shape[1])))
   masks = dets.get("masks")
   masks = None if masks is None else np.asarray(masks, np.float32)
@@ -121,34 +160,32 @@ def detections_to_coco(dets, batch, category_ids, mask_threshold=0.5):
     orig = np.clip(orig, 0.0, [w, h, w, h])
     rles = [None] * len(keep)
     if masks is not None and len(keep):
-      # One Fortran-ordered (h, w, n) array and one pycocotools call per image.
-      full = np.zeros((h, w, len(keep)), np.uint8, order="F")
-      for i, (k, box) in enumerate(zip(keep, orig)):
-        (y0, y1, x0, x1), local = paste_mask(masks[b, k], box, (h, w), mask_threshold)
-        full[y0:y1, x0:x1, i] = local
-      rles = mask_utils.encode(full)
+      rles = mask_utils.encode(paste_masks(masks[b, keep], orig, (h, w), mask_threshold))
       for rle in rles:
         rle["counts"] = rle["counts"].decode("ascii")
     for i, (k, box) in enumerate(zip(keep, orig)):
-      res = {"image_id": image_id,
-             "category_id": int(category_ids[classes[b, k] - 1]),
-             "bbox": [float(box[0]), float(box[1]), float(box[2] - box[0]),
-                      float(box[3] - box[1])],
-             "score": float(scores[b, k])}
+      res = {
+        "image_id": image_id,
+        "category_id": int(category_ids[classes[b, k] - 1]),
+        "bbox": [float(box[0]), float(box[1]), float(box[2] - box[0]), float(box[3] - box[1])],
+        "score": float(scores[b, k]),
+      }
       if rles[i] is not None:
         res["segmentation"] = rles[i]
       results.append(res)
   return results
 
 
-def _load_gt(coco_gt):
+def _load_gt(coco_gt: Any) -> coco_lib.COCO:
   if isinstance(coco_gt, (str, os.PathLike)):
     with contextlib.redirect_stdout(io.StringIO()):
       return coco_lib.COCO(os.fspath(coco_gt))
   return coco_gt
 
 
-def coco_metrics(coco_gt, results, iou_types=("bbox", "segm")):
+def coco_metrics(
+  coco_gt: Any, results: list[dict], iou_types: Sequence[str] = ("bbox", "segm")
+) -> dict[str, float]:
   """Scores COCO results with pycocotools' COCOeval.
 
   Args:
@@ -183,26 +220,36 @@ def coco_metrics(coco_gt, results, iou_types=("bbox", "segm")):
   return metrics
 
 
-def gather_results(results):
+def gather_results(results: list[dict]) -> list[dict]:
   """All processes' result lists, concatenated on every process (identity on one process)."""
   import jax  # pylint: disable=g-import-not-at-top
+
   if jax.process_count() == 1:
     return results
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
   payload = np.frombuffer(json.dumps(results).encode(), np.uint8)
   sizes = np.asarray(multihost_utils.process_allgather(np.array([payload.size], np.int64)))
   sizes = sizes.reshape(-1)
   buf = np.zeros(int(sizes.max()), np.uint8)
-  buf[:payload.size] = payload
+  buf[: payload.size] = payload
   every = np.asarray(multihost_utils.process_allgather(buf)).reshape(len(sizes), -1)
   out = []
   for p, n in enumerate(sizes):
-    out.extend(json.loads(every[p, :int(n)].tobytes().decode()))
+    out.extend(json.loads(every[p, : int(n)].tobytes().decode()))
   return out
 
 
-def evaluate(predict_fn, eval_iterator, coco_gt, category_ids, *, iou_types=None,
-             output_json=None, mask_threshold=0.5):
+def evaluate(
+  predict_fn: Callable[[dict], dict],
+  eval_iterator: Iterable[dict],
+  coco_gt: Any,
+  category_ids: Sequence[int],
+  *,
+  iou_types: Sequence[str] | None = None,
+  output_json: str | None = None,
+  mask_threshold: float = 0.5,
+) -> dict[str, float]:
   """Runs predict_fn over the eval iterator and scores the detections.
 
   Args:
@@ -218,6 +265,7 @@ def evaluate(predict_fn, eval_iterator, coco_gt, category_ids, *, iou_types=None
     the metrics dict of coco_metrics (the same on every process).
   """
   import jax  # pylint: disable=g-import-not-at-top
+
   results = []
   has_masks = False
   for batch in eval_iterator:
@@ -231,12 +279,11 @@ def evaluate(predict_fn, eval_iterator, coco_gt, category_ids, *, iou_types=None
   metrics = {}
   if jax.process_index() == 0:
     if output_json:
-      os.makedirs(os.path.dirname(os.fspath(output_json)) or ".", exist_ok=True)
-      with open(output_json, "w") as f:
-        json.dump(results, f)
+      files.write_json(output_json, results)
     metrics = coco_metrics(coco_gt, results, iou_types)
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
     names = [f"{t}/{n}" for t in iou_types for n in METRIC_NAMES]
     values = np.asarray([metrics.get(n, 0.0) for n in names], np.float64)
     values = np.asarray(multihost_utils.broadcast_one_to_all(values))

@@ -8,32 +8,20 @@ Examples:
       --workdir runs/scratch_3x --config.batch_size=64
 
 Multi-host (TPU pod slices, SLURM, several GPU nodes): run the same command on every host.
-rethink_jax.distributed.initialize() joins the hosts: automatically on Cloud TPU VMs and under
-SLURM (srun, more than one task), explicitly with --coordinator_address=HOST:PORT
---num_processes=N --process_id=K elsewhere, and with --multihost JAX's own discovery (Open MPI,
-Kubernetes). Starting the command again with the same --workdir resumes from the last
-checkpoint.
+rethink_jax.distributed.initialize() joins the hosts: through JAX's cluster detection (Cloud TPU
+VMs, SLURM, Open MPI, Kubernetes), or explicitly with --coordinator_address=HOST:PORT
+--num_processes=N --process_id=K elsewhere. Starting the command again with the same --workdir
+resumes from the last checkpoint. Recipes import `from configs import common`: run from the
+repository root or after `pip install -e .`.
 """
-import os
-import sys
-
 from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-# Recipes import their shared pieces as `from configs import common`: put the repository root
-# (the directory above this package) on the path.
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if os.path.isdir(os.path.join(_ROOT, "configs")) and _ROOT not in sys.path:
-  sys.path.insert(0, _ROOT)
-
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "A recipe file configs/FILE.py[:ARG].", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and curves.")
-_MULTIHOST = flags.DEFINE_bool(
-    "multihost", False, "Call jax.distributed.initialize() even when neither Cloud TPU nor SLURM "
-    "is detected (JAX's own cluster discovery: Open MPI, mpi4py, Kubernetes).")
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None, "host:port of process 0 (jax.distributed.initialize).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
@@ -41,17 +29,16 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def main(argv):
+def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   # Before anything touches the backend (jax.devices(), the first jit): join the other hosts
-  # (explicit flags / JAX_* env, SLURM and Cloud TPU detected; a no-op on one process).
+  # (explicit flags / JAX_* env, or JAX's cluster detection; a no-op on one process).
   from rethink_jax import runtime  # pylint: disable=g-import-not-at-top
   runtime.configure()
   import jax  # pylint: disable=g-import-not-at-top
   from rethink_jax import distributed  # pylint: disable=g-import-not-at-top
-  distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
-                         force=_MULTIHOST.value)
+  distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   from rethink_jax import train  # pylint: disable=g-import-not-at-top
   logging.info("JAX process %d / %d, devices %s", jax.process_index(), jax.process_count(),
                jax.devices())

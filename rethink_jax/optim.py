@@ -12,8 +12,11 @@ Detectron's recipe, which "Rethinking ImageNet Pre-training" keeps for every sch
 The update is PyTorch's SGD (which Detectron2 uses): v <- m * v + (g + wd * p); p <- p - lr * v.
 optax's `add_decayed_weights` followed by `sgd(momentum)` computes exactly that.
 """
+
+import collections
+from collections.abc import Iterable, Mapping, Sequence
 import math
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -27,13 +30,19 @@ DECAY_LAST_ITERS = (60_000, 20_000)
 
 
 def _scaled(iters: float, batch_size: int, base_batch_size: int) -> int:
-  """Iterations at `base_batch_size` -> iterations seeing the same number of images at batch_size."""
+  """Iterations at `base_batch_size` -> iterations seeing as many images at `batch_size`."""
   return int(round(iters * base_batch_size / batch_size))
 
 
-def schedule(multiple: float, batch_size: int = BASE_BATCH_SIZE, *, base_lr: float = BASE_LR,
-             base_batch_size: int = BASE_BATCH_SIZE, iters_1x: int = ITERS_1X,
-             decay_last_iters: Sequence[int] = DECAY_LAST_ITERS) -> dict:
+def schedule(
+  multiple: float,
+  batch_size: int = BASE_BATCH_SIZE,
+  *,
+  base_lr: float = BASE_LR,
+  base_batch_size: int = BASE_BATCH_SIZE,
+  iters_1x: int = ITERS_1X,
+  decay_last_iters: Sequence[int] = DECAY_LAST_ITERS,
+) -> dict:
   """The paper's schedule `multiple`x at `batch_size` images per step.
 
   Args:
@@ -61,8 +70,11 @@ def schedule(multiple: float, batch_size: int = BASE_BATCH_SIZE, *, base_lr: flo
   else:  # Below 2x: the 1x proportions (fractions 1 - d / (3 * max d)).
     span = 3 * max(decay_last_iters)
     decays = tuple(int(round(total * (1 - d / span))) for d in decay_last_iters)
-  return dict(total_steps=total, decay_steps=tuple(sorted(decays)),
-              base_lr=base_lr * batch_size / base_batch_size)
+  return dict(
+    total_steps=total,
+    decay_steps=tuple(sorted(decays)),
+    base_lr=base_lr * batch_size / base_batch_size,
+  )
 
 
 def resolve_schedule(schedule_config: Any, optim_config: Any, batch_size: int) -> dict:
@@ -94,30 +106,45 @@ def resolve_schedule(schedule_config: Any, optim_config: Any, batch_size: int) -
   # with a longer schedule keeps the same LR at every step.
   if any(d < 0 for d in decays):
     raise ValueError(f"decay steps must be >= 0, got {decays}")
-  return dict(total_steps=total, decay_steps=tuple(sorted(decays)),
-              decay_factor=float(s.get("decay_factor", 0.1)), base_lr=lr,
-              warmup_steps=int(o.get("warmup_steps", 0)),
-              warmup_factor=float(o.get("warmup_factor", 1.0)), batch_size=bs)
+  return dict(
+    total_steps=total,
+    decay_steps=tuple(sorted(decays)),
+    decay_factor=float(s.get("decay_factor", 0.1)),
+    base_lr=lr,
+    warmup_steps=int(o.get("warmup_steps", 0)),
+    warmup_factor=float(o.get("warmup_factor", 1.0)),
+    batch_size=bs,
+  )
 
 
-def lr_schedule(base_lr: float, decay_steps: Sequence[int], *, decay_factor: float = 0.1,
-                warmup_steps: int = 0, warmup_factor: float = 1.0) -> Callable[[Any], Any]:
+def lr_schedule(
+  base_lr: float,
+  decay_steps: Sequence[int],
+  *,
+  decay_factor: float = 0.1,
+  warmup_steps: int = 0,
+  warmup_factor: float = 1.0,
+) -> optax.Schedule:
   """step (int scalar) -> LR (float32 scalar): Detectron2's WarmupMultiStepLR.
 
   lr(step) = base_lr * warmup(step) * decay_factor ** #{d in decay_steps: d <= step}
   warmup(step) = warmup_factor + (1 - warmup_factor) * step / warmup_steps for step < warmup_steps,
   else 1. Step 0 is the first update.
   """
-  decays = jnp.asarray(sorted(decay_steps) or [2**31 - 1], jnp.int32)
+  # A product, not optax.join_schedules: decays falling inside the warmup still apply there.
+  decays = collections.Counter(int(d) for d in decay_steps)
+  decay = optax.piecewise_constant_schedule(
+    base_lr, {d: decay_factor**n for d, n in decays.items()} or None
+  )
 
   def fn(step):
     step = jnp.asarray(step, jnp.int32)
-    n = jnp.sum(step >= decays)
-    lr = base_lr * jnp.power(jnp.float32(decay_factor), n.astype(jnp.float32))
+    lr = decay(step)
     if warmup_steps > 0:
+      # Not optax.linear_schedule: its init + (end - init) form loses 1e-5 of a 0.001 start.
       alpha = jnp.minimum(step.astype(jnp.float32) / warmup_steps, 1.0)
       lr = lr * (warmup_factor * (1.0 - alpha) + alpha)
-    return lr.astype(jnp.float32)
+    return jnp.asarray(lr, jnp.float32)
 
   return fn
 
@@ -144,8 +171,10 @@ def _as_tuple(prefix) -> tuple:
 def is_norm_param(path: Sequence[str]) -> bool:
   """True for a norm layer's parameter: any path component named "norm" (layers.Conv2d's norm
   submodule) or starting with "norm"/"gn"/"bn" (a standalone norm module)."""
-  return any(p == "norm" or p.lower().startswith(("norm", "gn", "bn", "groupnorm", "batchnorm"))
-             for p in path[:-1])
+  return any(
+    p == "norm" or p.lower().startswith(("norm", "gn", "bn", "groupnorm", "batchnorm"))
+    for p in path[:-1]
+  )
 
 
 def is_bias_param(path: Sequence[str]) -> bool:
@@ -163,7 +192,7 @@ def param_labels(params: Any, frozen_prefixes: Iterable = ()) -> Any:
 
   def label(path, _):
     keys = _path_keys(path)
-    if any(keys[:len(p)] == p for p in prefixes):
+    if any(keys[: len(p)] == p for p in prefixes):
       return "frozen"
     if is_norm_param(keys):
       return "norm"
@@ -174,17 +203,9 @@ def param_labels(params: Any, frozen_prefixes: Iterable = ()) -> Any:
   return jax.tree_util.tree_map_with_path(label, params)
 
 
-def weight_decay_mask(params: Any, *, decay_norm: bool = False, decay_bias: bool = True,
-                      frozen_prefixes: Iterable = ()) -> Any:
-  """params -> tree of bools: True where weight decay applies."""
-  labels = param_labels(params, frozen_prefixes)
-  allowed = {"weight": True, "bias": decay_bias, "norm": decay_norm, "frozen": False}
-  return jax.tree_util.tree_map(lambda l: allowed[l], labels)
-
-
-def make_optimizer(optim_config: Any, sched: Mapping[str, Any], params: Any,
-                   frozen_prefixes: Iterable = ()) -> tuple[optax.GradientTransformation,
-                                                            Callable[[Any], Any]]:
+def make_optimizer(
+  optim_config: Any, sched: Mapping[str, Any], params: Any, frozen_prefixes: Iterable = ()
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """The optax transformation of the recipe and its LR function.
 
   Args:
@@ -202,8 +223,13 @@ def make_optimizer(optim_config: Any, sched: Mapping[str, Any], params: Any,
     gives the LR of update `step` (0-based), for logging.
   """
   o = optim_config
-  lr_fn = lr_schedule(sched["base_lr"], sched["decay_steps"], decay_factor=sched["decay_factor"],
-                      warmup_steps=sched["warmup_steps"], warmup_factor=sched["warmup_factor"])
+  lr_fn = lr_schedule(
+    sched["base_lr"],
+    sched["decay_steps"],
+    decay_factor=sched["decay_factor"],
+    warmup_steps=sched["warmup_steps"],
+    warmup_factor=sched["warmup_factor"],
+  )
   wd = float(o.get("weight_decay", 1e-4))
   wd_norm = o.get("weight_decay_norm", 0.0)
   wd_norm = wd if wd_norm is None else float(wd_norm)
@@ -226,8 +252,11 @@ def make_optimizer(optim_config: Any, sched: Mapping[str, Any], params: Any,
   for name, rate in (("weight", wd), ("bias", wd_bias), ("norm", wd_norm)):
     if rate:
       parts.append(optax.add_decayed_weights(rate, mask=decay_on(name)))
-  parts.append(optax.sgd(lr_fn, momentum=float(o.get("momentum", 0.9)) or None,
-                         nesterov=bool(o.get("nesterov", False))))
+  parts.append(
+    optax.sgd(
+      lr_fn, momentum=float(o.get("momentum", 0.9)) or None, nesterov=bool(o.get("nesterov", False))
+    )
+  )
   tx = optax.chain(*parts)
   return tx, lr_fn
 

@@ -9,11 +9,14 @@ forward+backward (gradient w.r.t. the features). The torch peer is Detectron2's 
 scored boxes to 1,000 at IoU 0.7, 2 images (torch: a Python loop over the 2 images).
 Prints the median time of each and ratio = ours / torchvision.
 """
+
 import argparse
 import math
 import time
 
 import numpy as np
+
+from rethink_jax import runtime
 
 
 def _median_time(fn, repeats):
@@ -35,33 +38,46 @@ def _boxes(rng, n, image=1024.0):
   return np.clip(np.concatenate([ctr - wh / 2, ctr + wh / 2], 1), 0, image).astype(np.float32)
 
 
-def main():
+def main() -> None:
   parser = argparse.ArgumentParser()
   parser.add_argument("--threads", type=int, default=2)
   parser.add_argument("--repeats", type=int, default=5)
-  parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
-                      help="torch device; JAX uses its default backend (run on a GPU machine "
-                           "with jax[cuda] for cuda)")
-  parser.add_argument("--adaptive", action="store_true",
-                      help="also time sampling_ratio=0 (the default config; cap 4 here)")
+  parser.add_argument(
+    "--device",
+    default="cpu",
+    choices=["cpu", "cuda"],
+    help="torch device; JAX uses its default backend (run on a GPU machine "
+    "with jax[cuda] for cuda)",
+  )
+  parser.add_argument(
+    "--adaptive",
+    action="store_true",
+    help="also time sampling_ratio=0 (the default config; cap 4 here)",
+  )
   args = parser.parse_args()
+  runtime.configure(hide_gpus_from_tf=False)  # TensorFlow plays no part here
 
   import jax
   import jax.numpy as jnp
   import torch
   import torchvision
+
   from rethink_jax.ops.nms import nms
-  from rethink_jax.ops.roi_align import assign_levels, multilevel_roi_align
+  from rethink_jax.ops.roi_align import multilevel_roi_align
 
   torch.set_num_threads(args.threads)
   dev = torch.device(args.device)
   sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
   rng = np.random.default_rng(0)
   batch, channels = 2, 256
-  feats = {f"p{k}": rng.normal(size=(batch, 1024 >> k, 1024 >> k, channels)).astype(np.float32)
-           for k in range(2, 6)}
+  feats = {
+    f"p{k}": rng.normal(size=(batch, 1024 >> k, 1024 >> k, channels)).astype(np.float32)
+    for k in range(2, 6)
+  }
   jfeats = {k: jnp.asarray(v) for k, v in feats.items()}
-  tfeats = {k: torch.from_numpy(v).permute(0, 3, 1, 2).contiguous().to(dev) for k, v in feats.items()}
+  tfeats = {
+    k: torch.from_numpy(v).permute(0, 3, 1, 2).contiguous().to(dev) for k, v in feats.items()
+  }
   rows = []
 
   def torch_pooler(tf, boxes, out, sr):
@@ -70,11 +86,13 @@ def main():
     size = torch.sqrt((t[:, 2] - t[:, 0]) * (t[:, 3] - t[:, 1]))
     level = torch.clamp(torch.floor(4 + torch.log2(size / 224 + 1e-8)), 2, 5).long()
     res = torch.zeros(t.shape[0], channels, out, out, device=dev)
-    ids = torch.arange(boxes.shape[0], device=dev).repeat_interleave(boxes.shape[1]).float()[:, None]
+    ids = (
+      torch.arange(boxes.shape[0], device=dev).repeat_interleave(boxes.shape[1]).float()[:, None]
+    )
     rois = torch.cat([ids, t], 1)
     for k in range(2, 6):
       inds = torch.nonzero(level == k).squeeze(1)
-      res[inds] = torchvision.ops.roi_align(tf[f"p{k}"], rois[inds], (out, out), 2.0 ** -k, sr, True)
+      res[inds] = torchvision.ops.roi_align(tf[f"p{k}"], rois[inds], (out, out), 2.0**-k, sr, True)
     return res
 
   cases = [(512, 7, 2), (128, 14, 2)] + ([(512, 7, 0), (128, 14, 0)] if args.adaptive else [])
@@ -119,10 +137,14 @@ def main():
       torchvision.ops.nms(tnb[i], tns[i], 0.7)[:max_out]
     sync()
 
-  rows.append((f"NMS {batch}x{n} -> {max_out} IoU 0.7", ours_n, _median_time(torch_nms, args.repeats)))
+  rows.append(
+    (f"NMS {batch}x{n} -> {max_out} IoU 0.7", ours_n, _median_time(torch_nms, args.repeats))
+  )
 
-  print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; torch {torch.__version__} on "
-        f"{args.device} ({torch.get_num_threads()} CPU threads); median of {args.repeats}")
+  print(
+    f"jax {jax.__version__} on {jax.devices()[0].device_kind}; torch {torch.__version__} on "
+    f"{args.device} ({torch.get_num_threads()} CPU threads); median of {args.repeats}"
+  )
   print(f"{'op':58s} {'ours ms':>9s} {'torchvision ms':>15s} {'ratio':>6s}")
   for name, ours, ref in rows:
     print(f"{name:58s} {ours * 1e3:9.1f} {ref * 1e3:15.1f} {ours / ref:6.2f}")

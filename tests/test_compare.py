@@ -1,5 +1,6 @@
 """Tests of rethink_jax.compare: the report from hand-made curves, merging, a smoke run of both
 arms on the tiny preset, and that README's commands are the Makefile's."""
+
 import json
 import os
 import re
@@ -20,17 +21,34 @@ def _curve(rng, end, every, top):
   out = []
   for s in range(every, end + 1, every):
     ap = top * (1 - np.exp(-rate * s / end)) + rng.uniform(0, 1)
-    out.append({"step": s, "images_seen": 4 * s, "bbox/AP": float(ap),
-                "segm/AP": float(0.9 * ap), "wall_s": 0.1 * s})
+    out.append(
+      {
+        "step": s,
+        "images_seen": 4 * s,
+        "bbox/AP": float(ap),
+        "segm/AP": float(0.9 * ap),
+        "wall_s": 0.1 * s,
+      }
+    )
   return out
 
 
 def _results(rng, unit, arms=("finetune", "scratch")):
   mult = {"finetune": [1, 2], "scratch": [1, 2, 3, 4, 6]}
-  return {"unit_steps": unit, "command": "python -m rethink_jax.compare --x", "wall_s": 12.0,
-          "arms": {a: {"multiples": mult[a], "config": {"arm": a}, "wall_s": 3.0,
-                       "curve": _curve(rng, unit * max(mult[a]), unit // 2, rng.uniform(30, 70))}
-                   for a in arms}}
+  return {
+    "unit_steps": unit,
+    "command": "python -m rethink_jax.compare --x",
+    "wall_s": 12.0,
+    "arms": {
+      a: {
+        "multiples": mult[a],
+        "config": {"arm": a},
+        "wall_s": 3.0,
+        "curve": _curve(rng, unit * max(mult[a]), unit // 2, rng.uniform(30, 70)),
+      }
+      for a in arms
+    },
+  }
 
 
 def test_ap_at_reads_last_eval_at_or_before_step():
@@ -83,10 +101,45 @@ def test_merge_combines_arms_and_refuses_duplicates(tmp_path):
     compare.merge_results([a, _results(rng, 60, arms=("scratch",))])
 
 
+def test_arm_config_applies_the_arms_overrides():
+  from configs import compare_coco  # pylint: disable=g-import-not-at-top
+
+  c = compare_coco.get_config()
+  unit = c.compare.unit_steps
+  ft = compare.arm_config(c, "finetune", init_from="weights/R-50-GN")
+  sc = compare.arm_config(c, "scratch")
+  # The override replaces the pixel fields only; the rest of config.data stays.
+  assert tuple(ft.data.pixel_std) == (1.0, 1.0, 1.0) and ft.data.input_format == "BGR"
+  assert tuple(sc.data.pixel_std) == tuple(c.data.pixel_std) != (1.0, 1.0, 1.0)
+  assert ft.data.max_size == sc.data.max_size == c.data.max_size
+  assert ft.require_init_from and not sc.require_init_from
+  assert ft.init_from == "weights/R-50-GN" and sc.init_from == ""
+  assert ft.schedule.total_steps == 3 * unit and sc.schedule.total_steps == 6 * unit
+  assert tuple(sc.schedule.decay_steps) == compare.decay_steps(6 * unit, unit)
+  assert "compare" not in ft and "compare" not in sc
+  assert tuple(c.data.pixel_std) == tuple(sc.data.pixel_std)  # the input config is untouched
+
+
+def test_curve_is_the_trainers_sorted_by_step(tmp_path):
+  from rethink_jax import train  # pylint: disable=g-import-not-at-top
+
+  assert compare._curve_of(str(tmp_path)) == []  # pylint: disable=protected-access
+  points = [{"step": s, "segm/AP": float(s)} for s in (8, 2, 4)]
+  (tmp_path / train.CURVE_FILE).write_text(json.dumps(points))
+  curve = compare._curve_of(str(tmp_path))  # pylint: disable=protected-access
+  assert [p["step"] for p in curve] == [2, 4, 8]
+
+
 def _run_compare(args, timeout=2400):
   cmd = [sys.executable, "-m", "rethink_jax.compare", *args]
-  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                        env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  proc = subprocess.run(
+    cmd,
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+    env=dict(os.environ, JAX_PLATFORMS="cpu"),
+  )
   if proc.returncode:
     raise AssertionError(f"{' '.join(cmd)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
   return proc.stdout
@@ -114,18 +167,21 @@ def _check_outputs(d, arms):
 def test_smoke_both_arms_separately_then_merged(tmp_path):
   """--arm finetune and --arm scratch in two workdirs (as on two machines), then --merge."""
   data_dir = tmp_path / "tfds"
-  common = ["--config", os.path.join(ROOT, "configs", "compare_tiny.py"),
-            f"--config.data.data_dir={data_dir}"]
+  common = [
+    "--config",
+    os.path.join(ROOT, "configs", "compare_tiny.py"),
+    f"--config.data.data_dir={data_dir}",
+  ]
   _run_compare([*common, "--workdir", str(tmp_path / "ft"), "--arm", "finetune"])
   ft = _check_outputs(tmp_path / "ft", ["finetune"])
   assert ft["arms"]["finetune"]["pretrain"]["source"] == "pretrain:shapes_classification"
   _run_compare([*common, "--workdir", str(tmp_path / "sc"), "--arm", "scratch"])
   sc = _check_outputs(tmp_path / "sc", ["scratch"])
   # The scratch arm trains longer than the fine-tune arm.
-  assert (sc["arms"]["scratch"]["curve"][-1]["step"]
-          > ft["arms"]["finetune"]["curve"][-1]["step"])
-  _run_compare(["--workdir", str(tmp_path / "merged"), "--merge", str(tmp_path / "ft"),
-                str(tmp_path / "sc")])
+  assert sc["arms"]["scratch"]["curve"][-1]["step"] > ft["arms"]["finetune"]["curve"][-1]["step"]
+  _run_compare(
+    ["--workdir", str(tmp_path / "merged"), "--merge", str(tmp_path / "ft"), str(tmp_path / "sc")]
+  )
   merged = _check_outputs(tmp_path / "merged", ["finetune", "scratch"])
   assert merged["arms"]["scratch"]["curve"] == sc["arms"]["scratch"]["curve"]
   assert "Final gap" in (tmp_path / "merged" / "results.md").read_text()

@@ -1,8 +1,8 @@
 """Every recipe in configs/ loads, and its numbers are the paper's (../shared/REFERENCE.md)."""
+
 import glob
 import importlib.util
 import os
-import sys
 
 from absl import flags
 from ml_collections import config_flags
@@ -11,28 +11,38 @@ import pytest
 from rethink_jax import optim
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-  sys.path.insert(0, ROOT)  # recipes do `from configs import common`
 CONFIG_DIR = os.path.join(ROOT, "configs")
-RECIPES = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(CONFIG_DIR, "*.py"))
-                 if not os.path.basename(p).startswith(("common", "compare_", "_")))
+RECIPES = sorted(
+  os.path.basename(p)[:-3]
+  for p in glob.glob(os.path.join(CONFIG_DIR, "*.py"))
+  if not os.path.basename(p).startswith(("common", "compare_", "_"))
+)
 COCO = [r for r in RECIPES if "mask_rcnn" in r]
 
 
 def load(name, arg=None):
-  spec = importlib.util.spec_from_file_location(f"_cfg_{name}", os.path.join(CONFIG_DIR,
-                                                                           name + ".py"))
+  spec = importlib.util.spec_from_file_location(
+    f"_cfg_{name}", os.path.join(CONFIG_DIR, name + ".py")
+  )
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config(arg) if arg is not None else module.get_config()
 
 
 def test_the_paper_recipes_exist():
-  for name in ["scratch_mask_rcnn_R_50_FPN_gn", "mask_rcnn_R_50_FPN_gn",
-               "scratch_mask_rcnn_R_101_FPN_gn", "mask_rcnn_R_101_FPN_gn",
-               "scratch_mask_rcnn_R_50_FPN_syncbn", "mask_rcnn_R_50_FPN_syncbn",
-               "scratch_mask_rcnn_R_50_FPN_gn_trainaug", "mask_rcnn_R_50_FPN_gn_trainaug",
-               "scratch_mask_rcnn_R_50_FPN_gn_10k", "mask_rcnn_R_50_FPN_gn_10k", "tiny_shapes"]:
+  for name in [
+    "scratch_mask_rcnn_R_50_FPN_gn",
+    "mask_rcnn_R_50_FPN_gn",
+    "scratch_mask_rcnn_R_101_FPN_gn",
+    "mask_rcnn_R_101_FPN_gn",
+    "scratch_mask_rcnn_R_50_FPN_syncbn",
+    "mask_rcnn_R_50_FPN_syncbn",
+    "scratch_mask_rcnn_R_50_FPN_gn_trainaug",
+    "mask_rcnn_R_50_FPN_gn_trainaug",
+    "scratch_mask_rcnn_R_50_FPN_gn_10k",
+    "mask_rcnn_R_50_FPN_gn_10k",
+    "tiny_shapes",
+  ]:
     assert name in RECIPES, name
 
 
@@ -62,8 +72,13 @@ def test_coco_recipe_matches_reference(name):
   assert m.backbone.depth == depth and m.backbone.width == 64
   assert m.backbone.freeze_at == 0 and m.backbone.stride_in_1x1 is False
   assert m.backbone.num_groups == 32
-  assert (m.box_head.name, m.box_head.num_conv, m.box_head.conv_dim, m.box_head.num_fc,
-          m.box_head.fc_dim) == ("4conv1fc", 4, 256, 1, 1024)
+  assert (
+    m.box_head.name,
+    m.box_head.num_conv,
+    m.box_head.conv_dim,
+    m.box_head.num_fc,
+    m.box_head.fc_dim,
+  ) == ("4conv1fc", 4, 256, 1, 1024)
   assert (m.mask_head.num_conv, m.mask_head.conv_dim, m.mask_head.resolution) == (4, 256, 28)
   assert m.num_classes == 80 and m.fpn.out_channels == 256
   assert tuple(m.anchors.aspect_ratios) == (0.5, 1.0, 2.0)
@@ -72,8 +87,11 @@ def test_coco_recipe_matches_reference(name):
   assert (m.rpn.pre_nms_topk_train, m.rpn.post_nms_topk_train) == (2000, 1000)
   assert (m.roi_heads.batch_size_per_image, m.roi_heads.positive_fraction) == (512, 0.25)
   assert tuple(m.roi_heads.bbox_reg_weights) == (10, 10, 5, 5)
-  assert (m.roi_heads.score_thresh_test, m.roi_heads.nms_thresh_test,
-          m.roi_heads.detections_per_image) == (0.05, 0.5, 100)
+  assert (
+    m.roi_heads.score_thresh_test,
+    m.roi_heads.nms_thresh_test,
+    m.roi_heads.detections_per_image,
+  ) == (0.05, 0.5, 100)
   # Optimizer: SGD 0.9, wd 1e-4 (none on norms), LR 0.02 at 16 images, Detectron's warmup.
   o = c.optim
   assert (o.momentum, o.weight_decay, o.weight_decay_norm) == (0.9, 1e-4, 0.0)
@@ -117,20 +135,28 @@ def test_schedule_multiples(name, multiple):
     assert s["decay_steps"] == (60_000, 80_000)
   assert s["base_lr"] == pytest.approx(0.02)
   assert c.schedule.multiple == multiple
-  table = {2: 36.8, 3: 39.5, 4: 40.6, 5: 40.7, 6: 41.3} if name.startswith("scratch") else {
-      2: 41.8, 3: 42.3, 4: 42.3, 5: 41.9, 6: 42.2}
+  table = (
+    {2: 36.8, 3: 39.5, 4: 40.6, 5: 40.7, 6: 41.3}
+    if name.startswith("scratch")
+    else {2: 41.8, 3: 42.3, 4: 42.3, 5: 41.9, 6: 42.2}
+  )
   assert c.reference.bbox_AP == table.get(multiple, -1.0)
   # Iterations given directly.
   c = load(name, f"{multiple * 90}k")
-  assert optim.resolve_schedule(c.schedule, c.optim, c.batch_size)["total_steps"] == \
-      multiple * 90_000
+  assert (
+    optim.resolve_schedule(c.schedule, c.optim, c.batch_size)["total_steps"] == multiple * 90_000
+  )
 
 
 def test_command_line_overrides_rescale_the_schedule():
   fv = flags.FlagValues()
   path = os.path.join(CONFIG_DIR, "scratch_mask_rcnn_R_50_FPN_gn_trainaug.py")
-  argv = ["prog", f"--config={path}:9", "--config.batch_size=64",
-          "--config.optim.grad_clip_norm=1.0"]
+  argv = [
+    "prog",
+    f"--config={path}:9",
+    "--config.batch_size=64",
+    "--config.optim.grad_clip_norm=1.0",
+  ]
   config_flags.DEFINE_config_file("config", None, flag_values=fv, sys_argv=argv)
   fv(argv)
   c = fv.config

@@ -15,6 +15,7 @@ import torch
 import torchvision
 
 from rethink_jax import convert
+from rethink_jax import files
 from rethink_jax.models import build_resnet
 from tests.test_safe_pickle import python2_numpy1_pickle
 
@@ -404,7 +405,7 @@ def test_save_backbone_is_atomic(tmp, monkeypatch):
   def boom(*a, **k):
     raise OSError("disk full")
 
-  monkeypatch.setattr(json, "dump", boom)
+  monkeypatch.setattr(files, "atomic_write", boom)  # the meta.json write fails
   with pytest.raises(OSError, match="disk full"):
     convert.save_backbone(out, variables, meta)
   assert_nothing_written(out)

@@ -242,14 +242,27 @@ def test_pair_eval_equals_single_process_eval_of_same_weights(runs):
 # ------------------------------------------------------------------------------------------------
 # rethink_jax.distributed without a cluster (fast).
 # ------------------------------------------------------------------------------------------------
-def test_detect_cluster_from_environment():
+def _initialize_in_subprocess(env_extra):
+  """distributed.initialize() in a fresh process (before any backend starts), with env_extra."""
+  env = {k: v for k, v in os.environ.items()
+         if not k.startswith(("SLURM_", "OMPI_", "JAX_COORDINATOR", "JAX_NUM_PROCESSES",
+                              "JAX_PROCESS_ID", "KUBERNETES_"))}
+  env.update(env_extra, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+  code = ("import json; from rethink_jax import distributed; "
+          "print(json.dumps(distributed.initialize(initialization_timeout=60)))")
+  out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                       timeout=180, check=True)
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_initialize_uses_jax_cluster_detection():
   from rethink_jax import distributed  # pylint: disable=g-import-not-at-top
-  slurm = dict(SLURM_JOB_ID="7", SLURM_STEP_NODELIST="node[1-2]", SLURM_NTASKS="2",
-               SLURM_PROCID="1", SLURM_LOCALID="0")
-  assert distributed.detect_cluster(slurm) == "slurm"
-  assert distributed.detect_cluster(dict(slurm, SLURM_NTASKS="1")) is None  # one task: no job
-  assert distributed.detect_cluster({k: v for k, v in slurm.items() if k != "SLURM_PROCID"}) is None
-  assert distributed.detect_cluster({}) is None
+  # No cluster: JAX detects nothing, one process.
+  assert _initialize_in_subprocess({}) == dict(mode="single", process_index=0, process_count=1)
+  # A SLURM job step (srun) of one task on this machine: JAX reads the job from SLURM_*.
+  slurm = dict(SLURM_JOB_ID="7", SLURM_STEP_NODELIST="127.0.0.1", SLURM_NTASKS="1",
+               SLURM_PROCID="0", SLURM_LOCALID="0", JAX_COORDINATOR_PORT=str(distributed.free_port()))
+  assert _initialize_in_subprocess(slurm) == dict(mode="auto", process_index=0, process_count=1)
 
 
 def test_initialize_single_process_and_bad_arguments():

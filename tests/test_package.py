@@ -1,5 +1,6 @@
 """Importing rethink_jax changes nothing; runtime.configure() adds the XLA:CPU flag it documents
-and leaves a user's own choice alone."""
+and leaves a user's own choice alone; the installed package holds every module and the recipes."""
+
 import os
 import subprocess
 import sys
@@ -14,8 +15,14 @@ def _flags_after(code, xla_flags):
   env.pop("XLA_FLAGS", None)
   if xla_flags is not None:
     env["XLA_FLAGS"] = xla_flags
-  out = subprocess.run([sys.executable, "-c", code + "; print(os.environ.get('XLA_FLAGS', ''))"],
-                       env=env, capture_output=True, text=True, timeout=120, check=True)
+  out = subprocess.run(
+    [sys.executable, "-c", code + "; print(os.environ.get('XLA_FLAGS', ''))"],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=120,
+    check=True,
+  )
   return out.stdout.strip()
 
 
@@ -29,7 +36,9 @@ def test_configure_adds_the_cpu_flag_and_keeps_other_flags():
   code = "import os; from rethink_jax import runtime; runtime.configure(hide_gpus_from_tf=False)"
   assert _flags_after(code, None) == runtime.CPU_FLAG
   assert _flags_after(code, "--xla_force_host_platform_device_count=8").split() == [
-      "--xla_force_host_platform_device_count=8", runtime.CPU_FLAG]
+    "--xla_force_host_platform_device_count=8",
+    runtime.CPU_FLAG,
+  ]
   mine = "--xla_cpu_experimental_ynn_fusion_type=dot"
   assert _flags_after(code, mine) == mine
 
@@ -37,3 +46,20 @@ def test_configure_adds_the_cpu_flag_and_keeps_other_flags():
 def test_the_flag_is_added_only_for_the_measured_jaxlib():
   assert runtime.xla_flags_with_cpu_flag("", "0.10.2") == runtime.CPU_FLAG
   assert runtime.xla_flags_with_cpu_flag("--a=1", "9.9.9") == "--a=1"
+
+
+def test_the_package_holds_every_module_and_the_recipes():
+  """pyproject.toml's package list finds every directory of Python files the code imports."""
+  import tomllib  # pylint: disable=g-import-not-at-top
+
+  import setuptools  # pylint: disable=g-import-not-at-top
+
+  with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+    find = tomllib.load(f)["tool"]["setuptools"]["packages"]["find"]
+  found = set(setuptools.find_packages(ROOT, include=find["include"]))
+  expected = {"configs"}
+  for top in ("rethink_jax",):
+    for d, _, names in os.walk(os.path.join(ROOT, top)):
+      if any(n.endswith(".py") for n in names):
+        expected.add(os.path.relpath(d, ROOT).replace(os.sep, "."))
+  assert found == expected, found ^ expected

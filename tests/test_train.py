@@ -58,12 +58,7 @@ def tiny_config(data_dir, steps, *, evaluate=False, **overrides):
   c.schedule.decay_steps = (3,)  # the same LR at every step whatever total_steps
   c.eval_every = 0
   c.eval.at_end = evaluate
-  for k, v in overrides.items():
-    node = c
-    *parents, leaf = k.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = v
+  c.update_from_flattened_dict(overrides)  # "a.b.c" keys
   return c
 
 

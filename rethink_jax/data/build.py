@@ -7,13 +7,18 @@
   python -m rethink_jax.data.build --data_dir=... --name=coco_instances --config=mine \
       --split=train:/d/train.json:/d/train_images --split=validation:/d/val.json:/d/val_images
 """
+
 from absl import app
 from absl import flags
 import tensorflow_datasets as tfds
 
 flags.DEFINE_string("data_dir", None, "tfds data dir to write to (default: tfds' default).")
-flags.DEFINE_enum("name", "coco_instances",
-                  ["coco_instances", "shapes_instances", "shapes_classification"], "data set.")
+flags.DEFINE_enum(
+  "name",
+  "coco_instances",
+  ["coco_instances", "shapes_instances", "shapes_classification"],
+  "data set.",
+)
 flags.DEFINE_string("config", None, "builder config (coco: 2017, folder, or a name for --split).")
 flags.DEFINE_string("manual_dir", None, "manual_dir of coco_instances/2017 and /folder.")
 flags.DEFINE_multi_string("split", [], "coco_instances: split:annotation_file:image_dir.")
@@ -21,24 +26,32 @@ flags.DEFINE_bool("skip_bad_images", False, "coco_instances: drop missing/corrup
 FLAGS = flags.FLAGS
 
 
-def main(argv):
+def main(argv: list[str]) -> None:
   del argv
   tfds.disable_progress_bar()
   from rethink_jax.data import coco  # pylint: disable=g-import-not-at-top
   from rethink_jax.data import shapes  # pylint: disable=g-import-not-at-top
+
   if FLAGS.name == "coco_instances" and FLAGS.split:
     splits = {}
     for spec in FLAGS.split:
       name, ann, img = spec.split(":", 2)
       splits[name] = (ann, img)
-    builder = coco.build_coco_instances(FLAGS.data_dir, splits, name=FLAGS.config or "custom",
-                                        skip_bad_images=FLAGS.skip_bad_images)
+    builder = coco.build_coco_instances(
+      FLAGS.data_dir, splits, name=FLAGS.config or "custom", skip_bad_images=FLAGS.skip_bad_images
+    )
   else:
-    cls = {"coco_instances": coco.CocoInstances, "shapes_instances": shapes.ShapesInstances,
-           "shapes_classification": shapes.ShapesClassification}[FLAGS.name]
+    cls = {
+      "coco_instances": coco.CocoInstances,
+      "shapes_instances": shapes.ShapesInstances,
+      "shapes_classification": shapes.ShapesClassification,
+    }[FLAGS.name]
     builder = cls(config=FLAGS.config, data_dir=FLAGS.data_dir)
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-        manual_dir=FLAGS.manual_dir, try_download_gcs=False))
+    builder.download_and_prepare(
+      download_config=tfds.download.DownloadConfig(
+        manual_dir=FLAGS.manual_dir, try_download_gcs=False
+      )
+    )
   print(builder.info)
 
 

@@ -38,6 +38,7 @@ Bad input:
   Boxes partly outside their image are clipped to it in the records ("box_clipped" counts them);
   the COCO ground truth JSON keeps the original annotation.
 """
+
 import collections
 import dataclasses
 import io
@@ -46,7 +47,6 @@ import os
 
 from absl import logging
 from etils import epath
-import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 import tensorflow_datasets as tfds
@@ -61,8 +61,8 @@ manual_dir. Config "folder": annotations/<split>.json and image folder <split>/ 
 """
 
 _COCO_2017 = {
-    "train": ("annotations/instances_train2017.json", "train2017"),
-    "validation": ("annotations/instances_val2017.json", "val2017"),
+  "train": ("annotations/instances_train2017.json", "train2017"),
+  "validation": ("annotations/instances_val2017.json", "val2017"),
 }
 
 
@@ -75,13 +75,14 @@ class CocoInstancesConfig(tfds.core.BuilderConfig):
   at build time (catches truncated files). annotation_splits: splits whose COCO ground truth
   JSON is written (None = every split except "train").
   """
+
   split_paths: dict | None = None
   skip_bad_images: bool = False
   verify_images: bool = True
   annotation_splits: tuple | None = None
 
 
-def config_for_name(name):
+def config_for_name(name: str) -> "str | CocoInstancesConfig":
   """The registered config of that name, or a path-less config to read a prepared data set."""
   if name in CocoInstances.builder_configs:
     return name
@@ -95,17 +96,17 @@ class CocoInstances(shapes.ArrayRecordBuilderMixin, tfds.core.GeneratorBasedBuil
   RELEASE_NOTES = {"1.0.0": "First version."}
   MANUAL_DOWNLOAD_INSTRUCTIONS = _MANUAL
   BUILDER_CONFIGS = [
-      CocoInstancesConfig(name="2017", description="COCO 2017 train / val from manual_dir."),
-      CocoInstancesConfig(name="folder", description="annotations/<split>.json + <split>/."),
+    CocoInstancesConfig(name="2017", description="COCO 2017 train / val from manual_dir."),
+    CocoInstancesConfig(name="folder", description="annotations/<split>.json + <split>/."),
   ]
   DEFAULT_CONFIG_NAME = "2017"
 
   def _info(self):
     return self.dataset_info_from_configs(
-        features=instances.instance_features(),
-        metadata=tfds.core.MetadataDict(),
-        homepage="https://cocodataset.org",
-        disable_shuffling=True,  # record i = generated example i (side files index by record)
+      features=instances.instance_features(),
+      metadata=tfds.core.MetadataDict(),
+      homepage="https://cocodataset.org",
+      disable_shuffling=True,  # record i = generated example i (side files index by record)
     )
 
   # --- paths -----------------------------------------------------------------------------------
@@ -128,31 +129,42 @@ class CocoInstances(shapes.ArrayRecordBuilderMixin, tfds.core.GeneratorBasedBuil
     out = {}
     for split, (ann, img) in paths.items():
       ann, img = epath.Path(ann), epath.Path(img)
-      out[split] = (ann if ann.is_absolute() else epath.Path(root) / ann,
-                    img if img.is_absolute() else epath.Path(root) / img)
+      out[split] = (
+        ann if ann.is_absolute() else epath.Path(root) / ann,
+        img if img.is_absolute() else epath.Path(root) / img,
+      )
     if not out:
       raise ValueError(f"coco_instances/{cfg.name}: no splits to build")
     return out
 
   def _split_generators(self, dl_manager):
     cfg = self.builder_config
-    parsed = {split: parse_annotations(ann, split) for split, (ann, _) in
-              self._split_paths(dl_manager).items()}
+    parsed = {
+      split: parse_annotations(ann, split)
+      for split, (ann, _) in self._split_paths(dl_manager).items()
+    }
     paths = self._split_paths(dl_manager)
     # One label space for all splits: contiguous labels in increasing category id.
     first = next(iter(parsed))
     categories = parsed[first]["categories"]
     for split, p in parsed.items():
       if p["categories"] != categories:
-        raise ValueError(f"{paths[split][0]}: categories differ from those of split {first!r} "
-                         f"({paths[first][0]})")
+        raise ValueError(
+          f"{paths[split][0]}: categories differ from those of split {first!r} ({paths[first][0]})"
+        )
     self.info.metadata["categories"] = categories
     self.info.metadata["dropped"] = {}
-    annotation_splits = (cfg.annotation_splits if cfg.annotation_splits is not None
-                         else tuple(s for s in parsed if s != "train"))
-    return {split: self._generate_examples(split, paths[split][1], p, categories,
-                                           split in annotation_splits)
-            for split, p in parsed.items()}
+    annotation_splits = (
+      cfg.annotation_splits
+      if cfg.annotation_splits is not None
+      else tuple(s for s in parsed if s != "train")
+    )
+    return {
+      split: self._generate_examples(
+        split, paths[split][1], p, categories, split in annotation_splits
+      )
+      for split, p in parsed.items()
+    }
 
   # --- examples --------------------------------------------------------------------------------
   def _generate_examples(self, split, image_dir, parsed, categories, write_annotations):
@@ -174,7 +186,8 @@ class CocoInstances(shapes.ArrayRecordBuilderMixin, tfds.core.GeneratorBasedBuil
           dropped["empty_segmentation"] += 1
           continue
         counts.append(instances.mask_to_counts(mask))
-        objects.append({
+        objects.append(
+          {
             "id": int(ann["id"]),
             "bbox": instances.normalized_bbox(xyxy, h, w),
             "label": label_of[ann["category_id"]],
@@ -182,30 +195,48 @@ class CocoInstances(shapes.ArrayRecordBuilderMixin, tfds.core.GeneratorBasedBuil
             "is_crowd": bool(ann.get("iscrowd", 0)),
             "area": float(ann["area"]) if "area" in ann else float(mask.sum()),
             "mask_runs": len(counts[-1]),
-        })
+          }
+        )
         kept_anns.append(ann)
       kept_images.append({k: img[k] for k in ("id", "file_name", "height", "width")})
       image_ids.append(img["id"])
       num_objects.append(sum(not o["is_crowd"] for o in objects))
-      yield key, {"image": data, "image_id": img["id"], "file_name": img["file_name"],
-                  "height": h, "width": w, "objects": objects,
-                  "mask_counts": instances.concat_counts(counts)}
+      yield (
+        key,
+        {
+          "image": data,
+          "image_id": img["id"],
+          "file_name": img["file_name"],
+          "height": h,
+          "width": w,
+          "objects": objects,
+          "mask_counts": instances.concat_counts(counts),
+        },
+      )
     if not kept_images:
       raise ValueError(f"split {split!r} ({parsed['file']}): no usable image")
     drops = {k: int(v) for k, v in sorted(dropped.items()) if v}
     self.info.metadata["dropped"][split] = drops
     if drops:
-      logging.warning("coco_instances %s: dropped/changed %s (see rethink_jax/data/coco.py)",
-                      split, drops)
-    instances.write_split_files(self.data_path, split, images=kept_images, annotations=kept_anns,
-                                categories=categories, image_ids=image_ids,
-                                num_objects=num_objects, write_annotations=write_annotations)
+      logging.warning(
+        "coco_instances %s: dropped/changed %s (see rethink_jax/data/coco.py)", split, drops
+      )
+    instances.write_split_files(
+      self.data_path,
+      split,
+      images=kept_images,
+      annotations=kept_anns,
+      categories=categories,
+      image_ids=image_ids,
+      num_objects=num_objects,
+      write_annotations=write_annotations,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # Parsing and validation.
 # ---------------------------------------------------------------------------------------------
-def parse_annotations(ann_file, split="?"):
+def parse_annotations(ann_file: str | os.PathLike, split: str = "?") -> dict:
   """Reads and validates a COCO-format annotation file (no image is opened).
 
   Returns:
@@ -246,11 +277,13 @@ def parse_annotations(ann_file, split="?"):
       raise ValueError(f"{ann_file}: duplicate annotation id {aid}")
     seen.add(aid)
     if ann.get("image_id") not in images:
-      raise ValueError(f"{ann_file}: annotation {aid} refers to unknown image id "
-                       f"{ann.get('image_id')}")
+      raise ValueError(
+        f"{ann_file}: annotation {aid} refers to unknown image id {ann.get('image_id')}"
+      )
     if ann.get("category_id") not in categories:
-      raise ValueError(f"{ann_file}: annotation {aid} refers to unknown category id "
-                       f"{ann.get('category_id')}")
+      raise ValueError(
+        f"{ann_file}: annotation {aid} refers to unknown category id {ann.get('category_id')}"
+      )
     img = images[ann["image_id"]]
     if "bbox" not in ann or len(ann["bbox"]) != 4:
       raise ValueError(f"{ann_file}: annotation {aid} has no [x, y, w, h] bbox")
@@ -258,21 +291,33 @@ def parse_annotations(ann_file, split="?"):
     if not bw > 0 or not bh > 0:
       dropped["zero_area_box"] += 1
       continue
-    xyxy = [max(x, 0.0), max(y, 0.0), min(x + bw, float(img["width"])),
-            min(y + bh, float(img["height"]))]
+    xyxy = [
+      max(x, 0.0),
+      max(y, 0.0),
+      min(x + bw, float(img["width"])),
+      min(y + bh, float(img["height"])),
+    ]
     if xyxy[2] <= xyxy[0] or xyxy[3] <= xyxy[1]:
       dropped["box_outside_image"] += 1
       continue
     if xyxy != [x, y, x + bw, y + bh]:
       dropped["box_clipped"] += 1
     seg = ann.get("segmentation")
-    if isinstance(seg, dict) and "size" in seg and list(seg["size"]) != [img["height"],
-                                                                          img["width"]]:
-      raise ValueError(f"{ann_file}: annotation {aid}: RLE size {seg['size']} differs from its "
-                       f"image {img['id']} ({img['height']}, {img['width']})")
+    if (
+      isinstance(seg, dict) and "size" in seg and list(seg["size"]) != [img["height"], img["width"]]
+    ):
+      raise ValueError(
+        f"{ann_file}: annotation {aid}: RLE size {seg['size']} differs from its "
+        f"image {img['id']} ({img['height']}, {img['width']})"
+      )
     anns[ann["image_id"]].append((ann, xyxy))
-  return {"file": str(ann_file), "images": [images[k] for k in sorted(images)], "anns": anns,
-          "categories": [categories[k] for k in sorted(categories)], "dropped": dropped}
+  return {
+    "file": str(ann_file),
+    "images": [images[k] for k in sorted(images)],
+    "anns": anns,
+    "categories": [categories[k] for k in sorted(categories)],
+    "dropped": dropped,
+  }
 
 
 def _annotation_mask(ann, h, w, ann_file):
@@ -300,7 +345,7 @@ def _annotation_mask(ann, h, w, ann_file):
 
 
 def _read_image(path, img, verify, skip_bad, dropped):
-  """Encoded bytes of an image file (JPEG/PNG kept, others re-encoded as PNG), or None if skipped."""
+  """Encoded bytes of an image file (JPEG/PNG kept, others re-encoded as PNG); None if skipped."""
   if not path.exists():
     if skip_bad:
       dropped["missing_image"] += 1
@@ -324,13 +369,23 @@ def _read_image(path, img, verify, skip_bad, dropped):
       return None
     raise ValueError(f"image file {path} (image id {img['id']}) is corrupt: {e}") from e
   if size != (img["width"], img["height"]):
-    raise ValueError(f"image file {path} (image id {img['id']}) is {size[0]}x{size[1]} but the "
-                     f"annotation file says {img['width']}x{img['height']}")
+    raise ValueError(
+      f"image file {path} (image id {img['id']}) is {size[0]}x{size[1]} but the "
+      f"annotation file says {img['width']}x{img['height']}"
+    )
   return data
 
 
-def build_coco_instances(data_dir, splits, *, name="custom", skip_bad_images=False,
-                         verify_images=True, annotation_splits=None, file_format="array_record"):
+def build_coco_instances(
+  data_dir,
+  splits,
+  *,
+  name="custom",
+  skip_bad_images=False,
+  verify_images=True,
+  annotation_splits=None,
+  file_format="array_record",
+):
   """Builds coco_instances/<name> from paths in one call.
 
   Args:
@@ -343,11 +398,12 @@ def build_coco_instances(data_dir, splits, *, name="custom", skip_bad_images=Fal
     the prepared builder.
   """
   cfg = CocoInstancesConfig(
-      name=name, split_paths={k: (os.fspath(a), os.fspath(i)) for k, (a, i) in splits.items()},
-      skip_bad_images=skip_bad_images, verify_images=verify_images,
-      annotation_splits=None if annotation_splits is None else tuple(annotation_splits))
+    name=name,
+    split_paths={k: (os.fspath(a), os.fspath(i)) for k, (a, i) in splits.items()},
+    skip_bad_images=skip_bad_images,
+    verify_images=verify_images,
+    annotation_splits=None if annotation_splits is None else tuple(annotation_splits),
+  )
   builder = CocoInstances(config=cfg, data_dir=os.fspath(data_dir), file_format=file_format)
-  builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
   return builder
-

@@ -27,26 +27,31 @@ generated example and the side files below can be indexed by record number:
                                         (what evaluation scores against).
 The builder's `info.metadata["categories"]` lists {"id", "name"} in contiguous-label order.
 """
-import json
+
+from collections.abc import Sequence
 import os
 
 import numpy as np
 from pycocotools import mask as mask_utils
 import tensorflow_datasets as tfds
 
+from rethink_jax import files
+
 RECORDS_DIR = "records"
 ANNOTATIONS_DIR = "annotations"
 
 
-def instance_features():
+def instance_features() -> tfds.features.FeaturesDict:
   """The tfds FeaturesDict of one instance-segmentation record (see module docstring)."""
-  return tfds.features.FeaturesDict({
+  return tfds.features.FeaturesDict(
+    {
       "image": tfds.features.Image(shape=(None, None, 3)),
       "image_id": np.int64,
       "file_name": tfds.features.Text(),
       "height": np.int32,
       "width": np.int32,
-      "objects": tfds.features.Sequence({
+      "objects": tfds.features.Sequence(
+        {
           "id": np.int64,
           "bbox": tfds.features.BBoxFeature(),
           "label": np.int64,
@@ -54,12 +59,14 @@ def instance_features():
           "is_crowd": np.bool_,
           "area": np.float32,
           "mask_runs": np.int32,
-      }),
+        }
+      ),
       "mask_counts": tfds.features.Tensor(shape=(None,), dtype=np.int32),
-  })
+    }
+  )
 
 
-def mask_to_counts(mask):
+def mask_to_counts(mask: np.ndarray) -> np.ndarray:
   """Uncompressed COCO RLE of one binary mask.
 
   Args:
@@ -76,14 +83,14 @@ def mask_to_counts(mask):
   return counts.astype(np.int32)
 
 
-def concat_counts(counts_list):
+def concat_counts(counts_list: Sequence[np.ndarray]) -> np.ndarray:
   """Concatenates per-instance (R_i,) counts into the record's flat (sum R_i,) int32 array."""
   if not counts_list:
     return np.zeros((0,), np.int32)
   return np.concatenate(counts_list).astype(np.int32)
 
 
-def counts_to_mask(counts, height, width):
+def counts_to_mask(counts: np.ndarray, height: int, width: int) -> np.ndarray:
   """Inverse of `mask_to_counts`: (R,) run lengths -> (H, W) uint8 mask."""
   counts = np.asarray(counts, dtype=np.int64)
   if counts.sum() != height * width:
@@ -92,38 +99,31 @@ def counts_to_mask(counts, height, width):
   return np.repeat(values, counts).reshape(width, height).T
 
 
-def rle_to_counts(rle):
-  """A pycocotools (compressed) RLE dict -> (R,) int32 uncompressed counts."""
-  mask = mask_utils.decode(rle)
-  return mask_to_counts(mask)
-
-
-def coco_rle(mask):
+def coco_rle(mask: np.ndarray) -> dict:
   """(H, W) binary mask -> JSON-serializable compressed COCO RLE {"size", "counts": str}."""
   rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
   rle["counts"] = rle["counts"].decode("ascii")
   return rle
 
 
-def normalized_bbox(xyxy, height, width):
+def normalized_bbox(xyxy: Sequence[float], height: int, width: int) -> tfds.features.BBox:
   """xyxy in pixels -> tfds BBox (normalized ymin, xmin, ymax, xmax), clipped to [0, 1]."""
   x1, y1, x2, y2 = [float(v) for v in xyxy]
   vals = np.clip([y1 / height, x1 / width, y2 / height, x2 / width], 0.0, 1.0)
   return tfds.features.BBox(*[float(v) for v in vals])
 
 
-def write_json_atomic(path, obj):
-  """Writes JSON to `path` through a temporary file so readers never see half a file."""
-  path = os.fspath(path)
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f)
-  os.replace(tmp, path)
-
-
-def write_split_files(data_path, split, *, images, annotations, categories, image_ids,
-                      num_objects, write_annotations=True):
+def write_split_files(
+  data_path,
+  split,
+  *,
+  images,
+  annotations,
+  categories,
+  image_ids,
+  num_objects,
+  write_annotations=True,
+):
   """Writes records/<split>.json and (optionally) annotations/<split>.json under data_path.
 
   Args:
@@ -137,11 +137,18 @@ def write_split_files(data_path, split, *, images, annotations, categories, imag
     write_annotations: whether to write the COCO ground truth file.
   """
   data_path = os.fspath(data_path)
-  write_json_atomic(
-      os.path.join(data_path, RECORDS_DIR, f"{split}.json"),
-      {"image_id": [int(i) for i in image_ids], "num_objects": [int(n) for n in num_objects]})
+  files.write_json(
+    os.path.join(data_path, RECORDS_DIR, f"{split}.json"),
+    {"image_id": [int(i) for i in image_ids], "num_objects": [int(n) for n in num_objects]},
+  )
   if write_annotations:
-    write_json_atomic(
-        os.path.join(data_path, ANNOTATIONS_DIR, f"{split}.json"),
-        {"images": images, "annotations": annotations, "categories": categories,
-         "info": {"description": f"ground truth of split {split!r}"}, "licenses": []})
+    files.write_json(
+      os.path.join(data_path, ANNOTATIONS_DIR, f"{split}.json"),
+      {
+        "images": images,
+        "annotations": annotations,
+        "categories": categories,
+        "info": {"description": f"ground truth of split {split!r}"},
+        "licenses": [],
+      },
+    )

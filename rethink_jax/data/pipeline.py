@@ -17,9 +17,9 @@ The batch dict (the one place it is documented; every batch of a config has the 
                                     and eval batches alike; evaluation scores against the JSON).
   gt_masks    (B, G, S, S) uint8    {0, 1}, S = data.mask_size: instance g's mask cropped to ITS OWN
                                     gt box and resampled: pixel (i, j) is the bilinear value of the
-                                    full-resolution mask at input point
-                                    (x1 + (j + 0.5) * (x2 - x1) / S, y1 + (i + 0.5) * (y2 - y1) / S),
-                                    thresholded at >= 0.5 (ops/masks.py's representation). Sampled from
+                                    full-resolution mask at input point (x1 + (j + 0.5) *
+                                    (x2 - x1) / S, y1 + (i + 0.5) * (y2 - y1) / S), thresholded
+                                    at >= 0.5 (ops/masks.py's representation). Sampled from
                                     the original-resolution RLE (at that point / scale), with edge
                                     clamping like RoIAlign; a flip mirrors the crop.
 
@@ -48,11 +48,14 @@ config.data fields (ConfigDict; `default_data_config()` lists them with defaults
   drop_empty_train; num_parallel_calls; prefetch.
 If an image resized by (min_size, max_size) would not fit into pad_to, it is scaled down to fit.
 """
+
+from collections.abc import Callable, Iterator
 import dataclasses
 import fcntl
 import functools
 import json
 import os
+from typing import Any
 
 from absl import logging
 import ml_collections
@@ -63,9 +66,10 @@ import tensorflow_datasets as tfds
 from rethink_jax.data import instances
 
 
-def default_data_config():
+def default_data_config() -> ml_collections.ConfigDict:
   """The data fields with their defaults (the demo: shapes_instances/demo at 128 x 128)."""
-  return ml_collections.ConfigDict({
+  return ml_collections.ConfigDict(
+    {
       "name": "shapes_instances",
       "data_dir": None,
       "builder_config": "demo",
@@ -88,7 +92,9 @@ def default_data_config():
       "drop_empty_train": True,
       "num_parallel_calls": 2,
       "prefetch": 2,
-  }, type_safe=False)  # min_size may be an int or a sequence
+    },
+    type_safe=False,
+  )  # min_size may be an int or a sequence
 
 
 # ---------------------------------------------------------------------------------------------
@@ -97,14 +103,18 @@ def default_data_config():
 def _builder_cls(name):
   if name == "shapes_instances":
     from rethink_jax.data import shapes  # pylint: disable=g-import-not-at-top
+
     return shapes.ShapesInstances
   if name == "coco_instances":
     from rethink_jax.data import coco  # pylint: disable=g-import-not-at-top
+
     return coco.CocoInstances
   raise ValueError(f"data.name must be 'shapes_instances' or 'coco_instances', got {name!r}")
 
 
-def get_builder(data_config, prepare=True):
+def get_builder(
+  data_config: ml_collections.ConfigDict, prepare: bool = True
+) -> tfds.core.DatasetBuilder:
   """The tfds builder of config.data; generates synthetic data on first use.
 
   Args:
@@ -119,6 +129,7 @@ def get_builder(data_config, prepare=True):
   config = data_config.get("builder_config") or None
   if name == "coco_instances" and config is not None:
     from rethink_jax.data import coco  # pylint: disable=g-import-not-at-top
+
     config = coco.config_for_name(config)
   overrides = dict(data_config.get("builder_overrides") or {})
   if overrides:
@@ -131,9 +142,14 @@ def get_builder(data_config, prepare=True):
   if not builder.is_prepared():
     if not prepare or name != "shapes_instances":
       raise FileNotFoundError(
-          f"{builder.info.full_name} is not prepared in {builder.data_dir_root}. "
-          + ("Build it with rethink_jax.data.coco.build_coco_instances(...) or `tfds build "
-             "rethink_jax/data/coco.py --manual_dir=...`." if name == "coco_instances" else ""))
+        f"{builder.info.full_name} is not prepared in {builder.data_dir_root}. "
+        + (
+          "Build it with rethink_jax.data.coco.build_coco_instances(...) or `tfds build "
+          "rethink_jax/data/coco.py --manual_dir=...`."
+          if name == "coco_instances"
+          else ""
+        )
+      )
     os.makedirs(builder.data_dir_root, exist_ok=True)
     with open(os.path.join(builder.data_dir_root, f".{name}.lock"), "w") as lock:
       fcntl.flock(lock, fcntl.LOCK_EX)
@@ -141,12 +157,14 @@ def get_builder(data_config, prepare=True):
       if not builder.is_prepared():
         logging.info("Generating %s in %s", builder.info.full_name, builder.data_dir_root)
         builder.download_and_prepare(
-            download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+          download_config=tfds.download.DownloadConfig(try_download_gcs=False)
+        )
       fcntl.flock(lock, fcntl.LOCK_UN)
   if builder.info.file_format != tfds.core.FileFormat.ARRAY_RECORD:
     raise ValueError(
-        f"{builder.data_dir} holds {builder.info.file_format} files; the pipeline reads records "
-        "by index and needs array_record: rebuild with file_format='array_record'.")
+      f"{builder.data_dir} holds {builder.info.file_format} files; the pipeline reads records "
+      "by index and needs array_record: rebuild with file_format='array_record'."
+    )
   return builder
 
 
@@ -169,16 +187,18 @@ def _records_meta_cached(path):
   return {k: np.asarray(v, np.int64) for k, v in meta.items()}
 
 
-def records_meta(builder, base_split):
+def records_meta(builder: tfds.core.DatasetBuilder, base_split: str) -> dict[str, np.ndarray]:
   """Per-record side info of a split: {"image_id": (N,), "num_objects": (N,)} int64."""
   path = os.path.join(builder.data_dir, instances.RECORDS_DIR, f"{base_split}.json")
   if not os.path.exists(path):
-    raise FileNotFoundError(f"{path} is missing: the dataset was not built by this project's "
-                            "builders (they write it next to the records).")
+    raise FileNotFoundError(
+      f"{path} is missing: the dataset was not built by this project's "
+      "builders (they write it next to the records)."
+    )
   return _records_meta_cached(path)
 
 
-def select_subset(pool, num_images, seed):
+def select_subset(pool: np.ndarray, num_images: int, seed: int) -> np.ndarray:
   """Deterministic seeded choice of `num_images` records from `pool` (sorted record indices).
 
   The same (pool, num_images, seed) always gives the same subset: both arms of a comparison that
@@ -200,7 +220,9 @@ def select_subset(pool, num_images, seed):
   return np.sort(pool[chosen])
 
 
-def train_pool(data_config, builder=None):
+def train_pool(
+  data_config: ml_collections.ConfigDict, builder: tfds.core.DatasetBuilder | None = None
+) -> np.ndarray:
   """Record indices of the training split that the training stream draws from, sorted (N,)."""
   builder = builder or get_builder(data_config)
   base, idx = _split_range(builder, data_config.train_split)
@@ -209,25 +231,31 @@ def train_pool(data_config, builder=None):
     idx = idx[num_objects[idx] > 0]
   if len(idx) == 0:
     raise ValueError(f"no usable training images in {data_config.train_split!r}")
-  return select_subset(idx, data_config.get("num_train_images", 0),
-                       data_config.get("subset_seed", 0))
+  return select_subset(
+    idx, data_config.get("num_train_images", 0), data_config.get("subset_seed", 0)
+  )
 
 
 def _data_source(builder, base_split):
   """Random access to the serialized records of a split; checks they are in generation order."""
   from array_record.python import array_record_data_source  # pylint: disable=g-import-not-at-top
+
   paths = [os.fspath(p) for p in builder.info.splits[base_split].filepaths]
   source = array_record_data_source.ArrayRecordDataSource(paths)
   ids = records_meta(builder, base_split)["image_id"]
   if len(ids) != len(source):
-    raise ValueError(f"{builder.data_dir}: {len(source)} records in split {base_split!r} but "
-                     f"{len(ids)} entries in its records/{base_split}.json")
+    raise ValueError(
+      f"{builder.data_dir}: {len(source)} records in split {base_split!r} but "
+      f"{len(ids)} entries in its records/{base_split}.json"
+    )
   parse = {"image_id": tf.io.FixedLenFeature([], tf.int64)}
   for i in {0, len(source) - 1}:
     got = int(tf.io.parse_single_example(source[i], parse)["image_id"])
     if got != ids[i]:
-      raise ValueError(f"{builder.data_dir}: record {i} of {base_split!r} has image id {got}, "
-                       f"records/{base_split}.json says {ids[i]} (records shuffled?)")
+      raise ValueError(
+        f"{builder.data_dir}: record {i} of {base_split!r} has image id {got}, "
+        f"records/{base_split}.json says {ids[i]} (records shuffled?)"
+      )
   return source
 
 
@@ -253,31 +281,6 @@ def _check_config(data_config):
     raise ValueError("data.pixel_mean and data.pixel_std need 3 values each")
 
 
-def decode_masks(counts, runs, height, width):
-  """Uncompressed RLEs -> masks, in the graph.
-
-  Args:
-    counts: (R,) int32 concatenated run lengths; runs: (n,) int32 runs per instance.
-    height, width: scalar int32.
-  Returns:
-    (n, height, width) uint8 in {0, 1}.
-  """
-  # Every instance's counts sum to h * w, so the running sum over all of them gives each run's
-  # [start, end) in the concatenated (n * h * w) pixels. Mark +1 / -1 where runs of ones start /
-  # end and integrate (tf.repeat would build an (R, max run) intermediate).
-  counts = tf.cast(counts, tf.int32)
-  ends = tf.cumsum(counts)
-  starts = ends - counts
-  ones = tf.equal(tf.ragged.range(runs).flat_values % 2, 1)
-  total = tf.shape(runs)[0] * height * width
-  pos = tf.concat([tf.boolean_mask(starts, ones), tf.boolean_mask(ends, ones)], 0)
-  delta = tf.concat([tf.ones_like(tf.boolean_mask(starts, ones)),
-                     -tf.ones_like(tf.boolean_mask(ends, ones))], 0)
-  flat = tf.cumsum(tf.math.unsorted_segment_sum(delta, pos, total + 1))[:total]
-  masks = tf.reshape(tf.cast(flat, tf.uint8), [-1, width, height])  # COCO RLE is column-major
-  return tf.transpose(masks, [0, 2, 1])
-
-
 def _sample_taps(lo, hi, size, dim):
   """RoIAlign-style bilinear taps along one axis for S cell centres of [lo, hi] (pixel coords).
 
@@ -299,7 +302,14 @@ def _sample_taps(lo, hi, size, dim):
   return i0, i1, (1.0 - frac) * inside, frac * inside
 
 
-def crop_masks_from_rle(counts, runs, height, width, boxes, size):
+def crop_masks_from_rle(
+  counts: tf.Tensor,
+  runs: tf.Tensor,
+  height: tf.Tensor,
+  width: tf.Tensor,
+  boxes: tf.Tensor,
+  size: int,
+) -> tf.Tensor:
   """Samples instance masks at their boxes straight from the RLE (no full-resolution mask).
 
   Pixel (i, j) of crop g is the bilinear value of mask g at the point
@@ -343,27 +353,6 @@ def crop_masks_from_rle(counts, runs, height, width, boxes, size):
   return tf.cond(n > 0, sample, lambda: tf.zeros([0, size, size], tf.uint8))
 
 
-def crop_masks(masks, boxes, size):
-  """crop_masks_from_rle for full masks (n, h, w) uint8 (same sampling; for tests and tools)."""
-  h = tf.shape(masks)[1]
-  w = tf.shape(masks)[2]
-  flat = tf.reshape(tf.transpose(masks, [0, 2, 1]), [tf.shape(masks)[0], -1])
-  # Run-length encode each row of `flat` (column-major masks) with a leading run of zeros.
-  change = tf.not_equal(flat[:, 1:], flat[:, :-1])
-  first = tf.not_equal(flat[:, :1], 0)
-  starts = tf.concat([first, change], axis=1)  # (n, hw): a run begins here (except a 0 at 0)
-  rows, cols = tf.unstack(tf.cast(tf.where(starts), tf.int32), axis=1)
-  hw = h * w
-  # Boundaries of each row: 0, the change positions, hw; counts are their differences.
-  per_row = tf.math.bincount(rows, minlength=tf.shape(masks)[0], dtype=tf.int32)
-  bounds = tf.RaggedTensor.from_row_lengths(cols, per_row)
-  zeros = tf.zeros([tf.shape(masks)[0], 1], tf.int32)
-  full = tf.concat([zeros, bounds, zeros + hw], axis=1)
-  counts = full[:, 1:] - full[:, :-1]
-  return crop_masks_from_rle(counts.flat_values, counts.row_lengths(), h, w,
-                             tf.cast(boxes, tf.float32), size)
-
-
 def _pad_to(x, length, axis=0):
   """Pads (or truncates) axis 0 of x to `length` with zeros."""
   x = x[:length]
@@ -372,7 +361,13 @@ def _pad_to(x, length, axis=0):
   return tf.pad(x, pad)
 
 
-def make_preprocess_fn(data_config, features, *, train, seed=0):
+def make_preprocess_fn(
+  data_config: ml_collections.ConfigDict,
+  features: tfds.features.FeaturesDict,
+  *,
+  train: bool,
+  seed: int = 0,
+) -> Callable[[tf.Tensor, tf.Tensor, tf.Tensor], dict[str, tf.Tensor]]:
   """Returns fn(position t int64, serialized record, valid bool) -> one element of the batch dict.
 
   Augmentation randomness (size choice, flip) is a function of (seed, t) only.
@@ -396,12 +391,14 @@ def make_preprocess_fn(data_config, features, *, train, seed=0):
     w = tf.shape(image)[1]
     hf, wf = tf.cast(h, tf.float32), tf.cast(w, tf.float32)
     rng_seed = tf.stack([tf.constant(seed, tf.int64), t])
-    size_i = tf.random.stateless_uniform([], seed=rng_seed, maxval=len(_sizes(data_config, train)),
-                                         dtype=tf.int32)
+    size_i = tf.random.stateless_uniform(
+      [], seed=rng_seed, maxval=len(_sizes(data_config, train)), dtype=tf.int32
+    )
     flip = tf.random.stateless_uniform([], seed=rng_seed + [0, 1 << 40]) < flip_prob
     short = tf.gather(sizes, size_i)
-    scale = tf.reduce_min(tf.stack([short / tf.minimum(hf, wf), max_size / tf.maximum(hf, wf),
-                                    pad_h / hf, pad_w / wf]))
+    scale = tf.reduce_min(
+      tf.stack([short / tf.minimum(hf, wf), max_size / tf.maximum(hf, wf), pad_h / hf, pad_w / wf])
+    )
     new_h = tf.minimum(tf.cast(tf.round(hf * scale), tf.int32), pad_h)
     new_w = tf.minimum(tf.cast(tf.round(wf * scale), tf.int32), pad_w)
 
@@ -425,12 +422,14 @@ def make_preprocess_fn(data_config, features, *, train, seed=0):
     rle = tf.gather(rle, keep_idx)
     boxes = tf.gather(boxes, keep_idx)
     classes = tf.cast(tf.gather(obj["label"], keep_idx), tf.int32) + 1
-    crops = crop_masks_from_rle(rle.flat_values, tf.cast(rle.row_lengths(), tf.int32), h, w,
-                                boxes, mask_size)  # sampled in the original frame
+    crops = crop_masks_from_rle(
+      rle.flat_values, tf.cast(rle.row_lengths(), tf.int32), h, w, boxes, mask_size
+    )  # sampled in the original frame
     in_boxes = boxes * scale
     new_wf = tf.cast(new_w, tf.float32)
-    in_boxes = tf.minimum(tf.maximum(in_boxes, 0.0),
-                          tf.stack([new_wf, tf.cast(new_h, tf.float32)] * 2))
+    in_boxes = tf.minimum(
+      tf.maximum(in_boxes, 0.0), tf.stack([new_wf, tf.cast(new_h, tf.float32)] * 2)
+    )
 
     def flip_fn():
       x1, y1, x2, y2 = tf.unstack(in_boxes, axis=1)
@@ -439,15 +438,15 @@ def make_preprocess_fn(data_config, features, *, train, seed=0):
     in_boxes, crops = tf.cond(flip, flip_fn, lambda: (in_boxes, crops))
     valid_f = tf.cast(valid, tf.int32)
     return {
-        "image": img,
-        "image_hw": tf.stack([new_h, new_w]),
-        "image_id": tf.where(valid, tf.cast(ex["image_id"], tf.int32), -1),
-        "orig_hw": tf.stack([h, w]),
-        "scale": scale,
-        "valid": valid,
-        "gt_boxes": tf.ensure_shape(_pad_to(in_boxes, num_inst), [num_inst, 4]),
-        "gt_classes": tf.ensure_shape(_pad_to(classes * valid_f, num_inst), [num_inst]),
-        "gt_masks": tf.ensure_shape(_pad_to(crops, num_inst), [num_inst, mask_size, mask_size]),
+      "image": img,
+      "image_hw": tf.stack([new_h, new_w]),
+      "image_id": tf.where(valid, tf.cast(ex["image_id"], tf.int32), -1),
+      "orig_hw": tf.stack([h, w]),
+      "scale": scale,
+      "valid": valid,
+      "gt_boxes": tf.ensure_shape(_pad_to(in_boxes, num_inst), [num_inst, 4]),
+      "gt_classes": tf.ensure_shape(_pad_to(classes * valid_f, num_inst), [num_inst]),
+      "gt_masks": tf.ensure_shape(_pad_to(crops, num_inst), [num_inst, mask_size, mask_size]),
     }
 
   return fn
@@ -459,6 +458,7 @@ def make_preprocess_fn(data_config, features, *, train, seed=0):
 def _process(process_index, process_count):
   if process_index is None or process_count is None:
     import jax  # pylint: disable=g-import-not-at-top
+
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
   if not 0 <= process_index < process_count:
@@ -477,8 +477,9 @@ def _options(data_config):
 
 
 def _to_batches(ds, data_config, preprocess, batch_size):
-  ds = ds.map(preprocess, num_parallel_calls=int(data_config.get("num_parallel_calls", 2)),
-              deterministic=True)
+  ds = ds.map(
+    preprocess, num_parallel_calls=int(data_config.get("num_parallel_calls", 2)), deterministic=True
+  )
   pad_h, pad_w = (int(v) for v in data_config.pad_to)
   shapes = {k: v.shape for k, v in ds.element_spec.items()}
   shapes["image"] = tf.TensorShape([pad_h, pad_w, 3])  # zero padding at the bottom / right
@@ -487,7 +488,9 @@ def _to_batches(ds, data_config, preprocess, batch_size):
   return ds.with_options(_options(data_config))
 
 
-def train_positions(step, batch_size_per_process, process_index, process_count):
+def train_positions(
+  step: int, batch_size_per_process: int, process_index: int, process_count: int
+) -> range:
   """Global stream positions of one process's batch at `step`: (B,) int64."""
   start = (step * process_count + process_index) * batch_size_per_process
   return np.arange(start, start + batch_size_per_process, dtype=np.int64)
@@ -525,8 +528,15 @@ class TrainIterator:
     return batch
 
 
-def make_train_iterator(data_config, batch_size_per_process, *, seed, start_step=0,
-                        process_index=None, process_count=None):
+def make_train_iterator(
+  data_config: ml_collections.ConfigDict,
+  batch_size_per_process: int,
+  *,
+  seed: int,
+  start_step: int = 0,
+  process_index: int | None = None,
+  process_count: int | None = None,
+) -> TrainIterator:
   """The training iterator of this process (see the module docstring for order and sharding).
 
   Args:
@@ -556,36 +566,36 @@ def make_train_iterator(data_config, batch_size_per_process, *, seed, start_step
         yield t, source[int(record)], True
       step += 1
 
-  ds = tf.data.Dataset.from_generator(gen, output_signature=(
-      tf.TensorSpec([], tf.int64), tf.TensorSpec([], tf.string), tf.TensorSpec([], tf.bool)))
+  ds = tf.data.Dataset.from_generator(
+    gen,
+    output_signature=(
+      tf.TensorSpec([], tf.int64),
+      tf.TensorSpec([], tf.string),
+      tf.TensorSpec([], tf.bool),
+    ),
+  )
   preprocess = make_preprocess_fn(data_config, builder.info.features, train=True, seed=seed)
   return TrainIterator(_to_batches(ds, data_config, preprocess, b), start_step)
 
 
-def make_dataset(data_config, split, batch_size_per_process, *, seed=0, start_step=0,
-                 process_index=None, process_count=None):
-  """The training iterator if split == data.train_split, else the eval iterator of `split`."""
-  if split == data_config.train_split:
-    return make_train_iterator(data_config, batch_size_per_process, seed=seed,
-                               start_step=start_step, process_index=process_index,
-                               process_count=process_count)
-  c = ml_collections.ConfigDict(data_config.to_dict(), type_safe=False)
-  c.eval_split = split
-  return make_eval_iterator(c, batch_size_per_process, process_index, process_count)
-
-
-def eval_records(num_records, batch_size_per_process, process_index, process_count):
+def eval_records(
+  num_records: int, batch_size_per_process: int, process_index: int, process_count: int
+) -> np.ndarray:
   """Record indices of one process's eval batches: (num_batches * B,) int64, -1 = padding."""
   mine = np.arange(process_index, num_records, process_count, dtype=np.int64)
   per_process = -(-num_records // process_count)
   num_batches = -(-per_process // batch_size_per_process)
   out = np.full(num_batches * batch_size_per_process, -1, np.int64)
-  out[:len(mine)] = mine
+  out[: len(mine)] = mine
   return out
 
 
-def make_eval_iterator(data_config, batch_size_per_process, process_index=None,
-                       process_count=None):
+def make_eval_iterator(
+  data_config: ml_collections.ConfigDict,
+  batch_size_per_process: int,
+  process_index: int | None = None,
+  process_count: int | None = None,
+) -> Iterator[dict[str, np.ndarray]]:
   """Finite iterator over this process's share of the eval split (no augmentation).
 
   All processes yield the same number of batches; padding images have valid=False, image_id=-1
@@ -603,19 +613,19 @@ def make_eval_iterator(data_config, batch_size_per_process, process_index=None,
       record = idx[pos] if pos >= 0 else idx[0]
       yield t, source[int(record)], bool(pos >= 0)
 
-  ds = tf.data.Dataset.from_generator(gen, output_signature=(
-      tf.TensorSpec([], tf.int64), tf.TensorSpec([], tf.string), tf.TensorSpec([], tf.bool)))
+  ds = tf.data.Dataset.from_generator(
+    gen,
+    output_signature=(
+      tf.TensorSpec([], tf.int64),
+      tf.TensorSpec([], tf.string),
+      tf.TensorSpec([], tf.bool),
+    ),
+  )
   preprocess = make_preprocess_fn(data_config, builder.info.features, train=False)
   return _to_batches(ds, data_config, preprocess, b).as_numpy_iterator()
 
 
-def num_eval_images(data_config):
-  """Number of images in the eval split (all processes together)."""
-  builder = get_builder(data_config)
-  return len(_split_range(builder, data_config.eval_split)[1])
-
-
-def num_train_images(data_config):
+def num_train_images(data_config: ml_collections.ConfigDict) -> int:
   """Number of images the training stream draws from (after subset and empty-image drop)."""
   return len(train_pool(data_config))
 
@@ -623,20 +633,16 @@ def num_train_images(data_config):
 # ---------------------------------------------------------------------------------------------
 # Ground truth and categories.
 # ---------------------------------------------------------------------------------------------
-def category_ids(data_config):
+def category_ids(data_config: ml_collections.ConfigDict) -> list[int]:
   """COCO category ids in contiguous-label order: index = label - 1."""
   return [int(c["id"]) for c in get_builder(data_config).info.metadata["categories"]]
 
 
-def category_names(data_config):
-  return [str(c["name"]) for c in get_builder(data_config).info.metadata["categories"]]
-
-
-def num_classes(data_config):
+def num_classes(data_config: ml_collections.ConfigDict) -> int:
   return len(category_ids(data_config))
 
 
-def annotation_file(data_config, split=None):
+def annotation_file(data_config: ml_collections.ConfigDict, split: str | None = None) -> str:
   """Path of the COCO-format ground truth of a split (the base split of a sliced spec)."""
   builder = get_builder(data_config)
   base, _ = _split_range(builder, split or data_config.eval_split)
@@ -646,11 +652,13 @@ def annotation_file(data_config, split=None):
   return path
 
 
-def get_coco_gt(data_config, split=None):
+def get_coco_gt(data_config: ml_collections.ConfigDict, split: str | None = None) -> Any:
   """pycocotools COCO of the eval split (restricted to the records of a sliced spec)."""
   import contextlib  # pylint: disable=g-import-not-at-top
   import io  # pylint: disable=g-import-not-at-top
+
   from pycocotools import coco as coco_lib  # pylint: disable=g-import-not-at-top
+
   builder = get_builder(data_config)
   split = split or data_config.eval_split
   base, idx = _split_range(builder, split)
@@ -664,6 +672,10 @@ def get_coco_gt(data_config, split=None):
   gt.dataset = dataset
   with contextlib.redirect_stdout(io.StringIO()):
     gt.createIndex()
-  logging.info("COCO ground truth of %s: %d images, %d annotations", split,
-               len(dataset["images"]), len(dataset["annotations"]))
+  logging.info(
+    "COCO ground truth of %s: %d images, %d annotations",
+    split,
+    len(dataset["images"]),
+    len(dataset["annotations"]),
+  )
   return gt

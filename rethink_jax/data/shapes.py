@@ -14,13 +14,14 @@ Build: `tfds build rethink_jax/data/shapes.py --config=demo` or, from Python,
   builder = ShapesInstances(config="demo", data_dir=...); builder.download_and_prepare()
 Records are stored as array_record (random access, used by data/pipeline.py) by default.
 """
+
+from collections.abc import Sequence
 import dataclasses
 import functools
 import io
 import sys
 
 from etils import epath
-
 import numpy as np
 from PIL import Image
 import tensorflow_datasets as tfds
@@ -31,7 +32,14 @@ from rethink_jax.data import instances
 INSTANCE_CATEGORIES = ("circle", "square", "triangle", "star", "ring")
 # The classification set has more categories (a superset) so pre-training is not the target task.
 CLASSIFICATION_CATEGORIES = INSTANCE_CATEGORIES + (
-    "hexagon", "cross", "ellipse", "diamond", "crescent", "pentagon", "heart")
+  "hexagon",
+  "cross",
+  "ellipse",
+  "diamond",
+  "crescent",
+  "pentagon",
+  "heart",
+)
 
 _SPLIT_CODES = {"train": 0, "validation": 1}
 
@@ -75,7 +83,7 @@ def _shape_mask(name, yy, xx, cy, cx, r, theta, rng):
     sector = 2 * np.pi / 5
     t = np.abs(np.mod(phi, sector) - sector / 2) / (sector / 2)  # 1 at the tips, 0 between
     inner = r * rng.uniform(0.38, 0.5)
-    return np.sqrt(d2) <= inner + (r - inner) * t ** 1.5
+    return np.sqrt(d2) <= inner + (r - inner) * t**1.5
   if name == "ring":
     inner = r * rng.uniform(0.45, 0.65)
     return (d2 <= r * r) & (d2 >= inner * inner)
@@ -89,10 +97,10 @@ def _shape_mask(name, yy, xx, cy, cx, r, theta, rng):
     return np.abs(u) / r + np.abs(v) / (0.6 * r) <= 1.0
   if name == "crescent":
     off = r * rng.uniform(0.35, 0.55)
-    return (d2 <= r * r) & ((u - off) ** 2 + v ** 2 > (0.85 * r) ** 2)
+    return (d2 <= r * r) & ((u - off) ** 2 + v**2 > (0.85 * r) ** 2)
   if name == "heart":
     x, y = u / r, -v / r + 0.1
-    return (x * x + y * y - 0.6) ** 3 - x * x * y ** 3 <= 0.0
+    return (x * x + y * y - 0.6) ** 3 - x * x * y**3 <= 0.0
   raise ValueError(f"unknown shape category {name!r}")
 
 
@@ -106,7 +114,7 @@ def _texture(rng, yy, xx, size, base):
   if kind == 1:
     period = rng.uniform(3, 10) * size / 64
     a = rng.uniform(0, np.pi)
-    t = (np.sin((np.cos(a) * xx + np.sin(a) * yy) * 2 * np.pi / period) > 0)
+    t = np.sin((np.cos(a) * xx + np.sin(a) * yy) * 2 * np.pi / period) > 0
   elif kind == 2:
     cell = max(2, int(rng.uniform(3, 9) * size / 64))
     t = ((yy.astype(np.int32) // cell + xx.astype(np.int32) // cell) % 2).astype(bool)
@@ -160,8 +168,9 @@ def _place(rng, name, yy, xx, size, r, cy, cx):
   """Full-image (size, size) bool mask of one shape, computed on its window only (fast)."""
   ys, xs = _window(size, cy, cx, r)
   full = np.zeros((size, size), bool)
-  full[ys, xs] = _shape_mask(name, yy[ys, xs], xx[ys, xs], cy, cx, r, rng.uniform(0, 2 * np.pi),
-                             rng)
+  full[ys, xs] = _shape_mask(
+    name, yy[ys, xs], xx[ys, xs], cy, cx, r, rng.uniform(0, 2 * np.pi), rng
+  )
   return full, (ys, xs)
 
 
@@ -180,7 +189,14 @@ def _noise(rng, image):
   return np.clip(image, 0, 255).astype(np.uint8)
 
 
-def render_instances(rng, size, categories, min_objects, max_objects, min_visible=0.6):
+def render_instances(
+  rng: np.random.Generator,
+  size: int,
+  categories: Sequence[str],
+  min_objects: int,
+  max_objects: int,
+  min_visible: float = 0.6,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Renders one instance-segmentation image.
 
   Args:
@@ -220,7 +236,9 @@ def render_instances(rng, size, categories, min_objects, max_objects, min_visibl
   return image, masks, np.asarray(labels, np.int64)
 
 
-def render_classification(rng, size, categories):
+def render_classification(
+  rng: np.random.Generator, size: int, categories: Sequence[str]
+) -> tuple[np.ndarray, int]:
   """One object centred-ish on a background: image (size, size, 3) uint8, label int."""
   yy, xx = _grid_cache(size)
   image, bg = _background(rng, yy, xx, size)
@@ -264,6 +282,7 @@ def _mask_bbox_xyxy(mask):
 @dataclasses.dataclass(eq=False)
 class ShapesConfig(tfds.core.BuilderConfig):
   """Builder config: image_size (square side), split sizes, categories, objects per image, seed."""
+
   image_size: int = 128
   num_train: int = 1600
   num_validation: int = 200
@@ -296,41 +315,62 @@ class ShapesInstances(ArrayRecordBuilderMixin, tfds.core.GeneratorBasedBuilder):
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "First version."}
   BUILDER_CONFIGS = [
-      # Fast enough for unit tests (well under a second).
-      ShapesConfig(name="tiny", description="64x64, 24 train / 8 validation, 3 categories.",
-                   image_size=64, num_train=24, num_validation=8, num_categories=3,
-                   max_objects=3),
-      # The embedded default of `make demo`: generates in a few seconds on one core.
-      ShapesConfig(name="demo", description="128x128, 1600 train / 200 validation, 4 categories.",
-                   image_size=128, num_train=1600, num_validation=200, num_categories=4),
-      ShapesConfig(name="large", description="256x256, 10000 train / 500 validation, 5 categories.",
-                   image_size=256, num_train=10000, num_validation=500, num_categories=5,
-                   max_objects=6),
+    # Fast enough for unit tests (well under a second).
+    ShapesConfig(
+      name="tiny",
+      description="64x64, 24 train / 8 validation, 3 categories.",
+      image_size=64,
+      num_train=24,
+      num_validation=8,
+      num_categories=3,
+      max_objects=3,
+    ),
+    # The embedded default of `make demo`: generates in a few seconds on one core.
+    ShapesConfig(
+      name="demo",
+      description="128x128, 1600 train / 200 validation, 4 categories.",
+      image_size=128,
+      num_train=1600,
+      num_validation=200,
+      num_categories=4,
+    ),
+    ShapesConfig(
+      name="large",
+      description="256x256, 10000 train / 500 validation, 5 categories.",
+      image_size=256,
+      num_train=10000,
+      num_validation=500,
+      num_categories=5,
+      max_objects=6,
+    ),
   ]
   DEFAULT_CONFIG_NAME = "demo"
 
   def _info(self):
     cfg = self.builder_config
     if not 1 <= cfg.num_categories <= len(INSTANCE_CATEGORIES):
-      raise ValueError(f"num_categories must be in 1..{len(INSTANCE_CATEGORIES)}, got "
-                       f"{cfg.num_categories}")
+      raise ValueError(
+        f"num_categories must be in 1..{len(INSTANCE_CATEGORIES)}, got {cfg.num_categories}"
+      )
     return self.dataset_info_from_configs(
-        features=instances.instance_features(),
-        metadata=tfds.core.MetadataDict(categories=self._categories()),
-        homepage="https://arxiv.org/abs/1811.08883",
-        # Record i of a split is generated example i (the side files index records by number).
-        disable_shuffling=True,
+      features=instances.instance_features(),
+      metadata=tfds.core.MetadataDict(categories=self._categories()),
+      homepage="https://arxiv.org/abs/1811.08883",
+      # Record i of a split is generated example i (the side files index records by number).
+      disable_shuffling=True,
     )
 
   def _categories(self):
-    names = INSTANCE_CATEGORIES[:self.builder_config.num_categories]
+    names = INSTANCE_CATEGORIES[: self.builder_config.num_categories]
     return [{"id": i + 1, "name": n} for i, n in enumerate(names)]
 
   def _split_generators(self, dl_manager):
     del dl_manager  # Nothing to download.
     cfg = self.builder_config
-    return {"train": self._generate_examples("train", cfg.num_train),
-            "validation": self._generate_examples("validation", cfg.num_validation)}
+    return {
+      "train": self._generate_examples("train", cfg.num_train),
+      "validation": self._generate_examples("validation", cfg.num_validation),
+    }
 
   def _generate_examples(self, split, num_images):
     cfg = self.builder_config
@@ -341,7 +381,8 @@ class ShapesInstances(ArrayRecordBuilderMixin, tfds.core.GeneratorBasedBuilder):
     ann_id = 1
     for index in range(num_images):
       image, masks, labels = render_instances(
-          _rng(cfg.seed, split, index), size, names, cfg.min_objects, cfg.max_objects)
+        _rng(cfg.seed, split, index), size, names, cfg.min_objects, cfg.max_objects
+      )
       image_id = index + 1
       file_name = f"{split}_{index:06d}.jpg"
       objects, counts = [], []
@@ -349,7 +390,8 @@ class ShapesInstances(ArrayRecordBuilderMixin, tfds.core.GeneratorBasedBuilder):
         xyxy = _mask_bbox_xyxy(mask)
         area = float(mask.sum())
         counts.append(instances.mask_to_counts(mask))
-        objects.append({
+        objects.append(
+          {
             "id": ann_id,
             "bbox": instances.normalized_bbox(xyxy, size, size),
             "label": int(label),
@@ -357,27 +399,51 @@ class ShapesInstances(ArrayRecordBuilderMixin, tfds.core.GeneratorBasedBuilder):
             "is_crowd": False,
             "area": area,
             "mask_runs": len(counts[-1]),
-        })
-        annotations.append({
-            "id": ann_id, "image_id": image_id, "category_id": int(label) + 1,
+          }
+        )
+        annotations.append(
+          {
+            "id": ann_id,
+            "image_id": image_id,
+            "category_id": int(label) + 1,
             "bbox": [xyxy[0], xyxy[1], xyxy[2] - xyxy[0], xyxy[3] - xyxy[1]],
-            "area": area, "iscrowd": 0, "segmentation": instances.coco_rle(mask)})
+            "area": area,
+            "iscrowd": 0,
+            "segmentation": instances.coco_rle(mask),
+          }
+        )
         ann_id += 1
       images.append({"id": image_id, "file_name": file_name, "height": size, "width": size})
       image_ids.append(image_id)
       num_objects.append(len(objects))
-      yield index, {"image": _jpeg(image), "image_id": image_id, "file_name": file_name,
-                    "height": size, "width": size, "objects": objects,
-                    "mask_counts": instances.concat_counts(counts)}
+      yield (
+        index,
+        {
+          "image": _jpeg(image),
+          "image_id": image_id,
+          "file_name": file_name,
+          "height": size,
+          "width": size,
+          "objects": objects,
+          "mask_counts": instances.concat_counts(counts),
+        },
+      )
     # Generation finished: write the side files next to the records (the temporary data dir).
-    instances.write_split_files(self.data_path, split, images=images, annotations=annotations,
-                                categories=categories, image_ids=image_ids,
-                                num_objects=num_objects)
+    instances.write_split_files(
+      self.data_path,
+      split,
+      images=images,
+      annotations=annotations,
+      categories=categories,
+      image_ids=image_ids,
+      num_objects=num_objects,
+    )
 
 
 @dataclasses.dataclass(eq=False)
 class ShapesClassificationConfig(tfds.core.BuilderConfig):
   """Builder config: image_size (square side), split sizes, number of categories, seed."""
+
   image_size: int = 128
   num_train: int = 4000
   num_validation: int = 400
@@ -394,10 +460,19 @@ class ShapesClassification(tfds.core.GeneratorBasedBuilder):
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "First version."}
   BUILDER_CONFIGS = [
-      ShapesClassificationConfig(name="tiny", description="64x64, 48 train / 16 validation.",
-                                 image_size=64, num_train=48, num_validation=16),
-      ShapesClassificationConfig(name="demo", description="128x128, 3000 train / 300 validation.",
-                                 num_train=3000, num_validation=300),
+    ShapesClassificationConfig(
+      name="tiny",
+      description="64x64, 48 train / 16 validation.",
+      image_size=64,
+      num_train=48,
+      num_validation=16,
+    ),
+    ShapesClassificationConfig(
+      name="demo",
+      description="128x128, 3000 train / 300 validation.",
+      num_train=3000,
+      num_validation=300,
+    ),
   ]
   DEFAULT_CONFIG_NAME = "demo"
   code_path = ArrayRecordBuilderMixin.code_path
@@ -405,28 +480,33 @@ class ShapesClassification(tfds.core.GeneratorBasedBuilder):
   def _info(self):
     cfg = self.builder_config
     if not 1 <= cfg.num_categories <= len(CLASSIFICATION_CATEGORIES):
-      raise ValueError(f"num_categories must be in 1..{len(CLASSIFICATION_CATEGORIES)}, got "
-                       f"{cfg.num_categories}")
-    names = list(CLASSIFICATION_CATEGORIES[:cfg.num_categories])
+      raise ValueError(
+        f"num_categories must be in 1..{len(CLASSIFICATION_CATEGORIES)}, got {cfg.num_categories}"
+      )
+    names = list(CLASSIFICATION_CATEGORIES[: cfg.num_categories])
     return self.dataset_info_from_configs(
-        features=tfds.features.FeaturesDict({
-            "image": tfds.features.Image(shape=(None, None, 3)),
-            "label": tfds.features.ClassLabel(names=names),
-        }),
-        supervised_keys=("image", "label"),
-        homepage="https://arxiv.org/abs/1811.08883",
-        disable_shuffling=True,
+      features=tfds.features.FeaturesDict(
+        {
+          "image": tfds.features.Image(shape=(None, None, 3)),
+          "label": tfds.features.ClassLabel(names=names),
+        }
+      ),
+      supervised_keys=("image", "label"),
+      homepage="https://arxiv.org/abs/1811.08883",
+      disable_shuffling=True,
     )
 
   def _split_generators(self, dl_manager):
     del dl_manager
     cfg = self.builder_config
-    return {"train": self._generate_examples("train", cfg.num_train),
-            "validation": self._generate_examples("validation", cfg.num_validation)}
+    return {
+      "train": self._generate_examples("train", cfg.num_train),
+      "validation": self._generate_examples("validation", cfg.num_validation),
+    }
 
   def _generate_examples(self, split, num_images):
     cfg = self.builder_config
-    names = CLASSIFICATION_CATEGORIES[:cfg.num_categories]
+    names = CLASSIFICATION_CATEGORIES[: cfg.num_categories]
     for index in range(num_images):
       image, label = render_classification(_rng(cfg.seed, split, index), cfg.image_size, names)
       yield index, {"image": _jpeg(image), "label": label}

@@ -1,4 +1,6 @@
-"""Instance masks: the fixed per-instance representation, training targets, and pasting.
+"""Instance masks: the fixed per-instance representation and the mask head's training targets.
+
+Pasting predicted masks into images is evaluation's (rethink_jax.evaluate.paste_masks, NumPy).
 
 Representation (what the data pipeline feeds, `gt_masks (G, S, S)` uint8, S = 112 by default):
 each instance's full-resolution binary mask cropped to ITS OWN ground-truth box and resampled to
@@ -18,13 +20,14 @@ if its bin lies within delta of the mask boundary, i.e. within ceil(delta / bin)
 of the boundary of Detectron2's target (bin = roi side / 28). Elsewhere the targets are equal.
 tests/ops/test_masks.py checks exactly this band on random blob masks.
 """
+
 import jax
 import jax.numpy as jnp
 
 from rethink_jax.ops.roi_align import _pool_flat
 
 
-def crop_masks_to_boxes(full_masks, boxes, size=112):
+def crop_masks_to_boxes(full_masks: jax.Array, boxes: jax.Array, size: int = 112) -> jax.Array:
   """Reference for the gt_masks representation (see module doc).
 
   Args:
@@ -38,8 +41,10 @@ def crop_masks_to_boxes(full_masks, boxes, size=112):
   full_masks = jnp.asarray(full_masks)
   boxes = jnp.asarray(boxes, jnp.float32)
   if full_masks.ndim != 3 or boxes.shape != (full_masks.shape[0], 4):
-    raise ValueError(f"crop_masks_to_boxes needs full_masks (G, H, W) and boxes (G, 4), got "
-                     f"{full_masks.shape} and {boxes.shape}")
+    raise ValueError(
+      f"crop_masks_to_boxes needs full_masks (G, H, W) and boxes (G, 4), got "
+      f"{full_masks.shape} and {boxes.shape}"
+    )
   g, h, w = full_masks.shape
   flat = full_masks.reshape(g, h * w, 1).astype(jnp.float32)
   ones = jnp.ones((1,), jnp.float32)
@@ -76,11 +81,18 @@ def _sample_weights(start, length, num_bins, grid, max_grid, box_lo, box_len, cr
   scale = jnp.where(inside, 1.0 / g, 0.0)
   cols = jnp.arange(crop_size, dtype=jnp.float32)
   onehot = lambda idx: (idx[..., None] == cols).astype(jnp.float32)
-  mat = (onehot(low) * ((1.0 - frac) * scale)[..., None] + onehot(high) * (frac * scale)[..., None])
+  mat = onehot(low) * ((1.0 - frac) * scale)[..., None] + onehot(high) * (frac * scale)[..., None]
   return jnp.sum(mat, axis=2)
 
 
-def mask_targets(gt_masks, gt_boxes, rois, matched_gt, size=28, max_sampling_ratio=8):
+def mask_targets(
+  gt_masks: jax.Array,
+  gt_boxes: jax.Array,
+  rois: jax.Array,
+  matched_gt: jax.Array,
+  size: int = 28,
+  max_sampling_ratio: int = 8,
+) -> jax.Array:
   """Mask-head targets: each ROI's matched instance mask cropped to the ROI at size x size.
 
   Detectron2's rule (RoIAlign(aligned=True, sampling_ratio=0) of the binary mask at the ROI,
@@ -103,12 +115,18 @@ def mask_targets(gt_masks, gt_boxes, rois, matched_gt, size=28, max_sampling_rat
   gt_boxes = jnp.asarray(gt_boxes, jnp.float32)
   rois = jnp.asarray(rois, jnp.float32)
   matched_gt = jnp.asarray(matched_gt)
-  if (gt_masks.ndim != 3 or gt_masks.shape[1] != gt_masks.shape[2]
-      or gt_boxes.shape != (gt_masks.shape[0], 4) or rois.ndim != 2 or rois.shape[1] != 4
-      or matched_gt.shape != rois.shape[:1]):
+  if (
+    gt_masks.ndim != 3
+    or gt_masks.shape[1] != gt_masks.shape[2]
+    or gt_boxes.shape != (gt_masks.shape[0], 4)
+    or rois.ndim != 2
+    or rois.shape[1] != 4
+    or matched_gt.shape != rois.shape[:1]
+  ):
     raise ValueError(
-        f"mask_targets needs gt_masks (G, S, S), gt_boxes (G, 4), rois (R, 4), matched_gt (R,); "
-        f"got {gt_masks.shape}, {gt_boxes.shape}, {rois.shape}, {matched_gt.shape}")
+      f"mask_targets needs gt_masks (G, S, S), gt_boxes (G, 4), rois (R, 4), matched_gt (R,); "
+      f"got {gt_masks.shape}, {gt_boxes.shape}, {rois.shape}, {matched_gt.shape}"
+    )
   s = gt_masks.shape[1]
   crops = gt_masks.astype(jnp.float32)[matched_gt]  # (R, S, S)
   gt = jax.lax.stop_gradient(gt_boxes[matched_gt])
@@ -117,84 +135,14 @@ def mask_targets(gt_masks, gt_boxes, rois, matched_gt, size=28, max_sampling_rat
   roi_h = rois[:, 3] - rois[:, 1]
   grid_w = jnp.ceil(roi_w / size).astype(jnp.int32)
   grid_h = jnp.ceil(roi_h / size).astype(jnp.int32)
-  wy = _sample_weights(rois[:, 1], roi_h, size, grid_h, max_sampling_ratio, gt[:, 1],
-                       gt[:, 3] - gt[:, 1], s)
-  wx = _sample_weights(rois[:, 0], roi_w, size, grid_w, max_sampling_ratio, gt[:, 0],
-                       gt[:, 2] - gt[:, 0], s)
+  wy = _sample_weights(
+    rois[:, 1], roi_h, size, grid_h, max_sampling_ratio, gt[:, 1], gt[:, 3] - gt[:, 1], s
+  )
+  wx = _sample_weights(
+    rois[:, 0], roi_w, size, grid_w, max_sampling_ratio, gt[:, 0], gt[:, 2] - gt[:, 0], s
+  )
   hi = jax.lax.Precision.HIGHEST
   vals = jnp.einsum("rps,rst,rqt->rpq", wy, crops, wx, precision=hi)
   # Adaptive grids of size <= 0 (empty ROIs) average nothing: target 0, as in torchvision.
   empty = (grid_h < 1) | (grid_w < 1)
   return jnp.where(empty[:, None, None], 0.0, (vals >= 0.5).astype(jnp.float32))
-
-
-def _paste_weights_detectron2(lo, hi, num_pixels, mask_size):
-  """(R, num_pixels, M): pixel centre -> mask coordinate, bilinear, zero padding outside."""
-  centers = jnp.arange(num_pixels, dtype=jnp.float32)[None, :] + 0.5
-  u = (centers - lo[:, None]) / (hi - lo)[:, None] * mask_size - 0.5
-  low = jnp.floor(u)
-  return _two_taps(low, u - low, low + 1.0, mask_size, jnp.ones_like(u, bool))
-
-
-def _paste_weights_torchvision(lo, hi, num_pixels, mask_size):
-  """(R, num_pixels, M): torchvision's rule. The mask gets a 1-cell zero border, the box is scaled
-  by (M + 2) / M about its centre and truncated to integers [b0, b1], and the padded mask is
-  resized to b1 - b0 + 1 pixels (bilinear, align_corners=False) and placed at b0."""
-  scale = (mask_size + 2.0) / mask_size
-  half = (hi - lo) * 0.5 * scale
-  ctr = (hi + lo) * 0.5
-  b0 = jnp.trunc(ctr - half)
-  b1 = jnp.trunc(ctr + half)
-  size = jnp.maximum(b1 - b0 + 1.0, 1.0)
-  j = jnp.arange(num_pixels, dtype=jnp.float32)[None, :] - b0[:, None]
-  inside = (j >= 0) & (j < size[:, None])
-  src = jnp.maximum((j + 0.5) * ((mask_size + 2.0) / size)[:, None] - 0.5, 0.0)
-  i0 = jnp.floor(src)
-  i1 = jnp.minimum(i0 + 1.0, mask_size + 1.0)
-  # Padded index k is mask cell k - 1; the border cells are zero, i.e. outside the mask.
-  return _two_taps(i0 - 1.0, src - i0, i1 - 1.0, mask_size, inside)
-
-
-def _two_taps(low, frac, high, mask_size, inside):
-  cells = jnp.arange(mask_size, dtype=jnp.float32)
-  w = ((low[..., None] == cells) * (1.0 - frac)[..., None]
-       + (high[..., None] == cells) * frac[..., None])
-  return jnp.where(inside[..., None], w, 0.0).astype(jnp.float32)
-
-
-def paste_masks(masks, boxes, image_hw, threshold=0.5, method="torchvision"):
-  """Paste per-box mask probabilities into the image and threshold them; no loop over masks.
-
-  Each output pixel reads its box's M x M mask by bilinear interpolation; the interpolation is
-  separable, so every mask costs two small matmuls (h, M) x (M, M) x (M, w).
-  method="torchvision" (default) reproduces torchvision.models.detection.roi_heads.
-  paste_masks_in_image (and the original Detectron's pasting): mask padded by one zero cell, box
-  expanded by (M + 2) / M and rounded to integer pixels, pixel on when value > threshold.
-  method="detectron2" reproduces Detectron2's paste_masks_in_image: pixel centres mapped into the
-  real-valued box, grid_sample(align_corners=False) with zero padding, on when value >= threshold.
-
-  Args:
-    masks: (R, M, M) probabilities.
-    boxes: (R, 4) xyxy in image pixels.
-    image_hw: static (h, w) of the output.
-    threshold: float.
-    method: "torchvision" or "detectron2" (static).
-
-  Returns:
-    (R, h, w) bool.
-  """
-  masks = jnp.asarray(masks, jnp.float32)
-  boxes = jnp.asarray(boxes, jnp.float32)
-  if masks.ndim != 3 or masks.shape[1] != masks.shape[2] or boxes.shape != (masks.shape[0], 4):
-    raise ValueError(f"paste_masks needs masks (R, M, M) and boxes (R, 4), got {masks.shape} and {boxes.shape}")
-  if method not in ("torchvision", "detectron2"):
-    raise ValueError(f"unknown paste method {method!r}")
-  h, w = (int(v) for v in image_hw)
-  m = masks.shape[1]
-  weights = _paste_weights_torchvision if method == "torchvision" else _paste_weights_detectron2
-  wy = weights(boxes[:, 1], boxes[:, 3], h, m)
-  wx = weights(boxes[:, 0], boxes[:, 2], w, m)
-  hi = jax.lax.Precision.HIGHEST
-  rows = jnp.einsum("rys,rst->ryt", wy, masks, precision=hi)
-  img = jnp.einsum("ryt,rxt->ryx", rows, wx, precision=hi)
-  return img > threshold if method == "torchvision" else img >= threshold

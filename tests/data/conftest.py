@@ -1,4 +1,5 @@
 """Session-scoped synthetic data sets for the data tests (built once, offline, in a temp dir)."""
+
 import pytest
 
 
@@ -6,7 +7,9 @@ import pytest
 def shapes_dir(tmp_path_factory):
   """A tfds data dir holding shapes_instances/tiny and shapes_classification/tiny."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
   from rethink_jax.data import shapes  # pylint: disable=g-import-not-at-top
+
   tfds.disable_progress_bar()
   data_dir = str(tmp_path_factory.mktemp("tfds_shapes"))
   shapes.ShapesInstances(config="tiny", data_dir=data_dir).download_and_prepare()
@@ -18,6 +21,7 @@ def shapes_dir(tmp_path_factory):
 def tiny_config(shapes_dir):
   """config.data for shapes_instances/tiny at 64 x 64 (fresh copy per test)."""
   from rethink_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+
   c = pipeline.default_data_config()
   c.data_dir = shapes_dir
   c.builder_config = "tiny"

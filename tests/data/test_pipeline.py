@@ -1,4 +1,5 @@
 """The fixed-shape pipeline: shapes, alignment, sharding, resume, subsets."""
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -8,10 +9,15 @@ from rethink_jax.data import instances
 from rethink_jax.data import pipeline
 
 KEYS = {
-    "image": ((64, 64, 3), np.float32), "image_hw": ((2,), np.int32), "image_id": ((), np.int32),
-    "orig_hw": ((2,), np.int32), "scale": ((), np.float32), "valid": ((), np.bool_),
-    "gt_boxes": ((8, 4), np.float32), "gt_classes": ((8,), np.int32),
-    "gt_masks": ((8, 28, 28), np.uint8),
+  "image": ((64, 64, 3), np.float32),
+  "image_hw": ((2,), np.int32),
+  "image_id": ((), np.int32),
+  "orig_hw": ((2,), np.int32),
+  "scale": ((), np.float32),
+  "valid": ((), np.bool_),
+  "gt_boxes": ((8, 4), np.float32),
+  "gt_classes": ((8,), np.int32),
+  "gt_masks": ((8, 28, 28), np.uint8),
 }
 
 
@@ -36,8 +42,12 @@ def _bilinear_clamped(img, y, x):
   y0, x0 = np.floor(yc).astype(int), np.floor(xc).astype(int)
   y1, x1 = np.minimum(y0 + 1, h - 1), np.minimum(x0 + 1, w - 1)
   ly, lx = yc - y0, xc - x0
-  v = (img[y0, x0] * (1 - ly) * (1 - lx) + img[y0, x1] * (1 - ly) * lx
-       + img[y1, x0] * ly * (1 - lx) + img[y1, x1] * ly * lx)
+  v = (
+    img[y0, x0] * (1 - ly) * (1 - lx)
+    + img[y0, x1] * (1 - ly) * lx
+    + img[y1, x0] * ly * (1 - lx)
+    + img[y1, x1] * ly * lx
+  )
   out[ok] = v[ok]
   return out
 
@@ -47,28 +57,7 @@ def _reference_crop(full, box, size):
   x1, y1, x2, y2 = box
   ys = y1 + (np.arange(size) + 0.5) * (y2 - y1) / size - 0.5
   xs = x1 + (np.arange(size) + 0.5) * (x2 - x1) / size - 0.5
-  return (_bilinear_clamped(full.astype(np.float64), ys[:, None], xs[None, :]) >= 0.5)
-
-
-def test_decode_and_crop_masks_match_numpy():
-  rng = np.random.default_rng()
-  h, w, n, s = 23, 31, 3, 14
-  yy, xx = np.mgrid[0:h, 0:w]
-  masks = []
-  for _ in range(n):
-    cy, cx, r = rng.uniform(0, h), rng.uniform(0, w), rng.uniform(3, 10)
-    masks.append((yy - cy) ** 2 + (xx - cx) ** 2 <= r * r)
-  masks = np.stack(masks).astype(np.uint8)
-  counts = [instances.mask_to_counts(m) for m in masks]
-  dec = pipeline.decode_masks(tf.constant(np.concatenate(counts)),
-                              tf.constant([len(c) for c in counts], tf.int32), h, w).numpy()
-  np.testing.assert_array_equal(dec, masks)
-  boxes = np.stack([rng.uniform(-3, w / 2, n), rng.uniform(-3, h / 2, n),
-                    rng.uniform(w / 2 + 1, w + 3, n), rng.uniform(h / 2 + 1, h + 3, n)], 1)
-  crops = pipeline.crop_masks(tf.constant(masks), tf.constant(boxes, tf.float32), s).numpy()
-  for m, bx, c in zip(masks, boxes, crops):
-    ref = _reference_crop(m, bx, s)
-    assert (ref != c).mean() <= 0.01, (bx, (ref != c).sum())
+  return _bilinear_clamped(full.astype(np.float64), ys[:, None], xs[None, :]) >= 0.5
 
 
 def test_fixed_shapes_every_batch(tiny_config):
@@ -125,8 +114,9 @@ def test_boxes_and_masks_stay_aligned(tiny_config):
       for g in range(n):
         full = instances.counts_to_mask(counts[g], 64, 64)
         ymin, xmin, ymax, xmax = objs["bbox"][g]
-        np.testing.assert_allclose(pb[g], np.array([xmin, ymin, xmax, ymax]) * 64 * scale,
-                                   atol=1e-3)
+        np.testing.assert_allclose(
+          pb[g], np.array([xmin, ymin, xmax, ymax]) * 64 * scale, atol=1e-3
+        )
         crop = p["gt_masks"][k, g]
         ref = _reference_crop(full, pb[g] / scale, c.mask_size)
         assert (crop != ref).mean() < 0.01
@@ -185,7 +175,8 @@ def test_resume_equals_uninterrupted(tiny_config):
       np.testing.assert_array_equal(a[k], r[k], err_msg=k)
   other = next(pipeline.make_train_iterator(c, 4, seed=8, process_index=0, process_count=1))
   assert not np.array_equal(other["image_id"], full[0]["image_id"]) or not np.array_equal(
-      other["image"], full[0]["image"])
+    other["image"], full[0]["image"]
+  )
 
 
 def test_subsets_are_deterministic(tiny_config):
@@ -226,8 +217,12 @@ def test_coco_gt_and_categories(tiny_config):
   c.eval_split = "validation[:3]"
   gt = pipeline.get_coco_gt(c)
   assert sorted(gt.getImgIds()) == [1, 2, 3]
-  ids = np.concatenate([x["image_id"][x["valid"]] for x in
-                        pipeline.make_eval_iterator(c, 2, process_index=0, process_count=1)])
+  ids = np.concatenate(
+    [
+      x["image_id"][x["valid"]]
+      for x in pipeline.make_eval_iterator(c, 2, process_index=0, process_count=1)
+    ]
+  )
   assert sorted(ids.tolist()) == [1, 2, 3]
 
 
@@ -241,6 +236,7 @@ def test_bad_config(tiny_config):
 def test_crops_match_ops_reference(tiny_config):
   """At scale 1 the pipeline's gt_masks equal ops.masks.crop_masks_to_boxes of the full masks."""
   from rethink_jax.ops import masks as ops_masks  # pylint: disable=g-import-not-at-top
+
   c = tiny_config
   c.flip_prob = 0.0
   b = pipeline.get_builder(c)
@@ -260,19 +256,20 @@ def test_crops_match_ops_reference(tiny_config):
       boxes.append(batch["gt_boxes"][k, :n])
       ours.append(batch["gt_masks"][k, :n])
   ours = np.concatenate(ours)
-  ref = np.asarray(ops_masks.crop_masks_to_boxes(np.stack(full), np.concatenate(boxes),
-                                                 c.mask_size))  # one call: one compilation
+  ref = np.asarray(
+    ops_masks.crop_masks_to_boxes(np.stack(full), np.concatenate(boxes), c.mask_size)
+  )  # one call: one compilation
   diffs = int((ref != ours).sum())
   assert ref.size > 0 and diffs <= 0.002 * ref.size, (diffs, ref.size)
 
 
-def test_builder_overrides_and_make_dataset(tiny_config):
+def test_builder_overrides(tiny_config):
   c = tiny_config
   c.builder_overrides = {"num_train": 6, "num_validation": 2}
   b = pipeline.get_builder(c)  # generated on first use
   assert b.info.splits["train"].num_examples == 6
   assert b.builder_config.name == "tiny_num_train6_num_validation2"
-  ev = list(pipeline.make_dataset(c, "validation", 2, process_index=0, process_count=1))
+  ev = list(pipeline.make_eval_iterator(c, 2, process_index=0, process_count=1))
   assert len(ev) == 1 and ev[0]["valid"].all()
-  tr = pipeline.make_dataset(c, "train", 2, seed=0, process_index=0, process_count=1)
+  tr = pipeline.make_train_iterator(c, 2, seed=0, process_index=0, process_count=1)
   _check_batch(next(tr), 2)

@@ -1,4 +1,5 @@
-"""shapes_instances / shapes_classification: offline, deterministic, masks consistent with the JSON."""
+"""shapes_instances / shapes_classification: offline, deterministic, masks match the JSON."""
+
 import json
 import os
 
@@ -71,8 +72,9 @@ def test_records_agree_with_coco_json(shapes_dir):
       ys, xs = np.nonzero(mask)
       assert (x, y, x + w, y + h) == (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
       ymin, xmin, ymax, xmax = objs["bbox"][k]
-      np.testing.assert_allclose([xmin * 64, ymin * 64, xmax * 64, ymax * 64],
-                                 [x, y, x + w, y + h], atol=1e-4)
+      np.testing.assert_allclose(
+        [xmin * 64, ymin * 64, xmax * 64, ymax * 64], [x, y, x + w, y + h], atol=1e-4
+      )
 
 
 def test_mask_counts_roundtrip():
@@ -84,4 +86,4 @@ def test_mask_counts_roundtrip():
     assert counts.sum() == h * w
     np.testing.assert_array_equal(instances.counts_to_mask(counts, h, w), m)
     rle = mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))
-    np.testing.assert_array_equal(instances.rle_to_counts(rle), counts)
+    np.testing.assert_array_equal(mask_utils.decode(rle), instances.counts_to_mask(counts, h, w))
