@@ -85,10 +85,11 @@ def test_group_norm_forms_agree(rng, shape, groups, dtype):
   c = shape[-1]
   scale = jnp.asarray(rng.uniform(0.5, 1.5, c), jnp.float32)
   bias = jnp.asarray(rng.uniform(-0.5, 0.5, c), jnp.float32)
-  cpu = functools.partial(xla_cpu.group_norm_cpu, num_groups=groups, epsilon=1e-5)
   ref = functools.partial(xla_cpu.group_norm_reference, num_groups=groups, epsilon=1e-5)
   tol = 1e-4 if dtype == jnp.float32 else 5e-2
-  y, _ = _vjp_both(cpu, ref, (x, scale, bias), rng, (0, 1, 2), tol)
+  for fast in (xla_cpu.group_norm_cpu, xla_cpu.group_norm_tpu):
+    fast = functools.partial(fast, num_groups=groups, epsilon=1e-5)
+    y, _ = _vjp_both(fast, ref, (x, scale, bias), rng, (0, 1, 2), tol)
   # The reference itself normalizes: zero mean, unit variance per (image, group) before the affine.
   if dtype == jnp.float32:
     z = ((y - bias) / scale).reshape(shape[0], -1, groups, c // groups)
@@ -191,8 +192,8 @@ def _lowered(f, *args, platform=None):
 
 
 @pytest.mark.parametrize("platform", ["tpu", "cuda"])
-def test_on_cpu_keeps_the_form_of_the_platform_lowered_for(platform):
-  f = lambda x: xla_cpu.on_cpu(jnp.sin, jnp.cos, x)
+def test_choose_form_keeps_the_form_of_the_platform_lowered_for(platform):
+  f = lambda x: xla_cpu.choose_form(jnp.sin, jnp.cos, x)
   x = jnp.ones((3,), jnp.float32)
   off_cpu, on_cpu = _lowered(f, x, platform=platform), _lowered(f, x)
   assert "stablehlo.cosine" in off_cpu and "stablehlo.sine" not in off_cpu
@@ -200,8 +201,8 @@ def test_on_cpu_keeps_the_form_of_the_platform_lowered_for(platform):
   np.testing.assert_allclose(jax.jit(f)(x), np.sin(1.0) * np.ones(3), rtol=1e-6)
 
 
-def test_on_cpu_passes_static_arguments():
-  f = lambda x: xla_cpu.on_cpu(lambda x, *, n: x + n, lambda x, *, n: x - n, x, n=2.0)
+def test_choose_form_passes_static_arguments():
+  f = lambda x: xla_cpu.choose_form(lambda x, *, n: x + n, lambda x, *, n: x - n, x, n=2.0)
   np.testing.assert_allclose(jax.jit(f)(jnp.ones(2)), 3.0)
 
 
@@ -222,3 +223,31 @@ def test_public_functions_lower_to_the_reference_form_off_cpu(rng, platform):
   on_cpu = _lowered(grad, x, scale, bias, kernel)
   assert "optimization_barrier" not in off_cpu and "select_and_scatter" in off_cpu
   assert "optimization_barrier" in on_cpu and "select_and_scatter" not in on_cpu
+
+
+@pytest.mark.parametrize("platform", ["tpu", "cuda"])
+def test_tpu_forms_are_lowered_for_tpu_only(rng, platform):
+  """On TPU a 1x1 conv is a dot_general; on other platforms off CPU a convolution."""
+  x = jnp.asarray(rng.normal(size=(1, 8, 8, 32)), jnp.float32)
+  scale, bias = jnp.ones((32,)), jnp.zeros((32,))
+  kernel = jnp.asarray(rng.normal(size=(1, 1, 32, 16)), jnp.float32)
+
+  def loss(x, scale, bias, kernel):
+    y = xla_cpu.group_norm(x, scale, bias, 8, 1e-5)
+    return jnp.sum(xla_cpu.conv2d(y, kernel, strides=(2, 2), padding=(0, 0)) ** 2)
+
+  text = _lowered(jax.grad(loss, (0, 1, 2, 3)), x, scale, bias, kernel, platform=platform)
+  has_conv = "stablehlo.convolution" in text
+  assert has_conv == (platform != "tpu")
+  assert ("stablehlo.dot_general" in text) == (platform == "tpu")
+
+
+@pytest.mark.parametrize("strides", [(1, 1), (2, 2)])
+def test_conv2d_tpu_form_agrees(rng, strides):
+  x = jnp.asarray(rng.normal(size=(2, 9, 7, 12)), jnp.float32)
+  for kernel_shape, padding in (((1, 1, 12, 8), (0, 0)), ((3, 3, 12, 8), (1, 1))):
+    kernel = jnp.asarray(rng.normal(size=kernel_shape), jnp.float32)
+    static = dict(strides=strides, padding=padding)
+    _vjp_both(functools.partial(xla_cpu.conv2d_tpu, **static),
+              functools.partial(xla_cpu.conv2d_reference, **static), (x, kernel), rng, (0, 1),
+              1e-4)
