@@ -32,10 +32,24 @@ from rethink_jax import files
 from rethink_jax import safe_pickle
 
 SOURCES = ("timm", "torchvision", "detectron", "detectron2")
-DEPTHS = {(2, 2, 2, 2, False): 18, (3, 4, 6, 3, False): 34, (3, 4, 6, 3, True): 50,
-          (3, 4, 23, 3, True): 101, (3, 8, 36, 3, True): 152}
-META_KEYS = ("depth", "norm", "stride_in_1x1", "width", "pixel_mean", "pixel_std",
-             "input_format", "source", "sha256")
+DEPTHS = {
+  (2, 2, 2, 2, False): 18,
+  (3, 4, 6, 3, False): 34,
+  (3, 4, 6, 3, True): 50,
+  (3, 4, 23, 3, True): 101,
+  (3, 8, 36, 3, True): 152,
+}
+META_KEYS = (
+  "depth",
+  "norm",
+  "stride_in_1x1",
+  "width",
+  "pixel_mean",
+  "pixel_std",
+  "input_format",
+  "source",
+  "sha256",
+)
 # ImageNet statistics on the 0..255 scale.
 RGB_MEAN, RGB_STD = [123.675, 116.28, 103.53], [58.395, 57.12, 57.375]
 BGR_MEAN, BGR_STD = RGB_MEAN[::-1], RGB_STD[::-1]
@@ -106,8 +120,10 @@ def load_backbone(directory: str) -> tuple[dict, dict]:
   meta_path = os.path.join(directory, "meta.json")
   meta = files.read_json(meta_path)
   if meta is None:
-    raise FileNotFoundError(f"{meta_path} not found: not a backbone checkpoint directory "
-                            "(write one with `python -m rethink_jax.convert`).")
+    raise FileNotFoundError(
+      f"{meta_path} not found: not a backbone checkpoint directory "
+      "(write one with `python -m rethink_jax.convert`)."
+    )
   variables = ocp.PyTreeCheckpointer().restore(os.path.join(directory, "variables"))
   variables = _to_numpy_tree(variables)
   return variables, meta
@@ -130,15 +146,19 @@ def freeze_bn_stages(variables: dict, freeze_at: int, eps: float = BN_EPS) -> di
   out.setdefault("frozen", {})
   new_params, new_stats = dict(params), dict(stats)
   for path in params:
-    if path[0] in frozen_stages and path[-2:] == ("norm", "scale") and (
-        path[:-1] + ("mean",)) in stats:
+    if (
+      path[0] in frozen_stages
+      and path[-2:] == ("norm", "scale")
+      and (path[:-1] + ("mean",)) in stats
+    ):
       base = path[:-1]
       gamma, beta = params[base + ("scale",)], params[base + ("bias",)]
       mean, var = stats[base + ("mean",)], stats[base + ("var",)]
       scale = np.asarray(gamma, np.float64) / np.sqrt(np.asarray(var, np.float64) + eps)
       out["frozen"][base + ("scale",)] = scale.astype(np.float32)
       out["frozen"][base + ("bias",)] = (np.asarray(beta) - np.asarray(mean) * scale).astype(
-          np.float32)
+        np.float32
+      )
       for d, names in ((new_params, ("scale", "bias")), (new_stats, ("mean", "var"))):
         for n in names:
           del d[base + (n,)]
@@ -187,12 +207,16 @@ def _read_torch(path: str) -> dict:
   try:
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError as e:
-    raise ConversionError(f"torch is needed to read .pth files ({path}); install torch, or "
-                          "convert the file to safetensors first.") from e
+    raise ConversionError(
+      f"torch is needed to read .pth files ({path}); install torch, or "
+      "convert the file to safetensors first."
+    ) from e
   try:
     obj = torch.load(path, map_location="cpu", weights_only=True)
   except Exception as e:  # pylint: disable=broad-except
-    raise ConversionError(f"Cannot read {path} as a torch checkpoint: {type(e).__name__}: {e}") from e
+    raise ConversionError(
+      f"Cannot read {path} as a torch checkpoint: {type(e).__name__}: {e}"
+    ) from e
   return obj
 
 
@@ -210,8 +234,9 @@ def _read_safetensors(path: str) -> dict:
   try:
     from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
   except ImportError as e:
-    raise ConversionError(f"The safetensors package is needed to read {path} "
-                          "(pip install safetensors).") from e
+    raise ConversionError(
+      f"The safetensors package is needed to read {path} (pip install safetensors)."
+    ) from e
   try:
     return load_file(path)
   except Exception as e:  # pylint: disable=broad-except
@@ -252,7 +277,7 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
     if a is None:
       continue  # non-tensor bookkeeping (e.g. strings)
     k = str(k)
-    out[k[len("module."):] if k.startswith("module.") else k] = a
+    out[k[len("module.") :] if k.startswith("module.") else k] = a
   if not out:
     raise ConversionError(f"{path} contains no tensors.")
   return out
@@ -264,8 +289,12 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
 # Each renamer returns (renamed {d2_name: array}, origin {d2_name: src_name}, dropped [src_name],
 # leftovers [src_name]).
 
-_TORCH_NORM = {"weight": "weight", "bias": "bias", "running_mean": "running_mean",
-               "running_var": "running_var"}
+_TORCH_NORM = {
+  "weight": "weight",
+  "bias": "bias",
+  "running_mean": "running_mean",
+  "running_var": "running_var",
+}
 
 
 def _rename_torch(sd: dict) -> tuple[dict, dict, list, list]:
@@ -305,11 +334,21 @@ def _rename_detectron(sd: dict) -> tuple[dict, dict, list, list]:
   """Caffe2 Detectron names (res2_0_branch2a_w, res2_0_branch2a_bn_s, ...) -> Detectron2 names."""
   renamed, origin, dropped, left = {}, {}, [], []
   branch = {"branch1": "shortcut", "branch2a": "conv1", "branch2b": "conv2", "branch2c": "conv3"}
-  suffix = {"w": "weight", "bn_s": "norm.weight", "bn_b": "norm.bias", "gn_s": "norm.weight",
-            "gn_b": "norm.bias", "bn_rm": "norm.running_mean", "bn_riv": "norm.running_var"}
+  suffix = {
+    "w": "weight",
+    "bn_s": "norm.weight",
+    "bn_b": "norm.bias",
+    "gn_s": "norm.weight",
+    "gn_b": "norm.bias",
+    "bn_rm": "norm.running_mean",
+    "bn_riv": "norm.running_var",
+  }
   for k, v in sd.items():
-    if (k.endswith("_momentum") or re.fullmatch(r"(fc1000|pred|fc)_(w|b)", k)
-        or k in ("lr", "iter", "lr_x")):
+    if (
+      k.endswith("_momentum")
+      or re.fullmatch(r"(fc1000|pred|fc)_(w|b)", k)
+      or k in ("lr", "iter", "lr_x")
+    ):
       dropped.append(k)
       continue
     new = None
@@ -319,7 +358,9 @@ def _rename_detectron(sd: dict) -> tuple[dict, dict, list, list]:
     m = re.fullmatch(r"(?:res_conv1|conv1)_(bn_s|bn_b|gn_s|gn_b)", k)
     if m:
       new = "stem.conv1." + suffix[m.group(1)]
-    m = re.fullmatch(r"res(\d)_(\d+)_(branch1|branch2a|branch2b|branch2c)_(w|bn_s|bn_b|gn_s|gn_b)", k)
+    m = re.fullmatch(
+      r"res(\d)_(\d+)_(branch1|branch2a|branch2b|branch2c)_(w|bn_s|bn_b|gn_s|gn_b)", k
+    )
     if m:
       new = f"res{m.group(1)}.{m.group(2)}.{branch[m.group(3)]}.{suffix[m.group(4)]}"
     if new is None:
@@ -335,15 +376,18 @@ def _rename_detectron2(sd: dict) -> tuple[dict, dict, list, list]:
   has_prefix = any(k.startswith(prefix) for k in sd)
   renamed, origin, dropped, left = {}, {}, [], []
   for k, v in sd.items():
-    name = k[len(prefix):] if has_prefix and k.startswith(prefix) else (None if has_prefix else k)
+    name = k[len(prefix) :] if has_prefix and k.startswith(prefix) else (None if has_prefix else k)
     if name is None or k in ("pixel_mean", "pixel_std"):
       dropped.append(k)  # FPN, RPN, ROI heads, pixel statistics (read into meta)
       continue
     if name.endswith("num_batches_tracked") or name.startswith(("fc.", "linear.")):
       dropped.append(k)
       continue
-    if re.fullmatch(r"(stem\.conv1|res\d\.\d+\.(conv[123]|shortcut))\.(weight|norm\.(weight|bias|"
-                    r"running_mean|running_var))", name):
+    if re.fullmatch(
+      r"(stem\.conv1|res\d\.\d+\.(conv[123]|shortcut))\.(weight|norm\.(weight|bias|"
+      r"running_mean|running_var))",
+      name,
+    ):
       renamed[name], origin[name] = v, k
     else:
       left.append(k)
@@ -361,14 +405,17 @@ def infer_depth(d2: dict) -> int:
   for s in range(2, 6):
     idx = {int(m.group(1)) for k in d2 for m in [re.match(rf"res{s}\.(\d+)\.", k)] if m}
     if not idx:
-      raise ConversionError(f"No res{s} blocks found: not a ResNet checkpoint "
-                            f"(first tensors: {sorted(d2)[:5]}).")
+      raise ConversionError(
+        f"No res{s} blocks found: not a ResNet checkpoint (first tensors: {sorted(d2)[:5]})."
+      )
     blocks.append(max(idx) + 1)
   bottleneck = any(".conv3." in k for k in d2)
   key = tuple(blocks) + (bottleneck,)
   if key not in DEPTHS:
-    raise ConversionError(f"Blocks per stage {tuple(blocks)} (bottleneck={bottleneck}) match no "
-                          f"ResNet depth of {sorted(DEPTHS.values())}.")
+    raise ConversionError(
+      f"Blocks per stage {tuple(blocks)} (bottleneck={bottleneck}) match no "
+      f"ResNet depth of {sorted(DEPTHS.values())}."
+    )
   return DEPTHS[key]
 
 
@@ -399,6 +446,7 @@ def _template(depth: int, norm: str, stride_in_1x1: bool) -> dict:
   """{(collection, *path): shape} of the ResNet's variables, without computing anything."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
   from rethink_jax.models.resnet import build_resnet  # pylint: disable=g-import-not-at-top
 
   model = build_resnet(depth=depth, norm=norm, stride_in_1x1=stride_in_1x1)
@@ -412,8 +460,9 @@ def _module_path(name: str) -> tuple:
   return tuple(name.split("."))
 
 
-def d2_to_variables(d2: dict, origin: dict, norm: str, src_kind: str, eps: float = BN_EPS
-                    ) -> tuple[dict, list[tuple[str, str, tuple]], dict]:
+def d2_to_variables(
+  d2: dict, origin: dict, norm: str, src_kind: str, eps: float = BN_EPS
+) -> tuple[dict, list[tuple[str, str, tuple]], dict]:
   """Maps Detectron2-named tensors onto Flax variables for the target `norm`.
 
   Returns (variables, used, sources) with used = [(source key, target path, source shape)] and
@@ -422,14 +471,16 @@ def d2_to_variables(d2: dict, origin: dict, norm: str, src_kind: str, eps: float
   variables: dict = {}
   used = []
   sources = {}
-  convs = sorted({k.rsplit(".weight", 1)[0] for k in d2 if k.endswith(".weight")
-                  and ".norm." not in k})
+  convs = sorted(
+    {k.rsplit(".weight", 1)[0] for k in d2 if k.endswith(".weight") and ".norm." not in k}
+  )
   for conv in convs:
     path = _module_path(conv)
     w = d2[conv + ".weight"]
     if w.ndim != 4:
-      raise ConversionError(f"{origin[conv + '.weight']}: expected a 4-d OIHW conv kernel, "
-                            f"got shape {w.shape}.")
+      raise ConversionError(
+        f"{origin[conv + '.weight']}: expected a 4-d OIHW conv kernel, got shape {w.shape}."
+      )
     tpath = ("params",) + path + ("kernel",)
     _set(variables, tpath, np.ascontiguousarray(w.transpose(2, 3, 1, 0)))
     used.append((origin[conv + ".weight"], "/".join(tpath), w.shape))
@@ -438,12 +489,11 @@ def d2_to_variables(d2: dict, origin: dict, norm: str, src_kind: str, eps: float
     names = [k for k in d2 if k.startswith(n)]
     if not names:
       continue
-    get = lambda s: d2.get(n + s)  # pylint: disable=cell-var-from-loop
-    gamma, beta = get("weight"), get("bias")
+    gamma, beta = d2.get(n + "weight"), d2.get(n + "bias")
     if gamma is None or beta is None:
       raise ConversionError(f"{conv}: norm has {names} but needs weight and bias.")
     if src_kind == "BN":
-      mean, var = get("running_mean"), get("running_var")
+      mean, var = d2.get(n + "running_mean"), d2.get(n + "running_var")
       if mean is None or var is None:
         raise ConversionError(f"{conv}: BN norm lacks running_mean/running_var (has {names}).")
     elif src_kind == "affine":
@@ -454,22 +504,31 @@ def d2_to_variables(d2: dict, origin: dict, norm: str, src_kind: str, eps: float
     gamma, beta = gamma.astype(np.float32), beta.astype(np.float32)
     if norm == "GN":
       if src_kind != "GN":
-        raise ConversionError(f"The checkpoint's norms are BatchNorm ({src_kind}); they cannot "
-                              "become GN. Use --norm FrozenBN, BN or SyncBN.")
-      out = {("params",) + path + ("norm", "scale"): gamma,
-             ("params",) + path + ("norm", "bias"): beta}
+        raise ConversionError(
+          f"The checkpoint's norms are BatchNorm ({src_kind}); they cannot "
+          "become GN. Use --norm FrozenBN, BN or SyncBN."
+        )
+      out = {
+        ("params",) + path + ("norm", "scale"): gamma,
+        ("params",) + path + ("norm", "bias"): beta,
+      }
     elif src_kind == "GN":
-      raise ConversionError(f"The checkpoint's norms are GroupNorm; they cannot become {norm}. "
-                            "Use --norm GN.")
+      raise ConversionError(
+        f"The checkpoint's norms are GroupNorm; they cannot become {norm}. Use --norm GN."
+      )
     elif norm == "FrozenBN":
       scale = gamma / np.sqrt(var.astype(np.float64) + eps)
-      out = {("frozen",) + path + ("norm", "scale"): scale.astype(np.float32),
-             ("frozen",) + path + ("norm", "bias"): (beta - mean * scale).astype(np.float32)}
+      out = {
+        ("frozen",) + path + ("norm", "scale"): scale.astype(np.float32),
+        ("frozen",) + path + ("norm", "bias"): (beta - mean * scale).astype(np.float32),
+      }
     elif norm in ("BN", "SyncBN"):
-      out = {("params",) + path + ("norm", "scale"): gamma,
-             ("params",) + path + ("norm", "bias"): beta,
-             ("batch_stats",) + path + ("norm", "mean"): mean.astype(np.float32),
-             ("batch_stats",) + path + ("norm", "var"): var.astype(np.float32)}
+      out = {
+        ("params",) + path + ("norm", "scale"): gamma,
+        ("params",) + path + ("norm", "bias"): beta,
+        ("batch_stats",) + path + ("norm", "mean"): mean.astype(np.float32),
+        ("batch_stats",) + path + ("norm", "var"): var.astype(np.float32),
+      }
     else:
       raise ConversionError(f"Unknown target norm {norm!r}.")
     for tpath, value in out.items():
@@ -488,20 +547,32 @@ def _check_against_template(variables: dict, template: dict, origin_of_path) -> 
     if path not in got:
       errors.append(f"target {'/'.join(path)} {shape} was not filled by any source tensor")
     elif tuple(got[path].shape) != shape:
-      errors.append(f"{origin_of_path(path)} -> {'/'.join(path)}: source shape "
-                    f"{tuple(got[path].shape)} != target shape {shape}")
+      errors.append(
+        f"{origin_of_path(path)} -> {'/'.join(path)}: source shape "
+        f"{tuple(got[path].shape)} != target shape {shape}"
+      )
   for path in sorted(set(got) - set(template)):
-    errors.append(f"{origin_of_path(path)} -> {'/'.join(path)} {tuple(got[path].shape)} has no "
-                  "place in the target ResNet")
+    errors.append(
+      f"{origin_of_path(path)} -> {'/'.join(path)} {tuple(got[path].shape)} has no "
+      "place in the target ResNet"
+    )
   if errors:
-    raise ConversionError("Conversion failed:\n  " + "\n  ".join(errors[:40]) +
-                          (f"\n  ... and {len(errors) - 40} more" if len(errors) > 40 else ""))
+    raise ConversionError(
+      "Conversion failed:\n  "
+      + "\n  ".join(errors[:40])
+      + (f"\n  ... and {len(errors) - 40} more" if len(errors) > 40 else "")
+    )
 
 
-def convert_backbone(path: str, source: str, depth: Optional[int] = None,
-                     norm: Optional[str] = None, stride_in_1x1: Optional[bool] = None,
-                     input_format: Optional[str] = None, verbose: bool = False
-                     ) -> tuple[dict, dict]:
+def convert_backbone(
+  path: str,
+  source: str,
+  depth: Optional[int] = None,
+  norm: Optional[str] = None,
+  stride_in_1x1: Optional[bool] = None,
+  input_format: Optional[str] = None,
+  verbose: bool = False,
+) -> tuple[dict, dict]:
   """Converts a pretrained ResNet checkpoint into this project's ResNet variables.
 
   Args:
@@ -525,13 +596,18 @@ def convert_backbone(path: str, source: str, depth: Optional[int] = None,
   if norm is not None and norm not in ("GN", "FrozenBN", "BN", "SyncBN"):
     raise ConversionError(f"Unknown norm {norm!r}; expected GN, FrozenBN, BN or SyncBN.")
   sd = read_state_dict(path)
-  renamer = {"timm": _rename_torch, "torchvision": _rename_torch,
-             "detectron": _rename_detectron, "detectron2": _rename_detectron2}[source]
+  renamer = {
+    "timm": _rename_torch,
+    "torchvision": _rename_torch,
+    "detectron": _rename_detectron,
+    "detectron2": _rename_detectron2,
+  }[source]
   d2, origin, dropped, left = renamer(sd)
   if left:
     raise ConversionError(
-        f"{len(left)} tensors of {path} match no {source} ResNet name (another architecture?): " +
-        ", ".join(f"{k} {tuple(sd[k].shape)}" for k in left[:20]))
+      f"{len(left)} tensors of {path} match no {source} ResNet name (another architecture?): "
+      + ", ".join(f"{k} {tuple(sd[k].shape)}" for k in left[:20])
+    )
   file_depth = infer_depth(d2)
   if depth is not None and depth != file_depth:
     raise ConversionError(f"depth={depth} was requested but {path} holds a ResNet-{file_depth}.")
@@ -544,11 +620,14 @@ def convert_backbone(path: str, source: str, depth: Optional[int] = None,
   norm = norm or ("GN" if src_kind == "GN" else "FrozenBN")
 
   if input_format is not None and (source != "detectron2" or input_format not in ("RGB", "BGR")):
-    raise ConversionError(f"input_format={input_format!r}: only detectron2 files take one, "
-                          "RGB or BGR; the other sources' colour order is fixed.")
+    raise ConversionError(
+      f"input_format={input_format!r}: only detectron2 files take one, "
+      "RGB or BGR; the other sources' colour order is fixed."
+    )
   if stride_in_1x1 is not None and source != "detectron2":
-    raise ConversionError(f"stride_in_1x1: only detectron2 files take one; {source} weights "
-                          "fix it.")
+    raise ConversionError(
+      f"stride_in_1x1: only detectron2 files take one; {source} weights fix it."
+    )
   if source in ("timm", "torchvision"):
     stride, fmt, pixel_mean, pixel_std = False, "RGB", RGB_MEAN, RGB_STD
   elif source == "detectron":
@@ -566,17 +645,29 @@ def convert_backbone(path: str, source: str, depth: Optional[int] = None,
     frozen_bn = src_kind == "BN" and not any(k.endswith("num_batches_tracked") for k in sd)
     stride = frozen_bn if stride_in_1x1 is None else stride_in_1x1
     if stride_in_1x1 is None and verbose:
-      print(f"note: detectron2 files do not record STRIDE_IN_1X1; assuming {stride} "
-            "(pass --stride-in-1x1 true/false to be explicit)")
+      print(
+        f"note: detectron2 files do not record STRIDE_IN_1X1; assuming {stride} "
+        "(pass --stride-in-1x1 true/false to be explicit)"
+      )
 
   variables, used, sources = d2_to_variables(d2, origin, norm, src_kind)
   _check_against_template(variables, _template(depth, norm, stride), lambda p: sources.get(p, "?"))
   meta = {
-      "depth": depth, "norm": norm, "stride_in_1x1": bool(stride), "width": 64,
-      "num_groups": 32, "pixel_mean": pixel_mean, "pixel_std": pixel_std,
-      "input_format": fmt, "source": source, "sha256": sha256_file(path),
-      "input": os.path.basename(path), "source_norm": src_kind, "bn_eps": BN_EPS,
-      "used": [f"{u[0]} {tuple(u[2])} -> {u[1]}" for u in used], "dropped": sorted(dropped),
+    "depth": depth,
+    "norm": norm,
+    "stride_in_1x1": bool(stride),
+    "width": 64,
+    "num_groups": 32,
+    "pixel_mean": pixel_mean,
+    "pixel_std": pixel_std,
+    "input_format": fmt,
+    "source": source,
+    "sha256": sha256_file(path),
+    "input": os.path.basename(path),
+    "source_norm": src_kind,
+    "bn_eps": BN_EPS,
+    "used": [f"{u[0]} {tuple(u[2])} -> {u[1]}" for u in used],
+    "dropped": sorted(dropped),
   }
   if verbose:
     for line in meta["used"]:
@@ -588,34 +679,51 @@ def convert_backbone(path: str, source: str, depth: Optional[int] = None,
 
 def main(argv: Optional[list[str]] = None) -> int:
   parser = argparse.ArgumentParser(
-      prog="python -m rethink_jax.convert",
-      description="Convert a pretrained ResNet into a rethink_jax backbone checkpoint directory.")
+    prog="python -m rethink_jax.convert",
+    description="Convert a pretrained ResNet into a rethink_jax backbone checkpoint directory.",
+  )
   parser.add_argument("--source", required=True, help=f"one of {SOURCES}")
   parser.add_argument("--input", required=True, help=".pth / .safetensors / .pkl file")
   parser.add_argument("--output", required=True, help="output directory (written atomically)")
   parser.add_argument("--depth", type=int, default=None, help="checked against the file")
   parser.add_argument("--norm", default=None, help="FrozenBN (default for BN), BN, SyncBN, GN")
-  parser.add_argument("--stride-in-1x1", default=None, choices=("true", "false"),
-                      help="detectron2 source only (the file does not say)")
-  parser.add_argument("--input-format", default=None, choices=("RGB", "BGR"),
-                      help="detectron2 source only (default BGR, Detectron2's INPUT.FORMAT)")
+  parser.add_argument(
+    "--stride-in-1x1",
+    default=None,
+    choices=("true", "false"),
+    help="detectron2 source only (the file does not say)",
+  )
+  parser.add_argument(
+    "--input-format",
+    default=None,
+    choices=("RGB", "BGR"),
+    help="detectron2 source only (default BGR, Detectron2's INPUT.FORMAT)",
+  )
   parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
   args = parser.parse_args(argv)
   try:
     if os.path.exists(args.output) and not args.overwrite:
       raise ConversionError(f"{args.output} exists; pass --overwrite to replace it.")
     stride = None if args.stride_in_1x1 is None else args.stride_in_1x1 == "true"
-    variables, meta = convert_backbone(args.input, args.source, depth=args.depth, norm=args.norm,
-                                       stride_in_1x1=stride, input_format=args.input_format,
-                                       verbose=True)
+    variables, meta = convert_backbone(
+      args.input,
+      args.source,
+      depth=args.depth,
+      norm=args.norm,
+      stride_in_1x1=stride,
+      input_format=args.input_format,
+      verbose=True,
+    )
     out = save_backbone(args.output, variables, meta, overwrite=args.overwrite)
   except (ConversionError, FileExistsError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
-  print(f"wrote {out}: ResNet-{meta['depth']} norm={meta['norm']} "
-        f"stride_in_1x1={meta['stride_in_1x1']} input_format={meta['input_format']} "
-        f"pixel_mean={meta['pixel_mean']} pixel_std={meta['pixel_std']} "
-        f"({len(meta['used'])} tensors used, {len(meta['dropped'])} dropped)")
+  print(
+    f"wrote {out}: ResNet-{meta['depth']} norm={meta['norm']} "
+    f"stride_in_1x1={meta['stride_in_1x1']} input_format={meta['input_format']} "
+    f"pixel_mean={meta['pixel_mean']} pixel_std={meta['pixel_std']} "
+    f"({len(meta['used'])} tensors used, {len(meta['dropped'])} dropped)"
+  )
   return 0
 
 

@@ -1,4 +1,5 @@
 """Small file helpers: atomic writes (readers never see half a file) and JSON reading."""
+
 import json
 import os
 import tempfile

@@ -14,16 +14,19 @@ VMs, SLURM, Open MPI, Kubernetes), or explicitly with --coordinator_address=HOST
 resumes from the last checkpoint. Recipes import `from configs import common`: run from the
 repository root or after `pip install -e .`.
 """
+
 from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "A recipe file configs/FILE.py[:ARG].", lock_config=True)
+  "config", None, "A recipe file configs/FILE.py[:ARG].", lock_config=True
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and curves.")
 _COORDINATOR = flags.DEFINE_string(
-    "coordinator_address", None, "host:port of process 0 (jax.distributed.initialize).")
+  "coordinator_address", None, "host:port of process 0 (jax.distributed.initialize)."
+)
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 flags.mark_flags_as_required(["config", "workdir"])
@@ -35,13 +38,18 @@ def main(argv: list[str]) -> None:
   # Before anything touches the backend (jax.devices(), the first jit): join the other hosts
   # (explicit flags / JAX_* env, or JAX's cluster detection; a no-op on one process).
   from rethink_jax import runtime  # pylint: disable=g-import-not-at-top
+
   runtime.configure()
   import jax  # pylint: disable=g-import-not-at-top
+
   from rethink_jax import distributed  # pylint: disable=g-import-not-at-top
+
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   from rethink_jax import train  # pylint: disable=g-import-not-at-top
-  logging.info("JAX process %d / %d, devices %s", jax.process_index(), jax.process_count(),
-               jax.devices())
+
+  logging.info(
+    "JAX process %d / %d, devices %s", jax.process_index(), jax.process_count(), jax.devices()
+  )
   train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 

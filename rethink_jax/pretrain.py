@@ -11,12 +11,14 @@ weights.
 Usage (normally called by rethink_jax.compare):
   meta = pretrain(pretrain_config(compare_config), workdir)   # writes workdir/backbone
 """
+
 from __future__ import annotations
 
+from collections.abc import Iterator
 import functools
 import os
 import time
-from typing import Any, Iterator
+from typing import Any
 
 from clu import parameter_overview
 import flax.linen as nn
@@ -42,22 +44,34 @@ def default_pretrain_config() -> ml_collections.ConfigDict:
   """Pre-training hyper-parameters; `pretrain_config` fills model and pixel fields from a detector
   config."""
   c = ml_collections.ConfigDict()
-  c.data = ml_collections.ConfigDict(dict(
-      name="shapes_classification", data_dir=None, builder_config="demo", builder_overrides={},
+  c.data = ml_collections.ConfigDict(
+    dict(
+      name="shapes_classification",
+      data_dir=None,
+      builder_config="demo",
+      builder_overrides={},
       train_split="train",
-      eval_split="validation", image_size=64, flip_prob=0.5, pixel_mean=(123.675, 116.28, 103.53),
-      pixel_std=(58.395, 57.12, 57.375), input_format="RGB", shuffle_buffer=2048,
-      max_eval_images=0))
-  c.model = ml_collections.ConfigDict(dict(
-      depth=18, norm="GN", num_groups=32, stride_in_1x1=False, width=16, bn_group_size=0))
-  c.optimizer = "sgd"         # "sgd" (momentum) or "adamw" (converges faster on tiny budgets)
-  c.batch_size = 64           # global
+      eval_split="validation",
+      image_size=64,
+      flip_prob=0.5,
+      pixel_mean=(123.675, 116.28, 103.53),
+      pixel_std=(58.395, 57.12, 57.375),
+      input_format="RGB",
+      shuffle_buffer=2048,
+      max_eval_images=0,
+    )
+  )
+  c.model = ml_collections.ConfigDict(
+    dict(depth=18, norm="GN", num_groups=32, stride_in_1x1=False, width=16, bn_group_size=0)
+  )
+  c.optimizer = "sgd"  # "sgd" (momentum) or "adamw" (converges faster on tiny budgets)
+  c.batch_size = 64  # global
   c.steps = 300
   c.base_lr = 0.1
   c.momentum = 0.9
-  c.weight_decay = 1e-4       # not applied to norm parameters and biases
+  c.weight_decay = 1e-4  # not applied to norm parameters and biases
   c.warmup_steps = 50
-  c.grad_clip_norm = 0.0      # 0 = off
+  c.grad_clip_norm = 0.0  # 0 = off
   c.label_smoothing = 0.0
   c.log_every = 25
   c.seed = 0
@@ -98,6 +112,7 @@ class Classifier(nn.Module):
   The ResNet's variables sit under "resnet" (the tree save_backbone writes), the linear layer
   under "head".
   """
+
   num_classes: int
   depth: int = 18
   norm: str = "GN"
@@ -111,21 +126,33 @@ class Classifier(nn.Module):
     if x.ndim != 4 or x.shape[-1] != 3:
       raise ValueError(f"Classifier expects images (B, H, W, 3), got {x.shape}")
     from rethink_jax.models import resnet as resnet_lib  # pylint: disable=g-import-not-at-top
+
     feats = resnet_lib.build_resnet(
-        depth=self.depth, norm=self.norm, stride_in_1x1=self.stride_in_1x1, freeze_at=0,
-        num_groups=self.num_groups, width=self.width, bn_group_size=self.bn_group_size,
-        name="resnet")(x, train=train)
+      depth=self.depth,
+      norm=self.norm,
+      stride_in_1x1=self.stride_in_1x1,
+      freeze_at=0,
+      num_groups=self.num_groups,
+      width=self.width,
+      bn_group_size=self.bn_group_size,
+      name="resnet",
+    )(x, train=train)
     pooled = jnp.mean(feats["res5"].astype(jnp.float32), axis=(1, 2))
-    return nn.Dense(self.num_classes, name="head",
-                    kernel_init=nn.initializers.normal(0.01))(pooled)
+    return nn.Dense(self.num_classes, name="head", kernel_init=nn.initializers.normal(0.01))(pooled)
 
 
 def build_classifier(model_config: ml_collections.ConfigDict, num_classes: int) -> Classifier:
   if model_config.norm == "FrozenBN":
     raise ValueError("pre-training needs a trainable norm (GN, BN, SyncBN or none), not FrozenBN")
-  return Classifier(num_classes=num_classes, depth=model_config.depth, norm=model_config.norm,
-                    num_groups=model_config.num_groups, stride_in_1x1=model_config.stride_in_1x1,
-                    width=model_config.width, bn_group_size=model_config.bn_group_size or None)
+  return Classifier(
+    num_classes=num_classes,
+    depth=model_config.depth,
+    norm=model_config.norm,
+    num_groups=model_config.num_groups,
+    stride_in_1x1=model_config.stride_in_1x1,
+    width=model_config.width,
+    bn_group_size=model_config.bn_group_size or None,
+  )
 
 
 # --------------------------------------------------------------------------------------------
@@ -139,8 +166,11 @@ def _builder(data_config):
   """
   import dataclasses  # pylint: disable=g-import-not-at-top
   import fcntl  # pylint: disable=g-import-not-at-top
+
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
   from rethink_jax.data import shapes  # pylint: disable=g-import-not-at-top
+
   if data_config.name != "shapes_classification":
     raise ValueError(f"pre-training reads shapes_classification, got {data_config.name!r}")
   cls = shapes.ShapesClassification
@@ -160,7 +190,8 @@ def _builder(data_config):
       if not builder.is_prepared():
         t0 = time.time()
         builder.download_and_prepare(
-            download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+          download_config=tfds.download.DownloadConfig(try_download_gcs=False)
+        )
         _log(f"generated {builder.info.full_name} in {time.time() - t0:.0f} s")
       fcntl.flock(lock, fcntl.LOCK_UN)
   return builder
@@ -169,6 +200,7 @@ def _builder(data_config):
 def _normalize(image, data_config):
   """uint8 (H, W, 3) RGB -> float32 normalized in input_format order, resized to image_size."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
   size = int(data_config.image_size)
   image = tf.cast(image, tf.float32)
   if image.shape[0] != size or image.shape[1] != size:
@@ -187,12 +219,17 @@ def train_iterator(data_config, builder, batch_size_per_process: int, seed: int)
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
   split = tfds.split_for_jax_process(data_config.train_split)
   # Read in order (the set is small and cached); shuffling happens after the cache.
   ds = builder.as_dataset(split=split, shuffle_files=False)
-  ds = ds.map(lambda ex: {"image": _normalize(ex["image"], data_config),
-                          "label": tf.cast(ex["label"], tf.int32)},
-              num_parallel_calls=tf.data.AUTOTUNE).cache()
+  ds = ds.map(
+    lambda ex: {
+      "image": _normalize(ex["image"], data_config),
+      "label": tf.cast(ex["label"], tf.int32),
+    },
+    num_parallel_calls=tf.data.AUTOTUNE,
+  ).cache()
   ds = ds.repeat().shuffle(data_config.shuffle_buffer, seed=seed)
   flip = float(data_config.flip_prob)
 
@@ -200,6 +237,7 @@ def train_iterator(data_config, builder, batch_size_per_process: int, seed: int)
     do = tf.random.stateless_uniform((), key) < flip
     ex["image"] = tf.cond(do, lambda: ex["image"][:, ::-1], lambda: ex["image"])
     return ex
+
   keys = tf.data.Dataset.random(seed=seed).batch(2).map(lambda k: tf.cast(k, tf.int64))
   ds = tf.data.Dataset.zip((ds, keys)).map(augment, num_parallel_calls=tf.data.AUTOTUNE)
   ds = ds.batch(batch_size_per_process, drop_remainder=True).prefetch(2)
@@ -211,19 +249,26 @@ def eval_batches(data_config, builder, batch_size_per_process: int) -> Iterator[
   {"image" (b, S, S, 3), "label" (b,), "valid" (b,) bool}."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
   split = tfds.split_for_jax_process(data_config.eval_split)
   ds = builder.as_dataset(split=split, shuffle_files=False)
   if data_config.max_eval_images:
     ds = ds.take(data_config.max_eval_images)
-  ds = ds.map(lambda ex: {"image": _normalize(ex["image"], data_config),
-                          "label": tf.cast(ex["label"], tf.int32)},
-              num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size_per_process)
+  ds = ds.map(
+    lambda ex: {
+      "image": _normalize(ex["image"], data_config),
+      "label": tf.cast(ex["label"], tf.int32),
+    },
+    num_parallel_calls=tf.data.AUTOTUNE,
+  ).batch(batch_size_per_process)
   for b in tfds.as_numpy(ds):
     n = b["label"].shape[0]
     pad = batch_size_per_process - n
-    yield {"image": np.pad(b["image"], ((0, pad), (0, 0), (0, 0), (0, 0))),
-           "label": np.pad(b["label"], (0, pad)),
-           "valid": np.arange(batch_size_per_process) < n}
+    yield {
+      "image": np.pad(b["image"], ((0, pad), (0, 0), (0, 0), (0, 0))),
+      "label": np.pad(b["label"], (0, pad)),
+      "valid": np.arange(batch_size_per_process) < n,
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -238,16 +283,22 @@ def make_optimizer(c: ml_collections.ConfigDict):
   """(tx, lr_fn): SGD momentum (or AdamW), linear warmup then cosine decay; no weight decay on
   norm parameters and biases."""
   schedule = optax.warmup_cosine_decay_schedule(
-      init_value=c.base_lr * 0.01, peak_value=c.base_lr, warmup_steps=max(1, c.warmup_steps),
-      decay_steps=max(c.steps, c.warmup_steps + 1), end_value=0.0)
+    init_value=c.base_lr * 0.01,
+    peak_value=c.base_lr,
+    warmup_steps=max(1, c.warmup_steps),
+    decay_steps=max(c.steps, c.warmup_steps + 1),
+    end_value=0.0,
+  )
   parts = []
   if c.grad_clip_norm:
     parts.append(optax.clip_by_global_norm(c.grad_clip_norm))
   if c.get("optimizer", "sgd") == "adamw":
     parts.append(optax.adamw(schedule, weight_decay=c.weight_decay, mask=_decay_mask))
   elif c.get("optimizer", "sgd") == "sgd":
-    parts += [optax.add_decayed_weights(c.weight_decay, mask=_decay_mask),
-              optax.sgd(schedule, momentum=c.momentum)]
+    parts += [
+      optax.add_decayed_weights(c.weight_decay, mask=_decay_mask),
+      optax.sgd(schedule, momentum=c.momentum),
+    ]
   else:
     raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {c.optimizer!r}")
   return optax.chain(*parts), schedule
@@ -260,8 +311,9 @@ def _init_variables(model, rngs, batch):
 def _loss(model, params, collections, batch, rng, *, num_classes, label_smoothing):
   """Cross-entropy of a batch {image (B, S, S, 3), label (B,)}; metrics loss and accuracy."""
   del rng
-  logits, new_coll = model.apply({"params": params, **collections}, batch["image"], train=True,
-                                 mutable=["batch_stats"])
+  logits, new_coll = model.apply(
+    {"params": params, **collections}, batch["image"], train=True, mutable=["batch_stats"]
+  )
   logits = logits.astype(jnp.float32)
   targets = optax.smooth_labels(jax.nn.one_hot(batch["label"], num_classes), label_smoothing)
   loss = optax.softmax_cross_entropy(logits, targets).mean()
@@ -285,6 +337,7 @@ def pretrain(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   Raises trainer.NonFiniteLossError (a FloatingPointError) when a loss is not finite.
   """
   from rethink_jax import convert  # pylint: disable=g-import-not-at-top
+
   t_start = time.time()
   mesh = trainer.make_mesh()
   n_dev = jax.device_count()
@@ -301,20 +354,28 @@ def pretrain(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   size = int(c.data.image_size)
   sample = {"image": np.zeros((1, size, size, 3), np.float32), "label": np.zeros((1,), np.int32)}
   parts = trainer.build(
-      build_classifier(c.model, num_classes), mesh, sample, init_variables=_init_variables,
-      loss_fn=functools.partial(_loss, num_classes=num_classes,
-                                label_smoothing=c.label_smoothing),
-      make_optimizer=lambda _: make_optimizer(c), predict=_predict)
+    build_classifier(c.model, num_classes),
+    mesh,
+    sample,
+    init_variables=_init_variables,
+    loss_fn=functools.partial(_loss, num_classes=num_classes, label_smoothing=c.label_smoothing),
+    make_optimizer=lambda _: make_optimizer(c),
+    predict=_predict,
+  )
   t0 = time.time()
   state = parts.init(jax.random.PRNGKey(c.seed), sample)
   _log(f"initialized in {time.time() - t0:.0f} s")
   n_params = parameter_overview.count_parameters(state["params"]["resnet"])
-  _log(f"ResNet-{c.model.depth} width {c.model.width} norm {c.model.norm}: {n_params:,} "
-       f"backbone parameters; {c.steps} steps at batch {c.batch_size} on {n_dev} devices")
+  _log(
+    f"ResNet-{c.model.depth} width {c.model.width} norm {c.model.norm}: {n_params:,} "
+    f"backbone parameters; {c.steps} steps at batch {c.batch_size} on {n_dev} devices"
+  )
 
   def describe_bad_step(bad, m):
-    return (f"pre-training loss or gradient is not finite at step {bad + 1} (loss "
-            f"{float(m['loss'])} at the last step); training stopped")
+    return (
+      f"pre-training loss or gradient is not finite at step {bad + 1} (loss "
+      f"{float(m['loss'])} at the last step); training stopped"
+    )
 
   it = train_iterator(c.data, builder, per_process, seed=c.seed + jax.process_index())
   pending, t_log, step_log = [], time.time(), 0
@@ -330,8 +391,10 @@ def pretrain(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       now = time.time()
       rate = (step - step_log) / max(now - t_log, 1e-9)
       eta = (c.steps - step) / max(rate, 1e-9)
-      _log(f"step {step}/{c.steps}  loss {loss:.3f}  train acc {100 * acc:.1f}%  "
-           f"{rate:.2f} steps/s  ETA {eta / 60:.1f} min")
+      _log(
+        f"step {step}/{c.steps}  loss {loss:.3f}  train acc {100 * acc:.1f}%  "
+        f"{rate:.2f} steps/s  ETA {eta / 60:.1f} min"
+      )
       history.append({"step": step, "loss": loss, "accuracy": 100 * acc})
       pending, t_log, step_log = [], now, step
 
@@ -342,11 +405,15 @@ def pretrain(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     correct += int(np.sum((predicted == b["label"]) & b["valid"]))
     total += int(np.sum(b["valid"]))
   # Every process counted its own shard of the split.
-  correct, total = np.asarray(multihost_utils.process_allgather(
-      np.asarray([correct, total]))).reshape(-1, 2).sum(0)
+  correct, total = (
+    np.asarray(multihost_utils.process_allgather(np.asarray([correct, total])))
+    .reshape(-1, 2)
+    .sum(0)
+  )
   top1 = 100.0 * float(correct) / max(int(total), 1)
-  _log(f"top-1 on {c.data.eval_split} ({total} images): {top1:.1f}% "
-       f"(chance {100 / num_classes:.1f}%)")
+  _log(
+    f"top-1 on {c.data.eval_split} ({total} images): {top1:.1f}% (chance {100 / num_classes:.1f}%)"
+  )
 
   resnet_vars = {"params": state["params"]["resnet"]}
   batch_stats = state["collections"].get("batch_stats", {})
@@ -354,14 +421,23 @@ def pretrain(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     resnet_vars["batch_stats"] = batch_stats["resnet"]
   resnet_vars = jax.device_get(resnet_vars)
   meta = {
-      "depth": int(c.model.depth), "norm": c.model.norm, "num_groups": int(c.model.num_groups),
-      "stride_in_1x1": bool(c.model.stride_in_1x1), "width": int(c.model.width),
-      "pixel_mean": [float(x) for x in c.data.pixel_mean],
-      "pixel_std": [float(x) for x in c.data.pixel_std],
-      "input_format": c.data.input_format, "source": f"pretrain:{c.data.name}", "sha256": None,
-      "top1": top1, "num_classes": int(num_classes), "steps": int(c.steps),
-      "batch_size": int(c.batch_size), "image_size": size,
-      "train_history": history, "wall_s": time.time() - t_start,
+    "depth": int(c.model.depth),
+    "norm": c.model.norm,
+    "num_groups": int(c.model.num_groups),
+    "stride_in_1x1": bool(c.model.stride_in_1x1),
+    "width": int(c.model.width),
+    "pixel_mean": [float(x) for x in c.data.pixel_mean],
+    "pixel_std": [float(x) for x in c.data.pixel_std],
+    "input_format": c.data.input_format,
+    "source": f"pretrain:{c.data.name}",
+    "sha256": None,
+    "top1": top1,
+    "num_classes": int(num_classes),
+    "steps": int(c.steps),
+    "batch_size": int(c.batch_size),
+    "image_size": size,
+    "train_history": history,
+    "wall_s": time.time() - t_start,
   }
   out = os.path.join(workdir, "backbone")
   if jax.process_index() == 0:

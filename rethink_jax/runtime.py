@@ -8,6 +8,7 @@ JAX starts its backends, to apply the settings this project runs best with:
     jaxlib versions it was measured on (XLA aborts on flags it does not know).
   * TensorFlow (only the input pipeline uses it) sees no GPU, so it never takes memory from JAX.
 """
+
 import os
 
 CPU_FLAG = "--xla_cpu_experimental_ynn_fusion_type="
@@ -27,10 +28,13 @@ def configure(hide_gpus_from_tf: bool = True) -> None:
   The flag takes effect only if JAX has not started a backend yet: call this first in `main`.
   """
   from jaxlib import version  # pylint: disable=g-import-not-at-top
-  os.environ["XLA_FLAGS"] = xla_flags_with_cpu_flag(os.environ.get("XLA_FLAGS", ""),
-                                                    version.__version__)
+
+  os.environ["XLA_FLAGS"] = xla_flags_with_cpu_flag(
+    os.environ.get("XLA_FLAGS", ""), version.__version__
+  )
   if hide_gpus_from_tf:
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
     try:
       tf.config.set_visible_devices([], "GPU")
     except RuntimeError:  # TF already initialised its devices: they were configured before.

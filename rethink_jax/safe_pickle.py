@@ -13,10 +13,11 @@ Everything else (os.system, eval, any other class, object or structured dtypes, 
 is refused before it is called, with UnsafePickleError naming what the file asked for.
 """
 
+from collections.abc import Callable
 import math
 import pickle
 import re
-from typing import Any, BinaryIO, Callable, Optional
+from typing import Any, BinaryIO, Optional
 
 import numpy as np
 
@@ -27,8 +28,10 @@ _DTYPE_CODE = re.compile(r"[<>=|]?[A-Za-z?][0-9]{0,6}")  # 'f4', '<i8', 'b', '?'
 # NEEDS_PYAPI): a BUILD that sets them on a numeric dtype would make NumPy read bytes as pointers.
 _OBJECT_FLAGS = 0x01 | 0x02 | 0x04 | 0x10
 _MAX_NDIM = 32
-WHAT_IS_ALLOWED = ("a weight pickle may hold only dicts, lists, tuples, strings, numbers and NumPy "
-                   "arrays of numbers, bools or fixed-width strings")
+WHAT_IS_ALLOWED = (
+  "a weight pickle may hold only dicts, lists, tuples, strings, numbers and NumPy "
+  "arrays of numbers, bools or fixed-width strings"
+)
 
 
 class UnsafePickleError(pickle.UnpicklingError):
@@ -36,8 +39,9 @@ class UnsafePickleError(pickle.UnpicklingError):
 
 
 def _refuse(what: str) -> UnsafePickleError:
-  return UnsafePickleError(f"{what}: not a plain weight file ({WHAT_IS_ALLOWED}); refused, "
-                           "nothing it names was run")
+  return UnsafePickleError(
+    f"{what}: not a plain weight file ({WHAT_IS_ALLOWED}); refused, nothing it names was run"
+  )
 
 
 def _short(x: Any) -> str:
@@ -52,6 +56,7 @@ def _short(x: Any) -> str:
 
 class _Dtype:
   """numpy.dtype(code) from the file; its BUILD state may set the byte order, nothing else."""
+
   __slots__ = ("value",)
 
   def __init__(self, value: np.dtype):
@@ -63,6 +68,7 @@ class _Dtype:
 
 class _Array:
   """_reconstruct(numpy.ndarray, ...) from the file; its BUILD state brings shape, dtype, bytes."""
+
   __slots__ = ("value",)
 
   def __init__(self):
@@ -76,6 +82,7 @@ class _Array:
 
 class _Built:
   """An array or scalar this module built in full from a call in the file."""
+
   __slots__ = ("value",)
 
   def __init__(self, value: Any):
@@ -88,6 +95,7 @@ class _Built:
 class _Global:
   """What find_class hands out: calls `build`. BUILD on it is refused (on a plain function it
   would set attributes such as __defaults__, changing later loads)."""
+
   __slots__ = ("name", "build")
 
   def __init__(self, name: str, build: Callable[..., Any]):
@@ -156,8 +164,11 @@ def _dtype_with_state(dtype: np.dtype, state: Any) -> np.dtype:
 
 
 def _shape(shape: Any) -> tuple[int, ...]:
-  if not (isinstance(shape, tuple) and len(shape) <= _MAX_NDIM
-          and all(type(n) is int and n >= 0 for n in shape)):
+  if not (
+    isinstance(shape, tuple)
+    and len(shape) <= _MAX_NDIM
+    and all(type(n) is int and n >= 0 for n in shape)
+  ):
     raise _refuse(f"array shape {_short(shape)}")
   return shape
 
@@ -249,21 +260,21 @@ def _plain_dict(items: Any = ()) -> dict:
 # (module, name) a pickle may ask for -> what it gets. NumPy 1.x files name numpy.core.*, NumPy 2.x
 # files numpy._core.*; Python 2 files name __builtin__ where Python 3 files name builtins.
 _REBUILDERS: dict[tuple[str, str], Callable[..., Any]] = {
-    ("numpy", "dtype"): _dtype,
-    ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
-    ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
-    ("numpy.core.multiarray", "scalar"): _scalar,
-    ("numpy._core.multiarray", "scalar"): _scalar,
-    ("numpy.core.numeric", "_frombuffer"): _frombuffer,
-    ("numpy._core.numeric", "_frombuffer"): _frombuffer,
-    ("_codecs", "encode"): _latin1_bytes,
-    ("builtins", "bytes"): _empty_bytes,
-    ("__builtin__", "bytes"): _empty_bytes,
-    ("collections", "OrderedDict"): _plain_dict,
+  ("numpy", "dtype"): _dtype,
+  ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
+  ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
+  ("numpy.core.multiarray", "scalar"): _scalar,
+  ("numpy._core.multiarray", "scalar"): _scalar,
+  ("numpy.core.numeric", "_frombuffer"): _frombuffer,
+  ("numpy._core.numeric", "_frombuffer"): _frombuffer,
+  ("_codecs", "encode"): _latin1_bytes,
+  ("builtins", "bytes"): _empty_bytes,
+  ("__builtin__", "bytes"): _empty_bytes,
+  ("collections", "OrderedDict"): _plain_dict,
 }
 ALLOWED_GLOBALS: dict[tuple[str, str], _Global] = {
-    ("numpy", "ndarray"): _NDARRAY,
-    **{key: _Global(".".join(key), fn) for key, fn in _REBUILDERS.items()},
+  ("numpy", "ndarray"): _NDARRAY,
+  **{key: _Global(".".join(key), fn) for key, fn in _REBUILDERS.items()},
 }
 
 

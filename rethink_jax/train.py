@@ -22,11 +22,13 @@ loss is the model's training losses, its predict the detections. Every host runs
 
 Usage: python -m rethink_jax.main --config configs/FILE.py[:ARG] --workdir DIR [--config.a.b=v]
 """
+
 import collections
+from collections.abc import Iterator
 import json
 import os
 import time
-from typing import Any, Iterator
+from typing import Any
 
 from clu import metric_writers
 from clu import parameter_overview
@@ -67,13 +69,15 @@ def parameter_counts(state: dict, frozen_prefixes) -> dict:
   """
   count = lambda tree: int(parameter_overview.count_parameters(tree)) if tree else 0
   labels = _flat(optim.param_labels(state["params"], frozen_prefixes))
-  frozen_params = count({k: v for k, v in _flat(state["params"]).items()
-                         if labels[k] == "frozen"})
+  frozen_params = count({k: v for k, v in _flat(state["params"]).items() if labels[k] == "frozen"})
   total_params = count(state["params"])
   frozen_coll = count(state["collections"].get("frozen", {}))
-  return dict(total=total_params + frozen_coll, trainable=total_params - frozen_params,
-              frozen=frozen_params + frozen_coll,
-              batch_stats=count(state["collections"].get("batch_stats", {})))
+  return dict(
+    total=total_params + frozen_coll,
+    trainable=total_params - frozen_params,
+    frozen=frozen_params + frozen_coll,
+    batch_stats=count(state["collections"].get("batch_stats", {})),
+  )
 
 
 def check_backbone_meta(meta: dict, config: ml_collections.ConfigDict) -> None:
@@ -90,25 +94,37 @@ def check_backbone_meta(meta: dict, config: ml_collections.ConfigDict) -> None:
   if "depth" in meta and int(meta["depth"]) != int(b.depth):
     problems.append(f"config.model.backbone.depth={meta['depth']} (config has {b.depth})")
   if "norm" in meta and not same_norm(meta["norm"], b.norm):
-    problems.append(f"config.model.backbone.norm={meta['norm']!r} (config has {b.norm!r}); "
-                    "or convert the weights again with --norm " + repr(b.norm))
+    problems.append(
+      f"config.model.backbone.norm={meta['norm']!r} (config has {b.norm!r}); "
+      "or convert the weights again with --norm " + repr(b.norm)
+    )
   if "stride_in_1x1" in meta and bool(meta["stride_in_1x1"]) != bool(b.stride_in_1x1):
-    problems.append(f"config.model.backbone.stride_in_1x1={bool(meta['stride_in_1x1'])} "
-                    f"(config has {b.stride_in_1x1})")
+    problems.append(
+      f"config.model.backbone.stride_in_1x1={bool(meta['stride_in_1x1'])} "
+      f"(config has {b.stride_in_1x1})"
+    )
   if "width" in meta and int(meta["width"]) != int(b.get("width", 64)):
     problems.append(f"config.model.backbone.width={meta['width']} (config has {b.get('width')})")
   if "input_format" in meta and meta["input_format"] != d.get("input_format"):
-    problems.append(f"config.data.input_format={meta['input_format']!r} "
-                    f"(config has {d.get('input_format')!r})")
+    problems.append(
+      f"config.data.input_format={meta['input_format']!r} (config has {d.get('input_format')!r})"
+    )
   for key in ("pixel_mean", "pixel_std"):
-    if key in meta and meta[key] is not None and not np.allclose(
-        np.asarray(meta[key], np.float64), np.asarray(d.get(key), np.float64), atol=1e-3):
-      problems.append(f"config.data.{key}={tuple(float(v) for v in meta[key])} "
-                      f"(config has {tuple(d.get(key))})")
+    if (
+      key in meta
+      and meta[key] is not None
+      and not np.allclose(
+        np.asarray(meta[key], np.float64), np.asarray(d.get(key), np.float64), atol=1e-3
+      )
+    ):
+      problems.append(
+        f"config.data.{key}={tuple(float(v) for v in meta[key])} (config has {tuple(d.get(key))})"
+      )
   if problems:
     raise ValueError(
-        f"init_from={config.init_from}: the backbone checkpoint (meta.json: source "
-        f"{meta.get('source')!r}) disagrees with the config; set\n  " + "\n  ".join(problems))
+      f"init_from={config.init_from}: the backbone checkpoint (meta.json: source "
+      f"{meta.get('source')!r}) disagrees with the config; set\n  " + "\n  ".join(problems)
+    )
 
 
 def load_backbone_into(state: dict, backbone_vars: dict, where=("backbone", "bottom_up")) -> dict:
@@ -123,29 +139,33 @@ def load_backbone_into(state: dict, backbone_vars: dict, where=("backbone", "bot
   for coll in sorted(set(backbone_vars) | {"params"}):
     src = _flat(backbone_vars.get(coll, {}))
     dst = new.get(coll, {})
-    targets = {k[len(prefix) + 1:]: k for k in dst if k.startswith(prefix + "/")}
+    targets = {k[len(prefix) + 1 :]: k for k in dst if k.startswith(prefix + "/")}
     for key, value in src.items():
       if key not in targets:
         unexpected.append(f"{coll}/{key}")
         continue
       full = targets[key]
       if tuple(np.shape(value)) != tuple(dst[full].shape):
-        mismatched.append(f"{coll}/{key}: checkpoint {tuple(np.shape(value))} vs model "
-                          f"{tuple(dst[full].shape)}")
+        mismatched.append(
+          f"{coll}/{key}: checkpoint {tuple(np.shape(value))} vs model {tuple(dst[full].shape)}"
+        )
         continue
       dst[full] = jnp.asarray(value, dst[full].dtype)
       loaded.append(f"{coll}/{key}")
     missing += [f"{coll}/{k}" for k in targets if k not in src]
   if mismatched:
-    raise ValueError("init_from: shape mismatch between the backbone checkpoint and the model "
-                     "(check depth / width / norm in config.model.backbone):\n  "
-                     + "\n  ".join(mismatched))
+    raise ValueError(
+      "init_from: shape mismatch between the backbone checkpoint and the model "
+      "(check depth / width / norm in config.model.backbone):\n  " + "\n  ".join(mismatched)
+    )
   state = dict(state)
   state["params"] = flax.traverse_util.unflatten_dict(new["params"], sep="/")
-  state["collections"] = {c: flax.traverse_util.unflatten_dict(new[c], sep="/")
-                          for c in state["collections"]}
-  return dict(state=state, loaded=sorted(loaded), missing=sorted(missing),
-              unexpected=sorted(unexpected))
+  state["collections"] = {
+    c: flax.traverse_util.unflatten_dict(new[c], sep="/") for c in state["collections"]
+  }
+  return dict(
+    state=state, loaded=sorted(loaded), missing=sorted(missing), unexpected=sorted(unexpected)
+  )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -176,8 +196,13 @@ def init_variables(model, rngs: dict, batch: dict) -> dict:
 
 def loss_fn(model, params, collections, batch: dict, rng):
   """The sum of the model's "loss_*" terms (float32) and (every loss, updated batch_stats)."""
-  losses, new_coll = model.apply({"params": params, **collections}, batch, train=True,
-                                 rngs={"sampling": rng}, mutable=["batch_stats"])
+  losses, new_coll = model.apply(
+    {"params": params, **collections},
+    batch,
+    train=True,
+    rngs={"sampling": rng},
+    mutable=["batch_stats"],
+  )
   losses = {k: jnp.asarray(v, jnp.float32) for k, v in losses.items()}
   total = sum(v for k, v in losses.items() if k.startswith("loss_"))
   return total, (losses, new_coll)
@@ -203,23 +228,41 @@ def build_parts(config: ml_collections.ConfigDict, sched: dict, mesh: Mesh, samp
   traces and compiles the step once.
   """
   from rethink_jax import models  # pylint: disable=g-import-not-at-top
-  key = (json.dumps([config.model.to_json_best_effort(sort_keys=True),
-                     config.optim.to_json_best_effort(sort_keys=True),
-                     # only what the LR function depends on (not total_steps)
-                     [str(sched[k]) for k in ("base_lr", "decay_steps", "decay_factor",
-                                              "warmup_steps", "warmup_factor")],
-                     sorted((k, v.shape, str(v.dtype)) for k, v in sample.items())]),
-         mesh, jax.process_index())
+
+  key = (
+    json.dumps(
+      [
+        config.model.to_json_best_effort(sort_keys=True),
+        config.optim.to_json_best_effort(sort_keys=True),
+        # only what the LR function depends on (not total_steps)
+        [
+          str(sched[k])
+          for k in ("base_lr", "decay_steps", "decay_factor", "warmup_steps", "warmup_factor")
+        ],
+        sorted((k, v.shape, str(v.dtype)) for k, v in sample.items()),
+      ]
+    ),
+    mesh,
+    jax.process_index(),
+  )
   if key in _PARTS_CACHE:
     _PARTS_CACHE.move_to_end(key)
     return _PARTS_CACHE[key]
-  frozen_prefixes = models.frozen_param_prefixes(int(config.model.backbone.freeze_at),
-                                                 prefix=("backbone", "bottom_up"))
+  frozen_prefixes = models.frozen_param_prefixes(
+    int(config.model.backbone.freeze_at), prefix=("backbone", "bottom_up")
+  )
   parts = trainer.build(
-      models.build_model(config.model), mesh, sample, init_variables=init_variables,
-      loss_fn=loss_fn, predict=predict, init_rngs=INIT_RNGS,
-      make_optimizer=lambda shapes: optim.make_optimizer(config.optim, sched, shapes,
-                                                         frozen_prefixes))
+    models.build_model(config.model),
+    mesh,
+    sample,
+    init_variables=init_variables,
+    loss_fn=loss_fn,
+    predict=predict,
+    init_rngs=INIT_RNGS,
+    make_optimizer=lambda shapes: optim.make_optimizer(
+      config.optim, sched, shapes, frozen_prefixes
+    ),
+  )
   parts.frozen_prefixes = frozen_prefixes
   _PARTS_CACHE[key] = parts
   while len(_PARTS_CACHE) > 4:  # compiled executables hold memory
@@ -259,48 +302,63 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   Raises NonFiniteLossError when a loss or gradient is not finite.
   """
   from rethink_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+
   t_start = time.time()
   workdir = os.path.abspath(workdir)
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
-    files.atomic_write(os.path.join(workdir, "config.json"),
-                       config.to_json_best_effort(indent=1))
+    files.atomic_write(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=1))
 
   # == Mesh and batch ==========================================================================
   mesh = trainer.make_mesh()
   n_dev, n_proc = jax.device_count(), jax.process_count()
   batch_size = int(config.batch_size)
   if batch_size % n_dev:
-    raise ValueError(f"config.batch_size={batch_size} must be a multiple of the number of "
-                     f"devices ({n_dev})")
+    raise ValueError(
+      f"config.batch_size={batch_size} must be a multiple of the number of devices ({n_dev})"
+    )
   local_batch = batch_size // n_proc
   eval_batch = int(config.eval.get("batch_size", n_dev))
   eval_batch = max(n_dev, eval_batch - eval_batch % n_dev)
   sched = optim.resolve_schedule(config.schedule, config.optim, batch_size)
   total_steps = sched["total_steps"]
-  _log(f"{n_proc} process(es), {n_dev} device(s) ({jax.devices()[0].platform}); global batch "
-       f"{batch_size} ({local_batch} per process); {total_steps} steps, LR {sched['base_lr']:g} "
-       f"x{sched['decay_factor']:g} at {sched['decay_steps']}, warmup {sched['warmup_steps']} "
-       f"from {sched['warmup_factor']:.3g}")
+  _log(
+    f"{n_proc} process(es), {n_dev} device(s) ({jax.devices()[0].platform}); global batch "
+    f"{batch_size} ({local_batch} per process); {total_steps} steps, LR {sched['base_lr']:g} "
+    f"x{sched['decay_factor']:g} at {sched['decay_steps']}, warmup {sched['warmup_steps']} "
+    f"from {sched['warmup_factor']:.3g}"
+  )
 
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
 
   # == Checkpoints =============================================================================
   ckpt_cfg = config.checkpoint
   ckpt_dir = os.path.join(workdir, "checkpoints")
-  mngr = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(
-      max_to_keep=int(ckpt_cfg.get("keep", 3)), create=True,
-      enable_async_checkpointing=bool(ckpt_cfg.get("async_save", True))))
+  mngr = ocp.CheckpointManager(
+    ckpt_dir,
+    options=ocp.CheckpointManagerOptions(
+      max_to_keep=int(ckpt_cfg.get("keep", 3)),
+      create=True,
+      enable_async_checkpointing=bool(ckpt_cfg.get("async_save", True)),
+    ),
+  )
   resume_step = mngr.latest_step()
   start_step = int(resume_step or 0)
   if resume_step is None and config.get("require_init_from") and not config.get("init_from"):
-    raise ValueError("this recipe fine-tunes pre-trained weights: set --config.init_from=DIR "
-                     "(a backbone checkpoint written by rethink_jax.convert or pre-training)")
+    raise ValueError(
+      "this recipe fine-tunes pre-trained weights: set --config.init_from=DIR "
+      "(a backbone checkpoint written by rethink_jax.convert or pre-training)"
+    )
 
   # == Data ====================================================================================
   train_iter = pipeline.make_train_iterator(
-      config.data, local_batch, seed=int(config.seed), start_step=start_step,
-      process_index=jax.process_index(), process_count=n_proc)
+    config.data,
+    local_batch,
+    seed=int(config.seed),
+    start_step=start_step,
+    process_index=jax.process_index(),
+    process_count=n_proc,
+  )
   first = next(train_iter)
 
   # == Model, optimizer, state =================================================================
@@ -310,31 +368,39 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   train_step, predict_fn = parts.train_step, parts.predict_fn
 
   if resume_step is not None:
-    state = mngr.restore(resume_step, args=ocp.args.StandardRestore(
-        trainer.abstract_state_with_shardings(parts)))
+    state = mngr.restore(
+      resume_step, args=ocp.args.StandardRestore(trainer.abstract_state_with_shardings(parts))
+    )
     _log(f"resumed from {ckpt_dir} at step {resume_step}")
   else:
     state = parts.init(rng, sample)
     if config.get("init_from"):
       from rethink_jax import convert  # pylint: disable=g-import-not-at-top
+
       variables, meta = convert.load_backbone(config.init_from)
       check_backbone_meta(meta, config)
       report = load_backbone_into(state, variables)
       state = jax.device_put(report["state"], parts.state_sharding)
-      _log(f"init_from {config.init_from} (source {meta.get('source')!r}): loaded "
-           f"{len(report['loaded'])} arrays; missing {len(report['missing'])}: "
-           f"{report['missing'][:20]}; unexpected {len(report['unexpected'])}: "
-           f"{report['unexpected'][:20]}")
+      _log(
+        f"init_from {config.init_from} (source {meta.get('source')!r}): loaded "
+        f"{len(report['loaded'])} arrays; missing {len(report['missing'])}: "
+        f"{report['missing'][:20]}; unexpected {len(report['unexpected'])}: "
+        f"{report['unexpected'][:20]}"
+      )
       if not report["loaded"]:
         raise ValueError(f"init_from={config.init_from}: nothing matched the model's backbone")
-  parameter_overview.log_parameter_overview(state["params"], include_stats=False,
-                                            msg="parameters", jax_logging_process=0)
+  parameter_overview.log_parameter_overview(
+    state["params"], include_stats=False, msg="parameters", jax_logging_process=0
+  )
   counts = parameter_counts(state, parts.frozen_prefixes)
-  _log(f"parameters: {counts['total']:,} ({counts['trainable']:,} trainable, "
-       f"{counts['frozen']:,} frozen; {counts['batch_stats']:,} batch statistics)")
+  _log(
+    f"parameters: {counts['total']:,} ({counts['trainable']:,} trainable, "
+    f"{counts['frozen']:,} frozen; {counts['batch_stats']:,} batch statistics)"
+  )
 
   # == Evaluation ==============================================================================
   from rethink_jax import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
+
   curve = [p for p in read_curve(workdir) if p["step"] <= start_step]
   wall_offset = curve[-1].get("wall_s", 0.0) if curve else 0.0
   coco_cache = {}
@@ -349,30 +415,39 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       coco_cache["gt"] = pipeline.get_coco_gt(eval_data)
       coco_cache["ids"] = pipeline.category_ids(eval_data)
     variables = trainer.variables_of(state)
-    eval_iter = pipeline.make_eval_iterator(eval_data, eval_batch // n_proc,
-                                            process_index=jax.process_index(),
-                                            process_count=n_proc)
+    eval_iter = pipeline.make_eval_iterator(
+      eval_data, eval_batch // n_proc, process_index=jax.process_index(), process_count=n_proc
+    )
     t0 = time.time()
-    metrics = evaluate_lib.evaluate(lambda b: predict_fn(variables, b), eval_iter,
-                                    coco_cache["gt"], coco_cache["ids"])
+    metrics = evaluate_lib.evaluate(
+      lambda b: predict_fn(variables, b), eval_iter, coco_cache["gt"], coco_cache["ids"]
+    )
     metrics = {k: float(v) for k, v in metrics.items()}
     # COCOeval's "undefined" (no object of that size) is NaN: null in JSON.
-    point = {"step": int(step), "images_seen": int(step) * batch_size,
-             "wall_s": wall_offset + time.time() - t_start, "eval_s": time.time() - t0,
-             **{k: (None if np.isnan(v) else v) for k, v in metrics.items()}}
+    point = {
+      "step": int(step),
+      "images_seen": int(step) * batch_size,
+      "wall_s": wall_offset + time.time() - t_start,
+      "eval_s": time.time() - t0,
+      **{k: (None if np.isnan(v) else v) for k, v in metrics.items()},
+    }
     curve[:] = [p for p in curve if p["step"] != step] + [point]
     _write_curve(workdir, curve)
     writer.write_scalars(step, {f"eval/{k}": v for k, v in metrics.items()})
-    _log(f"step {step}: " + ", ".join(f"{k} {metrics[k]:.2f}" for k in ("bbox/AP", "segm/AP")
-                                      if k in metrics) + f" ({time.time() - t0:.0f} s)")
+    _log(
+      f"step {step}: "
+      + ", ".join(f"{k} {metrics[k]:.2f}" for k in ("bbox/AP", "segm/AP") if k in metrics)
+      + f" ({time.time() - t0:.0f} s)"
+    )
     return metrics
 
   # == Train loop ==============================================================================
   log_every = max(1, int(config.get("log_every", 20)))
   eval_every = int(config.get("eval_every", 0) or 0)
   ckpt_every = int(ckpt_cfg.get("every_steps", 0) or 0)
-  progress = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
-                                             every_secs=60.0)
+  progress = periodic_actions.ReportProgress(
+    num_train_steps=total_steps, writer=writer, every_secs=60.0
+  )
   image_ids = collections.deque(maxlen=log_every + 1)  # (step, this process's image ids)
   history, last_metrics = [], {}
   data_wait, t_interval, steps_in_interval = 0.0, time.time(), 0
@@ -386,13 +461,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     losses = {k: float(v) for k, v in m.items() if k.startswith("loss_") or k == "total_loss"}
     writer.flush()
     mngr.close()
-    return (f"non-finite loss or gradient at train step {bad} (detected at step {step}); "
-            f"image ids of that step's batch (process {jax.process_index()}): "
-            f"{None if ids is None else ids.tolist()}; losses at step {step - 1}: {losses}. "
-            f"Training stopped; that update was not applied and no checkpoint after step "
-            f"{good} was written (last good checkpoint: "
-            f"{'none' if good is None else os.path.join(ckpt_dir, str(good))}). A lower LR, a "
-            f"longer warmup (config.optim.warmup_steps) or config.optim.grad_clip_norm may help.")
+    return (
+      f"non-finite loss or gradient at train step {bad} (detected at step {step}); "
+      f"image ids of that step's batch (process {jax.process_index()}): "
+      f"{None if ids is None else ids.tolist()}; losses at step {step - 1}: {losses}. "
+      f"Training stopped; that update was not applied and no checkpoint after step "
+      f"{good} was written (last good checkpoint: "
+      f"{'none' if good is None else os.path.join(ckpt_dir, str(good))}). A lower LR, a "
+      f"longer warmup (config.optim.warmup_steps) or config.optim.grad_clip_norm may help."
+    )
 
   step = start_step
   if start_step == 0 and eval_every > 0 and config.eval.get("at_start", False):
@@ -416,11 +493,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       if step % log_every == 0 or is_last:
         elapsed = time.time() - t_interval
         scalars = {k: float(v) for k, v in m.items() if k != "bad_step"}
-        scalars.update({
+        scalars.update(
+          {
             "images_seen": step * batch_size,
             "time/step_s": elapsed / steps_in_interval,
             "time/data_wait_s": data_wait / steps_in_interval,
-            "time/data_wait_fraction": data_wait / max(elapsed, 1e-9)})
+            "time/data_wait_fraction": data_wait / max(elapsed, 1e-9),
+          }
+        )
         writer.write_scalars(step, scalars)
         history.append(dict(step=step, **scalars))
         data_wait, t_interval, steps_in_interval = 0.0, time.time(), 0
@@ -433,12 +513,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   mngr.wait_until_finished()
   mngr.close()
   if not last_metrics and curve:
-    last_metrics = {k: v for k, v in curve[-1].items()
-                    if k not in ("step", "images_seen", "wall_s", "eval_s")}
+    last_metrics = {
+      k: v for k, v in curve[-1].items() if k not in ("step", "images_seen", "wall_s", "eval_s")
+    }
   writer.flush()
   _log(f"done: step {step}, {(time.time() - t_start) / 60:.1f} min")
-  return {"metrics": last_metrics, "curve": list(curve), "history": history, "step": step,
-          "train_step_compilations": train_step._cache_size()}  # pylint: disable=protected-access
+  return {
+    "metrics": last_metrics,
+    "curve": list(curve),
+    "history": history,
+    "step": step,
+    "train_step_compilations": train_step._cache_size(),
+  }  # pylint: disable=protected-access
 
 
 def _prepend(first: Any, rest: Iterator) -> Iterator:

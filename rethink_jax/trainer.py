@@ -18,16 +18,20 @@ A task supplies three functions of its model:
   loss_fn(model, params, collections, batch, rng) -> (loss, (metrics, updated collections));
   predict(model, variables, batch) -> {name: (B, ...) per-row outputs}.
 """
+
+from collections.abc import Callable, Sequence
 import functools
 import time
 import types
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional
 
 from absl import logging
 import flax
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 import numpy as np
 import optax
 
@@ -83,8 +87,9 @@ def local_rows(x: jax.Array) -> np.ndarray:
 # ------------------------------------------------------------------------------------------------
 # State and steps.
 # ------------------------------------------------------------------------------------------------
-def make_init_fn(init_variables: Callable, tx: optax.GradientTransformation,
-                 init_rngs: Sequence[str] = ("params",)) -> Callable:
+def make_init_fn(
+  init_variables: Callable, tx: optax.GradientTransformation, init_rngs: Sequence[str] = ("params",)
+) -> Callable:
   """rng (PRNG key), sample batch -> the train state:
   {"step": int32, "rng": key, "params", "opt_state", "collections": {batch_stats, frozen, ...},
    "bad_step": int32 (-1: every step so far was finite)}.
@@ -97,15 +102,21 @@ def make_init_fn(init_variables: Callable, tx: optax.GradientTransformation,
     *keys, train_rng = jax.random.split(rng, len(init_rngs) + 1)
     variables = flax.core.unfreeze(init_variables(dict(zip(init_rngs, keys)), batch))
     params = variables.pop("params")
-    return dict(step=jnp.zeros((), jnp.int32), rng=train_rng, params=params,
-                opt_state=tx.init(params), collections=variables,
-                bad_step=jnp.full((), -1, jnp.int32))
+    return dict(
+      step=jnp.zeros((), jnp.int32),
+      rng=train_rng,
+      params=params,
+      opt_state=tx.init(params),
+      collections=variables,
+      bad_step=jnp.full((), -1, jnp.int32),
+    )
 
   return init
 
 
-def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation,
-                    lr_fn: Callable) -> Callable:
+def make_train_step(
+  loss_fn: Callable, tx: optax.GradientTransformation, lr_fn: Callable
+) -> Callable:
   """(state, global batch) -> (new state, metrics). Pure; jit it with shardings (`build`).
 
   loss_fn(params, collections, batch, rng) -> (float32 loss, (metrics, updated collections)).
@@ -120,7 +131,8 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation,
     rng = jax.random.fold_in(state["rng"], step)
     collections = state["collections"]
     (total, (metrics, new_coll)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state["params"], collections, batch, rng)
+      state["params"], collections, batch, rng
+    )
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     grad_norm = optax.global_norm(grads)
@@ -129,22 +141,37 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation,
     keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(ok, n, o), new, old)
     new_collections = dict(collections, **flax.core.unfreeze(new_coll))
     new_state = dict(
-        step=step + 1, rng=state["rng"],
-        params=keep(params, state["params"]),
-        opt_state=keep(opt_state, state["opt_state"]),
-        collections=keep(new_collections, collections),
-        bad_step=jnp.where(~finite & (state["bad_step"] < 0), step, state["bad_step"]))
-    metrics = dict(metrics, total_loss=total, grad_norm=grad_norm, lr=lr_fn(step),
-                   param_norm=optax.global_norm(new_state["params"]),
-                   bad_step=new_state["bad_step"])
+      step=step + 1,
+      rng=state["rng"],
+      params=keep(params, state["params"]),
+      opt_state=keep(opt_state, state["opt_state"]),
+      collections=keep(new_collections, collections),
+      bad_step=jnp.where(~finite & (state["bad_step"] < 0), step, state["bad_step"]),
+    )
+    metrics = dict(
+      metrics,
+      total_loss=total,
+      grad_norm=grad_norm,
+      lr=lr_fn(step),
+      param_norm=optax.global_norm(new_state["params"]),
+      bad_step=new_state["bad_step"],
+    )
     return new_state, metrics
 
   return step_fn
 
 
-def build(model: Any, mesh: Mesh, sample: dict, *, init_variables: Callable, loss_fn: Callable,
-          make_optimizer: Callable, predict: Optional[Callable] = None,
-          init_rngs: Sequence[str] = ("params",)) -> types.SimpleNamespace:
+def build(
+  model: Any,
+  mesh: Mesh,
+  sample: dict,
+  *,
+  init_variables: Callable,
+  loss_fn: Callable,
+  make_optimizer: Callable,
+  predict: Optional[Callable] = None,
+  init_rngs: Sequence[str] = ("params",),
+) -> types.SimpleNamespace:
   """A task's model, optimizer, state layout, shardings and jitted functions on `mesh`.
 
   Args:
@@ -166,23 +193,38 @@ def build(model: Any, mesh: Mesh, sample: dict, *, init_variables: Callable, los
   init_vars = functools.partial(init_variables, model)
   rng = jax.random.PRNGKey(0)
   param_shapes = jax.eval_shape(
-      lambda r, b: init_vars({name: r for name in init_rngs}, b)["params"], rng, sample)
+    lambda r, b: init_vars({name: r for name in init_rngs}, b)["params"], rng, sample
+  )
   tx, lr_fn = make_optimizer(param_shapes)
   init_fn = make_init_fn(init_vars, tx, init_rngs)
   abstract_state = jax.eval_shape(init_fn, rng, sample)
   state_sharding = jax.tree_util.tree_map(lambda _: replicated, abstract_state)
-  train_step = jax.jit(make_train_step(functools.partial(loss_fn, model), tx, lr_fn),
-                       in_shardings=(state_sharding, batch_sharding),
-                       out_shardings=(state_sharding, replicated), donate_argnums=(0,))
+  train_step = jax.jit(
+    make_train_step(functools.partial(loss_fn, model), tx, lr_fn),
+    in_shardings=(state_sharding, batch_sharding),
+    out_shardings=(state_sharding, replicated),
+    donate_argnums=(0,),
+  )
   parts = types.SimpleNamespace(
-      model=model, tx=tx, lr_fn=lr_fn, mesh=mesh, replicated=replicated,
-      batch_sharding=batch_sharding, abstract_state=abstract_state,
-      state_sharding=state_sharding, init=jax.jit(init_fn, out_shardings=state_sharding),
-      train_step=train_step, predict=None, predict_fn=None)
+    model=model,
+    tx=tx,
+    lr_fn=lr_fn,
+    mesh=mesh,
+    replicated=replicated,
+    batch_sharding=batch_sharding,
+    abstract_state=abstract_state,
+    state_sharding=state_sharding,
+    init=jax.jit(init_fn, out_shardings=state_sharding),
+    train_step=train_step,
+    predict=None,
+    predict_fn=None,
+  )
   if predict is not None:
-    parts.predict = jax.jit(functools.partial(predict, model),
-                            in_shardings=(replicated, batch_sharding),
-                            out_shardings=batch_sharding)
+    parts.predict = jax.jit(
+      functools.partial(predict, model),
+      in_shardings=(replicated, batch_sharding),
+      out_shardings=batch_sharding,
+    )
 
     def predict_fn(variables, batch):
       out = parts.predict(variables, to_global(batch, batch_sharding))
@@ -196,8 +238,10 @@ def abstract_state_with_shardings(parts: types.SimpleNamespace) -> Any:
   """parts.abstract_state as ShapeDtypeStructs carrying parts.state_sharding (a restore target,
   or the state argument of an ahead-of-time lowering)."""
   return jax.tree_util.tree_map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), parts.abstract_state,
-      parts.state_sharding)
+    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+    parts.abstract_state,
+    parts.state_sharding,
+  )
 
 
 def variables_of(state: dict) -> dict:

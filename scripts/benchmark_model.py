@@ -1,6 +1,7 @@
 """Times R50-FPN-GN Mask R-CNN: this project's Flax model vs torchvision's, same architecture.
 
-  timeout 1500 nice .venv/bin/python scripts/benchmark_model.py [--size 512 --batch 2 --steps 3 --rounds 1]
+  timeout 1500 nice .venv/bin/python scripts/benchmark_model.py \
+      [--size 512 --batch 2 --steps 3 --rounds 1]
   python3 scripts/benchmark_model.py --device cuda --size 1024 --steps 20   # on a GPU machine
   ... --frameworks jax --set mask_head.chunk_rois=0                          # a model variant
 
@@ -24,6 +25,7 @@ POOLER_SAMPLING_RATIO, which the JAX model uses; torchvision's default is 2, a f
 `--torch-sampling-ratio 2`, beside `--set box_head.pooler_sampling_ratio=2 --set
 mask_head.pooler_sampling_ratio=2` for the JAX model).
 """
+
 import argparse
 import json
 import os
@@ -70,11 +72,16 @@ def _timed(fn, steps):
 def jax_batch(size, batch):
   """The synthetic batch as the model's input dict (masks as 112 x 112 crops of their boxes)."""
   from rethink_jax.ops.masks import crop_masks_to_boxes
+
   images, boxes, classes, masks = synthetic(size, batch)
-  crops = np.stack([np.asarray(crop_masks_to_boxes(masks[i], boxes[i], 112))
-                    for i in range(batch)])
-  return {"image": images, "image_hw": np.full((batch, 2), size, np.int32),
-          "gt_boxes": boxes, "gt_classes": classes, "gt_masks": crops}
+  crops = np.stack([np.asarray(crop_masks_to_boxes(masks[i], boxes[i], 112)) for i in range(batch)])
+  return {
+    "image": images,
+    "image_hw": np.full((batch, 2), size, np.int32),
+    "gt_boxes": boxes,
+    "gt_classes": classes,
+    "gt_masks": crops,
+  }
 
 
 def model_config_with(overrides=()):
@@ -82,11 +89,14 @@ def model_config_with(overrides=()):
   ml_collections' config_flags (as the flags --model.key.sub=value)."""
   from absl import flags
   from ml_collections import config_flags
+
   from rethink_jax.models import default_model_config
+
   argv = ["benchmark_model"] + [f"--model.{item}" for item in overrides]
   flag_values = flags.FlagValues()
-  model = config_flags.DEFINE_config_dict("model", default_model_config(),
-                                          flag_values=flag_values, sys_argv=argv)
+  model = config_flags.DEFINE_config_dict(
+    "model", default_model_config(), flag_values=flag_values, sys_argv=argv
+  )
   flag_values(argv)
   return model.value
 
@@ -95,13 +105,22 @@ def jax_train_config(overrides=(), batch=2):
   """The trainer's config for the benchmark: the model with `overrides`, and torchvision's side's
   optimizer (SGD, LR 0.02 at this batch, momentum 0.9, no weight decay, no warmup)."""
   import ml_collections
+
   c = ml_collections.ConfigDict()
   c.model = model_config_with(overrides)
-  c.optim = ml_collections.ConfigDict(dict(
-      base_lr=0.02, momentum=0.9, weight_decay=0.0, warmup_steps=0, warmup_factor=1.0,
-      grad_clip_norm=0.0))
-  c.schedule = ml_collections.ConfigDict(dict(
-      multiple=1.0, base_batch_size=batch, total_steps=1, decay_steps=(), decay_factor=0.1))
+  c.optim = ml_collections.ConfigDict(
+    dict(
+      base_lr=0.02,
+      momentum=0.9,
+      weight_decay=0.0,
+      warmup_steps=0,
+      warmup_factor=1.0,
+      grad_clip_norm=0.0,
+    )
+  )
+  c.schedule = ml_collections.ConfigDict(
+    dict(multiple=1.0, base_batch_size=batch, total_steps=1, decay_steps=(), decay_factor=0.1)
+  )
   return c
 
 
@@ -109,7 +128,11 @@ def jax_parts(size, batch, overrides=()):
   """The trainer's parts for a synthetic batch on one device: (parts, host batch, the batch
   on the device). parts: rethink_jax.train.build_parts's, the construction train.py uses."""
   import jax
-  from rethink_jax import optim, train, trainer
+
+  from rethink_jax import optim
+  from rethink_jax import train
+  from rethink_jax import trainer
+
   config = jax_train_config(overrides, batch)
   host = jax_batch(size, batch)
   mesh = trainer.make_mesh(jax.devices()[:1])
@@ -120,7 +143,9 @@ def jax_parts(size, batch, overrides=()):
 
 def run_jax(mode, size, batch, steps, overrides=()):
   import jax
-  from rethink_jax import train, trainer
+
+  from rethink_jax import train
+  from rethink_jax import trainer
 
   # The batch is put on the device once, as torch's.
   parts, host, data = jax_parts(size, batch if mode == "train" else 1, overrides)
@@ -152,8 +177,12 @@ def run_jax(mode, size, batch, steps, overrides=()):
     out["detections"] = detections[-1]
   memory = step.memory_analysis()
   if memory is not None:  # what the program needs: arguments + outputs - aliased + temporaries
-    out["program_mb"] = (memory.argument_size_in_bytes + memory.output_size_in_bytes
-                         - memory.alias_size_in_bytes + memory.temp_size_in_bytes) / 2**20
+    out["program_mb"] = (
+      memory.argument_size_in_bytes
+      + memory.output_size_in_bytes
+      - memory.alias_size_in_bytes
+      + memory.temp_size_in_bytes
+    ) / 2**20
   stats = jax.devices()[0].memory_stats() or {}
   if "peak_bytes_in_use" in stats:  # GPU allocators report it (autotuning's scratch included)
     out["peak_device_mb"] = stats["peak_bytes_in_use"] / 2**20
@@ -165,12 +194,14 @@ def run_jax(mode, size, batch, steps, overrides=()):
 # ------------------------------------------------------------------------------------------------
 def build_torchvision(size, sampling_ratio=0):
   import functools
+
   import torch.nn as nn
   import torchvision
-  from torchvision.ops import MultiScaleRoIAlign
   from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
   from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead
-  from torchvision.models.detection.mask_rcnn import MaskRCNN, MaskRCNNHeads
+  from torchvision.models.detection.mask_rcnn import MaskRCNN
+  from torchvision.models.detection.mask_rcnn import MaskRCNNHeads
+  from torchvision.ops import MultiScaleRoIAlign
 
   gn = functools.partial(nn.GroupNorm, 32)
   body = torchvision.models.resnet50(weights=None, norm_layer=gn)
@@ -178,14 +209,22 @@ def build_torchvision(size, sampling_ratio=0):
   box_head = FastRCNNConvFCHead((256, 7, 7), [256] * 4, [1024], norm_layer=gn)
   mask_head = MaskRCNNHeads(256, [256] * 4, 1, norm_layer=gn)
   levels = ["0", "1", "2", "3"]  # P2..P5
-  return MaskRCNN(backbone, num_classes=NUM_CLASSES + 1, min_size=size, max_size=size,
-                  rpn_post_nms_top_n_train=1000, box_head=box_head, mask_head=mask_head,
-                  box_roi_pool=MultiScaleRoIAlign(levels, 7, sampling_ratio),
-                  mask_roi_pool=MultiScaleRoIAlign(levels, 14, sampling_ratio))
+  return MaskRCNN(
+    backbone,
+    num_classes=NUM_CLASSES + 1,
+    min_size=size,
+    max_size=size,
+    rpn_post_nms_top_n_train=1000,
+    box_head=box_head,
+    mask_head=mask_head,
+    box_roi_pool=MultiScaleRoIAlign(levels, 7, sampling_ratio),
+    mask_roi_pool=MultiScaleRoIAlign(levels, 14, sampling_ratio),
+  )
 
 
 def run_torch(mode, size, batch, steps, threads, device, sampling_ratio):
   import torch
+
   torch.set_num_threads(threads)
   dev = torch.device(device)
   sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
@@ -194,9 +233,14 @@ def run_torch(mode, size, batch, steps, threads, device, sampling_ratio):
   nparams = sum(p.numel() for p in model.parameters())
   imgs = [torch.from_numpy(im).permute(2, 0, 1).contiguous().to(dev) for im in images]
   if mode == "train":
-    targets = [{"boxes": torch.from_numpy(boxes[i]).to(dev),
-                "labels": torch.from_numpy(classes[i]).long().to(dev),
-                "masks": torch.from_numpy(masks[i]).to(dev)} for i in range(batch)]
+    targets = [
+      {
+        "boxes": torch.from_numpy(boxes[i]).to(dev),
+        "labels": torch.from_numpy(classes[i]).long().to(dev),
+        "masks": torch.from_numpy(masks[i]).to(dev),
+      }
+      for i in range(batch)
+    ]
     opt = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
     model.train()
 
@@ -233,8 +277,15 @@ def child(args):
   if args.framework == "jax":
     out = run_jax(args.mode, args.size, args.batch, args.steps, args.set)
   else:
-    out = run_torch(args.mode, args.size, args.batch, args.steps, args.threads, args.device,
-                    args.torch_sampling_ratio)
+    out = run_torch(
+      args.mode,
+      args.size,
+      args.batch,
+      args.steps,
+      args.threads,
+      args.device,
+      args.torch_sampling_ratio,
+    )
   out["median_s"] = statistics.median(out["times"])
   out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
   print("RESULT " + json.dumps(out), flush=True)
@@ -247,34 +298,72 @@ def main():
   p.add_argument("--steps", type=int, default=3, help="timed repetitions after the first call")
   p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch intra-op threads")
   p.add_argument("--modes", default="train,infer")
-  p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
-                 help="where both frameworks run (cuda: a GPU, with jax[cuda] installed)")
+  p.add_argument(
+    "--device",
+    default="cpu",
+    choices=["cpu", "cuda"],
+    help="where both frameworks run (cuda: a GPU, with jax[cuda] installed)",
+  )
   p.add_argument("--frameworks", default="torch,jax")
-  p.add_argument("--rounds", type=int, default=1,
-                 help="repeat the torch/jax pair of processes; the machine's speed drifts, so "
-                      "each round's ratio is printed and the table pools every round's times")
-  p.add_argument("--torch-sampling-ratio", type=int, default=0,
-                 help="torchvision's RoIAlign sampling_ratio (0: adaptive, as the JAX model's "
-                      "Detectron2 default; torchvision's own default is 2)")
-  p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                 help="override a field of the JAX model config, e.g. mask_head.chunk_rois=0")
+  p.add_argument(
+    "--rounds",
+    type=int,
+    default=1,
+    help="repeat the torch/jax pair of processes; the machine's speed drifts, so "
+    "each round's ratio is printed and the table pools every round's times",
+  )
+  p.add_argument(
+    "--torch-sampling-ratio",
+    type=int,
+    default=0,
+    help="torchvision's RoIAlign sampling_ratio (0: adaptive, as the JAX model's "
+    "Detectron2 default; torchvision's own default is 2)",
+  )
+  p.add_argument(
+    "--set",
+    action="append",
+    default=[],
+    metavar="KEY=VALUE",
+    help="override a field of the JAX model config, e.g. mask_head.chunk_rois=0",
+  )
   p.add_argument("--framework", choices=["jax", "torch"], help=argparse.SUPPRESS)
   p.add_argument("--mode", choices=["train", "infer"], help=argparse.SUPPRESS)
   args = p.parse_args()
   from rethink_jax import runtime
+
   runtime.configure(hide_gpus_from_tf=False)  # TF is not used; torchvision must load before it
   if args.framework:
     return child(args)
 
   env = dict(os.environ, JAX_PLATFORMS=args.device, TF_CPP_MIN_LOG_LEVEL="2")
   results, round_medians = {}, {}
-  runs = [(mode, fw) for _ in range(args.rounds) for mode in args.modes.split(",")
-          for fw in args.frameworks.split(",")]
+  runs = [
+    (mode, fw)
+    for _ in range(args.rounds)
+    for mode in args.modes.split(",")
+    for fw in args.frameworks.split(",")
+  ]
   for mode, fw in runs:
-    cmd = [sys.executable, os.path.abspath(__file__), "--framework", fw, "--mode", mode,
-           "--size", str(args.size), "--batch", str(args.batch), "--steps", str(args.steps),
-           "--threads", str(args.threads), "--device", args.device,
-           "--torch-sampling-ratio", str(args.torch_sampling_ratio)]
+    cmd = [
+      sys.executable,
+      os.path.abspath(__file__),
+      "--framework",
+      fw,
+      "--mode",
+      mode,
+      "--size",
+      str(args.size),
+      "--batch",
+      str(args.batch),
+      "--steps",
+      str(args.steps),
+      "--threads",
+      str(args.threads),
+      "--device",
+      args.device,
+      "--torch-sampling-ratio",
+      str(args.torch_sampling_ratio),
+    ]
     cmd += [f"--set={item}" for item in args.set]
     t = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -282,7 +371,7 @@ def main():
     if proc.returncode or not lines:
       print(f"{fw} {mode} failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}", flush=True)
       continue
-    r = json.loads(lines[-1][len("RESULT "):])
+    r = json.loads(lines[-1][len("RESULT ") :])
     if (fw, mode) in results:  # a later round: pool its times and keep the larger peaks
       old = results[(fw, mode)]
       r["times"] = old["times"] + r["times"]
@@ -290,44 +379,59 @@ def main():
         if k in old:
           r[k] = max(r[k], old[k])
     results[(fw, mode)] = r
-    round_medians.setdefault((fw, mode), []).append(statistics.median(r["times"][-args.steps:]))
+    round_medians.setdefault((fw, mode), []).append(statistics.median(r["times"][-args.steps :]))
     detections = f"  detections {r['detections']}" if "detections" in r else ""
     device_mb = f"  peak device {r['peak_device_mb']:.0f} MB" if "peak_device_mb" in r else ""
     if "program_mb" in r:
       device_mb += f"  compiled program {r['program_mb']:.0f} MB"
     r["median_s"] = statistics.median(r["times"])
-    print(f"{fw:5s} {mode:5s} median {r['median_s']:.3f} s  "
-          f"first call {r['compile_and_first_s']:.1f} s  "
-          f"peak RSS {r['peak_rss_mb']:.0f} MB{device_mb}  "
-          f"times {[round(x, 3) for x in r['times']]}{detections}  "
-          f"({time.perf_counter() - t:.0f} s wall)", flush=True)
+    print(
+      f"{fw:5s} {mode:5s} median {r['median_s']:.3f} s  "
+      f"first call {r['compile_and_first_s']:.1f} s  "
+      f"peak RSS {r['peak_rss_mb']:.0f} MB{device_mb}  "
+      f"times {[round(x, 3) for x in r['times']]}{detections}  "
+      f"({time.perf_counter() - t:.0f} s wall)",
+      flush=True,
+    )
 
   where = f"CPU ({os.cpu_count()} cores)" if args.device == "cpu" else args.device
   variant = f", JAX model with {', '.join(args.set)}" if args.set else ""
-  print(f"\nR50-FPN-GN Mask R-CNN, {args.size}x{args.size}, {where}, "
-        f"train batch {args.batch}, inference batch 1, {args.rounds} round(s) of {args.steps} "
-        f"timed runs, torchvision RoIAlign sampling_ratio {args.torch_sampling_ratio}{variant}")
-  print("| measurement | torchvision (s) | rethink_jax (s) | ratio jax/torch | "
-        "torch peak RSS (MB) | jax peak RSS (MB) | jax compile+first (s) |")
+  print(
+    f"\nR50-FPN-GN Mask R-CNN, {args.size}x{args.size}, {where}, "
+    f"train batch {args.batch}, inference batch 1, {args.rounds} round(s) of {args.steps} "
+    f"timed runs, torchvision RoIAlign sampling_ratio {args.torch_sampling_ratio}{variant}"
+  )
+  print(
+    "| measurement | torchvision (s) | rethink_jax (s) | ratio jax/torch | "
+    "torch peak RSS (MB) | jax peak RSS (MB) | jax compile+first (s) |"
+  )
   print("| --- | --- | --- | --- | --- | --- | --- |")
   for mode in args.modes.split(","):
     t, j = results.get(("torch", mode)), results.get(("jax", mode))
     fmt = lambda r, k, f: (f % r[k]) if r else "n/a"
     ratio = f"{j['median_s'] / t['median_s']:.2f}" if (t and j) else "n/a"
     what = f"train step (batch {args.batch})" if mode == "train" else "inference (per image)"
-    print(f"| {what} | {fmt(t, 'median_s', '%.3f')} | {fmt(j, 'median_s', '%.3f')} | {ratio} | "
-          f"{fmt(t, 'peak_rss_mb', '%.0f')} | {fmt(j, 'peak_rss_mb', '%.0f')} | "
-          f"{fmt(j, 'compile_and_first_s', '%.0f')} |")
+    print(
+      f"| {what} | {fmt(t, 'median_s', '%.3f')} | {fmt(j, 'median_s', '%.3f')} | {ratio} | "
+      f"{fmt(t, 'peak_rss_mb', '%.0f')} | {fmt(j, 'peak_rss_mb', '%.0f')} | "
+      f"{fmt(j, 'compile_and_first_s', '%.0f')} |"
+    )
     if args.device != "cpu":
-      print(f"|   peak device memory (MB): torch max_memory_allocated, JAX allocator peak | "
-            f"{fmt(t, 'peak_device_mb', '%.0f')} | {fmt(j, 'peak_device_mb', '%.0f')} | | | | |")
+      print(
+        f"|   peak device memory (MB): torch max_memory_allocated, JAX allocator peak | "
+        f"{fmt(t, 'peak_device_mb', '%.0f')} | {fmt(j, 'peak_device_mb', '%.0f')} | | | | |"
+      )
       print(f"|   JAX compiled program's memory (MB) | | {fmt(j, 'program_mb', '%.0f')} | | | | |")
   for mode in args.modes.split(","):
-    rs = [j / t for t, j in zip(round_medians.get(("torch", mode), []),
-                                round_medians.get(("jax", mode), []))]
+    rs = [
+      j / t
+      for t, j in zip(round_medians.get(("torch", mode), []), round_medians.get(("jax", mode), []))
+    ]
     if len(rs) > 1:
-      print(f"{mode}: ratio of each round {[round(x, 2) for x in rs]}, median "
-            f"{statistics.median(rs):.2f}")
+      print(
+        f"{mode}: ratio of each round {[round(x, 2) for x in rs]}, median "
+        f"{statistics.median(rs):.2f}"
+      )
   if ("torch", "train") in results:
     print(f"torchvision parameters: {results[('torch', 'train')]['params']:,}")
 

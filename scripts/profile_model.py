@@ -11,6 +11,7 @@ the trace's events per op, and groups them by the first `--depth` module names o
 stack, forward and backward apart. On CPU the events are XLA:CPU thunks, so the per-module sums
 add up to most of the step (the rest: scheduling gaps and ops without a name stack).
 """
+
 import argparse
 import collections
 import glob
@@ -38,12 +39,13 @@ def scope_of(name_stack: str, depth: int) -> str:
   """'fwd ' or 'bwd ' + the first `depth` module names, e.g. 'bwd MaskRCNN/roi_heads'."""
   direction = "bwd" if "transpose(" in name_stack else "fwd"
   parts = [p for p in _WRAPPERS.sub("", name_stack).replace(")", "").split("/") if p]
-  return f"{direction} " + "/".join(parts[1:1 + depth] or ["(step)"])
+  return f"{direction} " + "/".join(parts[1 : 1 + depth] or ["(step)"])
 
 
 def seconds_per_op(trace_dir: str, known: dict) -> collections.Counter:
   """Sum of event durations (s) per HLO instruction name in the trace's xplane."""
   from tensorflow.tsl.profiler.protobuf import xplane_pb2  # pylint: disable=g-import-not-at-top
+
   files = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
   if not files:
     raise FileNotFoundError(f"the profiler wrote no *.xplane.pb under {trace_dir}")
@@ -69,12 +71,14 @@ def main():
   p.add_argument("--top", type=int, default=25, help="groups printed")
   args = p.parse_args()
   from rethink_jax import runtime  # pylint: disable=g-import-not-at-top
+
   runtime.configure()
 
-  import jax  # pylint: disable=g-import-not-at-top
-  from rethink_jax import train  # pylint: disable=g-import-not-at-top
   # The sibling script (this script's directory is sys.path[0] when it runs).
   import benchmark_model  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+
+  from rethink_jax import train  # pylint: disable=g-import-not-at-top
 
   parts, host, data = benchmark_model.jax_parts(args.size, args.batch)
   state = parts.init(jax.random.PRNGKey(0), train.init_batch(host))
@@ -97,8 +101,10 @@ def main():
   for name, s in per_op.items():
     per_scope[scope_of(known[name], args.depth)] += s
   total = sum(per_op.values())
-  print(f"\nR50-FPN-GN Mask R-CNN train step, {args.size}x{args.size}, batch {args.batch}, CPU "
-        f"({os.cpu_count()} cores): {step_s:.1f} s traced step, {total:.1f} s in named ops")
+  print(
+    f"\nR50-FPN-GN Mask R-CNN train step, {args.size}x{args.size}, batch {args.batch}, CPU "
+    f"({os.cpu_count()} cores): {step_s:.1f} s traced step, {total:.1f} s in named ops"
+  )
   print("| seconds | share | module (fwd / bwd) |")
   print("| --- | --- | --- |")
   for scope, s in per_scope.most_common(args.top):

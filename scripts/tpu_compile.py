@@ -19,6 +19,7 @@ of the topology's devices, lowers it on abstract arguments and compiles it, then
 Each compile of R50-FPN-GN Mask R-CNN takes minutes on a small CPU; pick a subset with the flags.
 --json FILE appends one JSON line per compiled case (to keep a table across runs).
 """
+
 import os
 
 # Compile-only use of libtpu: no TPU is attached; other processes on the machine may hold libtpu's
@@ -40,9 +41,9 @@ GIB = 2.0**30
 # Per chip: HBM (GiB), peak dense bf16 TFLOP/s, and the topology's options (v4: one device per
 # chip, both TensorCores as one "megacore" device, as JAX uses it; v5p is megacore by default).
 CHIPS = {
-    "v5e": dict(hbm_gib=16.0, peak_tflops=197.0, options={}),
-    "v4": dict(hbm_gib=32.0, peak_tflops=275.0, options=dict(chip_config_name="megacore")),
-    "v5p": dict(hbm_gib=95.0, peak_tflops=459.0, options={}),
+  "v5e": dict(hbm_gib=16.0, peak_tflops=197.0, options={}),
+  "v4": dict(hbm_gib=32.0, peak_tflops=275.0, options=dict(chip_config_name="megacore")),
+  "v5p": dict(hbm_gib=95.0, peak_tflops=459.0, options={}),
 }
 DEFAULT_CONFIG = os.path.join(ROOT, "configs", "scratch_mask_rcnn_R_50_FPN_gn.py")
 
@@ -61,6 +62,7 @@ def chip_of(topology: str) -> dict:
 def topology_devices(topology: str) -> list:
   """The compile-only devices of a topology such as "v5e:2x2" (one per chip)."""
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+
   return list(topologies.get_topology_desc(topology, "tpu", **chip_of(topology)["options"]).devices)
 
 
@@ -76,31 +78,47 @@ def abstract_batch(config, batch_size: int, image_hw, sharding=None) -> dict:
   """ShapeDtypeStructs of a global training batch (the pipeline's batch dict, CONTRACTS.md)."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
+
   h, w = image_hw
   g, s = int(config.data.max_instances), int(config.data.mask_size)
   shapes = dict(
-      image=((h, w, 3), np.float32), image_hw=((2,), np.int32), image_id=((), np.int32),
-      orig_hw=((2,), np.int32), scale=((), np.float32), valid=((), np.bool_),
-      gt_boxes=((g, 4), np.float32), gt_classes=((g,), np.int32), gt_masks=((g, s, s), np.uint8))
-  return {k: jax.ShapeDtypeStruct((batch_size,) + shape, dtype, sharding=sharding)
-          for k, (shape, dtype) in shapes.items()}
+    image=((h, w, 3), np.float32),
+    image_hw=((2,), np.int32),
+    image_id=((), np.int32),
+    orig_hw=((2,), np.int32),
+    scale=((), np.float32),
+    valid=((), np.bool_),
+    gt_boxes=((g, 4), np.float32),
+    gt_classes=((g,), np.int32),
+    gt_masks=((g, s, s), np.uint8),
+  )
+  return {
+    k: jax.ShapeDtypeStruct((batch_size,) + shape, dtype, sharding=sharding)
+    for k, (shape, dtype) in shapes.items()
+  }
 
 
 def lower_train_step(config, devices, images_per_chip: int, image_hw):
   """The trainer's step (rethink_jax.train.build_parts on a "data" mesh over `devices`) lowered on
   abstract arguments with the trainer's shardings. Returns (lowered, parts)."""
   import jax  # pylint: disable=g-import-not-at-top
-  from rethink_jax import optim, train, trainer  # pylint: disable=g-import-not-at-top
+
+  from rethink_jax import optim  # pylint: disable=g-import-not-at-top
+  from rethink_jax import train  # pylint: disable=g-import-not-at-top
+  from rethink_jax import trainer  # pylint: disable=g-import-not-at-top
 
   mesh = trainer.make_mesh(devices)
   batch_size = images_per_chip * len(devices)
-  sample = {k: jax.ShapeDtypeStruct((1,) + v.shape[1:], v.dtype)
-            for k, v in abstract_batch(config, 1, image_hw).items()}
+  sample = {
+    k: jax.ShapeDtypeStruct((1,) + v.shape[1:], v.dtype)
+    for k, v in abstract_batch(config, 1, image_hw).items()
+  }
   sched = optim.resolve_schedule(config.schedule, config.optim, batch_size)
   parts = train.build_parts(config, sched, mesh, sample)
   lowered = parts.train_step.lower(
-      trainer.abstract_state_with_shardings(parts),
-      abstract_batch(config, batch_size, image_hw, parts.batch_sharding))
+    trainer.abstract_state_with_shardings(parts),
+    abstract_batch(config, batch_size, image_hw, parts.batch_sharding),
+  )
   return lowered, parts
 
 
@@ -124,14 +142,25 @@ def analyse(compiled, chip: dict, images_per_chip: int) -> dict:
     cost = cost[0]
   args = mem.argument_size_in_bytes
   temp = mem.temp_size_in_bytes
-  total = (args + mem.output_size_in_bytes - mem.alias_size_in_bytes + temp
-           + mem.generated_code_size_in_bytes)
+  total = (
+    args
+    + mem.output_size_in_bytes
+    - mem.alias_size_in_bytes
+    + temp
+    + mem.generated_code_size_in_bytes
+  )
   flops = float(cost.get("flops", 0.0))
   t_min = flops / (chip["peak_tflops"] * 1e12)
-  return dict(args_gib=args / GIB, temp_gib=temp / GIB, total_gib=total / GIB,
-              hbm_gib=chip["hbm_gib"], fits=total / GIB <= chip["hbm_gib"],
-              gflops=flops / 1e9, t_min_ms=t_min * 1e3,
-              max_img_s=images_per_chip / t_min if t_min > 0 else float("inf"))
+  return dict(
+    args_gib=args / GIB,
+    temp_gib=temp / GIB,
+    total_gib=total / GIB,
+    hbm_gib=chip["hbm_gib"],
+    fits=total / GIB <= chip["hbm_gib"],
+    gflops=flops / 1e9,
+    t_min_ms=t_min * 1e3,
+    max_img_s=images_per_chip / t_min if t_min > 0 else float("inf"),
+  )
 
 
 def _parse_hw(text: str):
@@ -139,15 +168,19 @@ def _parse_hw(text: str):
   return h, w
 
 
-HEADER = ("| topology | image | img/chip | dtype | args GiB | temp GiB | total GiB | HBM GiB | "
-          "fits | GFLOP/step/chip | t_min ms | img/s/chip max | compile s |")
+HEADER = (
+  "| topology | image | img/chip | dtype | args GiB | temp GiB | total GiB | HBM GiB | "
+  "fits | GFLOP/step/chip | t_min ms | img/s/chip max | compile s |"
+)
 
 
 def row(r: dict) -> str:
-  return (f"| {r['topology']} | {r['image']} | {r['images_per_chip']} | {r['dtype']} | "
-          f"{r['args_gib']:.2f} | {r['temp_gib']:.2f} | {r['total_gib']:.2f} | {r['hbm_gib']:.0f} "
-          f"| {'yes' if r['fits'] else 'NO'} | {r['gflops']:.0f} | {r['t_min_ms']:.1f} | "
-          f"{r['max_img_s']:.1f} | {r['compile_s']:.0f} |")
+  return (
+    f"| {r['topology']} | {r['image']} | {r['images_per_chip']} | {r['dtype']} | "
+    f"{r['args_gib']:.2f} | {r['temp_gib']:.2f} | {r['total_gib']:.2f} | {r['hbm_gib']:.0f} "
+    f"| {'yes' if r['fits'] else 'NO'} | {r['gflops']:.0f} | {r['t_min_ms']:.1f} | "
+    f"{r['max_img_s']:.1f} | {r['compile_s']:.0f} |"
+  )
 
 
 def main(argv=None):
@@ -155,16 +188,24 @@ def main(argv=None):
   p.add_argument("--config", default=DEFAULT_CONFIG, help="a configs/*.py recipe")
   p.add_argument("--config-arg", default="", help="its ARG (schedule); irrelevant to the step")
   p.add_argument("--topologies", default="v5e:2x2,v4:2x2x1,v5p:2x2x1")
-  p.add_argument("--image-sizes", default="1024x1024,1344x1344",
-                 help="padded HxW; 1344x1344 is the pipeline's pad for the 800/1333 setting")
+  p.add_argument(
+    "--image-sizes",
+    default="1024x1024,1344x1344",
+    help="padded HxW; 1344x1344 is the pipeline's pad for the 800/1333 setting",
+  )
   p.add_argument("--images-per-chip", default="1,2,4")
   p.add_argument("--dtypes", default="float32,bfloat16")
   p.add_argument("--json", default="", help="append one JSON line per case to this file")
-  p.add_argument("--mask-chunk-rois", type=int, default=None,
-                 help="override model.mask_head.chunk_rois (0: the mask branch in one pass, "
-                      "which needs less memory than skippable chunks)")
+  p.add_argument(
+    "--mask-chunk-rois",
+    type=int,
+    default=None,
+    help="override model.mask_head.chunk_rois (0: the mask branch in one pass, "
+    "which needs less memory than skippable chunks)",
+  )
   args = p.parse_args(argv)
   from rethink_jax import runtime  # pylint: disable=g-import-not-at-top
+
   runtime.configure()
   if not libtpu_available():
     sys.exit("libtpu is not installed: pip install -r requirements-tpu.txt")
@@ -172,9 +213,12 @@ def main(argv=None):
   config = load_config(args.config, args.config_arg)
   if args.mask_chunk_rois is not None:
     config.model.mask_head.chunk_rois = args.mask_chunk_rois
-  print(f"config {os.path.relpath(args.config, ROOT)}; model: R{config.model.backbone.depth}-FPN "
-        f"norm {config.model.backbone.norm}, {config.model.num_classes} classes, mask branch in "
-        f"chunks of {config.model.mask_head.chunk_rois or 'all'} ROIs", flush=True)
+  print(
+    f"config {os.path.relpath(args.config, ROOT)}; model: R{config.model.backbone.depth}-FPN "
+    f"norm {config.model.backbone.norm}, {config.model.num_classes} classes, mask branch in "
+    f"chunks of {config.model.mask_head.chunk_rois or 'all'} ROIs",
+    flush=True,
+  )
   print(HEADER)
   print("|" + "---|" * (HEADER.count("|") - 1))
   rows = []
@@ -189,10 +233,17 @@ def main(argv=None):
           c.model.dtype = dtype
           c.data.pad_to = hw
           compiled, lower_s, compile_s = compile_train_step(c, devices, ipc, hw)
-          r = dict(topology=topology, chips=len(devices), image=f"{hw[0]}x{hw[1]}",
-                   images_per_chip=ipc, dtype=dtype, lower_s=lower_s, compile_s=compile_s,
-                   mask_chunk_rois=c.model.mask_head.chunk_rois,
-                   **analyse(compiled, chip, ipc))
+          r = dict(
+            topology=topology,
+            chips=len(devices),
+            image=f"{hw[0]}x{hw[1]}",
+            images_per_chip=ipc,
+            dtype=dtype,
+            lower_s=lower_s,
+            compile_s=compile_s,
+            mask_chunk_rois=c.model.mask_head.chunk_rois,
+            **analyse(compiled, chip, ipc),
+          )
           rows.append(r)
           print(row(r), flush=True)
           if args.json:

@@ -1,4 +1,5 @@
 """Shared test set-up: CPU only, quiet TensorFlow, no network."""
+
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -11,8 +12,11 @@ os.environ.setdefault("TF_NUM_INTEROP_THREADS", "1")
 # (multi-device, multi-host): the tiny models compile to the same executables again and again,
 # and XLA:CPU compilation dominates the suite's time. It lives in the checkout's .pytest_cache, so
 # a fresh clone starts cold and measures the honest cost.
-_CACHE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                          ".pytest_cache", "jax_compilation_cache")
+_CACHE_DIR = os.path.join(
+  os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+  ".pytest_cache",
+  "jax_compilation_cache",
+)
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE_DIR)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
 
@@ -25,7 +29,7 @@ runtime.configure(hide_gpus_from_tf=False)
 # libraries clash); torchvision first is fine. The reference implementations are imported here,
 # before any test module can pull in tensorflow.
 try:
-    import torch  # noqa: F401
-    import torchvision  # noqa: F401
+  import torch  # noqa: F401
+  import torchvision  # noqa: F401
 except ImportError:  # torch is a test-only dependency; tests that need it skip or fail there.
-    pass
+  pass

@@ -5,20 +5,20 @@ The tiny Mask R-CNN is trained for a few dozen steps on one fixed batch of the t
 with the trainer's own step (rethink_jax.train.build_parts): losses stay finite and fall,
 every parameter and optimizer leaf stays float32; the traced program convolves in bf16.
 """
+
 import os
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rethink_jax import optim, train, trainer
+from configs import tiny_shapes
+from rethink_jax import optim
+from rethink_jax import train
+from rethink_jax import trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-  sys.path.insert(0, ROOT)
-from configs import tiny_shapes  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 STEPS = 30
 
@@ -26,7 +26,10 @@ STEPS = 30
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  from rethink_jax.data import pipeline, shapes  # pylint: disable=g-import-not-at-top
+
+  from rethink_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from rethink_jax.data import shapes  # pylint: disable=g-import-not-at-top
+
   tfds.disable_progress_bar()
   data_dir = str(tmp_path_factory.mktemp("tfds_bf16"))
   shapes.ShapesInstances(config="tiny", data_dir=data_dir).download_and_prepare()
@@ -49,7 +52,7 @@ def _eqns(jaxpr):
   for eqn in jaxpr.eqns:
     yield eqn
     for v in eqn.params.values():
-      for sub in (v if isinstance(v, (list, tuple)) else [v]):
+      for sub in v if isinstance(v, (list, tuple)) else [v]:
         if isinstance(sub, jax.extend.core.ClosedJaxpr):
           yield from _eqns(sub.jaxpr)
         elif isinstance(sub, jax.extend.core.Jaxpr):
@@ -61,8 +64,13 @@ def test_convs_and_matmuls_run_in_bfloat16(setup):
   variables = {"params": state["params"], **state["collections"]}
 
   def loss(params):
-    losses, _ = model.apply({**variables, "params": params}, batch, train=True,
-                            rngs={"sampling": setup["rng"]}, mutable=["batch_stats"])
+    losses, _ = model.apply(
+      {**variables, "params": params},
+      batch,
+      train=True,
+      rngs={"sampling": setup["rng"]},
+      mutable=["batch_stats"],
+    )
     return losses
 
   closed = jax.make_jaxpr(loss)(state["params"])
@@ -78,8 +86,9 @@ def test_convs_and_matmuls_run_in_bfloat16(setup):
   assert len(bf16_dots) >= 5, [tuple(v.aval.dtype for v in e.invars) for e in dots]
   # Losses are float32 scalars.
   out = jax.eval_shape(loss, state["params"])
-  assert all(v.dtype == jnp.float32 and v.shape == () for k, v in out.items()
-             if k.startswith("loss_")), out
+  assert all(
+    v.dtype == jnp.float32 and v.shape == () for k, v in out.items() if k.startswith("loss_")
+  ), out
 
 
 def test_bfloat16_trains_with_float32_state(setup):
@@ -96,8 +105,11 @@ def test_bfloat16_trains_with_float32_state(setup):
   assert int(metrics["bad_step"]) == -1
   # Overfitting one batch: the loss falls clearly (averages damp the sampling noise).
   assert totals[-5:].mean() < 0.8 * totals[:5].mean(), totals
-  for name, tree in (("params", state["params"]), ("opt_state", state["opt_state"]),
-                     ("collections", state["collections"])):
+  for name, tree in (
+    ("params", state["params"]),
+    ("opt_state", state["opt_state"]),
+    ("collections", state["collections"]),
+  ):
     for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
       if jnp.issubdtype(leaf.dtype, jnp.floating):
         assert leaf.dtype == jnp.float32, (name, jax.tree_util.keystr(path), leaf.dtype)

@@ -1,4 +1,4 @@
-"""Converter parity: every source format against its own framework, on random weights (no download)."""
+"""Converter parity: every source format against its own framework, on random weights."""
 
 import copy
 import json
@@ -55,8 +55,7 @@ def torch_stages(model, x_nchw: np.ndarray) -> dict:
 
 
 def jax_stages(variables, meta, x_nhwc: np.ndarray) -> dict:
-  model = build_resnet(depth=meta["depth"], norm=meta["norm"],
-                       stride_in_1x1=meta["stride_in_1x1"])
+  model = build_resnet(depth=meta["depth"], norm=meta["norm"], stride_in_1x1=meta["stride_in_1x1"])
   with jax.default_matmul_precision("highest"):  # no TF32 on GPUs: this is a parity check
     return {k: np.asarray(v) for k, v in model.apply(variables, x_nhwc, train=False).items()}
 
@@ -91,7 +90,8 @@ def check_same_conversion(variables, meta, path, source, **kw):
     np.testing.assert_array_equal(got_flat[k], v, err_msg=str(k))
   ignore = ("sha256", "input")
   assert {k: v for k, v in got_meta.items() if k not in ignore} == {
-      k: v for k, v in meta.items() if k not in ignore}
+    k: v for k, v in meta.items() if k not in ignore
+  }
 
 
 def save_pth(model, path):
@@ -152,8 +152,10 @@ def test_torchvision_resnet50_frozen_bn_and_cli_roundtrip(tv_r50, tmp, capsys):
     assert json.load(f)["source"] == "torchvision"
   # An existing output is refused without --overwrite, replaced with it.
   assert convert.main(["--source", "torchvision", "--input", str(path), "--output", out]) == 1
-  assert convert.main(["--source", "torchvision", "--input", str(path), "--output", out,
-                       "--overwrite"]) == 0
+  assert (
+    convert.main(["--source", "torchvision", "--input", str(path), "--output", out, "--overwrite"])
+    == 0
+  )
   assert sorted(p for p in os.listdir(tmp) if p.startswith("tv_r50_out")) == ["tv_r50_out"]
 
 
@@ -182,6 +184,7 @@ def test_timm_resnet50_gn(timm_gn, tmp, fmt):
   path = tmp / f"timm_r50_gn.{fmt}"
   if fmt == "safetensors":
     from safetensors.torch import save_file  # pylint: disable=g-import-not-at-top
+
     save_file({k: v.contiguous() for k, v in timm_gn.state_dict().items()}, str(path))
   else:
     save_pth(timm_gn, path)
@@ -240,8 +243,10 @@ def check_bgr_parity(variables, meta, model):
   x_torch = (x_rgb - np.float32(convert.RGB_MEAN)) / np.float32(convert.RGB_STD)
   assert meta["input_format"] == "BGR"
   x_ours = (x_rgb[..., ::-1] - np.float32(meta["pixel_mean"])) / np.float32(meta["pixel_std"])
-  assert_rel_close(jax_stages(variables, meta, x_ours),
-                   torch_stages(model, np.ascontiguousarray(x_torch.transpose(0, 3, 1, 2))))
+  assert_rel_close(
+    jax_stages(variables, meta, x_ours),
+    torch_stages(model, np.ascontiguousarray(x_torch.transpose(0, 3, 1, 2))),
+  )
 
 
 def test_detectron_msra_bn_pickle(tv_r50, tmp):
@@ -299,8 +304,9 @@ def test_detectron2_checkpoint(tv_r50, tmp):
   path = tmp / "model_final.pkl"
   with open(path, "wb") as f:
     pickle.dump({"model": d2, "__author__": "test"}, f)
-  variables, meta = convert.convert_backbone(str(path), "detectron2", stride_in_1x1=False,
-                                             input_format="RGB")
+  variables, meta = convert.convert_backbone(
+    str(path), "detectron2", stride_in_1x1=False, input_format="RGB"
+  )
   assert "backbone.fpn_lateral2.weight" in meta["dropped"]
   assert meta["pixel_std"] == pytest.approx(convert.RGB_STD) and meta["input_format"] == "RGB"
   x = random_image(1)
@@ -309,8 +315,9 @@ def test_detectron2_checkpoint(tv_r50, tmp):
     other = tmp / f"model_final_protocol{protocol}.pkl"
     with open(other, "wb") as f:
       pickle.dump({"model": d2, "__author__": "test"}, f, protocol=protocol)
-    check_same_conversion(variables, meta, other, "detectron2", stride_in_1x1=False,
-                          input_format="RGB")
+    check_same_conversion(
+      variables, meta, other, "detectron2", stride_in_1x1=False, input_format="RGB"
+    )
 
 
 # ------------------------------------------------------------------------------------ bad input
@@ -334,7 +341,7 @@ def test_bad_inputs_fail_clearly_and_write_nothing(tv_r50, tmp, capsys):
   assert "Cannot read" in err and "truncated.pth" in err
 
   truncated_st = tmp / "truncated.safetensors"
-  truncated_st.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\": ")
+  truncated_st.write_bytes(b'\x10\x00\x00\x00\x00\x00\x00\x00{"a": ')
   err = run_cli_expect_failure(capsys, out, "--source", "timm", "--input", str(truncated_st))
   assert "Cannot read" in err
 
@@ -349,19 +356,22 @@ def test_bad_inputs_fail_clearly_and_write_nothing(tv_r50, tmp, capsys):
   err = run_cli_expect_failure(capsys, out, "--source", "torchvision", "--input", str(wrong))
   assert "layer1.0.conv2.weight" in err and "(5, 5, 64, 64)" in err and "(3, 3, 64, 64)" in err
 
-  err = run_cli_expect_failure(capsys, out, "--source", "torchvision", "--input", str(good),
-                               "--depth", "101")
+  err = run_cli_expect_failure(
+    capsys, out, "--source", "torchvision", "--input", str(good), "--depth", "101"
+  )
   assert "depth=101" in err and "ResNet-50" in err
 
   err = run_cli_expect_failure(capsys, out, "--source", "caffe3", "--input", str(good))
   assert "Unknown source 'caffe3'" in err
 
-  err = run_cli_expect_failure(capsys, out, "--source", "torchvision", "--input", str(good),
-                               "--norm", "GN")
+  err = run_cli_expect_failure(
+    capsys, out, "--source", "torchvision", "--input", str(good), "--norm", "GN"
+  )
   assert "cannot become GN" in err
 
-  err = run_cli_expect_failure(capsys, out, "--source", "torchvision", "--input",
-                               str(tmp / "missing.pth"))
+  err = run_cli_expect_failure(
+    capsys, out, "--source", "torchvision", "--input", str(tmp / "missing.pth")
+  )
   assert "does not exist" in err
 
 
@@ -381,8 +391,10 @@ def test_pickles_that_would_run_code_are_refused_and_write_nothing(tmp, capsys):
   call = _System(f"touch {marker}")
   blobs = {"conv1_w": np.ones((64, 3, 7, 7), np.float32), "res2_0_branch2a_w": call}
   as_object_array = dict(blobs, res2_0_branch2a_w=np.array([call, 1.0], dtype=object))
-  for name, tree, asked in (("evil.pkl", {"blobs": blobs}, f"{os.name}.system"),
-                            ("evil_object.pkl", as_object_array, "object dtype")):
+  for name, tree, asked in (
+    ("evil.pkl", {"blobs": blobs}, f"{os.name}.system"),
+    ("evil_object.pkl", as_object_array, "object dtype"),
+  ):
     path = tmp / name
     with open(path, "wb") as f:
       pickle.dump(tree, f, protocol=2)

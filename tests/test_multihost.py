@@ -12,6 +12,7 @@ batches and evaluates the pair's step-4 checkpoint. Asserted:
     evaluation of the same weights, every COCO metric.
 Every subprocess runs under a bounded timeout and is killed when anything fails.
 """
+
 import glob
 import json
 import os
@@ -86,9 +87,14 @@ _WORKER = textwrap.dedent(r"""
 
 def _env(num_devices):
   env = dict(os.environ)
-  env.update(JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="2",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={num_devices}",
-             JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo", PYTHONPATH=ROOT)
+  env.update(
+    JAX_PLATFORMS="cpu",
+    CUDA_VISIBLE_DEVICES="",
+    TF_CPP_MIN_LOG_LEVEL="2",
+    XLA_FLAGS=f"--xla_force_host_platform_device_count={num_devices}",
+    JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
+    PYTHONPATH=ROOT,
+  )
   return env
 
 
@@ -103,9 +109,16 @@ def _run_group(specs, num_devices, tmp, name):
     for i, spec in enumerate(specs):
       log = open(os.path.join(tmp, f"{name}_{i}.log"), "w+")
       logs.append(log)
-      procs.append(subprocess.Popen(
-          [sys.executable, script, json.dumps(spec)], cwd=ROOT, env=_env(num_devices),
-          stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+      procs.append(
+        subprocess.Popen(
+          [sys.executable, script, json.dumps(spec)],
+          cwd=ROOT,
+          env=_env(num_devices),
+          stdout=log,
+          stderr=subprocess.STDOUT,
+          start_new_session=True,
+        )
+      )
     deadline = time.time() + TIMEOUT_S
     while any(p.poll() is None for p in procs):
       if time.time() > deadline or any(p.poll() not in (None, 0) for p in procs):
@@ -117,8 +130,9 @@ def _run_group(specs, num_devices, tmp, name):
       for i in failed:
         logs[i].seek(0)
         tails.append(f"--- {name} process {i} (rc {procs[i].poll()}):\n" + logs[i].read()[-4000:])
-      pytest.fail(f"{name}: processes {failed} failed or timed out after {TIMEOUT_S} s\n"
-                  + "\n".join(tails))
+      pytest.fail(
+        f"{name}: processes {failed} failed or timed out after {TIMEOUT_S} s\n" + "\n".join(tails)
+      )
   finally:
     for p in procs:
       if p.poll() is None:
@@ -136,8 +150,10 @@ def _run_group(specs, num_devices, tmp, name):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
   from rethink_jax import distributed  # pylint: disable=g-import-not-at-top
   from rethink_jax.data import shapes  # pylint: disable=g-import-not-at-top
+
   tfds.disable_progress_bar()
   tmp = str(tmp_path_factory.mktemp("multihost"))
   data_dir = os.path.join(tmp, "tfds")
@@ -145,15 +161,26 @@ def runs(tmp_path_factory):
   pair_dir, single_dir = os.path.join(tmp, "pair"), os.path.join(tmp, "single")
 
   def spec(name, **kw):
-    s = dict(root=ROOT, data_dir=data_dir, evaluate=False, total_steps=4,
-             out=os.path.join(tmp, f"{name}.json"))
+    s = dict(
+      root=ROOT,
+      data_dir=data_dir,
+      evaluate=False,
+      total_steps=4,
+      out=os.path.join(tmp, f"{name}.json"),
+    )
     s.update(kw)
     return s
 
   def pair(name, **kw):
     addr = f"127.0.0.1:{distributed.free_port()}"
-    return _run_group([spec(f"{name}_{p}", coordinator=addr, num_processes=2, process_id=p, **kw)
-                       for p in range(2)], 2, tmp, name)
+    return _run_group(
+      [
+        spec(f"{name}_{p}", coordinator=addr, num_processes=2, process_id=p, **kw) for p in range(2)
+      ],
+      2,
+      tmp,
+      name,
+    )
 
   t0 = time.time()
   first = pair("pair1", workdir=pair_dir, total_steps=2)
@@ -161,19 +188,33 @@ def runs(tmp_path_factory):
   second = pair("pair2", workdir=pair_dir, total_steps=4, evaluate=True)
   t2 = time.time()
   # One process, 4 devices: the same 4 steps uninterrupted, then the pair's step-4 weights.
-  single = _run_group([spec(
-      "single", workdir=single_dir, checkpoint_dir=os.path.join(pair_dir, "checkpoints"),
-      checkpoint_step=4, results_json=os.path.join(tmp, "single_results.json"))], 4, tmp,
-      "single")
-  print(f"phases: pair {t1 - t0:.0f} s, pair resumed {t2 - t1:.0f} s, single "
-        f"{time.time() - t2:.0f} s")
-  return dict(first=first, second=second, single=single[0],
-              pair_dir=pair_dir, single_dir=single_dir)
+  single = _run_group(
+    [
+      spec(
+        "single",
+        workdir=single_dir,
+        checkpoint_dir=os.path.join(pair_dir, "checkpoints"),
+        checkpoint_step=4,
+        results_json=os.path.join(tmp, "single_results.json"),
+      )
+    ],
+    4,
+    tmp,
+    "single",
+  )
+  print(
+    f"phases: pair {t1 - t0:.0f} s, pair resumed {t2 - t1:.0f} s, single {time.time() - t2:.0f} s"
+  )
+  return dict(
+    first=first, second=second, single=single[0], pair_dir=pair_dir, single_dir=single_dir
+  )
 
 
 def _losses(history):
-  return {h["step"]: {k: v for k, v in h.items() if k.startswith("loss_") or k == "total_loss"}
-          for h in history}
+  return {
+    h["step"]: {k: v for k, v in h.items() if k.startswith("loss_") or k == "total_loss"}
+    for h in history
+  }
 
 
 @pytest.mark.slow
@@ -203,14 +244,16 @@ def test_pair_losses_equal_single_process_and_resume(runs):
     for step, losses in single.items():
       for k, v in losses.items():
         tol = 1e-5 if step == 1 else 1e-4  # later steps: all-reduce order differs slightly
-        np.testing.assert_allclose(pair[step][k], v, rtol=tol, atol=1e-6,
-                                   err_msg=f"process {proc} step {step} {k}")
+        np.testing.assert_allclose(
+          pair[step][k], v, rtol=tol, atol=1e-6, err_msg=f"process {proc} step {step} {k}"
+        )
   assert all(np.isfinite(v) for s in single.values() for v in s.values())
 
 
 @pytest.mark.slow
 def test_pair_reads_disjoint_shards():
   from rethink_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+
   for step in (0, 1, 7):
     mine = [pipeline.train_positions(step, 2, p, 2) for p in range(2)]
     assert not set(mine[0].tolist()) & set(mine[1].tolist())
@@ -223,8 +266,9 @@ def test_only_process_zero_writes(runs):
   events = glob.glob(os.path.join(runs["pair_dir"], "**", "events.out.tfevents*"), recursive=True)
   assert len(events) == 2, events  # one per phase, both from process 0
   assert os.path.exists(os.path.join(runs["pair_dir"], "eval_curve.json"))
-  steps = sorted(int(s) for s in os.listdir(os.path.join(runs["pair_dir"], "checkpoints"))
-                 if s.isdigit())
+  steps = sorted(
+    int(s) for s in os.listdir(os.path.join(runs["pair_dir"], "checkpoints")) if s.isdigit()
+  )
   assert steps == [2, 4], steps
 
 
@@ -244,29 +288,44 @@ def test_pair_eval_equals_single_process_eval_of_same_weights(runs):
 # ------------------------------------------------------------------------------------------------
 def _initialize_in_subprocess(env_extra):
   """distributed.initialize() in a fresh process (before any backend starts), with env_extra."""
-  env = {k: v for k, v in os.environ.items()
-         if not k.startswith(("SLURM_", "OMPI_", "JAX_COORDINATOR", "JAX_NUM_PROCESSES",
-                              "JAX_PROCESS_ID", "KUBERNETES_"))}
+  env = {
+    k: v
+    for k, v in os.environ.items()
+    if not k.startswith(
+      ("SLURM_", "OMPI_", "JAX_COORDINATOR", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "KUBERNETES_")
+    )
+  }
   env.update(env_extra, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
-  code = ("import json; from rethink_jax import distributed; "
-          "print(json.dumps(distributed.initialize(initialization_timeout=60)))")
-  out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                       timeout=180, check=True)
+  code = (
+    "import json; from rethink_jax import distributed; "
+    "print(json.dumps(distributed.initialize(initialization_timeout=60)))"
+  )
+  out = subprocess.run(
+    [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=180, check=True
+  )
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def test_initialize_uses_jax_cluster_detection():
   from rethink_jax import distributed  # pylint: disable=g-import-not-at-top
+
   # No cluster: JAX detects nothing, one process.
   assert _initialize_in_subprocess({}) == dict(mode="single", process_index=0, process_count=1)
   # A SLURM job step (srun) of one task on this machine: JAX reads the job from SLURM_*.
-  slurm = dict(SLURM_JOB_ID="7", SLURM_STEP_NODELIST="127.0.0.1", SLURM_NTASKS="1",
-               SLURM_PROCID="0", SLURM_LOCALID="0", JAX_COORDINATOR_PORT=str(distributed.free_port()))
+  slurm = dict(
+    SLURM_JOB_ID="7",
+    SLURM_STEP_NODELIST="127.0.0.1",
+    SLURM_NTASKS="1",
+    SLURM_PROCID="0",
+    SLURM_LOCALID="0",
+    JAX_COORDINATOR_PORT=str(distributed.free_port()),
+  )
   assert _initialize_in_subprocess(slurm) == dict(mode="auto", process_index=0, process_count=1)
 
 
 def test_initialize_single_process_and_bad_arguments():
   from rethink_jax import distributed  # pylint: disable=g-import-not-at-top
+
   info = distributed.initialize(auto=False)
   assert info == dict(mode="single", process_index=0, process_count=1)
   assert distributed.initialize("127.0.0.1:1", 1, 0)["mode"] == "single"  # a job of one

@@ -1,5 +1,6 @@
 """Tests of rethink_jax.pretrain: a tiny pre-training run learns, and its backbone checkpoint
 round-trips through rethink_jax.convert.load_backbone into the detector's ResNet."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,8 +17,12 @@ def tiny_run(tmp_path_factory):
   c.data.data_dir = str(tmp / "tfds")
   c.data.builder_config = "tiny"
   # 32x32 images so a few dozen steps run in seconds; 4 categories so the task is learnable.
-  c.data.builder_overrides = {"num_train": 256, "num_validation": 32, "image_size": 32,
-                              "num_categories": 4}
+  c.data.builder_overrides = {
+    "num_train": 256,
+    "num_validation": 32,
+    "image_size": 32,
+    "num_categories": 4,
+  }
   c.data.image_size = 32
   c.model.update(depth=18, width=8, num_groups=4, norm="GN")
   c.batch_size = 16
@@ -43,16 +48,30 @@ def test_tiny_pretraining_learns(tiny_run):
 def test_checkpoint_round_trips_into_the_detector_resnet(tiny_run):
   c, meta, path = tiny_run
   variables, loaded = convert.load_backbone(path)
-  for key in ("depth", "norm", "stride_in_1x1", "width", "pixel_mean", "pixel_std",
-              "input_format", "sha256", "top1"):
+  for key in (
+    "depth",
+    "norm",
+    "stride_in_1x1",
+    "width",
+    "pixel_mean",
+    "pixel_std",
+    "input_format",
+    "sha256",
+    "top1",
+  ):
     assert loaded[key] == meta[key], key
   assert loaded["source"] == "pretrain:shapes_classification"
   assert loaded["sha256"] is None
   # The saved tree is exactly the ResNet's: the detector's backbone accepts it as is.
   from rethink_jax.models import resnet  # pylint: disable=g-import-not-at-top
-  net = resnet.build_resnet(depth=c.model.depth, norm=c.model.norm,
-                            num_groups=c.model.num_groups, width=c.model.width,
-                            stride_in_1x1=c.model.stride_in_1x1)
+
+  net = resnet.build_resnet(
+    depth=c.model.depth,
+    norm=c.model.norm,
+    num_groups=c.model.num_groups,
+    width=c.model.width,
+    stride_in_1x1=c.model.stride_in_1x1,
+  )
   x = jnp.asarray(np.random.default_rng().normal(size=(2, 32, 32, 3)), jnp.float32)
   fresh = net.init(jax.random.PRNGKey(0), x)
   shapes = lambda t: jax.tree_util.tree_map(lambda a: a.shape, t)
@@ -74,14 +93,34 @@ def test_classifier_rejects_bad_shapes():
 
 def test_pretrain_config_follows_the_detector():
   import ml_collections  # pylint: disable=g-import-not-at-top
-  det = ml_collections.ConfigDict({
-      "model": {"backbone": {"depth": 50, "norm": "SyncBN", "num_groups": 32,
-                             "stride_in_1x1": True, "width": 16, "bn_group_size": 0}},
-      "data": {"pixel_mean": (1.0, 2.0, 3.0), "pixel_std": (4.0, 5.0, 6.0),
-               "input_format": "BGR", "data_dir": "/x"},
-      "compare": {"pretrain": {"steps": 7, "data": {"image_size": 48}}}})
+
+  det = ml_collections.ConfigDict(
+    {
+      "model": {
+        "backbone": {
+          "depth": 50,
+          "norm": "SyncBN",
+          "num_groups": 32,
+          "stride_in_1x1": True,
+          "width": 16,
+          "bn_group_size": 0,
+        }
+      },
+      "data": {
+        "pixel_mean": (1.0, 2.0, 3.0),
+        "pixel_std": (4.0, 5.0, 6.0),
+        "input_format": "BGR",
+        "data_dir": "/x",
+      },
+      "compare": {"pretrain": {"steps": 7, "data": {"image_size": 48}}},
+    }
+  )
   c = pretrain.pretrain_config(det)
   assert (c.model.depth, c.model.norm, c.model.stride_in_1x1, c.model.width) == (
-      50, "SyncBN", True, 16)
+    50,
+    "SyncBN",
+    True,
+    16,
+  )
   assert tuple(c.data.pixel_mean) == (1.0, 2.0, 3.0) and c.data.input_format == "BGR"
   assert c.steps == 7 and c.data.image_size == 48 and c.data.data_dir == "/x"

@@ -1,4 +1,5 @@
 """scripts/profile_model.py: grouping a profiler trace of a jitted step by Flax module."""
+
 import importlib.util
 import os
 
@@ -14,7 +15,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="module")
 def profile_model():
   spec = importlib.util.spec_from_file_location(
-      "profile_model", os.path.join(ROOT, "scripts", "profile_model.py"))
+    "profile_model", os.path.join(ROOT, "scripts", "profile_model.py")
+  )
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
@@ -29,10 +31,11 @@ class _Net(nn.Module):
 
 def test_scope_of_names_module_and_direction(profile_model):
   assert profile_model.scope_of("jit(step)/jvp(MaskRCNN)/roi_heads/mask_head/conv", 2) == (
-      "fwd MaskRCNN/roi_heads")
+    "fwd MaskRCNN/roi_heads"
+  )
   assert profile_model.scope_of(
-      "jit(step)/transpose(jvp(MaskRCNN))/backbone/res2/conv_general_dilated", 3) == (
-          "bwd MaskRCNN/backbone/res2")
+    "jit(step)/transpose(jvp(MaskRCNN))/backbone/res2/conv_general_dilated", 3
+  ) == ("bwd MaskRCNN/backbone/res2")
   assert profile_model.scope_of("jit(step)/add", 2) == "fwd add"
   assert profile_model.scope_of("jit(step)", 2) == "fwd (step)"
 

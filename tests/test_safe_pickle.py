@@ -72,22 +72,43 @@ def protocol2(body: bytes) -> bytes:
 def op_dtype(dtype: np.dtype, flags: int = 0, code: str = "") -> bytes:
   """numpy.dtype('f4', 0, 1) + BUILD (3, '<', None, None, None, -1, -1, flags), as NumPy 1.x."""
   code = code or f"{dtype.kind}{dtype.itemsize}"
-  state = op_tuple(op_int(3), op_py2str(dtype.str[:1].encode()), pickle.NONE, pickle.NONE,
-                   pickle.NONE, op_int(-1), op_int(-1), op_int(flags))
-  return op_build(op_call(op_global("numpy", "dtype"), op_py2str(code.encode()), op_int(0),
-                          op_int(1)), state)
+  state = op_tuple(
+    op_int(3),
+    op_py2str(dtype.str[:1].encode()),
+    pickle.NONE,
+    pickle.NONE,
+    pickle.NONE,
+    op_int(-1),
+    op_int(-1),
+    op_int(flags),
+  )
+  return op_build(
+    op_call(op_global("numpy", "dtype"), op_py2str(code.encode()), op_int(0), op_int(1)), state
+  )
 
 
-def op_array(a: np.ndarray, module: str = "numpy.core.multiarray", dtype: bytes = b"",
-             data: bytes = b"", shape: tuple = ()) -> bytes:
+def op_array(
+  a: np.ndarray,
+  module: str = "numpy.core.multiarray",
+  dtype: bytes = b"",
+  data: bytes = b"",
+  shape: tuple = (),
+) -> bytes:
   """_reconstruct(ndarray, (0,), 'b') + BUILD (1, shape, dtype, is_fortran, bytes)."""
-  empty = op_call(op_global(module, "_reconstruct"), op_global("numpy", "ndarray"),
-                  op_tuple(op_int(0)), op_py2str(b"b"))
+  empty = op_call(
+    op_global(module, "_reconstruct"),
+    op_global("numpy", "ndarray"),
+    op_tuple(op_int(0)),
+    op_py2str(b"b"),
+  )
   fortran = a.flags.f_contiguous and not a.flags.c_contiguous
-  state = op_tuple(op_int(1), op_tuple(*[op_int(n) for n in shape or a.shape]),
-                   dtype or op_dtype(a.dtype),
-                   pickle.NEWTRUE if fortran else pickle.NEWFALSE,
-                   data or op_py2str(a.tobytes(order="F" if fortran else "C")))
+  state = op_tuple(
+    op_int(1),
+    op_tuple(*[op_int(n) for n in shape or a.shape]),
+    dtype or op_dtype(a.dtype),
+    pickle.NEWTRUE if fortran else pickle.NEWFALSE,
+    data or op_py2str(a.tobytes(order="F" if fortran else "C")),
+  )
   return op_build(empty, state)
 
 
@@ -115,11 +136,19 @@ def random_arrays() -> dict:
   rng = np.random.default_rng(SEED)
   a = rng.normal(size=(4, 3, 2)).astype(np.float32)
   return {
-      "conv1_w": a, "big_endian": a.astype(">f8"), "fortran": np.asfortranarray(a[0]),
-      "strided": a[:, ::2], "ints": rng.integers(-9, 9, size=5), "u8": np.arange(7, dtype=np.uint8),
-      "half": rng.normal(size=3).astype(np.float16), "mask": rng.normal(size=4) > 0,
-      "complex": np.array([1 + 2j, -3j]), "empty": np.zeros((0, 3), np.float32),
-      "zero_d": np.array(2.5), "names": np.array(["res2", "fc"]), "bytes": np.array([b"ab"]),
+    "conv1_w": a,
+    "big_endian": a.astype(">f8"),
+    "fortran": np.asfortranarray(a[0]),
+    "strided": a[:, ::2],
+    "ints": rng.integers(-9, 9, size=5),
+    "u8": np.arange(7, dtype=np.uint8),
+    "half": rng.normal(size=3).astype(np.float16),
+    "mask": rng.normal(size=4) > 0,
+    "complex": np.array([1 + 2j, -3j]),
+    "empty": np.zeros((0, 3), np.float32),
+    "zero_d": np.array(2.5),
+    "names": np.array(["res2", "fc"]),
+    "bytes": np.array([b"ab"]),
   }
 
 
@@ -127,7 +156,7 @@ def assert_same_arrays(got: dict, want: dict, byte_order: bool = True):
   assert sorted(got) == sorted(want)
   for k, v in want.items():
     assert type(got[k]) is np.ndarray, k
-    same_dtype = got[k].dtype.str[int(not byte_order):] == v.dtype.str[int(not byte_order):]
+    same_dtype = got[k].dtype.str[int(not byte_order) :] == v.dtype.str[int(not byte_order) :]
     assert same_dtype and got[k].shape == v.shape, (k, got[k].dtype, v.dtype)
     np.testing.assert_array_equal(got[k], v)
     assert got[k].flags.writeable, k
@@ -139,11 +168,22 @@ def assert_same_arrays(got: dict, want: dict, byte_order: bool = True):
 @pytest.mark.parametrize("protocol", range(pickle.HIGHEST_PROTOCOL + 1))
 def test_every_protocol_round_trips(protocol):
   arrays = random_arrays()
-  tree = {"blobs": arrays, "cfg": "MODEL:\n  TYPE: generalized_rcnn\n", "iter": 90000,
-          "lr": 0.02, "flags": (True, False, None), "names": ["a", "b"], "raw": b"\x00\xff",
-          "empty_raw": b"", "huge": 2**80, "scalar_f32": np.float32(1.5),
-          "scalar_i64": np.int64(-3), "dtype": np.dtype(">i4"), "shared": [arrays["u8"]] * 2,
-          "ordered": collections.OrderedDict([("b", 1), ("a", np.ones(2))])}
+  tree = {
+    "blobs": arrays,
+    "cfg": "MODEL:\n  TYPE: generalized_rcnn\n",
+    "iter": 90000,
+    "lr": 0.02,
+    "flags": (True, False, None),
+    "names": ["a", "b"],
+    "raw": b"\x00\xff",
+    "empty_raw": b"",
+    "huge": 2**80,
+    "scalar_f32": np.float32(1.5),
+    "scalar_i64": np.int64(-3),
+    "dtype": np.dtype(">i4"),
+    "shared": [arrays["u8"]] * 2,
+    "ordered": collections.OrderedDict([("b", 1), ("a", np.ones(2))]),
+  }
   got = read(pickle.dumps(tree, protocol=protocol))
   assert_same_arrays(got["blobs"], arrays)
   assert got["blobs"]["fortran"].flags.f_contiguous
@@ -171,8 +211,11 @@ def test_python2_numpy1_pickle_as_detectron_wrote_it():
 def test_read_weight_pickle_names_the_file(tmp_path):
   path = tmp_path / "weights.pkl"
   path.write_bytes(protocol2(op_call(op_global("os", "system"), op_str("true"))))
-  with pytest.raises(UnsafePickleError, match=r"weights\.pkl: it asks for os\.system: not a plain "
-                     r"weight file"):
+  with pytest.raises(
+    UnsafePickleError,
+    match=r"weights\.pkl: it asks for os\.system: not a plain "
+    r"weight file",
+  ):
     safe_pickle.read_weight_pickle(str(path))
   path.write_bytes(pickle.dumps({"w": np.ones(3)}))
   np.testing.assert_array_equal(safe_pickle.read_weight_pickle(str(path))["w"], np.ones(3))
@@ -197,23 +240,35 @@ def payloads(marker) -> dict:
   system = _Reduce(os.system, f"touch {marker}")
   as_weights = lambda evil: {"blobs": {"conv1_w": np.ones((2, 3), np.float32), "evil": evil}}
   return {
-      "os.system": (pickle.dumps(as_weights(system), protocol=2), f"{os.name}.system"),
-      "os.system, protocol 0 text": (
-          b"cos\nsystem\n(Vtouch " + marker.encode() + b"\ntR.", "os.system"),
-      "os.system, protocol 5": (pickle.dumps(as_weights(system), protocol=5), f"{os.name}.system"),
-      "builtins.eval": (pickle.dumps(as_weights(_Reduce(eval, f"open({marker!r}, 'w').close()"))),
-                        "builtins.eval"),
-      "subprocess.Popen": (pickle.dumps(as_weights(_Reduce(subprocess.Popen, ["touch", marker]))),
-                           "subprocess.Popen"),
-      # getattr on the allowed numpy.ndarray would reach ndarray.tofile, which writes a file.
-      "builtins.getattr": (pickle.dumps(as_weights(_Reduce(np.ndarray.tofile, np.ones(3), marker))),
-                           "builtins.getattr"),
-      # An object array whose item is the os.system call: its dtype is refused first.
-      "object array": (pickle.dumps(as_weights(np.array([system, 1], dtype=object))),
-                       "numpy.dtype('O8') is an object dtype"),
-      # The same call inside an object field of a structured array.
-      "object field": (pickle.dumps(as_weights(np.array(
-          [(1.0, system)], dtype=[("w", "f4"), ("evil", "O")]))), "structured or void"),
+    "os.system": (pickle.dumps(as_weights(system), protocol=2), f"{os.name}.system"),
+    "os.system, protocol 0 text": (
+      b"cos\nsystem\n(Vtouch " + marker.encode() + b"\ntR.",
+      "os.system",
+    ),
+    "os.system, protocol 5": (pickle.dumps(as_weights(system), protocol=5), f"{os.name}.system"),
+    "builtins.eval": (
+      pickle.dumps(as_weights(_Reduce(eval, f"open({marker!r}, 'w').close()"))),
+      "builtins.eval",
+    ),
+    "subprocess.Popen": (
+      pickle.dumps(as_weights(_Reduce(subprocess.Popen, ["touch", marker]))),
+      "subprocess.Popen",
+    ),
+    # getattr on the allowed numpy.ndarray would reach ndarray.tofile, which writes a file.
+    "builtins.getattr": (
+      pickle.dumps(as_weights(_Reduce(np.ndarray.tofile, np.ones(3), marker))),
+      "builtins.getattr",
+    ),
+    # An object array whose item is the os.system call: its dtype is refused first.
+    "object array": (
+      pickle.dumps(as_weights(np.array([system, 1], dtype=object))),
+      "numpy.dtype('O8') is an object dtype",
+    ),
+    # The same call inside an object field of a structured array.
+    "object field": (
+      pickle.dumps(as_weights(np.array([(1.0, system)], dtype=[("w", "f4"), ("evil", "O")]))),
+      "structured or void",
+    ),
   }
 
 
@@ -242,41 +297,69 @@ def test_refusals_of_crafted_numpy_opcodes():
   a = np.arange(6, dtype=np.float64).reshape(2, 3)
   ndarray = op_global("numpy", "ndarray")
   crafted = {
-      # NumPy's own dtype __setstate__ takes these flags and then reads the float bytes as
-      # PyObject pointers (memory corruption): the file's flags never reach NumPy here.
-      "object flags on f8": (op_array(a, dtype=op_dtype(a.dtype, flags=0x3F)), "object flags"),
-      "object dtype via the NumPy 2 path": (op_array(a, "numpy._core.multiarray",
-                                                     dtype=op_dtype(a.dtype, code="O8")),
-                                            "object dtype"),
-      "list data on a float dtype": (
-          op_array(a, data=pickle.EMPTY_LIST + op_int(1) + pickle.APPEND), "type list"),
-      "fewer bytes than elements": (op_array(a, data=op_py2str(b"\x00" * 8)), "with 8 bytes"),
-      "_reconstruct of a dtype": (op_call(op_global("numpy.core.multiarray", "_reconstruct"),
-                                          op_dtype(a.dtype), op_tuple(op_int(0)),
-                                          op_py2str(b"b")), "_reconstruct of"),
-      "numpy.ndarray called": (op_call(ndarray, op_tuple(op_int(10**6)), op_py2str(b"f8")),
-                               "numpy.ndarray"),
-      "comma dtype string": (op_dtype(a.dtype, code="f4,O"), "numpy.dtype('f4,O')"),
-      "sub-array dtype string": (op_dtype(a.dtype, code="(2,)f4"), "numpy.dtype('(2,)f4')"),
-      "datetime dtype": (op_dtype(a.dtype, code="M8"), "datetime"),
-      "dtype of a list": (op_call(op_global("numpy", "dtype"),
-                                  pickle.EMPTY_LIST + op_tuple(op_str("a"), op_str("O")) +
-                                  pickle.APPEND), "numpy.dtype([('a', 'O')])"),
-      "BUILD on a finished scalar": (op_build(op_call(
-          op_global("numpy.core.multiarray", "scalar"), op_dtype(a.dtype),
-          op_py2str(b"\x00" * 8)), op_tuple(op_int(1))), "BUILD on a finished numpy float64"),
-      "_codecs.encode to utf-16": (op_call(op_global("_codecs", "encode"), op_str("x"),
-                                           op_str("utf-16")), "_codecs.encode"),
-      "copy_reg._reconstructor": (op_call(op_global("copy_reg", "_reconstructor"),
-                                          op_global("__builtin__", "object")),
-                                  "copy_reg._reconstructor"),
-      "BUILD setting an allowed global's __defaults__": (
-          op_build(op_global("collections", "OrderedDict"),
-                   op_tuple(pickle.NONE, op_dict([(op_str("__defaults__"),
-                                                   op_tuple(op_str("injected")))]))),
-          "BUILD on collections.OrderedDict"),
-      "list that contains itself": (pickle.EMPTY_LIST + pickle.BINPUT + b"\x00" + pickle.BINGET +
-                                     b"\x00" + pickle.APPEND, "contains itself"),
+    # NumPy's own dtype __setstate__ takes these flags and then reads the float bytes as
+    # PyObject pointers (memory corruption): the file's flags never reach NumPy here.
+    "object flags on f8": (op_array(a, dtype=op_dtype(a.dtype, flags=0x3F)), "object flags"),
+    "object dtype via the NumPy 2 path": (
+      op_array(a, "numpy._core.multiarray", dtype=op_dtype(a.dtype, code="O8")),
+      "object dtype",
+    ),
+    "list data on a float dtype": (
+      op_array(a, data=pickle.EMPTY_LIST + op_int(1) + pickle.APPEND),
+      "type list",
+    ),
+    "fewer bytes than elements": (op_array(a, data=op_py2str(b"\x00" * 8)), "with 8 bytes"),
+    "_reconstruct of a dtype": (
+      op_call(
+        op_global("numpy.core.multiarray", "_reconstruct"),
+        op_dtype(a.dtype),
+        op_tuple(op_int(0)),
+        op_py2str(b"b"),
+      ),
+      "_reconstruct of",
+    ),
+    "numpy.ndarray called": (
+      op_call(ndarray, op_tuple(op_int(10**6)), op_py2str(b"f8")),
+      "numpy.ndarray",
+    ),
+    "comma dtype string": (op_dtype(a.dtype, code="f4,O"), "numpy.dtype('f4,O')"),
+    "sub-array dtype string": (op_dtype(a.dtype, code="(2,)f4"), "numpy.dtype('(2,)f4')"),
+    "datetime dtype": (op_dtype(a.dtype, code="M8"), "datetime"),
+    "dtype of a list": (
+      op_call(
+        op_global("numpy", "dtype"),
+        pickle.EMPTY_LIST + op_tuple(op_str("a"), op_str("O")) + pickle.APPEND,
+      ),
+      "numpy.dtype([('a', 'O')])",
+    ),
+    "BUILD on a finished scalar": (
+      op_build(
+        op_call(
+          op_global("numpy.core.multiarray", "scalar"), op_dtype(a.dtype), op_py2str(b"\x00" * 8)
+        ),
+        op_tuple(op_int(1)),
+      ),
+      "BUILD on a finished numpy float64",
+    ),
+    "_codecs.encode to utf-16": (
+      op_call(op_global("_codecs", "encode"), op_str("x"), op_str("utf-16")),
+      "_codecs.encode",
+    ),
+    "copy_reg._reconstructor": (
+      op_call(op_global("copy_reg", "_reconstructor"), op_global("__builtin__", "object")),
+      "copy_reg._reconstructor",
+    ),
+    "BUILD setting an allowed global's __defaults__": (
+      op_build(
+        op_global("collections", "OrderedDict"),
+        op_tuple(pickle.NONE, op_dict([(op_str("__defaults__"), op_tuple(op_str("injected")))])),
+      ),
+      "BUILD on collections.OrderedDict",
+    ),
+    "list that contains itself": (
+      pickle.EMPTY_LIST + pickle.BINPUT + b"\x00" + pickle.BINGET + b"\x00" + pickle.APPEND,
+      "contains itself",
+    ),
   }
   for name, (body, asked) in crafted.items():
     with pytest.raises(UnsafePickleError) as err:
@@ -293,7 +376,6 @@ def test_huge_shape_is_refused_before_any_allocation():
 def test_persistent_ids_are_refused():
 
   class Pickler(pickle.Pickler):
-
     def persistent_id(self, obj):
       return "storage/0" if isinstance(obj, np.ndarray) else None
 
@@ -305,11 +387,19 @@ def test_persistent_ids_are_refused():
 
 def test_allowed_globals_are_only_this_modules_rebuilders():
   assert sorted(".".join(k) for k in safe_pickle.ALLOWED_GLOBALS) == [
-      "__builtin__.bytes", "_codecs.encode", "builtins.bytes", "collections.OrderedDict",
-      "numpy._core.multiarray._reconstruct", "numpy._core.multiarray.scalar",
-      "numpy._core.numeric._frombuffer", "numpy.core.multiarray._reconstruct",
-      "numpy.core.multiarray.scalar", "numpy.core.numeric._frombuffer", "numpy.dtype",
-      "numpy.ndarray"]
+    "__builtin__.bytes",
+    "_codecs.encode",
+    "builtins.bytes",
+    "collections.OrderedDict",
+    "numpy._core.multiarray._reconstruct",
+    "numpy._core.multiarray.scalar",
+    "numpy._core.numeric._frombuffer",
+    "numpy.core.multiarray._reconstruct",
+    "numpy.core.multiarray.scalar",
+    "numpy.core.numeric._frombuffer",
+    "numpy.dtype",
+    "numpy.ndarray",
+  ]
   for target in safe_pickle.ALLOWED_GLOBALS.values():
     assert target.build.__module__ == safe_pickle.__name__, target
 
@@ -326,13 +416,23 @@ def _unsafe_reads(source: str) -> list[str]:
       continue
     owner = node.func.value.id if isinstance(node.func.value, ast.Name) else ""
     kw = {k.arg: k.value for k in node.keywords}
-    const = lambda k: getattr(kw.get(k), "value", None)  # pylint: disable=cell-var-from-loop
+    const = lambda k, kw=kw: getattr(kw.get(k), "value", None)
     call = f"{owner}.{node.func.attr}"
     if owner in ("pickle", "cPickle", "dill", "joblib", "marshal", "shelve") and node.func.attr in (
-        "load", "loads", "Unpickler", "open"):
+      "load",
+      "loads",
+      "Unpickler",
+      "open",
+    ):
       found.append(f"line {node.lineno}: {call}")
-    elif owner == "yaml" and node.func.attr in ("load", "load_all", "unsafe_load", "full_load",
-                                                "unsafe_load_all", "full_load_all"):
+    elif owner == "yaml" and node.func.attr in (
+      "load",
+      "load_all",
+      "unsafe_load",
+      "full_load",
+      "unsafe_load_all",
+      "full_load_all",
+    ):
       loader = kw.get("Loader")
       if not (isinstance(loader, ast.Attribute) and loader.attr in ("SafeLoader", "CSafeLoader")):
         found.append(f"line {node.lineno}: {call} (use yaml.safe_load)")
@@ -345,12 +445,18 @@ def _unsafe_reads(source: str) -> list[str]:
 
 
 def test_the_checker_finds_unsafe_reads():
-  source = ("import pickle, yaml, numpy as np, torch\n"
-            "pickle.load(f)\nyaml.load(s)\nnp.load(p)\ntorch.load(p)\n"
-            "yaml.safe_load(s)\nyaml.load(s, Loader=yaml.SafeLoader)\n"
-            "np.load(p, allow_pickle=False)\ntorch.load(p, weights_only=True)\n")
-  assert [f.split(":")[0] for f in _unsafe_reads(source)] == ["line 2", "line 3", "line 4",
-                                                             "line 5"]
+  source = (
+    "import pickle, yaml, numpy as np, torch\n"
+    "pickle.load(f)\nyaml.load(s)\nnp.load(p)\ntorch.load(p)\n"
+    "yaml.safe_load(s)\nyaml.load(s, Loader=yaml.SafeLoader)\n"
+    "np.load(p, allow_pickle=False)\ntorch.load(p, weights_only=True)\n"
+  )
+  assert [f.split(":")[0] for f in _unsafe_reads(source)] == [
+    "line 2",
+    "line 3",
+    "line 4",
+    "line 5",
+  ]
 
 
 def test_no_file_in_the_package_or_scripts_reads_unsafely():

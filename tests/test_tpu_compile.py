@@ -2,6 +2,7 @@
 
 The compile test needs libtpu (requirements-tpu.txt, included by requirements-test.txt).
 """
+
 import importlib.util
 import os
 import types
@@ -16,7 +17,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="module")
 def tpu_compile():
   spec = importlib.util.spec_from_file_location(
-      "tpu_compile", os.path.join(ROOT, "scripts", "tpu_compile.py"))
+    "tpu_compile", os.path.join(ROOT, "scripts", "tpu_compile.py")
+  )
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
@@ -24,11 +26,16 @@ def tpu_compile():
 
 def test_analysis_arithmetic(tpu_compile):
   gib = 2**30
-  mem = types.SimpleNamespace(argument_size_in_bytes=3 * gib, output_size_in_bytes=3 * gib,
-                              alias_size_in_bytes=3 * gib, temp_size_in_bytes=10 * gib,
-                              generated_code_size_in_bytes=0)
-  compiled = types.SimpleNamespace(memory_analysis=lambda: mem,
-                                   cost_analysis=lambda: {"flops": 197e12 * 0.5})
+  mem = types.SimpleNamespace(
+    argument_size_in_bytes=3 * gib,
+    output_size_in_bytes=3 * gib,
+    alias_size_in_bytes=3 * gib,
+    temp_size_in_bytes=10 * gib,
+    generated_code_size_in_bytes=0,
+  )
+  compiled = types.SimpleNamespace(
+    memory_analysis=lambda: mem, cost_analysis=lambda: {"flops": 197e12 * 0.5}
+  )
   r = tpu_compile.analyse(compiled, tpu_compile.CHIPS["v5e"], images_per_chip=2)
   # Donated state: outputs alias the arguments, so the chip holds args + temps.
   assert r["total_gib"] == pytest.approx(13.0) and r["fits"]
@@ -41,8 +48,13 @@ def test_lowers_the_trainers_own_step(tpu_compile, tmp_path):
   """The abstract batch is the pipeline's batch, and the step lowered is train_and_evaluate's
   (the same build_parts object for the same config, batch shapes and devices)."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  from rethink_jax import optim, train, trainer  # pylint: disable=g-import-not-at-top
-  from rethink_jax.data import pipeline, shapes  # pylint: disable=g-import-not-at-top
+
+  from rethink_jax import optim  # pylint: disable=g-import-not-at-top
+  from rethink_jax import train  # pylint: disable=g-import-not-at-top
+  from rethink_jax import trainer  # pylint: disable=g-import-not-at-top
+  from rethink_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from rethink_jax.data import shapes  # pylint: disable=g-import-not-at-top
+
   tfds.disable_progress_bar()
   shapes.ShapesInstances(config="tiny", data_dir=str(tmp_path)).download_and_prepare()
   config = tpu_compile.load_config(os.path.join(ROOT, "configs", "tiny_shapes.py"))
@@ -52,13 +64,15 @@ def test_lowers_the_trainers_own_step(tpu_compile, tmp_path):
   batch = next(pipeline.make_train_iterator(config.data, 2, seed=0))
   abstract = tpu_compile.abstract_batch(config, 2, hw)
   assert {k: (v.shape, np.dtype(v.dtype)) for k, v in abstract.items()} == {
-      k: (np.shape(v), np.asarray(v).dtype) for k, v in batch.items()}
+    k: (np.shape(v), np.asarray(v).dtype) for k, v in batch.items()
+  }
 
   devices = jax.devices()[:1]
   lowered, parts = tpu_compile.lower_train_step(config, devices, 2, hw)
   sched = optim.resolve_schedule(config.schedule, config.optim, 2)
-  assert train.build_parts(config, sched, trainer.make_mesh(devices),
-                           train.init_batch(batch)) is parts
+  assert (
+    train.build_parts(config, sched, trainer.make_mesh(devices), train.init_batch(batch)) is parts
+  )
   # Lowered with the trainer's shardings, the state donated.
   args = lowered.args_info[0]
   assert args[0]["params"] and all(a.donated for a in jax.tree_util.tree_leaves(args[0]))
@@ -68,7 +82,8 @@ def test_lowers_the_trainers_own_step(tpu_compile, tmp_path):
 @pytest.mark.slow
 def test_tiny_train_step_compiles_for_v5e(tpu_compile):
   assert tpu_compile.libtpu_available(), (
-      "libtpu is missing: requirements-test.txt installs it (requirements-tpu.txt)")
+    "libtpu is missing: requirements-test.txt installs it (requirements-tpu.txt)"
+  )
   # Compile-only use; other processes on the machine may hold libtpu's lock file.
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")

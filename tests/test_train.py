@@ -5,6 +5,7 @@ Compiling the whole Mask R-CNN takes a minute or two on 2 CPU cores, so every en
 here uses the same tiny model and data shapes, and a module-wide persistent compilation cache
 makes every train_and_evaluate after the first reuse the compiled step.
 """
+
 import json
 import os
 import subprocess
@@ -16,12 +17,10 @@ import numpy as np
 from PIL import Image
 import pytest
 
+from configs import tiny_shapes
 from rethink_jax import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-  sys.path.insert(0, ROOT)
-from configs import tiny_shapes  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 # ------------------------------------------------------------------------------------------------
@@ -31,8 +30,11 @@ from configs import tiny_shapes  # pylint: disable=g-import-not-at-top,wrong-imp
 def compile_cache(tmp_path_factory):
   """A persistent XLA cache for this module: identical steps compile once."""
   path = str(tmp_path_factory.mktemp("jax_cache"))
-  names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-           "jax_persistent_cache_min_entry_size_bytes")
+  names = (
+    "jax_compilation_cache_dir",
+    "jax_persistent_cache_min_compile_time_secs",
+    "jax_persistent_cache_min_entry_size_bytes",
+  )
   old = [getattr(jax.config, n) for n in names]
   for n, v in zip(names, (path, 0.0, -1)):
     jax.config.update(n, v)
@@ -44,7 +46,9 @@ def compile_cache(tmp_path_factory):
 @pytest.fixture(scope="module")
 def shapes_dir(tmp_path_factory):
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
   from rethink_jax.data import shapes  # pylint: disable=g-import-not-at-top
+
   tfds.disable_progress_bar()
   data_dir = str(tmp_path_factory.mktemp("tfds_shapes"))
   shapes.ShapesInstances(config="tiny", data_dir=data_dir).download_and_prepare()
@@ -70,9 +74,17 @@ def _losses(history):
 # Pure pieces (no compilation).
 # ------------------------------------------------------------------------------------------------
 def _meta(**kw):
-  m = dict(depth=18, norm="GN", stride_in_1x1=False, width=8, input_format="BGR",
-           pixel_mean=[103.53, 116.28, 123.675], pixel_std=[57.375, 57.12, 58.395],
-           source="test", sha256=None)
+  m = dict(
+    depth=18,
+    norm="GN",
+    stride_in_1x1=False,
+    width=8,
+    input_format="BGR",
+    pixel_mean=[103.53, 116.28, 123.675],
+    pixel_std=[57.375, 57.12, 58.395],
+    source="test",
+    sha256=None,
+  )
   m.update(kw)
   return m
 
@@ -82,12 +94,12 @@ def test_check_backbone_meta_names_the_fields_to_set():
   c.init_from = "/some/dir"
   train.check_backbone_meta(_meta(), c)  # agrees: no error
   cases = {
-      "config.model.backbone.norm='FrozenBN'": dict(norm="FrozenBN"),
-      "config.model.backbone.stride_in_1x1=True": dict(stride_in_1x1=True),
-      "config.model.backbone.width=64": dict(width=64),
-      "config.data.input_format='RGB'": dict(input_format="RGB"),
-      "config.data.pixel_std=(1.0, 1.0, 1.0)": dict(pixel_std=[1, 1, 1]),
-      "config.model.backbone.depth=50": dict(depth=50),
+    "config.model.backbone.norm='FrozenBN'": dict(norm="FrozenBN"),
+    "config.model.backbone.stride_in_1x1=True": dict(stride_in_1x1=True),
+    "config.model.backbone.width=64": dict(width=64),
+    "config.data.input_format='RGB'": dict(input_format="RGB"),
+    "config.data.pixel_std=(1.0, 1.0, 1.0)": dict(pixel_std=[1, 1, 1]),
+    "config.model.backbone.depth=50": dict(depth=50),
   }
   for expected, kw in cases.items():
     with pytest.raises(ValueError) as e:
@@ -101,24 +113,39 @@ def test_check_backbone_meta_names_the_fields_to_set():
 def test_load_backbone_into_reports_and_refuses_mismatch():
   rng = np.random.default_rng()
   state = {
-      "params": {"backbone": {"bottom_up": {"stem": {"conv1": {"kernel": np.zeros((7, 7, 3, 8))}},
-                                            "res2": {"0": {"conv1": {"kernel": np.zeros(
-                                                (3, 3, 8, 8))}}}},
-                              "fpn_lateral2": {"kernel": np.zeros((1, 1, 8, 16))}}},
-      "collections": {"batch_stats": {"backbone": {"bottom_up": {"stem": {"conv1": {"norm": {
-          "mean": np.zeros(8)}}}}}}},
+    "params": {
+      "backbone": {
+        "bottom_up": {
+          "stem": {"conv1": {"kernel": np.zeros((7, 7, 3, 8))}},
+          "res2": {"0": {"conv1": {"kernel": np.zeros((3, 3, 8, 8))}}},
+        },
+        "fpn_lateral2": {"kernel": np.zeros((1, 1, 8, 16))},
+      }
+    },
+    "collections": {
+      "batch_stats": {
+        "backbone": {"bottom_up": {"stem": {"conv1": {"norm": {"mean": np.zeros(8)}}}}}
+      }
+    },
   }
   stem = rng.normal(size=(7, 7, 3, 8)).astype(np.float32)
-  ckpt = {"params": {"stem": {"conv1": {"kernel": stem}}, "fc": {"kernel": np.ones((8, 10))}},
-          "batch_stats": {"stem": {"conv1": {"norm": {"mean": np.full(8, 3.0)}}}}}
+  ckpt = {
+    "params": {"stem": {"conv1": {"kernel": stem}}, "fc": {"kernel": np.ones((8, 10))}},
+    "batch_stats": {"stem": {"conv1": {"norm": {"mean": np.full(8, 3.0)}}}},
+  }
   r = train.load_backbone_into(state, ckpt)
   assert r["loaded"] == ["batch_stats/stem/conv1/norm/mean", "params/stem/conv1/kernel"]
   assert r["missing"] == ["params/res2/0/conv1/kernel"]
   assert r["unexpected"] == ["params/fc/kernel"]
-  np.testing.assert_array_equal(r["state"]["params"]["backbone"]["bottom_up"]["stem"]["conv1"][
-      "kernel"], stem)
-  np.testing.assert_array_equal(r["state"]["collections"]["batch_stats"]["backbone"]["bottom_up"][
-      "stem"]["conv1"]["norm"]["mean"], 3.0)
+  np.testing.assert_array_equal(
+    r["state"]["params"]["backbone"]["bottom_up"]["stem"]["conv1"]["kernel"], stem
+  )
+  np.testing.assert_array_equal(
+    r["state"]["collections"]["batch_stats"]["backbone"]["bottom_up"]["stem"]["conv1"]["norm"][
+      "mean"
+    ],
+    3.0,
+  )
   assert r["state"]["params"]["backbone"]["fpn_lateral2"]["kernel"].shape == (1, 1, 8, 16)
   ckpt["params"]["stem"]["conv1"]["kernel"] = np.zeros((7, 7, 3, 16))
   with pytest.raises(ValueError, match=r"params/stem/conv1/kernel: checkpoint \(7, 7, 3, 16\)"):
@@ -135,12 +162,16 @@ def test_train_evaluate_resume_and_init_from(compile_cache, shapes_dir, tmp_path
   del compile_cache
   from rethink_jax import convert  # pylint: disable=g-import-not-at-top
   from rethink_jax.models import resnet  # pylint: disable=g-import-not-at-top
+
   c = tiny_config(shapes_dir, 2, evaluate=True, **{"eval.num_images": 4})
   b = c.model.backbone
   net = resnet.build_resnet(depth=b.depth, norm=b.norm, num_groups=b.num_groups, width=b.width)
   variables = net.init(jax.random.PRNGKey(7), np.zeros((1, 64, 64, 3), np.float32))
-  backbone_dir = convert.save_backbone(str(tmp_path / "backbone"), variables, _meta(
-      pixel_mean=list(c.data.pixel_mean), pixel_std=list(c.data.pixel_std)))
+  backbone_dir = convert.save_backbone(
+    str(tmp_path / "backbone"),
+    variables,
+    _meta(pixel_mean=list(c.data.pixel_mean), pixel_std=list(c.data.pixel_std)),
+  )
   c.init_from = backbone_dir
   workdir = str(tmp_path / "run")
 
@@ -153,8 +184,17 @@ def test_train_evaluate_resume_and_init_from(compile_cache, shapes_dir, tmp_path
   assert [h["step"] for h in out["history"]] == [1, 2]
   for h in out["history"]:
     assert np.isfinite(h["total_loss"]) and h["total_loss"] > 0
-    for key in ("loss_rpn_cls", "loss_rpn_loc", "loss_cls", "loss_box_reg", "loss_mask", "lr",
-                "images_seen", "time/step_s", "time/data_wait_s"):
+    for key in (
+      "loss_rpn_cls",
+      "loss_rpn_loc",
+      "loss_cls",
+      "loss_box_reg",
+      "loss_mask",
+      "lr",
+      "images_seen",
+      "time/step_s",
+      "time/data_wait_s",
+    ):
       assert key in h, key
   assert out["history"][0]["lr"] == pytest.approx(0.02 / 3, rel=1e-5)  # warmup from 1/3
   assert out["history"][1]["images_seen"] == 4
@@ -190,17 +230,22 @@ def test_resume_is_exact(compile_cache, shapes_dir, tmp_path):
   for s in expected:
     np.testing.assert_allclose(resumed[s], expected[s], rtol=1e-6, err_msg=f"step {s}")
   # The learning rate also went through the warmup and the decay at step 3 identically.
-  np.testing.assert_allclose([h["lr"] for h in first["history"] + second["history"]],
-                             [h["lr"] for h in full["history"]], rtol=1e-7)
+  np.testing.assert_allclose(
+    [h["lr"] for h in first["history"] + second["history"]],
+    [h["lr"] for h in full["history"]],
+    rtol=1e-7,
+  )
 
 
 @pytest.mark.slow
-def test_nan_guard_stops_and_keeps_last_good_checkpoint(compile_cache, shapes_dir, tmp_path,
-                                                        monkeypatch):
+def test_nan_guard_stops_and_keeps_last_good_checkpoint(
+  compile_cache, shapes_dir, tmp_path, monkeypatch
+):
   """A batch with a NaN pixel at step 2: the run stops with the step and the batch's image ids,
   the checkpoint of step 2 (before it) is the last one, and nothing after it is written."""
   del compile_cache
   from rethink_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+
   real = pipeline.make_train_iterator
   bad_step, seen = 2, {}
 
@@ -229,7 +274,9 @@ def test_one_step_on_coco_format_data(compile_cache, tmp_path):
   one train step and the COCO evaluation against its ground truth JSON."""
   del compile_cache
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
   from rethink_jax.data import coco  # pylint: disable=g-import-not-at-top
+
   tfds.disable_progress_bar()
   rng = np.random.default_rng()
   root = tmp_path / "coco"
@@ -242,15 +289,29 @@ def test_one_step_on_coco_format_data(compile_cache, tmp_path):
     for k in range(2):
       x, y = float(rng.integers(0, 30)), float(rng.integers(0, 20))
       bw, bh = float(rng.integers(8, 30)), float(rng.integers(8, 25))
-      anns.append({"id": 1000 + 10 * i + k, "image_id": 100 + i, "category_id": [2, 5, 9][k + i % 2],
-                   "iscrowd": 0, "area": bw * bh, "bbox": [x, y, bw, bh],
-                   "segmentation": [[x, y, x + bw, y, x + bw, y + bh, x, y + bh]]})
-  gt = {"images": images, "annotations": anns,
-        "categories": [{"id": 2, "name": "a"}, {"id": 5, "name": "b"}, {"id": 9, "name": "c"}]}
+      anns.append(
+        {
+          "id": 1000 + 10 * i + k,
+          "image_id": 100 + i,
+          "category_id": [2, 5, 9][k + i % 2],
+          "iscrowd": 0,
+          "area": bw * bh,
+          "bbox": [x, y, bw, bh],
+          "segmentation": [[x, y, x + bw, y, x + bw, y + bh, x, y + bh]],
+        }
+      )
+  gt = {
+    "images": images,
+    "annotations": anns,
+    "categories": [{"id": 2, "name": "a"}, {"id": 5, "name": "b"}, {"id": 9, "name": "c"}],
+  }
   (root / "instances.json").write_text(json.dumps(gt))
   data_dir = str(tmp_path / "tfds")
-  coco.build_coco_instances(data_dir, {s: (str(root / "instances.json"), str(root / "images"))
-                                       for s in ("train", "validation")}, name="tiny")
+  coco.build_coco_instances(
+    data_dir,
+    {s: (str(root / "instances.json"), str(root / "images")) for s in ("train", "validation")},
+    name="tiny",
+  )
   c = tiny_config(None, 1, evaluate=True)
   shapes_data = c.data
   c.data.update(name="coco_instances", builder_config="tiny")
@@ -366,18 +427,28 @@ _MULTI_DEVICE_SCRIPT = textwrap.dedent("""
 def test_eight_devices_equal_one_device(compile_cache, tmp_path):
   script = tmp_path / "multi_device.py"
   script.write_text(_MULTI_DEVICE_SCRIPT)
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu")
-  proc = subprocess.run([sys.executable, str(script), ROOT, compile_cache], env=env,
-                        capture_output=True, text=True, timeout=1500, check=False)
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  proc = subprocess.run(
+    [sys.executable, str(script), ROOT, compile_cache],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=1500,
+    check=False,
+  )
   lines = [l for l in proc.stdout.splitlines() if l.startswith("REPORT ")]
   assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-6000:]
-  report = json.loads(lines[0][len("REPORT "):])
+  report = json.loads(lines[0][len("REPORT ") :])
   for norm in ("GN", "SyncBN"):
     r = report[norm]
     msg = f"seed {report['seed']} {norm}: {r}"
-    assert set(r["losses"]) >= {"loss_rpn_cls", "loss_rpn_loc", "loss_cls", "loss_box_reg",
-                                "loss_mask"}, msg
+    assert set(r["losses"]) >= {
+      "loss_rpn_cls",
+      "loss_rpn_loc",
+      "loss_cls",
+      "loss_box_reg",
+      "loss_mask",
+    }, msg
     assert r["worst_loss"] <= 1e-5, msg
     assert r["update_max"] > 1e-4, msg  # the step moved the parameters
     assert r["worst_update"] <= 1e-3, msg

@@ -1,6 +1,7 @@
 """rethink_jax.trainer: the shared skeleton on a tiny regression task (the step's update against a
 hand-computed SGD step, the finite check, donation, predict), and scripts/benchmark_model.py
 timing the trainer's own step (train.build_parts), not a step of its own."""
+
 import importlib.util
 import os
 
@@ -11,7 +12,9 @@ import numpy as np
 import optax
 import pytest
 
-from rethink_jax import optim, train, trainer
+from rethink_jax import optim
+from rethink_jax import train
+from rethink_jax import trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LR = 0.1
@@ -39,17 +42,24 @@ def _predict(model, variables, batch):
 
 
 def _batch(rng, n=4, d=3):
-  return {"x": rng.normal(size=(n, d)).astype(np.float32),
-          "y": rng.normal(size=(n,)).astype(np.float32)}
+  return {
+    "x": rng.normal(size=(n, d)).astype(np.float32),
+    "y": rng.normal(size=(n,)).astype(np.float32),
+  }
 
 
 def test_step_updates_checks_finite_and_donates():
   rng = np.random.default_rng()
   sample = _batch(rng)
   parts = trainer.build(
-      _Linear(), trainer.make_mesh(), sample, init_variables=_init_variables, loss_fn=_loss,
-      make_optimizer=lambda shapes: (optax.sgd(LR), lambda step: jnp.float32(LR)),
-      predict=_predict)
+    _Linear(),
+    trainer.make_mesh(),
+    sample,
+    init_variables=_init_variables,
+    loss_fn=_loss,
+    make_optimizer=lambda shapes: (optax.sgd(LR), lambda step: jnp.float32(LR)),
+    predict=_predict,
+  )
   state = parts.init(jax.random.PRNGKey(int(rng.integers(1 << 30))), sample)
   assert int(state["step"]) == 0 and int(state["bad_step"]) == -1
   assert set(state) == {"step", "rng", "params", "opt_state", "collections", "bad_step"}
@@ -65,20 +75,23 @@ def test_step_updates_checks_finite_and_donates():
   state, metrics = parts.train_step(state, trainer.to_global(batch, parts.batch_sharding))
   assert old_kernel.is_deleted()  # the step donated its state
   m = trainer.check_finite(metrics, lambda bad, m: "unexpected")
-  np.testing.assert_allclose(m["mse"], np.mean(err ** 2), rtol=1e-5)
+  np.testing.assert_allclose(m["mse"], np.mean(err**2), rtol=1e-5)
   np.testing.assert_allclose(m["total_loss"], m["mse"])
-  np.testing.assert_allclose(m["grad_norm"], np.sqrt(np.sum(grad_w ** 2) + grad_b ** 2),
-                             rtol=1e-5)
-  np.testing.assert_allclose(state["params"]["dense"]["kernel"][:, 0], w[:, 0] - LR * grad_w,
-                             rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(state["params"]["dense"]["bias"][0], b[0] - LR * grad_b,
-                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(m["grad_norm"], np.sqrt(np.sum(grad_w**2) + grad_b**2), rtol=1e-5)
+  np.testing.assert_allclose(
+    state["params"]["dense"]["kernel"][:, 0], w[:, 0] - LR * grad_w, rtol=1e-5, atol=1e-6
+  )
+  np.testing.assert_allclose(
+    state["params"]["dense"]["bias"][0], b[0] - LR * grad_b, rtol=1e-5, atol=1e-6
+  )
   assert int(m["bad_step"]) == -1 and int(state["step"]) == 1
 
   # predict: this process's rows of the model's outputs.
   out = parts.predict_fn(trainer.variables_of(state), batch)
-  expected = batch["x"] @ np.asarray(state["params"]["dense"]["kernel"])[:, 0] + np.asarray(
-      state["params"]["dense"]["bias"])[0]
+  expected = (
+    batch["x"] @ np.asarray(state["params"]["dense"]["kernel"])[:, 0]
+    + np.asarray(state["params"]["dense"]["bias"])[0]
+  )
   np.testing.assert_allclose(out["y"], expected, rtol=1e-5, atol=1e-6)
 
   # A NaN input at step 1: nothing is applied, then or later (sticky), and the host's check
@@ -103,17 +116,28 @@ def test_step_updates_checks_finite_and_donates():
 @pytest.fixture(scope="module")
 def benchmark_model():
   spec = importlib.util.spec_from_file_location(
-      "benchmark_model", os.path.join(ROOT, "scripts", "benchmark_model.py"))
+    "benchmark_model", os.path.join(ROOT, "scripts", "benchmark_model.py")
+  )
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
 
 
 # A small model through --set (config_flags parses every value by the field's type).
-_TINY = ["backbone.depth=18", "backbone.width=8", "backbone.num_groups=4", "fpn.out_channels=16",
-         "num_classes=3", "mask_head.chunk_rois=0", "box_head.conv_dim=16", "box_head.fc_dim=32",
-         "mask_head.conv_dim=16", "anchors.sizes=((8,), (16,), (32,), (64,), (128,))",
-         "rpn.post_nms_topk_train=32", "roi_heads.batch_size_per_image=16"]
+_TINY = [
+  "backbone.depth=18",
+  "backbone.width=8",
+  "backbone.num_groups=4",
+  "fpn.out_channels=16",
+  "num_classes=3",
+  "mask_head.chunk_rois=0",
+  "box_head.conv_dim=16",
+  "box_head.fc_dim=32",
+  "mask_head.conv_dim=16",
+  "anchors.sizes=((8,), (16,), (32,), (64,), (128,))",
+  "rpn.post_nms_topk_train=32",
+  "roi_heads.batch_size_per_image=16",
+]
 
 
 def test_benchmark_uses_the_trainers_parts(benchmark_model):

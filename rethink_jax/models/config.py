@@ -9,34 +9,84 @@ def default_model_config() -> ml_collections.ConfigDict:
   c.num_classes = 80  # objects only; background is implicit
   c.dtype = "float32"  # "bfloat16": convs / matmuls in bf16, norms, losses and boxes in f32
 
-  c.backbone = ml_collections.ConfigDict(dict(
-      depth=50, norm="GN", num_groups=32, stride_in_1x1=False, freeze_at=0, width=64,
-      bn_group_size=0))  # 0: BN statistics over the whole batch
+  c.backbone = ml_collections.ConfigDict(
+    dict(
+      depth=50,
+      norm="GN",
+      num_groups=32,
+      stride_in_1x1=False,
+      freeze_at=0,
+      width=64,
+      bn_group_size=0,
+    )
+  )  # 0: BN statistics over the whole batch
   # The FPN's GN uses backbone.num_groups and its BN backbone.bn_group_size.
   c.fpn = ml_collections.ConfigDict(dict(out_channels=256, norm="GN"))
-  c.anchors = ml_collections.ConfigDict(dict(
-      sizes=((32,), (64,), (128,), (256,), (512,)), aspect_ratios=(0.5, 1.0, 2.0), offset=0.0))
-  c.rpn = ml_collections.ConfigDict(dict(
-      head_conv_dims=-1, pre_nms_topk_train=2000, pre_nms_topk_test=1000,
-      post_nms_topk_train=1000, post_nms_topk_test=1000, nms_thresh=0.7, min_size=0.0,
-      iou_thresholds=(0.3, 0.7), iou_labels=(0, -1, 1), batch_size_per_image=256,
-      positive_fraction=0.5, bbox_reg_weights=(1.0, 1.0, 1.0, 1.0), smooth_l1_beta=0.0,
-      loss_weight=1.0))
-  c.roi_heads = ml_collections.ConfigDict(dict(
-      batch_size_per_image=512, positive_fraction=0.25, iou_threshold=0.5,
-      bbox_reg_weights=(10.0, 10.0, 5.0, 5.0), score_thresh_test=0.05, nms_thresh_test=0.5,
-      detections_per_image=100, proposal_append_gt=True,
+  c.anchors = ml_collections.ConfigDict(
+    dict(sizes=((32,), (64,), (128,), (256,), (512,)), aspect_ratios=(0.5, 1.0, 2.0), offset=0.0)
+  )
+  c.rpn = ml_collections.ConfigDict(
+    dict(
+      head_conv_dims=-1,
+      pre_nms_topk_train=2000,
+      pre_nms_topk_test=1000,
+      post_nms_topk_train=1000,
+      post_nms_topk_test=1000,
+      nms_thresh=0.7,
+      min_size=0.0,
+      iou_thresholds=(0.3, 0.7),
+      iou_labels=(0, -1, 1),
+      batch_size_per_image=256,
+      positive_fraction=0.5,
+      bbox_reg_weights=(1.0, 1.0, 1.0, 1.0),
+      smooth_l1_beta=0.0,
+      loss_weight=1.0,
+    )
+  )
+  c.roi_heads = ml_collections.ConfigDict(
+    dict(
+      batch_size_per_image=512,
+      positive_fraction=0.25,
+      iou_threshold=0.5,
+      bbox_reg_weights=(10.0, 10.0, 5.0, 5.0),
+      score_thresh_test=0.05,
+      nms_thresh_test=0.5,
+      detections_per_image=100,
+      proposal_append_gt=True,
       # Fixed-shape inference: the best (proposal, class) candidates above the score threshold
       # that enter the per-class NMS (Detectron2 keeps all of them; exact when fewer pass).
-      test_candidates=2000))
+      test_candidates=2000,
+    )
+  )
   # Head norms: GN with num_groups groups; BN / SyncBN take statistics over all ROIs of the batch.
-  c.box_head = ml_collections.ConfigDict(dict(
-      name="4conv1fc", num_conv=4, conv_dim=256, num_fc=1, fc_dim=1024, norm="GN", num_groups=32,
-      pooler_resolution=7, pooler_sampling_ratio=0, pooler_aligned=True))
-  c.mask_head = ml_collections.ConfigDict(dict(
-      num_conv=4, conv_dim=256, norm="GN", num_groups=32, pooler_resolution=14,
-      pooler_sampling_ratio=0, pooler_aligned=True, max_fg_rois=128, resolution=28,
+  c.box_head = ml_collections.ConfigDict(
+    dict(
+      name="4conv1fc",
+      num_conv=4,
+      conv_dim=256,
+      num_fc=1,
+      fc_dim=1024,
+      norm="GN",
+      num_groups=32,
+      pooler_resolution=7,
+      pooler_sampling_ratio=0,
+      pooler_aligned=True,
+    )
+  )
+  c.mask_head = ml_collections.ConfigDict(
+    dict(
+      num_conv=4,
+      conv_dim=256,
+      norm="GN",
+      num_groups=32,
+      pooler_resolution=14,
+      pooler_sampling_ratio=0,
+      pooler_aligned=True,
+      max_fg_rois=128,
+      resolution=28,
       # The mask branch runs in chunks of this many ROIs per image and skips chunks that hold no
       # ROI (foreground in training, detection in inference) in any image; 0 = one pass.
-      chunk_rois=16))
+      chunk_rois=16,
+    )
+  )
   return c

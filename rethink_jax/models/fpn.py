@@ -7,7 +7,8 @@ Params: bottom_up/... (the ResNet), fpn_lateral{2..5}/{kernel, [bias], [norm]},
 fpn_output{2..5}/{kernel, [bias], [norm]}. Convs have a bias only when not normed.
 """
 
-from typing import Any, Mapping, Optional, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
@@ -16,7 +17,8 @@ import jax.numpy as jnp
 from rethink_jax.models import config as config_lib
 from rethink_jax.models import layers
 from rethink_jax.models import resnet as resnet_lib
-from rethink_jax.models.layers import ConvDef, xavier_fill
+from rethink_jax.models.layers import ConvDef
+from rethink_jax.models.layers import xavier_fill
 
 Array = jax.Array
 
@@ -47,6 +49,7 @@ class FPN(nn.Module):
     conv: the FPN's Conv2d with its norm (layers.conv_def); it has a bias only when not normed.
     top_block: add P6 (LastLevelMaxPool).
   """
+
   bottom_up: nn.Module
   in_features: Sequence[str]
   out_channels: int
@@ -59,8 +62,9 @@ class FPN(nn.Module):
     missing = [f for f in self.in_features if f not in feats]
     if missing:
       raise ValueError(f"FPN: bottom_up gave {sorted(feats)}, missing {missing}.")
-    conv = lambda k, name: self.conv(self.out_channels, k, padding=k // 2, kernel_init=xavier_fill,
-                                     name=name)
+    conv = lambda k, name: self.conv(
+      self.out_channels, k, padding=k // 2, kernel_init=xavier_fill, name=name
+    )
     levels = [int(f[-1]) for f in self.in_features]
     outputs = {}
     prev = None
@@ -78,22 +82,34 @@ class FPN(nn.Module):
     return {k: outputs[k] for k in sorted(outputs, key=lambda k: int(k[1:]))}
 
 
-def backbone_from_config(model_config: Mapping[str, Any],
-                         axis_name: Optional[str] = None) -> FPN:
+def backbone_from_config(model_config: Mapping[str, Any], axis_name: Optional[str] = None) -> FPN:
   """ResNet-FPN backbone (Detectron2's build_resnet_fpn_backbone) of a model config:
   x (B, H, W, 3) -> {"p2".."p6"}. The FPN's norm shares the backbone's num_groups and
   bn_group_size."""
   b, dtype = model_config["backbone"], model_config["dtype"]
   bottom_up = resnet_lib.resnet_from_config(b, dtype, axis_name)
-  norm = layers.build_norm(model_config["fpn"]["norm"], num_groups=b["num_groups"],
-                           bn_group_size=b["bn_group_size"] or None, axis_name=axis_name)
-  return FPN(bottom_up=bottom_up, in_features=resnet_lib.STAGES,
-             out_channels=model_config["fpn"]["out_channels"],
-             conv=layers.conv_def(norm=norm, dtype=dtype))
+  norm = layers.build_norm(
+    model_config["fpn"]["norm"],
+    num_groups=b["num_groups"],
+    bn_group_size=b["bn_group_size"] or None,
+    axis_name=axis_name,
+  )
+  return FPN(
+    bottom_up=bottom_up,
+    in_features=resnet_lib.STAGES,
+    out_channels=model_config["fpn"]["out_channels"],
+    conv=layers.conv_def(norm=norm, dtype=dtype),
+  )
 
 
-def build_resnet_fpn(*, fpn_norm: Optional[str] = None, out_channels: Optional[int] = None,
-                     dtype: Any = None, axis_name: Optional[str] = None, **backbone: Any) -> FPN:
+def build_resnet_fpn(
+  *,
+  fpn_norm: Optional[str] = None,
+  out_channels: Optional[int] = None,
+  dtype: Any = None,
+  axis_name: Optional[str] = None,
+  **backbone: Any,
+) -> FPN:
   """ResNet-FPN from plain values: default_model_config() with these fields overridden.
 
     build_resnet_fpn(depth=50, norm="GN", fpn_norm="GN")

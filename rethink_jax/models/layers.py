@@ -13,9 +13,10 @@ Activations are NHWC, kernels HWIO, padding is explicit and symmetric (PyTorch s
 parameters and all norm statistics stay float32.
 """
 
+from collections.abc import Callable, Sequence
 import functools
 import math
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Optional, Union
 
 import flax.linen as nn
 import jax
@@ -67,6 +68,7 @@ class GroupNorm(nn.Module):
   `num_groups` groups when C is a multiple of it; tiny widths (C < num_groups, e.g. width=8 test
   models) use gcd(num_groups, C) groups.
   """
+
   num_groups: int
   epsilon: float = 1e-5  # torch.nn.GroupNorm's
 
@@ -97,6 +99,7 @@ class BatchNorm(nn.Module):
     - and in addition across `axis_name` (shard_map / pmap) when given.
   When several groups exist the running statistics get the mean of the groups' statistics.
   """
+
   group_size: Optional[int] = None
   axis_name: Optional[str] = None
   momentum: float = BN_MOMENTUM
@@ -134,9 +137,11 @@ class BatchNorm(nn.Module):
     if not self.is_initializing():
       unbiased = var * (n / max(n - 1, 1))
       ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * jnp.mean(
-          mean, axis=(0, 1, 2, 3))
+        mean, axis=(0, 1, 2, 3)
+      )
       ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * jnp.mean(
-          unbiased, axis=(0, 1, 2, 3))
+        unbiased, axis=(0, 1, 2, 3)
+      )
     return y.astype(x.dtype)
 
 
@@ -155,14 +160,19 @@ class FrozenBatchNorm(nn.Module):
     scale = self.variable("frozen", "scale", lambda: jnp.ones((c,), jnp.float32)).value
     bias = self.variable("frozen", "bias", lambda: jnp.zeros((c,), jnp.float32)).value
     if scale.shape != (c,) or bias.shape != (c,):
-      raise ValueError(f"FrozenBatchNorm: input {x.shape} vs scale {scale.shape}, "
-                       f"bias {bias.shape}.")
+      raise ValueError(
+        f"FrozenBatchNorm: input {x.shape} vs scale {scale.shape}, bias {bias.shape}."
+      )
     return (x.astype(jnp.float32) * scale + bias).astype(x.dtype)
 
 
-def build_norm(norm: Optional[str], *, num_groups: Optional[int] = None,
-               bn_group_size: Optional[int] = None,
-               axis_name: Optional[str] = None) -> Optional[NormDef]:
+def build_norm(
+  norm: Optional[str],
+  *,
+  num_groups: Optional[int] = None,
+  bn_group_size: Optional[int] = None,
+  axis_name: Optional[str] = None,
+) -> Optional[NormDef]:
   """The norm factory for `norm` in {"GN", "SyncBN", "BN", "FrozenBN"}, or None for None / "".
 
   The factory builds a module called as `module(x (B,H,W,C), train) -> (B,H,W,C)`; Conv2d
@@ -197,6 +207,7 @@ class Conv2d(nn.Module):
     norm: a norm factory (`build_norm`), built as the submodule "norm"; None = no norm.
     dtype: computation dtype of the conv (params stay float32; norms compute in float32).
   """
+
   features: int
   kernel_size: IntOrPair
   strides: IntOrPair = 1
@@ -222,15 +233,18 @@ class Conv2d(nn.Module):
       ph, pw = _pair(self.padding)
     cin = x.shape[-1]
     if cin % self.groups or self.features % self.groups:
-      raise ValueError(f"Conv2d: input {x.shape} / features {self.features} not divisible by "
-                       f"groups={self.groups}.")
+      raise ValueError(
+        f"Conv2d: input {x.shape} / features {self.features} not divisible by groups={self.groups}."
+      )
     use_bias = (self.norm is None) if self.use_bias is None else self.use_bias
-    kernel = self.param("kernel", self.kernel_init, (kh, kw, cin // self.groups, self.features),
-                        jnp.float32)
+    kernel = self.param(
+      "kernel", self.kernel_init, (kh, kw, cin // self.groups, self.features), jnp.float32
+    )
     x = x.astype(self.dtype)
     kernel = kernel.astype(self.dtype)
-    y = xla_cpu.conv2d(x, kernel, strides=(sh, sw), padding=(ph, pw), dilation=(dh, dw),
-                       groups=self.groups)
+    y = xla_cpu.conv2d(
+      x, kernel, strides=(sh, sw), padding=(ph, pw), dilation=(dh, dw), groups=self.groups
+    )
     if use_bias:
       bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)
       y = xla_cpu.add_bias(y, bias.astype(self.dtype))

@@ -20,7 +20,9 @@ Parameter tree (Detectron2's module names, so importing weights is a rename tabl
   roi_heads/{box_head/{conv1..conv4, fc1}, box_predictor/{cls_score, bbox_pred},
              mask_head/{mask_fcn1..mask_fcn4, deconv, predictor}}
 """
-from typing import Mapping, Optional, Sequence
+
+from collections.abc import Mapping, Sequence
+from typing import Optional
 
 import flax.linen as nn
 import jax
@@ -48,6 +50,7 @@ class MaskRCNN(nn.Module):
     roi_heads: roi_heads.StandardROIHeads.
     anchor_sizes, anchor_aspect_ratios, anchor_offset: the config's anchors section.
   """
+
   backbone: nn.Module
   proposal_generator: nn.Module
   roi_heads: nn.Module
@@ -58,14 +61,19 @@ class MaskRCNN(nn.Module):
   def anchors(self, features: Mapping[str, Array]) -> list[Array]:
     """Anchors of every level P2..P6 for these (static) feature sizes: list of (H_l*W_l*A, 4)."""
     hw = [features[k].shape[1:3] for k in PROPOSAL_FEATURES]
-    return [jnp.asarray(x, jnp.float32) for x in anchor_ops.generate_anchors(
-        hw, STRIDES, self.anchor_sizes, self.anchor_aspect_ratios, self.anchor_offset)]
+    return [
+      jnp.asarray(x, jnp.float32)
+      for x in anchor_ops.generate_anchors(
+        hw, STRIDES, self.anchor_sizes, self.anchor_aspect_ratios, self.anchor_offset
+      )
+    ]
 
   def __call__(self, batch: Mapping[str, Array], train: bool = False) -> dict[str, Array]:
     images, image_hw = batch["image"], batch["image_hw"]
     if images.ndim != 4 or image_hw.shape != (images.shape[0], 2):
-      raise ValueError(f"image {images.shape}, image_hw {image_hw.shape}: "
-                       "want (B, H, W, 3), (B, 2)")
+      raise ValueError(
+        f"image {images.shape}, image_hw {image_hw.shape}: want (B, H, W, 3), (B, 2)"
+      )
     features = self.backbone(images, train)
 
     gt_boxes = gt_classes = gt_masks = gt_valid = None
@@ -75,18 +83,25 @@ class MaskRCNN(nn.Module):
       gt_masks = batch["gt_masks"]
       gt_valid = gt_classes > 0
     proposals, proposal_valid, losses = self.proposal_generator(
-        [features[k] for k in PROPOSAL_FEATURES], self.anchors(features), image_hw, gt_boxes,
-        gt_valid, train=train)
-    outputs = self.roi_heads(features, proposals, proposal_valid, image_hw, gt_boxes, gt_classes,
-                             gt_masks, train=train)
+      [features[k] for k in PROPOSAL_FEATURES],
+      self.anchors(features),
+      image_hw,
+      gt_boxes,
+      gt_valid,
+      train=train,
+    )
+    outputs = self.roi_heads(
+      features, proposals, proposal_valid, image_hw, gt_boxes, gt_classes, gt_masks, train=train
+    )
     if not train:
       return outputs
     losses.update(outputs)
     return losses
 
 
-def build_model(model_config: ml_collections.ConfigDict,
-                axis_name: Optional[str] = None) -> MaskRCNN:
+def build_model(
+  model_config: ml_collections.ConfigDict, axis_name: Optional[str] = None
+) -> MaskRCNN:
   """MaskRCNN from a model config (default_model_config() layout); the only reader of it.
 
   axis_name: mapped axis of the SyncBN / BN statistics under shard_map / pmap (None under jit).
@@ -95,8 +110,11 @@ def build_model(model_config: ml_collections.ConfigDict,
   if c.dtype not in DTYPES:
     raise ValueError(f"model dtype must be one of {DTYPES}, got {c.dtype!r}")
   a = c.anchors
-  return MaskRCNN(backbone=fpn_lib.backbone_from_config(c, axis_name),
-                  proposal_generator=rpn_lib.build_rpn(c),
-                  roi_heads=roi_heads_lib.build_roi_heads(c),
-                  anchor_sizes=a.sizes, anchor_aspect_ratios=a.aspect_ratios,
-                  anchor_offset=a.offset)
+  return MaskRCNN(
+    backbone=fpn_lib.backbone_from_config(c, axis_name),
+    proposal_generator=rpn_lib.build_rpn(c),
+    roi_heads=roi_heads_lib.build_roi_heads(c),
+    anchor_sizes=a.sizes,
+    anchor_aspect_ratios=a.aspect_ratios,
+    anchor_offset=a.offset,
+  )

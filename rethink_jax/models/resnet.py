@@ -13,25 +13,27 @@ BasicBlock (depth 18/34) blocks have conv1, conv2 and (when channels change) sho
 FrozenBN keeps its scale/bias in the collection "frozen" at the same paths.
 """
 
-from typing import Any, Mapping, Optional, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
 
 from rethink_jax.models import config as config_lib
 from rethink_jax.models import layers
-from rethink_jax.models.layers import Activation, ConvDef
+from rethink_jax.models.layers import Activation
+from rethink_jax.models.layers import ConvDef
 from rethink_jax.ops.xla_cpu import max_pool
 
 Array = jax.Array
 
 # depth -> (blocks per stage res2..res5, bottleneck?)
 STAGE_BLOCKS = {
-    18: ((2, 2, 2, 2), False),
-    34: ((3, 4, 6, 3), False),
-    50: ((3, 4, 6, 3), True),
-    101: ((3, 4, 23, 3), True),
-    152: ((3, 8, 36, 3), True),
+  18: ((2, 2, 2, 2), False),
+  34: ((3, 4, 6, 3), False),
+  50: ((3, 4, 6, 3), True),
+  101: ((3, 4, 23, 3), True),
+  152: ((3, 8, 36, 3), True),
 }
 STAGES = ("res2", "res3", "res4", "res5")
 _BN_LIKE = ("BN", "SyncBN", "FrozenBN")
@@ -43,8 +45,9 @@ def frozen_norm(norm: Optional[str]) -> Optional[str]:
   return "FrozenBN" if norm in _BN_LIKE else norm
 
 
-def frozen_param_prefixes(freeze_at: int,
-                          prefix: Sequence[str] = ()) -> tuple[tuple[str, ...], ...]:
+def frozen_param_prefixes(
+  freeze_at: int, prefix: Sequence[str] = ()
+) -> tuple[tuple[str, ...], ...]:
   """Param-tree path prefixes the optimizer must not update for `freeze_at`.
 
   freeze_at=0: none; 1: stem; k >= 2: stem and res2..res{k}. `prefix` is where the ResNet's
@@ -62,13 +65,14 @@ def trainable_mask(params: Any, prefixes: Sequence[Sequence[str]]) -> Any:
 
   def keep(path, _):
     keys = tuple(getattr(k, "key", getattr(k, "name", str(k))) for k in path)
-    return not any(keys[:len(p)] == p for p in prefixes)
+    return not any(keys[: len(p)] == p for p in prefixes)
 
   return jax.tree_util.tree_map_with_path(keep, params)
 
 
 class BasicStem(nn.Module):
   """conv1 7x7/2 (pad 3) + norm + ReLU + max-pool 3x3/2 (pad 1): (B,H,W,3) -> (B,H/4,W/4,C)."""
+
   features: int
   conv: ConvDef
   activation: Activation = nn.relu
@@ -84,6 +88,7 @@ class BottleneckBlock(nn.Module):
 
   (B, H, W, Cin) -> (B, H/s, W/s, out_channels).
   """
+
   out_channels: int
   bottleneck_channels: int
   stride: int
@@ -108,6 +113,7 @@ class BottleneckBlock(nn.Module):
 
 class BasicBlock(nn.Module):
   """3x3 -> 3x3 (+ projection shortcut when channels change): (B,H,W,Cin) -> (B,H/s,W/s,C)."""
+
   out_channels: int
   stride: int
   conv: ConvDef
@@ -128,6 +134,7 @@ class BasicBlock(nn.Module):
 
 class ResStage(nn.Module):
   """A stage res{k}: blocks named "0", "1", ...; the first one carries the stride."""
+
   num_blocks: int
   out_channels: int
   bottleneck_channels: int
@@ -142,8 +149,15 @@ class ResStage(nn.Module):
     for i in range(self.num_blocks):
       s = self.stride if i == 0 else 1
       if self.bottleneck:
-        x = BottleneckBlock(self.out_channels, self.bottleneck_channels, s, self.stride_in_1x1,
-                            self.conv, self.activation, name=str(i))(x, train)
+        x = BottleneckBlock(
+          self.out_channels,
+          self.bottleneck_channels,
+          s,
+          self.stride_in_1x1,
+          self.conv,
+          self.activation,
+          name=str(i),
+        )(x, train)
       else:
         x = BasicBlock(self.out_channels, s, self.conv, self.activation, name=str(i))(x, train)
     return x
@@ -166,6 +180,7 @@ class ResNet(nn.Module):
     conv: the normed, bias-free Conv2d of the trained stages (layers.conv_def).
     frozen_conv: the Conv2d of the frozen stages (BN norms become FrozenBN, see `frozen_norm`).
   """
+
   depth: int
   width: int
   stride_in_1x1: bool
@@ -193,8 +208,17 @@ class ResNet(nn.Module):
     for k, (stage, n) in enumerate(zip(STAGES, blocks)):
       out_channels = self.out_channels[stage]
       frozen = self.freeze_at >= k + 2
-      x = ResStage(n, out_channels, self.width * 2 ** k, 1 if k == 0 else 2, bottleneck,
-                   self.stride_in_1x1, conv_of(frozen), self.activation, name=stage)(x, train)
+      x = ResStage(
+        n,
+        out_channels,
+        self.width * 2**k,
+        1 if k == 0 else 2,
+        bottleneck,
+        self.stride_in_1x1,
+        conv_of(frozen),
+        self.activation,
+        name=stage,
+      )(x, train)
       if frozen:
         x = jax.lax.stop_gradient(x)
       outputs[stage] = x
@@ -203,11 +227,15 @@ class ResNet(nn.Module):
   @property
   def out_channels(self) -> dict[str, int]:
     bottleneck = STAGE_BLOCKS[self.depth][1]
-    return {s: self.width * 2 ** k * (4 if bottleneck else 1) for k, s in enumerate(STAGES)}
+    return {s: self.width * 2**k * (4 if bottleneck else 1) for k, s in enumerate(STAGES)}
 
 
-def resnet_from_config(backbone: Mapping[str, Any], dtype: Any, axis_name: Optional[str] = None,
-                       name: Optional[str] = None) -> ResNet:
+def resnet_from_config(
+  backbone: Mapping[str, Any],
+  dtype: Any,
+  axis_name: Optional[str] = None,
+  name: Optional[str] = None,
+) -> ResNet:
   """The ResNet of a config's `backbone` section (default_model_config() layout).
 
   dtype: conv computation dtype, e.g. "bfloat16" (params and norm statistics stay float32).
@@ -215,19 +243,29 @@ def resnet_from_config(backbone: Mapping[str, Any], dtype: Any, axis_name: Optio
   name: the module name, when built inside a parent's compact method.
   """
   norm_def = lambda norm: layers.build_norm(
-      norm, num_groups=backbone["num_groups"], bn_group_size=backbone["bn_group_size"] or None,
-      axis_name=axis_name)
+    norm,
+    num_groups=backbone["num_groups"],
+    bn_group_size=backbone["bn_group_size"] or None,
+    axis_name=axis_name,
+  )
   norm = backbone["norm"] or None
   # Detectron2's ResNet convs have no bias, normed or not.
   conv = layers.conv_def(norm=norm_def(norm), dtype=dtype, use_bias=False)
   frozen_conv = layers.conv_def(norm=norm_def(frozen_norm(norm)), dtype=dtype, use_bias=False)
-  return ResNet(depth=backbone["depth"], width=backbone["width"],
-                stride_in_1x1=backbone["stride_in_1x1"], freeze_at=backbone["freeze_at"],
-                conv=conv, frozen_conv=frozen_conv, name=name)
+  return ResNet(
+    depth=backbone["depth"],
+    width=backbone["width"],
+    stride_in_1x1=backbone["stride_in_1x1"],
+    freeze_at=backbone["freeze_at"],
+    conv=conv,
+    frozen_conv=frozen_conv,
+    name=name,
+  )
 
 
-def build_resnet(*, dtype: Any = None, axis_name: Optional[str] = None, name: Optional[str] = None,
-                 **backbone: Any) -> ResNet:
+def build_resnet(
+  *, dtype: Any = None, axis_name: Optional[str] = None, name: Optional[str] = None, **backbone: Any
+) -> ResNet:
   """A ResNet from plain values: default_model_config().backbone with `backbone` overridden.
 
     build_resnet(depth=18, norm="GN", width=8)   # the other fields as in the config
@@ -239,5 +277,4 @@ def build_resnet(*, dtype: Any = None, axis_name: Optional[str] = None, name: Op
   if unknown:
     raise ValueError(f"build_resnet: unknown fields {unknown}; known: {sorted(fields)}")
   fields.update(backbone)
-  return resnet_from_config(fields, model_config.dtype if dtype is None else dtype, axis_name,
-                            name)
+  return resnet_from_config(fields, model_config.dtype if dtype is None else dtype, axis_name, name)

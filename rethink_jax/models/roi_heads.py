@@ -18,22 +18,26 @@ Inference, per image: softmax scores, class-specific decoding, clipping, score >
 StandardROIHeads receives its poolers, box head, box predictor and mask head built, as Detectron2's
 does; `build_roi_heads(model_config)` builds them.
 """
+
+from collections.abc import Mapping, Sequence
 import dataclasses
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from rethink_jax.models import layers
-from rethink_jax.models.layers import Activation, ConvDef, DenseDef
+from rethink_jax.models.layers import Activation
+from rethink_jax.models.layers import ConvDef
+from rethink_jax.models.layers import DenseDef
 from rethink_jax.ops import boxes as box_ops
 from rethink_jax.ops import masks as mask_ops
 from rethink_jax.ops import matching
-from rethink_jax.ops.nms import batched_nms
-from rethink_jax.ops.roi_align import multilevel_roi_align
 from rethink_jax.ops import sampling
 from rethink_jax.ops import xla_cpu
+from rethink_jax.ops.nms import batched_nms
+from rethink_jax.ops.roi_align import multilevel_roi_align
 
 Array = jax.Array
 # ConvTranspose2d(C, C, 2, 2) weight is (C_in, C_out, 2, 2) in PyTorch, whose "fan_out" is C_in*4:
@@ -58,6 +62,7 @@ class ROIPooler:
   __call__(features {"p2".."p5": (B, H_l, W_l, C)}, rois (B, R, 4)) -> (B*R, S, S, C),
   S = resolution.
   """
+
   resolution: int
   sampling_ratio: int  # 0: adaptive, ceil(roi size / resolution) taps per bin
   aligned: bool
@@ -77,6 +82,7 @@ class FastRCNNConvFCHead(nn.Module):
   Attributes:
     conv: the head's normed Conv2d (layers.conv_def); dense: its nn.Dense (layers.dense_def).
   """
+
   num_conv: int
   conv_dim: int
   num_fc: int
@@ -89,14 +95,16 @@ class FastRCNNConvFCHead(nn.Module):
   def __call__(self, x: Array, train: bool = False) -> Array:
     _check(x.ndim == 4, f"box head input must be (R, S, S, C), got {x.shape}")
     for i in range(self.num_conv):
-      x = self.conv(self.conv_dim, 3, padding=1, kernel_init=layers.msra_fill,
-                    name=f"conv{i + 1}")(x, train=train)
+      x = self.conv(self.conv_dim, 3, padding=1, kernel_init=layers.msra_fill, name=f"conv{i + 1}")(
+        x, train=train
+      )
       x = self.activation(x)
     # Flatten in (C, H, W) order, as PyTorch does, so fc1 maps 1:1 onto Detectron2's weight.
     x = jnp.transpose(x, (0, 3, 1, 2)).reshape(x.shape[0], -1)
     for i in range(self.num_fc):
-      x = self.activation(self.dense(self.fc_dim, kernel_init=layers.xavier_fill,
-                                     name=f"fc{i + 1}")(x))
+      x = self.activation(
+        self.dense(self.fc_dim, kernel_init=layers.xavier_fill, name=f"fc{i + 1}")(x)
+      )
     return x
 
 
@@ -105,18 +113,23 @@ class FastRCNNOutputLayers(nn.Module):
 
   __call__(x (R, D)) -> (logits (R, K+1) float32, deltas (R, K, 4) float32).
   """
+
   num_classes: int
   dense: DenseDef
 
   @nn.compact
   def __call__(self, x: Array) -> tuple[Array, Array]:
     _check(x.ndim == 2, f"box predictor input must be (R, D), got {x.shape}")
-    logits = self.dense(self.num_classes + 1, kernel_init=nn.initializers.normal(0.01),
-                        name="cls_score")(x)
-    deltas = self.dense(4 * self.num_classes, kernel_init=nn.initializers.normal(0.001),
-                        name="bbox_pred")(x)
-    return (logits.astype(jnp.float32),
-            deltas.astype(jnp.float32).reshape(x.shape[0], self.num_classes, 4))
+    logits = self.dense(
+      self.num_classes + 1, kernel_init=nn.initializers.normal(0.01), name="cls_score"
+    )(x)
+    deltas = self.dense(
+      4 * self.num_classes, kernel_init=nn.initializers.normal(0.001), name="bbox_pred"
+    )(x)
+    return (
+      logits.astype(jnp.float32),
+      deltas.astype(jnp.float32).reshape(x.shape[0], self.num_classes, 4),
+    )
 
 
 class ConvTranspose2x2(nn.Module):
@@ -127,6 +140,7 @@ class ConvTranspose2x2(nn.Module):
   "bias".
   __call__(x (R, H, W, C_in)) -> (R, 2H, 2W, C_out), computed in x's dtype.
   """
+
   features: int
 
   @nn.compact
@@ -147,14 +161,18 @@ class ClassMaskPredictor(nn.Module):
   __call__(x (R, M, M, C), classes (R,) int in 1..K (0 is treated as class 1)) -> logits (R, M, M)
   float32; the product is computed in x's dtype.
   """
+
   num_classes: int
 
   @nn.compact
   def __call__(self, x: Array, classes: Array) -> Array:
-    _check(x.ndim == 4 and classes.shape == x.shape[:1],
-           f"mask predictor wants x (R, M, M, C) and classes (R,), got {x.shape}, {classes.shape}")
-    kernel = self.param("kernel", nn.initializers.normal(0.001),
-                        (1, 1, x.shape[-1], self.num_classes), jnp.float32)
+    _check(
+      x.ndim == 4 and classes.shape == x.shape[:1],
+      f"mask predictor wants x (R, M, M, C) and classes (R,), got {x.shape}, {classes.shape}",
+    )
+    kernel = self.param(
+      "kernel", nn.initializers.normal(0.001), (1, 1, x.shape[-1], self.num_classes), jnp.float32
+    )
     bias = self.param("bias", nn.initializers.zeros, (self.num_classes,), jnp.float32)
     k = jnp.clip(classes - 1, 0, self.num_classes - 1)
     w = kernel[0, 0].T[k]  # (R, C)
@@ -171,6 +189,7 @@ class MaskRCNNConvUpsampleHead(nn.Module):
     conv: the head's normed Conv2d (layers.conv_def); the deconv and the predictor compute in
       the dtype of its output.
   """
+
   num_classes: int
   num_conv: int
   conv_dim: int
@@ -182,8 +201,9 @@ class MaskRCNNConvUpsampleHead(nn.Module):
     _check(x.ndim == 4, f"mask head input must be (R, S, S, C), got {x.shape}")
     _check(self.num_conv > 0, "the mask head needs num_conv >= 1 (its convs set the dtype)")
     for i in range(self.num_conv):
-      x = self.conv(self.conv_dim, 3, padding=1, kernel_init=layers.msra_fill,
-                    name=f"mask_fcn{i + 1}")(x, train=train)
+      x = self.conv(
+        self.conv_dim, 3, padding=1, kernel_init=layers.msra_fill, name=f"mask_fcn{i + 1}"
+      )(x, train=train)
       x = self.activation(x)
     x = self.activation(ConvTranspose2x2(self.conv_dim, name="deconv")(x))
     return ClassMaskPredictor(self.num_classes, name="predictor")(x, classes)
@@ -192,10 +212,18 @@ class MaskRCNNConvUpsampleHead(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # Per-image label/sample, losses and inference (plain functions; vmapped over the batch).
 # ----------------------------------------------------------------------------------------------
-def label_and_sample_proposals(proposals: Array, proposal_valid: Array, gt_boxes: Array,
-                               gt_classes: Array, key: Array, *, batch_size_per_image: int,
-                               positive_fraction: float, iou_threshold: float,
-                               append_gt: bool) -> dict[str, Array]:
+def label_and_sample_proposals(
+  proposals: Array,
+  proposal_valid: Array,
+  gt_boxes: Array,
+  gt_classes: Array,
+  key: Array,
+  *,
+  batch_size_per_image: int,
+  positive_fraction: float,
+  iou_threshold: float,
+  append_gt: bool,
+) -> dict[str, Array]:
   """Detectron2's label_and_sample_proposals for one image.
 
   Args:
@@ -204,10 +232,11 @@ def label_and_sample_proposals(proposals: Array, proposal_valid: Array, gt_boxes
   Returns dict of S = batch_size_per_image sampled ROIs:
     rois (S, 4), classes (S,) int32 (0 = background), matched_gt (S,) int32, valid (S,) bool.
   """
-  _check(proposals.shape == proposal_valid.shape + (4,)
-         and gt_boxes.shape == gt_classes.shape + (4,),
-         f"proposals {proposals.shape}, proposal_valid {proposal_valid.shape}, gt_boxes "
-         f"{gt_boxes.shape}, gt_classes {gt_classes.shape}: want (P, 4), (P,), (G, 4), (G,)")
+  _check(
+    proposals.shape == proposal_valid.shape + (4,) and gt_boxes.shape == gt_classes.shape + (4,),
+    f"proposals {proposals.shape}, proposal_valid {proposal_valid.shape}, gt_boxes "
+    f"{gt_boxes.shape}, gt_classes {gt_classes.shape}: want (P, 4), (P,), (G, 4), (G,)",
+  )
   gt_valid = gt_classes > 0
   boxes, valid = proposals, proposal_valid
   if append_gt:
@@ -218,13 +247,16 @@ def label_and_sample_proposals(proposals: Array, proposal_valid: Array, gt_boxes
   fg = (labels == 1) & jnp.any(gt_valid)
   classes = jnp.where(fg, gt_classes[matched_gt], 0).astype(jnp.int32)
   sampler_labels = jnp.where(valid, fg.astype(jnp.int32), -1)
-  idx, svalid = sampling.sample_balanced(sampler_labels, batch_size_per_image, positive_fraction,
-                                         key)
+  idx, svalid = sampling.sample_balanced(
+    sampler_labels, batch_size_per_image, positive_fraction, key
+  )
   safe = jnp.where(svalid, idx, 0)
-  return {"rois": jnp.where(svalid[:, None], boxes[safe], 0.0),
-          "classes": jnp.where(svalid, classes[safe], 0),
-          "matched_gt": matched_gt[safe].astype(jnp.int32),
-          "valid": svalid}
+  return {
+    "rois": jnp.where(svalid[:, None], boxes[safe], 0.0),
+    "classes": jnp.where(svalid, classes[safe], 0),
+    "matched_gt": matched_gt[safe].astype(jnp.int32),
+    "valid": svalid,
+  }
 
 
 def select_foreground(samples: Mapping[str, Array], max_fg_rois: int) -> dict[str, Array]:
@@ -239,8 +271,9 @@ def select_foreground(samples: Mapping[str, Array], max_fg_rois: int) -> dict[st
   return out
 
 
-def fast_rcnn_losses(logits: Array, deltas: Array, classes: Array, valid: Array,
-                     targets: Array) -> dict[str, Array]:
+def fast_rcnn_losses(
+  logits: Array, deltas: Array, classes: Array, valid: Array, targets: Array
+) -> dict[str, Array]:
   """Detectron2's FastRCNNOutputLayers.losses over a batch of sampled ROIs.
 
   Args:
@@ -250,10 +283,14 @@ def fast_rcnn_losses(logits: Array, deltas: Array, classes: Array, valid: Array,
            "loss_box_reg": L1 over foreground / number of valid ROIs}.
   """
   n, k1 = logits.shape
-  _check(deltas.shape == (n, k1 - 1, 4) and classes.shape == (n,) and valid.shape == (n,)
-         and targets.shape == (n, 4),
-         f"logits {logits.shape}, deltas {deltas.shape}, classes {classes.shape}, valid "
-         f"{valid.shape}, targets {targets.shape} disagree")
+  _check(
+    deltas.shape == (n, k1 - 1, 4)
+    and classes.shape == (n,)
+    and valid.shape == (n,)
+    and targets.shape == (n, 4),
+    f"logits {logits.shape}, deltas {deltas.shape}, classes {classes.shape}, valid "
+    f"{valid.shape}, targets {targets.shape} disagree",
+  )
   num_classes = k1 - 1
   fvalid = valid.astype(jnp.float32)
   denom = jnp.maximum(jnp.sum(fvalid), 1.0)
@@ -273,8 +310,10 @@ def mask_rcnn_loss(mask_logits: Array, mask_targets: Array, valid: Array) -> Arr
 
   mask_logits (N, M, M) of each ROI's gt class, mask_targets (N, M, M) in {0, 1}, valid (N,).
   """
-  _check(mask_logits.shape == mask_targets.shape and valid.shape == mask_logits.shape[:1],
-         f"mask_logits {mask_logits.shape}, targets {mask_targets.shape}, valid {valid.shape}")
+  _check(
+    mask_logits.shape == mask_targets.shape and valid.shape == mask_logits.shape[:1],
+    f"mask_logits {mask_logits.shape}, targets {mask_targets.shape}, valid {valid.shape}",
+  )
   x = mask_logits.astype(jnp.float32)
   bce = jnp.maximum(x, 0) - x * mask_targets + jnp.log1p(jnp.exp(-jnp.abs(x)))
   w = valid.astype(jnp.float32)[:, None, None]
@@ -282,10 +321,19 @@ def mask_rcnn_loss(mask_logits: Array, mask_targets: Array, valid: Array) -> Arr
   return jnp.sum(bce * w) / pixels
 
 
-def fast_rcnn_inference(proposals: Array, proposal_valid: Array, logits: Array, deltas: Array,
-                        image_hw: Array, *, box_reg_weights: Sequence[float], score_thresh: float,
-                        nms_thresh: float, detections_per_image: int,
-                        num_candidates: int) -> tuple[Array, Array, Array, Array]:
+def fast_rcnn_inference(
+  proposals: Array,
+  proposal_valid: Array,
+  logits: Array,
+  deltas: Array,
+  image_hw: Array,
+  *,
+  box_reg_weights: Sequence[float],
+  score_thresh: float,
+  nms_thresh: float,
+  detections_per_image: int,
+  num_candidates: int,
+) -> tuple[Array, Array, Array, Array]:
   """Detections of one image (Detectron2's fast_rcnn_inference_single_image, fixed shapes).
 
   Before the per-class NMS the (proposal, class) candidates above score_thresh are cut to the
@@ -298,12 +346,13 @@ def fast_rcnn_inference(proposals: Array, proposal_valid: Array, logits: Array, 
   """
   p, k1 = logits.shape
   k = k1 - 1
-  _check(proposals.shape == (p, 4) and deltas.shape == (p, k, 4),
-         f"proposals {proposals.shape}, logits {logits.shape}, deltas {deltas.shape} disagree")
+  _check(
+    proposals.shape == (p, 4) and deltas.shape == (p, k, 4),
+    f"proposals {proposals.shape}, logits {logits.shape}, deltas {deltas.shape} disagree",
+  )
   scores = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)[:, :k]
   anchors = jnp.broadcast_to(proposals[:, None, :], (p, k, 4))
-  boxes = box_ops.decode_boxes(deltas.reshape(p * k, 4), anchors.reshape(p * k, 4),
-                               box_reg_weights)
+  boxes = box_ops.decode_boxes(deltas.reshape(p * k, 4), anchors.reshape(p * k, 4), box_reg_weights)
   finite = jnp.all(jnp.isfinite(boxes), axis=-1)
   boxes = box_ops.clip_boxes(jnp.where(finite[:, None], boxes, 0.0), image_hw)
   scores = scores.reshape(-1)
@@ -312,12 +361,15 @@ def fast_rcnn_inference(proposals: Array, proposal_valid: Array, logits: Array, 
   cand_scores, cand = jax.lax.top_k(scores, min(num_candidates, p * k))
   cand_boxes = boxes[cand]
   cand_classes = (cand % k + 1).astype(jnp.int32)
-  idx, num = batched_nms(cand_boxes, cand_scores, cand_classes, nms_thresh,
-                                 detections_per_image)
+  idx, num = batched_nms(cand_boxes, cand_scores, cand_classes, nms_thresh, detections_per_image)
   ok = jnp.arange(detections_per_image) < num
   safe = jnp.where(ok, idx, 0)
-  return (jnp.where(ok[:, None], cand_boxes[safe], 0.0), jnp.where(ok, cand_scores[safe], 0.0),
-          jnp.where(ok, cand_classes[safe], 0), num.astype(jnp.int32))
+  return (
+    jnp.where(ok[:, None], cand_boxes[safe], 0.0),
+    jnp.where(ok, cand_scores[safe], 0.0),
+    jnp.where(ok, cand_classes[safe], 0),
+    num.astype(jnp.int32),
+  )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -335,6 +387,7 @@ class StandardROIHeads(nn.Module):
   The sub-modules come built (`build_roi_heads`); the other attributes are the config's
   roi_heads section and mask_head.{max_fg_rois, resolution, chunk_rois}.
   """
+
   num_classes: int
   box_pooler: ROIPooler
   box_head: nn.Module
@@ -359,8 +412,7 @@ class StandardROIHeads(nn.Module):
 
   def _box_branch(self, features, rois, train):
     b, r = rois.shape[:2]
-    logits, deltas = self.box_predictor(self.box_head(self.box_pooler(features, rois),
-                                                      train=train))
+    logits, deltas = self.box_predictor(self.box_head(self.box_pooler(features, rois), train=train))
     return logits.reshape(b, r, -1), deltas.reshape(b, r, self.num_classes, 4)
 
   def _mask_branch(self, features, rois, classes, train):
@@ -383,68 +435,118 @@ class StandardROIHeads(nn.Module):
     m = self.mask_resolution
     run = lambda mdl, f, x, c: mdl._mask_branch(f, x, c, train)
     skip = lambda mdl, f, x, c: jnp.zeros(x.shape[:2] + (m, m), jnp.float32)
-    logits = [nn.cond(jnp.any(valid[:, s:s + chunk]), run, skip, self, features,
-                      rois[:, s:s + chunk], classes[:, s:s + chunk])
-              for s in range(0, r, chunk)]
+    logits = [
+      nn.cond(
+        jnp.any(valid[:, s : s + chunk]),
+        run,
+        skip,
+        self,
+        features,
+        rois[:, s : s + chunk],
+        classes[:, s : s + chunk],
+      )
+      for s in range(0, r, chunk)
+    ]
     return jnp.concatenate(logits, axis=1)
 
-  def __call__(self, features: Mapping[str, Array], proposals: Array, proposal_valid: Array,
-               image_hw: Array, gt_boxes: Optional[Array] = None,
-               gt_classes: Optional[Array] = None, gt_masks: Optional[Array] = None, *,
-               train: bool) -> dict[str, Array]:
+  def __call__(
+    self,
+    features: Mapping[str, Array],
+    proposals: Array,
+    proposal_valid: Array,
+    image_hw: Array,
+    gt_boxes: Optional[Array] = None,
+    gt_classes: Optional[Array] = None,
+    gt_masks: Optional[Array] = None,
+    *,
+    train: bool,
+  ) -> dict[str, Array]:
     b = proposals.shape[0]
-    _check(proposals.shape[-1] == 4 and proposal_valid.shape == proposals.shape[:2]
-           and image_hw.shape == (b, 2),
-           f"proposals {proposals.shape}, proposal_valid {proposal_valid.shape}, image_hw "
-           f"{image_hw.shape}: want (B, P, 4), (B, P), (B, 2)")
+    _check(
+      proposals.shape[-1] == 4
+      and proposal_valid.shape == proposals.shape[:2]
+      and image_hw.shape == (b, 2),
+      f"proposals {proposals.shape}, proposal_valid {proposal_valid.shape}, image_hw "
+      f"{image_hw.shape}: want (B, P, 4), (B, P), (B, 2)",
+    )
     weights = tuple(self.bbox_reg_weights)
     if not train:
       return self._inference(features, proposals, proposal_valid, image_hw)
 
-    _check(gt_boxes is not None and gt_classes is not None and gt_masks is not None,
-           "training the ROI heads needs gt_boxes, gt_classes and gt_masks")
+    _check(
+      gt_boxes is not None and gt_classes is not None and gt_masks is not None,
+      "training the ROI heads needs gt_boxes, gt_classes and gt_masks",
+    )
     keys = jax.random.split(self.make_rng("sampling"), b)
     sample = lambda p, v, g, c, k: label_and_sample_proposals(
-        p, v, g, c, k, batch_size_per_image=self.batch_size_per_image,
-        positive_fraction=self.positive_fraction, iou_threshold=self.iou_threshold,
-        append_gt=self.proposal_append_gt)
+      p,
+      v,
+      g,
+      c,
+      k,
+      batch_size_per_image=self.batch_size_per_image,
+      positive_fraction=self.positive_fraction,
+      iou_threshold=self.iou_threshold,
+      append_gt=self.proposal_append_gt,
+    )
     samples = jax.vmap(sample)(proposals, proposal_valid, gt_boxes, gt_classes, keys)
     samples = jax.lax.stop_gradient(samples)
 
     # Box branch.
     logits, deltas = self._box_branch(features, samples["rois"], train)
     matched_boxes = jnp.take_along_axis(gt_boxes, samples["matched_gt"][..., None], axis=1)
-    targets = box_ops.encode_boxes(matched_boxes.reshape(-1, 4),
-                                   samples["rois"].reshape(-1, 4), weights)
-    losses = fast_rcnn_losses(logits.reshape(-1, self.num_classes + 1),
-                              deltas.reshape(-1, self.num_classes, 4),
-                              samples["classes"].reshape(-1), samples["valid"].reshape(-1),
-                              jax.lax.stop_gradient(targets))
+    targets = box_ops.encode_boxes(
+      matched_boxes.reshape(-1, 4), samples["rois"].reshape(-1, 4), weights
+    )
+    losses = fast_rcnn_losses(
+      logits.reshape(-1, self.num_classes + 1),
+      deltas.reshape(-1, self.num_classes, 4),
+      samples["classes"].reshape(-1),
+      samples["valid"].reshape(-1),
+      jax.lax.stop_gradient(targets),
+    )
 
     # Mask branch on a fixed number of foreground ROIs per image.
     fg = jax.vmap(lambda s: select_foreground(s, self.mask_max_fg_rois))(samples)
-    targets = jax.vmap(lambda m, g, r, i: mask_ops.mask_targets(
-        m, g, r, i, self.mask_resolution))(gt_masks, gt_boxes, fg["rois"], fg["matched_gt"])
+    targets = jax.vmap(lambda m, g, r, i: mask_ops.mask_targets(m, g, r, i, self.mask_resolution))(
+      gt_masks, gt_boxes, fg["rois"], fg["matched_gt"]
+    )
     mask_logits = self._mask_logits(features, fg["rois"], fg["classes"], fg["valid"], train)
     m = self.mask_resolution
-    losses["loss_mask"] = mask_rcnn_loss(mask_logits.reshape(-1, m, m),
-                                         jax.lax.stop_gradient(targets).reshape(-1, m, m),
-                                         fg["valid"].reshape(-1))
+    losses["loss_mask"] = mask_rcnn_loss(
+      mask_logits.reshape(-1, m, m),
+      jax.lax.stop_gradient(targets).reshape(-1, m, m),
+      fg["valid"].reshape(-1),
+    )
     return losses
 
   def _inference(self, features, proposals, proposal_valid, image_hw):
     logits, deltas = self._box_branch(features, proposals, False)
     infer = lambda p, v, l, d, hw: fast_rcnn_inference(
-        p, v, l, d, hw, box_reg_weights=tuple(self.bbox_reg_weights),
-        score_thresh=self.score_thresh_test, nms_thresh=self.nms_thresh_test,
-        detections_per_image=self.detections_per_image, num_candidates=self.test_candidates)
-    boxes, scores, classes, num = jax.vmap(infer)(proposals, proposal_valid, logits, deltas,
-                                                  image_hw)
+      p,
+      v,
+      l,
+      d,
+      hw,
+      box_reg_weights=tuple(self.bbox_reg_weights),
+      score_thresh=self.score_thresh_test,
+      nms_thresh=self.nms_thresh_test,
+      detections_per_image=self.detections_per_image,
+      num_candidates=self.test_candidates,
+    )
+    boxes, scores, classes, num = jax.vmap(infer)(
+      proposals, proposal_valid, logits, deltas, image_hw
+    )
     valid = jnp.arange(self.detections_per_image)[None, :] < num[:, None]
     mask_logits = self._mask_logits(features, boxes, classes, valid, False)
     masks = jnp.where(valid[..., None, None], jax.nn.sigmoid(mask_logits), 0.0)
-    return {"boxes": boxes, "scores": scores, "classes": classes, "masks": masks,
-            "num_detections": num}
+    return {
+      "boxes": boxes,
+      "scores": scores,
+      "classes": classes,
+      "masks": masks,
+      "num_detections": num,
+    }
 
 
 def build_roi_heads(model_config: Mapping[str, Any]) -> StandardROIHeads:
@@ -460,25 +562,43 @@ def build_roi_heads(model_config: Mapping[str, Any]) -> StandardROIHeads:
     raise ValueError(f"unknown box head {bh['name']!r}: '4conv1fc' or '2fc'")
   # Head norms see (R, S, S, C) ROI batches: BN statistics over all ROIs, no image groups.
   head_conv = lambda h: layers.conv_def(
-      norm=layers.build_norm(h["norm"], num_groups=h["num_groups"]), dtype=dtype)
+    norm=layers.build_norm(h["norm"], num_groups=h["num_groups"]), dtype=dtype
+  )
   dense = layers.dense_def(dtype=dtype)
-  box_head = FastRCNNConvFCHead(num_conv=num_conv, conv_dim=bh["conv_dim"], num_fc=num_fc,
-                                fc_dim=bh["fc_dim"], conv=head_conv(bh), dense=dense)
-  mask_head = MaskRCNNConvUpsampleHead(num_classes=num_classes, num_conv=mh["num_conv"],
-                                       conv_dim=mh["conv_dim"], conv=head_conv(mh))
+  box_head = FastRCNNConvFCHead(
+    num_conv=num_conv,
+    conv_dim=bh["conv_dim"],
+    num_fc=num_fc,
+    fc_dim=bh["fc_dim"],
+    conv=head_conv(bh),
+    dense=dense,
+  )
+  mask_head = MaskRCNNConvUpsampleHead(
+    num_classes=num_classes, num_conv=mh["num_conv"], conv_dim=mh["conv_dim"], conv=head_conv(mh)
+  )
   # Batch statistics must see all ROIs at once, so BN mask heads run in one pass.
   chunk_rois = 0 if mh["norm"] in ("BN", "SyncBN") else mh["chunk_rois"]
   return StandardROIHeads(
-      num_classes=num_classes,
-      box_pooler=ROIPooler(bh["pooler_resolution"], bh["pooler_sampling_ratio"],
-                           bh["pooler_aligned"]),
-      box_head=box_head, box_predictor=FastRCNNOutputLayers(num_classes, dense),
-      mask_pooler=ROIPooler(mh["pooler_resolution"], mh["pooler_sampling_ratio"],
-                            mh["pooler_aligned"]),
-      mask_head=mask_head, batch_size_per_image=c["batch_size_per_image"],
-      positive_fraction=c["positive_fraction"], iou_threshold=c["iou_threshold"],
-      proposal_append_gt=c["proposal_append_gt"], bbox_reg_weights=tuple(c["bbox_reg_weights"]),
-      score_thresh_test=c["score_thresh_test"], nms_thresh_test=c["nms_thresh_test"],
-      detections_per_image=c["detections_per_image"], test_candidates=c["test_candidates"],
-      mask_max_fg_rois=mh["max_fg_rois"], mask_resolution=mh["resolution"],
-      mask_chunk_rois=chunk_rois)
+    num_classes=num_classes,
+    box_pooler=ROIPooler(
+      bh["pooler_resolution"], bh["pooler_sampling_ratio"], bh["pooler_aligned"]
+    ),
+    box_head=box_head,
+    box_predictor=FastRCNNOutputLayers(num_classes, dense),
+    mask_pooler=ROIPooler(
+      mh["pooler_resolution"], mh["pooler_sampling_ratio"], mh["pooler_aligned"]
+    ),
+    mask_head=mask_head,
+    batch_size_per_image=c["batch_size_per_image"],
+    positive_fraction=c["positive_fraction"],
+    iou_threshold=c["iou_threshold"],
+    proposal_append_gt=c["proposal_append_gt"],
+    bbox_reg_weights=tuple(c["bbox_reg_weights"]),
+    score_thresh_test=c["score_thresh_test"],
+    nms_thresh_test=c["nms_thresh_test"],
+    detections_per_image=c["detections_per_image"],
+    test_candidates=c["test_candidates"],
+    mask_max_fg_rois=mh["max_fg_rois"],
+    mask_resolution=mh["resolution"],
+    mask_chunk_rois=chunk_rois,
+  )

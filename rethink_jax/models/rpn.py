@@ -12,18 +12,21 @@ post_nms_topk per image; they carry no gradient.
 
 RPN receives its head built (StandardRPNHead); `build_rpn(model_config)` builds both.
 """
-from typing import Any, Mapping, Optional, Sequence
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from rethink_jax.models import layers
-from rethink_jax.models.layers import Activation, ConvDef
+from rethink_jax.models.layers import Activation
+from rethink_jax.models.layers import ConvDef
 from rethink_jax.ops import boxes as box_ops
 from rethink_jax.ops import matching
-from rethink_jax.ops.nms import batched_nms
 from rethink_jax.ops import sampling
+from rethink_jax.ops.nms import batched_nms
 
 # Detectron2's RPN init: normal(std=0.01), zero bias, for all three convs.
 _RPN_INIT = nn.initializers.normal(stddev=0.01)
@@ -42,6 +45,7 @@ class StandardRPNHead(nn.Module):
     conv_dims: channels of the shared conv; -1 = the input channel count.
     conv: the head's Conv2d (layers.conv_def, no norm; the convs have biases).
   """
+
   num_anchors: int
   conv_dims: int
   conv: ConvDef
@@ -53,8 +57,9 @@ class StandardRPNHead(nn.Module):
     if any(f.shape[-1] != channels for f in features):
       raise ValueError(f"RPN levels must share channels, got {[f.shape for f in features]}")
     dims = channels if self.conv_dims == -1 else self.conv_dims
-    conv = lambda f, k, name: self.conv(f, k, padding=k // 2, use_bias=True,
-                                        kernel_init=_RPN_INIT, name=name)
+    conv = lambda f, k, name: self.conv(
+      f, k, padding=k // 2, use_bias=True, kernel_init=_RPN_INIT, name=name
+    )
     shared = conv(dims, 3, "conv")
     cls = conv(self.num_anchors, 1, "objectness_logits")
     reg = conv(4 * self.num_anchors, 1, "anchor_deltas")
@@ -67,10 +72,18 @@ class StandardRPNHead(nn.Module):
     return objectness, deltas
 
 
-def find_top_proposals(objectness: Sequence[Array], deltas: Sequence[Array],
-                       anchors: Sequence[Array], image_hw: Array, *, pre_nms_topk: int,
-                       post_nms_topk: int, nms_thresh: float, min_size: float,
-                       box_reg_weights: Sequence[float]) -> tuple[Array, Array, Array]:
+def find_top_proposals(
+  objectness: Sequence[Array],
+  deltas: Sequence[Array],
+  anchors: Sequence[Array],
+  image_hw: Array,
+  *,
+  pre_nms_topk: int,
+  post_nms_topk: int,
+  nms_thresh: float,
+  min_size: float,
+  box_reg_weights: Sequence[float],
+) -> tuple[Array, Array, Array]:
   """Proposals of one image (Detectron2's find_top_rpn_proposals with fixed shapes).
 
   Args:
@@ -83,13 +96,16 @@ def find_top_proposals(objectness: Sequence[Array], deltas: Sequence[Array],
     boxes (P, 4) float32, logits (P,) float32 (-inf where invalid), valid (P,) bool.
   """
   if not (len(objectness) == len(deltas) == len(anchors)):
-    raise ValueError("objectness, deltas and anchors need one entry per level, got "
-                     f"{len(objectness)}, {len(deltas)}, {len(anchors)}")
+    raise ValueError(
+      "objectness, deltas and anchors need one entry per level, got "
+      f"{len(objectness)}, {len(deltas)}, {len(anchors)}"
+    )
   all_boxes, all_scores, all_levels = [], [], []
   for level, (logits, d, a) in enumerate(zip(objectness, deltas, anchors)):
     if logits.shape != (a.shape[0],) or d.shape != a.shape:
-      raise ValueError(f"level {level}: objectness {logits.shape}, deltas {d.shape}, "
-                       f"anchors {a.shape} disagree")
+      raise ValueError(
+        f"level {level}: objectness {logits.shape}, deltas {d.shape}, anchors {a.shape} disagree"
+      )
     k = min(pre_nms_topk, a.shape[0])
     scores, idx = jax.lax.top_k(logits, k)
     boxes = box_ops.decode_boxes(d[idx], a[idx], box_reg_weights)
@@ -115,10 +131,18 @@ def find_top_proposals(objectness: Sequence[Array], deltas: Sequence[Array],
   return boxes, logits, valid
 
 
-def label_and_sample_anchors(anchors: Array, gt_boxes: Array, gt_valid: Array, key: Array, *,
-                             iou_thresholds: Sequence[float], iou_labels: Sequence[int],
-                             batch_size_per_image: int, positive_fraction: float,
-                             box_reg_weights: Sequence[float]) -> dict[str, Array]:
+def label_and_sample_anchors(
+  anchors: Array,
+  gt_boxes: Array,
+  gt_valid: Array,
+  key: Array,
+  *,
+  iou_thresholds: Sequence[float],
+  iou_labels: Sequence[int],
+  batch_size_per_image: int,
+  positive_fraction: float,
+  box_reg_weights: Sequence[float],
+) -> dict[str, Array]:
   """Samples the anchors that train the RPN of one image.
 
   Args:
@@ -129,11 +153,12 @@ def label_and_sample_anchors(anchors: Array, gt_boxes: Array, gt_valid: Array, k
     targets (S, 4) float32 encoded regression targets of the matched gt (meaningful where label 1).
   """
   if anchors.ndim != 2 or anchors.shape[-1] != 4 or gt_boxes.shape != gt_valid.shape + (4,):
-    raise ValueError(f"anchors {anchors.shape}, gt_boxes {gt_boxes.shape}, gt_valid "
-                     f"{gt_valid.shape}: want (N, 4), (G, 4), (G,)")
+    raise ValueError(
+      f"anchors {anchors.shape}, gt_boxes {gt_boxes.shape}, gt_valid "
+      f"{gt_valid.shape}: want (N, 4), (G, 4), (G,)"
+    )
   iou = box_ops.box_iou(gt_boxes, anchors)  # (G, N)
-  matched_gt, labels = matching.match(iou, gt_valid, tuple(iou_thresholds), tuple(iou_labels),
-                                      True)
+  matched_gt, labels = matching.match(iou, gt_valid, tuple(iou_thresholds), tuple(iou_labels), True)
   # Without any ground truth every anchor is background (Detectron2).
   labels = jnp.where(jnp.any(gt_valid), labels, 0)
   idx, valid = sampling.sample_balanced(labels, batch_size_per_image, positive_fraction, key)
@@ -145,8 +170,9 @@ def label_and_sample_anchors(anchors: Array, gt_boxes: Array, gt_valid: Array, k
   return {"indices": safe, "valid": valid, "labels": sampled_labels, "targets": targets}
 
 
-def rpn_losses(objectness: Array, deltas: Array, samples: Mapping[str, Array],
-               normalizer: float) -> dict[str, Array]:
+def rpn_losses(
+  objectness: Array, deltas: Array, samples: Mapping[str, Array], normalizer: float
+) -> dict[str, Array]:
   """Detectron2's RPN losses over the sampled anchors of a batch.
 
   Args:
@@ -184,6 +210,7 @@ class RPN(nn.Module):
     (proposals (B, P, 4) float32, proposal_valid (B, P) bool, losses dict (empty at test time)).
   Attributes are the config's rpn section (default_model_config()); rpn_head is the built head.
   """
+
   rpn_head: nn.Module
   pre_nms_topk_train: int
   pre_nms_topk_test: int
@@ -199,9 +226,16 @@ class RPN(nn.Module):
   loss_weight: float
 
   @nn.compact
-  def __call__(self, features: Sequence[Array], anchors: Sequence[Array], image_hw: Array,
-               gt_boxes: Optional[Array] = None, gt_valid: Optional[Array] = None, *,
-               train: bool) -> tuple[Array, Array, dict[str, Array]]:
+  def __call__(
+    self,
+    features: Sequence[Array],
+    anchors: Sequence[Array],
+    image_hw: Array,
+    gt_boxes: Optional[Array] = None,
+    gt_valid: Optional[Array] = None,
+    *,
+    train: bool,
+  ) -> tuple[Array, Array, dict[str, Array]]:
     objectness, deltas = self.rpn_head(features)
     for o, a in zip(objectness, anchors):
       if o.shape[1] != a.shape[0]:
@@ -210,10 +244,19 @@ class RPN(nn.Module):
     pre = self.pre_nms_topk_train if train else self.pre_nms_topk_test
     post = self.post_nms_topk_train if train else self.post_nms_topk_test
     find = lambda o, d, hw: find_top_proposals(
-        o, d, anchors, hw, pre_nms_topk=pre, post_nms_topk=post, nms_thresh=self.nms_thresh,
-        min_size=self.min_size, box_reg_weights=tuple(self.bbox_reg_weights))
+      o,
+      d,
+      anchors,
+      hw,
+      pre_nms_topk=pre,
+      post_nms_topk=post,
+      nms_thresh=self.nms_thresh,
+      min_size=self.min_size,
+      box_reg_weights=tuple(self.bbox_reg_weights),
+    )
     proposals, _, valid = jax.vmap(find)(
-        jax.lax.stop_gradient(objectness), jax.lax.stop_gradient(deltas), image_hw)
+      jax.lax.stop_gradient(objectness), jax.lax.stop_gradient(deltas), image_hw
+    )
     proposals = jax.lax.stop_gradient(proposals)
 
     losses = {}
@@ -224,14 +267,24 @@ class RPN(nn.Module):
       b = gt_boxes.shape[0]
       keys = jax.random.split(self.make_rng("sampling"), b)
       label = lambda g, v, k: label_and_sample_anchors(
-          all_anchors, g, v, k, iou_thresholds=tuple(self.iou_thresholds),
-          iou_labels=tuple(self.iou_labels), batch_size_per_image=self.batch_size_per_image,
-          positive_fraction=self.positive_fraction,
-          box_reg_weights=tuple(self.bbox_reg_weights))
+        all_anchors,
+        g,
+        v,
+        k,
+        iou_thresholds=tuple(self.iou_thresholds),
+        iou_labels=tuple(self.iou_labels),
+        batch_size_per_image=self.batch_size_per_image,
+        positive_fraction=self.positive_fraction,
+        box_reg_weights=tuple(self.bbox_reg_weights),
+      )
       samples = jax.vmap(label)(gt_boxes, gt_valid, keys)
       samples = jax.lax.stop_gradient(samples)
-      losses = rpn_losses(jnp.concatenate(objectness, axis=1), jnp.concatenate(deltas, axis=1),
-                          samples, float(self.batch_size_per_image * b))
+      losses = rpn_losses(
+        jnp.concatenate(objectness, axis=1),
+        jnp.concatenate(deltas, axis=1),
+        samples,
+        float(self.batch_size_per_image * b),
+      )
       losses = {k: v * self.loss_weight for k, v in losses.items()}
     return proposals, valid, losses
 
@@ -242,13 +295,23 @@ def build_rpn(model_config: Mapping[str, Any]) -> RPN:
   if c["smooth_l1_beta"] != 0.0:
     raise ValueError("only smooth_l1_beta=0 (L1, Detectron2's default) is implemented")
   num_anchors = len(a["aspect_ratios"]) * len(a["sizes"][0])
-  head = StandardRPNHead(num_anchors=num_anchors, conv_dims=c["head_conv_dims"],
-                         conv=layers.conv_def(norm=None, dtype=model_config["dtype"]))
+  head = StandardRPNHead(
+    num_anchors=num_anchors,
+    conv_dims=c["head_conv_dims"],
+    conv=layers.conv_def(norm=None, dtype=model_config["dtype"]),
+  )
   return RPN(
-      rpn_head=head, pre_nms_topk_train=c["pre_nms_topk_train"],
-      pre_nms_topk_test=c["pre_nms_topk_test"], post_nms_topk_train=c["post_nms_topk_train"],
-      post_nms_topk_test=c["post_nms_topk_test"], nms_thresh=c["nms_thresh"],
-      min_size=c["min_size"], iou_thresholds=tuple(c["iou_thresholds"]),
-      iou_labels=tuple(c["iou_labels"]), batch_size_per_image=c["batch_size_per_image"],
-      positive_fraction=c["positive_fraction"], bbox_reg_weights=tuple(c["bbox_reg_weights"]),
-      loss_weight=c["loss_weight"])
+    rpn_head=head,
+    pre_nms_topk_train=c["pre_nms_topk_train"],
+    pre_nms_topk_test=c["pre_nms_topk_test"],
+    post_nms_topk_train=c["post_nms_topk_train"],
+    post_nms_topk_test=c["post_nms_topk_test"],
+    nms_thresh=c["nms_thresh"],
+    min_size=c["min_size"],
+    iou_thresholds=tuple(c["iou_thresholds"]),
+    iou_labels=tuple(c["iou_labels"]),
+    batch_size_per_image=c["batch_size_per_image"],
+    positive_fraction=c["positive_fraction"],
+    bbox_reg_weights=tuple(c["bbox_reg_weights"]),
+    loss_weight=c["loss_weight"],
+  )

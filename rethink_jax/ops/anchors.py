@@ -3,7 +3,9 @@
 Anchors depend only on static shapes, so they are computed with NumPy (float64, cast to float32
 at the end) and returned as constants; they never cost anything inside jit.
 """
-from typing import Sequence, Union
+
+from collections.abc import Sequence
+from typing import Union
 
 import jax
 import jax.numpy as jnp
@@ -39,9 +41,13 @@ def cell_anchors(sizes: Sequence[float], aspect_ratios: Sequence[float]) -> np.n
   return np.asarray(out, np.float64).reshape(-1, 4)
 
 
-def generate_anchors(feature_hw: Sequence[tuple[int, int]], strides: Sequence[int],
-                     sizes: PerLevel, aspect_ratios: PerLevel,
-                     offset: float = 0.0) -> list[jax.Array]:
+def generate_anchors(
+  feature_hw: Sequence[tuple[int, int]],
+  strides: Sequence[int],
+  sizes: PerLevel,
+  aspect_ratios: PerLevel,
+  offset: float = 0.0,
+) -> list[jax.Array]:
   """Anchors for every feature level.
 
   Args:

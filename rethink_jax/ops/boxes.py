@@ -3,8 +3,9 @@
 All functions are pure jnp, broadcast over leading dimensions and run under jit/vmap.
 Box arithmetic is done in float32 whatever the input dtype.
 """
+
+from collections.abc import Sequence
 import math
-from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -41,7 +42,8 @@ def box_iou(boxes1: ArrayLike, boxes2: ArrayLike) -> Array:
   boxes2 = jnp.asarray(boxes2, jnp.float32)
   if boxes1.ndim < 2 or boxes2.ndim < 2:
     raise ValueError(
-        f"box_iou needs (..., N, 4) and (..., M, 4), got {boxes1.shape} and {boxes2.shape}")
+      f"box_iou needs (..., N, 4) and (..., M, 4), got {boxes1.shape} and {boxes2.shape}"
+    )
   _check_boxes("boxes1", boxes1)
   _check_boxes("boxes2", boxes2)
   area1 = box_area(boxes1)[..., :, None]
@@ -59,8 +61,9 @@ def _centers_sizes(boxes: Array) -> tuple[Array, Array, Array, Array]:
   return boxes[..., 0] + 0.5 * w, boxes[..., 1] + 0.5 * h, w, h
 
 
-def encode_boxes(targets: ArrayLike, anchors: ArrayLike,
-                 weights: Sequence[float] = (1.0, 1.0, 1.0, 1.0)) -> Array:
+def encode_boxes(
+  targets: ArrayLike, anchors: ArrayLike, weights: Sequence[float] = (1.0, 1.0, 1.0, 1.0)
+) -> Array:
   """Regression deltas that take `anchors` to `targets` (torchvision BoxCoder.encode_single).
 
   Args:
@@ -80,17 +83,23 @@ def encode_boxes(targets: ArrayLike, anchors: ArrayLike,
   wx, wy, ww, wh = (float(w) for w in weights)
   ax, ay, aw, ah = _centers_sizes(anchors)
   tx, ty, tw, th = _centers_sizes(targets)
-  return jnp.stack([
+  return jnp.stack(
+    [
       wx * (tx - ax) / aw,
       wy * (ty - ay) / ah,
       ww * jnp.log(tw / aw),
       wh * jnp.log(th / ah),
-  ], axis=-1)
+    ],
+    axis=-1,
+  )
 
 
-def decode_boxes(deltas: ArrayLike, anchors: ArrayLike,
-                 weights: Sequence[float] = (1.0, 1.0, 1.0, 1.0),
-                 scale_clamp: float = DEFAULT_SCALE_CLAMP) -> Array:
+def decode_boxes(
+  deltas: ArrayLike,
+  anchors: ArrayLike,
+  weights: Sequence[float] = (1.0, 1.0, 1.0, 1.0),
+  scale_clamp: float = DEFAULT_SCALE_CLAMP,
+) -> Array:
   """Apply deltas to anchors (torchvision BoxCoder.decode_single with bbox_xform_clip=scale_clamp).
 
   Args:

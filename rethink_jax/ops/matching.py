@@ -1,12 +1,18 @@
 """Detectron2's Matcher at static shape, with padded ground truth."""
-from typing import Sequence
+
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 
 
-def match(iou: jax.typing.ArrayLike, gt_valid: jax.typing.ArrayLike, thresholds: Sequence[float],
-          labels: Sequence[int], allow_low_quality_matches: bool) -> tuple[jax.Array, jax.Array]:
+def match(
+  iou: jax.typing.ArrayLike,
+  gt_valid: jax.typing.ArrayLike,
+  thresholds: Sequence[float],
+  labels: Sequence[int],
+  allow_low_quality_matches: bool,
+) -> tuple[jax.Array, jax.Array]:
   """Assign each prediction (column) to a ground-truth box (row).
 
   Detectron2 Matcher semantics: with thresholds t_1 < ... < t_k and sentinels t_0 = -inf,
@@ -31,8 +37,9 @@ def match(iou: jax.typing.ArrayLike, gt_valid: jax.typing.ArrayLike, thresholds:
   iou = jnp.asarray(iou, jnp.float32)
   gt_valid = jnp.asarray(gt_valid, bool)
   if iou.ndim != 2 or gt_valid.shape != iou.shape[:1]:
-    raise ValueError(f"match needs iou (G, N) and gt_valid (G,), got {iou.shape} and "
-                     f"{gt_valid.shape}")
+    raise ValueError(
+      f"match needs iou (G, N) and gt_valid (G,), got {iou.shape} and {gt_valid.shape}"
+    )
   thresholds = [float(t) for t in thresholds]
   if any(a > b for a, b in zip(thresholds[:-1], thresholds[1:])):
     raise ValueError(f"thresholds must be increasing, got {thresholds}")

@@ -3,6 +3,7 @@
 The algorithm has two exact forms, chosen when lowering (xla_cpu.nms_indices): on CPU a loop of
 one step per box sorted by score, elsewhere one step per tile of sorted boxes.
 """
+
 from typing import Optional
 
 import jax
@@ -15,14 +16,14 @@ Array = jax.Array
 
 def _check(boxes: Array, scores: Array, classes: Optional[Array] = None) -> None:
   if boxes.ndim != 2 or boxes.shape[-1] != 4 or scores.shape != boxes.shape[:1]:
-    raise ValueError(f"nms needs boxes (N, 4) and scores (N,), got {boxes.shape} and "
-                     f"{scores.shape}")
+    raise ValueError(
+      f"nms needs boxes (N, 4) and scores (N,), got {boxes.shape} and {scores.shape}"
+    )
   if classes is not None and classes.shape != scores.shape:
     raise ValueError(f"classes must have shape {scores.shape}, got {classes.shape}")
 
 
-def nms(boxes: Array, scores: Array, iou_threshold: float,
-        max_output: int) -> tuple[Array, Array]:
+def nms(boxes: Array, scores: Array, iou_threshold: float, max_output: int) -> tuple[Array, Array]:
   """Greedy NMS, equal to torchvision.ops.nms truncated to max_output (for tie-free scores).
 
   Args:
@@ -41,8 +42,9 @@ def nms(boxes: Array, scores: Array, iou_threshold: float,
   return xla_cpu.nms_indices(boxes, scores, None, iou_threshold, max_output)
 
 
-def batched_nms(boxes: Array, scores: Array, classes: Array, iou_threshold: float,
-                max_output: int) -> tuple[Array, Array]:
+def batched_nms(
+  boxes: Array, scores: Array, classes: Array, iou_threshold: float, max_output: int
+) -> tuple[Array, Array]:
   """Class-aware NMS (boxes suppress only boxes of the same class), like torchvision's batched_nms.
 
   Args:

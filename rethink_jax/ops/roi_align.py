@@ -23,7 +23,9 @@ those sizes. The cost grows with G^2 (K = 64 taps per bin at G = 4, 16 at sampli
 
 Boxes get no gradient (torchvision's roi_align has none for the ROIs either).
 """
-from typing import Mapping, Sequence, Union
+
+from collections.abc import Mapping, Sequence
+from typing import Union
 
 import jax
 import jax.numpy as jnp
@@ -36,8 +38,9 @@ OutputSize = Union[int, Sequence[int]]
 _EPS_LEVEL = 1e-8
 
 
-def _axis_taps(start: Array, bin_size: Array, grid: Array, size: Union[int, Array],
-               num_bins: int, max_grid: int) -> tuple[Array, Array]:
+def _axis_taps(
+  start: Array, bin_size: Array, grid: Array, size: Union[int, Array], num_bins: int, max_grid: int
+) -> tuple[Array, Array]:
   """Bilinear taps along one axis for every ROI and output bin.
 
   Args:
@@ -73,9 +76,18 @@ def _axis_taps(start: Array, bin_size: Array, grid: Array, size: Union[int, Arra
   return index.reshape(shape), weight.reshape(shape)
 
 
-def _pool_flat(flat: Array, boxes: Array, heights: Array, widths: Array, offsets: Array,
-               scales: Array, output_size: tuple[int, int], sampling_ratio: int, aligned: bool,
-               max_sampling_ratio: int) -> Array:
+def _pool_flat(
+  flat: Array,
+  boxes: Array,
+  heights: Array,
+  widths: Array,
+  offsets: Array,
+  scales: Array,
+  output_size: tuple[int, int],
+  sampling_ratio: int,
+  aligned: bool,
+  max_sampling_ratio: int,
+) -> Array:
   """RoIAlign of one image from a flattened map (or several concatenated maps).
 
   Args:
@@ -109,7 +121,7 @@ def _pool_flat(flat: Array, boxes: Array, heights: Array, widths: Array, offsets
   iy, wy = _axis_taps(y1, bin_h, grid_h, heights, oh, g)
   ix, wx = _axis_taps(x1, bin_w, grid_w, widths, ow, g)
   r = boxes.shape[0]
-  rows = (offsets[:, None, None] + iy * widths[:, None, None])  # (R, oh, 2G)
+  rows = offsets[:, None, None] + iy * widths[:, None, None]  # (R, oh, 2G)
   index = rows[:, :, None, :, None] + ix[:, None, :, None, :]  # (R, oh, ow, 2G, 2G)
   weight = wy[:, :, None, :, None] * wx[:, None, :, None, :]
   k = (2 * g) ** 2
@@ -127,8 +139,15 @@ def _check_output_size(output_size: OutputSize) -> tuple[int, int]:
   return output_size
 
 
-def roi_align(features: Array, boxes: Array, output_size: OutputSize, spatial_scale: float,
-              sampling_ratio: int, aligned: bool, max_sampling_ratio: int = 4) -> Array:
+def roi_align(
+  features: Array,
+  boxes: Array,
+  output_size: OutputSize,
+  spatial_scale: float,
+  sampling_ratio: int,
+  aligned: bool,
+  max_sampling_ratio: int = 4,
+) -> Array:
   """RoIAlign, equal to torchvision.ops.roi_align (NCHW there, NHWC here).
 
   Args:
@@ -143,23 +162,43 @@ def roi_align(features: Array, boxes: Array, output_size: OutputSize, spatial_sc
   Returns:
     (B, R, oh, ow, C) in features' dtype.
   """
-  if (features.ndim != 4 or boxes.ndim != 3 or boxes.shape[-1] != 4
-      or boxes.shape[0] != features.shape[0]):
-    raise ValueError(f"roi_align needs features (B, H, W, C) and boxes (B, R, 4), got "
-                     f"{features.shape} and {boxes.shape}")
+  if (
+    features.ndim != 4
+    or boxes.ndim != 3
+    or boxes.shape[-1] != 4
+    or boxes.shape[0] != features.shape[0]
+  ):
+    raise ValueError(
+      f"roi_align needs features (B, H, W, C) and boxes (B, R, 4), got "
+      f"{features.shape} and {boxes.shape}"
+    )
   output_size = _check_output_size(output_size)
   b, h, w, c = features.shape
   r = boxes.shape[1]
   flat = features.reshape(b, h * w, c)
   const = lambda v, dt: jnp.full((r,), v, dt)
   fn = lambda f, bx: _pool_flat(
-      f, bx, const(h, jnp.int32), const(w, jnp.int32), const(0, jnp.int32),
-      const(spatial_scale, jnp.float32), output_size, sampling_ratio, aligned, max_sampling_ratio)
+    f,
+    bx,
+    const(h, jnp.int32),
+    const(w, jnp.int32),
+    const(0, jnp.int32),
+    const(spatial_scale, jnp.float32),
+    output_size,
+    sampling_ratio,
+    aligned,
+    max_sampling_ratio,
+  )
   return jax.vmap(fn)(flat, boxes)
 
 
-def assign_levels(boxes: Array, min_level: int, max_level: int, canonical_box_size: float = 224,
-                  canonical_level: int = 4) -> Array:
+def assign_levels(
+  boxes: Array,
+  min_level: int,
+  max_level: int,
+  canonical_box_size: float = 224,
+  canonical_level: int = 4,
+) -> Array:
   """Detectron2's assign_boxes_to_levels: (..., 4) boxes -> (...,) int32 level in [min, max]."""
   w = boxes[..., 2] - boxes[..., 0]
   h = boxes[..., 3] - boxes[..., 1]
@@ -168,9 +207,16 @@ def assign_levels(boxes: Array, min_level: int, max_level: int, canonical_box_si
   return jnp.clip(level, min_level, max_level).astype(jnp.int32)
 
 
-def multilevel_roi_align(features: Mapping[str, Array], boxes: Array, output_size: OutputSize,
-                         sampling_ratio: int, aligned: bool, canonical_box_size: float = 224,
-                         canonical_level: int = 4, max_sampling_ratio: int = 4) -> Array:
+def multilevel_roi_align(
+  features: Mapping[str, Array],
+  boxes: Array,
+  output_size: OutputSize,
+  sampling_ratio: int,
+  aligned: bool,
+  canonical_box_size: float = 224,
+  canonical_level: int = 4,
+  max_sampling_ratio: int = 4,
+) -> Array:
   """RoIAlign of each box on its FPN level (Detectron2's ROIPooler).
 
   The levels are flattened into one (sum_l H_l * W_l, C) array per image and each ROI's taps point
@@ -208,15 +254,26 @@ def multilevel_roi_align(features: Mapping[str, Array], boxes: Array, output_siz
     offs.append(total)
     total += h * w
   flat = jnp.concatenate([f.reshape(b, -1, c) for f in feats], axis=1)
-  tables = [jnp.asarray(t, dt) for t, dt in (
-      (hs, jnp.int32), (ws, jnp.int32), (offs, jnp.int32),
-      ([2.0 ** -l for l in levels], jnp.float32))]
+  tables = [
+    jnp.asarray(t, dt)
+    for t, dt in (
+      (hs, jnp.int32),
+      (ws, jnp.int32),
+      (offs, jnp.int32),
+      ([2.0**-l for l in levels], jnp.float32),
+    )
+  ]
 
   def one_image(f, bx):
-    lvl = assign_levels(jax.lax.stop_gradient(bx), levels[0], levels[-1], canonical_box_size,
-                        canonical_level) - levels[0]
+    lvl = (
+      assign_levels(
+        jax.lax.stop_gradient(bx), levels[0], levels[-1], canonical_box_size, canonical_level
+      )
+      - levels[0]
+    )
     h, w, off, scale = (t[lvl] for t in tables)
-    return _pool_flat(f, bx, h, w, off, scale, output_size, sampling_ratio, aligned,
-                      max_sampling_ratio)
+    return _pool_flat(
+      f, bx, h, w, off, scale, output_size, sampling_ratio, aligned, max_sampling_ratio
+    )
 
   return jax.vmap(one_image)(flat, boxes)

@@ -1,10 +1,12 @@
 """Balanced positive / negative sampling (Detectron2's subsample_labels) at a static size."""
+
 import jax
 import jax.numpy as jnp
 
 
-def sample_balanced(labels: jax.typing.ArrayLike, num_samples: int, positive_fraction: float,
-                    key: jax.Array) -> tuple[jax.Array, jax.Array]:
+def sample_balanced(
+  labels: jax.typing.ArrayLike, num_samples: int, positive_fraction: float, key: jax.Array
+) -> tuple[jax.Array, jax.Array]:
   """Randomly pick up to `num_samples` entries, at most a `positive_fraction` of them positive.
 
   num_pos = min(#positives, int(num_samples * positive_fraction)),

@@ -13,8 +13,10 @@ The CPU forms compute the same values in another order or layout: XLA:CPU emits 
 as strided window reductions, runs autodiff's conv gradients slowly inside conditionals, and
 fuses gathers into transposes in a cache-hostile order (figures in docs/performance.md).
 """
+
+from collections.abc import Callable, Hashable
 import functools
-from typing import Any, Callable, Hashable, Optional, TypeVar
+from typing import Any, Optional, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -23,8 +25,13 @@ Array = jax.Array
 T = TypeVar("T")
 
 
-def choose_form(cpu_form: Callable[..., T], reference_form: Callable[..., T], *arrays: Any,
-                tpu_form: Optional[Callable[..., T]] = None, **static: Hashable) -> T:
+def choose_form(
+  cpu_form: Callable[..., T],
+  reference_form: Callable[..., T],
+  *arrays: Any,
+  tpu_form: Optional[Callable[..., T]] = None,
+  **static: Hashable,
+) -> T:
   """cpu_form(*arrays, **static) in programs lowered for CPU, tpu_form(...) for TPU when given,
   reference_form(...) elsewhere.
 
@@ -38,7 +45,7 @@ def choose_form(cpu_form: Callable[..., T], reference_form: Callable[..., T], *a
   return jax.lax.platform_dependent(*arrays, **forms)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _bind(form: Callable[..., T], static: tuple[tuple[str, Hashable], ...]) -> Callable[..., T]:
   # One function object per (form, static arguments): JAX reuses its traces of a function
   # object, which makes repeated blocks (same shapes) cheap to trace.
@@ -48,14 +55,26 @@ def _bind(form: Callable[..., T], static: tuple[tuple[str, Hashable], ...]) -> C
 # Convolution. ------------------------------------------------------------------------------------
 
 
-def conv2d_reference(x: Array, kernel: Array, *, strides: tuple[int, int],
-                     padding: tuple[int, int], dilation: tuple[int, int] = (1, 1),
-                     groups: int = 1) -> Array:
+def conv2d_reference(
+  x: Array,
+  kernel: Array,
+  *,
+  strides: tuple[int, int],
+  padding: tuple[int, int],
+  dilation: tuple[int, int] = (1, 1),
+  groups: int = 1,
+) -> Array:
   """x (B, H, W, I) * kernel (kh, kw, I / groups, O) -> (B, H', W', O), symmetric padding."""
   (ph, pw) = padding
   return jax.lax.conv_general_dilated(
-      x, kernel, window_strides=strides, padding=((ph, ph), (pw, pw)), rhs_dilation=dilation,
-      dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups)
+    x,
+    kernel,
+    window_strides=strides,
+    padding=((ph, ph), (pw, pw)),
+    rhs_dilation=dilation,
+    dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    feature_group_count=groups,
+  )
 
 
 def _conv_nhwc(x: Array, kernel: Array, padding: tuple[int, int]) -> Array:
@@ -92,12 +111,19 @@ _conv_stride1_cpu.defvjp(_conv_stride1_cpu_fwd, _conv_stride1_cpu_bwd)
 
 def _conv1x1_as_matmul(x: Array, kernel: Array, strides: tuple[int, int]) -> Array:
   """A 1x1 conv as one 2D (B*H'*W', I) @ (I, O) product."""
-  x = x[:, ::strides[0], ::strides[1], :]
+  x = x[:, :: strides[0], :: strides[1], :]
   return (x.reshape(-1, x.shape[-1]) @ kernel[0, 0]).reshape(*x.shape[:3], kernel.shape[-1])
 
 
-def conv2d_cpu(x: Array, kernel: Array, *, strides: tuple[int, int], padding: tuple[int, int],
-               dilation: tuple[int, int] = (1, 1), groups: int = 1) -> Array:
+def conv2d_cpu(
+  x: Array,
+  kernel: Array,
+  *,
+  strides: tuple[int, int],
+  padding: tuple[int, int],
+  dilation: tuple[int, int] = (1, 1),
+  groups: int = 1,
+) -> Array:
   """conv2d_reference, with 1x1 convs as 2D matmuls and stride-1 convs' gradients as convs."""
   kh, kw = kernel.shape[:2]
   (sh, sw), (ph, pw), (dh, dw) = strides, padding, dilation
@@ -107,33 +133,58 @@ def conv2d_cpu(x: Array, kernel: Array, *, strides: tuple[int, int], padding: tu
     return _conv1x1_as_matmul(x, kernel, strides)
   if (sh, sw, dh, dw, groups) == (1, 1, 1, 1, 1) and ph < kh and pw < kw:
     return _conv_stride1_cpu(x, kernel, (ph, pw))
-  return conv2d_reference(x, kernel, strides=strides, padding=padding, dilation=dilation,
-                          groups=groups)
+  return conv2d_reference(
+    x, kernel, strides=strides, padding=padding, dilation=dilation, groups=groups
+  )
 
 
-def conv2d_tpu(x: Array, kernel: Array, *, strides: tuple[int, int], padding: tuple[int, int],
-               dilation: tuple[int, int] = (1, 1), groups: int = 1) -> Array:
+def conv2d_tpu(
+  x: Array,
+  kernel: Array,
+  *,
+  strides: tuple[int, int],
+  padding: tuple[int, int],
+  dilation: tuple[int, int] = (1, 1),
+  groups: int = 1,
+) -> Array:
   """conv2d_reference, with 1x1 convs as 2D matmuls (the v5e train step keeps ~2.9 GiB fewer
   temporaries per chip than with 1x1 convolutions)."""
   if (kernel.shape[:2], padding, dilation, groups) == ((1, 1), (0, 0), (1, 1), 1):
     return _conv1x1_as_matmul(x, kernel, strides)
-  return conv2d_reference(x, kernel, strides=strides, padding=padding, dilation=dilation,
-                          groups=groups)
+  return conv2d_reference(
+    x, kernel, strides=strides, padding=padding, dilation=dilation, groups=groups
+  )
 
 
-def conv2d(x: Array, kernel: Array, *, strides: tuple[int, int], padding: tuple[int, int],
-           dilation: tuple[int, int] = (1, 1), groups: int = 1) -> Array:
+def conv2d(
+  x: Array,
+  kernel: Array,
+  *,
+  strides: tuple[int, int],
+  padding: tuple[int, int],
+  dilation: tuple[int, int] = (1, 1),
+  groups: int = 1,
+) -> Array:
   """x (B, H, W, I) * kernel (kh, kw, I / groups, O) -> (B, H', W', O), symmetric padding."""
-  return choose_form(conv2d_cpu, conv2d_reference, x, kernel, tpu_form=conv2d_tpu,
-                     strides=tuple(strides), padding=tuple(padding), dilation=tuple(dilation),
-                     groups=groups)
+  return choose_form(
+    conv2d_cpu,
+    conv2d_reference,
+    x,
+    kernel,
+    tpu_form=conv2d_tpu,
+    strides=tuple(strides),
+    padding=tuple(padding),
+    dilation=tuple(dilation),
+    groups=groups,
+  )
 
 
 # GroupNorm. --------------------------------------------------------------------------------------
 
 
-def group_norm_reference(x: Array, scale: Array, bias: Array, num_groups: int,
-                         epsilon: float) -> Array:
+def group_norm_reference(
+  x: Array, scale: Array, bias: Array, num_groups: int, epsilon: float
+) -> Array:
   """torch.nn.GroupNorm on NHWC: x (B, H, W, C), scale and bias (C,) -> (B, H, W, C) in x.dtype.
 
   Statistics and arithmetic in float32; two-pass variance (E[x^2] - E[x]^2 cancels in float32).
@@ -182,8 +233,9 @@ def _plain_column_sums(a: Array) -> Array:
   return jnp.sum(a, axis=0)
 
 
-def _group_norm_with_written_gradient(group_sums: Callable[[Array], Array],
-                                      column_sums: Callable[[Array], Array]) -> Callable:
+def _group_norm_with_written_gradient(
+  group_sums: Callable[[Array], Array], column_sums: Callable[[Array], Array]
+) -> Callable:
   """group_norm_reference with a written-out gradient (custom VJP) using these sums.
 
   Every reduction over the activations runs in the (B, H, W, G, C/G) layout, the parameter
@@ -221,8 +273,9 @@ def _group_norm_with_written_gradient(group_sums: Callable[[Array], Array],
     return dx.reshape(x.shape).astype(x.dtype), dscale, dbias
 
   @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-  def group_norm_written(x: Array, scale: Array, bias: Array, num_groups: int,
-                         epsilon: float) -> Array:
+  def group_norm_written(
+    x: Array, scale: Array, bias: Array, num_groups: int, epsilon: float
+  ) -> Array:
     return forward(x, scale, bias, num_groups, epsilon)[0]
 
   group_norm_written.defvjp(forward, backward)
@@ -237,8 +290,16 @@ group_norm_tpu = _group_norm_with_written_gradient(_plain_group_sums, _plain_col
 
 def group_norm(x: Array, scale: Array, bias: Array, num_groups: int, epsilon: float) -> Array:
   """torch.nn.GroupNorm on NHWC: x (B, H, W, C), scale and bias (C,) -> (B, H, W, C) in x.dtype."""
-  return choose_form(group_norm_cpu, group_norm_reference, x, scale, bias, tpu_form=group_norm_tpu,
-                     num_groups=num_groups, epsilon=epsilon)
+  return choose_form(
+    group_norm_cpu,
+    group_norm_reference,
+    x,
+    scale,
+    bias,
+    tpu_form=group_norm_tpu,
+    num_groups=num_groups,
+    epsilon=epsilon,
+  )
 
 
 # Bias. -------------------------------------------------------------------------------------------
@@ -280,8 +341,13 @@ def max_pool_reference(x: Array, window: int = 3, stride: int = 2, padding: int 
   The gradient goes to the first maximum of each window in row-major order, as in PyTorch.
   """
   return jax.lax.reduce_window(
-      x, -jnp.inf, jax.lax.max, (1, window, window, 1), (1, stride, stride, 1),
-      ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    x,
+    -jnp.inf,
+    jax.lax.max,
+    (1, window, window, 1),
+    (1, stride, stride, 1),
+    ((0, 0), (padding, padding), (padding, padding), (0, 0)),
+  )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
@@ -302,21 +368,29 @@ def _max_pool_cpu_bwd(window, stride, padding, res, g):
   x, y = res
   _, h, w, _ = x.shape
   _, oh, ow, _ = y.shape
-  xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)),
-               constant_values=-jnp.inf)
+  xp = jnp.pad(
+    x, ((0, 0), (padding, padding), (padding, padding), (0, 0)), constant_values=-jnp.inf
+  )
   span_h, span_w = stride * (oh - 1) + 1, stride * (ow - 1) + 1
   zero = jnp.zeros((), g.dtype)
   taken = jnp.zeros(y.shape, bool)  # the window's maximum was found at an earlier tap
   dxp = jnp.zeros(xp.shape, g.dtype)
   for i in range(window):
     for j in range(window):
-      hit = (xp[:, i:i + span_h:stride, j:j + span_w:stride] == y) & ~taken
+      hit = (xp[:, i : i + span_h : stride, j : j + span_w : stride] == y) & ~taken
       taken = taken | hit
       # Place tap (i, j)'s gradients at their input positions: interior padding = stride - 1.
-      dxp = dxp + jax.lax.pad(jnp.where(hit, g, zero), zero, (
-          (0, 0, 0), (i, xp.shape[1] - i - span_h, stride - 1),
-          (j, xp.shape[2] - j - span_w, stride - 1), (0, 0, 0)))
-  return (dxp[:, padding:padding + h, padding:padding + w],)
+      dxp = dxp + jax.lax.pad(
+        jnp.where(hit, g, zero),
+        zero,
+        (
+          (0, 0, 0),
+          (i, xp.shape[1] - i - span_h, stride - 1),
+          (j, xp.shape[2] - j - span_w, stride - 1),
+          (0, 0, 0),
+        ),
+      )
+  return (dxp[:, padding : padding + h, padding : padding + w],)
 
 
 max_pool_cpu.defvjp(_max_pool_cpu_fwd, _max_pool_cpu_bwd)
@@ -324,8 +398,9 @@ max_pool_cpu.defvjp(_max_pool_cpu_fwd, _max_pool_cpu_bwd)
 
 def max_pool(x: Array, window: int = 3, stride: int = 2, padding: int = 1) -> Array:
   """PyTorch max_pool2d: x (B, H, W, C) -> (B, H', W', C), symmetric -inf padding."""
-  return choose_form(max_pool_cpu, max_pool_reference, x, window=window, stride=stride,
-                padding=padding)
+  return choose_form(
+    max_pool_cpu, max_pool_reference, x, window=window, stride=stride, padding=padding
+  )
 
 
 # RoIAlign's weighted row sums. -------------------------------------------------------------------
@@ -366,8 +441,11 @@ def _weighted_rows_reference_fwd(flat, index, weight):
 
 def _weighted_rows_reference_bwd(res, g):
   index, weight, like = res
-  flat = jnp.zeros(like.shape[1:], jnp.float32).at[index].add(
-      g.astype(jnp.float32)[..., None, :] * weight, mode="drop")
+  flat = (
+    jnp.zeros(like.shape[1:], jnp.float32)
+    .at[index]
+    .add(g.astype(jnp.float32)[..., None, :] * weight, mode="drop")
+  )
   return flat.astype(like.dtype), None, None
 
 
@@ -420,8 +498,13 @@ def weighted_rows(flat: Array, index: Array, weight: Array) -> Array:
 # Greedy NMS. -------------------------------------------------------------------------------------
 
 
-def _pairwise_over(a: tuple[Array, ...], b: tuple[Array, ...], ca: Optional[Array],
-                   cb: Optional[Array], iou_threshold: float) -> Array:
+def _pairwise_over(
+  a: tuple[Array, ...],
+  b: tuple[Array, ...],
+  ca: Optional[Array],
+  cb: Optional[Array],
+  iou_threshold: float,
+) -> Array:
   """Coordinates (x1, y1, x2, y2) of (T,) and of (N,) boxes -> (T, N) bool: IoU > threshold.
 
   With classes ca (T,), cb (N,) only boxes of the same class count as overlapping.
@@ -430,10 +513,12 @@ def _pairwise_over(a: tuple[Array, ...], b: tuple[Array, ...], ca: Optional[Arra
   bx1, by1, bx2, by2 = b
   area_a = (ax2 - ax1) * (ay2 - ay1)
   area_b = (bx2 - bx1) * (by2 - by1)
-  w = jnp.maximum(jnp.minimum(ax2[:, None], bx2[None, :])
-                  - jnp.maximum(ax1[:, None], bx1[None, :]), 0.0)
-  h = jnp.maximum(jnp.minimum(ay2[:, None], by2[None, :])
-                  - jnp.maximum(ay1[:, None], by1[None, :]), 0.0)
+  w = jnp.maximum(
+    jnp.minimum(ax2[:, None], bx2[None, :]) - jnp.maximum(ax1[:, None], bx1[None, :]), 0.0
+  )
+  h = jnp.maximum(
+    jnp.minimum(ay2[:, None], by2[None, :]) - jnp.maximum(ay1[:, None], by1[None, :]), 0.0
+  )
   inter = w * h
   over = inter / (area_a[:, None] + area_b[None, :] - inter) > iou_threshold
   if ca is not None:
@@ -441,8 +526,14 @@ def _pairwise_over(a: tuple[Array, ...], b: tuple[Array, ...], ca: Optional[Arra
   return over
 
 
-def tiled_nms(boxes: Array, scores: Array, classes: Optional[Array], iou_threshold: float,
-              max_output: int, tile: int = 512) -> tuple[Array, Array]:
+def tiled_nms(
+  boxes: Array,
+  scores: Array,
+  classes: Optional[Array],
+  iou_threshold: float,
+  max_output: int,
+  tile: int = 512,
+) -> tuple[Array, Array]:
   """Greedy NMS in one step per tile of T boxes sorted by score (the TPU Mask R-CNN's form).
 
   The tile is first suppressed by every box kept in earlier tiles (a T x N IoU block), then the
@@ -499,8 +590,9 @@ def tiled_nms(boxes: Array, scores: Array, classes: Optional[Array], iou_thresho
   return jnp.where(slot < count, order[pos], -1).astype(jnp.int32), count
 
 
-def greedy_nms(boxes: Array, scores: Array, classes: Optional[Array], iou_threshold: float,
-               max_output: int) -> tuple[Array, Array]:
+def greedy_nms(
+  boxes: Array, scores: Array, classes: Optional[Array], iou_threshold: float, max_output: int
+) -> tuple[Array, Array]:
   """Greedy NMS in one while_loop step per box sorted by score (torchvision's CPU kernel).
 
   Each box that survives suppresses, in one vectorised step, every box overlapping it by more
@@ -536,18 +628,30 @@ def greedy_nms(boxes: Array, scores: Array, classes: Optional[Array], iou_thresh
     suppressed = suppressed | (over & take)
     return i + 1, count + take.astype(jnp.int32), suppressed, keep
 
-  state = (jnp.int32(0), jnp.int32(0), jnp.zeros((n,), bool),
-           jnp.full((max_output,), -1, jnp.int32))
+  state = (
+    jnp.int32(0),
+    jnp.int32(0),
+    jnp.zeros((n,), bool),
+    jnp.full((max_output,), -1, jnp.int32),
+  )
   _, count, _, keep = jax.lax.while_loop(cond, body, state)
   return keep, count
 
 
-def nms_indices(boxes: Array, scores: Array, classes: Optional[Array], iou_threshold: float,
-                max_output: int) -> tuple[Array, Array]:
+def nms_indices(
+  boxes: Array, scores: Array, classes: Optional[Array], iou_threshold: float, max_output: int
+) -> tuple[Array, Array]:
   """Greedy NMS of boxes (N, 4) float32 xyxy, scores (N,) float32 (-inf: padding, never kept).
 
   With classes (N,) a box suppresses only boxes of its class. Returns the kept indices
   (max_output,) int32 in decreasing score order, padded with -1, and their number (int32).
   """
-  return choose_form(greedy_nms, tiled_nms, boxes, scores, classes, iou_threshold=iou_threshold,
-                max_output=max_output)
+  return choose_form(
+    greedy_nms,
+    tiled_nms,
+    boxes,
+    scores,
+    classes,
+    iou_threshold=iou_threshold,
+    max_output=max_output,
+  )

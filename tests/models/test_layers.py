@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from rethink_jax.models import layers
-from rethink_jax.models.layers import Conv2d, build_norm
+from rethink_jax.models.layers import Conv2d
+from rethink_jax.models.layers import build_norm
 from rethink_jax.ops import xla_cpu
 
 SEED = int(time.time() * 1000) % 2**31
@@ -37,13 +38,16 @@ def to_nhwc(t):
   return t.detach().numpy().transpose(0, 2, 3, 1)
 
 
-@pytest.mark.parametrize("k,s,p,d,g,bias", [
-    (3, 2, 1, 1, 1, True),     # stride 2: symmetric padding (Flax 'SAME' would differ)
-    (7, 2, 3, 1, 1, False),    # the stem
-    (1, 2, 0, 1, 1, False),    # 1x1 stride 2 shortcut (the matmul path)
-    (1, 1, 0, 1, 1, True),     # 1x1 (matmul path) with bias
-    (3, 1, 2, 2, 2, True),     # dilation and groups
-])
+@pytest.mark.parametrize(
+  "k,s,p,d,g,bias",
+  [
+    (3, 2, 1, 1, 1, True),  # stride 2: symmetric padding (Flax 'SAME' would differ)
+    (7, 2, 3, 1, 1, False),  # the stem
+    (1, 2, 0, 1, 1, False),  # 1x1 stride 2 shortcut (the matmul path)
+    (1, 1, 0, 1, 1, True),  # 1x1 (matmul path) with bias
+    (3, 1, 2, 2, 2, True),  # dilation and groups
+  ],
+)
 def test_conv2d_matches_torch(rng, k, s, p, d, g, bias):
   x = rng.normal(size=(2, 11, 13, 8)).astype(np.float32)
   tconv = torch.nn.Conv2d(8, 6, k, stride=s, padding=p, dilation=d, groups=g, bias=bias)
@@ -68,14 +72,17 @@ def test_conv2d_with_bias_gradients_match_torch(rng, k, s):
   dy = rng.normal(size=ty.shape).astype(np.float32)
   ty.backward(torch.from_numpy(dy))
   conv = Conv2d(6, k, strides=s, padding=k // 2, use_bias=True)
-  params = {"kernel": tconv.weight.detach().numpy().transpose(2, 3, 1, 0),
-            "bias": tconv.bias.detach().numpy()}
+  params = {
+    "kernel": tconv.weight.detach().numpy().transpose(2, 3, 1, 0),
+    "bias": tconv.bias.detach().numpy(),
+  }
   loss = lambda p, x: jnp.sum(conv.apply({"params": p}, x) * dy.transpose(0, 2, 3, 1))
   with jax.default_matmul_precision("highest"):
     dp, dx = jax.jit(jax.grad(loss, (0, 1)))(params, x)
   np.testing.assert_allclose(dx, to_nhwc(tx.grad), rtol=1e-4, atol=1e-4)
-  np.testing.assert_allclose(dp["kernel"], tconv.weight.grad.numpy().transpose(2, 3, 1, 0),
-                             rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(
+    dp["kernel"], tconv.weight.grad.numpy().transpose(2, 3, 1, 0), rtol=1e-4, atol=1e-4
+  )
   np.testing.assert_allclose(dp["bias"], tconv.bias.grad.numpy(), rtol=1e-4, atol=1e-4)
 
 
@@ -92,28 +99,35 @@ def test_conv2d_stride1_gradients_match_torch(rng, k, p):
   kernel = tconv.weight.detach().numpy().transpose(2, 3, 1, 0)
 
   def loss(x, kernel, taken):
-    y = jax.lax.cond(taken, lambda: conv.apply({"params": {"kernel": kernel}}, x),
-                     lambda: jnp.zeros((3,) + dy.shape[2:] + (6,)))
+    y = jax.lax.cond(
+      taken,
+      lambda: conv.apply({"params": {"kernel": kernel}}, x),
+      lambda: jnp.zeros((3,) + dy.shape[2:] + (6,)),
+    )
     return jnp.sum(y * dy.transpose(0, 2, 3, 1)), y
 
   with jax.default_matmul_precision("highest"):
     (_, y), (dx, dk) = jax.jit(jax.value_and_grad(loss, (0, 1), has_aux=True))(x, kernel, True)
   np.testing.assert_allclose(y, to_nhwc(ty), rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(dx, to_nhwc(tx.grad), rtol=1e-4, atol=1e-4)
-  np.testing.assert_allclose(dk, tconv.weight.grad.numpy().transpose(2, 3, 1, 0), rtol=1e-4,
-                             atol=1e-4)
+  np.testing.assert_allclose(
+    dk, tconv.weight.grad.numpy().transpose(2, 3, 1, 0), rtol=1e-4, atol=1e-4
+  )
 
 
 def test_conv2d_params_and_init(rng):
   conv = Conv2d(64, 3, norm=GN)
   v = conv.init(jax.random.key(SEED, impl="rbg"), jnp.zeros((1, 8, 8, 32)))
   assert set(v["params"]) == {"kernel", "norm"}  # no bias when normed
-  assert v["params"]["kernel"].shape == (3, 3, 32, 64) and v["params"]["kernel"].dtype == jnp.float32
+  assert (
+    v["params"]["kernel"].shape == (3, 3, 32, 64) and v["params"]["kernel"].dtype == jnp.float32
+  )
   # MSRA fill: kaiming normal, fan_out = 3*3*64, std sqrt(2 / fan_out).
   std = float(np.std(v["params"]["kernel"]))
   assert abs(std / np.sqrt(2 / (9 * 64)) - 1) < 0.05
-  assert set(Conv2d(8, 1).init(jax.random.key(0, impl="rbg"), jnp.zeros((1, 4, 4, 3)))["params"]) == {
-      "kernel", "bias"}
+  assert set(
+    Conv2d(8, 1).init(jax.random.key(0, impl="rbg"), jnp.zeros((1, 4, 4, 3)))["params"]
+  ) == {"kernel", "bias"}
   with pytest.raises(ValueError, match=r"\(3, 8, 8\)"):
     conv.init(jax.random.key(0, impl="rbg"), jnp.zeros((3, 8, 8)))
 
@@ -148,10 +162,14 @@ def test_group_norm_eps_and_torch(rng):
   assert np.abs(to_nhwc(tgn6(to_nchw(x))) - y).max() > 1e-2
 
 
-@pytest.mark.parametrize("shape,groups", [
-    ((2, 6, 5, 64), 32), ((3, 4, 7, 24), 8),
+@pytest.mark.parametrize(
+  "shape,groups",
+  [
+    ((2, 6, 5, 64), 32),
+    ((3, 4, 7, 24), 8),
     ((2, 16, 3, 32), 8),  # H = 16: the CPU group sums add 8 slabs of 2 rows
-])
+  ],
+)
 def test_group_norm_gradients_match_torch(rng, shape, groups):
   """The written-out VJP of group_norm vs torch's autograd: d/dx, d/dscale, d/dbias."""
   x = (rng.normal(size=shape) * 2.0 + rng.normal()).astype(np.float32)
@@ -190,8 +208,9 @@ def test_frozen_bn_is_an_affine(rng):
   scale, bias = rng.normal(size=8).astype(np.float32), rng.normal(size=8).astype(np.float32)
   y = fbn.apply({"frozen": {"scale": scale, "bias": bias}}, x, True)
   np.testing.assert_allclose(y, x * scale + bias, rtol=1e-6, atol=1e-6)
-  y2, state = fbn.apply({"frozen": {"scale": scale, "bias": bias}}, x, True,
-                        mutable=["batch_stats", "frozen"])
+  y2, state = fbn.apply(
+    {"frozen": {"scale": scale, "bias": bias}}, x, True, mutable=["batch_stats", "frozen"]
+  )
   np.testing.assert_array_equal(state["frozen"]["scale"], scale)  # train=True changes nothing
   np.testing.assert_allclose(y2, y)
 
@@ -211,7 +230,7 @@ def test_batch_norm_train_matches_torch(rng, group_size):
     with torch.no_grad():
       tbn.weight.copy_(torch.from_numpy(scale))
       tbn.bias.copy_(torch.from_numpy(bias))
-    refs.append(to_nhwc(tbn(to_nchw(x[i:i + g]))))
+    refs.append(to_nhwc(tbn(to_nchw(x[i : i + g]))))
     means.append(tbn.running_mean.numpy())
     vars_.append(tbn.running_var.numpy())
   np.testing.assert_allclose(y, np.concatenate(refs), rtol=1e-4, atol=1e-4)
@@ -267,5 +286,6 @@ def test_max_pool_gradient_matches_torch_with_ties(rng, window, stride, padding)
   pool = lambda x: xla_cpu.max_pool(x, window, stride, padding)
   y, vjp = jax.vjp(pool, jnp.asarray(x))
   np.testing.assert_array_equal(y, to_nhwc(ty))
-  np.testing.assert_allclose(vjp(jnp.asarray(dy.transpose(0, 2, 3, 1)))[0], to_nhwc(tx.grad),
-                             rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(
+    vjp(jnp.asarray(dy.transpose(0, 2, 3, 1)))[0], to_nhwc(tx.grad), rtol=1e-6, atol=1e-6
+  )

@@ -1,5 +1,6 @@
 """Mask R-CNN end to end: parameter count (R50-FPN-GN, 80 classes), one compile for any number of
 ground-truth instances, a tiny model that overfits one synthetic batch, fixed-shape inference."""
+
 import time
 
 import jax
@@ -66,44 +67,68 @@ def synthetic_batch(rng, batch_size=2, num_instances=(3, 2)):
       boxes[b, g], classes[b, g] = box, cls
       masks[b, g] = ellipse if cls == 2 else 1
       cx, cy = x1 + w / 2, y1 + h / 2
-      inside = (((xx - cx) / (w / 2)) ** 2 + ((yy - cy) / (h / 2)) ** 2 <= 1 if cls == 2 else
-                (xx >= x1) & (xx < x1 + w) & (yy >= y1) & (yy < y1 + h))
+      inside = (
+        ((xx - cx) / (w / 2)) ** 2 + ((yy - cy) / (h / 2)) ** 2 <= 1
+        if cls == 2
+        else (xx >= x1) & (xx < x1 + w) & (yy >= y1) & (yy < y1 + h)
+      )
       images[b][inside] = colours[cls]
-  return {"image": images, "image_hw": np.full((batch_size, 2), IMAGE, np.int32),
-          "gt_boxes": boxes, "gt_classes": classes, "gt_masks": masks,
-          "valid": np.ones((batch_size,), bool)}
+  return {
+    "image": images,
+    "image_hw": np.full((batch_size, 2), IMAGE, np.int32),
+    "gt_boxes": boxes,
+    "gt_classes": classes,
+    "gt_masks": masks,
+    "valid": np.ones((batch_size,), bool),
+  }
 
 
 def test_parameter_count_r50_fpn_gn():
   """Detectron2's R50-FPN-GN Mask R-CNN (4conv1fc, 80 classes): 45,711,152 parameters."""
   model = mask_rcnn.build_model(mask_rcnn.default_model_config())
   batch = {"image": jnp.zeros((1, 128, 128, 3)), "image_hw": jnp.full((1, 2), 128, jnp.int32)}
-  shapes = jax.eval_shape(lambda: model.init(
-      {"params": jax.random.key(0), "sampling": jax.random.key(1)}, batch, train=False))
+  shapes = jax.eval_shape(
+    lambda: model.init(
+      {"params": jax.random.key(0), "sampling": jax.random.key(1)}, batch, train=False
+    )
+  )
   p = shapes["params"]
   count = lambda t: sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(t))
   mask_head = p["roi_heads"]["mask_head"]
   parts = {
-      "backbone + FPN": count(p["backbone"]),
-      "RPN": count(p["proposal_generator"]),
-      "box head": count(p["roi_heads"]["box_head"]),
-      "box predictor": count(p["roi_heads"]["box_predictor"]),
-      "mask head": sum(count(mask_head[f"mask_fcn{i}"]) for i in range(1, 5)),
-      "mask predictor": count(mask_head["deconv"]) + count(mask_head["predictor"]),
+    "backbone + FPN": count(p["backbone"]),
+    "RPN": count(p["proposal_generator"]),
+    "box head": count(p["roi_heads"]["box_head"]),
+    "box predictor": count(p["roi_heads"]["box_predictor"]),
+    "mask head": sum(count(mask_head[f"mask_fcn{i}"]) for i in range(1, 5)),
+    "mask predictor": count(mask_head["deconv"]) + count(mask_head["predictor"]),
   }
   total = count(p)
   print({**parts, "total": total})
-  assert parts == {"backbone + FPN": 26_854_464, "RPN": 593_935, "box head": 15_207_424,
-                   "box predictor": 411_025, "mask head": 2_361_344, "mask predictor": 282_960}
+  assert parts == {
+    "backbone + FPN": 26_854_464,
+    "RPN": 593_935,
+    "box head": 15_207_424,
+    "box predictor": 411_025,
+    "mask head": 2_361_344,
+    "mask predictor": 282_960,
+  }
   assert total == 45_711_152
   assert set(p) == {"backbone", "proposal_generator", "roi_heads"}
   assert set(p["proposal_generator"]["rpn_head"]) == {"conv", "objectness_logits", "anchor_deltas"}
   assert set(p["roi_heads"]["box_head"]) == {"conv1", "conv2", "conv3", "conv4", "fc1"}
   assert set(p["roi_heads"]["box_predictor"]) == {"cls_score", "bbox_pred"}
-  assert set(mask_head) == {"mask_fcn1", "mask_fcn2", "mask_fcn3", "mask_fcn4", "deconv",
-                            "predictor"}
-  assert set(p["backbone"]) == {"bottom_up"} | {f"fpn_{k}{i}" for k in ("lateral", "output")
-                                                for i in range(2, 6)}
+  assert set(mask_head) == {
+    "mask_fcn1",
+    "mask_fcn2",
+    "mask_fcn3",
+    "mask_fcn4",
+    "deconv",
+    "predictor",
+  }
+  assert set(p["backbone"]) == {"bottom_up"} | {
+    f"fpn_{k}{i}" for k in ("lateral", "output") for i in range(2, 6)
+  }
 
 
 @pytest.fixture(scope="module")
@@ -112,8 +137,9 @@ def tiny():
   model = mask_rcnn.build_model(tiny_config())
   batch = synthetic_batch(_rng())
   # rbg keys: XLA:CPU compiles the initialisers 3x faster than with threefry.
-  params = jax.jit(lambda k: model.init({"params": k, "sampling": k}, batch,
-                                        train=False)["params"])(_key(0))
+  params = jax.jit(
+    lambda k: model.init({"params": k, "sampling": k}, batch, train=False)["params"]
+  )(_key(0))
   tx = optax.chain(optax.clip_by_global_norm(10.0), optax.sgd(0.05, momentum=0.9))
   traces = []
 
@@ -130,8 +156,15 @@ def tiny():
     return optax.apply_updates(params, updates), opt_state, total, losses
 
   predict = jax.jit(lambda params, batch: model.apply({"params": params}, batch, train=False))
-  return {"model": model, "params": params, "tx": tx, "train_step": train_step,
-          "traces": traces, "predict": predict, "batch": batch}
+  return {
+    "model": model,
+    "params": params,
+    "tx": tx,
+    "train_step": train_step,
+    "traces": traces,
+    "predict": predict,
+    "batch": batch,
+  }
 
 
 def test_train_step_compiles_once(tiny):
@@ -142,8 +175,7 @@ def test_train_step_compiles_once(tiny):
     batch = synthetic_batch(rng, num_instances=counts)
     key, sub = jax.random.split(key)
     params, opt_state, total, losses = tiny["train_step"](params, opt_state, batch, sub)
-    assert set(losses) == {"loss_rpn_cls", "loss_rpn_loc", "loss_cls", "loss_box_reg",
-                           "loss_mask"}
+    assert set(losses) == {"loss_rpn_cls", "loss_rpn_loc", "loss_cls", "loss_box_reg", "loss_mask"}
     assert all(v.dtype == jnp.float32 and v.shape == () for v in losses.values())
     assert np.isfinite(float(total)), losses
   assert len(tiny["traces"]) == 1
@@ -161,8 +193,10 @@ def test_tiny_model_overfits_one_batch(tiny):
     params, opt_state, total, losses = tiny["train_step"](params, opt_state, batch, sub)
     history.append(float(total))
   first, last = history[0], float(np.mean(history[-10:]))
-  print(f"total loss {first:.4f} -> {last:.4f}; last losses "
-        f"{ {k: round(float(v), 4) for k, v in losses.items()} }")
+  print(
+    f"total loss {first:.4f} -> {last:.4f}; last losses "
+    f"{ {k: round(float(v), 4) for k, v in losses.items()} }"
+  )
   assert last <= 0.1 * first, history[::20]
   tiny["trained"] = params
 
@@ -195,8 +229,11 @@ def test_inference_fixed_shapes(tiny):
       iw = np.clip(np.minimum(box[2], gt[:, 2]) - np.maximum(box[0], gt[:, 0]), 0, None)
       ih = np.clip(np.minimum(box[3], gt[:, 3]) - np.maximum(box[1], gt[:, 1]), 0, None)
       inter = iw * ih
-      union = ((box[2] - box[0]) * (box[3] - box[1]) + (gt[:, 2] - gt[:, 0])
-               * (gt[:, 3] - gt[:, 1]) - inter)
+      union = (
+        (box[2] - box[0]) * (box[3] - box[1])
+        + (gt[:, 2] - gt[:, 0]) * (gt[:, 3] - gt[:, 1])
+        - inter
+      )
       assert np.max(inter / union) > 0.5
 
 
@@ -212,9 +249,13 @@ def test_default_config_fields():
     bad = mask_rcnn.default_model_config()
     bad.dtype = "float16"
     model = mask_rcnn.build_model(bad)
-    jax.eval_shape(lambda: model.init({"params": jax.random.key(0)},
-                                      {"image": jnp.zeros((1, 64, 64, 3)),
-                                       "image_hw": jnp.full((1, 2), 64)}, train=False))
+    jax.eval_shape(
+      lambda: model.init(
+        {"params": jax.random.key(0)},
+        {"image": jnp.zeros((1, 64, 64, 3)), "image_hw": jnp.full((1, 2), 64)},
+        train=False,
+      )
+    )
 
 
 def test_bfloat16_losses_are_float32():

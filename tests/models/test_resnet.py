@@ -15,7 +15,9 @@ import torch
 import torchvision
 
 from rethink_jax import convert
-from rethink_jax.models import build_resnet, frozen_param_prefixes, layers
+from rethink_jax.models import build_resnet
+from rethink_jax.models import frozen_param_prefixes
+from rethink_jax.models import layers
 from rethink_jax.models.resnet import trainable_mask
 
 SEED = int(time.time() * 1000) % 2**31
@@ -84,8 +86,9 @@ def test_frozen_bn_resnet_matches_torchvision(tv_resnet50, depth):
 
 @pytest.mark.parametrize("depth", [18, 34, 50, 101, 152])
 def test_param_count_equals_torchvision(depth):
-  shapes = jax.eval_shape(lambda: build_resnet(depth=depth, norm="GN").init(
-      jax.random.key(0), jnp.zeros((1, 64, 64, 3))))
+  shapes = jax.eval_shape(
+    lambda: build_resnet(depth=depth, norm="GN").init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
+  )
   n = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(shapes["params"]))
   with torch.device("meta"):
     tm = getattr(torchvision.models, f"resnet{depth}")()
@@ -106,8 +109,11 @@ def test_param_tree_and_output_shapes():
   assert sorted(p["res4"], key=int) == [str(i) for i in range(6)]
   out = jax.eval_shape(lambda v: model.apply(v, x), v)
   assert {k: o.shape for k, o in out.items()} == {
-      "res2": (2, 16, 24, 32), "res3": (2, 8, 12, 64), "res4": (2, 4, 6, 128),
-      "res5": (2, 2, 3, 256)}
+    "res2": (2, 16, 24, 32),
+    "res3": (2, 8, 12, 64),
+    "res4": (2, 4, 6, 128),
+    "res5": (2, 2, 3, 256),
+  }
   with pytest.raises(ValueError, match=r"\(2, 64, 64, 4\)"):
     model.init(jax.random.key(0), jnp.zeros((2, 64, 64, 4)))
 
@@ -116,18 +122,27 @@ def test_stride_in_1x1_moves_the_stride():
   x = jnp.zeros((1, 64, 64, 3))
   for s1 in (True, False):
     model = build_resnet(depth=50, norm="GN", width=8, stride_in_1x1=s1)
-    _, inter = jax.eval_shape(lambda: model.init_with_output(
-        jax.random.key(0), x, capture_intermediates=True, mutable=["params", "intermediates"]))
+    _, inter = jax.eval_shape(
+      lambda model=model: model.init_with_output(
+        jax.random.key(0), x, capture_intermediates=True, mutable=["params", "intermediates"]
+      )
+    )
     c1 = inter["intermediates"]["res3"]["0"]["conv1"]["__call__"][0]
     assert c1.shape[1] == (8 if s1 else 16)
 
 
 def test_build_resnet_reads_the_config_defaults():
-  from rethink_jax.models import default_model_config, resnet  # pylint: disable=g-import-not-at-top
+  from rethink_jax.models import default_model_config  # pylint: disable=g-import-not-at-top
+  from rethink_jax.models import resnet  # pylint: disable=g-import-not-at-top
+
   b = default_model_config().backbone
   model = build_resnet()
   assert (model.depth, model.width, model.stride_in_1x1, model.freeze_at) == (
-      b.depth, b.width, b.stride_in_1x1, b.freeze_at)
+    b.depth,
+    b.width,
+    b.stride_in_1x1,
+    b.freeze_at,
+  )
   assert isinstance(model, resnet.ResNet)
   with pytest.raises(ValueError, match="nrom"):
     build_resnet(nrom="GN")
@@ -150,8 +165,9 @@ def test_bfloat16_resnet():
 
 def test_frozen_bn_stages_have_no_trainable_norms():
   x = jnp.zeros((2, 32, 32, 3))
-  v = jax.eval_shape(lambda: build_resnet(depth=50, norm="BN", width=8, freeze_at=2).init(
-      jax.random.key(0), x))
+  v = jax.eval_shape(
+    lambda: build_resnet(depth=50, norm="BN", width=8, freeze_at=2).init(jax.random.key(0), x)
+  )
   # Frozen stages' BNs are FrozenBN (collection "frozen"); later ones keep batch statistics.
   assert set(v["frozen"]) == {"stem", "res2"}
   assert set(v["batch_stats"]) == {"res3", "res4", "res5"}
@@ -178,8 +194,12 @@ def test_freeze_at_really_freezes(norm):
   mask = trainable_mask(v["params"], prefixes)
   labels = jax.tree_util.tree_map(lambda m: "train" if m else "frozen", mask)
   tx = optax.multi_transform(
-      {"train": optax.chain(optax.add_decayed_weights(1e-4), optax.sgd(0.1, momentum=0.9)),
-       "frozen": optax.set_to_zero()}, labels)
+    {
+      "train": optax.chain(optax.add_decayed_weights(1e-4), optax.sgd(0.1, momentum=0.9)),
+      "frozen": optax.set_to_zero(),
+    },
+    labels,
+  )
 
   @jax.jit
   def step(params):
@@ -192,11 +212,19 @@ def test_freeze_at_really_freezes(norm):
     assert all(float(jnp.max(jnp.abs(g))) == 0.0 for g in jax.tree_util.tree_leaves(grads[name]))
   assert float(jnp.max(jnp.abs(grads["res3"]["0"]["conv1"]["kernel"]))) > 0
   for name in ("stem", "res2"):
-    for a, b in zip(jax.tree_util.tree_leaves(new[name]), jax.tree_util.tree_leaves(v["params"][name])):
+    for a, b in zip(
+      jax.tree_util.tree_leaves(new[name]), jax.tree_util.tree_leaves(v["params"][name])
+    ):
       np.testing.assert_array_equal(a, b)
   for name in ("res3", "res5"):
-    assert float(jnp.max(jnp.abs(new[name]["0"]["conv1"]["kernel"] -
-                                 v["params"][name]["0"]["conv1"]["kernel"]))) > 0
+    assert (
+      float(
+        jnp.max(
+          jnp.abs(new[name]["0"]["conv1"]["kernel"] - v["params"][name]["0"]["conv1"]["kernel"])
+        )
+      )
+      > 0
+    )
 
 
 MULTI_DEVICE_SCRIPT = textwrap.dedent("""
@@ -214,7 +242,8 @@ MULTI_DEVICE_SCRIPT = textwrap.dedent("""
 
     def check(a, b, what, tol=1e-4):
       for k, (u, w) in enumerate(zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b))):
-        err = float(np.max(np.abs(np.asarray(u) - np.asarray(w))) / (np.max(np.abs(np.asarray(w))) + 1e-12))
+        scale = np.max(np.abs(np.asarray(w))) + 1e-12
+        err = float(np.max(np.abs(np.asarray(u) - np.asarray(w))) / scale)
         assert err < tol, (what, k, err)
 
     # SyncBN: a globally sharded batch under jit == the same global batch on one device.
@@ -253,6 +282,12 @@ MULTI_DEVICE_SCRIPT = textwrap.dedent("""
 def test_sync_bn_8_devices_equals_one_device():
   env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
   env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
-  r = subprocess.run([sys.executable, "-c", MULTI_DEVICE_SCRIPT, str(SEED)], env=env,
-                     capture_output=True, text=True, timeout=600, cwd=REPO)
+  r = subprocess.run(
+    [sys.executable, "-c", MULTI_DEVICE_SCRIPT, str(SEED)],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+    cwd=REPO,
+  )
   assert r.returncode == 0 and "MULTI_DEVICE_OK" in r.stdout, r.stdout[-3000:] + r.stderr[-5000:]

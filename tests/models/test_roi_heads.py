@@ -1,5 +1,6 @@
 """ROI heads: layouts and parameter counts, proposal labelling, losses vs NumPy/torch, the
 transposed conv and class-specific mask predictor vs torch, inference vs a torchvision reference."""
+
 import time
 
 import jax
@@ -9,7 +10,9 @@ import pytest
 import torch
 import torchvision
 
-from rethink_jax.models import default_model_config, layers, roi_heads
+from rethink_jax.models import default_model_config
+from rethink_jax.models import layers
+from rethink_jax.models import roi_heads
 
 GN = layers.build_norm("GN", num_groups=32)
 DENSE = layers.dense_def(dtype=jnp.float32)
@@ -86,8 +89,9 @@ def test_initialisation_statistics():
   # MSRA fill: std sqrt(2 / fan_out), fan_out = 3 * 3 * 64 (conv), 4 * C_in (deconv, PyTorch).
   assert abs(float(jnp.std(p["mask_fcn1"]["kernel"])) / np.sqrt(2 / 576) - 1) < 0.05
   assert abs(float(jnp.std(p["deconv"]["kernel"])) / np.sqrt(2 / 256) - 1) < 0.05
-  box = roi_heads.FastRCNNConvFCHead(num_conv=0, conv_dim=256, num_fc=1, fc_dim=256,
-                                     conv=_conv(), dense=DENSE)
+  box = roi_heads.FastRCNNConvFCHead(
+    num_conv=0, conv_dim=256, num_fc=1, fc_dim=256, conv=_conv(), dense=DENSE
+  )
   p = box.init(jax.random.key(3), jnp.zeros((1, 7, 7, 64)))["params"]
   bound = np.sqrt(3 / (7 * 7 * 64))  # c2_xavier_fill: U(-sqrt(3/fan_in), sqrt(3/fan_in))
   k = np.asarray(p["fc1"]["kernel"])
@@ -103,8 +107,11 @@ def test_deconv_and_mask_predictor_match_torch():
   b = torch.from_numpy(rng.normal(size=4).astype(np.float32))
   v = {"params": {"kernel": v["params"]["kernel"], "bias": jnp.asarray(b.numpy())}}
   y = deconv.apply(v, x)
-  want = torch.nn.functional.conv_transpose2d(torch.from_numpy(x).permute(0, 3, 1, 2), w, b,
-                                              stride=2).permute(0, 2, 3, 1).numpy()
+  want = (
+    torch.nn.functional.conv_transpose2d(torch.from_numpy(x).permute(0, 3, 1, 2), w, b, stride=2)
+    .permute(0, 2, 3, 1)
+    .numpy()
+  )
   np.testing.assert_allclose(np.asarray(y), want, rtol=1e-5, atol=1e-5)
 
   # Gradients (the 2D product, the pixel shuffle and xla_cpu.add_bias) against torch autograd.
@@ -117,8 +124,9 @@ def test_deconv_and_mask_predictor_match_torch():
   with jax.default_matmul_precision("highest"):
     dp, dx = jax.grad(loss, (0, 1))(v["params"], x)
   np.testing.assert_allclose(dx, tx.grad.permute(0, 2, 3, 1).numpy(), rtol=1e-4, atol=1e-4)
-  np.testing.assert_allclose(dp["kernel"], tw.grad.permute(2, 3, 0, 1).numpy(), rtol=1e-4,
-                             atol=1e-4)
+  np.testing.assert_allclose(
+    dp["kernel"], tw.grad.permute(2, 3, 0, 1).numpy(), rtol=1e-4, atol=1e-4
+  )
   np.testing.assert_allclose(dp["bias"], tb.grad.numpy(), rtol=1e-4, atol=1e-4)
 
   pred = roi_heads.ClassMaskPredictor(5)
@@ -128,8 +136,9 @@ def test_deconv_and_mask_predictor_match_torch():
   v = {"params": {"kernel": v["params"]["kernel"], "bias": jnp.asarray(bias)}}
   got = pred.apply(v, x, classes)
   full = np.einsum("rhwc,cf->rhwf", x, np.asarray(v["params"]["kernel"][0, 0])) + bias
-  np.testing.assert_allclose(np.asarray(got), full[np.arange(3), :, :, np.asarray(classes) - 1],
-                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+    np.asarray(got), full[np.arange(3), :, :, np.asarray(classes) - 1], rtol=1e-5, atol=1e-6
+  )
 
 
 def test_label_and_sample_proposals():
@@ -142,9 +151,11 @@ def test_label_and_sample_proposals():
   proposals = np.concatenate([jitter, _random_boxes(rng, p - p // 2, 100)])
   proposals[:, 2:] = np.maximum(proposals[:, 2:], proposals[:, :2] + 1)
   valid = rng.uniform(size=p) < 0.9
-  out = jax.jit(lambda *a: roi_heads.label_and_sample_proposals(
-      *a, batch_size_per_image=128, positive_fraction=0.25, iou_threshold=0.5, append_gt=True))(
-          proposals, valid, gt, gt_classes, jax.random.key(int(rng.integers(1 << 30))))
+  out = jax.jit(
+    lambda *a: roi_heads.label_and_sample_proposals(
+      *a, batch_size_per_image=128, positive_fraction=0.25, iou_threshold=0.5, append_gt=True
+    )
+  )(proposals, valid, gt, gt_classes, jax.random.key(int(rng.integers(1 << 30))))
   rois, classes = np.asarray(out["rois"]), np.asarray(out["classes"])
   svalid, matched = np.asarray(out["valid"]), np.asarray(out["matched_gt"])
   all_boxes = np.concatenate([proposals, gt])
@@ -154,8 +165,19 @@ def test_label_and_sample_proposals():
   assert all(len(i) >= 1 for i in idx)
   iou = torchvision.ops.box_iou(torch.from_numpy(rois[svalid]), torch.from_numpy(gt[:3])).numpy()
   fg = classes[svalid] > 0
-  assert fg.sum() == min(32, int(((torchvision.ops.box_iou(
-      torch.from_numpy(all_boxes[all_valid]), torch.from_numpy(gt[:3])).numpy().max(1)) >= 0.5).sum()))
+  assert fg.sum() == min(
+    32,
+    int(
+      (
+        (
+          torchvision.ops.box_iou(torch.from_numpy(all_boxes[all_valid]), torch.from_numpy(gt[:3]))
+          .numpy()
+          .max(1)
+        )
+        >= 0.5
+      ).sum()
+    ),
+  )
   assert np.all(iou[fg].max(1) >= 0.5) and np.all(iou[~fg].max(1) < 0.5)
   np.testing.assert_array_equal(classes[svalid][fg], gt_classes[matched[svalid][fg]])
   np.testing.assert_array_equal(matched[svalid][fg], iou[fg].argmax(1))
@@ -183,15 +205,17 @@ def test_fast_rcnn_and_mask_losses_match_reference():
   fg = valid & (classes > 0)
   l1 = np.abs(deltas[fg, classes[fg] - 1] - targets[fg]).sum() / valid.sum()
   np.testing.assert_allclose(float(losses["loss_box_reg"]), l1, rtol=1e-5)
-  grads = jax.grad(lambda d: roi_heads.fast_rcnn_losses(
-      logits, d, classes, valid, targets)["loss_box_reg"])(jnp.asarray(deltas))
+  grads = jax.grad(
+    lambda d: roi_heads.fast_rcnn_losses(logits, d, classes, valid, targets)["loss_box_reg"]
+  )(jnp.asarray(deltas))
   assert bool(jnp.all(jnp.isfinite(grads)))
 
   m = rng.normal(size=(n, 28, 28)).astype(np.float32)
   t = (rng.uniform(size=(n, 28, 28)) < 0.5).astype(np.float32)
   loss = roi_heads.mask_rcnn_loss(m, t, valid)
-  want = torch.nn.functional.binary_cross_entropy_with_logits(torch.from_numpy(m[valid]),
-                                                              torch.from_numpy(t[valid]))
+  want = torch.nn.functional.binary_cross_entropy_with_logits(
+    torch.from_numpy(m[valid]), torch.from_numpy(t[valid])
+  )
   np.testing.assert_allclose(float(loss), float(want), rtol=1e-5)
   assert float(roi_heads.mask_rcnn_loss(m, t, np.zeros(n, bool))) == 0.0
 
@@ -201,8 +225,9 @@ def _reference_inference(proposals, logits, deltas, hw, thresh, nms, topk):
   p, k = deltas.shape[:2]
   scores = torch.softmax(torch.from_numpy(logits), -1)[:, :-1]
   coder = torchvision.models.detection._utils.BoxCoder((10.0, 10.0, 5.0, 5.0))
-  boxes = coder.decode_single(torch.from_numpy(deltas.reshape(p, 4 * k)),
-                              torch.from_numpy(proposals)).reshape(p, k, 4)
+  boxes = coder.decode_single(
+    torch.from_numpy(deltas.reshape(p, 4 * k)), torch.from_numpy(proposals)
+  ).reshape(p, k, 4)
   boxes[..., 0::2] = boxes[..., 0::2].clamp(0, hw[1])
   boxes[..., 1::2] = boxes[..., 1::2].clamp(0, hw[0])
   keep = scores > thresh
@@ -219,12 +244,19 @@ def test_fast_rcnn_inference_matches_reference():
   logits = rng.normal(scale=2.0, size=(p, k + 1)).astype(np.float32)
   deltas = rng.normal(scale=0.5, size=(p, k, 4)).astype(np.float32)
   valid = np.ones(p, bool)
-  boxes, scores, classes, num = jax.jit(lambda *a: roi_heads.fast_rcnn_inference(
-      *a, box_reg_weights=(10.0, 10.0, 5.0, 5.0), score_thresh=0.05, nms_thresh=0.5,
-      detections_per_image=20, num_candidates=p * k))(proposals, valid, logits, deltas,
-                                                        jnp.array(hw))
-  want_boxes, want_scores, want_classes = _reference_inference(proposals, logits, deltas, hw,
-                                                               0.05, 0.5, 20)
+  boxes, scores, classes, num = jax.jit(
+    lambda *a: roi_heads.fast_rcnn_inference(
+      *a,
+      box_reg_weights=(10.0, 10.0, 5.0, 5.0),
+      score_thresh=0.05,
+      nms_thresh=0.5,
+      detections_per_image=20,
+      num_candidates=p * k,
+    )
+  )(proposals, valid, logits, deltas, jnp.array(hw))
+  want_boxes, want_scores, want_classes = _reference_inference(
+    proposals, logits, deltas, hw, 0.05, 0.5, 20
+  )
   n = int(num)
   assert n == len(want_boxes)
   np.testing.assert_allclose(np.asarray(scores[:n]), want_scores, rtol=1e-5)
@@ -233,9 +265,17 @@ def test_fast_rcnn_inference_matches_reference():
   assert np.all(np.asarray(classes[n:]) == 0) and np.all(np.asarray(scores[n:]) == 0)
   # Invalid proposals never produce detections.
   _, _, _, num = roi_heads.fast_rcnn_inference(
-      proposals, np.zeros(p, bool), logits, deltas, jnp.array(hw),
-      box_reg_weights=(10.0, 10.0, 5.0, 5.0), score_thresh=0.05, nms_thresh=0.5,
-      detections_per_image=20, num_candidates=p * k)
+    proposals,
+    np.zeros(p, bool),
+    logits,
+    deltas,
+    jnp.array(hw),
+    box_reg_weights=(10.0, 10.0, 5.0, 5.0),
+    score_thresh=0.05,
+    nms_thresh=0.5,
+    detections_per_image=20,
+    num_candidates=p * k,
+  )
   assert int(num) == 0
 
 
@@ -244,8 +284,10 @@ def test_mask_branch_chunks_equal_one_pass():
   one pass over all max_fg_rois (or detections_per_image) slots."""
   rng = _rng()
   size, c = 64, 16
-  features = {f"p{k}": jnp.asarray(rng.normal(size=(2, size >> k, size >> k, c)), jnp.float32)
-              for k in range(2, 6)}
+  features = {
+    f"p{k}": jnp.asarray(rng.normal(size=(2, size >> k, size >> k, c)), jnp.float32)
+    for k in range(2, 6)
+  }
   hw = np.full((2, 2), size, np.int32)
   gt = np.stack([_random_boxes(rng, 3, size, 12, 30), _random_boxes(rng, 3, size, 12, 30)])
   gt_classes = np.array([[1, 3, 2], [2, 0, 0]], np.int32)  # image 1: one object
@@ -253,8 +295,12 @@ def test_mask_branch_chunks_equal_one_pass():
   # Image 0: jittered copies of its objects (about 2 x 4 = 8 foreground ROIs with the appended gt);
   # image 1: random boxes far from positive, so 1-2 foreground.
   jitter = np.repeat(gt[0], 2, axis=0) + rng.normal(scale=1.0, size=(6, 4)).astype(np.float32)
-  proposals = np.stack([np.concatenate([jitter, _random_boxes(rng, 26, size, 2, 6)]),
-                        _random_boxes(rng, 32, size, 2, 6)])
+  proposals = np.stack(
+    [
+      np.concatenate([jitter, _random_boxes(rng, 26, size, 2, 6)]),
+      _random_boxes(rng, 32, size, 2, 6),
+    ]
+  )
   proposals[..., 2:] = np.maximum(proposals[..., 2:], proposals[..., :2] + 1)
   proposal_valid = np.ones((2, 32), bool)
 
@@ -274,15 +320,26 @@ def test_mask_branch_chunks_equal_one_pass():
     def loss(p):
       out = heads(chunk).apply({"params": p}, *args, train=True, rngs={"sampling": key})
       return out["loss_mask"], out
+
     return jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
 
   (_, one), g_one = loss_and_grads(0)
   (_, chunked), g_chunked = loss_and_grads(4)
   num_fg = jax.vmap(lambda s: jnp.sum(s["valid"] & (s["classes"] > 0)))(
-      jax.vmap(lambda p, v, g, k, kk: roi_heads.label_and_sample_proposals(
-          p, v, g, k, kk, batch_size_per_image=32, positive_fraction=0.25, iou_threshold=0.5,
-          append_gt=True))(
-              proposals, proposal_valid, gt, gt_classes, jax.random.split(key, 2)))
+    jax.vmap(
+      lambda p, v, g, k, kk: roi_heads.label_and_sample_proposals(
+        p,
+        v,
+        g,
+        k,
+        kk,
+        batch_size_per_image=32,
+        positive_fraction=0.25,
+        iou_threshold=0.5,
+        append_gt=True,
+      )
+    )(proposals, proposal_valid, gt, gt_classes, jax.random.split(key, 2))
+  )
   print(f"foreground ROIs per image {np.asarray(num_fg)}, losses {one}")
   assert 1 <= int(num_fg.max()) <= 12  # the last of the four chunks is skipped
   for k in one:
@@ -297,8 +354,9 @@ def test_mask_branch_chunks_equal_one_pass():
   # Inference: image 0 keeps up to 3 classes x 1 proposal, image 1 up to 3 x 2 (<= 6 of 10 slots).
   infer_valid = np.zeros((2, 32), bool)
   infer_valid[0, 0] = infer_valid[1, :2] = True
-  predict = lambda chunk: jax.jit(lambda p: heads(chunk).apply(
-      {"params": p}, features, proposals, infer_valid, hw, train=False))(params)
+  predict = lambda chunk: jax.jit(
+    lambda p: heads(chunk).apply({"params": p}, features, proposals, infer_valid, hw, train=False)
+  )(params)
   one, chunked = predict(0), predict(4)
   assert 1 <= int(one["num_detections"].max()) <= 6
   np.testing.assert_array_equal(chunked["num_detections"], one["num_detections"])

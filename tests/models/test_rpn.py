@@ -1,4 +1,5 @@
 """RPN: head layout and init, proposals vs a torchvision reference, labels and losses vs NumPy."""
+
 import time
 
 import jax
@@ -8,7 +9,9 @@ import pytest
 import torch
 import torchvision
 
-from rethink_jax.models import default_model_config, layers, rpn
+from rethink_jax.models import default_model_config
+from rethink_jax.models import layers
+from rethink_jax.models import rpn
 
 
 def _rng():
@@ -36,7 +39,10 @@ def _np_encode(t, a):
   return np.stack([(tx - ax) / aw, (ty - ay) / ah, np.log(tw / aw), np.log(th / ah)], -1)
 
 
-def _np_decode(d, a, clamp=np.log(1000.0 / 16)):
+_SCALE_CLAMP = np.log(1000.0 / 16)
+
+
+def _np_decode(d, a, clamp=_SCALE_CLAMP):
   aw, ah = a[:, 2] - a[:, 0], a[:, 3] - a[:, 1]
   ax, ay = a[:, 0] + 0.5 * aw, a[:, 1] + 0.5 * ah
   cx, cy = d[:, 0] * aw + ax, d[:, 1] * ah + ay
@@ -45,8 +51,9 @@ def _np_decode(d, a, clamp=np.log(1000.0 / 16)):
 
 
 def test_head_layout_shapes_and_init():
-  head = rpn.StandardRPNHead(num_anchors=3, conv_dims=-1,
-                             conv=layers.conv_def(norm=None, dtype=jnp.float32))
+  head = rpn.StandardRPNHead(
+    num_anchors=3, conv_dims=-1, conv=layers.conv_def(norm=None, dtype=jnp.float32)
+  )
   feats = [jnp.ones((2, 8, 8, 256)), jnp.ones((2, 4, 4, 256))]
   variables = head.init(jax.random.key(0), feats)
   p = variables["params"]
@@ -65,13 +72,21 @@ def test_head_layout_shapes_and_init():
   assert [d.shape for d in deltas] == [(2, 192, 4), (2, 48, 4)]
   # Location-major, then anchor: entry (y*W + x)*A + a is channel a (4a..4a+3) at (y, x).
   y, x, a = 3, 5, 2
-  raw = jax.lax.conv_general_dilated(
-      feats[0], p["conv"]["kernel"], (1, 1), ((1, 1), (1, 1)),
-      dimension_numbers=("NHWC", "HWIO", "NHWC")) + p["conv"]["bias"]
+  raw = (
+    jax.lax.conv_general_dilated(
+      feats[0],
+      p["conv"]["kernel"],
+      (1, 1),
+      ((1, 1), (1, 1)),
+      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    )
+    + p["conv"]["bias"]
+  )
   t = jax.nn.relu(raw)[0, y, x]
   want = t @ p["anchor_deltas"]["kernel"][0, 0] + p["anchor_deltas"]["bias"]
-  np.testing.assert_allclose(deltas[0][0, (y * 8 + x) * 3 + a], want[4 * a:4 * a + 4], rtol=1e-4,
-                             atol=1e-6)
+  np.testing.assert_allclose(
+    deltas[0][0, (y * 8 + x) * 3 + a], want[4 * a : 4 * a + 4], rtol=1e-4, atol=1e-6
+  )
 
 
 def _reference_proposals(objectness, deltas, anchors, hw, pre, post, thresh):
@@ -89,8 +104,12 @@ def _reference_proposals(objectness, deltas, anchors, hw, pre, post, thresh):
   boxes[:, 1::2] = np.clip(boxes[:, 1::2], 0, h)
   keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
   boxes, scores, levels = boxes[keep], scores[keep], levels[keep]
-  k = torchvision.ops.batched_nms(torch.from_numpy(boxes).float(), torch.from_numpy(scores).float(),
-                                  torch.from_numpy(levels), thresh).numpy()[:post]
+  k = torchvision.ops.batched_nms(
+    torch.from_numpy(boxes).float(),
+    torch.from_numpy(scores).float(),
+    torch.from_numpy(levels),
+    thresh,
+  ).numpy()[:post]
   return boxes[k], scores[k]
 
 
@@ -102,9 +121,19 @@ def test_find_top_proposals_matches_reference():
   objectness = [rng.normal(size=len(a)).astype(np.float32) for a in anchors]
   deltas = [rng.normal(scale=0.5, size=(len(a), 4)).astype(np.float32) for a in anchors]
   pre, post = 300, 200
-  f = jax.jit(lambda o, d, a, s: rpn.find_top_proposals(
-      o, d, a, s, pre_nms_topk=pre, post_nms_topk=post, nms_thresh=0.7, min_size=0.0,
-      box_reg_weights=(1.0, 1.0, 1.0, 1.0)))
+  f = jax.jit(
+    lambda o, d, a, s: rpn.find_top_proposals(
+      o,
+      d,
+      a,
+      s,
+      pre_nms_topk=pre,
+      post_nms_topk=post,
+      nms_thresh=0.7,
+      min_size=0.0,
+      box_reg_weights=(1.0, 1.0, 1.0, 1.0),
+    )
+  )
   boxes, logits, valid = f(objectness, deltas, anchors, jnp.array(hw))
   want_boxes, want_scores = _reference_proposals(objectness, deltas, anchors, hw, pre, post, 0.7)
   n = int(valid.sum())
@@ -121,10 +150,19 @@ def test_label_sample_and_losses_match_numpy():
   g = 6
   gt = _random_boxes(rng, g, 128, 8, 64)
   gt_valid = np.array([True] * 4 + [False] * 2)
-  samples = jax.jit(lambda a, b, v, k: rpn.label_and_sample_anchors(
-      a, b, v, k, iou_thresholds=(0.3, 0.7), iou_labels=(0, -1, 1), batch_size_per_image=256,
-      positive_fraction=0.5, box_reg_weights=(1.0, 1.0, 1.0, 1.0)))(
-          anchors, gt, gt_valid, jax.random.key(int(rng.integers(1 << 30))))
+  samples = jax.jit(
+    lambda a, b, v, k: rpn.label_and_sample_anchors(
+      a,
+      b,
+      v,
+      k,
+      iou_thresholds=(0.3, 0.7),
+      iou_labels=(0, -1, 1),
+      batch_size_per_image=256,
+      positive_fraction=0.5,
+      box_reg_weights=(1.0, 1.0, 1.0, 1.0),
+    )
+  )(anchors, gt, gt_valid, jax.random.key(int(rng.integers(1 << 30))))
   idx = np.asarray(samples["indices"])
   valid = np.asarray(samples["valid"])
   labels = np.asarray(samples["labels"])
@@ -142,8 +180,12 @@ def test_label_sample_and_losses_match_numpy():
   assert valid.sum() == min(256, min(want_pos.sum(), 128) + want_neg.sum())
   pos = idx[valid & (labels == 1)]
   matched = gt[:4][iou[:, pos].argmax(0)]
-  np.testing.assert_allclose(np.asarray(samples["targets"])[valid & (labels == 1)],
-                             _np_encode(matched, anchors[pos]), rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(
+    np.asarray(samples["targets"])[valid & (labels == 1)],
+    _np_encode(matched, anchors[pos]),
+    rtol=1e-4,
+    atol=1e-4,
+  )
 
   # Losses over a batch of two images (the second with the same samples), vs NumPy.
   obj = rng.normal(size=(2, len(anchors))).astype(np.float32)
@@ -161,9 +203,14 @@ def test_label_sample_and_losses_match_numpy():
   np.testing.assert_allclose(float(losses["loss_rpn_cls"]), want_cls / 512, rtol=1e-5)
   np.testing.assert_allclose(float(losses["loss_rpn_loc"]), want_loc / 512, rtol=1e-5)
   # Cross-check the BCE against torch's.
-  t = sum(torch.nn.functional.binary_cross_entropy_with_logits(
-      torch.from_numpy(obj[b, idx[valid]]), torch.from_numpy(labels[valid].astype(np.float32)),
-      reduction="sum") for b in range(2))
+  t = sum(
+    torch.nn.functional.binary_cross_entropy_with_logits(
+      torch.from_numpy(obj[b, idx[valid]]),
+      torch.from_numpy(labels[valid].astype(np.float32)),
+      reduction="sum",
+    )
+    for b in range(2)
+  )
   np.testing.assert_allclose(want_cls, float(t), rtol=1e-5)
 
 
@@ -171,9 +218,16 @@ def test_no_ground_truth_samples_only_background():
   rng = _rng()
   anchors = _random_boxes(rng, 1000, 64)
   samples = rpn.label_and_sample_anchors(
-      jnp.asarray(anchors), jnp.zeros((3, 4)), jnp.zeros((3,), bool), jax.random.key(0),
-      iou_thresholds=(0.3, 0.7), iou_labels=(0, -1, 1), batch_size_per_image=256,
-      positive_fraction=0.5, box_reg_weights=(1.0, 1.0, 1.0, 1.0))
+    jnp.asarray(anchors),
+    jnp.zeros((3, 4)),
+    jnp.zeros((3,), bool),
+    jax.random.key(0),
+    iou_thresholds=(0.3, 0.7),
+    iou_labels=(0, -1, 1),
+    batch_size_per_image=256,
+    positive_fraction=0.5,
+    box_reg_weights=(1.0, 1.0, 1.0, 1.0),
+  )
   assert int(samples["valid"].sum()) == 256
   assert int(samples["labels"].sum()) == 0
 
@@ -183,17 +237,22 @@ def test_rpn_module_train_and_test_shapes():
   feats = [jnp.asarray(rng.normal(size=(2, s, s, 16)), jnp.float32) for s in (16, 8, 4)]
   anchors = [jnp.asarray(_random_boxes(rng, s * s * 3, 64, 4, 32)) for s in (16, 8, 4)]
   c = default_model_config()  # 3 anchors per location
-  c.rpn.update(pre_nms_topk_train=100, post_nms_topk_train=50, pre_nms_topk_test=80,
-               post_nms_topk_test=40, batch_size_per_image=64)
+  c.rpn.update(
+    pre_nms_topk_train=100,
+    post_nms_topk_train=50,
+    pre_nms_topk_test=80,
+    post_nms_topk_test=40,
+    batch_size_per_image=64,
+  )
   module = rpn.build_rpn(c)
   assert module.rpn_head.num_anchors == 3 and module.nms_thresh == c.rpn.nms_thresh
   gt = jnp.asarray(np.stack([_random_boxes(rng, 3, 64, 8, 32)] * 2))
   gt_valid = jnp.array([[True, True, False], [True, False, False]])
   hw = jnp.array([[64, 64], [50, 60]])
-  variables = jax.jit(lambda k: module.init(k, feats, anchors, hw, train=False))(
-      jax.random.key(0))
-  train = jax.jit(lambda v, k: module.apply(v, feats, anchors, hw, gt, gt_valid, train=True,
-                                            rngs={"sampling": k}))
+  variables = jax.jit(lambda k: module.init(k, feats, anchors, hw, train=False))(jax.random.key(0))
+  train = jax.jit(
+    lambda v, k: module.apply(v, feats, anchors, hw, gt, gt_valid, train=True, rngs={"sampling": k})
+  )
   props, valid, losses = train(variables, jax.random.key(1))
   assert props.shape == (2, 50, 4) and valid.shape == (2, 50)
   assert set(losses) == {"loss_rpn_cls", "loss_rpn_loc"}
@@ -202,8 +261,9 @@ def test_rpn_module_train_and_test_shapes():
   assert float(props[1, :, 2].max()) <= 60 and float(props[1, :, 3].max()) <= 50
   # No gradient flows through proposals.
   test = lambda v: module.apply(v, feats, anchors, hw, train=False)
-  (props, valid, losses), g = jax.jit(
-      lambda v: (test(v), jax.grad(lambda w: test(w)[0].sum())(v)))(variables)
+  (props, valid, losses), g = jax.jit(lambda v: (test(v), jax.grad(lambda w: test(w)[0].sum())(v)))(
+    variables
+  )
   assert props.shape == (2, 40, 4) and losses == {}
   assert all(float(jnp.abs(x).max()) == 0 for x in jax.tree_util.tree_leaves(g))
   c.rpn.smooth_l1_beta = 0.1

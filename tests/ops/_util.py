@@ -1,4 +1,5 @@
 """Shared helpers for the ops tests: fresh seeds (printed on failure) and random boxes."""
+
 import time
 
 import numpy as np

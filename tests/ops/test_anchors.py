@@ -27,7 +27,11 @@ def _detectron2_rules(feature_hw, strides, sizes, ratios, offset):
 @pytest.mark.parametrize("offset", [0.0, 0.5])
 def test_generate_anchors_matches_detectron2_rules(rng, offset):
   base = int(rng.integers(3, 7))
-  feature_hw = [(base * 4 + int(rng.integers(0, 3)), base * 4 + 1), (base * 2, base * 2 + 1), (base, base)]
+  feature_hw = [
+    (base * 4 + int(rng.integers(0, 3)), base * 4 + 1),
+    (base * 2, base * 2 + 1),
+    (base, base),
+  ]
   strides = [4, 8, 16]
   sizes = [(32,), (64, 90.5), (128,)]
   ratios = (0.5, 1.0, 2.0)

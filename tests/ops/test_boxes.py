@@ -19,7 +19,9 @@ def test_box_iou_matches_torchvision_jit_vmap(rng):
   for i in range(3):
     ref = torchvision.ops.box_iou(torch.from_numpy(b1[i]), torch.from_numpy(b2[i])).numpy()
     np.testing.assert_allclose(ours[i], ref, atol=1e-6)
-  np.testing.assert_allclose(B.box_area(b1[0]), torchvision.ops.box_area(torch.from_numpy(b1[0])).numpy(), rtol=1e-6)
+  np.testing.assert_allclose(
+    B.box_area(b1[0]), torchvision.ops.box_area(torch.from_numpy(b1[0])).numpy(), rtol=1e-6
+  )
   # Broadcasting leading dims directly.
   np.testing.assert_allclose(jax.jit(B.box_iou)(b1, b2), ours, atol=1e-7)
 

@@ -54,7 +54,9 @@ def test_match_equals_detectron2(rng, thresholds, labels, low_quality):
 
 
 def test_match_without_gt_rows():
-  m, l = jax.jit(lambda i, v: match(i, v, (0.3, 0.7), (0, -1, 1), True))(np.zeros((0, 7)), np.zeros(0, bool))
+  m, l = jax.jit(lambda i, v: match(i, v, (0.3, 0.7), (0, -1, 1), True))(
+    np.zeros((0, 7)), np.zeros(0, bool)
+  )
   assert m.shape == l.shape == (7,) and not np.asarray(m).any() and not np.asarray(l).any()
 
 

@@ -7,7 +7,9 @@ import torch
 import torchvision
 
 from rethink_jax.ops import xla_cpu
-from rethink_jax.ops.nms import batched_nms, nms
+from rethink_jax.ops.nms import batched_nms
+from rethink_jax.ops.nms import nms
+from tests.ops._util import random_boxes
 
 # The public functions get the CPU form on CPU; the other platforms' form is tested here too.
 IMPLS = {"public": None, "tiled": functools.partial(xla_cpu.tiled_nms, tile=64)}
@@ -19,7 +21,6 @@ def _run(impl, boxes, scores, classes, thr, max_out):
       return nms(boxes, scores, thr, max_out)
     return batched_nms(boxes, scores, classes, thr, max_out)
   return IMPLS[impl](boxes, scores, classes, thr, max_out)
-from tests.ops._util import random_boxes
 
 
 def _ref(boxes, scores, thr, max_out, classes=None):
@@ -49,8 +50,8 @@ def test_nms_matches_torchvision_vmapped(rng, thr, max_out, impl):
   for i in range(batch):
     ref = _ref(boxes[i], scores[i], thr, max_out)
     assert num[i] == len(ref)
-    np.testing.assert_array_equal(idx[i, :num[i]], ref)
-    assert (idx[i, num[i]:] == -1).all()
+    np.testing.assert_array_equal(idx[i, : num[i]], ref)
+    assert (idx[i, num[i] :] == -1).all()
 
 
 @pytest.mark.parametrize("impl", ["public", "tiled"])
@@ -65,7 +66,7 @@ def test_batched_nms_matches_torchvision(rng, impl):
   for i in range(batch):
     ref = _ref(boxes[i], scores[i], 0.5, max_out, classes[i])
     assert num[i] == len(ref)
-    np.testing.assert_array_equal(idx[i, :num[i]], ref)
+    np.testing.assert_array_equal(idx[i, : num[i]], ref)
 
 
 def test_nms_shape_error():

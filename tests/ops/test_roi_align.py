@@ -5,7 +5,9 @@ import pytest
 import torch
 import torchvision
 
-from rethink_jax.ops.roi_align import assign_levels, multilevel_roi_align, roi_align
+from rethink_jax.ops.roi_align import assign_levels
+from rethink_jax.ops.roi_align import multilevel_roi_align
+from rethink_jax.ops.roi_align import roi_align
 
 OUT = (5, 4)
 
@@ -37,7 +39,9 @@ _JIT = {}
 def _jitted(sr, aligned, cap=4, out=OUT):
   key = (sr, aligned, cap, out)
   if key not in _JIT:
-    _JIT[key] = jax.jit(lambda f, b: roi_align(f, b, out, 0.25, sr, aligned, max_sampling_ratio=cap))
+    _JIT[key] = jax.jit(
+      lambda f, b: roi_align(f, b, out, 0.25, sr, aligned, max_sampling_ratio=cap)
+    )
   return _JIT[key]
 
 
@@ -74,8 +78,13 @@ def test_roi_align_feature_gradient_matches_torchvision(rng, sr, aligned):
   grad = jax.jit(jax.grad(lambda f: jnp.sum(roi_align(f, boxes, OUT, 0.25, sr, aligned, 8) * cot)))
   ours = grad(feats)
   tf = torch.from_numpy(feats).requires_grad_(True)
-  rois = torch.cat([torch.arange(2).repeat_interleave(16).float()[:, None],
-                    torch.from_numpy(boxes.reshape(-1, 4))], 1)
+  rois = torch.cat(
+    [
+      torch.arange(2).repeat_interleave(16).float()[:, None],
+      torch.from_numpy(boxes.reshape(-1, 4)),
+    ],
+    1,
+  )
   out = torchvision.ops.roi_align(tf.permute(0, 3, 1, 2), rois, OUT, 0.25, sr, aligned)
   (out * torch.from_numpy(cot).reshape(32, *OUT, 3).permute(0, 3, 1, 2)).sum().backward()
   np.testing.assert_allclose(ours, tf.grad.numpy(), atol=1e-4)
@@ -85,7 +94,9 @@ def test_roi_align_vmap_and_bfloat16(rng):
   feats, boxes = _random_case(rng, r=8)
   stacked_f, stacked_b = np.stack([feats, feats[::-1]]), np.stack([boxes, boxes[::-1]])
   ours = jax.jit(jax.vmap(lambda f, b: roi_align(f, b, OUT, 0.25, 2, True)))(stacked_f, stacked_b)
-  np.testing.assert_allclose(ours[1], _tv_roi_align(feats[::-1].copy(), boxes[::-1].copy(), OUT, 0.25, 2, True), atol=1e-4)
+  np.testing.assert_allclose(
+    ours[1], _tv_roi_align(feats[::-1].copy(), boxes[::-1].copy(), OUT, 0.25, 2, True), atol=1e-4
+  )
   half = _jitted(2, True)(jnp.asarray(feats, jnp.bfloat16), boxes)
   assert half.dtype == jnp.bfloat16
   np.testing.assert_allclose(np.asarray(half, np.float32), ours[0], atol=5e-2)
@@ -102,8 +113,10 @@ def _detectron2_levels(boxes, lo, hi):
 @pytest.mark.parametrize("sr,out", [(2, 7), (0, 6)])
 def test_multilevel_equals_pooling_each_box_on_its_level(rng, sr, out):
   b, r, c, image = 2, 96, 4, 256
-  feats = {f"p{k}": rng.normal(size=(b, image >> k, (image >> k) + 1, c)).astype(np.float32)
-           for k in range(2, 6)}
+  feats = {
+    f"p{k}": rng.normal(size=(b, image >> k, (image >> k) + 1, c)).astype(np.float32)
+    for k in range(2, 6)
+  }
   # sqrt(area) drawn per level band: [16, 112) -> P2, [112, 224) -> P3, [224, 448) -> P4,
   # [448, 700) -> P5 (floor(4 + log2(size / 224)), clamped), so every level gets a quarter.
   edges = np.log(np.array([16.0, 112.0, 224.0, 448.0, 700.0]))
@@ -120,10 +133,10 @@ def test_multilevel_equals_pooling_each_box_on_its_level(rng, sr, out):
   np.testing.assert_array_equal(assign_levels(boxes, 2, 5), levels)
   assert len(np.unique(levels)) == 4
   for k in range(2, 6):
-    ref = _tv_roi_align(feats[f"p{k}"], boxes, (out, out), 2.0 ** -k, sr, True)
+    ref = _tv_roi_align(feats[f"p{k}"], boxes, (out, out), 2.0**-k, sr, True)
     sel = levels == k
     if sr == 0:  # compare only where the adaptive grid fits the cap (see roi_align's doc)
-      grid = np.ceil((boxes[..., 2:] - boxes[..., :2]) * 2.0 ** -k / out)
+      grid = np.ceil((boxes[..., 2:] - boxes[..., :2]) * 2.0**-k / out)
       sel &= (grid <= 4).all(-1)
     assert sel.sum() >= 4, f"too few boxes compared on P{k}"
     np.testing.assert_allclose(ours[sel], ref[sel], atol=1e-4)

@@ -20,7 +20,7 @@ def test_sample_balanced_counts_and_candidates(rng, num_samples, fraction):
     npos = min((labels[b] == 1).sum(), int(num_samples * fraction))
     nneg = min((labels[b] == 0).sum(), num_samples - npos)
     assert valid[b].sum() == npos + nneg
-    assert valid[b, :npos + nneg].all()
+    assert valid[b, : npos + nneg].all()
     chosen = idx[b][valid[b]]
     assert len(set(chosen.tolist())) == len(chosen)  # without replacement
     np.testing.assert_array_equal(labels[b][chosen[:npos]], 1)

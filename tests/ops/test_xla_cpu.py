@@ -3,6 +3,7 @@
 Both forms run here on CPU, called by name; the public functions' agreement with torch is tested
 in tests/models/test_layers.py, tests/ops/test_roi_align.py and tests/ops/test_nms.py.
 """
+
 import functools
 
 import jax
@@ -19,9 +20,11 @@ def _vjp_both(cpu_form, reference_form, args, rng, argnums, tol):
 
   Returns the reference form's output and gradients (of the arguments numbered argnums).
   """
+
   def value_and_grads(form, cot):
     def f(*diff):
       return form(*(diff[argnums.index(i)] if i in argnums else a for i, a in enumerate(args)))
+
     y, vjp = jax.vjp(f, *(args[i] for i in argnums))
     return y, vjp(cot)
 
@@ -31,12 +34,15 @@ def _vjp_both(cpu_form, reference_form, args, rng, argnums, tol):
   y_ref, g_ref = jax.jit(functools.partial(value_and_grads, reference_form))(cot)
   for a, b in zip((y_cpu, *g_cpu), (y_ref, *g_ref)):
     assert a.shape == b.shape and a.dtype == b.dtype
-    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=tol,
-                               atol=tol)
+    np.testing.assert_allclose(
+      np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=tol, atol=tol
+    )
   return y_ref, g_ref
 
 
-@pytest.mark.parametrize("k,s,p,d,g", [
+@pytest.mark.parametrize(
+  "k,s,p,d,g",
+  [
     (1, 1, 0, 1, 1),  # 1x1: the 2D matmul
     (1, 2, 0, 1, 1),  # 1x1 stride 2 (a shortcut): subsampled, then the matmul
     (3, 1, 1, 1, 1),  # stride 1, padding < k: gradients as forward convs
@@ -45,15 +51,21 @@ def _vjp_both(cpu_form, reference_form, args, rng, argnums, tol):
     (5, 1, 2, 1, 1),
     (3, 2, 1, 1, 1),  # stride 2: the reference conv on both
     (3, 1, 2, 2, 2),  # dilation and groups: the reference conv on both
-])
+  ],
+)
 def test_conv2d_forms_agree(rng, k, s, p, d, g):
   x = jnp.asarray(rng.normal(size=(2, 9, 11, 8)), jnp.float32)
   kernel = jnp.asarray(rng.normal(size=(k, k, 8 // g, 6)) / k, jnp.float32)
   static = dict(strides=(s, s), padding=(p, p), dilation=(d, d), groups=g)
   with jax.default_matmul_precision("highest"):
-    _vjp_both(functools.partial(xla_cpu.conv2d_cpu, **static),
-              functools.partial(xla_cpu.conv2d_reference, **static), (x, kernel), rng, (0, 1),
-              1e-4)
+    _vjp_both(
+      functools.partial(xla_cpu.conv2d_cpu, **static),
+      functools.partial(xla_cpu.conv2d_reference, **static),
+      (x, kernel),
+      rng,
+      (0, 1),
+      1e-4,
+    )
 
 
 def test_conv2d_cpu_stride1_gradient_inside_cond(rng):
@@ -63,23 +75,29 @@ def test_conv2d_cpu_stride1_gradient_inside_cond(rng):
   cot = jnp.asarray(rng.normal(size=(3, 7, 6, 4)), jnp.float32)
 
   def loss(form, x, kernel, taken):
-    y = jax.lax.cond(taken, lambda: form(x, kernel, strides=(1, 1), padding=(1, 1)),
-                     lambda: jnp.zeros_like(cot))
+    y = jax.lax.cond(
+      taken, lambda: form(x, kernel, strides=(1, 1), padding=(1, 1)), lambda: jnp.zeros_like(cot)
+    )
     return jnp.sum(y * cot)
 
   with jax.default_matmul_precision("highest"):
-    grads = [jax.jit(jax.grad(functools.partial(loss, form), (0, 1)))(x, kernel, True)
-             for form in (xla_cpu.conv2d_cpu, xla_cpu.conv2d_reference)]
+    grads = [
+      jax.jit(jax.grad(functools.partial(loss, form), (0, 1)))(x, kernel, True)
+      for form in (xla_cpu.conv2d_cpu, xla_cpu.conv2d_reference)
+    ]
   for a, b in zip(*grads):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("shape,groups,dtype", [
+@pytest.mark.parametrize(
+  "shape,groups,dtype",
+  [
     ((2, 16, 8, 64), 32, jnp.float32),  # H divisible by 8: 8 slabs of 2 rows
-    ((2, 12, 5, 24), 8, jnp.float32),   # H = 12: 6 slabs
-    ((1, 7, 9, 32), 4, jnp.float32),    # H prime: 7 slabs of one row
+    ((2, 12, 5, 24), 8, jnp.float32),  # H = 12: 6 slabs
+    ((1, 7, 9, 32), 4, jnp.float32),  # H prime: 7 slabs of one row
     ((2, 8, 4, 32), 32, jnp.bfloat16),  # bfloat16 activations, float32 statistics
-])
+  ],
+)
 def test_group_norm_forms_agree(rng, shape, groups, dtype):
   x = jnp.asarray(rng.normal(size=shape) * 2.0 + rng.normal(), dtype)
   c = shape[-1]
@@ -101,8 +119,9 @@ def test_group_norm_forms_agree(rng, shape, groups, dtype):
 def test_add_bias_forms_agree(rng, shape):
   y = jnp.asarray(rng.normal(size=shape), jnp.float32)
   bias = jnp.asarray(rng.normal(size=shape[-1:]), jnp.float32)
-  _, (dy, dbias) = _vjp_both(xla_cpu.add_bias_cpu, xla_cpu.add_bias_reference, (y, bias), rng,
-                             (0, 1), 1e-5)
+  _, (dy, dbias) = _vjp_both(
+    xla_cpu.add_bias_cpu, xla_cpu.add_bias_reference, (y, bias), rng, (0, 1), 1e-5
+  )
   assert dbias.shape == bias.shape and dy.shape == y.shape
 
 
@@ -111,8 +130,14 @@ def test_max_pool_forms_agree_with_ties(rng, window, stride, padding):
   x = np.maximum(rng.normal(size=(2, 11, 12, 3)), 0)  # after ReLU: windows of equal zeros
   x = jnp.asarray(np.round(x * 2) / 2, jnp.float32)  # and ties between positive values
   static = dict(window=window, stride=stride, padding=padding)
-  _vjp_both(functools.partial(xla_cpu.max_pool_cpu, **static),
-            functools.partial(xla_cpu.max_pool_reference, **static), (x,), rng, (0,), 1e-6)
+  _vjp_both(
+    functools.partial(xla_cpu.max_pool_cpu, **static),
+    functools.partial(xla_cpu.max_pool_reference, **static),
+    (x,),
+    rng,
+    (0,),
+    1e-6,
+  )
 
 
 def _weighted_rows_case(rng, batch=2, s=40, c=5, r=6, k=16):
@@ -126,12 +151,19 @@ def _weighted_rows_case(rng, batch=2, s=40, c=5, r=6, k=16):
 def test_weighted_rows_forms_agree_vmapped(rng):
   """RoIAlign's sums, vmapped over images as roi_align does: values and the gradient of flat."""
   flat, index, weight = _weighted_rows_case(rng)
-  _vjp_both(jax.vmap(xla_cpu.weighted_rows_cpu), jax.vmap(xla_cpu.weighted_rows_reference),
-            (flat, index, weight), rng, (0,), 1e-5)
+  _vjp_both(
+    jax.vmap(xla_cpu.weighted_rows_cpu),
+    jax.vmap(xla_cpu.weighted_rows_reference),
+    (flat, index, weight),
+    rng,
+    (0,),
+    1e-5,
+  )
   # And against the sum written out with a materialised gather.
   dense = jnp.sum(jax.vmap(lambda f, i: f[i])(flat, index) * weight, axis=-2)
-  np.testing.assert_allclose(jax.vmap(xla_cpu.weighted_rows_reference)(flat, index, weight),
-                             dense, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    jax.vmap(xla_cpu.weighted_rows_reference)(flat, index, weight), dense, rtol=1e-5, atol=1e-5
+  )
 
 
 def test_public_forms_under_grad_vmap_and_cond(rng):
@@ -150,19 +182,26 @@ def test_public_forms_under_grad_vmap_and_cond(rng):
   def loss(forms, taken, *args):
     return jax.lax.cond(taken, lambda: head(*forms, *args), lambda: 0.0)
 
-  public = (xla_cpu.weighted_rows,
-            lambda y, s, b: xla_cpu.group_norm(y, s, b, 4, 1e-5),
-            lambda y, k: xla_cpu.conv2d(y, k, strides=(1, 1), padding=(1, 1)),
-            xla_cpu.add_bias, lambda y: xla_cpu.max_pool(y, 3, 2, 1))
-  reference = (xla_cpu.weighted_rows_reference,
-               lambda y, s, b: xla_cpu.group_norm_reference(y, s, b, 4, 1e-5),
-               lambda y, k: xla_cpu.conv2d_reference(y, k, strides=(1, 1), padding=(1, 1)),
-               xla_cpu.add_bias_reference, lambda y: xla_cpu.max_pool_reference(y, 3, 2, 1))
+  public = (
+    xla_cpu.weighted_rows,
+    lambda y, s, b: xla_cpu.group_norm(y, s, b, 4, 1e-5),
+    lambda y, k: xla_cpu.conv2d(y, k, strides=(1, 1), padding=(1, 1)),
+    xla_cpu.add_bias,
+    lambda y: xla_cpu.max_pool(y, 3, 2, 1),
+  )
+  reference = (
+    xla_cpu.weighted_rows_reference,
+    lambda y, s, b: xla_cpu.group_norm_reference(y, s, b, 4, 1e-5),
+    lambda y, k: xla_cpu.conv2d_reference(y, k, strides=(1, 1), padding=(1, 1)),
+    xla_cpu.add_bias_reference,
+    lambda y: xla_cpu.max_pool_reference(y, 3, 2, 1),
+  )
   args = (flat, scale, bias, kernel)
   with jax.default_matmul_precision("highest"):
     got = jax.jit(jax.value_and_grad(functools.partial(loss, public), (1, 2, 3, 4)))(True, *args)
     want = jax.jit(jax.value_and_grad(functools.partial(loss, reference), (1, 2, 3, 4)))(
-        True, *args)
+      True, *args
+    )
   for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
@@ -180,7 +219,8 @@ def test_nms_forms_agree(rng, with_classes, thr, max_out):
   args = (jnp.asarray(boxes), jnp.asarray(scores), classes)
   greedy = jax.jit(jax.vmap(lambda b, s, c: xla_cpu.greedy_nms(b, s, c, thr, max_out)))(*args)
   tiled = jax.jit(jax.vmap(lambda b, s, c: xla_cpu.tiled_nms(b, s, c, thr, max_out, tile=64)))(
-      *args)
+    *args
+  )
   np.testing.assert_array_equal(greedy[1], tiled[1])
   np.testing.assert_array_equal(greedy[0], tiled[0])
   assert 0 < int(greedy[1][0]) <= max_out and int(greedy[1][2]) == 4
@@ -248,6 +288,11 @@ def test_conv2d_tpu_form_agrees(rng, strides):
   for kernel_shape, padding in (((1, 1, 12, 8), (0, 0)), ((3, 3, 12, 8), (1, 1))):
     kernel = jnp.asarray(rng.normal(size=kernel_shape), jnp.float32)
     static = dict(strides=strides, padding=padding)
-    _vjp_both(functools.partial(xla_cpu.conv2d_tpu, **static),
-              functools.partial(xla_cpu.conv2d_reference, **static), (x, kernel), rng, (0, 1),
-              1e-4)
+    _vjp_both(
+      functools.partial(xla_cpu.conv2d_tpu, **static),
+      functools.partial(xla_cpu.conv2d_reference, **static),
+      (x, kernel),
+      rng,
+      (0, 1),
+      1e-4,
+    )
