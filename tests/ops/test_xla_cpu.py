@@ -215,6 +215,7 @@ def test_nms_forms_agree(rng, with_classes, thr, max_out):
   scores[1, rng.random(n) < 0.3] = -np.inf  # padding
   scores[2, :] = -np.inf
   scores[2, :4] = 1.0 + np.arange(4)
+  boxes[2, :4] = 20.0 * np.arange(4)[:, None] + np.array([0.0, 0.0, 10.0, 10.0])  # disjoint: 4 kept
   classes = rng.integers(0, 4, (batch, n)).astype(np.int32) if with_classes else None
   args = (jnp.asarray(boxes), jnp.asarray(scores), classes)
   greedy = jax.jit(jax.vmap(lambda b, s, c: xla_cpu.greedy_nms(b, s, c, thr, max_out)))(*args)
