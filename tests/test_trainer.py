@@ -142,11 +142,11 @@ _TINY = [
 
 def test_benchmark_uses_the_trainers_parts(benchmark_model):
   parts, host, data = benchmark_model.jax_parts(64, 2, _TINY)
-  c = parts.model.config
+  config = benchmark_model.jax_train_config(_TINY, 2)
+  c = config.model
   assert (c.backbone.depth, c.mask_head.chunk_rois, c.anchors.sizes[0]) == (18, 0, (8,))
   # train.py's construction for the same config, batch and device is the very same object:
   # the benchmark times the trainer's jitted step (state, NaN bookkeeping, donation).
-  config = benchmark_model.jax_train_config(_TINY, 2)
   sched = optim.resolve_schedule(config.schedule, config.optim, 2)
   mesh = trainer.make_mesh(jax.devices()[:1])
   assert train.build_parts(config, sched, mesh, train.init_batch(host)) is parts
