@@ -419,6 +419,17 @@ def run_arm(
   }
 
 
+def _new_results(config: ml_collections.ConfigDict, workdir: str, command: str | None) -> dict:
+  """The results dict before any arm has reported."""
+  return {
+    "unit_steps": int(config.compare.unit_steps),
+    "workdir": workdir,
+    "command": command,
+    "arms": {},
+    "batch_size": config.get("batch_size", None),
+  }
+
+
 def run(
   config: ml_collections.ConfigDict,
   workdir: str,
@@ -428,13 +439,7 @@ def run(
   """Runs the requested arms (fine-tune first: it includes pre-training), writing the report
   after each arm so partial results are readable while the next arm runs."""
   t0 = time.time()
-  results = {
-    "unit_steps": int(config.compare.unit_steps),
-    "workdir": workdir,
-    "command": command,
-    "arms": {},
-    "batch_size": config.get("batch_size", None),
-  }
+  results = _new_results(config, workdir, command)
   for arm in [a for a in ARMS if a in arms]:
     if arm == "finetune":
       t_pre = time.time()
@@ -460,14 +465,7 @@ def report_progress(
 ) -> dict:
   """Rebuilds the report from the arms' eval_curve.json files in `workdir` as they are now:
   readable while the arms are still training (or after a run was stopped)."""
-  results = {
-    "unit_steps": int(config.compare.unit_steps),
-    "workdir": workdir,
-    "command": command,
-    "arms": {},
-    "batch_size": config.get("batch_size", None),
-    "partial": True,
-  }
+  results = dict(_new_results(config, workdir, command), partial=True)
   for arm in ARMS:
     arm_dir = os.path.join(workdir, arm)
     curve = _curve_of(arm_dir)

@@ -566,16 +566,15 @@ def make_train_iterator(
         yield t, source[int(record)], True
       step += 1
 
-  ds = tf.data.Dataset.from_generator(
-    gen,
-    output_signature=(
-      tf.TensorSpec([], tf.int64),
-      tf.TensorSpec([], tf.string),
-      tf.TensorSpec([], tf.bool),
-    ),
-  )
+  ds = _records_dataset(gen)
   preprocess = make_preprocess_fn(data_config, builder.info.features, train=True, seed=seed)
   return TrainIterator(_to_batches(ds, data_config, preprocess, b), start_step)
+
+
+def _records_dataset(gen: Callable[[], Iterator[tuple[int, bytes, bool]]]) -> tf.data.Dataset:
+  """tf.data over gen()'s (position, serialized record, valid) triples."""
+  spec = (tf.TensorSpec([], tf.int64), tf.TensorSpec([], tf.string), tf.TensorSpec([], tf.bool))
+  return tf.data.Dataset.from_generator(gen, output_signature=spec)
 
 
 def eval_records(
@@ -613,14 +612,7 @@ def make_eval_iterator(
       record = idx[pos] if pos >= 0 else idx[0]
       yield t, source[int(record)], bool(pos >= 0)
 
-  ds = tf.data.Dataset.from_generator(
-    gen,
-    output_signature=(
-      tf.TensorSpec([], tf.int64),
-      tf.TensorSpec([], tf.string),
-      tf.TensorSpec([], tf.bool),
-    ),
-  )
+  ds = _records_dataset(gen)
   preprocess = make_preprocess_fn(data_config, builder.info.features, train=False)
   return _to_batches(ds, data_config, preprocess, b).as_numpy_iterator()
 
