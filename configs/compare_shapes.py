@@ -15,15 +15,9 @@ One schedule unit (1x) is `compare.unit_steps` = 400 iterations at batch `batch_
 paper's 1x is 90k iterations at batch 16). The LR decays follow the paper's rule scaled to this
 unit (x0.1 at the last 2/3 and the last 2/9 of a unit).
 
-Targets (issue 7): the fine-tune arm reaches segm AP >= 50 on the validation split within its
-schedule, and the whole run (data generation, pre-training, both arms, evaluations) takes under 20
-minutes on 2 CPU cores.
-
-Measured (2 CPU cores, the command above with --workdir /tmp/demoE and an empty TFDS_DATA_DIR;
-COCO AP in percent on the 200 validation images): whole run 16.7 min; pre-training 4.4 min, top-1
-70.0% (chance 8.3%); detector ~0.14 s per iteration; fine-tune arm (4x = 1600 iterations): segm AP
-26.2 / 37.9 / 44.3 / 51.7 at 1x / 2x / 3x / 4x (box 57.6 at 4x); scratch arm (6x = 2400): segm AP
-17.7 / 25.9 / 40.9 / 46.8 / 60.6 at 1x / 2x / 3x / 4x / 6x (box 66.5 at 6x). Both targets are met.
+Sized so that the fine-tune arm reaches segm AP >= 50 within its schedule and the whole run (data
+generation, pre-training, both arms, evaluations) takes under 20 minutes on 2 CPU cores; the
+README has the measured run.
 """
 
 import ml_collections
