@@ -21,9 +21,7 @@ import argparse
 import hashlib
 import os
 import re
-import shutil
 import sys
-import tempfile
 from typing import Any, Optional
 
 import numpy as np
@@ -87,29 +85,10 @@ def save_backbone(directory: str, variables: dict, meta: dict, overwrite: bool =
     raise ValueError(f"save_backbone: meta lacks {missing} (has {sorted(meta)}).")
   if "params" not in variables:
     raise ValueError(f"save_backbone: variables need 'params', got {sorted(variables)}.")
-  directory = os.path.abspath(directory)
-  if os.path.exists(directory) and not overwrite:
-    raise FileExistsError(f"{directory} exists (pass overwrite=True / --overwrite to replace it).")
-  parent = os.path.dirname(directory)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=os.path.basename(directory) + ".tmp-", dir=parent)
-  old = None
-  try:
+  with files.atomic_directory(directory, overwrite) as tmp:
     ocp.PyTreeCheckpointer().save(os.path.join(tmp, "variables"), _to_numpy_tree(dict(variables)))
     files.write_json(os.path.join(tmp, "meta.json"), meta, indent=2, sort_keys=True)
-    if os.path.exists(directory):
-      old = tempfile.mkdtemp(prefix=os.path.basename(directory) + ".old-", dir=parent)
-      os.rename(directory, os.path.join(old, "d"))
-    os.rename(tmp, directory)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    if old is not None and not os.path.exists(directory):
-      os.rename(os.path.join(old, "d"), directory)  # put the previous one back
-    raise
-  finally:
-    if old is not None:
-      shutil.rmtree(old, ignore_errors=True)
-  return directory
+  return os.path.abspath(directory)
 
 
 def load_backbone(directory: str) -> tuple[dict, dict]:

@@ -1,7 +1,10 @@
 """Small file helpers: atomic writes (readers never see half a file) and JSON reading."""
 
+from collections.abc import Iterator
+import contextlib
 import json
 import os
+import shutil
 import tempfile
 from typing import Any
 
@@ -42,3 +45,34 @@ def read_json(path: str, default: Any = None) -> Any:
     return default
   with open(path) as f:
     return json.load(f)
+
+
+@contextlib.contextmanager
+def atomic_directory(directory: str, overwrite: bool = True) -> Iterator[str]:
+  """Yields a temporary directory beside `directory` that becomes `directory` on success.
+
+  The caller fills the yielded path; on leaving the block it is renamed onto `directory` (an
+  existing one is replaced when `overwrite`, else FileExistsError before anything is written).
+  On any failure nothing is left behind and a replaced directory is put back.
+  """
+  directory = os.path.abspath(directory)
+  if os.path.exists(directory) and not overwrite:
+    raise FileExistsError(f"{directory} exists (pass overwrite=True / --overwrite to replace it).")
+  parent = os.path.dirname(directory)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=os.path.basename(directory) + ".tmp-", dir=parent)
+  old = None
+  try:
+    yield tmp
+    if os.path.exists(directory):
+      old = tempfile.mkdtemp(prefix=os.path.basename(directory) + ".old-", dir=parent)
+      os.rename(directory, os.path.join(old, "d"))
+    os.rename(tmp, directory)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    if old is not None and not os.path.exists(directory):
+      os.rename(os.path.join(old, "d"), directory)  # put the previous one back
+    raise
+  finally:
+    if old is not None:
+      shutil.rmtree(old, ignore_errors=True)

@@ -89,4 +89,25 @@ def default_model_config() -> ml_collections.ConfigDict:
       chunk_rois=16,
     )
   )
+  # How images enter and detections leave a converted or trained detector (rethink_jax.predict;
+  # training takes its own from the data config). Detectron2's defaults.
+  c.input = ml_collections.ConfigDict(
+    dict(
+      format="BGR",  # channel order the model was trained on
+      pixel_mean=(103.53, 116.28, 123.675),  # 0..255, in `format` order
+      pixel_std=(1.0, 1.0, 1.0),
+      min_size_test=800,  # shorter side after resizing
+      max_size_test=1333,  # longer side at most
+      resize="detectron2",  # "detectron2": PIL bilinear on uint8; "torchvision": on floats
+      size_divisibility=32,  # padded height and width are multiples of this
+    )
+  )
+  c.output = ml_collections.ConfigDict(
+    dict(
+      # A detection of class k (1..K) reports label k - 1 + first_label: Detectron2 0..K-1,
+      # torchvision 1..K (its background 0). The model itself keeps background last.
+      first_label=0,
+      mask_paste="detectron2",  # "detectron2" (grid sample) or "torchvision" (1-pixel border)
+    )
+  )
   return c
