@@ -71,6 +71,9 @@ def default_model_config() -> ml_collections.ConfigDict:
       pooler_resolution=7,
       pooler_sampling_ratio=0,
       pooler_aligned=True,
+      # Static cap of the adaptive grid (sampling_ratio 0): exact for ROIs whose side on their
+      # level is at most cap * resolution cells (Detectron2 has no cap; see ops/roi_align.py).
+      pooler_max_sampling_ratio=4,
     )
   )
   c.mask_head = ml_collections.ConfigDict(
@@ -82,6 +85,7 @@ def default_model_config() -> ml_collections.ConfigDict:
       pooler_resolution=14,
       pooler_sampling_ratio=0,
       pooler_aligned=True,
+      pooler_max_sampling_ratio=4,  # as box_head's
       max_fg_rois=128,
       resolution=28,
       # The mask branch runs in chunks of this many ROIs per image and skips chunks that hold no

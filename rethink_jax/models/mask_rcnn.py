@@ -8,7 +8,9 @@
 
 Training returns float32 scalars loss_rpn_cls, loss_rpn_loc, loss_cls, loss_box_reg, loss_mask.
 Inference returns boxes (B, D, 4) in input pixels, scores (B, D), classes (B, D) int32 (1..K,
-0 = padding), masks (B, D, 28, 28) probabilities, num_detections (B,), D = detections_per_image.
+0 = padding), masks (B, D, 28, 28) probabilities, num_detections (B,), D = detections_per_image,
+and the RPN's proposals (B, P, 4) with their objectness proposal_logits (B, P) (-inf = padding),
+highest first, P = post_nms_topk_test.
 
 build_model is the one reader of the config: it builds every part (fpn.backbone_from_config,
 rpn.build_rpn, roi_heads.build_roi_heads) and the modules receive built sub-modules and layer
@@ -82,7 +84,7 @@ class MaskRCNN(nn.Module):
       gt_classes = batch["gt_classes"].astype(jnp.int32)
       gt_masks = batch["gt_masks"]
       gt_valid = gt_classes > 0
-    proposals, proposal_valid, losses = self.proposal_generator(
+    proposals, proposal_valid, proposal_logits, losses = self.proposal_generator(
       [features[k] for k in PROPOSAL_FEATURES],
       self.anchors(features),
       image_hw,
@@ -94,7 +96,7 @@ class MaskRCNN(nn.Module):
       features, proposals, proposal_valid, image_hw, gt_boxes, gt_classes, gt_masks, train=train
     )
     if not train:
-      return outputs
+      return {**outputs, "proposals": proposals, "proposal_logits": proposal_logits}
     losses.update(outputs)
     return losses
 

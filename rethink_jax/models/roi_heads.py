@@ -66,10 +66,18 @@ class ROIPooler:
   resolution: int
   sampling_ratio: int  # 0: adaptive, ceil(roi size / resolution) taps per bin
   aligned: bool
+  max_sampling_ratio: int = 4  # static cap of the adaptive grid
 
   def __call__(self, features: Mapping[str, Array], rois: Array) -> Array:
     feats = {k: features[k] for k in POOLER_FEATURES}
-    x = multilevel_roi_align(feats, rois, self.resolution, self.sampling_ratio, self.aligned)
+    x = multilevel_roi_align(
+      feats,
+      rois,
+      self.resolution,
+      self.sampling_ratio,
+      self.aligned,
+      max_sampling_ratio=self.max_sampling_ratio,
+    )
     return x.reshape((-1,) + x.shape[2:])
 
 
@@ -581,12 +589,18 @@ def build_roi_heads(model_config: Mapping[str, Any]) -> StandardROIHeads:
   return StandardROIHeads(
     num_classes=num_classes,
     box_pooler=ROIPooler(
-      bh["pooler_resolution"], bh["pooler_sampling_ratio"], bh["pooler_aligned"]
+      bh["pooler_resolution"],
+      bh["pooler_sampling_ratio"],
+      bh["pooler_aligned"],
+      bh["pooler_max_sampling_ratio"],
     ),
     box_head=box_head,
     box_predictor=FastRCNNOutputLayers(num_classes, dense),
     mask_pooler=ROIPooler(
-      mh["pooler_resolution"], mh["pooler_sampling_ratio"], mh["pooler_aligned"]
+      mh["pooler_resolution"],
+      mh["pooler_sampling_ratio"],
+      mh["pooler_aligned"],
+      mh["pooler_max_sampling_ratio"],
     ),
     mask_head=mask_head,
     batch_size_per_image=c["batch_size_per_image"],

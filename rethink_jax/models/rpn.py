@@ -207,7 +207,8 @@ class RPN(nn.Module):
 
   __call__(features: list of (B, H_l, W_l, C) (P2..P6), anchors: list of (N_l, 4), image_hw (B, 2),
            gt_boxes (B, G, 4) | None, gt_valid (B, G) | None, train) ->
-    (proposals (B, P, 4) float32, proposal_valid (B, P) bool, losses dict (empty at test time)).
+    (proposals (B, P, 4) float32, proposal_valid (B, P) bool, proposal_logits (B, P) float32
+     objectness (-inf where invalid), losses dict (empty at test time)).
   Attributes are the config's rpn section (default_model_config()); rpn_head is the built head.
   """
 
@@ -235,7 +236,7 @@ class RPN(nn.Module):
     gt_valid: Optional[Array] = None,
     *,
     train: bool,
-  ) -> tuple[Array, Array, dict[str, Array]]:
+  ) -> tuple[Array, Array, Array, dict[str, Array]]:
     objectness, deltas = self.rpn_head(features)
     for o, a in zip(objectness, anchors):
       if o.shape[1] != a.shape[0]:
@@ -254,7 +255,7 @@ class RPN(nn.Module):
       min_size=self.min_size,
       box_reg_weights=tuple(self.bbox_reg_weights),
     )
-    proposals, _, valid = jax.vmap(find)(
+    proposals, proposal_logits, valid = jax.vmap(find)(
       jax.lax.stop_gradient(objectness), jax.lax.stop_gradient(deltas), image_hw
     )
     proposals = jax.lax.stop_gradient(proposals)
@@ -286,7 +287,7 @@ class RPN(nn.Module):
         float(self.batch_size_per_image * b),
       )
       losses = {k: v * self.loss_weight for k, v in losses.items()}
-    return proposals, valid, losses
+    return proposals, valid, proposal_logits, losses
 
 
 def build_rpn(model_config: Mapping[str, Any]) -> RPN:
