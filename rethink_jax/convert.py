@@ -700,7 +700,9 @@ def detector_main(args: argparse.Namespace) -> int:
 
   try:
     if args.source not in DETECTOR_SOURCES:
-      raise ConversionError(f"--detector --source must be one of {DETECTOR_SOURCES}")
+      raise ConversionError(
+        f"--detector --source {args.source!r}: must be one of {DETECTOR_SOURCES}"
+      )
     if os.path.exists(args.output) and not args.overwrite:
       raise ConversionError(f"{args.output} exists; pass --overwrite to replace it.")
     options = {}

@@ -438,3 +438,98 @@ def test_freeze_bn_stages_matches_a_frozen_model(tv_r50):
   with jax.default_matmul_precision("highest"):
     got = build_resnet(depth=50, norm="BN", freeze_at=2).apply(frozen, x, train=False)
   assert_rel_close({k: np.asarray(v) for k, v in got.items()}, ref)
+
+
+# ------------------------------------------------------------------------- whole detectors
+
+
+@pytest.fixture(scope="module")
+def d2_detector(tmp):
+  """A Detectron2 R50-FPN GN Mask R-CNN state dict (the fixture's weight rule) and its config."""
+  from tests import test_detectron2_fixture as d2_fixture  # pylint: disable=g-import-not-at-top
+
+  record, arrays = d2_fixture.load_case("gn_r50")
+  config = tmp / "gn_r50.yaml"
+  config.write_text(record["cfg"])
+  return d2_fixture.fixture_weights(record, arrays), config
+
+
+def write_d2_pickle(path, weights):
+  with open(path, "wb") as f:
+    pickle.dump({"model": weights, "__author__": "Detectron2 Model Zoo"}, f)
+  return str(path)
+
+
+def test_detector_bad_inputs_fail_clearly_and_write_nothing(d2_detector, tmp, capsys):
+  weights, config = d2_detector
+  out = str(tmp / "bad_detector")
+  run = lambda path, *extra: run_cli_expect_failure(
+    capsys,
+    out,
+    "--detector",
+    "--source",
+    "detectron2",
+    "--input",
+    path,
+    "--d2-config",
+    str(config),
+    *extra,
+  )
+  good = write_d2_pickle(tmp / "d2_good.pkl", weights)
+
+  truncated = tmp / "d2_truncated.pkl"
+  with open(good, "rb") as f:
+    truncated.write_bytes(f.read()[: os.path.getsize(good) // 3])
+  err = run(str(truncated))
+  assert "Cannot read" in err and "d2_truncated.pkl" in err
+
+  resnet = {k: v.numpy() for k, v in torchvision.models.resnet18().state_dict().items()}
+  err = run(write_d2_pickle(tmp / "d2_resnet.pkl", resnet))
+  assert "not a Detectron2 GeneralizedRCNN" in err
+
+  missing = dict(weights)
+  del missing["roi_heads.mask_head.predictor.bias"]
+  err = run(write_d2_pickle(tmp / "d2_missing.pkl", missing))
+  assert "roi_heads.mask_head.predictor.bias" in err and "(3,)" in err
+
+  leftover = dict(weights)
+  leftover["roi_heads.keypoint_head.conv_fcn1.weight"] = np.zeros((512, 256, 3, 3), np.float32)
+  err = run(write_d2_pickle(tmp / "d2_leftover.pkl", leftover))
+  assert "roi_heads.keypoint_head.conv_fcn1.weight" in err and "no place" in err
+
+  wrong = dict(weights)
+  wrong["roi_heads.box_head.fc1.weight"] = np.zeros((1024, 256 * 5 * 5), np.float32)
+  err = run(write_d2_pickle(tmp / "d2_wrong_shape.pkl", wrong))
+  assert "roi_heads.box_head.fc1.weight" in err and "(6400, 1024)" in err
+  assert "(12544, 1024)" in err
+
+  cascade = tmp / "cascade.yaml"
+  cascade.write_text(config.read_text().replace("StandardROIHeads", "CascadeROIHeads"))
+  err = run_cli_expect_failure(
+    capsys,
+    out,
+    "--detector",
+    "--source",
+    "detectron2",
+    "--input",
+    good,
+    "--d2-config",
+    str(cascade),
+  )
+  assert "MODEL.ROI_HEADS.NAME='CascadeROIHeads'" in err
+
+  err = run(good, "--source", "caffe3")
+  assert "caffe3" in err
+
+
+def test_detector_without_config_takes_the_structure_from_the_tensors(d2_detector, tmp):
+  weights, _ = d2_detector
+  path = write_d2_pickle(tmp / "d2_noconfig.pkl", weights)
+  variables, model_config, meta = convert.convert_detector(path, "detectron2")
+  assert model_config.backbone.norm == "GN" and model_config.fpn.norm == "GN"
+  assert model_config.box_head.num_conv == 4 and model_config.box_head.num_fc == 1
+  assert model_config.box_head.norm == "GN" and model_config.mask_head.norm == "GN"
+  assert model_config.num_classes == 3 and meta["class_names"] is None
+  assert not model_config.backbone.stride_in_1x1  # GN weights: stride in the 3x3 conv
+  kernel = variables["params"]["roi_heads"]["box_head"]["fc1"]["kernel"]
+  np.testing.assert_array_equal(kernel, weights["roi_heads.box_head.fc1.weight"].T)

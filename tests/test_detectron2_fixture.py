@@ -9,13 +9,14 @@ line with the case's own config, and our model's outputs are compared with those
 """
 
 import json
+import math
 import os
 import pickle
 import zlib
 
 import jax
-import jax.numpy as jnp
 import numpy as np
+from pycocotools import mask as mask_utils
 import pytest
 
 from rethink_jax import convert
@@ -116,3 +117,93 @@ def test_inverse_map_names_every_parameter(converted):
   for path, _ in flat:
     name = zoo_detectron2.d2_name(tuple(k.key for k in path))
     assert name in names, (case, name)
+
+
+def exact_model_config(model_config, image_hw):
+  """The converted config with its static caps raised so that nothing is cut for these images:
+  the adaptive RoIAlign grid of any ROI inside the image (longest side on P2, stride 4), and
+  every (proposal, class) candidate into the test-time NMS (Detectron2 has neither cap)."""
+  c = model_config.copy_and_resolve_references()
+  longest = max(max(hw) for hw in image_hw)
+  for head in (c.box_head, c.mask_head):
+    head.pooler_max_sampling_ratio = math.ceil(longest / 4 / head.pooler_resolution)
+  c.roi_heads.test_candidates = c.rpn.post_nms_topk_test * c.num_classes
+  c.mask_head.chunk_rois = 0  # one pass over every foreground ROI: one mask head to compile
+  return c
+
+
+@pytest.fixture(scope="module")
+def inference(converted):
+  """Our model's inference outputs and FPN features on the fixture's batch (numpy)."""
+  case, record, arrays, variables, model_config = converted
+  batch = fixture_batch(record, arrays)
+  model = build_model(exact_model_config(model_config, batch["image_hw"]))
+
+  def run(v, b):
+    capture = lambda mdl, method: mdl.name == "backbone"
+    return model.apply(v, b, train=False, capture_intermediates=capture, mutable=["intermediates"])
+
+  outputs, state = jax.jit(run)(variables, batch)
+  features = state["intermediates"]["backbone"]["__call__"][0]
+  return jax.tree_util.tree_map(np.asarray, (outputs, features))
+
+
+def match_detections(ours: dict, i: int, ref: dict, score_tol: float) -> list[tuple[int, int]]:
+  """(reference index, our index) pairs: per reference detection, the closest unused box of ours
+  with the same class and a score within score_tol. Adjacent detections whose scores differ by
+  less than float32's noise (the fixture records gaps of 3e-6) may come out in either order."""
+  n = int(ours["num_detections"][i])
+  boxes, scores = ours["boxes"][i][:n], ours["scores"][i][:n]
+  classes = ours["classes"][i][:n] - 1  # ours 1..K, Detectron2 0..K-1
+  used, pairs = set(), []
+  for j in range(len(ref[f"scores{i}"])):
+    ok = (classes == ref[f"classes{i}"][j]) & (np.abs(scores - ref[f"scores{i}"][j]) <= score_tol)
+    cand = [k for k in np.flatnonzero(ok) if k not in used]
+    assert cand, f"image {i}: no detection of ours matches Detectron2's #{j}"
+    k = min(cand, key=lambda k: np.abs(boxes[k] - ref[f"boxes{i}"][j]).max())
+    used.add(k)
+    pairs.append((j, k))
+  return pairs
+
+
+def test_fpn_level_sums(converted, inference):
+  _, _, arrays, _, _ = converted
+  _, features = inference
+  for i in range(NUM_IMAGES):
+    for level in range(2, 7):
+      got = features[f"p{level}"][i].astype(np.float64).sum()
+      np.testing.assert_allclose(got, arrays[f"feat_p{level}_sum{i}"], rtol=1e-4)
+
+
+def test_top_proposals(converted, inference):
+  _, _, arrays, _, _ = converted
+  outputs, _ = inference
+  for i in range(NUM_IMAGES):
+    boxes, logits = outputs["proposals"][i][:50], outputs["proposal_logits"][i][:50]
+    assert np.abs(logits - arrays[f"proposal_logits{i}"][:50]).max() <= 1e-3
+    assert np.abs(boxes - arrays[f"proposals{i}"][:50]).max() <= 1e-2
+
+
+def test_detections_and_masks(converted, inference):
+  _, record, arrays, _, _ = converted
+  outputs, _ = inference
+  for i in range(NUM_IMAGES):
+    info = record["images"][i]
+    assert int(outputs["num_detections"][i]) == int(info["num_detections"])
+    pairs = match_detections(outputs, i, arrays, score_tol=1e-4)
+    ref_idx, our_idx = map(np.asarray, zip(*pairs))
+    box_err = np.abs(outputs["boxes"][i][our_idx] - arrays[f"boxes{i}"][ref_idx]).max()
+    assert box_err <= 1e-2
+    mask_err = np.abs(outputs["masks"][i][our_idx] - arrays[f"mask_probs{i}"][ref_idx]).max()
+    assert mask_err <= 1e-4
+    hw = info["hw"]
+    pasted = evaluate.paste_masks(outputs["masks"][i][our_idx], outputs["boxes"][i][our_idx], hw)
+    ref_rles = [dict(info["pasted_masks_rle"][j]) for j in ref_idx]
+    for rle in ref_rles:
+      rle["counts"] = rle["counts"].encode()
+    ref_masks = mask_utils.decode(ref_rles).astype(bool)  # (h, w, N)
+    ours_masks = pasted.astype(bool)
+    inter = (ref_masks & ours_masks).sum(axis=(0, 1))
+    union = (ref_masks | ours_masks).sum(axis=(0, 1))
+    iou = np.where(union > 0, inter / np.maximum(union, 1), 1.0)
+    assert iou.min() >= 0.99, (i, np.sort(iou)[:5])

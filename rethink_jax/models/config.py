@@ -86,6 +86,10 @@ def default_model_config() -> ml_collections.ConfigDict:
       pooler_sampling_ratio=0,
       pooler_aligned=True,
       pooler_max_sampling_ratio=4,  # as box_head's
+      # Training targets from gt_masks: "crop" (B, G, S, S) crops to each instance's box
+      # (ops/masks.py mask_targets, this pipeline's); "full_image" (B, G, H, W) bitmaps of the
+      # padded batch, RoIAlign of the whole mask at the ROI (Detectron2's rule).
+      target_rule="crop",
       max_fg_rois=128,
       resolution=28,
       # The mask branch runs in chunks of this many ROIs per image and skips chunks that hold no

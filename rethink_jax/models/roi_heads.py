@@ -387,7 +387,8 @@ class StandardROIHeads(nn.Module):
   """Box and mask branches. Parameters: box_head, box_predictor, mask_head.
 
   __call__(features {"p2".."p5": (B, H_l, W_l, C)}, proposals (B, P, 4), proposal_valid (B, P),
-           image_hw (B, 2), gt_boxes (B, G, 4), gt_classes (B, G), gt_masks (B, G, S, S), train)
+           image_hw (B, 2), gt_boxes (B, G, 4), gt_classes (B, G), gt_masks (B, G, S, S) crops
+           or (B, G, H, W) full-image masks (mask_target_rule "full_image"), train)
     train: {"loss_cls", "loss_box_reg", "loss_mask"} float32 scalars.
     test:  {"boxes" (B, D, 4), "scores" (B, D), "classes" (B, D), "masks" (B, D, 28, 28),
             "num_detections" (B,)}.
@@ -417,6 +418,7 @@ class StandardROIHeads(nn.Module):
   mask_max_fg_rois: int
   mask_resolution: int
   mask_chunk_rois: int  # 0: one pass; must be 0 when the mask head's norm has batch statistics
+  mask_target_rule: str = "crop"  # config mask_head.target_rule
 
   def _box_branch(self, features, rois, train):
     b, r = rois.shape[:2]
@@ -516,9 +518,14 @@ class StandardROIHeads(nn.Module):
 
     # Mask branch on a fixed number of foreground ROIs per image.
     fg = jax.vmap(lambda s: select_foreground(s, self.mask_max_fg_rois))(samples)
-    targets = jax.vmap(lambda m, g, r, i: mask_ops.mask_targets(m, g, r, i, self.mask_resolution))(
-      gt_masks, gt_boxes, fg["rois"], fg["matched_gt"]
-    )
+    if self.mask_target_rule == "full_image":
+      targets = jax.vmap(
+        lambda m, r, i: mask_ops.full_image_mask_targets(m, r, i, self.mask_resolution)
+      )(gt_masks, fg["rois"], fg["matched_gt"])
+    else:
+      targets = jax.vmap(
+        lambda m, g, r, i: mask_ops.mask_targets(m, g, r, i, self.mask_resolution)
+      )(gt_masks, gt_boxes, fg["rois"], fg["matched_gt"])
     mask_logits = self._mask_logits(features, fg["rois"], fg["classes"], fg["valid"], train)
     m = self.mask_resolution
     losses["loss_mask"] = mask_rcnn_loss(
@@ -584,6 +591,10 @@ def build_roi_heads(model_config: Mapping[str, Any]) -> StandardROIHeads:
   mask_head = MaskRCNNConvUpsampleHead(
     num_classes=num_classes, num_conv=mh["num_conv"], conv_dim=mh["conv_dim"], conv=head_conv(mh)
   )
+  if mh["target_rule"] not in ("crop", "full_image"):
+    raise ValueError(
+      f"mask_head.target_rule must be 'crop' or 'full_image', not {mh['target_rule']!r}"
+    )
   # Batch statistics must see all ROIs at once, so BN mask heads run in one pass.
   chunk_rois = 0 if mh["norm"] in ("BN", "SyncBN") else mh["chunk_rois"]
   return StandardROIHeads(
@@ -615,4 +626,5 @@ def build_roi_heads(model_config: Mapping[str, Any]) -> StandardROIHeads:
     mask_max_fg_rois=mh["max_fg_rois"],
     mask_resolution=mh["resolution"],
     mask_chunk_rois=chunk_rois,
+    mask_target_rule=mh["target_rule"],
   )

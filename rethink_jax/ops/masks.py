@@ -21,6 +21,8 @@ of the boundary of Detectron2's target (bin = roi side / 28). Elsewhere the targ
 tests/ops/test_masks.py checks exactly this band on random blob masks.
 """
 
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -146,3 +148,42 @@ def mask_targets(
   # Adaptive grids of size <= 0 (empty ROIs) average nothing: target 0, as in torchvision.
   empty = (grid_h < 1) | (grid_w < 1)
   return jnp.where(empty[:, None, None], 0.0, (vals >= 0.5).astype(jnp.float32))
+
+
+def full_image_mask_targets(
+  gt_masks: jax.Array, rois: jax.Array, matched_gt: jax.Array, size: int = 28
+) -> jax.Array:
+  """Detectron2's mask-head targets from full-image bitmaps (BitMasks.crop_and_resize).
+
+  RoIAlign(aligned=True, sampling_ratio=0) of each ROI's matched mask at the ROI, >= 0.5. The
+  adaptive grid's static cap is ceil(max(H, W) / size), which no ROI inside the image exceeds,
+  so the targets are exact.
+
+  Args:
+    gt_masks: (G, H, W) full-image masks in {0, 1} (any dtype), zero beyond the image.
+    rois: (R, 4) xyxy ROIs in input pixels.
+    matched_gt: (R,) int index into G of each ROI's instance.
+    size: static output side (28).
+
+  Returns:
+    (R, size, size) float32 in {0, 1}.
+  """
+  gt_masks = jnp.asarray(gt_masks)
+  rois = jax.lax.stop_gradient(jnp.asarray(rois, jnp.float32))
+  if (
+    gt_masks.ndim != 3 or rois.ndim != 2 or rois.shape[1] != 4 or matched_gt.shape != rois.shape[:1]
+  ):
+    raise ValueError(
+      f"full_image_mask_targets needs gt_masks (G, H, W), rois (R, 4), matched_gt (R,); got "
+      f"{gt_masks.shape}, {rois.shape}, {matched_gt.shape}"
+    )
+  g, h, w = gt_masks.shape
+  r = rois.shape[0]
+  flat = gt_masks.reshape(g * h * w, 1).astype(jnp.float32)
+  full = lambda v: jnp.full((r,), v, jnp.int32)
+  offsets = jnp.asarray(matched_gt, jnp.int32) * (h * w)
+  cap = max(1, math.ceil(max(h, w) / size))
+  out = _pool_flat(
+    flat, rois, full(h), full(w), offsets, jnp.ones((r,), jnp.float32), (size, size), 0, True, cap
+  )
+  return (out[..., 0] >= 0.5).astype(jnp.float32)
