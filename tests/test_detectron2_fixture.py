@@ -207,3 +207,78 @@ def test_detections_and_masks(converted, inference):
     union = (ref_masks | ours_masks).sum(axis=(0, 1))
     iou = np.where(union > 0, inter / np.maximum(union, 1), 1.0)
     assert iou.min() >= 0.99, (i, np.sort(iou)[:5])
+
+
+def fixture_training_batch(record: dict, arrays: dict) -> dict:
+  """The inference batch with the ground truth: classes 1..K, full-image masks zero-padded to the
+  batch (mask_head.target_rule "full_image", Detectron2's targets)."""
+  batch = fixture_batch(record, arrays)
+  h, w = batch["image"].shape[1:3]
+  num_gt = max(len(arrays[f"gt_classes{i}"]) for i in range(NUM_IMAGES))
+  boxes = np.zeros((NUM_IMAGES, num_gt, 4), np.float32)
+  classes = np.zeros((NUM_IMAGES, num_gt), np.int32)
+  masks = np.zeros((NUM_IMAGES, num_gt, h, w), np.uint8)
+  for i in range(NUM_IMAGES):
+    g = len(arrays[f"gt_classes{i}"])
+    boxes[i, :g] = arrays[f"gt_boxes{i}"]
+    classes[i, :g] = arrays[f"gt_classes{i}"] + 1
+    m = arrays[f"gt_masks{i}"]
+    masks[i, :g, : m.shape[1], : m.shape[2]] = m
+  return {**batch, "gt_boxes": boxes, "gt_classes": classes, "gt_masks": masks}
+
+
+@pytest.fixture(scope="module")
+def training(converted):
+  """Our five losses and {Detectron2 name: gradient norm} of their sum, on the fixture's batch.
+
+  The fixture samples every labeled anchor and proposal (sampling sizes of 1e6), so the random
+  sampler picks the same sets as Detectron2's; our samplers cap their static size at the
+  candidate count."""
+  _, record, arrays, variables, model_config = converted
+  batch = fixture_training_batch(record, arrays)
+  c = exact_model_config(model_config, batch["image_hw"])
+  c.mask_head.target_rule = "full_image"
+  model = build_model(c)
+  others = {k: v for k, v in variables.items() if k != "params"}
+
+  def total_loss(params):
+    losses, _ = model.apply(
+      {"params": params, **others},
+      batch,
+      train=True,
+      rngs={"sampling": jax.random.key(0)},
+      mutable=["batch_stats"],
+    )
+    return sum(losses.values()), losses
+
+  (_, losses), grads = jax.jit(jax.value_and_grad(total_loss, has_aux=True))(variables["params"])
+  norms = {
+    zoo_detectron2.d2_name(tuple(k.key for k in path)): float(
+      np.linalg.norm(np.asarray(g, np.float64))
+    )
+    for path, g in jax.tree_util.tree_flatten_with_path(grads)[0]
+  }
+  return {k: float(v) for k, v in losses.items()}, norms
+
+
+def test_training_losses(converted, training):
+  _, record, _, _, _ = converted
+  losses, _ = training
+  assert sorted(losses) == sorted(record["losses"])
+  for name, ref in record["losses"].items():
+    rtol = 1e-3 if name == "loss_mask" else 1e-4
+    np.testing.assert_allclose(losses[name], ref, rtol=rtol, err_msg=name)
+
+
+def test_gradient_norms(converted, training):
+  case, record, _, _, _ = converted
+  _, norms = training
+  ref = record["grad_norms"]
+  # Parameters Detectron2 does not train (FREEZE_AT) get no gradient here either.
+  assert all(norms[name] == 0.0 for name in set(norms) - set(ref)), case
+  largest = max(ref.values())
+  errors = {
+    name: abs(norms[name] / value - 1) for name, value in ref.items() if value > 1e-6 * largest
+  }
+  worst = sorted(errors.items(), key=lambda kv: -kv[1])[:5]
+  assert worst[0][1] <= 1e-3, worst
