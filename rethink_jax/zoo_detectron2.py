@@ -279,8 +279,8 @@ def _check_supported(cfg: Mapping) -> None:
       "Detectron2 config MODEL.ROI_HEADS.IOU_THRESHOLDS="
       f"{_get(cfg, 'MODEL.ROI_HEADS.IOU_THRESHOLDS')}: this model takes one threshold"
     )
-  ratios = [tuple(r) for r in _get(cfg, "MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS")]
-  ratios = ratios if isinstance(ratios[0], tuple) else [tuple(ratios)]
+  ratios = _get(cfg, "MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS")
+  ratios = [tuple(r) for r in ratios] if isinstance(ratios[0], (list, tuple)) else [tuple(ratios)]
   if len(set(ratios)) != 1:
     raise ConversionError(
       f"Detectron2 config MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS={ratios}: this model uses one "

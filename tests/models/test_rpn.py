@@ -253,17 +253,19 @@ def test_rpn_module_train_and_test_shapes():
   train = jax.jit(
     lambda v, k: module.apply(v, feats, anchors, hw, gt, gt_valid, train=True, rngs={"sampling": k})
   )
-  props, valid, losses = train(variables, jax.random.key(1))
-  assert props.shape == (2, 50, 4) and valid.shape == (2, 50)
+  props, valid, logits, losses = train(variables, jax.random.key(1))
+  assert props.shape == (2, 50, 4) and valid.shape == (2, 50) and logits.shape == (2, 50)
+  logits, valid = np.asarray(logits), np.asarray(valid)
+  assert np.all(np.isfinite(logits) == valid) and np.all(np.diff(logits, axis=1)[valid[:, 1:]] <= 0)
   assert set(losses) == {"loss_rpn_cls", "loss_rpn_loc"}
   assert all(np.isfinite(float(v)) for v in losses.values())
   # Proposals stay inside each image.
   assert float(props[1, :, 2].max()) <= 60 and float(props[1, :, 3].max()) <= 50
   # No gradient flows through proposals.
   test = lambda v: module.apply(v, feats, anchors, hw, train=False)
-  (props, valid, losses), g = jax.jit(lambda v: (test(v), jax.grad(lambda w: test(w)[0].sum())(v)))(
-    variables
-  )
+  (props, valid, _, losses), g = jax.jit(
+    lambda v: (test(v), jax.grad(lambda w: test(w)[0].sum())(v))
+  )(variables)
   assert props.shape == (2, 40, 4) and losses == {}
   assert all(float(jnp.abs(x).max()) == 0 for x in jax.tree_util.tree_leaves(g))
   c.rpn.smooth_l1_beta = 0.1

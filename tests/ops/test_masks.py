@@ -5,6 +5,7 @@ import torch
 import torchvision
 
 from rethink_jax.ops.masks import crop_masks_to_boxes
+from rethink_jax.ops.masks import full_image_mask_targets
 from rethink_jax.ops.masks import mask_targets
 
 
@@ -38,6 +39,19 @@ def test_crop_masks_to_boxes_is_roi_align_of_full_mask(rng):
   ours = np.asarray(jax.jit(lambda m, b: crop_masks_to_boxes(m, b, 32))(masks, boxes))
   ref = _tv_align(masks, boxes, 32, 1) >= 0.5
   assert ours.dtype == np.uint8
+  np.testing.assert_array_equal(ours, ref)
+
+
+def test_full_image_mask_targets_are_detectron2s(rng):
+  # Detectron2's BitMasks.crop_and_resize: RoIAlign(aligned, sampling_ratio 0) of the mask, >= 0.5.
+  masks, _ = _blob_masks(rng, 3, 90, 110)
+  r = 24
+  x1, y1 = rng.uniform(-5, 80, r), rng.uniform(-5, 60, r)
+  rois = np.stack([x1, y1, x1 + rng.uniform(1, 90, r), y1 + rng.uniform(1, 70, r)], 1)
+  rois = rois.astype(np.float32)
+  matched = rng.integers(0, 3, r)
+  ours = np.asarray(jax.jit(full_image_mask_targets)(masks, rois, matched))
+  ref = _tv_align(masks[matched], rois, 28, 0) >= 0.5
   np.testing.assert_array_equal(ours, ref)
 
 

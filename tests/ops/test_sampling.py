@@ -42,6 +42,15 @@ def test_sample_balanced_is_uniform(rng):
   assert counts[30:].sum() == 0
 
 
+def test_sample_balanced_caps_its_size_at_the_candidate_count(rng):
+  # Detectron2 configs that sample every labeled entry ask for more than there are.
+  labels = rng.choice([-1, 0, 1], size=50, p=[0.2, 0.5, 0.3]).astype(np.int32)
+  idx, valid = sample_balanced(labels, 1_000_000, 0.5, jax.random.key(int(rng.integers(2**31))))
+  assert idx.shape == valid.shape == (50,)
+  assert int(valid.sum()) == int((labels >= 0).sum())
+  assert sorted(np.asarray(idx)[np.asarray(valid)]) == sorted(np.flatnonzero(labels >= 0))
+
+
 def test_sample_balanced_shape_error():
   with pytest.raises(ValueError, match=r"\(2, 3\)"):
     sample_balanced(np.zeros((2, 3), np.int32), 2, 0.5, jax.random.key(0))
