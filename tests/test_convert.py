@@ -533,3 +533,10 @@ def test_detector_without_config_takes_the_structure_from_the_tensors(d2_detecto
   assert not model_config.backbone.stride_in_1x1  # GN weights: stride in the 3x3 conv
   kernel = variables["params"]["roi_heads"]["box_head"]["fc1"]["kernel"]
   np.testing.assert_array_equal(kernel, weights["roi_heads.box_head.fc1.weight"].T)
+  # The same model as a .pth of torch tensors ({"model": {name: tensor}}) converts the same.
+  pth = tmp / "d2_noconfig.pth"
+  torch.save({"model": {k: torch.from_numpy(v) for k, v in weights.items()}}, pth)
+  from_pth, config_pth, _ = convert.convert_detector(str(pth), "detectron2")
+  assert config_pth.to_dict() == model_config.to_dict()
+  same = jax.tree_util.tree_map(np.array_equal, from_pth, variables)
+  assert all(jax.tree_util.tree_leaves(same))
