@@ -283,9 +283,10 @@ def test_detections_and_masks(converted, inference):
       assert errors[name] <= allowed(name, floor[name]), report
 
     # Pasted masks. The paste rule: Detectron2's own boxes and probabilities pasted by ours give
-    # its recorded masks. Ours: IoU >= 0.99 with its masks, for every detection whose pasted mask
-    # float32 can resolve, i.e. that our one-ulp-perturbed run pastes with IoU >= 0.99 too (the
-    # FrozenBN case's masks are a few pixels of probability ~0.55; their pixels flip with noise).
+    # its recorded masks. Ours: IoU >= 0.99 with its masks, except masks that have pixels whose
+    # pasted probability is within the allowed probability error of the threshold (pasting
+    # averages, so it moves no probability further than the masks moved): the FrozenBN case's
+    # masks are flat fields of probability ~0.55, whose pixels flip with float32 noise.
     ref_idx, our_idx = errors["pairs"]
     rles = [dict(info["pasted_masks_rle"][j]) for j in ref_idx]
     for rle in rles:
@@ -295,20 +296,22 @@ def test_detections_and_masks(converted, inference):
       arrays[f"mask_probs{i}"][ref_idx], arrays[f"boxes{i}"][ref_idx], info["hw"]
     )
     assert mask_iou(rule.astype(bool), theirs).min() >= 0.99
-    ours = evaluate.paste_masks(
-      outputs["masks"][i][our_idx], outputs["boxes"][i][our_idx], info["hw"]
+    eps = allowed("mask_prob", floor["mask_prob"])
+    ours, surely, possibly = (
+      evaluate.paste_masks(
+        outputs["masks"][i][our_idx], outputs["boxes"][i][our_idx], info["hw"], threshold=t
+      ).astype(bool)  # (h, w, N)
+      for t in (0.5, 0.5 + eps, 0.5 - eps)
     )
-    iou = mask_iou(ours.astype(bool), theirs)
-    mine_idx, noisy_idx = floor["pairs"]  # ours (as reference) -> the perturbed run's
-    noisy_of = dict(zip(mine_idx.tolist(), noisy_idx.tolist()))
-    nk = np.asarray([noisy_of[k] for k in our_idx])
-    again = evaluate.paste_masks(noisy["masks"][i][nk], noisy["boxes"][i][nk], info["hw"])
-    resolved = mask_iou(ours.astype(bool), again.astype(bool)) >= 0.99
+    iou = mask_iou(ours, theirs)
+    at_threshold = (possibly & ~surely).any(axis=(0, 1))
     print(
-      f"pasted masks: {case} image {i}: min IoU {iou[resolved].min():.4f} over "
-      f"{int(resolved.sum())} resolved by float32 (all: {iou.min():.4f})"
+      f"pasted masks: {case} image {i}: min IoU {iou.min():.4f}, {int((iou < 0.99).sum())} "
+      f"below 0.99, of which {int((at_threshold & (iou < 0.99)).sum())} have pixels within "
+      f"{eps:.2g} of the threshold; the paste rule min IoU "
+      f"{mask_iou(rule.astype(bool), theirs).min():.4f}"
     )
-    assert np.all(iou[resolved] >= 0.99), (case, i, np.sort(iou[resolved])[:5])
+    assert np.all((iou >= 0.99) | at_threshold), (case, i, np.sort(iou)[:5])
 
 
 def mask_iou(a, b):
