@@ -23,17 +23,29 @@ def default_model_config() -> ml_collections.ConfigDict:
   # The FPN's GN uses backbone.num_groups and its BN backbone.bn_group_size.
   c.fpn = ml_collections.ConfigDict(dict(out_channels=256, norm="GN"))
   c.anchors = ml_collections.ConfigDict(
-    dict(sizes=((32,), (64,), (128,), (256,), (512,)), aspect_ratios=(0.5, 1.0, 2.0), offset=0.0)
+    dict(
+      sizes=((32,), (64,), (128,), (256,), (512,)),
+      aspect_ratios=(0.5, 1.0, 2.0),
+      offset=0.0,
+      # torchvision rounds its cell anchors to integers; Detectron2 does not.
+      round_cell=False,
+      # True: stride of a level = padded image size // feature size per axis (torchvision: P6 of
+      # an 800-row input has stride 61); False: 4, 8, 16, 32, 64 (Detectron2).
+      grid_strides=False,
+    )
   )
   c.rpn = ml_collections.ConfigDict(
     dict(
       head_conv_dims=-1,
+      head_num_conv=1,  # shared 3x3 convs of the RPN head (torchvision's v2: 2)
       pre_nms_topk_train=2000,
       pre_nms_topk_test=1000,
       post_nms_topk_train=1000,
       post_nms_topk_test=1000,
       nms_thresh=0.7,
       min_size=0.0,
+      # Proposals kept: w, h > min_size (Detectron2); True: w, h >= min_size (torchvision, 1e-3).
+      min_size_inclusive=False,
       iou_thresholds=(0.3, 0.7),
       iou_labels=(0, -1, 1),
       batch_size_per_image=256,
@@ -56,6 +68,8 @@ def default_model_config() -> ml_collections.ConfigDict:
       # Fixed-shape inference: the best (proposal, class) candidates above the score threshold
       # that enter the per-class NMS (Detectron2 keeps all of them; exact when fewer pass).
       test_candidates=2000,
+      # Detections need w, h >= this after clipping (torchvision 1e-2; Detectron2 none: 0).
+      min_box_size_test=0.0,
     )
   )
   # Head norms: GN with num_groups groups; BN / SyncBN take statistics over all ROIs of the batch.
@@ -71,6 +85,8 @@ def default_model_config() -> ml_collections.ConfigDict:
       pooler_resolution=7,
       pooler_sampling_ratio=0,
       pooler_aligned=True,
+      # Level of a box: "detectron2" floor(4 + log2(s/224 + 1e-8)), "torchvision" +1e-6 outside.
+      pooler_level_rule="detectron2",
     )
   )
   c.mask_head = ml_collections.ConfigDict(
@@ -82,6 +98,7 @@ def default_model_config() -> ml_collections.ConfigDict:
       pooler_resolution=14,
       pooler_sampling_ratio=0,
       pooler_aligned=True,
+      pooler_level_rule="detectron2",  # as box_head's
       max_fg_rois=128,
       resolution=28,
       # The mask branch runs in chunks of this many ROIs per image and skips chunks that hold no
