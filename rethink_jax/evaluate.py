@@ -102,11 +102,12 @@ def bilinear_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, 
   """PyTorch's 1-D bilinear resampling (align_corners=False, no antialias) of in -> out samples.
 
   Output sample i reads (1 - frac[i]) * x[lo[i]] + frac[i] * x[hi[i]]: its source coordinate
-  (i + 0.5) * in / out - 0.5 clamped at 0, in float32 as torch computes it on the CPU.
+  (i + 0.5) * in / out - 0.5 clamped at 0, rounded as torch's CPU kernel rounds it (a float32
+  scale, the coordinate in float64, then float32): within one float32 ulp of torch's weights.
   Returns lo (out,) int64, hi (out,) int64, frac (out,) float32.
   """
-  scale = np.float32(in_size) / np.float32(out_size)
-  src = scale * (np.arange(out_size, dtype=np.float32) + np.float32(0.5)) - np.float32(0.5)
+  scale = np.float64(np.float32(in_size) / np.float32(out_size))
+  src = (scale * (np.arange(out_size, dtype=np.float64) + 0.5) - 0.5).astype(np.float32)
   src = np.maximum(src, np.float32(0.0))
   lo = np.floor(src).astype(np.int64)
   frac = np.clip(src - lo.astype(np.float32), 0.0, 1.0).astype(np.float32)
