@@ -472,7 +472,7 @@ def _dataset_class_names(data: dict) -> Optional[list[str]]:
 
     config = pipeline.default_data_config()
     config.update({k: v for k, v in data.items() if k in config})
-    categories = pipeline.get_builder(config).info.metadata["categories"]
+    categories = pipeline.get_builder(config, prepare=False).info.metadata["categories"]
     return [str(c["name"]) for c in categories]
   except Exception:  # pylint: disable=broad-except
     return None  # names are a convenience: an unprepared data set gives labels only

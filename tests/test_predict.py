@@ -242,3 +242,89 @@ def test_cli_writes_results_and_pngs(detector_dir, tmp_path):
   assert sorted(os.listdir(out_dir)) == sorted(
     ["results.json", "images.json"] + [f"{i * 7 + 3:012d}.png" for i in range(3)]
   )
+
+
+def test_pipeline_resize_rule_matches_tf():
+  """ "rethink_jax": the input pipeline's size rule and tf.image.resize of the normalised image."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  rng = np.random.default_rng()
+  config = predict.default_input_config()
+  config.update(resize="rethink_jax", format="RGB", min_size_test=64, max_size_test=100)
+  config.update(pixel_mean=(123.675, 116.28, 103.53), pixel_std=(58.395, 57.12, 57.375))
+  for h, w in [(37, 53), (120, 61), (83, 83)] + [
+    tuple(int(v) for v in rng.integers(8, 200, 2)) for _ in range(3)
+  ]:
+    image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    scale = min(64 / min(h, w), 100 / max(h, w))
+    size = (int(np.round(h * np.float32(scale))), int(np.round(w * np.float32(scale))))
+    x = (image.astype(np.float32) - np.asarray(config.pixel_mean, np.float32)) / np.asarray(
+      config.pixel_std, np.float32
+    )
+    ref = tf.image.resize(x, size, method="bilinear").numpy()
+    ours = predict.preprocess(image, config, resize=True)
+    assert ours.shape == ref.shape, (h, w)
+    # tf rounds the source coordinate in float32 (torch's kernel, which ours follows, in float64).
+    np.testing.assert_allclose(ours, ref, atol=5e-5, err_msg=str((h, w)))
+
+
+def test_from_training_workdir(detector_dir, tmp_path):
+  """A training workdir (train.py's config.json + orbax checkpoints/STEP) gives the model, the
+  data config's input normalisation and the data set's class names."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  from configs import tiny_shapes  # pylint: disable=g-import-not-at-top
+  from rethink_jax.data import shapes  # pylint: disable=g-import-not-at-top
+
+  tfds.disable_progress_bar()
+  data_dir = str(tmp_path / "tfds")
+  shapes.ShapesInstances(config="tiny", data_dir=data_dir).download_and_prepare()
+  variables, _, _ = detector_checkpoint.load_detector(detector_dir)
+  config = tiny_shapes.get_config()
+  config.model = _tiny_model_config()
+  config.data.data_dir = data_dir
+  workdir = tmp_path / "workdir"
+  workdir.mkdir()
+  (workdir / "config.json").write_text(config.to_json_best_effort(indent=1))
+  collections = {k: v for k, v in variables.items() if k != "params"}
+  state = {
+    "step": np.int32(4),
+    "rng": np.zeros(2, np.uint32),
+    "params": variables["params"],
+    "opt_state": {"momentum": variables["params"]},
+    "collections": collections,
+    "bad_step": np.int32(-1),
+  }
+  mngr = ocp.CheckpointManager(
+    str(workdir / "checkpoints"),
+    options=ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False),
+  )
+  mngr.save(4, args=ocp.args.StandardSave(state))
+  mngr.wait_until_finished()
+  mngr.close()
+  loaded, model_config, meta = predict.load_workdir(str(workdir))
+  flat = lambda t: {k: np.asarray(v) for k, v in _flatten(t).items()}
+  assert flat(loaded).keys() == flat(variables).keys()
+  for k, v in flat(variables).items():
+    np.testing.assert_array_equal(flat(loaded)[k], v, err_msg=k)
+  assert model_config.num_classes == 3 and model_config.backbone.width == 8
+  assert model_config.input.format == config.data.input_format
+  np.testing.assert_allclose(model_config.input.pixel_mean, config.data.pixel_mean)
+  np.testing.assert_allclose(model_config.input.pixel_std, config.data.pixel_std)
+  assert (model_config.input.min_size_test, model_config.input.max_size_test) == (64, 64)
+  assert model_config.input.resize == "rethink_jax" and meta["step"] == 4
+  builder = shapes.ShapesInstances(config="tiny", data_dir=data_dir)
+  names = [c["name"] for c in builder.info.metadata["categories"]]
+  assert meta["class_names"] == names and len(names) == 3
+  p = predict.Predictor.from_checkpoint(str(workdir))
+  assert p.class_names == meta["class_names"] and p.compilations == 0
+
+
+def _flatten(tree, prefix=""):
+  if isinstance(tree, dict):
+    out = {}
+    for k, v in tree.items():
+      out.update(_flatten(v, f"{prefix}/{k}"))
+    return out
+  return {prefix: tree}
