@@ -317,6 +317,11 @@ class Predictor:
   def compilations(self) -> int:
     return len(self._executables)
 
+  @property
+  def compiled_shapes(self) -> list[tuple[int, ...]]:
+    """(B, H, W, 3) of every compiled executable."""
+    return sorted(self._executables)
+
   def _run(self, images: np.ndarray, image_hw: np.ndarray) -> dict[str, np.ndarray]:
     import jax  # pylint: disable=g-import-not-at-top
 
@@ -376,7 +381,7 @@ class Predictor:
     keep = np.flatnonzero(classes > 0)
     c = self.model_config.input
     scale = 1.0
-    if tuple(input_hw) != tuple(orig_hw):
+    if c.resize == "rethink_jax" and tuple(input_hw) != tuple(orig_hw):
       scale = _pipeline_scale(*orig_hw, int(c.min_size_test), int(c.max_size_test))
     boxes, ok = boxes_to_original(raw["boxes"][keep], input_hw, orig_hw, c.resize, scale)
     keep, boxes = keep[ok], boxes[ok]

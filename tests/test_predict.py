@@ -328,3 +328,39 @@ def _flatten(tree, prefix=""):
       out.update(_flatten(v, f"{prefix}/{k}"))
     return out
   return {prefix: tree}
+
+
+def test_padding_modes_choose_canvases(predictor, monkeypatch):
+  """Which batches reach the model: buckets filled to batch_size, own sizes, one batch."""
+  rng = np.random.default_rng()
+  calls = []
+
+  def fake_run(images, image_hw):
+    calls.append((images.shape, image_hw.tolist()))
+    b, d = len(images), predictor.model_config.roi_heads.detections_per_image
+    return {
+      "boxes": np.zeros((b, d, 4), np.float32),
+      "scores": np.zeros((b, d), np.float32),
+      "classes": np.zeros((b, d), np.int32),
+      "masks": np.zeros((b, d, 28, 28), np.float32),
+      "num_detections": np.zeros(b, np.int32),
+    }
+
+  monkeypatch.setattr(predictor, "_run", fake_run)
+  images = _images(rng, [(50, 70), (20, 30), (90, 40), (60, 33)])
+  monkeypatch.setattr(predictor, "batch_size", 2)
+  outs = predictor(images, resize=False)
+  assert [o["masks"].shape for o in outs] == [(0, 50, 70), (0, 20, 30), (0, 90, 40), (0, 60, 33)]
+  assert calls == [
+    ((2, 64, 96, 3), [[50, 70], [50, 70]]),  # alone in its bucket: filled with itself
+    ((2, 64, 64, 3), [[20, 30], [60, 33]]),
+    ((2, 96, 64, 3), [[90, 40], [90, 40]]),
+  ]
+  calls.clear()
+  monkeypatch.setattr(predictor, "padding", "image")
+  predictor(images[:2], resize=False)
+  assert [c[0] for c in calls] == [(2, 64, 96, 3), (2, 32, 32, 3)]
+  calls.clear()
+  monkeypatch.setattr(predictor, "padding", "batch")
+  predictor(images, resize=False)
+  assert calls == [((4, 96, 96, 3), [[50, 70], [20, 30], [90, 40], [60, 33]])]
