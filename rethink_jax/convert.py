@@ -15,6 +15,13 @@ else, and every target left unfilled, is an error naming the key and the shapes.
 
 Backbone checkpoint directories (also written by pre-training, read by the trainer's init_from):
   save_backbone(dir, variables, meta) / load_backbone(dir) -> (variables, meta).
+
+Whole Mask R-CNN detectors (Detectron2 or torchvision model-zoo files) -> a detector checkpoint
+directory (rethink_jax.detector_checkpoint):
+  variables, model_config, meta = convert_detector("model_final.pkl", "detectron2",
+                                                   d2_config="mask_rcnn_R_50_FPN_3x.yaml")
+  python -m rethink_jax.convert --detector --source detectron2 --input model_final.pkl \
+    --d2-config mask_rcnn_R_50_FPN_3x.yaml --output weights/mask_rcnn_R_50_FPN_3x
 """
 
 import argparse
@@ -656,12 +663,81 @@ def convert_backbone(
   return variables, meta
 
 
+DETECTOR_SOURCES = ("detectron2", "torchvision")
+
+
+def convert_detector(path: str, source: str, **options: Any) -> tuple[dict, Any, dict]:
+  """A whole Mask R-CNN checkpoint -> (variables, model_config, meta) of models.build_model.
+
+  Args:
+    path: "detectron2": a model-zoo .pkl ({"model": {name: ndarray}}) or .pth ({"model": {name:
+      tensor}}); "torchvision": a state dict .pth.
+    source: one of DETECTOR_SOURCES.
+    options: the source's converter options; detectron2: d2_config (its config YAML), class_names.
+  Raises:
+    ConversionError naming the offending key and shapes (nothing is written).
+  """
+  if source not in DETECTOR_SOURCES:
+    raise ConversionError(
+      f"Unknown detector source {source!r}; expected one of {DETECTOR_SOURCES}."
+    )
+  state_dict = read_state_dict(path)
+  if source == "detectron2":
+    from rethink_jax import zoo_detectron2  # pylint: disable=g-import-not-at-top
+
+    return zoo_detectron2.convert(state_dict, path, **options)
+  # source == "torchvision": rethink_jax/zoo_torchvision.py, convert(state_dict, path, **options).
+  try:
+    from rethink_jax import zoo_torchvision  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ConversionError("torchvision: not available") from e
+  return zoo_torchvision.convert(state_dict, path, **options)
+
+
+def detector_main(args: argparse.Namespace) -> int:
+  """`--detector`: converts a whole detector and writes a detector checkpoint directory."""
+  from rethink_jax import detector_checkpoint  # pylint: disable=g-import-not-at-top
+
+  try:
+    if args.source not in DETECTOR_SOURCES:
+      raise ConversionError(f"--detector --source must be one of {DETECTOR_SOURCES}")
+    if os.path.exists(args.output) and not args.overwrite:
+      raise ConversionError(f"{args.output} exists; pass --overwrite to replace it.")
+    options = {}
+    if args.d2_config is not None:
+      if args.source != "detectron2":
+        raise ConversionError("--d2-config goes with --source detectron2 only")
+      options["d2_config"] = args.d2_config
+    variables, model_config, meta = convert_detector(args.input, args.source, **options)
+    out = detector_checkpoint.save_detector(
+      args.output, variables, model_config, meta, overwrite=args.overwrite
+    )
+  except (ConversionError, FileExistsError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  c = model_config
+  print(
+    f"wrote {out}: {args.source} Mask R-CNN R{c.backbone.depth}-FPN norm={c.backbone.norm} "
+    f"box_head={c.box_head.name} classes={c.num_classes} input={c.input.format} "
+    f"({len(meta.get('used', []))} tensors used, {len(meta.get('dropped', []))} dropped)"
+  )
+  return 0
+
+
 def main(argv: Optional[list[str]] = None) -> int:
   parser = argparse.ArgumentParser(
     prog="python -m rethink_jax.convert",
-    description="Convert a pretrained ResNet into a rethink_jax backbone checkpoint directory.",
+    description="Convert a pretrained ResNet (or, with --detector, a whole Mask R-CNN) into a "
+    "rethink_jax checkpoint directory.",
   )
-  parser.add_argument("--source", required=True, help=f"one of {SOURCES}")
+  parser.add_argument(
+    "--detector",
+    action="store_true",
+    help="convert a whole Mask R-CNN (writes a detector checkpoint directory)",
+  )
+  parser.add_argument(
+    "--source", required=True, help=f"one of {SOURCES}; with --detector {DETECTOR_SOURCES}"
+  )
   parser.add_argument("--input", required=True, help=".pth / .safetensors / .pkl file")
   parser.add_argument("--output", required=True, help="output directory (written atomically)")
   parser.add_argument("--depth", type=int, default=None, help="checked against the file")
@@ -678,8 +754,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     choices=("RGB", "BGR"),
     help="detectron2 source only (default BGR, Detectron2's INPUT.FORMAT)",
   )
+  parser.add_argument(
+    "--d2-config", default=None, help="--detector --source detectron2: its config YAML"
+  )
   parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
   args = parser.parse_args(argv)
+  if args.detector:
+    return detector_main(args)
   try:
     if os.path.exists(args.output) and not args.overwrite:
       raise ConversionError(f"{args.output} exists; pass --overwrite to replace it.")
