@@ -14,15 +14,23 @@ Architectures (ARCHITECTURES), told apart by their keys; the ResNet depth is rea
                             builds it: GN backbone and FPN, 4conv1fc box head and mask head with
                             GN, one-conv RPN head.
 
-Weights map onto the Detectron2-named tree: backbone.body -> backbone/bottom_up (convert's
-torchvision renaming), fpn.inner_blocks.i -> fpn_lateral{i+2}, fpn.layer_blocks.i ->
-fpn_output{i+2}, rpn.head.conv.j.0 -> rpn_head/conv (or conv/conv{j}), cls_logits ->
-objectness_logits, bbox_pred -> anchor_deltas, box_head.fc6/fc7 -> fc1/fc2 or box_head.j.0/.1 ->
-conv{j+1} (+norm) and the Linear after the Flatten -> fc1, mask_head.j -> mask_fcn{j+1},
-conv5_mask -> deconv, mask_fcn_logits -> predictor. torchvision puts the background first: row 0
-of cls_score moves to the end, and the background's 4 rows of bbox_pred and channel of
-mask_fcn_logits (never read at inference) are dropped. That is exact (the softmax does not care
-about the order of its columns), and labels come out in torchvision's space (output.first_label).
+Weights map onto the Detectron2-named tree:
+  backbone.body.{conv1, bn1}                 backbone/bottom_up/stem/conv1
+  backbone.body.layer{k}.i.{convj, bnj}      backbone/bottom_up/res{k+1}/i/convj
+  backbone.body.layer{k}.i.downsample        backbone/bottom_up/res{k+1}/i/shortcut
+  backbone.fpn.{inner, layer}_blocks.i       backbone/fpn_{lateral, output}{i+2}
+  rpn.head.conv.j.0                          proposal_generator/rpn_head/conv (or conv/conv{j})
+  rpn.head.{cls_logits, bbox_pred}           proposal_generator/rpn_head/{objectness_logits,
+                                             anchor_deltas}
+  roi_heads.box_head.{fc6, fc7}              roi_heads/box_head/{fc1, fc2}
+  roi_heads.box_head.j.{0, 1}; .{n+1}        roi_heads/box_head/conv{j+1}; fc1 (after Flatten)
+  roi_heads.mask_head.j.{0, 1}               roi_heads/mask_head/mask_fcn{j+1}
+  roi_heads.mask_predictor.conv5_mask        roi_heads/mask_head/deconv
+  roi_heads.mask_predictor.mask_fcn_logits   roi_heads/mask_head/predictor
+torchvision puts the background first: row 0 of cls_score moves to the end, and the background's
+4 rows of bbox_pred and channel of mask_fcn_logits (never read at inference) are dropped. That is
+exact (the softmax does not care about the order of its columns), and labels come out in
+torchvision's space (output.first_label).
 
 Semantics: every difference from Detectron2 is a model config field, set here (the docstring of
 `model_config_for` lists them). torchvision's RPN score_thresh (0.0 on sigmoid probabilities)
@@ -340,24 +348,31 @@ class _Writer:
       )
 
 
+def _torchvision_body_names(module: tuple) -> tuple[str, str]:
+  """A ResNet conv of the tree -> (its torchvision conv, its norm): ("stem", "conv1") ->
+  ("conv1", "bn1"); ("res3", "1", "conv2") -> ("layer2.1.conv2", "layer2.1.bn2");
+  ("res3", "0", "shortcut") -> ("layer2.0.downsample.0", "layer2.0.downsample.1")."""
+  if module == ("stem", "conv1"):
+    return "conv1", "bn1"
+  stage, block, conv = module
+  layer = f"layer{int(stage[3:]) - 1}.{block}"
+  if conv == "shortcut":
+    return f"{layer}.downsample.0", f"{layer}.downsample.1"
+  return f"{layer}.{conv}", f"{layer}.bn{conv[4:]}"
+
+
 def _backbone_body(w: _Writer) -> None:
-  """backbone.body.* (a torchvision ResNet) onto backbone/bottom_up via Detectron2's names."""
-  prefix = "backbone.body."
-  body = {k[len(prefix) :]: v for k, v in w.sd.items() if k.startswith(prefix)}
-  renamed, origin, _, left = convert_lib._rename_torch(body)  # pylint: disable=protected-access
-  del left  # unrenamed keys stay unused and are reported as leftovers
-  src = {d2: prefix + name for d2, name in origin.items()}  # Detectron2 name -> full torch key
-  convs = sorted(
-    {n[: -len(".weight")] for n in renamed if n.endswith(".weight") and ".norm." not in n}
-  )
-  for conv in convs:
-    module = ("backbone", "bottom_up") + tuple(conv.split("."))
-    w.put(
-      ("params",) + module + ("kernel",), src[conv + ".weight"], lambda a: a.transpose(2, 3, 1, 0)
-    )
-    norm_weight = src.get(conv + ".norm.weight")
-    if norm_weight is not None:
-      w.norm(module + ("norm",), norm_weight[: -len("weight")])
+  """backbone.body.* (a torchvision ResNet) onto every conv of backbone/bottom_up."""
+  root = ("backbone", "bottom_up")
+  for target in sorted(w.template):
+    if target[0] != "params" or target[1:3] != root or target[-1] != "kernel":
+      continue
+    module = target[1:-1]
+    conv, norm = (f"backbone.body.{n}." for n in _torchvision_body_names(module[2:]))
+    w.put(target, conv + "weight", lambda a: a.transpose(2, 3, 1, 0))
+    normed = any((c,) + module + ("norm", "scale") in w.template for c in ("params", "frozen"))
+    if normed:
+      w.norm(module + ("norm",), norm)
 
 
 def state_dict_to_variables(
@@ -482,7 +497,7 @@ def convert(
     # torchvision reports class k (1..K in the model) as label k; 0 is its background.
     "label_map": {str(i): i for i in range(1, k + 1)},
     "bn_eps": convert_lib.BN_EPS,
-    "used": len(used),
+    "used": sorted(set(used)),
     "dropped": sorted(k for k in sd if k.endswith("num_batches_tracked")),
   }
   return variables, model_config, meta

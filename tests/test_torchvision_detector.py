@@ -23,8 +23,8 @@ of random weights). Such a detection (printed) must have different integer boxes
 must equal torchvision's paste_masks_in_image of its probabilities at our box (IoU >= 0.98).
 
 The ground truth for the AP: every second torchvision detection of score > 0.1, its box jittered
-by up to 4 px and its mask that box's rectangle, so that neither set scores trivially (AP of 100)
-and a detection that differs moves the AP.
+by up to 4 px and its pasted mask shifted by up to 3 px, so that neither set scores trivially
+(AP of 100) and a detection that differs moves the AP.
 """
 
 import contextlib
@@ -199,8 +199,8 @@ def test_coco_ap_equal(case):
       x0, y0, x1, y1 = np.clip(ref["boxes"][i][j] + rng.uniform(-4, 4, 4), 0, [w, h, w, h])
       if x1 - x0 < 2 or y1 - y0 < 2:
         continue
-      mask = np.zeros((h, w), np.uint8)
-      mask[int(y0) : int(np.ceil(y1)), int(x0) : int(np.ceil(x1))] = 1
+      dy, dx = rng.integers(-3, 4, 2)
+      mask = np.roll(ref["pasted"][i][j], (dy, dx), (0, 1)).astype(np.uint8)
       rle = mask_utils.encode(np.asfortranarray(mask))
       rle["counts"] = rle["counts"].decode()
       gt.append(
