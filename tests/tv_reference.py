@@ -10,7 +10,8 @@ with GroupNorm as scripts/benchmark_model.py builds it. Weights are drawn from a
     (top-k and NMS orders far from ties), class logits std 2 with a background bias, so that
     well over 20 detections per image pass 0.05 yet fewer than 2000 (proposal, class) pairs
     per image do (the model's test_candidates: beyond it our candidate cut would differ),
-    mask logits std 3 (pasted masks far from the 0.5 threshold).
+    mask logits std 3 plus 4 (masks mostly on, few pixels near the 0.5 threshold, so that a
+    mask moved by one pixel keeps most of its IoU).
 The models keep POST_NMS_TOPK proposals per image instead of 1000 (the box head's fc6 on 1000
 proposals costs ~10 s per batch on a CPU); the converted config gets the same count.
 """
@@ -97,7 +98,7 @@ def _calibrate_batch_norms(model, images) -> None:
 @torch.no_grad()
 def _rescale_outputs(run, layers) -> None:
   """Scales each layer (weight and bias) so that its output in `run()` has standard deviation
-  std, then adds `extra` to the bias entry `index` when given: layers = [(layer, std, extra)]
+  std, then adds value to the bias entries `index` when given: layers = [(layer, std, extra)]
   with extra None or (index, value)."""
   seen = {id(layer): [] for layer, _, _ in layers}
   hooks = [
@@ -142,7 +143,7 @@ def random_model(architecture: str, seed: int, images: list) -> torch.nn.Module:
     [
       (rh.box_predictor.cls_score, 2.0, (0, 1.5)),
       (rh.box_predictor.bbox_pred, 1.0, None),
-      (rh.mask_predictor.mask_fcn_logits, 3.0, None),
+      (rh.mask_predictor.mask_fcn_logits, 3.0, (slice(None), 4.0)),
     ],
   )
   return model
