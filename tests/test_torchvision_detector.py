@@ -11,6 +11,11 @@ images: the batch's largest size rounded up to 32, which GroupNorm's statistics 
 The image sizes pad to 224 x 288, so P6 is 4 x 5 on a 7 x 9 P5: torchvision's anchor strides
 there are 56 and 57, not 64 (anchors.grid_strides).
 
+A draw where a detection's score lies within 1e-4 of the score threshold or of the 100th place
+(tv_reference.MARGIN) gets its classifier drawn again: scores differ by ~1e-5 between the
+implementations, so such a detection may fall on either side of the cut (the Detectron2 fixture
+records its margins for the same reason).
+
 Checked per image: the same number of detections (>= 20), each torchvision detection matched to
 one of ours with the same label, boxes within 0.5 px, scores within 1e-3, pasted masks with IoU
 >= 0.98; the 28 x 28 mask probabilities; and the COCO AP of both on the same images equal within
@@ -74,7 +79,15 @@ def case(request):
   rng = np.random.default_rng(seed)
   images = tv_reference.random_images(rng, SIZES)
   model = tv_reference.random_model(architecture, seed, tv_reference.to_torch(images))
-  ref = tv_reference.reference(model, tv_reference.to_torch(images))
+  gen = torch.Generator().manual_seed(seed)
+  for _ in range(10):
+    ref = tv_reference.reference(model, tv_reference.to_torch(images))
+    if tv_reference.far_from_cuts(ref):
+      break
+    print(f"a detection within {tv_reference.MARGIN} of a cut {ref['margins']}: redrawn")
+    tv_reference.redraw_classifier(model, gen)
+  else:
+    pytest.fail("ten draws of the classifier in a row had a detection at a cut")
   variables, model_config, meta = zoo_torchvision.convert(
     _state_dict(model, architecture), "maskrcnn.pth"
   )

@@ -31,6 +31,10 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNHeads
 ARCHITECTURES = ("maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2", "maskrcnn_resnet50_fpn_gn")
 NUM_CLASSES = 4  # torchvision's count: background + 3 objects
 POST_NMS_TOPK = 200
+# Detections whose score is within MARGIN of a cut (the score threshold, the top 100) may fall
+# on either side of it in two implementations whose scores differ by ~1e-5: cases drawn with
+# such a detection are drawn again (`_cut_margins`).
+MARGIN = 1e-4
 
 
 def build(architecture: str) -> torch.nn.Module:
@@ -171,6 +175,43 @@ def to_torch(images: list[np.ndarray]) -> list:
   ]
 
 
+def _cut_margins(rh, logits, deltas, proposals, image_sizes) -> dict:
+  """How far the detections are from their two cuts, per image: "threshold": whether moving the
+  score threshold by +-MARGIN changes no detection (True: no candidate that would survive NMS
+  scores within MARGIN of it); "top_k": score gap between the last kept detection and the
+  first one cut by detections_per_img (inf when none is cut)."""
+  thresh, top_k = rh.score_thresh, rh.detections_per_img
+  counts = {}
+  try:
+    rh.detections_per_img = 10**6
+    for t in (thresh - MARGIN, thresh, thresh + MARGIN):
+      rh.score_thresh = t
+      _, scores, _ = rh.postprocess_detections(logits, deltas, proposals, image_sizes)
+      counts[t] = scores
+  finally:
+    rh.score_thresh, rh.detections_per_img = thresh, top_k
+  out = {"threshold": [], "top_k": []}
+  for lo, mid, hi in zip(*(counts[t] for t in (thresh - MARGIN, thresh, thresh + MARGIN))):
+    lo, hi = (torch.sort(x, descending=True).values[:top_k] for x in (lo, hi))
+    out["threshold"].append(len(lo) == len(hi) and bool(torch.equal(lo, hi)))
+    s = torch.sort(mid, descending=True).values
+    out["top_k"].append(float(s[top_k - 1] - s[top_k]) if len(s) > top_k else float("inf"))
+  return out
+
+
+def far_from_cuts(ref: dict) -> bool:
+  """No detection of `reference`'s output within MARGIN of a cut."""
+  m = ref["margins"]
+  return all(m["threshold"]) and min(m["top_k"]) >= MARGIN
+
+
+@torch.no_grad()
+def redraw_classifier(model: torch.nn.Module, gen: torch.Generator) -> None:
+  """Perturbs cls_score by 10% (a new draw of the scores, the rest of the model unchanged)."""
+  w = model.roi_heads.box_predictor.cls_score.weight
+  w.mul_(1 + 0.1 * torch.randn(w.shape, generator=gen))
+
+
 @torch.no_grad()
 def reference(model: torch.nn.Module, images: list) -> dict:
   """torchvision's eval forward, step by step: the normalised padded batch and, per image,
@@ -182,8 +223,9 @@ def reference(model: torch.nn.Module, images: list) -> dict:
   detections, _ = model.roi_heads(features, proposals, image_list.image_sizes)
   rh = model.roi_heads
   pooled = rh.box_roi_pool(features, proposals, image_list.image_sizes)
-  logits, _ = rh.box_predictor(rh.box_head(pooled))
+  logits, deltas = rh.box_predictor(rh.box_head(pooled))
   scores = torch.softmax(logits, -1)[:, 1:].split([len(p) for p in proposals])
+  margins = _cut_margins(rh, logits, deltas, proposals, image_list.image_sizes)
   sizes = [tuple(i.shape[-2:]) for i in images]
   # What model.forward returns: GeneralizedRCNNTransform.postprocess pastes the masks.
   full = model.transform.postprocess([dict(d) for d in detections], image_list.image_sizes, sizes)
@@ -193,6 +235,7 @@ def reference(model: torch.nn.Module, images: list) -> dict:
     "proposals": [p.numpy() for p in proposals],
     # (proposal, class) pairs above the score threshold, before NMS.
     "candidates": [int((s > rh.score_thresh).sum()) for s in scores],
+    "margins": margins,
     "boxes": [d["boxes"].numpy() for d in detections],
     "scores": [d["scores"].numpy() for d in detections],
     "labels": [d["labels"].numpy() for d in detections],
