@@ -199,17 +199,40 @@ def _cut_margins(rh, logits, deltas, proposals, image_sizes) -> dict:
   return out
 
 
+def _proposal_margins(rpn, image_list, features) -> list[float]:
+  """Per image: the objectness logit gap between the last proposal kept (post_nms_top_n) and the
+  first one cut (inf when none is cut)."""
+  from torchvision.models.detection.rpn import concat_box_prediction_layers
+
+  feats = list(features.values())
+  objectness, deltas = rpn.head(feats)
+  anchors = rpn.anchor_generator(image_list, feats)
+  per_level = [o[0].numel() for o in objectness]
+  objectness, deltas = concat_box_prediction_layers(objectness, deltas)
+  boxes = rpn.box_coder.decode(deltas, anchors).view(len(anchors), -1, 4)
+  top = rpn._post_nms_top_n["testing"]
+  try:
+    rpn._post_nms_top_n["testing"] = 10**9
+    _, scores = rpn.filter_proposals(boxes, objectness, image_list.image_sizes, per_level)
+  finally:
+    rpn._post_nms_top_n["testing"] = top
+  logit = lambda p: float(torch.logit(p.double()))
+  return [logit(s[top - 1]) - logit(s[top]) if len(s) > top else float("inf") for s in scores]
+
+
 def far_from_cuts(ref: dict) -> bool:
-  """No detection of `reference`'s output within MARGIN of a cut."""
+  """No detection of `reference`'s output within MARGIN of a cut, no proposal within 10 MARGIN
+  (objectness logits) of the post-NMS top-k."""
   m = ref["margins"]
-  return all(m["threshold"]) and min(m["top_k"]) >= MARGIN
+  return all(m["threshold"]) and min(m["top_k"]) >= MARGIN and min(m["proposals"]) >= 10 * MARGIN
 
 
 @torch.no_grad()
-def redraw_classifier(model: torch.nn.Module, gen: torch.Generator) -> None:
-  """Perturbs cls_score by 10% (a new draw of the scores, the rest of the model unchanged)."""
-  w = model.roi_heads.box_predictor.cls_score.weight
-  w.mul_(1 + 0.1 * torch.randn(w.shape, generator=gen))
+def redraw_heads(model: torch.nn.Module, gen: torch.Generator) -> None:
+  """Perturbs the RPN's cls_logits and the box predictor's cls_score by 10% (new draws of the
+  objectness and class scores, the rest of the model unchanged)."""
+  for layer in (model.rpn.head.cls_logits, model.roi_heads.box_predictor.cls_score):
+    layer.weight.mul_(1 + 0.1 * torch.randn(layer.weight.shape, generator=gen))
 
 
 @torch.no_grad()
@@ -226,6 +249,7 @@ def reference(model: torch.nn.Module, images: list) -> dict:
   logits, deltas = rh.box_predictor(rh.box_head(pooled))
   scores = torch.softmax(logits, -1)[:, 1:].split([len(p) for p in proposals])
   margins = _cut_margins(rh, logits, deltas, proposals, image_list.image_sizes)
+  margins["proposals"] = _proposal_margins(model.rpn, image_list, features)
   sizes = [tuple(i.shape[-2:]) for i in images]
   # What model.forward returns: GeneralizedRCNNTransform.postprocess pastes the masks.
   full = model.transform.postprocess([dict(d) for d in detections], image_list.image_sizes, sizes)
