@@ -221,10 +221,10 @@ def _proposal_margins(rpn, image_list, features) -> list[float]:
 
 
 def far_from_cuts(ref: dict) -> bool:
-  """No detection of `reference`'s output within MARGIN of a cut, no proposal within 10 MARGIN
-  (objectness logits) of the post-NMS top-k."""
+  """No detection of `reference`'s output within MARGIN of a cut, no proposal within 3 MARGIN
+  (objectness logits, std 3) of the post-NMS top-k."""
   m = ref["margins"]
-  return all(m["threshold"]) and min(m["top_k"]) >= MARGIN and min(m["proposals"]) >= 10 * MARGIN
+  return all(m["threshold"]) and min(m["top_k"]) >= MARGIN and min(m["proposals"]) >= 3 * MARGIN
 
 
 @torch.no_grad()
