@@ -319,17 +319,19 @@ def load_detector_into(state: dict, variables: dict, reinit_class_heads: bool) -
   return dict(state=state, loaded=loaded, reinitialized=reinitialized)
 
 
-def init_from_detector(state: dict, config: ml_collections.ConfigDict, parts) -> dict:
-  """The fresh `state` with config.init_from_detector's variables (on parts.state_sharding).
+def init_from_detector(config: ml_collections.ConfigDict, parts, rng, sample: dict) -> dict:
+  """A fresh state (parts.init(rng, sample)) holding config.init_from_detector's variables.
 
-  Class heads are re-initialised when the checkpoint's num_classes differs from the recipe's;
-  every decision is logged. Returns load_detector_into's report (its "state" placed on devices).
+  The checkpoint is read and checked first (check_detector_config). Class heads are
+  re-initialised when its num_classes differs from the recipe's; every decision is logged.
+  Returns load_detector_into's report, its "state" placed on parts.state_sharding.
   """
   from rethink_jax import detector_checkpoint  # pylint: disable=g-import-not-at-top
 
   directory = config.init_from_detector
   variables, model_config, meta = detector_checkpoint.load_detector(directory)
   notes = check_detector_config(model_config, config)
+  state = parts.init(rng, sample)
   ckpt_classes, recipe_classes = int(model_config.num_classes), int(config.model.num_classes)
   report = load_detector_into(state, variables, reinit_class_heads=ckpt_classes != recipe_classes)
   report["state"] = jax.device_put(report["state"], parts.state_sharding)
@@ -457,9 +459,9 @@ def initial_state(config: ml_collections.ConfigDict, parts, rng, sample: dict) -
       "set one of config.init_from (a backbone) and config.init_from_detector (a whole "
       f"detector), not both: {config.init_from!r}, {config.init_from_detector!r}"
     )
-  state = parts.init(rng, sample)
   if config.get("init_from_detector"):
-    return init_from_detector(state, config, parts)["state"]
+    return init_from_detector(config, parts, rng, sample)["state"]
+  state = parts.init(rng, sample)
   if config.get("init_from"):
     from rethink_jax import convert  # pylint: disable=g-import-not-at-top
 
@@ -791,9 +793,7 @@ def evaluate_only(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if config.get("init_from_detector"):
       _log(f"{source} is evaluated; init_from_detector={config.init_from_detector} is ignored")
   elif config.get("init_from_detector"):
-    report = init_from_detector(
-      parts.init(jax.random.PRNGKey(int(config.seed)), sample), config, parts
-    )
+    report = init_from_detector(config, parts, jax.random.PRNGKey(int(config.seed)), sample)
     if report["reinitialized"]:
       raise ValueError(
         f"init_from_detector={config.init_from_detector}: its class heads do not fit the "
