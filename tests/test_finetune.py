@@ -78,8 +78,12 @@ def trained(shapes_dir, tmp_path_factory):
   )
   variables = {"params": state["params"], **state["collections"]}
   model_config = copy.deepcopy(c.model)
-  model_config.input.update(  # how the pipeline normalised the images it was trained on
-    format=c.data.input_format, pixel_mean=c.data.pixel_mean, pixel_std=c.data.pixel_std
+  model_config.input.update(  # how the pipeline fed the images it was trained on
+    format=c.data.input_format,
+    pixel_mean=c.data.pixel_mean,
+    pixel_std=c.data.pixel_std,
+    min_size_test=c.data.min_size_test,
+    max_size_test=c.data.max_size,
   )
   names = ["circle", "square", "triangle"]
   detector_dir = detector_checkpoint.save_detector(
