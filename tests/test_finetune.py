@@ -67,7 +67,31 @@ def shapes_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def trained(shapes_dir, tmp_path_factory):
+def predictions():
+  """Every COCO evaluation of this module records its model outputs here, one list per call
+  (a few steps of training give AP 0: equal outputs are what shows the same weights)."""
+  from rethink_jax import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
+
+  real, calls = evaluate_lib.evaluate, []
+
+  def recording(predict, batches, *args, **kwargs):
+    outputs = []
+    calls.append(outputs)
+
+    def predict_and_record(batch):
+      out = predict(batch)
+      outputs.append({k: np.array(v) for k, v in out.items()})
+      return out
+
+    return real(predict_and_record, batches, *args, **kwargs)
+
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(evaluate_lib, "evaluate", recording)
+    yield calls
+
+
+@pytest.fixture(scope="module")
+def trained(shapes_dir, tmp_path_factory, predictions):
   """A STEPS-step run with its final evaluation, and its last checkpoint saved as a detector."""
   c = tiny_config(shapes_dir)
   c.seed = int(np.random.SeedSequence().entropy % 2**31)  # fresh weights every run
@@ -95,7 +119,15 @@ def trained(shapes_dir, tmp_path_factory):
   expected = {}
   for coll, tree in variables.items():
     expected.update({f"{coll}/{k}": np.asarray(v) for k, v in _flat(tree).items()})
-  return dict(config=c, workdir=workdir, out=out, detector_dir=detector_dir, variables=expected)
+  assert len(predictions) == 1
+  return dict(
+    config=c,
+    workdir=workdir,
+    out=out,
+    detector_dir=detector_dir,
+    variables=expected,
+    predictions=predictions[0],
+  )
 
 
 def _parts_and_sample(config):
@@ -242,12 +274,23 @@ def _coco_metrics(record):
   return {k: v for k, v in record.items() if k.startswith(("bbox/", "segm/"))}
 
 
+def _assert_same_outputs(got, expected):
+  assert len(got) == len(expected) > 0
+  for i, (a, b) in enumerate(zip(got, expected)):
+    assert sorted(a) == sorted(b)
+    for key in b:
+      np.testing.assert_array_equal(a[key], b[key], err_msg=f"batch {i} {key}")
+
+
 @pytest.mark.slow
-def test_eval_mode_writes_the_training_runs_metrics(trained, shapes_dir, tmp_path):
+def test_eval_mode_writes_the_training_runs_metrics(trained, shapes_dir, tmp_path, predictions):
   curve = train.read_curve(trained["workdir"])
   assert [p["step"] for p in curve] == [STEPS]
   expected = _coco_metrics(curve[-1])
   assert {"bbox/AP", "segm/AP", "bbox/AP50", "segm/AR100"} <= set(expected)
+  reference = trained["predictions"]  # the training run's own evaluation
+  assert sum(int(b["num_detections"].sum()) for b in reference) > 0
+  assert np.ptp(np.concatenate([b["scores"].ravel() for b in reference])) > 0
 
   # The command line on the training workdir: its latest checkpoint.
   cmd = [
@@ -263,10 +306,18 @@ def test_eval_mode_writes_the_training_runs_metrics(trained, shapes_dir, tmp_pat
   ]
   proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, check=False)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-  record = files.read_json(os.path.join(trained["workdir"], train.EVAL_FILE))
+  path = os.path.join(trained["workdir"], train.EVAL_FILE)
+  record = files.read_json(path)
   assert record["step"] == STEPS and record["checkpoint"].endswith(f"checkpoints/{STEPS}")
   assert _coco_metrics(record) == expected
   assert "bbox/AP" in proc.stdout and "segm/AP" in proc.stdout
+
+  # In this process: the same checkpoint gives the same model outputs as the run's evaluation.
+  os.remove(path)
+  calls = len(predictions)
+  record = train.evaluate_only(tiny_config(shapes_dir), trained["workdir"])
+  assert files.read_json(path) == record and _coco_metrics(record) == expected
+  _assert_same_outputs(predictions[calls], reference)
 
   # No checkpoint in the workdir: the detector checkpoint of the same weights.
   c = tiny_config(shapes_dir, **{"init_from_detector": trained["detector_dir"]})
@@ -274,6 +325,7 @@ def test_eval_mode_writes_the_training_runs_metrics(trained, shapes_dir, tmp_pat
   assert record["step"] is None and record["checkpoint"] == trained["detector_dir"]
   assert files.read_json(str(tmp_path / "eval" / train.EVAL_FILE)) == record
   assert _coco_metrics(record) == expected
+  _assert_same_outputs(predictions[calls + 1], reference)
 
   # Nothing to evaluate, or heads that do not fit the recipe's classes: an error.
   with pytest.raises(ValueError, match="nothing to evaluate"):
