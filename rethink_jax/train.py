@@ -245,7 +245,10 @@ def check_detector_config(
       a, b = _norm_kind(a), _norm_kind(b)
     if a == b:
       continue
-    line = f"model.{key}: checkpoint {ckpt.get(key, '<absent>')!r}, recipe {recipe.get(key)!r}"
+    line = (
+      f"model.{key}: checkpoint {ckpt.get(key, '<absent>')!r}, "
+      f"recipe {recipe.get(key, '<absent>')!r}"
+    )
     (errors if key in ARCHITECTURE_FIELDS else notes).append(line)
 
   d, inp = config.data, checkpoint_model.get("input", {})
@@ -294,9 +297,8 @@ def load_detector_into(state: dict, variables: dict, reinit_class_heads: bool) -
     d, s = dst.get(coll, {}), src.get(coll, {})
     for key in sorted(set(d) | set(s)):
       name = f"{coll}/{key}"
-      if reinit_class_heads and is_head(coll, key):
-        if key in d:
-          reinitialized.append(name)
+      if reinit_class_heads and is_head(coll, key) and key in d:
+        reinitialized.append(name)
         continue
       if key not in s:
         problems.append(f"{name}: missing from the checkpoint (model {tuple(d[key].shape)})")
@@ -783,12 +785,14 @@ def evaluate_only(config: ml_collections.ConfigDict, workdir: str) -> dict:
   step = None
   if os.path.isdir(ckpt_dir):
     mngr = ocp.CheckpointManager(ckpt_dir)
-    step = mngr.latest_step()
+    try:
+      step = mngr.latest_step()
+      if step is not None:
+        target = trainer.abstract_state_with_shardings(parts)
+        state = mngr.restore(step, args=ocp.args.StandardRestore(target))
+    finally:
+      mngr.close()
   if step is not None:
-    state = mngr.restore(
-      step, args=ocp.args.StandardRestore(trainer.abstract_state_with_shardings(parts))
-    )
-    mngr.close()
     source = os.path.join(ckpt_dir, str(step))
     if config.get("init_from_detector"):
       _log(f"{source} is evaluated; init_from_detector={config.init_from_detector} is ignored")
