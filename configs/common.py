@@ -168,9 +168,7 @@ def base_config(
   c.seed = 0
   c.batch_size = batch_size
   c.init_from = ""
-  # A whole detector checkpoint dir (rethink_jax.detector_checkpoint): every variable, new heads
-  # for another class count; "" = none. Ignored when the run resumes, as init_from is.
-  c.init_from_detector = ""
+  c.init_from_detector = ""  # whole-detector checkpoint dir (detector_checkpoint), "" = none
   c.model = model
   c.data = data
   c.optim = optim_config()

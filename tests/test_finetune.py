@@ -32,6 +32,7 @@ def tiny_config(data_dir, **overrides):
   c = tiny_shapes.get_config(str(STEPS))
   c.data.data_dir = data_dir
   c.data.num_parallel_calls = 1
+  c.schedule.decay_steps = (3,)  # as tests/test_train.py: one compiled step for both modules
   c.eval_every = 0
   c.eval.at_end = True
   c.eval.num_images = 4
@@ -303,6 +304,7 @@ def test_eval_mode_writes_the_training_runs_metrics(trained, shapes_dir, tmp_pat
     f"--config.data.data_dir={shapes_dir}",
     "--config.data.num_parallel_calls=1",
     "--config.eval.num_images=4",
+    "--config.schedule.decay_steps=(3,)",
   ]
   proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, check=False)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
