@@ -302,7 +302,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   Raises NonFiniteLossError when a loss or gradient is not finite.
   """
   from rethink_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from rethink_jax.data import recipe  # pylint: disable=g-import-not-at-top
 
+  # Before anything runs: the data set is built, the class count agrees with it (0 = take it).
+  config = recipe.resolve_config(config)
   t_start = time.time()
   workdir = os.path.abspath(workdir)
   if jax.process_index() == 0:
