@@ -122,6 +122,8 @@ def built(tmp_path_factory):
   ]
   proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  assert "3 classes (cat, dog, kiwi; category ids [2, 7, 11])" in proc.stdout
+  assert "python -m rethink_jax.main --config configs/custom_coco.py:mini" in proc.stdout
   return data_dir, num_train
 
 
