@@ -1,10 +1,11 @@
 """Own COCO-format data in two commands: build (the CLI), then configs/custom_coco.py:NAME.
 
 A tiny COCO-format folder is drawn here (non-contiguous category ids listed out of order, a crowd
-region, images without annotations, several image sizes), built with the documented command, and
-trained for a few steps of a tiny model through the recipe, with the class count read from the
-data, and evaluated. The class-count and not-built errors, the schedule in units of the data set's
-size, and the comparison's unit on the same data are checked without compiling anything.
+region, images without annotations, several image sizes), built with the documented command,
+trained for a few steps of a tiny model through the recipe with the class count read from the
+data, and evaluated (during training, and again from the checkpoint as --mode=eval does). The
+class-count and not-built errors, the schedule in units of the data set's size, and the
+comparison's unit on the same data are checked without compiling anything.
 """
 
 import json
@@ -323,3 +324,8 @@ def test_train_and_evaluate_through_the_recipe(built, tmp_path):
   assert saved["model"]["num_classes"] == 3
   assert tuple(saved["data"]["class_names"]) == NAMES_BY_ID
   assert tuple(saved["data"]["category_ids"]) == IDS
+  # `python -m rethink_jax.main ... --mode=eval`: the checkpoint, evaluated again.
+  record = train.evaluate_only(c, str(tmp_path / "run"))
+  assert record["step"] == steps
+  for key in ("bbox/AP", "segm/AP", "bbox/AP50", "segm/AP50"):
+    assert record[key] == pytest.approx(curve[-1][key], abs=1e-6), key
