@@ -560,7 +560,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   Raises NonFiniteLossError when a loss or gradient is not finite.
   """
   from rethink_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from rethink_jax.data import recipe as data_recipe  # pylint: disable=g-import-not-at-top
 
+  # Before anything runs: the data set is built, the class count agrees with it (0 = take it).
+  config = data_recipe.resolve_config(config)
   t_start = time.time()
   workdir = os.path.abspath(workdir)
   if jax.process_index() == 0:
@@ -764,7 +767,9 @@ def evaluate_only(config: ml_collections.ConfigDict, workdir: str) -> dict:
   "eval_split", "eval_s", "bbox/AP", "segm/AP", ... every COCO metric (null where undefined)}.
   """
   from rethink_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from rethink_jax.data import recipe as data_recipe  # pylint: disable=g-import-not-at-top
 
+  config = data_recipe.resolve_config(config)  # as the training run resolved it
   workdir = os.path.abspath(workdir)
   mesh = trainer.make_mesh()
   sched = optim.resolve_schedule(config.schedule, config.optim, int(config.batch_size))

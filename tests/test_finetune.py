@@ -333,6 +333,7 @@ def test_eval_mode_writes_the_training_runs_metrics(trained, shapes_dir, tmp_pat
   with pytest.raises(ValueError, match="nothing to evaluate"):
     train.evaluate_only(tiny_config(shapes_dir), str(tmp_path / "empty"))
   c5 = tiny_config(shapes_dir, **{"model.num_classes": 5})
+  c5.data.builder_overrides = {"num_categories": 5}  # data and recipe agree, the detector not
   c5.init_from_detector = trained["detector_dir"]
   with pytest.raises(ValueError, match="class heads do not fit"):
     train.evaluate_only(c5, str(tmp_path / "five"))
