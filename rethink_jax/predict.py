@@ -459,7 +459,9 @@ def load_workdir(
     "source": "rethink_jax",
     "workdir": workdir,
     "step": step,
-    "class_names": _dataset_class_names(data),
+    # The custom-data recipe records both in config.json; other data sets name their classes.
+    "class_names": data.get("class_names") or _dataset_class_names(data),
+    "category_ids": data.get("category_ids") or None,
   }
   return variables, model_config, meta
 
@@ -514,8 +516,11 @@ def image_ids(paths: Sequence[str]) -> list[int]:
   return list(range(1, len(paths) + 1))
 
 
-def to_coco(result: dict, image_id: int) -> list[dict]:
-  """One image's predictions -> COCO result dicts (category_id = label, RLE segmentation)."""
+def to_coco(
+  result: dict, image_id: int, category_ids: Optional[Sequence[int]] = None
+) -> list[dict]:
+  """One image's predictions -> COCO result dicts (RLE segmentation); category_id is the label,
+  or category_ids[label] when the data set's ids are given (labels 0..K-1)."""
   from pycocotools import mask as mask_utils  # pylint: disable=g-import-not-at-top
 
   out = []
@@ -526,7 +531,7 @@ def to_coco(result: dict, image_id: int) -> list[dict]:
     out.append(
       {
         "image_id": int(image_id),
-        "category_id": int(label),
+        "category_id": int(label if category_ids is None else category_ids[int(label)]),
         "bbox": [x0, y0, x1 - x0, y1 - y0],
         "score": float(score),
         "segmentation": {"size": list(rles[i]["size"]), "counts": rles[i]["counts"].decode()},
@@ -619,7 +624,7 @@ def predict_files(
       k: (np.asarray(v)[keep] if k != "names" else [n for n, o in zip(v, keep) if o])
       for k, v in res.items()
     }
-    results.extend(to_coco(res, image_id))
+    results.extend(to_coco(res, image_id, predictor.meta.get("category_ids")))
     images.append(
       {
         "id": image_id,

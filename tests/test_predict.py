@@ -364,3 +364,21 @@ def test_padding_modes_choose_canvases(predictor, monkeypatch):
   monkeypatch.setattr(predictor, "padding", "batch")
   predictor(images, resize=False)
   assert calls == [((4, 96, 96, 3), [[50, 70], [20, 30], [90, 40], [60, 33]])]
+
+
+def test_coco_results_use_the_data_sets_category_ids():
+  """Labels 0..K-1 of a custom data set map to its own (non-contiguous) category ids."""
+  rng = np.random.default_rng()
+  n = 4
+  labels = rng.integers(0, 3, n)
+  ids = sorted(rng.choice(np.arange(1, 100), 3, replace=False).tolist())
+  result = {
+    "boxes": np.sort(rng.uniform(0, 30, (n, 4)), axis=1).astype(np.float32),
+    "scores": np.sort(rng.uniform(size=n))[::-1],
+    "labels": labels,
+    "masks": rng.uniform(size=(n, 32, 40)) > 0.5,
+  }
+  assert [r["category_id"] for r in predict.to_coco(result, 7)] == labels.tolist()
+  mapped = predict.to_coco(result, 7, ids)
+  assert [r["category_id"] for r in mapped] == [ids[k] for k in labels]
+  assert all(r["image_id"] == 7 for r in mapped)

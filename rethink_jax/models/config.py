@@ -115,7 +115,8 @@ def default_model_config() -> ml_collections.ConfigDict:
       pixel_std=(1.0, 1.0, 1.0),
       min_size_test=800,  # shorter side after resizing
       max_size_test=1333,  # longer side at most
-      resize="detectron2",  # "detectron2": PIL bilinear on uint8; "torchvision": on floats
+      # "detectron2": PIL bilinear on uint8; "torchvision": on floats; "rethink_jax": the pipeline
+      resize="detectron2",
       size_divisibility=32,  # padded height and width are multiples of this
     )
   )
