@@ -486,11 +486,18 @@ def main():
 
   where = f"CPU ({os.cpu_count()} cores)" if args.device == "cpu" else args.device
   variant = f", JAX model with {', '.join(args.set)}" if args.set else ""
-  print(
-    f"\nR50-FPN-GN Mask R-CNN, {args.size}x{args.size}, {where}, "
-    f"train batch {args.batch}, inference batch 1, {args.rounds} round(s) of {args.steps} "
-    f"timed runs, torchvision RoIAlign sampling_ratio {args.torch_sampling_ratio}{variant}"
-  )
+  modes = args.modes.split(",")
+  if modes != ["predict"]:
+    print(
+      f"\nR50-FPN-GN Mask R-CNN, {args.size}x{args.size}, {where}, "
+      f"train batch {args.batch}, inference batch 1, {args.rounds} round(s) of {args.steps} "
+      f"timed runs, torchvision RoIAlign sampling_ratio {args.torch_sampling_ratio}{variant}"
+    )
+  if "predict" in modes:
+    print(
+      f"\nmodel-zoo predict: maskrcnn_resnet50_fpn (FrozenBN, 2fc) on {args.images} uint8 "
+      f"800x1333 images, one per call, {where}, {args.rounds} round(s) of {args.steps} timed runs"
+    )
   print(
     "| measurement | torchvision (s) | rethink_jax (s) | ratio jax/torch | "
     "torch peak RSS (MB) | jax peak RSS (MB) | jax compile+first (s) |"
