@@ -2,6 +2,7 @@
 
 Every recipe file is `get_config(arg) -> ml_collections.ConfigDict` with these groups:
   seed, batch_size (global images per step), init_from (backbone checkpoint dir or ""),
+  init_from_detector (whole detector checkpoint dir or ""),
   eval_every (steps; the AP-versus-iteration curve), log_every (steps),
   model      rethink_jax.models.default_model_config() with the recipe's overrides,
   data       the input pipeline (rethink_jax/data/pipeline.py),
@@ -167,6 +168,7 @@ def base_config(
   c.seed = 0
   c.batch_size = batch_size
   c.init_from = ""
+  c.init_from_detector = ""  # whole-detector checkpoint dir (detector_checkpoint), "" = none
   c.model = model
   c.data = data
   c.optim = optim_config()
@@ -221,7 +223,8 @@ def coco_mask_rcnn(
   )
   arm = "pretrained" if pretrained else "scratch"
   # Fine-tuning: set --config.init_from=DIR, a backbone checkpoint (convert.save_backbone's
-  # output); train.py refuses to fine-tune from nothing (config.require_init_from).
+  # output), or --config.init_from_detector=DIR, a whole detector; train.py refuses to fine-tune
+  # from nothing (config.require_init_from).
   c.init_from = ""
   c.require_init_from = bool(pretrained)
   table = TABLE1_BOX_AP.get((depth, arm), {}) if norm == "GN" and min_size == 800 else {}

@@ -340,6 +340,24 @@ def arm_config(
   return c
 
 
+def scale_unit_to_data(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """compare.scale_unit_to_data: 1x = the paper's 1x on the training set's own size
+  (rethink_jax/data/recipe.py; COCO train2017 keeps 90k at 16 images), evaluated every half 1x."""
+  if not config.compare.get("scale_unit_to_data", False):
+    return config
+  from rethink_jax.data import recipe  # pylint: disable=g-import-not-at-top
+
+  c = copy.deepcopy(config)
+  num_images = recipe.training_set_size(c.data, recipe.open_data(c.data))
+  # Even, so that the evaluations every half unit fall on every multiple.
+  unit = max(2, 2 * int(round(recipe.iters_1x(num_images, int(c.batch_size)) / 2)))
+  with c.unlocked():
+    c.compare.unit_steps = unit
+    c.eval_every = unit // 2
+  _log(f"{num_images} training images: 1x = {unit} iterations at batch {c.batch_size}")
+  return c
+
+
 def _set_schedule(c, total: int, decays: tuple[int, int]) -> None:
   """Writes the schedule into whichever fields the trainer's config uses."""
   s = c.schedule
@@ -439,6 +457,7 @@ def run(
   """Runs the requested arms (fine-tune first: it includes pre-training), writing the report
   after each arm so partial results are readable while the next arm runs."""
   t0 = time.time()
+  config = scale_unit_to_data(config)
   results = _new_results(config, workdir, command)
   for arm in [a for a in ARMS if a in arms]:
     if arm == "finetune":
@@ -465,6 +484,7 @@ def report_progress(
 ) -> dict:
   """Rebuilds the report from the arms' eval_curve.json files in `workdir` as they are now:
   readable while the arms are still training (or after a run was stopped)."""
+  config = scale_unit_to_data(config)
   results = dict(_new_results(config, workdir, command), partial=True)
   for arm in ARMS:
     arm_dir = os.path.join(workdir, arm)

@@ -5,11 +5,17 @@ Metric names (percent, 0..100; NaN where COCOeval reports -1, e.g. no ground tru
   "<type>/AR1", "<type>/AR10", "<type>/AR100", "<type>/ARs", "<type>/ARm", "<type>/ARl"
 for <type> in ("bbox", "segm").
 
-Masks are pasted with Detectron2's rule (paste_masks_in_image): each pixel centre of the original
-image is mapped into the real-valued box, the M x M mask is read bilinearly with zero padding
-outside it, and the pixel is on when the value >= 0.5. Pasting runs in NumPy on the host, per
-detection on the box's window only: original image sizes vary (a jitted paste would recompile for
-every size) and a whole-image paste does the work of every pixel for every mask.
+Masks are pasted by one of two rules, chosen by name (PASTE_RULES):
+  "detectron2" (paste_masks_in_image, the default): each pixel centre of the original image is
+    mapped into the real-valued box, the M x M mask is read bilinearly with zero padding outside
+    it, and the pixel is on when the value >= threshold;
+  "torchvision" (torchvision's paste_masks_in_image, the original Detectron's): the mask gets a
+    border of one zero cell, the box grows by the same factor (M + 2) / M about its centre and is
+    truncated to whole pixels, the padded mask is resized bilinearly (align_corners=False) onto
+    that integer box, and the pixel is on when the value > threshold.
+Pasting runs in NumPy on the host, per detection on the box's window only: original image sizes
+vary (a jitted paste would recompile for every size) and a whole-image paste does the work of
+every pixel for every mask.
 """
 
 from collections.abc import Callable, Iterable, Sequence
@@ -92,8 +98,65 @@ def paste_mask(
   return (y0, y1_, x0, x1_), np.einsum("yt,xt->yx", rows, wx) >= threshold
 
 
+def bilinear_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """PyTorch's 1-D bilinear resampling (align_corners=False, no antialias) of in -> out samples.
+
+  Output sample i reads (1 - frac[i]) * x[lo[i]] + frac[i] * x[hi[i]]: its source coordinate
+  (i + 0.5) * in / out - 0.5 clamped at 0, rounded as torch's CPU kernel rounds it (a float32
+  scale, the coordinate in float64, then float32): within one float32 ulp of torch's weights.
+  Returns lo (out,) int64, hi (out,) int64, frac (out,) float32.
+  """
+  scale = np.float64(np.float32(in_size) / np.float32(out_size))
+  src = (scale * (np.arange(out_size, dtype=np.float64) + 0.5) - 0.5).astype(np.float32)
+  src = np.maximum(src, np.float32(0.0))
+  lo = np.floor(src).astype(np.int64)
+  frac = np.clip(src - lo.astype(np.float32), 0.0, 1.0).astype(np.float32)
+  hi = lo + (lo < in_size - 1)
+  return lo, hi, frac
+
+
+def paste_mask_torchvision(
+  mask: np.ndarray, box: Sequence[float], image_hw: Sequence[int], threshold: float = 0.5
+) -> tuple[tuple[int, int, int, int], np.ndarray]:
+  """Pastes one mask into its box of an image by torchvision's rule (see the module doc).
+
+  Args and returns as paste_mask's; a pixel is on when the resized value > threshold.
+  """
+  mask = np.asarray(mask, np.float32)
+  if mask.ndim != 2 or mask.shape[0] != mask.shape[1]:
+    raise ValueError(f"paste_mask_torchvision needs an (M, M) mask, got {mask.shape}")
+  h, w = int(image_hw[0]), int(image_hw[1])
+  m = mask.shape[0]
+  padded = np.pad(mask, 1)
+  # float32 throughout, as torch computes the expanded box; then truncation towards zero.
+  b = np.asarray(box, np.float32)
+  scale = np.float32((m + 2) / m)
+  half_w, half_h = (b[2] - b[0]) * np.float32(0.5) * scale, (b[3] - b[1]) * np.float32(0.5) * scale
+  cx, cy = (b[2] + b[0]) * np.float32(0.5), (b[3] + b[1]) * np.float32(0.5)
+  bx0, by0 = int(np.trunc(cx - half_w)), int(np.trunc(cy - half_h))
+  bx1, by1 = int(np.trunc(cx + half_w)), int(np.trunc(cy + half_h))
+  box_w, box_h = max(bx1 - bx0 + 1, 1), max(by1 - by0 + 1, 1)
+  x0, x1 = max(bx0, 0), min(bx1 + 1, w)
+  y0, y1 = max(by0, 0), min(by1 + 1, h)
+  if y1 <= y0 or x1 <= x0:
+    return (0, 0, 0, 0), np.zeros((0, 0), bool)
+  # Only the rows / columns of the resized mask that land inside the image.
+  ly, hy, fy = (t[y0 - by0 : y1 - by0] for t in bilinear_taps(m + 2, box_h))
+  lx, hx, fx = (t[x0 - bx0 : x1 - bx0] for t in bilinear_taps(m + 2, box_w))
+  rows = padded[ly] * (1 - fy)[:, None] + padded[hy] * fy[:, None]
+  local = rows[:, lx] * (1 - fx)[None, :] + rows[:, hx] * fx[None, :]
+  return (y0, y1, x0, x1), local > threshold
+
+
+PASTE_RULES = {"detectron2": paste_mask, "torchvision": paste_mask_torchvision}
+
+
 def paste_masks(
-  masks: np.ndarray, boxes: np.ndarray, image_hw: Sequence[int], threshold: float = 0.5
+  masks: np.ndarray,
+  boxes: np.ndarray,
+  image_hw: Sequence[int],
+  threshold: float = 0.5,
+  rule: str = "detectron2",
 ) -> np.ndarray:
   """Pastes R masks into whole images.
 
@@ -101,7 +164,8 @@ def paste_masks(
     masks: (R, M, M) float probabilities.
     boxes: (R, 4) xyxy in the image's pixels.
     image_hw: (h, w) of the image.
-    threshold: pixel on when the interpolated value >= threshold.
+    threshold: pixel on when the interpolated value >= threshold ("torchvision": > threshold).
+    rule: a PASTE_RULES name (see the module doc).
   Returns:
     (h, w, R) uint8 in {0, 1}, Fortran-ordered: the layout pycocotools' mask.encode takes.
   """
@@ -111,16 +175,23 @@ def paste_masks(
     raise ValueError(
       f"paste_masks needs masks (R, M, M) and boxes (R, 4), got {masks.shape} and {boxes.shape}"
     )
+  if rule not in PASTE_RULES:
+    raise ValueError(f"mask paste rule must be one of {sorted(PASTE_RULES)}, got {rule!r}")
+  paste = PASTE_RULES[rule]
   h, w = int(image_hw[0]), int(image_hw[1])
   out = np.zeros((h, w, len(masks)), np.uint8, order="F")
   for r, (mask, box) in enumerate(zip(masks, boxes)):
-    (y0, y1, x0, x1), local = paste_mask(mask, box, (h, w), threshold)
+    (y0, y1, x0, x1), local = paste(mask, box, (h, w), threshold)
     out[y0:y1, x0:x1, r] = local
   return out
 
 
 def detections_to_coco(
-  dets: dict, batch: dict, category_ids: Sequence[int], mask_threshold: float = 0.5
+  dets: dict,
+  batch: dict,
+  category_ids: Sequence[int],
+  mask_threshold: float = 0.5,
+  mask_paste: str = "detectron2",
 ) -> list[dict]:
   """Fixed-shape detections of one batch -> COCO result dicts (padding dropped).
 
@@ -130,6 +201,7 @@ def detections_to_coco(
     batch: the batch dict the detections came from (image_id, valid, scale, orig_hw).
     category_ids: COCO category id of label k at index k - 1.
     mask_threshold: pasted-mask threshold.
+    mask_paste: the paste rule (PASTE_RULES name).
   Returns:
     list of {"image_id", "category_id", "bbox" [x, y, w, h] original pixels, "score",
     and "segmentation" (compressed RLE, counts as str) when masks are given}.
@@ -160,7 +232,9 @@ def detections_to_coco(
     orig = np.clip(orig, 0.0, [w, h, w, h])
     rles = [None] * len(keep)
     if masks is not None and len(keep):
-      rles = mask_utils.encode(paste_masks(masks[b, keep], orig, (h, w), mask_threshold))
+      rles = mask_utils.encode(
+        paste_masks(masks[b, keep], orig, (h, w), mask_threshold, mask_paste)
+      )
       for rle in rles:
         rle["counts"] = rle["counts"].decode("ascii")
     for i, (k, box) in enumerate(zip(keep, orig)):
@@ -249,6 +323,7 @@ def evaluate(
   iou_types: Sequence[str] | None = None,
   output_json: str | None = None,
   mask_threshold: float = 0.5,
+  mask_paste: str = "detectron2",
 ) -> dict[str, float]:
   """Runs predict_fn over the eval iterator and scores the detections.
 
@@ -261,6 +336,7 @@ def evaluate(
     iou_types: default ("bbox", "segm") when detections have masks, else ("bbox",).
     output_json: if set, process 0 writes the COCO results there.
     mask_threshold: pasted-mask threshold.
+    mask_paste: the paste rule (PASTE_RULES name; the model config's output.mask_paste).
   Returns:
     the metrics dict of coco_metrics (the same on every process).
   """
@@ -272,7 +348,7 @@ def evaluate(
     dets = jax.device_get(predict_fn(batch))
     dets = {k: np.asarray(v) for k, v in dets.items()}
     has_masks = has_masks or "masks" in dets
-    results.extend(detections_to_coco(dets, batch, category_ids, mask_threshold))
+    results.extend(detections_to_coco(dets, batch, category_ids, mask_threshold, mask_paste))
   results = gather_results(results)
   if iou_types is None:
     iou_types = ("bbox", "segm") if has_masks else ("bbox",)

@@ -13,14 +13,20 @@ loss is the model's training losses, its predict the detections. Every host runs
     start_step);
   * `init_from`: a backbone checkpoint (rethink_jax.convert.save_backbone's format, from converted
     ImageNet weights or from pre-training) loaded into params["backbone"]["bottom_up"];
+  * `init_from_detector`: a whole detector (rethink_jax.detector_checkpoint's format) loaded into
+    every variable; the class heads (CLASS_HEADS) keep their fresh init when the checkpoint's
+    num_classes differs from the recipe's, and architecture fields must agree (ARCHITECTURE_FIELDS);
   * a loss that is not finite stops the run (NonFiniteLossError naming the step and the batch's
     image ids); the step that produced it is not applied and no checkpoint of it is written;
   * clu metric writers (TensorBoard + console): every loss, the LR, images seen, step time and the
     time spent waiting for data; periodic COCO evaluation (bbox and segm AP) every `eval_every`
     steps and at the end, also appended to workdir/eval_curve.json:
-      [{"step", "images_seen", "wall_s", "eval_s", "bbox/AP", "segm/AP", ... all COCO metrics}].
+      [{"step", "images_seen", "wall_s", "eval_s", "bbox/AP", "segm/AP", ... all COCO metrics}];
+  * `evaluate_only(config, workdir)`: the COCO metrics of workdir's latest checkpoint (or of the
+    detector init_from_detector) on the recipe's evaluation split, in workdir/eval_metrics.json.
 
 Usage: python -m rethink_jax.main --config configs/FILE.py[:ARG] --workdir DIR [--config.a.b=v]
+       [--mode=eval]
 """
 
 import collections
@@ -46,6 +52,7 @@ from rethink_jax import optim
 from rethink_jax import trainer
 
 CURVE_FILE = "eval_curve.json"
+EVAL_FILE = "eval_metrics.json"  # evaluate_only's output
 # What train_and_evaluate raises when a step is not finite (callers catch it as train's).
 NonFiniteLossError = trainer.NonFiniteLossError
 
@@ -169,6 +176,182 @@ def load_backbone_into(state: dict, backbone_vars: dict, where=("backbone", "bot
 
 
 # ------------------------------------------------------------------------------------------------
+# init_from_detector: a whole detector's variables (detector_checkpoint.save_detector's format).
+# ------------------------------------------------------------------------------------------------
+# Parameters whose shapes follow num_classes: kept at their fresh init when the class count differs.
+CLASS_HEADS = (
+  "roi_heads/box_predictor/cls_score",
+  "roi_heads/box_predictor/bbox_pred",
+  "roi_heads/mask_head/predictor",
+)
+# Model-config fields the weights are trained for: a checkpoint and the recipe must agree on them.
+ARCHITECTURE_FIELDS = (
+  "backbone.depth",
+  "backbone.norm",
+  "backbone.num_groups",
+  "backbone.stride_in_1x1",
+  "backbone.width",
+  "fpn.out_channels",
+  "fpn.norm",
+  "anchors.sizes",
+  "anchors.aspect_ratios",
+  "rpn.head_conv_dims",
+  "box_head.name",
+  "box_head.num_conv",
+  "box_head.conv_dim",
+  "box_head.num_fc",
+  "box_head.fc_dim",
+  "box_head.norm",
+  "box_head.num_groups",
+  "box_head.pooler_resolution",
+  "mask_head.num_conv",
+  "mask_head.conv_dim",
+  "mask_head.norm",
+  "mask_head.num_groups",
+  "mask_head.pooler_resolution",
+  "mask_head.resolution",
+)
+# Model-config sections that describe the checkpoint's use, not its weights (compared apart).
+_NOT_ARCHITECTURE = ("num_classes", "input", "output")
+
+
+def _plain_leaves(config: ml_collections.ConfigDict) -> dict:
+  """{"a.b": value} of a config, tuples as lists (a config read from JSON holds lists)."""
+  return flax.traverse_util.flatten_dict(json.loads(config.to_json_best_effort()), sep=".")
+
+
+def _norm_kind(norm: Any) -> Any:
+  # BN and SyncBN hold the same variables and compute the same inference.
+  return "BN" if norm in ("BN", "SyncBN") else norm
+
+
+def check_detector_config(
+  checkpoint_model: ml_collections.ConfigDict, config: ml_collections.ConfigDict
+) -> list[str]:
+  """Compares a detector checkpoint's model config with a recipe.
+
+  Raises ValueError naming every ARCHITECTURE_FIELDS field that differs, and every input
+  normalisation field (the checkpoint's model.input: format, pixel_mean, pixel_std) that differs
+  from the recipe's data config, which is what the pipeline normalises with. Returns notes on
+  the other differing fields (the recipe's values are used) and on the test-time image sizes.
+  """
+  ckpt, recipe = _plain_leaves(checkpoint_model), _plain_leaves(config.model)
+  errors, notes = [], []
+  for key in sorted(set(ckpt) | set(recipe)):
+    if key.split(".")[0] in _NOT_ARCHITECTURE:
+      continue
+    a, b = ckpt.get(key, "<absent>"), recipe.get(key, "<absent>")
+    if key.endswith(".norm"):
+      a, b = _norm_kind(a), _norm_kind(b)
+    if a == b:
+      continue
+    line = (
+      f"model.{key}: checkpoint {ckpt.get(key, '<absent>')!r}, "
+      f"recipe {recipe.get(key, '<absent>')!r}"
+    )
+    (errors if key in ARCHITECTURE_FIELDS else notes).append(line)
+
+  d, inp = config.data, checkpoint_model.get("input", {})
+  if inp.get("format") is not None and inp["format"] != d.get("input_format"):
+    errors.append(
+      f"set --config.data.input_format={inp['format']} (checkpoint model.input.format "
+      f"{inp['format']!r}, recipe {d.get('input_format')!r})"
+    )
+  for key in ("pixel_mean", "pixel_std"):
+    want = inp.get(key)
+    if want is None:
+      continue
+    if not np.allclose(np.asarray(want, np.float64), np.asarray(d.get(key), np.float64), atol=1e-3):
+      value = "(" + ", ".join(f"{float(v):g}" for v in want) + ")"
+      errors.append(
+        f"set --config.data.{key}='{value}' (checkpoint model.input.{key} {tuple(want)}, "
+        f"recipe {tuple(d.get(key))})"
+      )
+  for ckpt_key, data_key in (("min_size_test", "min_size_test"), ("max_size_test", "max_size")):
+    if inp.get(ckpt_key) is not None and inp[ckpt_key] != d.get(data_key):
+      notes.append(
+        f"model.input.{ckpt_key}: checkpoint {inp[ckpt_key]!r}, recipe data.{data_key} "
+        f"{d.get(data_key)!r}"
+      )
+  if errors:
+    raise ValueError(
+      f"init_from_detector={config.get('init_from_detector')}: the detector checkpoint "
+      "disagrees with the recipe:\n  " + "\n  ".join(errors)
+    )
+  return notes
+
+
+def load_detector_into(state: dict, variables: dict, reinit_class_heads: bool) -> dict:
+  """Copies a whole detector's variables {"params", [collections]} into a fresh train state.
+
+  reinit_class_heads: parameters under CLASS_HEADS keep the state's values (fresh init) when
+  True. Returns {"state", "loaded", "reinitialized"} ("collection/path" keys); raises ValueError
+  naming every missing or leftover variable and every shape mismatch (nothing is loaded then).
+  """
+  colls = {"params": state["params"], **state["collections"]}
+  dst = {c: _flat(t) for c, t in colls.items()}
+  src = {c: _flat(t) for c, t in variables.items()}
+  is_head = lambda c, k: c == "params" and any(k.startswith(h + "/") for h in CLASS_HEADS)
+  loaded, reinitialized, problems = [], [], []
+  for coll in sorted(set(dst) | set(src)):
+    d, s = dst.get(coll, {}), src.get(coll, {})
+    for key in sorted(set(d) | set(s)):
+      name = f"{coll}/{key}"
+      if reinit_class_heads and is_head(coll, key) and key in d:
+        reinitialized.append(name)
+        continue
+      if key not in s:
+        problems.append(f"{name}: missing from the checkpoint (model {tuple(d[key].shape)})")
+      elif key not in d:
+        problems.append(f"{name}: not in the model (checkpoint {tuple(np.shape(s[key]))})")
+      elif tuple(np.shape(s[key])) != tuple(d[key].shape):
+        problems.append(
+          f"{name}: checkpoint {tuple(np.shape(s[key]))} vs model {tuple(d[key].shape)}"
+        )
+      else:
+        d[key] = jnp.asarray(s[key], d[key].dtype)
+        loaded.append(name)
+  if problems:
+    raise ValueError(
+      "init_from_detector: the detector checkpoint does not fit the recipe's model:\n  "
+      + "\n  ".join(problems)
+    )
+  unflat = {c: flax.traverse_util.unflatten_dict(t, sep="/") for c, t in dst.items()}
+  state = dict(state, params=unflat.pop("params"), collections=unflat)
+  return dict(state=state, loaded=loaded, reinitialized=reinitialized)
+
+
+def init_from_detector(config: ml_collections.ConfigDict, parts, rng, sample: dict) -> dict:
+  """A fresh state (parts.init(rng, sample)) holding config.init_from_detector's variables.
+
+  The checkpoint is read and checked first (check_detector_config). Class heads are
+  re-initialised when its num_classes differs from the recipe's; every decision is logged.
+  Returns load_detector_into's report, its "state" placed on parts.state_sharding.
+  """
+  from rethink_jax import detector_checkpoint  # pylint: disable=g-import-not-at-top
+
+  directory = config.init_from_detector
+  variables, model_config, meta = detector_checkpoint.load_detector(directory)
+  notes = check_detector_config(model_config, config)
+  state = parts.init(rng, sample)
+  ckpt_classes, recipe_classes = int(model_config.num_classes), int(config.model.num_classes)
+  report = load_detector_into(state, variables, reinit_class_heads=ckpt_classes != recipe_classes)
+  report["state"] = jax.device_put(report["state"], parts.state_sharding)
+  _log(
+    f"init_from_detector {directory} (source {meta.get('source')!r}, {ckpt_classes} classes "
+    f"{meta.get('class_names')}): loaded {len(report['loaded'])} arrays"
+  )
+  if report["reinitialized"]:
+    _log(
+      f"re-initialised (checkpoint {ckpt_classes} classes, recipe {recipe_classes}): "
+      + ", ".join(report["reinitialized"])
+    )
+  for note in notes:
+    _log(f"init_from_detector: differs, the recipe's value is used: {note}")
+  return report
+
+
+# ------------------------------------------------------------------------------------------------
 # The detection task: init, loss, predict, and the parts of a config.
 # ------------------------------------------------------------------------------------------------
 INIT_RNGS = ("params", "sampling")
@@ -270,6 +453,81 @@ def build_parts(config: ml_collections.ConfigDict, sched: dict, mesh: Mesh, samp
   return parts
 
 
+def initial_state(config: ml_collections.ConfigDict, parts, rng, sample: dict) -> dict:
+  """A new run's state: parts.init, then config.init_from (a backbone) or
+  config.init_from_detector (a whole detector) when set."""
+  if config.get("init_from") and config.get("init_from_detector"):
+    raise ValueError(
+      "set one of config.init_from (a backbone) and config.init_from_detector (a whole "
+      f"detector), not both: {config.init_from!r}, {config.init_from_detector!r}"
+    )
+  if config.get("init_from_detector"):
+    return init_from_detector(config, parts, rng, sample)["state"]
+  state = parts.init(rng, sample)
+  if config.get("init_from"):
+    from rethink_jax import convert  # pylint: disable=g-import-not-at-top
+
+    variables, meta = convert.load_backbone(config.init_from)
+    check_backbone_meta(meta, config)
+    report = load_backbone_into(state, variables)
+    state = jax.device_put(report["state"], parts.state_sharding)
+    _log(
+      f"init_from {config.init_from} (source {meta.get('source')!r}): loaded "
+      f"{len(report['loaded'])} arrays; missing {len(report['missing'])}: "
+      f"{report['missing'][:20]}; unexpected {len(report['unexpected'])}: "
+      f"{report['unexpected'][:20]}"
+    )
+    if not report["loaded"]:
+      raise ValueError(f"init_from={config.init_from}: nothing matched the model's backbone")
+  return state
+
+
+# ------------------------------------------------------------------------------------------------
+# COCO evaluation of the recipe's evaluation split.
+# ------------------------------------------------------------------------------------------------
+def eval_data_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """config.data with eval_split cut to its first config.eval.num_images images (0: all)."""
+  num_eval = int(config.eval.get("num_images", 0) or 0)
+  if num_eval <= 0 or "[" in config.data.eval_split:
+    return config.data
+  data = ml_collections.ConfigDict(config.data.to_dict())
+  data.eval_split = f"{config.data.eval_split}[:{num_eval}]"
+  return data
+
+
+def eval_batch_size(config: ml_collections.ConfigDict) -> int:
+  """The global evaluation batch: config.eval.batch_size rounded down to a multiple of the
+  device count (at least one image per device)."""
+  n_dev = jax.device_count()
+  size = int(config.eval.get("batch_size", n_dev))
+  return max(n_dev, size - size % n_dev)
+
+
+def make_evaluator(config: ml_collections.ConfigDict, predict_fn):
+  """evaluate(variables) -> the COCO metrics {"bbox/AP", "segm/AP", ...} (floats, NaN where
+  COCOeval has none) of the recipe's evaluation split; predict_fn: parts.predict_fn. The ground
+  truth is read once, on the first call."""
+  from rethink_jax import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
+  from rethink_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+
+  data, n_proc = eval_data_config(config), jax.process_count()
+  per_process = eval_batch_size(config) // n_proc
+  cache = {}
+
+  def evaluate(variables: dict) -> dict:
+    if not cache:
+      cache.update(gt=pipeline.get_coco_gt(data), ids=pipeline.category_ids(data))
+    batches = pipeline.make_eval_iterator(
+      data, per_process, process_index=jax.process_index(), process_count=n_proc
+    )
+    metrics = evaluate_lib.evaluate(
+      lambda b: predict_fn(variables, b), batches, cache["gt"], cache["ids"]
+    )
+    return {k: float(v) for k, v in metrics.items()}
+
+  return evaluate
+
+
 # ------------------------------------------------------------------------------------------------
 # The curve file (compare.py reads it through read_curve).
 # ------------------------------------------------------------------------------------------------
@@ -291,7 +549,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   Args:
     config: a configs/*.py ConfigDict (groups model, data, optim, schedule, eval, checkpoint;
-      top level seed, batch_size, init_from, eval_every, log_every).
+      top level seed, batch_size, init_from, init_from_detector, eval_every, log_every).
     workdir: output directory: checkpoints/, TensorBoard events, config.json, eval_curve.json.
 
   Returns:
@@ -302,7 +560,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   Raises NonFiniteLossError when a loss or gradient is not finite.
   """
   from rethink_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from rethink_jax.data import recipe as data_recipe  # pylint: disable=g-import-not-at-top
 
+  # Before anything runs: the data set is built, the class count agrees with it (0 = take it).
+  config = data_recipe.resolve_config(config)
   t_start = time.time()
   workdir = os.path.abspath(workdir)
   if jax.process_index() == 0:
@@ -318,8 +579,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       f"config.batch_size={batch_size} must be a multiple of the number of devices ({n_dev})"
     )
   local_batch = batch_size // n_proc
-  eval_batch = int(config.eval.get("batch_size", n_dev))
-  eval_batch = max(n_dev, eval_batch - eval_batch % n_dev)
   sched = optim.resolve_schedule(config.schedule, config.optim, batch_size)
   total_steps = sched["total_steps"]
   _log(
@@ -344,10 +603,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   )
   resume_step = mngr.latest_step()
   start_step = int(resume_step or 0)
-  if resume_step is None and config.get("require_init_from") and not config.get("init_from"):
+  pretrained = config.get("init_from") or config.get("init_from_detector")
+  if resume_step is None and config.get("require_init_from") and not pretrained:
     raise ValueError(
       "this recipe fine-tunes pre-trained weights: set --config.init_from=DIR "
-      "(a backbone checkpoint written by rethink_jax.convert or pre-training)"
+      "(a backbone checkpoint written by rethink_jax.convert or pre-training) or "
+      "--config.init_from_detector=DIR (a whole detector)"
     )
 
   # == Data ====================================================================================
@@ -373,22 +634,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     )
     _log(f"resumed from {ckpt_dir} at step {resume_step}")
   else:
-    state = parts.init(rng, sample)
-    if config.get("init_from"):
-      from rethink_jax import convert  # pylint: disable=g-import-not-at-top
-
-      variables, meta = convert.load_backbone(config.init_from)
-      check_backbone_meta(meta, config)
-      report = load_backbone_into(state, variables)
-      state = jax.device_put(report["state"], parts.state_sharding)
-      _log(
-        f"init_from {config.init_from} (source {meta.get('source')!r}): loaded "
-        f"{len(report['loaded'])} arrays; missing {len(report['missing'])}: "
-        f"{report['missing'][:20]}; unexpected {len(report['unexpected'])}: "
-        f"{report['unexpected'][:20]}"
-      )
-      if not report["loaded"]:
-        raise ValueError(f"init_from={config.init_from}: nothing matched the model's backbone")
+    state = initial_state(config, parts, rng, sample)
   parameter_overview.log_parameter_overview(
     state["params"], include_stats=False, msg="parameters", jax_logging_process=0
   )
@@ -399,30 +645,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   )
 
   # == Evaluation ==============================================================================
-  from rethink_jax import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
-
   curve = [p for p in read_curve(workdir) if p["step"] <= start_step]
   wall_offset = curve[-1].get("wall_s", 0.0) if curve else 0.0
-  coco_cache = {}
-  eval_data = config.data
-  num_eval = int(config.eval.get("num_images", 0) or 0)
-  if num_eval > 0 and "[" not in eval_data.eval_split:  # the first N images of the split
-    eval_data = ml_collections.ConfigDict(config.data.to_dict())
-    eval_data.eval_split = f"{config.data.eval_split}[:{num_eval}]"
+  evaluate = make_evaluator(config, predict_fn)
 
   def run_eval(state, step):
-    if "gt" not in coco_cache:
-      coco_cache["gt"] = pipeline.get_coco_gt(eval_data)
-      coco_cache["ids"] = pipeline.category_ids(eval_data)
-    variables = trainer.variables_of(state)
-    eval_iter = pipeline.make_eval_iterator(
-      eval_data, eval_batch // n_proc, process_index=jax.process_index(), process_count=n_proc
-    )
     t0 = time.time()
-    metrics = evaluate_lib.evaluate(
-      lambda b: predict_fn(variables, b), eval_iter, coco_cache["gt"], coco_cache["ids"]
-    )
-    metrics = {k: float(v) for k, v in metrics.items()}
+    metrics = evaluate(trainer.variables_of(state))
     # COCOeval's "undefined" (no object of that size) is NaN: null in JSON.
     point = {
       "step": int(step),
@@ -525,6 +754,86 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     "step": step,
     "train_step_compilations": train_step._cache_size(),
   }  # pylint: disable=protected-access
+
+
+def evaluate_only(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Evaluates a checkpoint on the recipe's evaluation split; writes workdir/EVAL_FILE.
+
+  The checkpoint: the latest one in workdir/checkpoints, or, when there is none, the detector
+  config.init_from_detector (loaded as a new run would load it; its class heads must fit the
+  recipe). The model, state layout and predict are build_parts' (the training run's own).
+
+  Returns and writes (process 0) {"checkpoint": path, "step": its step (null for a detector),
+  "eval_split", "eval_s", "bbox/AP", "segm/AP", ... every COCO metric (null where undefined)}.
+  """
+  from rethink_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from rethink_jax.data import recipe as data_recipe  # pylint: disable=g-import-not-at-top
+
+  config = data_recipe.resolve_config(config)  # as the training run resolved it
+  workdir = os.path.abspath(workdir)
+  mesh = trainer.make_mesh()
+  sched = optim.resolve_schedule(config.schedule, config.optim, int(config.batch_size))
+  data = eval_data_config(config)
+  # The padded shapes of every batch (train and eval alike) for build_parts.
+  first = next(
+    pipeline.make_eval_iterator(
+      data,
+      eval_batch_size(config) // jax.process_count(),
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+    )
+  )
+  sample = init_batch(first)
+  parts = build_parts(config, sched, mesh, sample)
+
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  step = None
+  if os.path.isdir(ckpt_dir):
+    mngr = ocp.CheckpointManager(ckpt_dir)
+    try:
+      step = mngr.latest_step()
+      if step is not None:
+        target = trainer.abstract_state_with_shardings(parts)
+        state = mngr.restore(step, args=ocp.args.StandardRestore(target))
+    finally:
+      mngr.close()
+  if step is not None:
+    source = os.path.join(ckpt_dir, str(step))
+    if config.get("init_from_detector"):
+      _log(f"{source} is evaluated; init_from_detector={config.init_from_detector} is ignored")
+  elif config.get("init_from_detector"):
+    report = init_from_detector(config, parts, jax.random.PRNGKey(int(config.seed)), sample)
+    if report["reinitialized"]:
+      raise ValueError(
+        f"init_from_detector={config.init_from_detector}: its class heads do not fit the "
+        f"recipe's model.num_classes={config.model.num_classes}; evaluating freshly "
+        "initialised heads measures nothing"
+      )
+    state, source = report["state"], os.path.abspath(config.init_from_detector)
+  else:
+    raise ValueError(
+      f"nothing to evaluate: {ckpt_dir} holds no checkpoint and config.init_from_detector "
+      "is not set"
+    )
+
+  _log(f"evaluating {source} on {data.name} {data.eval_split}")
+  t0 = time.time()
+  metrics = make_evaluator(config, parts.predict_fn)(trainer.variables_of(state))
+  record = {
+    "checkpoint": source,
+    "step": step,
+    "eval_split": data.eval_split,
+    "eval_s": time.time() - t0,
+    **{k: (None if np.isnan(v) else v) for k, v in metrics.items()},
+  }
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    files.write_json(os.path.join(workdir, EVAL_FILE), record, indent=1)
+  _log(
+    f"COCO metrics of {source} ({os.path.join(workdir, EVAL_FILE)}):\n"
+    + "\n".join(f"  {k:12s} {v:.3f}" for k, v in metrics.items())
+  )
+  return record
 
 
 def _prepend(first: Any, rest: Iterator) -> Iterator:

@@ -269,10 +269,11 @@ def _check_supported(cfg: Mapping) -> None:
     _require(cfg, key, ("", "GN", "BN", "SyncBN"))
   for key in ("MODEL.ROI_BOX_HEAD.POOLER_TYPE", "MODEL.ROI_MASK_HEAD.POOLER_TYPE"):
     _require(cfg, key, tuple(POOLER_TYPES))
-  if len(_get(cfg, "MODEL.RPN.CONV_DIMS")) != 1:
+  conv_dims = _get(cfg, "MODEL.RPN.CONV_DIMS")
+  if not conv_dims or len(set(conv_dims)) != 1:
     raise ConversionError(
-      f"Detectron2 config MODEL.RPN.CONV_DIMS={_get(cfg, 'MODEL.RPN.CONV_DIMS')}: "
-      "this model's RPN head has exactly one shared conv"
+      f"Detectron2 config MODEL.RPN.CONV_DIMS={conv_dims}: this model's RPN head has one or "
+      "more shared convs of one width"
     )
   if len(_get(cfg, "MODEL.ROI_HEADS.IOU_THRESHOLDS")) != 1:
     raise ConversionError(
@@ -328,6 +329,7 @@ def model_config_from_d2(cfg: Mapping) -> ml_collections.ConfigDict:
 
   p = m["RPN"]
   c.rpn.head_conv_dims = int(p["CONV_DIMS"][0])
+  c.rpn.head_num_conv = len(p["CONV_DIMS"])
   c.rpn.pre_nms_topk_train = int(p["PRE_NMS_TOPK_TRAIN"])
   c.rpn.pre_nms_topk_test = int(p["PRE_NMS_TOPK_TEST"])
   c.rpn.post_nms_topk_train = int(p["POST_NMS_TOPK_TRAIN"])

@@ -4,6 +4,7 @@
       [--size 512 --batch 2 --steps 3 --rounds 1]
   python3 scripts/benchmark_model.py --device cuda --size 1024 --steps 20   # on a GPU machine
   ... --frameworks jax --set mask_head.chunk_rois=0                          # a model variant
+  ... --modes predict --images 3                      # model-zoo inference at 800 x 1333
 
 One training step = forward + backward + SGD (momentum 0.9) update, batch `--batch` at
 size x size; inference = one image. The JAX side is the trainer's own jitted train step and
@@ -16,11 +17,18 @@ JAX / torch (< 1 means JAX is faster), the compile time of the jitted JAX functi
 (on a GPU also each framework's peak device memory: JAX's allocator statistics,
 torch.cuda.max_memory_allocated).
 
-torchvision's model: torchvision.models.detection.MaskRCNN on a ResNet-50 with GroupNorm(32)
-everywhere, FPN with GroupNorm (_resnet_fpn_extractor(norm_layer=GN)), FastRCNNConvFCHead
-4conv1fc with GN, MaskRCNNHeads with GN, 81 classes (80 + background), RPN post-NMS top 1000 in
-training (Detectron2's value; torchvision's default is 2000), and RoIAlign poolers with
-sampling_ratio 0 (adaptive, ceil(roi size / bins) samples per bin: Detectron2's
+`--modes predict` times a model-zoo detector end to end, per image: torchvision's
+maskrcnn_resnet50_fpn (FrozenBN, 2fc; seeded random weights with one class's score bias raised so
+that ~100 detections reach the mask head and the paste, as a COCO-trained model's do) called on
+one uint8 800 x 1333 image (its transform, model and postprocess with mask pasting), against
+the same weights converted by `rethink_jax.convert.convert_detector(..., "torchvision")` in
+`rethink_jax.predict.Predictor` (its resize rule, a shape bucket, the model, mask pasting).
+
+torchvision's model for train / infer: torchvision.models.detection.MaskRCNN on a ResNet-50 with
+GroupNorm(32) everywhere, FPN with GroupNorm (_resnet_fpn_extractor(norm_layer=GN)),
+FastRCNNConvFCHead 4conv1fc with GN, MaskRCNNHeads with GN, 81 classes (80 + background), RPN
+post-NMS top 1000 in training (Detectron2's value; torchvision's default is 2000), and RoIAlign
+poolers with sampling_ratio 0 (adaptive, ceil(roi size / bins) samples per bin: Detectron2's
 POOLER_SAMPLING_RATIO, which the JAX model uses; torchvision's default is 2, a fixed 2 x 2 grid:
 `--torch-sampling-ratio 2`, beside `--set box_head.pooler_sampling_ratio=2 --set
 mask_head.pooler_sampling_ratio=2` for the JAX model).
@@ -30,9 +38,11 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -141,6 +151,33 @@ def jax_parts(size, batch, overrides=()):
   return parts, host, jax.device_put(host, parts.batch_sharding)
 
 
+def zoo_images(count, seed=0):
+  """`count` uint8 RGB 800 x 1333 images: smooth random colour fields."""
+  rng = np.random.default_rng(seed)
+  coarse = rng.integers(0, 256, (count, 26, 42, 3)).astype(np.float32)
+  images = coarse.repeat(32, axis=1)[:, :800].repeat(32, axis=2)[:, :, :1333]
+  return images.astype(np.uint8)
+
+
+def run_jax_predict(weights, count, steps):
+  """The Predictor on the converted torchvision weights, one image per call."""
+  from rethink_jax import convert
+  from rethink_jax.predict import Predictor
+
+  predictor = Predictor(*convert.convert_detector(weights, "torchvision"))
+  images = list(zoo_images(count))
+  detections = []
+
+  def call():
+    detections.append(len(predictor([images[len(detections) % count]])[0]["scores"]))
+
+  t = time.perf_counter()
+  call()
+  first_s = time.perf_counter() - t
+  out = {"times": _timed(call, steps), "compile_and_first_s": first_s}
+  return dict(out, detections=detections[-1], compilations=predictor.compilations)
+
+
 def run_jax(mode, size, batch, steps, overrides=()):
   import jax
 
@@ -222,6 +259,48 @@ def build_torchvision(size, sampling_ratio=0):
   )
 
 
+def torchvision_zoo_model(weights):
+  """maskrcnn_resnet50_fpn with seeded random weights, saved to `weights` by the first caller and
+  read by the next: one class's score bias raised so that detections fill the 100 slots, as a
+  trained model's do."""
+  import torch
+  import torchvision
+
+  torch.manual_seed(0)
+  model = torchvision.models.detection.maskrcnn_resnet50_fpn(
+    weights=None, weights_backbone=None, num_classes=91
+  )
+  if os.path.exists(weights):
+    model.load_state_dict(torch.load(weights, weights_only=True))
+  else:
+    with torch.no_grad():
+      model.roi_heads.box_predictor.cls_score.bias[1] = 8.0
+    torch.save(model.state_dict(), weights)
+  return model.eval()
+
+
+def run_torch_predict(weights, count, steps, threads):
+  import torch
+
+  torch.set_num_threads(threads)
+  model = torchvision_zoo_model(weights)
+  images = [torch.from_numpy(im).permute(2, 0, 1).float() / 255 for im in zoo_images(count)]
+  detections = []
+
+  def call():
+    with torch.no_grad():
+      detections.append(len(model([images[len(detections) % count]])[0]["scores"]))
+
+  t = time.perf_counter()
+  call()
+  first_s = time.perf_counter() - t
+  return {
+    "times": _timed(call, steps),
+    "compile_and_first_s": first_s,
+    "detections": detections[-1],
+  }
+
+
 def run_torch(mode, size, batch, steps, threads, device, sampling_ratio):
   import torch
 
@@ -274,7 +353,11 @@ def run_torch(mode, size, batch, steps, threads, device, sampling_ratio):
 # Driver
 # ------------------------------------------------------------------------------------------------
 def child(args):
-  if args.framework == "jax":
+  if args.mode == "predict" and args.framework == "jax":
+    out = run_jax_predict(args.weights, args.images, args.steps)
+  elif args.mode == "predict":
+    out = run_torch_predict(args.weights, args.images, args.steps, args.threads)
+  elif args.framework == "jax":
     out = run_jax(args.mode, args.size, args.batch, args.steps, args.set)
   else:
     out = run_torch(
@@ -326,8 +409,10 @@ def main():
     metavar="KEY=VALUE",
     help="override a field of the JAX model config, e.g. mask_head.chunk_rois=0",
   )
+  p.add_argument("--images", type=int, default=3, help="predict mode: distinct 800x1333 images")
   p.add_argument("--framework", choices=["jax", "torch"], help=argparse.SUPPRESS)
-  p.add_argument("--mode", choices=["train", "infer"], help=argparse.SUPPRESS)
+  p.add_argument("--mode", choices=["train", "infer", "predict"], help=argparse.SUPPRESS)
+  p.add_argument("--weights", help=argparse.SUPPRESS)
   args = p.parse_args()
   from rethink_jax import runtime
 
@@ -336,6 +421,7 @@ def main():
     return child(args)
 
   env = dict(os.environ, JAX_PLATFORMS=args.device, TF_CPP_MIN_LOG_LEVEL="2")
+  weights_dir = tempfile.mkdtemp(prefix="benchmark_model-")  # the predict mode's shared weights
   results, round_medians = {}, {}
   runs = [
     (mode, fw)
@@ -363,6 +449,10 @@ def main():
       args.device,
       "--torch-sampling-ratio",
       str(args.torch_sampling_ratio),
+      "--images",
+      str(args.images),
+      "--weights",
+      os.path.join(weights_dir, "maskrcnn_resnet50_fpn.pth"),
     ]
     cmd += [f"--set={item}" for item in args.set]
     t = time.perf_counter()
@@ -396,11 +486,18 @@ def main():
 
   where = f"CPU ({os.cpu_count()} cores)" if args.device == "cpu" else args.device
   variant = f", JAX model with {', '.join(args.set)}" if args.set else ""
-  print(
-    f"\nR50-FPN-GN Mask R-CNN, {args.size}x{args.size}, {where}, "
-    f"train batch {args.batch}, inference batch 1, {args.rounds} round(s) of {args.steps} "
-    f"timed runs, torchvision RoIAlign sampling_ratio {args.torch_sampling_ratio}{variant}"
-  )
+  modes = args.modes.split(",")
+  if modes != ["predict"]:
+    print(
+      f"\nR50-FPN-GN Mask R-CNN, {args.size}x{args.size}, {where}, "
+      f"train batch {args.batch}, inference batch 1, {args.rounds} round(s) of {args.steps} "
+      f"timed runs, torchvision RoIAlign sampling_ratio {args.torch_sampling_ratio}{variant}"
+    )
+  if "predict" in modes:
+    print(
+      f"\nmodel-zoo predict: maskrcnn_resnet50_fpn (FrozenBN, 2fc) on {args.images} uint8 "
+      f"800x1333 images, one per call, {where}, {args.rounds} round(s) of {args.steps} timed runs"
+    )
   print(
     "| measurement | torchvision (s) | rethink_jax (s) | ratio jax/torch | "
     "torch peak RSS (MB) | jax peak RSS (MB) | jax compile+first (s) |"
@@ -410,7 +507,11 @@ def main():
     t, j = results.get(("torch", mode)), results.get(("jax", mode))
     fmt = lambda r, k, f: (f % r[k]) if r else "n/a"
     ratio = f"{j['median_s'] / t['median_s']:.2f}" if (t and j) else "n/a"
-    what = f"train step (batch {args.batch})" if mode == "train" else "inference (per image)"
+    what = {
+      "train": f"train step (batch {args.batch})",
+      "infer": "inference (per image)",
+      "predict": "model-zoo predict, 800x1333 (per image)",
+    }[mode]
     print(
       f"| {what} | {fmt(t, 'median_s', '%.3f')} | {fmt(j, 'median_s', '%.3f')} | {ratio} | "
       f"{fmt(t, 'peak_rss_mb', '%.0f')} | {fmt(j, 'peak_rss_mb', '%.0f')} | "
@@ -434,6 +535,9 @@ def main():
       )
   if ("torch", "train") in results:
     print(f"torchvision parameters: {results[('torch', 'train')]['params']:,}")
+  if ("jax", "predict") in results:
+    print(f"Predictor compilations: {results[('jax', 'predict')]['compilations']}")
+  shutil.rmtree(weights_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -248,3 +248,32 @@ def test_detections_to_coco_drops_padding_and_maps_categories():
   assert out[0]["image_id"] == 7 and out[0]["category_id"] == 22
   np.testing.assert_allclose(out[0]["bbox"], [1, 2, 19, 4])  # /2, clipped to width 20
   assert evaluate.coco_metrics({}, [], ()) == {}
+
+
+def test_torchvision_paste_rule_matches_torchvision():
+  """The "torchvision" rule == torchvision's paste_masks_in_image (> 0.5) on random inputs."""
+  import torch  # pylint: disable=g-import-not-at-top
+  from torchvision.models.detection.roi_heads import paste_masks_in_image  # pylint: disable=g-import-not-at-top
+
+  rng = np.random.default_rng()
+  r, m, h, w = 40, 28, 90, 130
+  probs = rng.uniform(0, 1, (r, m, m)).astype(np.float32)
+  size = rng.uniform(0.3, 80, (r, 2))
+  # Boxes overlap the image (torchvision fails on a box wholly outside it; detections never are).
+  lo = rng.uniform(-0.9 * size, np.array([w, h]) - 0.1 * size)
+  boxes = np.concatenate([lo, lo + size], 1).astype(np.float32)
+  boxes[0] = [0, 0, w, h]  # the whole image
+  boxes[1] = [-5.3, -7.9, w + 3.2, h + 6.6]  # beyond every border
+  boxes[2] = [w - 2.5, h - 1.5, w + 40.0, h + 30.0]  # a corner only
+  boxes[3] = [10.2, 20.7, 10.4, 20.9]  # below a pixel
+  ours = evaluate.paste_masks(probs, boxes, (h, w), rule="torchvision")
+  assert ours.shape == (h, w, r) and ours.dtype == np.uint8
+  ours = ours.transpose(2, 0, 1).astype(bool)
+  tv = paste_masks_in_image(torch.from_numpy(probs)[:, None], torch.from_numpy(boxes), (h, w))
+  tv = tv[:, 0].numpy()
+  clear = np.abs(tv - 0.5) > 1e-5  # float rounding decides pixels at the threshold itself
+  assert clear.mean() > 0.99
+  np.testing.assert_array_equal(ours[clear], (tv > 0.5)[clear])
+  assert ours.sum() > 0.1 * (tv > 0.5).sum() > 0
+  with pytest.raises(ValueError, match="paste rule"):
+    evaluate.paste_masks(probs, boxes, (h, w), rule="nearest")

@@ -53,6 +53,23 @@ def main(argv: list[str]) -> None:
       )
     )
   print(builder.info)
+  if FLAGS.name == "coco_instances":
+    print(next_steps(builder, FLAGS.data_dir))
+
+
+def next_steps(builder, data_dir: str | None) -> str:
+  """What was built (classes, split sizes) and the command that trains on it."""
+  categories = builder.info.metadata["categories"]
+  splits = ", ".join(f"{k} {v.num_examples} images" for k, v in sorted(builder.info.splits.items()))
+  name = builder.builder_config.name
+  data_flag = f" \\\n      --config.data.data_dir={data_dir}" if data_dir else ""
+  return (
+    f"{builder.info.full_name}: {len(categories)} classes "
+    f"({', '.join(c['name'] for c in categories)}; category ids "
+    f"{[c['id'] for c in categories]}); {splits}; dropped {builder.info.metadata['dropped']}.\n"
+    f"Train on it:\n  python -m rethink_jax.main --config configs/custom_coco.py:{name} "
+    f"--workdir runs/{name}{data_flag}"
+  )
 
 
 if __name__ == "__main__":

@@ -43,9 +43,11 @@ config.data fields (ConfigDict; `default_data_config()` lists them with defaults
   config named after them); train_split, eval_split (tfds split specs,
   slices like "validation[:100]" allowed); min_size (int, or a sequence of ints to choose from per
   image in training: "train aug"); min_size_test (int; 0 = max of min_size); max_size (int);
-  pad_to (H, W), multiples of 32; max_instances; mask_size; pixel_mean, pixel_std (0..255, in
+  pad_to (H, W), multiples of 32 (() = max_size rounded up to a multiple of 32, square);
+  max_instances; mask_size; pixel_mean, pixel_std (0..255, in
   input_format order); input_format; flip_prob; num_train_images (0 = all); subset_seed;
-  drop_empty_train; num_parallel_calls; prefetch.
+  drop_empty_train; num_parallel_calls; prefetch; class_names, category_ids (filled from the
+  data set's metadata by rethink_jax.data.recipe.resolve_config; informational).
 If an image resized by (min_size, max_size) would not fit into pad_to, it is scaled down to fit.
 """
 
@@ -92,6 +94,8 @@ def default_data_config() -> ml_collections.ConfigDict:
       "drop_empty_train": True,
       "num_parallel_calls": 2,
       "prefetch": 2,
+      "class_names": (),
+      "category_ids": (),
     },
     type_safe=False,
   )  # min_size may be an int or a sequence
@@ -110,6 +114,28 @@ def _builder_cls(name):
 
     return coco.CocoInstances
   raise ValueError(f"data.name must be 'shapes_instances' or 'coco_instances', got {name!r}")
+
+
+class DatasetNotBuiltError(FileNotFoundError):
+  """config.data names a data set that is not in its data_dir (the message has the command)."""
+
+
+def build_command(data_config: ml_collections.ConfigDict, data_dir: str | None = None) -> str:
+  """The command line that builds config.data's data set (paths to fill in for own data)."""
+  name = data_config.name
+  config = data_config.get("builder_config") or ""
+  data_dir = data_dir or data_config.get("data_dir") or "~/tensorflow_datasets"
+  cmd = f"python -m rethink_jax.data.build --data_dir={data_dir} --name={name}"
+  if name != "coco_instances":
+    return cmd + (f" --config={config}" if config else "")
+  if config in ("", "2017"):
+    return cmd + " --config=2017 --manual_dir=/path/to/coco"
+  if config == "folder":
+    return cmd + " --config=folder --manual_dir=/path/to/dataset"
+  return (
+    cmd + f" --config={config} --split=train:TRAIN.json:TRAIN_IMAGE_DIR"
+    " --split=validation:VAL.json:VAL_IMAGE_DIR"
+  )
 
 
 def get_builder(
@@ -141,14 +167,9 @@ def get_builder(
   builder = cls(config=config, data_dir=data_config.get("data_dir"), **kwargs)
   if not builder.is_prepared():
     if not prepare or name != "shapes_instances":
-      raise FileNotFoundError(
-        f"{builder.info.full_name} is not prepared in {builder.data_dir_root}. "
-        + (
-          "Build it with rethink_jax.data.coco.build_coco_instances(...) or `tfds build "
-          "rethink_jax/data/coco.py --manual_dir=...`."
-          if name == "coco_instances"
-          else ""
-        )
+      raise DatasetNotBuiltError(
+        f"{builder.info.full_name} is not built in {builder.data_dir_root}. Build it with\n  "
+        + build_command(data_config, builder.data_dir_root)
       )
     os.makedirs(builder.data_dir_root, exist_ok=True)
     with open(os.path.join(builder.data_dir_root, f".{name}.lock"), "w") as lock:
@@ -271,10 +292,19 @@ def _sizes(data_config, train):
   return sizes
 
 
+def padded_size(data_config: ml_collections.ConfigDict) -> tuple[int, int]:
+  """(H, W) of every batch image: data.pad_to, or max_size rounded up to 32 (square) if empty."""
+  if data_config.get("pad_to"):
+    pad_h, pad_w = (int(v) for v in data_config.pad_to)
+    return pad_h, pad_w
+  side = -(-int(data_config.max_size) // 32) * 32
+  return side, side
+
+
 def _check_config(data_config):
-  pad_h, pad_w = (int(v) for v in data_config.pad_to)
+  pad_h, pad_w = padded_size(data_config)
   if pad_h % 32 or pad_w % 32:
-    raise ValueError(f"data.pad_to must be multiples of 32, got {tuple(data_config.pad_to)}")
+    raise ValueError(f"data.pad_to must be multiples of 32, got {(pad_h, pad_w)}")
   if data_config.input_format not in ("RGB", "BGR"):
     raise ValueError(f"data.input_format must be 'RGB' or 'BGR', got {data_config.input_format!r}")
   if len(data_config.pixel_mean) != 3 or len(data_config.pixel_std) != 3:
@@ -375,7 +405,7 @@ def make_preprocess_fn(
   _check_config(data_config)
   sizes = tf.constant(_sizes(data_config, train), tf.float32)
   max_size = float(data_config.max_size)
-  pad_h, pad_w = (int(v) for v in data_config.pad_to)
+  pad_h, pad_w = padded_size(data_config)
   num_inst = int(data_config.max_instances)
   mask_size = int(data_config.mask_size)
   mean = np.asarray(data_config.pixel_mean, np.float32)
@@ -480,7 +510,7 @@ def _to_batches(ds, data_config, preprocess, batch_size):
   ds = ds.map(
     preprocess, num_parallel_calls=int(data_config.get("num_parallel_calls", 2)), deterministic=True
   )
-  pad_h, pad_w = (int(v) for v in data_config.pad_to)
+  pad_h, pad_w = padded_size(data_config)
   shapes = {k: v.shape for k, v in ds.element_spec.items()}
   shapes["image"] = tf.TensorShape([pad_h, pad_w, 3])  # zero padding at the bottom / right
   ds = ds.padded_batch(batch_size, padded_shapes=shapes, drop_remainder=True)
@@ -628,6 +658,11 @@ def num_train_images(data_config: ml_collections.ConfigDict) -> int:
 def category_ids(data_config: ml_collections.ConfigDict) -> list[int]:
   """COCO category ids in contiguous-label order: index = label - 1."""
   return [int(c["id"]) for c in get_builder(data_config).info.metadata["categories"]]
+
+
+def class_names(data_config: ml_collections.ConfigDict) -> list[str]:
+  """Category names in contiguous-label order: index = label - 1."""
+  return [str(c["name"]) for c in get_builder(data_config).info.metadata["categories"]]
 
 
 def num_classes(data_config: ml_collections.ConfigDict) -> int:

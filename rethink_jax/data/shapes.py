@@ -309,49 +309,57 @@ class ArrayRecordBuilderMixin:
     return epath.Path(sys.modules[cls.__module__].__file__)
 
 
-class ShapesInstances(ArrayRecordBuilderMixin, tfds.core.GeneratorBasedBuilder):
-  """Synthetic instance segmentation: circles, squares, triangles, stars, rings with masks."""
+class SyntheticBuilderMixin:
+  """What the two synthetic builders share: version, default config, and train / validation
+  splits of the config's num_train / num_validation generated examples."""
 
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "First version."}
-  BUILDER_CONFIGS = [
-    # Fast enough for unit tests (well under a second).
-    ShapesConfig(
-      name="tiny",
-      description="64x64, 24 train / 8 validation, 3 categories.",
-      image_size=64,
-      num_train=24,
-      num_validation=8,
-      num_categories=3,
-      max_objects=3,
-    ),
-    # The embedded default of `make demo`: generates in a few seconds on one core.
-    ShapesConfig(
-      name="demo",
-      description="128x128, 1600 train / 200 validation, 4 categories.",
-      image_size=128,
-      num_train=1600,
-      num_validation=200,
-      num_categories=4,
-    ),
-    ShapesConfig(
-      name="large",
-      description="256x256, 10000 train / 500 validation, 5 categories.",
-      image_size=256,
-      num_train=10000,
-      num_validation=500,
-      num_categories=5,
-      max_objects=6,
-    ),
-  ]
   DEFAULT_CONFIG_NAME = "demo"
+  code_path = ArrayRecordBuilderMixin.code_path
+
+  def _split_generators(self, dl_manager):
+    del dl_manager  # Nothing to download.
+    cfg = self.builder_config
+    return {
+      "train": self._generate_examples("train", cfg.num_train),
+      "validation": self._generate_examples("validation", cfg.num_validation),
+    }
+
+  def _category_names(self, all_names):
+    """The first num_categories of all_names (ValueError when the config asks for more)."""
+    n = self.builder_config.num_categories
+    if not 1 <= n <= len(all_names):
+      raise ValueError(f"num_categories must be in 1..{len(all_names)}, got {n}")
+    return list(all_names[:n])
+
+
+def _instances_config(name, image_size, num_train, num_validation, num_categories, max_objects=4):
+  """A ShapesConfig whose description states its sizes."""
+  return ShapesConfig(
+    name=name,
+    description=f"{image_size}x{image_size}, {num_train} train / {num_validation} validation, "
+    f"{num_categories} categories.",
+    image_size=image_size,
+    num_train=num_train,
+    num_validation=num_validation,
+    num_categories=num_categories,
+    max_objects=max_objects,
+  )
+
+
+class ShapesInstances(
+  SyntheticBuilderMixin, ArrayRecordBuilderMixin, tfds.core.GeneratorBasedBuilder
+):
+  """Synthetic instance segmentation: circles, squares, triangles, stars, rings with masks."""
+
+  BUILDER_CONFIGS = [
+    _instances_config("tiny", 64, 24, 8, 3, max_objects=3),  # unit tests: well under a second
+    _instances_config("demo", 128, 1600, 200, 4),  # `make demo`: a few seconds on one core
+    _instances_config("large", 256, 10000, 500, 5, max_objects=6),
+  ]
 
   def _info(self):
-    cfg = self.builder_config
-    if not 1 <= cfg.num_categories <= len(INSTANCE_CATEGORIES):
-      raise ValueError(
-        f"num_categories must be in 1..{len(INSTANCE_CATEGORIES)}, got {cfg.num_categories}"
-      )
     return self.dataset_info_from_configs(
       features=instances.instance_features(),
       metadata=tfds.core.MetadataDict(categories=self._categories()),
@@ -361,16 +369,8 @@ class ShapesInstances(ArrayRecordBuilderMixin, tfds.core.GeneratorBasedBuilder):
     )
 
   def _categories(self):
-    names = INSTANCE_CATEGORIES[: self.builder_config.num_categories]
+    names = self._category_names(INSTANCE_CATEGORIES)
     return [{"id": i + 1, "name": n} for i, n in enumerate(names)]
-
-  def _split_generators(self, dl_manager):
-    del dl_manager  # Nothing to download.
-    cfg = self.builder_config
-    return {
-      "train": self._generate_examples("train", cfg.num_train),
-      "validation": self._generate_examples("validation", cfg.num_validation),
-    }
 
   def _generate_examples(self, split, num_images):
     cfg = self.builder_config
@@ -451,39 +451,26 @@ class ShapesClassificationConfig(tfds.core.BuilderConfig):
   seed: int = 1
 
 
-class ShapesClassification(tfds.core.GeneratorBasedBuilder):
+def _classification_config(name, image_size, num_train, num_validation):
+  """A ShapesClassificationConfig whose description states its sizes."""
+  sizes = dict(image_size=image_size, num_train=num_train, num_validation=num_validation)
+  description = f"{image_size}x{image_size}, {num_train} train / {num_validation} validation."
+  return ShapesClassificationConfig(name=name, description=description, **sizes)
+
+
+class ShapesClassification(SyntheticBuilderMixin, tfds.core.GeneratorBasedBuilder):
   """Synthetic classification: one shape per image among more categories than the detection set.
 
   Stored as tfrecord (tfds' default) so that the usual `tfds.load(...)` / `as_dataset` work.
   """
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "First version."}
   BUILDER_CONFIGS = [
-    ShapesClassificationConfig(
-      name="tiny",
-      description="64x64, 48 train / 16 validation.",
-      image_size=64,
-      num_train=48,
-      num_validation=16,
-    ),
-    ShapesClassificationConfig(
-      name="demo",
-      description="128x128, 3000 train / 300 validation.",
-      num_train=3000,
-      num_validation=300,
-    ),
+    _classification_config("tiny", 64, 48, 16),
+    _classification_config("demo", 128, 3000, 300),
   ]
-  DEFAULT_CONFIG_NAME = "demo"
-  code_path = ArrayRecordBuilderMixin.code_path
 
   def _info(self):
-    cfg = self.builder_config
-    if not 1 <= cfg.num_categories <= len(CLASSIFICATION_CATEGORIES):
-      raise ValueError(
-        f"num_categories must be in 1..{len(CLASSIFICATION_CATEGORIES)}, got {cfg.num_categories}"
-      )
-    names = list(CLASSIFICATION_CATEGORIES[: cfg.num_categories])
+    names = self._category_names(CLASSIFICATION_CATEGORIES)
     return self.dataset_info_from_configs(
       features=tfds.features.FeaturesDict(
         {
@@ -495,14 +482,6 @@ class ShapesClassification(tfds.core.GeneratorBasedBuilder):
       homepage="https://arxiv.org/abs/1811.08883",
       disable_shuffling=True,
     )
-
-  def _split_generators(self, dl_manager):
-    del dl_manager
-    cfg = self.builder_config
-    return {
-      "train": self._generate_examples("train", cfg.num_train),
-      "validation": self._generate_examples("validation", cfg.num_validation),
-    }
 
   def _generate_examples(self, split, num_images):
     cfg = self.builder_config

@@ -23,17 +23,29 @@ def default_model_config() -> ml_collections.ConfigDict:
   # The FPN's GN uses backbone.num_groups and its BN backbone.bn_group_size.
   c.fpn = ml_collections.ConfigDict(dict(out_channels=256, norm="GN"))
   c.anchors = ml_collections.ConfigDict(
-    dict(sizes=((32,), (64,), (128,), (256,), (512,)), aspect_ratios=(0.5, 1.0, 2.0), offset=0.0)
+    dict(
+      sizes=((32,), (64,), (128,), (256,), (512,)),
+      aspect_ratios=(0.5, 1.0, 2.0),
+      offset=0.0,
+      # torchvision rounds its cell anchors to integers; Detectron2 does not.
+      round_cell=False,
+      # True: stride of a level = padded image size // feature size per axis (torchvision: P6 of
+      # an 800-row input has stride 61); False: 4, 8, 16, 32, 64 (Detectron2).
+      grid_strides=False,
+    )
   )
   c.rpn = ml_collections.ConfigDict(
     dict(
       head_conv_dims=-1,
+      head_num_conv=1,  # shared 3x3 convs of the RPN head (torchvision's v2: 2)
       pre_nms_topk_train=2000,
       pre_nms_topk_test=1000,
       post_nms_topk_train=1000,
       post_nms_topk_test=1000,
       nms_thresh=0.7,
       min_size=0.0,
+      # Proposals kept: w, h > min_size (Detectron2); True: w, h >= min_size (torchvision, 1e-3).
+      min_size_inclusive=False,
       iou_thresholds=(0.3, 0.7),
       iou_labels=(0, -1, 1),
       batch_size_per_image=256,
@@ -56,6 +68,8 @@ def default_model_config() -> ml_collections.ConfigDict:
       # Fixed-shape inference: the best (proposal, class) candidates above the score threshold
       # that enter the per-class NMS (Detectron2 keeps all of them; exact when fewer pass).
       test_candidates=2000,
+      # Detections need w, h >= this after clipping (torchvision 1e-2; Detectron2 none: 0).
+      min_box_size_test=0.0,
     )
   )
   # Head norms: GN with num_groups groups; BN / SyncBN take statistics over all ROIs of the batch.
@@ -74,6 +88,8 @@ def default_model_config() -> ml_collections.ConfigDict:
       # Static cap of the adaptive grid (sampling_ratio 0): exact for ROIs whose side on their
       # level is at most cap * resolution cells (Detectron2 has no cap; see ops/roi_align.py).
       pooler_max_sampling_ratio=4,
+      # Level of a box: "detectron2" floor(4 + log2(s/224 + 1e-8)), "torchvision" +1e-6 outside.
+      pooler_level_rule="detectron2",
     )
   )
   c.mask_head = ml_collections.ConfigDict(
@@ -86,6 +102,7 @@ def default_model_config() -> ml_collections.ConfigDict:
       pooler_sampling_ratio=0,
       pooler_aligned=True,
       pooler_max_sampling_ratio=4,  # as box_head's
+      pooler_level_rule="detectron2",  # as box_head's
       # Training targets from gt_masks: "crop" (B, G, S, S) crops to each instance's box
       # (ops/masks.py mask_targets, this pipeline's); "full_image" (B, G, H, W) bitmaps of the
       # padded batch, RoIAlign of the whole mask at the ROI (Detectron2's rule).
@@ -106,7 +123,8 @@ def default_model_config() -> ml_collections.ConfigDict:
       pixel_std=(1.0, 1.0, 1.0),
       min_size_test=800,  # shorter side after resizing
       max_size_test=1333,  # longer side at most
-      resize="detectron2",  # "detectron2": PIL bilinear on uint8; "torchvision": on floats
+      # "detectron2": PIL bilinear on uint8; "torchvision": on floats; "rethink_jax": the pipeline
+      resize="detectron2",
       size_divisibility=32,  # padded height and width are multiples of this
     )
   )

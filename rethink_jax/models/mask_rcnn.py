@@ -50,7 +50,8 @@ class MaskRCNN(nn.Module):
     backbone: images (B, H, W, 3) -> {"p2".."p6"} (fpn.FPN).
     proposal_generator: rpn.RPN.
     roi_heads: roi_heads.StandardROIHeads.
-    anchor_sizes, anchor_aspect_ratios, anchor_offset: the config's anchors section.
+    anchor_sizes, anchor_aspect_ratios, anchor_offset, anchor_round_cell,
+      anchor_grid_strides: the config's anchors section.
   """
 
   backbone: nn.Module
@@ -59,14 +60,25 @@ class MaskRCNN(nn.Module):
   anchor_sizes: Sequence[Sequence[float]]
   anchor_aspect_ratios: Sequence[float]
   anchor_offset: float
+  anchor_round_cell: bool = False
+  anchor_grid_strides: bool = False
 
-  def anchors(self, features: Mapping[str, Array]) -> list[Array]:
-    """Anchors of every level P2..P6 for these (static) feature sizes: list of (H_l*W_l*A, 4)."""
+  def anchors(self, features: Mapping[str, Array], image_hw: tuple[int, int]) -> list[Array]:
+    """Anchors of every level P2..P6 for these (static) feature sizes: list of (H_l*W_l*A, 4).
+
+    image_hw: the padded input's (H, W), which sets the strides when anchor_grid_strides.
+    """
     hw = [features[k].shape[1:3] for k in PROPOSAL_FEATURES]
+    strides = anchor_ops.grid_strides(image_hw, hw) if self.anchor_grid_strides else STRIDES
     return [
       jnp.asarray(x, jnp.float32)
       for x in anchor_ops.generate_anchors(
-        hw, STRIDES, self.anchor_sizes, self.anchor_aspect_ratios, self.anchor_offset
+        hw,
+        strides,
+        self.anchor_sizes,
+        self.anchor_aspect_ratios,
+        self.anchor_offset,
+        self.anchor_round_cell,
       )
     ]
 
@@ -86,7 +98,7 @@ class MaskRCNN(nn.Module):
       gt_valid = gt_classes > 0
     proposals, proposal_valid, proposal_logits, losses = self.proposal_generator(
       [features[k] for k in PROPOSAL_FEATURES],
-      self.anchors(features),
+      self.anchors(features, images.shape[1:3]),
       image_hw,
       gt_boxes,
       gt_valid,
@@ -119,4 +131,6 @@ def build_model(
     anchor_sizes=a.sizes,
     anchor_aspect_ratios=a.aspect_ratios,
     anchor_offset=a.offset,
+    anchor_round_cell=a.round_cell,
+    anchor_grid_strides=a.grid_strides,
   )

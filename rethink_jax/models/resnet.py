@@ -101,10 +101,9 @@ class BottleneckBlock(nn.Module):
     conv = lambda f, k, s, name: self.conv(f, k, strides=s, padding=k // 2, name=name)
     act = self.activation
     s1, s3 = (self.stride, 1) if self.stride_in_1x1 else (1, self.stride)
-    if x.shape[-1] != self.out_channels:
+    shortcut = x
+    if x.shape[-1] != self.out_channels:  # projection when the channels change
       shortcut = conv(self.out_channels, 1, self.stride, "shortcut")(x, train)
-    else:
-      shortcut = x
     y = act(conv(self.bottleneck_channels, 1, s1, "conv1")(x, train))
     y = act(conv(self.bottleneck_channels, 3, s3, "conv2")(y, train))
     y = conv(self.out_channels, 1, 1, "conv3")(y, train)
@@ -123,10 +122,9 @@ class BasicBlock(nn.Module):
   def __call__(self, x: Array, train: bool = False) -> Array:
     conv = lambda k, s, name: self.conv(self.out_channels, k, strides=s, padding=k // 2, name=name)
     act = self.activation
+    shortcut = x
     if x.shape[-1] != self.out_channels:
       shortcut = conv(1, self.stride, "shortcut")(x, train)
-    else:
-      shortcut = x
     y = act(conv(3, self.stride, "conv1")(x, train))
     y = conv(3, 1, "conv2")(y, train)
     return act(y + shortcut)

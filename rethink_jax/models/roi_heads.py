@@ -67,6 +67,7 @@ class ROIPooler:
   sampling_ratio: int  # 0: adaptive, ceil(roi size / resolution) taps per bin
   aligned: bool
   max_sampling_ratio: int = 4  # static cap of the adaptive grid
+  level_rule: str = "detectron2"  # or "torchvision" (ops.roi_align.assign_levels)
 
   def __call__(self, features: Mapping[str, Array], rois: Array) -> Array:
     feats = {k: features[k] for k in POOLER_FEATURES}
@@ -77,6 +78,7 @@ class ROIPooler:
       self.sampling_ratio,
       self.aligned,
       max_sampling_ratio=self.max_sampling_ratio,
+      level_rule=self.level_rule,
     )
     return x.reshape((-1,) + x.shape[2:])
 
@@ -341,11 +343,13 @@ def fast_rcnn_inference(
   nms_thresh: float,
   detections_per_image: int,
   num_candidates: int,
+  min_box_size: float = 0.0,
 ) -> tuple[Array, Array, Array, Array]:
   """Detections of one image (Detectron2's fast_rcnn_inference_single_image, fixed shapes).
 
   Before the per-class NMS the (proposal, class) candidates above score_thresh are cut to the
-  num_candidates best (exact whenever fewer pass the threshold, the usual case).
+  num_candidates best (exact whenever fewer pass the threshold, the usual case). Candidates whose
+  clipped box has w < min_box_size or h < min_box_size are dropped (torchvision 1e-2; 0 keeps all).
   Args:
     proposals (P, 4), proposal_valid (P,), logits (P, K+1) (background last), deltas (P, K, 4),
     image_hw (2,).
@@ -365,6 +369,10 @@ def fast_rcnn_inference(
   boxes = box_ops.clip_boxes(jnp.where(finite[:, None], boxes, 0.0), image_hw)
   scores = scores.reshape(-1)
   keep = finite & jnp.repeat(proposal_valid, k) & (scores > score_thresh)
+  if min_box_size > 0:
+    keep &= (boxes[:, 2] - boxes[:, 0] >= min_box_size) & (
+      boxes[:, 3] - boxes[:, 1] >= min_box_size
+    )
   scores = jnp.where(keep, scores, -jnp.inf)
   cand_scores, cand = jax.lax.top_k(scores, min(num_candidates, p * k))
   cand_boxes = boxes[cand]
@@ -414,6 +422,7 @@ class StandardROIHeads(nn.Module):
   nms_thresh_test: float
   detections_per_image: int
   test_candidates: int
+  min_box_size_test: float
   # Mask branch.
   mask_max_fg_rois: int
   mask_resolution: int
@@ -548,6 +557,7 @@ class StandardROIHeads(nn.Module):
       nms_thresh=self.nms_thresh_test,
       detections_per_image=self.detections_per_image,
       num_candidates=self.test_candidates,
+      min_box_size=self.min_box_size_test,
     )
     boxes, scores, classes, num = jax.vmap(infer)(
       proposals, proposal_valid, logits, deltas, image_hw
@@ -604,6 +614,7 @@ def build_roi_heads(model_config: Mapping[str, Any]) -> StandardROIHeads:
       bh["pooler_sampling_ratio"],
       bh["pooler_aligned"],
       bh["pooler_max_sampling_ratio"],
+      bh["pooler_level_rule"],
     ),
     box_head=box_head,
     box_predictor=FastRCNNOutputLayers(num_classes, dense),
@@ -612,6 +623,7 @@ def build_roi_heads(model_config: Mapping[str, Any]) -> StandardROIHeads:
       mh["pooler_sampling_ratio"],
       mh["pooler_aligned"],
       mh["pooler_max_sampling_ratio"],
+      mh["pooler_level_rule"],
     ),
     mask_head=mask_head,
     batch_size_per_image=c["batch_size_per_image"],
@@ -623,6 +635,7 @@ def build_roi_heads(model_config: Mapping[str, Any]) -> StandardROIHeads:
     nms_thresh_test=c["nms_thresh_test"],
     detections_per_image=c["detections_per_image"],
     test_candidates=c["test_candidates"],
+    min_box_size_test=c["min_box_size_test"],
     mask_max_fg_rois=mh["max_fg_rois"],
     mask_resolution=mh["resolution"],
     mask_chunk_rois=chunk_rois,

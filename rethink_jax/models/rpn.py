@@ -1,8 +1,9 @@
 """Region Proposal Network (Detectron2's StandardRPNHead + RPN), with static shapes.
 
-The head runs one shared 3x3 conv over every FPN level, then two 1x1 convs: objectness logits (A per
-location) and anchor deltas (4A per location). Flattened outputs follow Detectron2's order: location
-major, then anchor, i.e. index = (y * W + x) * A + a, the order of `ops.anchors.generate_anchors`.
+The head runs one shared 3x3 conv (or head_num_conv of them) over every FPN level, then two 1x1
+convs: objectness logits (A per location) and anchor deltas (4A per location). Flattened outputs
+follow Detectron2's order: location major, then anchor, i.e. index = (y * W + x) * A + a, the
+order of `ops.anchors.generate_anchors`.
 
 Training labels every anchor with the matcher (IoU 0.3 / 0.7, low-quality matches allowed) and
 samples 256 per image, half positive; both losses are sums over the sampled anchors divided by
@@ -34,8 +35,30 @@ _RPN_INIT = nn.initializers.normal(stddev=0.01)
 Array = jax.Array
 
 
+class StackedRPNConvs(nn.Module):
+  """num_conv x (3x3 conv + activation), named conv0, conv1, ... (Detectron2's Sequential of RPN
+  convs when RPN.CONV_DIMS has several entries; torchvision v2's RPNHead(conv_depth=2)).
+
+  __call__(x (B, H, W, C)) -> (B, H, W, dims).
+  """
+
+  num_conv: int
+  dims: int
+  conv: ConvDef
+  activation: Activation = nn.relu
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    for i in range(self.num_conv):
+      conv = self.conv(
+        self.dims, 3, padding=1, use_bias=True, kernel_init=_RPN_INIT, name=f"conv{i}"
+      )
+      x = self.activation(conv(x))
+    return x
+
+
 class StandardRPNHead(nn.Module):
-  """Shared 3x3 conv + ReLU, objectness_logits (A) and anchor_deltas (4A) 1x1 convs.
+  """Shared 3x3 conv(s) + ReLU, objectness_logits (A) and anchor_deltas (4A) 1x1 convs.
 
   __call__(features: list of (B, H_l, W_l, C)) ->
     (objectness: list of (B, H_l*W_l*A) float32, deltas: list of (B, H_l*W_l*A, 4) float32).
@@ -44,29 +67,37 @@ class StandardRPNHead(nn.Module):
     num_anchors: A, anchors per location.
     conv_dims: channels of the shared conv; -1 = the input channel count.
     conv: the head's Conv2d (layers.conv_def, no norm; the convs have biases).
+    num_conv: shared convs; one is named "conv", several "conv/conv0", "conv/conv1", ...
   """
 
   num_anchors: int
   conv_dims: int
   conv: ConvDef
   activation: Activation = nn.relu
+  num_conv: int = 1
 
   @nn.compact
   def __call__(self, features: Sequence[Array]) -> tuple[list[Array], list[Array]]:
     channels = features[0].shape[-1]
     if any(f.shape[-1] != channels for f in features):
       raise ValueError(f"RPN levels must share channels, got {[f.shape for f in features]}")
+    if self.num_conv < 1:
+      raise ValueError(f"the RPN head needs num_conv >= 1, got {self.num_conv}")
     dims = channels if self.conv_dims == -1 else self.conv_dims
     conv = lambda f, k, name: self.conv(
       f, k, padding=k // 2, use_bias=True, kernel_init=_RPN_INIT, name=name
     )
-    shared = conv(dims, 3, "conv")
+    if self.num_conv == 1:
+      conv1 = conv(dims, 3, "conv")
+      shared = lambda x: self.activation(conv1(x))
+    else:
+      shared = StackedRPNConvs(self.num_conv, dims, self.conv, self.activation, name="conv")
     cls = conv(self.num_anchors, 1, "objectness_logits")
     reg = conv(4 * self.num_anchors, 1, "anchor_deltas")
     objectness, deltas = [], []
     for x in features:
       b = x.shape[0]
-      t = self.activation(shared(x))
+      t = shared(x)
       objectness.append(cls(t).astype(jnp.float32).reshape(b, -1))
       deltas.append(reg(t).astype(jnp.float32).reshape(b, -1, 4))
     return objectness, deltas
@@ -83,6 +114,7 @@ def find_top_proposals(
   nms_thresh: float,
   min_size: float,
   box_reg_weights: Sequence[float],
+  min_size_inclusive: bool = False,
 ) -> tuple[Array, Array, Array]:
   """Proposals of one image (Detectron2's find_top_rpn_proposals with fixed shapes).
 
@@ -92,6 +124,8 @@ def find_top_proposals(
     anchors: list over levels of (N_l, 4) xyxy.
     image_hw: (2,) [h, w] of the real image.
     pre_nms_topk: per level top-k (capped at N_l); post_nms_topk: P, proposals kept.
+    min_size, min_size_inclusive: boxes are kept when w > min_size and h > min_size (Detectron2),
+      or w >= min_size and h >= min_size when inclusive (torchvision's remove_small_boxes).
   Returns:
     boxes (P, 4) float32, logits (P,) float32 (-inf where invalid), valid (P,) bool.
   """
@@ -120,7 +154,10 @@ def find_top_proposals(
   boxes = box_ops.clip_boxes(jnp.where(finite[:, None], boxes, 0.0), image_hw)
   w = boxes[:, 2] - boxes[:, 0]
   h = boxes[:, 3] - boxes[:, 1]
-  keep = finite & (w > min_size) & (h > min_size)
+  if min_size_inclusive:
+    keep = finite & (w >= min_size) & (h >= min_size)
+  else:
+    keep = finite & (w > min_size) & (h > min_size)
   scores = jnp.where(keep, scores, -jnp.inf)
 
   idx, num_valid = batched_nms(boxes, scores, levels, nms_thresh, post_nms_topk)
@@ -219,6 +256,7 @@ class RPN(nn.Module):
   post_nms_topk_test: int
   nms_thresh: float
   min_size: float
+  min_size_inclusive: bool
   iou_thresholds: Sequence[float]
   iou_labels: Sequence[int]
   batch_size_per_image: int
@@ -254,6 +292,7 @@ class RPN(nn.Module):
       nms_thresh=self.nms_thresh,
       min_size=self.min_size,
       box_reg_weights=tuple(self.bbox_reg_weights),
+      min_size_inclusive=self.min_size_inclusive,
     )
     proposals, proposal_logits, valid = jax.vmap(find)(
       jax.lax.stop_gradient(objectness), jax.lax.stop_gradient(deltas), image_hw
@@ -300,6 +339,7 @@ def build_rpn(model_config: Mapping[str, Any]) -> RPN:
     num_anchors=num_anchors,
     conv_dims=c["head_conv_dims"],
     conv=layers.conv_def(norm=None, dtype=model_config["dtype"]),
+    num_conv=c["head_num_conv"],
   )
   return RPN(
     rpn_head=head,
@@ -309,6 +349,7 @@ def build_rpn(model_config: Mapping[str, Any]) -> RPN:
     post_nms_topk_test=c["post_nms_topk_test"],
     nms_thresh=c["nms_thresh"],
     min_size=c["min_size"],
+    min_size_inclusive=c["min_size_inclusive"],
     iou_thresholds=tuple(c["iou_thresholds"]),
     iou_labels=tuple(c["iou_labels"]),
     batch_size_per_image=c["batch_size_per_image"],

@@ -61,6 +61,17 @@ def _centers_sizes(boxes: Array) -> tuple[Array, Array, Array, Array]:
   return boxes[..., 0] + 0.5 * w, boxes[..., 1] + 0.5 * h, w, h
 
 
+def _coder_inputs(name: str, x: ArrayLike, anchors: ArrayLike, weights: Sequence[float]):
+  """Checked float32 (..., 4) x, the anchors' (cx, cy, w, h) and the four weights as floats."""
+  x = jnp.asarray(x, jnp.float32)
+  anchors = jnp.asarray(anchors, jnp.float32)
+  _check_boxes(name, x)
+  _check_boxes("anchors", anchors)
+  if len(weights) != 4:
+    raise ValueError(f"weights must have 4 entries, got {weights}")
+  return x, _centers_sizes(anchors), tuple(float(w) for w in weights)
+
+
 def encode_boxes(
   targets: ArrayLike, anchors: ArrayLike, weights: Sequence[float] = (1.0, 1.0, 1.0, 1.0)
 ) -> Array:
@@ -74,14 +85,7 @@ def encode_boxes(
   Returns:
     (..., 4) float32 deltas (dx, dy, dw, dh).
   """
-  targets = jnp.asarray(targets, jnp.float32)
-  anchors = jnp.asarray(anchors, jnp.float32)
-  _check_boxes("targets", targets)
-  _check_boxes("anchors", anchors)
-  if len(weights) != 4:
-    raise ValueError(f"weights must have 4 entries, got {weights}")
-  wx, wy, ww, wh = (float(w) for w in weights)
-  ax, ay, aw, ah = _centers_sizes(anchors)
+  targets, (ax, ay, aw, ah), (wx, wy, ww, wh) = _coder_inputs("targets", targets, anchors, weights)
   tx, ty, tw, th = _centers_sizes(targets)
   return jnp.stack(
     [
@@ -111,14 +115,7 @@ def decode_boxes(
   Returns:
     (..., 4) float32 xyxy boxes.
   """
-  deltas = jnp.asarray(deltas, jnp.float32)
-  anchors = jnp.asarray(anchors, jnp.float32)
-  _check_boxes("deltas", deltas)
-  _check_boxes("anchors", anchors)
-  if len(weights) != 4:
-    raise ValueError(f"weights must have 4 entries, got {weights}")
-  wx, wy, ww, wh = (float(w) for w in weights)
-  ax, ay, aw, ah = _centers_sizes(anchors)
+  deltas, (ax, ay, aw, ah), (wx, wy, ww, wh) = _coder_inputs("deltas", deltas, anchors, weights)
   dx = deltas[..., 0] / wx
   dy = deltas[..., 1] / wy
   dw = jnp.minimum(deltas[..., 2] / ww, scale_clamp)

@@ -35,7 +35,10 @@ from rethink_jax.ops import xla_cpu
 Array = jax.Array
 OutputSize = Union[int, Sequence[int]]
 
-_EPS_LEVEL = 1e-8
+# Level assignment: Detectron2 floor(l0 + log2(s / s0 + 1e-8)), torchvision's LevelMapper
+# floor(l0 + log2(s / s0) + 1e-6); they differ for sizes just below s0 * 2^k.
+LEVEL_RULES = ("detectron2", "torchvision")
+_EPS_LEVEL = {"detectron2": 1e-8, "torchvision": 1e-6}
 
 
 def _axis_taps(
@@ -198,12 +201,22 @@ def assign_levels(
   max_level: int,
   canonical_box_size: float = 224,
   canonical_level: int = 4,
+  level_rule: str = "detectron2",
 ) -> Array:
-  """Detectron2's assign_boxes_to_levels: (..., 4) boxes -> (...,) int32 level in [min, max]."""
+  """Detectron2's assign_boxes_to_levels: (..., 4) boxes -> (...,) int32 level in [min, max].
+
+  level_rule: "detectron2" or "torchvision" (where the epsilon goes, see LEVEL_RULES).
+  """
+  if level_rule not in LEVEL_RULES:
+    raise ValueError(f"level_rule must be one of {LEVEL_RULES}, got {level_rule!r}")
   w = boxes[..., 2] - boxes[..., 0]
   h = boxes[..., 3] - boxes[..., 1]
   size = jnp.sqrt(w * h)
-  level = jnp.floor(canonical_level + jnp.log2(size / canonical_box_size + _EPS_LEVEL))
+  eps = _EPS_LEVEL[level_rule]
+  if level_rule == "torchvision":
+    level = jnp.floor(canonical_level + jnp.log2(size / canonical_box_size) + eps)
+  else:
+    level = jnp.floor(canonical_level + jnp.log2(size / canonical_box_size + eps))
   return jnp.clip(level, min_level, max_level).astype(jnp.int32)
 
 
@@ -216,6 +229,7 @@ def multilevel_roi_align(
   canonical_box_size: float = 224,
   canonical_level: int = 4,
   max_sampling_ratio: int = 4,
+  level_rule: str = "detectron2",
 ) -> Array:
   """RoIAlign of each box on its FPN level (Detectron2's ROIPooler).
 
@@ -229,6 +243,7 @@ def multilevel_roi_align(
     output_size, sampling_ratio, aligned, max_sampling_ratio: as in roi_align.
     canonical_box_size, canonical_level: level = floor(canonical_level + log2(sqrt(area) /
       canonical_box_size + 1e-8)) clamped to the levels given.
+    level_rule: "torchvision" moves the epsilon out of the log (assign_levels).
 
   Returns:
     (B, R, oh, ow, C) in the features' dtype.
@@ -267,7 +282,12 @@ def multilevel_roi_align(
   def one_image(f, bx):
     lvl = (
       assign_levels(
-        jax.lax.stop_gradient(bx), levels[0], levels[-1], canonical_box_size, canonical_level
+        jax.lax.stop_gradient(bx),
+        levels[0],
+        levels[-1],
+        canonical_box_size,
+        canonical_level,
+        level_rule,
       )
       - levels[0]
     )

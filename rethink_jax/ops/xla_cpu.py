@@ -16,7 +16,7 @@ fuses gathers into transposes in a cache-hostile order (figures in docs/performa
 
 from collections.abc import Callable, Hashable
 import functools
-from typing import Any, Optional, TypeVar
+from typing import Any, NamedTuple, Optional, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -55,30 +55,31 @@ def _bind(form: Callable[..., T], static: tuple[tuple[str, Hashable], ...]) -> C
 # Convolution. ------------------------------------------------------------------------------------
 
 
-def conv2d_reference(
-  x: Array,
-  kernel: Array,
-  *,
-  strides: tuple[int, int],
-  padding: tuple[int, int],
-  dilation: tuple[int, int] = (1, 1),
-  groups: int = 1,
-) -> Array:
-  """x (B, H, W, I) * kernel (kh, kw, I / groups, O) -> (B, H', W', O), symmetric padding."""
-  (ph, pw) = padding
+class ConvSpec(NamedTuple):
+  """The static arguments of a 2D convolution (symmetric padding)."""
+
+  strides: tuple[int, int]
+  padding: tuple[int, int]
+  dilation: tuple[int, int] = (1, 1)
+  groups: int = 1
+
+
+def conv2d_reference(x: Array, kernel: Array, spec: ConvSpec) -> Array:
+  """x (B, H, W, I) * kernel (kh, kw, I / groups, O) -> (B, H', W', O)."""
+  (ph, pw) = spec.padding
   return jax.lax.conv_general_dilated(
     x,
     kernel,
-    window_strides=strides,
+    window_strides=spec.strides,
     padding=((ph, ph), (pw, pw)),
-    rhs_dilation=dilation,
+    rhs_dilation=spec.dilation,
     dimension_numbers=("NHWC", "HWIO", "NHWC"),
-    feature_group_count=groups,
+    feature_group_count=spec.groups,
   )
 
 
 def _conv_nhwc(x: Array, kernel: Array, padding: tuple[int, int]) -> Array:
-  return conv2d_reference(x, kernel, strides=(1, 1), padding=padding)
+  return conv2d_reference(x, kernel, ConvSpec((1, 1), padding))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -109,49 +110,29 @@ def _conv_stride1_cpu_bwd(padding, residuals, dy):
 _conv_stride1_cpu.defvjp(_conv_stride1_cpu_fwd, _conv_stride1_cpu_bwd)
 
 
-def _conv1x1_as_matmul(x: Array, kernel: Array, strides: tuple[int, int]) -> Array:
-  """A 1x1 conv as one 2D (B*H'*W', I) @ (I, O) product."""
-  x = x[:, :: strides[0], :: strides[1], :]
+def _is_plain_1x1(kernel: Array, spec: ConvSpec) -> bool:
+  return (kernel.shape[:2], spec.padding, spec.dilation, spec.groups) == ((1, 1), (0, 0), (1, 1), 1)
+
+
+def conv2d_tpu(x: Array, kernel: Array, spec: ConvSpec) -> Array:
+  """conv2d_reference, with 1x1 convs as 2D (B*H'*W', I) @ (I, O) matmuls (on TPU the v5e train
+  step keeps ~2.9 GiB fewer temporaries per chip than with 1x1 convolutions)."""
+  if not _is_plain_1x1(kernel, spec):
+    return conv2d_reference(x, kernel, spec)
+  x = x[:, :: spec.strides[0], :: spec.strides[1], :]
   return (x.reshape(-1, x.shape[-1]) @ kernel[0, 0]).reshape(*x.shape[:3], kernel.shape[-1])
 
 
-def conv2d_tpu(
-  x: Array,
-  kernel: Array,
-  *,
-  strides: tuple[int, int],
-  padding: tuple[int, int],
-  dilation: tuple[int, int] = (1, 1),
-  groups: int = 1,
-) -> Array:
-  """conv2d_reference, with 1x1 convs as 2D matmuls (on TPU the v5e train step keeps ~2.9 GiB
-  fewer temporaries per chip than with 1x1 convolutions)."""
-  if (kernel.shape[:2], padding, dilation, groups) == ((1, 1), (0, 0), (1, 1), 1):
-    return _conv1x1_as_matmul(x, kernel, strides)
-  return conv2d_reference(
-    x, kernel, strides=strides, padding=padding, dilation=dilation, groups=groups
-  )
-
-
-def conv2d_cpu(
-  x: Array,
-  kernel: Array,
-  *,
-  strides: tuple[int, int],
-  padding: tuple[int, int],
-  dilation: tuple[int, int] = (1, 1),
-  groups: int = 1,
-) -> Array:
+def conv2d_cpu(x: Array, kernel: Array, spec: ConvSpec) -> Array:
   """conv2d_tpu (1x1 convs as matmuls: XLA:CPU runs a dot_general's backward faster than a
   conv's, and as a 2D product, since through a 4D einsum it writes the incoming gradient
   transposed for the kernel gradient), and stride-1 convs with their gradients as convs."""
   kh, kw = kernel.shape[:2]
-  (ph, pw) = padding
-  is_1x1 = (kh, kw, ph, pw) == (1, 1, 0, 0)
-  if not is_1x1 and (tuple(strides), tuple(dilation), groups) == ((1, 1), (1, 1), 1):
-    if ph < kh and pw < kw:
-      return _conv_stride1_cpu(x, kernel, (ph, pw))
-  return conv2d_tpu(x, kernel, strides=strides, padding=padding, dilation=dilation, groups=groups)
+  ph, pw = spec.padding
+  stride1 = (spec.strides, spec.dilation, spec.groups) == ((1, 1), (1, 1), 1)
+  if stride1 and not _is_plain_1x1(kernel, spec) and ph < kh and pw < kw:
+    return _conv_stride1_cpu(x, kernel, (ph, pw))
+  return conv2d_tpu(x, kernel, spec)
 
 
 def conv2d(
@@ -164,17 +145,8 @@ def conv2d(
   groups: int = 1,
 ) -> Array:
   """x (B, H, W, I) * kernel (kh, kw, I / groups, O) -> (B, H', W', O), symmetric padding."""
-  return choose_form(
-    conv2d_cpu,
-    conv2d_reference,
-    x,
-    kernel,
-    tpu_form=conv2d_tpu,
-    strides=tuple(strides),
-    padding=tuple(padding),
-    dilation=tuple(dilation),
-    groups=groups,
-  )
+  spec = ConvSpec(tuple(strides), tuple(padding), tuple(dilation), groups)
+  return choose_form(conv2d_cpu, conv2d_reference, x, kernel, tpu_form=conv2d_tpu, spec=spec)
 
 
 # GroupNorm. --------------------------------------------------------------------------------------

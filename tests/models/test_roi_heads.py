@@ -361,3 +361,28 @@ def test_mask_branch_chunks_equal_one_pass():
   assert 1 <= int(one["num_detections"].max()) <= 6
   np.testing.assert_array_equal(chunked["num_detections"], one["num_detections"])
   np.testing.assert_allclose(chunked["masks"], one["masks"], rtol=0, atol=1e-6)
+
+
+def test_min_box_size_test_drops_tiny_detections():
+  """min_box_size (torchvision's remove_small_boxes(1e-2) before NMS) drops a detection whose
+  clipped box is 5e-3 wide; 0 (Detectron2) keeps it."""
+  proposals = np.array([[5.0, 5.0, 5.005, 15.0], [20.0, 20.0, 30.0, 30.0]], np.float32)
+  logits = np.array([[3.0, 0.0], [2.0, 0.0]], np.float32)  # class 1, background last
+  deltas = np.zeros((2, 1, 4), np.float32)
+  nums = []
+  for min_box_size in (0.0, 1e-2):
+    _, _, _, num = roi_heads.fast_rcnn_inference(
+      proposals,
+      np.ones(2, bool),
+      logits,
+      deltas,
+      jnp.array([40, 40]),
+      box_reg_weights=(10.0, 10.0, 5.0, 5.0),
+      score_thresh=0.05,
+      nms_thresh=0.5,
+      detections_per_image=5,
+      num_candidates=2,
+      min_box_size=min_box_size,
+    )
+    nums.append(int(num))
+  assert nums == [2, 1]

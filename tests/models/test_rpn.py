@@ -275,3 +275,55 @@ def test_rpn_module_train_and_test_shapes():
 
 if __name__ == "__main__":
   pytest.main([__file__, "-q"])
+
+
+def test_two_conv_head_matches_torchvision_rpn_head():
+  """head_num_conv=2: params conv/conv0, conv/conv1 (Detectron2's names), and the outputs of
+  torchvision's RPNHead(conv_depth=2) with the same weights."""
+  from torchvision.models.detection.rpn import RPNHead
+
+  rng = _rng()
+  torch.manual_seed(int(rng.integers(1 << 30)))
+  ref = RPNHead(16, 3, conv_depth=2)
+  head = rpn.StandardRPNHead(
+    num_anchors=3, conv_dims=-1, conv=layers.conv_def(norm=None, dtype=jnp.float32), num_conv=2
+  )
+  feats = [rng.normal(size=(2, 8, 10, 16)).astype(np.float32) for _ in range(2)]
+  params = head.init(jax.random.key(0), feats)["params"]
+  assert set(params["conv"]) == {"conv0", "conv1"}
+  hwio = lambda t: t.detach().numpy().transpose(2, 3, 1, 0)
+  conv = lambda m: {"kernel": hwio(m.weight), "bias": m.bias.detach().numpy()}
+  params = {
+    "conv": {f"conv{j}": conv(ref.conv[j][0]) for j in range(2)},
+    "objectness_logits": conv(ref.cls_logits),
+    "anchor_deltas": conv(ref.bbox_pred),
+  }
+  objectness, deltas = head.apply({"params": params}, feats)
+  with torch.no_grad():
+    want_o, want_d = ref([torch.from_numpy(f).permute(0, 3, 1, 2) for f in feats])
+  for o, d, wo, wd in zip(objectness, deltas, want_o, want_d):
+    np.testing.assert_allclose(np.asarray(o), wo.permute(0, 2, 3, 1).reshape(2, -1), atol=1e-5)
+    wd = wd.reshape(2, 3, 4, *wd.shape[2:]).permute(0, 3, 4, 1, 2).reshape(2, -1, 4)
+    np.testing.assert_allclose(np.asarray(d), wd, atol=1e-5)
+
+
+@pytest.mark.parametrize("inclusive", [False, True])
+def test_min_size_rule(inclusive):
+  """A proposal exactly min_size wide survives only with min_size_inclusive (torchvision's
+  remove_small_boxes keeps w >= min_size; Detectron2's nonempty keeps w > min_size)."""
+  anchors = [np.array([[0, 0, 2, 8], [10, 10, 14, 14], [20, 20, 21.5, 30]], np.float32)]
+  boxes, _, valid = rpn.find_top_proposals(
+    [np.array([3.0, 2.0, 1.0], np.float32)],
+    [np.zeros((3, 4), np.float32)],
+    anchors,
+    jnp.array([40, 40]),
+    pre_nms_topk=3,
+    post_nms_topk=3,
+    nms_thresh=0.7,
+    min_size=2.0,
+    box_reg_weights=(1.0, 1.0, 1.0, 1.0),
+    min_size_inclusive=inclusive,
+  )
+  kept = np.asarray(boxes)[np.asarray(valid)]
+  want = anchors[0][:2] if inclusive else anchors[0][1:2]
+  np.testing.assert_array_equal(kept, want)

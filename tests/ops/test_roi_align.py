@@ -147,3 +147,20 @@ def test_roi_align_shape_errors():
     roi_align(np.zeros((2, 3, 4)), np.zeros((2, 1, 4)), 2, 1.0, 1, True)
   with pytest.raises(ValueError, match=r"\(1, 5, 4\)"):
     roi_align(np.zeros((2, 3, 4, 1)), np.zeros((1, 5, 4)), 2, 1.0, 1, True)
+
+
+def test_level_rule_torchvision_matches_its_level_mapper(rng):
+  """level_rule="torchvision" equals torchvision's LevelMapper (eps 1e-6 outside the log) on
+  random boxes and on boxes just below 112 / 224 / 448 px, where Detectron2's rule differs."""
+  from torchvision.ops.poolers import LevelMapper
+
+  xy = rng.uniform(0, 100, (200, 2))
+  boxes = np.concatenate([xy, xy + rng.uniform(1, 600, (200, 2))], 1)
+  edges = np.array([112.0, 224.0, 448.0])
+  below = [[0.0, 0.0, s, s * (1 - 8e-7)] for s in edges]  # sqrt(area) ~ s * (1 - 4e-7)
+  boxes = np.concatenate([boxes, below]).astype(np.float32)
+  want = LevelMapper(2, 5)([torch.from_numpy(boxes)]).numpy() + 2
+  got = np.asarray(assign_levels(jnp.asarray(boxes), 2, 5, level_rule="torchvision"))
+  np.testing.assert_array_equal(got, want)
+  d2 = np.asarray(assign_levels(jnp.asarray(boxes[-3:]), 2, 5))
+  np.testing.assert_array_equal(d2, want[-3:] - 1)

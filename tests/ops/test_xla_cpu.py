@@ -56,11 +56,11 @@ def _vjp_both(cpu_form, reference_form, args, rng, argnums, tol):
 def test_conv2d_forms_agree(rng, k, s, p, d, g):
   x = jnp.asarray(rng.normal(size=(2, 9, 11, 8)), jnp.float32)
   kernel = jnp.asarray(rng.normal(size=(k, k, 8 // g, 6)) / k, jnp.float32)
-  static = dict(strides=(s, s), padding=(p, p), dilation=(d, d), groups=g)
+  spec = xla_cpu.ConvSpec((s, s), (p, p), (d, d), g)
   with jax.default_matmul_precision("highest"):
     _vjp_both(
-      functools.partial(xla_cpu.conv2d_cpu, **static),
-      functools.partial(xla_cpu.conv2d_reference, **static),
+      functools.partial(xla_cpu.conv2d_cpu, spec=spec),
+      functools.partial(xla_cpu.conv2d_reference, spec=spec),
       (x, kernel),
       rng,
       (0, 1),
@@ -76,7 +76,7 @@ def test_conv2d_cpu_stride1_gradient_inside_cond(rng):
 
   def loss(form, x, kernel, taken):
     y = jax.lax.cond(
-      taken, lambda: form(x, kernel, strides=(1, 1), padding=(1, 1)), lambda: jnp.zeros_like(cot)
+      taken, lambda: form(x, kernel, xla_cpu.ConvSpec((1, 1), (1, 1))), lambda: jnp.zeros_like(cot)
     )
     return jnp.sum(y * cot)
 
@@ -192,7 +192,7 @@ def test_public_forms_under_grad_vmap_and_cond(rng):
   reference = (
     xla_cpu.weighted_rows_reference,
     lambda y, s, b: xla_cpu.group_norm_reference(y, s, b, 4, 1e-5),
-    lambda y, k: xla_cpu.conv2d_reference(y, k, strides=(1, 1), padding=(1, 1)),
+    lambda y, k: xla_cpu.conv2d_reference(y, k, xla_cpu.ConvSpec((1, 1), (1, 1))),
     xla_cpu.add_bias_reference,
     lambda y: xla_cpu.max_pool_reference(y, 3, 2, 1),
   )
@@ -288,10 +288,10 @@ def test_conv2d_tpu_form_agrees(rng, strides):
   x = jnp.asarray(rng.normal(size=(2, 9, 7, 12)), jnp.float32)
   for kernel_shape, padding in (((1, 1, 12, 8), (0, 0)), ((3, 3, 12, 8), (1, 1))):
     kernel = jnp.asarray(rng.normal(size=kernel_shape), jnp.float32)
-    static = dict(strides=strides, padding=padding)
+    spec = xla_cpu.ConvSpec(strides, padding)
     _vjp_both(
-      functools.partial(xla_cpu.conv2d_tpu, **static),
-      functools.partial(xla_cpu.conv2d_reference, **static),
+      functools.partial(xla_cpu.conv2d_tpu, spec=spec),
+      functools.partial(xla_cpu.conv2d_reference, spec=spec),
       (x, kernel),
       rng,
       (0, 1),

@@ -1,0 +1,268 @@
+"""torchvision Mask R-CNNs with random, well-conditioned weights, and their reference outputs.
+
+Shared by tests/test_torchvision_detector.py (and usable from a shell for the worst differences).
+Each model is torchvision's own: maskrcnn_resnet50_fpn, maskrcnn_resnet50_fpn_v2, or MaskRCNN
+with GroupNorm as scripts/benchmark_model.py builds it. Weights are drawn from a seed:
+  - every norm's affine is random (a swapped scale / bias would show), BN running statistics are
+    those of the test images themselves (measured in train mode, as a trained model's would be);
+  - biases are random;
+  - the heads are rescaled on the test images so that their outputs spread: RPN logits std 3
+    (top-k and NMS orders far from ties), class logits std 2 with a background bias, so that
+    well over 20 detections per image pass 0.05 yet fewer than 2000 (proposal, class) pairs
+    per image do (the model's test_candidates: beyond it our candidate cut would differ),
+    mask logits std 3 plus 4 (masks mostly on, few pixels near the 0.5 threshold, so that a
+    mask moved by one pixel keeps most of its IoU).
+The models keep POST_NMS_TOPK proposals per image instead of 1000 (the box head's fc6 on 1000
+proposals costs ~10 s per batch on a CPU); the converted config gets the same count.
+"""
+
+import functools
+
+import numpy as np
+import torch
+import torchvision
+from torchvision.models.detection import maskrcnn_resnet50_fpn
+from torchvision.models.detection import maskrcnn_resnet50_fpn_v2
+from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
+from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead
+from torchvision.models.detection.mask_rcnn import MaskRCNN
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads
+
+ARCHITECTURES = ("maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2", "maskrcnn_resnet50_fpn_gn")
+NUM_CLASSES = 4  # torchvision's count: background + 3 objects
+POST_NMS_TOPK = 200
+# Detections whose score is within MARGIN of a cut (the score threshold, the top 100) may fall
+# on either side of it in two implementations whose scores differ by ~1e-5: cases drawn with
+# such a detection are drawn again (`_cut_margins`).
+MARGIN = 1e-4
+
+
+def build(architecture: str) -> torch.nn.Module:
+  """torchvision's model of `architecture`, untrained (its own initialisation)."""
+  kwargs = dict(num_classes=NUM_CLASSES, rpn_post_nms_top_n_test=POST_NMS_TOPK)
+  if architecture == "maskrcnn_resnet50_fpn":
+    return maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, **kwargs)
+  if architecture == "maskrcnn_resnet50_fpn_v2":
+    return maskrcnn_resnet50_fpn_v2(weights=None, weights_backbone=None, **kwargs)
+  # scripts/benchmark_model.py's GroupNorm model (sampling ratio 2, torchvision's default).
+  gn = functools.partial(torch.nn.GroupNorm, 32)
+  body = torchvision.models.resnet50(weights=None, norm_layer=gn)
+  backbone = _resnet_fpn_extractor(body, trainable_layers=5, norm_layer=gn)
+  return MaskRCNN(
+    backbone,
+    **kwargs,
+    box_head=FastRCNNConvFCHead((256, 7, 7), [256] * 4, [1024], norm_layer=gn),
+    mask_head=MaskRCNNHeads(256, [256] * 4, 1, norm_layer=gn),
+  )
+
+
+def no_resize(model: torch.nn.Module) -> torch.nn.Module:
+  """Images enter at their own size (normalised and padded to 32 only)."""
+  model.transform.resize = lambda image, target=None: (image, target)
+  return model
+
+
+@torch.no_grad()
+def _randomise(model: torch.nn.Module, gen: torch.Generator) -> None:
+  for m in model.modules():
+    if isinstance(m, (torch.nn.BatchNorm2d, torch.nn.GroupNorm)):
+      m.weight.copy_(0.5 + torch.rand(m.weight.shape, generator=gen))
+      m.bias.copy_(0.2 * torch.randn(m.bias.shape, generator=gen))
+    elif isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d, torch.nn.Linear)):
+      if m.bias is not None:
+        m.bias.copy_(0.05 * torch.randn(m.bias.shape, generator=gen))
+
+
+def _calibrate_batch_norms(model, images) -> None:
+  """BN running statistics := the statistics of these images (cumulative average, one pass)."""
+  bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+  if not bns:
+    return
+  for m in bns:
+    m.reset_running_stats()
+    m.momentum = None
+  with torch.no_grad():
+    image_list, _ = model.transform(images)
+    model.backbone.train()
+    features = model.backbone(image_list.tensors)
+    model.backbone.eval()
+    proposals, _ = model.rpn(image_list, features)
+    rh = model.roi_heads
+    rh.box_head.train()
+    rh.box_head(rh.box_roi_pool(features, proposals, image_list.image_sizes))
+    rh.box_head.eval()
+    few = [p[:64] for p in proposals]
+    rh.mask_head.train()
+    rh.mask_head(rh.mask_roi_pool(features, few, image_list.image_sizes))
+    rh.mask_head.eval()
+  for m in bns:
+    m.momentum = 0.1
+
+
+@torch.no_grad()
+def _rescale_outputs(run, layers) -> None:
+  """Scales each layer (weight and bias) so that its output in `run()` has standard deviation
+  std, then adds value to the bias entries `index` when given: layers = [(layer, std, extra)]
+  with extra None or (index, value)."""
+  seen = {id(layer): [] for layer, _, _ in layers}
+  hooks = [
+    layer.register_forward_hook(lambda m, i, o: seen[id(m)].append(o.detach().flatten()))
+    for layer, _, _ in layers
+  ]
+  run()
+  for h in hooks:
+    h.remove()
+  for layer, std, extra in layers:
+    factor = std / max(float(torch.cat(seen[id(layer)]).std()), 1e-6)
+    layer.weight.mul_(factor)
+    layer.bias.mul_(factor)
+    if extra is not None:
+      layer.bias[extra[0]] += extra[1]
+
+
+def random_model(architecture: str, seed: int, images: list) -> torch.nn.Module:
+  """torchvision's model with weights drawn from `seed`, conditioned on `images` (list of
+  (3, H, W) float tensors in 0..1), in eval mode, resizing disabled."""
+  torch.manual_seed(seed)
+  gen = torch.Generator().manual_seed(seed)
+  model = no_resize(build(architecture)).eval()
+  _randomise(model, gen)
+  _calibrate_batch_norms(model, images)
+  image_list, _ = model.transform(images)
+  with torch.no_grad():
+    features = model.backbone(image_list.tensors)
+  head = model.rpn.head
+  _rescale_outputs(
+    lambda: head(list(features.values())),
+    [(head.cls_logits, 3.0, None), (head.bbox_pred, 0.2, None)],
+  )
+  rh = model.roi_heads
+
+  def heads():
+    proposals, _ = model.rpn(image_list, features)
+    rh(features, proposals, image_list.image_sizes)
+
+  _rescale_outputs(
+    heads,
+    [
+      (rh.box_predictor.cls_score, 2.0, (0, 1.5)),
+      (rh.box_predictor.bbox_pred, 1.0, None),
+      (rh.mask_predictor.mask_fcn_logits, 3.0, (slice(None), 4.0)),
+    ],
+  )
+  return model
+
+
+def random_images(rng: np.random.Generator, sizes) -> list[np.ndarray]:
+  """uint8 RGB (H, W, 3) images: smooth random colour fields with a few rectangles."""
+  out = []
+  for h, w in sizes:
+    coarse = rng.integers(0, 256, (h // 16 + 2, w // 16 + 2, 3)).astype(np.float32)
+    img = np.kron(coarse, np.ones((16, 16, 1), np.float32))[:h, :w]
+    for _ in range(6):
+      y, x = rng.integers(0, h - 20), rng.integers(0, w - 20)
+      img[y : y + rng.integers(10, h // 2), x : x + rng.integers(10, w // 2)] = rng.integers(
+        0, 256, 3
+      )
+    img += rng.normal(0, 8, img.shape)
+    out.append(np.clip(img, 0, 255).astype(np.uint8))
+  return out
+
+
+def to_torch(images: list[np.ndarray]) -> list:
+  return [
+    torch.from_numpy(np.ascontiguousarray(i.transpose(2, 0, 1))).float() / 255.0 for i in images
+  ]
+
+
+def _cut_margins(rh, logits, deltas, proposals, image_sizes) -> dict:
+  """How far the detections are from their two cuts, per image: "threshold": whether moving the
+  score threshold by +-MARGIN changes no detection (True: no candidate that would survive NMS
+  scores within MARGIN of it); "top_k": score gap between the last kept detection and the
+  first one cut by detections_per_img (inf when none is cut)."""
+  thresh, top_k = rh.score_thresh, rh.detections_per_img
+  counts = {}
+  try:
+    rh.detections_per_img = 10**6
+    for t in (thresh - MARGIN, thresh, thresh + MARGIN):
+      rh.score_thresh = t
+      _, scores, _ = rh.postprocess_detections(logits, deltas, proposals, image_sizes)
+      counts[t] = scores
+  finally:
+    rh.score_thresh, rh.detections_per_img = thresh, top_k
+  out = {"threshold": [], "top_k": []}
+  for lo, mid, hi in zip(*(counts[t] for t in (thresh - MARGIN, thresh, thresh + MARGIN))):
+    lo, hi = (torch.sort(x, descending=True).values[:top_k] for x in (lo, hi))
+    out["threshold"].append(len(lo) == len(hi) and bool(torch.equal(lo, hi)))
+    s = torch.sort(mid, descending=True).values
+    out["top_k"].append(float(s[top_k - 1] - s[top_k]) if len(s) > top_k else float("inf"))
+  return out
+
+
+def _proposal_margins(rpn, image_list, features) -> list[float]:
+  """Per image: the objectness logit gap between the last proposal kept (post_nms_top_n) and the
+  first one cut (inf when none is cut)."""
+  from torchvision.models.detection.rpn import concat_box_prediction_layers
+
+  feats = list(features.values())
+  objectness, deltas = rpn.head(feats)
+  anchors = rpn.anchor_generator(image_list, feats)
+  per_level = [o[0].numel() for o in objectness]
+  objectness, deltas = concat_box_prediction_layers(objectness, deltas)
+  boxes = rpn.box_coder.decode(deltas, anchors).view(len(anchors), -1, 4)
+  top = rpn._post_nms_top_n["testing"]
+  try:
+    rpn._post_nms_top_n["testing"] = 10**9
+    _, scores = rpn.filter_proposals(boxes, objectness, image_list.image_sizes, per_level)
+  finally:
+    rpn._post_nms_top_n["testing"] = top
+  logit = lambda p: float(torch.logit(p.double()))
+  return [logit(s[top - 1]) - logit(s[top]) if len(s) > top else float("inf") for s in scores]
+
+
+def far_from_cuts(ref: dict) -> bool:
+  """No detection of `reference`'s output within MARGIN of a cut, no proposal within 3 MARGIN
+  (objectness logits, std 3) of the post-NMS top-k."""
+  m = ref["margins"]
+  return all(m["threshold"]) and min(m["top_k"]) >= MARGIN and min(m["proposals"]) >= 3 * MARGIN
+
+
+@torch.no_grad()
+def redraw_heads(model: torch.nn.Module, gen: torch.Generator) -> None:
+  """Perturbs the RPN's cls_logits and the box predictor's cls_score by 10% (new draws of the
+  objectness and class scores, the rest of the model unchanged)."""
+  for layer in (model.rpn.head.cls_logits, model.roi_heads.box_predictor.cls_score):
+    layer.weight.mul_(1 + 0.1 * torch.randn(layer.weight.shape, generator=gen))
+
+
+@torch.no_grad()
+def reference(model: torch.nn.Module, images: list) -> dict:
+  """torchvision's eval forward, step by step: the normalised padded batch and, per image,
+  proposals, detections (boxes, scores, labels 1..K), 28 x 28 mask probabilities of the label,
+  and the pasted masks (model.forward's own output)."""
+  image_list, _ = model.transform(images)
+  features = model.backbone(image_list.tensors)
+  proposals, _ = model.rpn(image_list, features)
+  detections, _ = model.roi_heads(features, proposals, image_list.image_sizes)
+  rh = model.roi_heads
+  pooled = rh.box_roi_pool(features, proposals, image_list.image_sizes)
+  logits, deltas = rh.box_predictor(rh.box_head(pooled))
+  scores = torch.softmax(logits, -1)[:, 1:].split([len(p) for p in proposals])
+  margins = _cut_margins(rh, logits, deltas, proposals, image_list.image_sizes)
+  margins["proposals"] = _proposal_margins(model.rpn, image_list, features)
+  sizes = [tuple(i.shape[-2:]) for i in images]
+  # What model.forward returns: GeneralizedRCNNTransform.postprocess pastes the masks.
+  full = model.transform.postprocess([dict(d) for d in detections], image_list.image_sizes, sizes)
+  return {
+    "tensor": image_list.tensors.numpy(),
+    "image_sizes": [tuple(s) for s in image_list.image_sizes],
+    "proposals": [p.numpy() for p in proposals],
+    # (proposal, class) pairs above the score threshold, before NMS.
+    "candidates": [int((s > rh.score_thresh).sum()) for s in scores],
+    "margins": margins,
+    "boxes": [d["boxes"].numpy() for d in detections],
+    "scores": [d["scores"].numpy() for d in detections],
+    "labels": [d["labels"].numpy() for d in detections],
+    "mask_probs": [d["masks"][:, 0].numpy() for d in detections],
+    "pasted": [f["masks"][:, 0].numpy() >= 0.5 for f in full],
+  }
