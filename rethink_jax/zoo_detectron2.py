@@ -161,6 +161,11 @@ COCO_CLASS_NAMES = (
   "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors",
   "teddy bear", "hair drier", "toothbrush",
 )  # fmt: skip
+# COCO's category id of each of those 80 classes: the ids of its annotation files (1..90, gaps).
+COCO_CATEGORY_IDS = tuple(
+  [*range(1, 12), *range(13, 26), 27, 28, *range(31, 45), *range(46, 66), 67, 70]
+  + [*range(72, 83), *range(84, 91)]
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -629,9 +634,10 @@ def convert(
   model_config = model_config_from_d2(cfg)
   variables, used, dropped = state_dict_to_variables(sd, _template(model_config))
   k = model_config.num_classes
+  category_ids = None
   if class_names is None and k == len(COCO_CLASS_NAMES):
     if any("coco" in str(d) for d in cfg.get("DATASETS", {}).get("TEST", [])):
-      class_names = list(COCO_CLASS_NAMES)
+      class_names, category_ids = list(COCO_CLASS_NAMES), list(COCO_CATEGORY_IDS)
   if class_names is not None and len(class_names) != k:
     raise ConversionError(f"{len(class_names)} class names for a model of {k} classes")
   meta = {
@@ -640,6 +646,8 @@ def convert(
     "input": os.path.basename(path),
     "d2_config": os.path.abspath(d2_config) if d2_config else None,
     "class_names": list(class_names) if class_names is not None else None,
+    # COCO results (rethink_jax.predict) report label l as category_ids[l] when known.
+    "category_ids": category_ids,
     # Detectron2 reports class k (1..K in the model) as k - 1.
     "label_map": {str(i + 1): i for i in range(k)},
     "bn_eps": BN_EPS,

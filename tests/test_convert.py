@@ -540,3 +540,15 @@ def test_detector_without_config_takes_the_structure_from_the_tensors(d2_detecto
   assert config_pth.to_dict() == model_config.to_dict()
   same = jax.tree_util.tree_map(np.array_equal, from_pth, variables)
   assert all(jax.tree_util.tree_leaves(same))
+
+
+def test_detectron2_coco_classes_carry_cocos_category_ids():
+  """The 80 names in Detectron2's order sit at their COCO category ids in torchvision's list."""
+  from torchvision.models.detection import MaskRCNN_ResNet50_FPN_Weights
+
+  from rethink_jax import zoo_detectron2
+
+  categories = MaskRCNN_ResNet50_FPN_Weights.COCO_V1.meta["categories"]  # index = category id
+  ids = zoo_detectron2.COCO_CATEGORY_IDS
+  assert len(set(ids)) == len(zoo_detectron2.COCO_CLASS_NAMES) == 80
+  assert [categories[i] for i in ids] == list(zoo_detectron2.COCO_CLASS_NAMES)
