@@ -10,7 +10,10 @@ loss is the model's training losses, its predict the detections. Every host runs
   * orbax checkpoints (asynchronous, every `checkpoint.every_steps` and at the end, the last
     `checkpoint.keep` kept); a run started again in the same workdir resumes exactly: parameters,
     optimizer state, batch statistics, step, rng, and the data position (the pipeline's
-    start_step);
+    start_step). Faults (rethink_jax/checkpoints.py, rethink_jax/preemption.py): an unwritable
+    workdir fails before training; a damaged newest checkpoint is skipped for the newest one
+    that restores; a failed write stops training naming the step; SIGTERM saves at a step all
+    processes agree on and returns (exit status 0);
   * `init_from`: a backbone checkpoint (rethink_jax.convert.save_backbone's format, from converted
     ImageNet weights or from pre-training) loaded into params["backbone"]["bottom_up"];
   * a loss that is not finite stops the run (NonFiniteLossError naming the step and the batch's
@@ -39,10 +42,11 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 
+from rethink_jax import checkpoints
 from rethink_jax import files
 from rethink_jax import optim
+from rethink_jax import preemption
 from rethink_jax import trainer
 
 CURVE_FILE = "eval_curve.json"
@@ -271,6 +275,23 @@ def build_parts(config: ml_collections.ConfigDict, sched: dict, mesh: Mesh, samp
 
 
 # ------------------------------------------------------------------------------------------------
+# Resuming.
+# ------------------------------------------------------------------------------------------------
+def restore_checkpoint(config: ml_collections.ConfigDict, ckpt_dir: str, parts) -> tuple:
+  """(state, step) of ckpt_dir's newest checkpoint that restores, or (None, None) with none;
+  damaged newer ones are logged and moved aside (rethink_jax.checkpoints.restore_latest)."""
+  state, step = checkpoints.restore_latest(
+    ckpt_dir,
+    trainer.abstract_state_with_shardings(parts),
+    restart_if_unreadable=bool(config.checkpoint.get("restart_if_unreadable", False)),
+    log=_log,
+  )
+  if step is not None:
+    _log(f"resumed from {ckpt_dir} at step {step}")
+  return state, step
+
+
+# ------------------------------------------------------------------------------------------------
 # The curve file (compare.py reads it through read_curve).
 # ------------------------------------------------------------------------------------------------
 def read_curve(workdir: str) -> list:
@@ -298,9 +319,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     {"metrics": the last evaluation's metrics ({"bbox/AP", "segm/AP", ...}, {} if none),
      "curve": every evaluation of this workdir [{"step", "images_seen", "wall_s", ...}],
      "history": the logged train metrics of this call [{"step", "loss_*", "lr", ...}],
-     "step": the final step, "train_step_compilations": 1 unless something recompiled}.
-  Raises NonFiniteLossError when a loss or gradient is not finite.
+     "step": the final step, "train_step_compilations": 1 unless something recompiled,
+     "preempted": True when a SIGTERM stopped it early (a checkpoint of "step" was written)}.
+  Raises NonFiniteLossError when a loss or gradient is not finite, checkpoints.CheckpointError
+  when the workdir cannot hold checkpoints, a write fails, or no existing checkpoint restores.
   """
+  with preemption.PreemptionWatch() as watch:
+    return _train_and_evaluate(config, workdir, watch)
+
+
+def _train_and_evaluate(
+  config: ml_collections.ConfigDict, workdir: str, watch: preemption.PreemptionWatch
+) -> dict:
   from rethink_jax.data import pipeline  # pylint: disable=g-import-not-at-top
 
   t_start = time.time()
@@ -334,15 +364,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # == Checkpoints =============================================================================
   ckpt_cfg = config.checkpoint
   ckpt_dir = os.path.join(workdir, "checkpoints")
-  mngr = ocp.CheckpointManager(
-    ckpt_dir,
-    options=ocp.CheckpointManagerOptions(
-      max_to_keep=int(ckpt_cfg.get("keep", 3)),
-      create=True,
-      enable_async_checkpointing=bool(ckpt_cfg.get("async_save", True)),
-    ),
+  checkpoints.check_writable(ckpt_dir)
+  # The data position follows the newest complete step; restore_latest confirms it below.
+  resume_step = max(
+    (s for s in checkpoints.step_dirs(ckpt_dir) if checkpoints.is_committed(ckpt_dir, s)),
+    default=None,
   )
-  resume_step = mngr.latest_step()
   start_step = int(resume_step or 0)
   if resume_step is None and config.get("require_init_from") and not config.get("init_from"):
     raise ValueError(
@@ -367,12 +394,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   parts = build_parts(config, sched, mesh, sample)
   train_step, predict_fn = parts.train_step, parts.predict_fn
 
-  if resume_step is not None:
-    state = mngr.restore(
-      resume_step, args=ocp.args.StandardRestore(trainer.abstract_state_with_shardings(parts))
+  state, found = restore_checkpoint(config, ckpt_dir, parts)
+  if found != resume_step:  # the newest step was damaged: the data restarts where the state is
+    resume_step, start_step = found, int(found or 0)
+    train_iter = pipeline.make_train_iterator(
+      config.data,
+      local_batch,
+      seed=int(config.seed),
+      start_step=start_step,
+      process_index=jax.process_index(),
+      process_count=n_proc,
     )
-    _log(f"resumed from {ckpt_dir} at step {resume_step}")
-  else:
+    first = next(train_iter)
+  saver = checkpoints.Saver(
+    checkpoints.make_manager(
+      ckpt_dir,
+      keep=int(ckpt_cfg.get("keep", 3)),
+      async_save=bool(ckpt_cfg.get("async_save", True)),
+    ),
+    ckpt_dir,
+  )
+  mngr = saver.mngr
+  if resume_step is None:
     state = parts.init(rng, sample)
     if config.get("init_from"):
       from rethink_jax import convert  # pylint: disable=g-import-not-at-top
@@ -485,9 +528,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     steps_in_interval += 1
     progress(step)
     is_last = step == total_steps
-    do_eval = eval_every > 0 and (step % eval_every == 0 or is_last)
+    preempted = watch.reached(step) and not is_last
+    do_eval = eval_every > 0 and (step % eval_every == 0 or is_last) and not preempted
     do_eval = do_eval or (is_last and config.eval.get("at_end", True))
-    do_ckpt = is_last or (ckpt_every > 0 and step % ckpt_every == 0)
+    do_ckpt = is_last or preempted or (ckpt_every > 0 and step % ckpt_every == 0)
     if step % log_every == 0 or is_last or do_ckpt or do_eval:
       m = trainer.check_finite(metrics, describe_bad_step)
       if step % log_every == 0 or is_last:
@@ -505,13 +549,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         history.append(dict(step=step, **scalars))
         data_wait, t_interval, steps_in_interval = 0.0, time.time(), 0
     if do_ckpt:
-      mngr.save(step, args=ocp.args.StandardSave(state))
+      saver.save(step, state)
+    if preempted:
+      saved = saver.finish()
+      _log(
+        f"preemption (SIGTERM): every process stopped after step {step}; checkpoint "
+        f"{os.path.join(ckpt_dir, str(saved))} written; the same command resumes from it"
+      )
+      break
     if do_eval:
       with progress.timed("eval"):
         last_metrics = run_eval(state, step)
 
-  mngr.wait_until_finished()
-  mngr.close()
+  saver.finish()
+  saver.close()
   if not last_metrics and curve:
     last_metrics = {
       k: v for k, v in curve[-1].items() if k not in ("step", "images_seen", "wall_s", "eval_s")
@@ -524,6 +575,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     "history": history,
     "step": step,
     "train_step_compilations": train_step._cache_size(),
+    "preempted": watch.step is not None and step < total_steps,
   }  # pylint: disable=protected-access
 
 
