@@ -12,6 +12,7 @@ waits for it, and returns normally (exit status 0); the same command resumes fro
     `reached` at every step from the same start step.
   * One process: a Python SIGTERM handler sets a flag; the next step is the sync step. The
     previous handler is put back when the watch closes.
+With several processes but JAX's preemption service disabled, SIGTERM keeps its default action.
 """
 
 import signal
@@ -35,7 +36,10 @@ class PreemptionWatch:
     self.signalled = False
     self.step: Optional[int] = None  # the step at which the watch fired
     self._previous = None
-    self._multi = jax.process_count() > 1 and _sync_manager_running()
+    self._multi = jax.process_count() > 1
+    # Without JAX's manager (jax_enable_preemption_service=False) the processes could not agree
+    # on a step: SIGTERM then keeps its default action (the run resumes from its last save).
+    self._enabled = not self._multi or _sync_manager_running()
 
   def __enter__(self) -> "PreemptionWatch":
     # JAX's manager has its own SIGTERM handler on several processes: leave it in place.
@@ -54,7 +58,9 @@ class PreemptionWatch:
 
   def reached(self, step: int) -> bool:
     """True when training should save at `step` and stop (the same step on every process)."""
-    if self._multi:
+    if not self._enabled:
+      hit = False
+    elif self._multi:
       hit = bool(multihost_utils.reached_preemption_sync_point(step))
     else:
       hit = self.signalled
