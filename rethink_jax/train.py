@@ -335,6 +335,8 @@ def _train_and_evaluate(
 
   t_start = time.time()
   workdir = os.path.abspath(workdir)
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  checkpoints.check_writable(ckpt_dir)  # before anything else: a bad workdir fails at once
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
     files.atomic_write(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=1))
@@ -363,8 +365,6 @@ def _train_and_evaluate(
 
   # == Checkpoints =============================================================================
   ckpt_cfg = config.checkpoint
-  ckpt_dir = os.path.join(workdir, "checkpoints")
-  checkpoints.check_writable(ckpt_dir)
   # The data position follows the newest complete step; restore_latest confirms it below.
   resume_step = max(
     (s for s in checkpoints.step_dirs(ckpt_dir) if checkpoints.is_committed(ckpt_dir, s)),

@@ -77,7 +77,8 @@ def _env():
     JAX_PLATFORMS="cpu",
     CUDA_VISIBLE_DEVICES="",
     TF_CPP_MIN_LOG_LEVEL="2",
-    XLA_FLAGS="--xla_force_host_platform_device_count=2",
+    # conftest's XLA:CPU flag (rethink_jax.runtime) stays: without it the step is far slower.
+    XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2",
     JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
     PYTHONPATH=ROOT,
   )
