@@ -155,10 +155,12 @@ _KILL_WORKER = textwrap.dedent(r"""
   from tests.test_train_faults import kill_config
 
   real_finalize = atomicity.AtomicRenameTemporaryPath.finalize
-  async def slow_finalize(self, *args, **kwargs):  # widens the commit for the kills to hit
-    with open(spec["progress"], "a") as f:
-      f.write(f"commit {os.path.basename(str(self._final_path))}\n")
-    time.sleep(1.5)
+  async def slow_finalize(self, *args, **kwargs):  # widens a step's commit for the kills to hit
+    name = os.path.basename(str(self._final_path))
+    if name.isdigit():
+      with open(spec["progress"], "a") as f:
+        f.write(f"commit {name}\n")
+      time.sleep(3.0)
     return await real_finalize(self, *args, **kwargs)
   atomicity.AtomicRenameTemporaryPath.finalize = slow_finalize
 
@@ -217,11 +219,10 @@ def test_sigkill_at_random_moments_then_finish(shapes_dir, tmp_path):
     try:
       deadline = time.time() + 300
       while proc.poll() is None and time.time() < deadline and mode != "finish":
-        lines = _progress(progress)
-        if mode == "commit" and any(kind == "commit" for kind, _ in lines):
-          time.sleep(rng.uniform(0.0, 1.0))  # inside the 1.5 s commit
+        if mode == "commit" and any(kind == "commit" for kind, _ in _progress(progress)):
+          time.sleep(rng.uniform(0.0, 1.0))  # inside the 3 s commit of a new step
           break
-        if mode == "random" and any(kind == "step" for kind, _ in lines):
+        if mode == "random" and _committed(ckpt_dir) != before:  # once it made progress
           time.sleep(rng.uniform(0.0, 2.5))
           break
         time.sleep(0.1)
@@ -236,7 +237,8 @@ def test_sigkill_at_random_moments_then_finish(shapes_dir, tmp_path):
     text = log.read()
     log.close()
     lines = _progress(progress)
-    events.append((mode, rc, lines[-1] if lines else None, _committed(ckpt_dir)))
+    in_commit = [int(n) for kind, n in lines if kind == "commit"][-1:] if mode == "commit" else []
+    events.append((mode, rc, lines[-1] if lines else None, _committed(ckpt_dir), in_commit))
     where = f"seed {seed}, run {i} ({mode}): {events}\n{text[-3000:]}"
     # Each start resumed from the newest complete checkpoint of the previous run.
     if before:
@@ -245,11 +247,15 @@ def test_sigkill_at_random_moments_then_finish(shapes_dir, tmp_path):
       assert "resumed from" not in text, where
     # Only complete checkpoints are steps; every one of them restores (checked at the end).
     assert all(checkpoints.is_committed(ckpt_dir, s) for s in checkpoints.step_dirs(ckpt_dir))
+    # A step killed in its commit is not a checkpoint (its temporary directory is not a step).
+    assert not set(in_commit) & set(_committed(ckpt_dir)), where
     if mode == "finish":
       assert rc == 0, where
     else:
       assert rc in (-signal.SIGKILL, 0), where
   print("kills:", events)
+  assert sum(1 for e in events if e[0] == "commit" and e[1] == -signal.SIGKILL and e[4]) == 2
+  assert len({tuple(e[3]) for e in events}) >= 3, events  # restarts resumed from later steps
 
   reference = str(tmp_path / "reference")
   train.train_and_evaluate(kill_config(shapes_dir), reference)
