@@ -291,6 +291,17 @@ def restore_checkpoint(config: ml_collections.ConfigDict, ckpt_dir: str, parts) 
   return state, step
 
 
+def missing_evaluation(config, curve: list, step: int, total_steps: int) -> bool:
+  """Whether the run resumed at `step` owes that step's evaluation: one was due there (every
+  eval_every steps, or the final one) but the curve lacks it (a kill or a preemption after the
+  checkpoint, before the evaluation was written)."""
+  eval_every = int(config.get("eval_every", 0) or 0)
+  if step <= 0 or any(p["step"] == step for p in curve):
+    return False
+  due = eval_every > 0 and (step % eval_every == 0 or step == total_steps)
+  return due or (step == total_steps and config.eval.get("at_end", True))
+
+
 # ------------------------------------------------------------------------------------------------
 # The curve file (compare.py reads it through read_curve).
 # ------------------------------------------------------------------------------------------------
@@ -517,6 +528,9 @@ def _train_and_evaluate(
   step = start_step
   if start_step == 0 and eval_every > 0 and config.eval.get("at_start", False):
     last_metrics = run_eval(state, 0)
+  if missing_evaluation(config, curve, start_step, total_steps):
+    _log(f"step {start_step}: its evaluation was interrupted; evaluating it now")
+    last_metrics = run_eval(state, start_step)
   while step < total_steps:
     with jax.profiler.StepTraceAnnotation("train", step_num=step):
       t0 = time.perf_counter()

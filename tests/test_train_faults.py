@@ -141,6 +141,56 @@ def test_storage_faults_stop_early_and_lose_nothing(shapes_dir, tmp_path, monkey
   assert [h["step"] for h in out["history"]] == [3, 4]
 
 
+def test_missing_evaluation_is_owed_after_an_interruption():
+  c = tiny_config(None, 8, eval_every=4)
+  c.eval.at_end = True
+  assert train.missing_evaluation(c, [], 4, 8)  # killed after checkpoint 4, before its eval
+  assert not train.missing_evaluation(c, [{"step": 4}], 4, 8)
+  assert not train.missing_evaluation(c, [], 6, 8)  # no evaluation due at step 6
+  assert not train.missing_evaluation(c, [], 0, 8)
+  c.eval_every = 0
+  assert train.missing_evaluation(c, [{"step": 4}], 8, 8)  # the final one
+  c.eval.at_end = False
+  assert not train.missing_evaluation(c, [], 8, 8)
+
+
+@pytest.mark.slow
+def test_sigterm_on_one_process_saves_and_resumes(shapes_dir, tmp_path, monkeypatch, capsys):
+  """SIGTERM while step 3's batch is read: the run saves step 3 and returns; the same call then
+  finishes with the uninterrupted run's losses."""
+  from rethink_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+
+  full = _losses(
+    train.train_and_evaluate(tiny_config(shapes_dir, 4), str(tmp_path / "full"))["history"]
+  )
+  real = pipeline.make_train_iterator
+
+  def signalled(*args, start_step=0, **kwargs):
+    for step, batch in enumerate(real(*args, start_step=start_step, **kwargs), start_step):
+      if step == 2:
+        os.kill(os.getpid(), signal.SIGTERM)  # the watch's handler only sets a flag
+      yield batch
+
+  monkeypatch.setattr(pipeline, "make_train_iterator", signalled)
+  workdir = str(tmp_path / "cut")
+  handler = signal.getsignal(signal.SIGTERM)
+  capsys.readouterr()
+  cut = train.train_and_evaluate(
+    tiny_config(shapes_dir, 4, **{"checkpoint.every_steps": 0}), workdir
+  )
+  assert cut["preempted"] and cut["step"] == 3, cut
+  assert "every process stopped after step 3" in capsys.readouterr().out
+  assert sorted(checkpoints.step_dirs(os.path.join(workdir, "checkpoints"))) == [3]
+  assert signal.getsignal(signal.SIGTERM) == handler  # the watch put the handler back
+  monkeypatch.undo()
+  rest = train.train_and_evaluate(tiny_config(shapes_dir, 4), workdir)
+  assert not rest["preempted"] and rest["step"] == 4
+  resumed = {**_losses(cut["history"]), **_losses(rest["history"])}
+  assert sorted(resumed) == [1, 2, 3, 4]
+  for s in full:
+    np.testing.assert_allclose(resumed[s], full[s], rtol=1e-6, err_msg=f"step {s}")
+
+
 # ------------------------------------------------------------------------------------------------
 # SIGKILL at random moments.
 # ------------------------------------------------------------------------------------------------
