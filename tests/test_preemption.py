@@ -231,6 +231,6 @@ def test_sigterm_saves_at_one_agreed_step_and_resumes_exactly(tmp_path):
   for k, v in want.items():
     np.testing.assert_allclose(got[k], v, rtol=1e-6, atol=1e-6, err_msg=k)
   # The runs trained: the final parameters are not the initial ones.
-  first = _final_params(cut_dir, 2)
+  first = _final_params(cut_dir, stop)
   moved = max(float(np.abs(want[k] - first[k]).max()) for k in want)
   assert moved > 1e-4, moved
