@@ -2,7 +2,7 @@
 
 Every recipe file is `get_config(arg) -> ml_collections.ConfigDict` with these groups:
   seed, batch_size (global images per step), init_from (backbone checkpoint dir or ""),
-  eval_every (steps; the AP-versus-iteration curve), log_every (steps),
+  eval_every (steps; the AP-versus-iteration curve), log_every (steps), data_timeout_s,
   model      rethink_jax.models.default_model_config() with the recipe's overrides,
   data       the input pipeline (rethink_jax/data/pipeline.py),
   optim      base_lr (at schedule.base_batch_size images), momentum, weight_decay,
@@ -173,6 +173,7 @@ def base_config(
   c.schedule = schedule_config(multiple)
   c.eval_every = eval_every or int(round(ITERS_1X / 2 * 16 / batch_size))
   c.log_every = 20
+  c.data_timeout_s = 1800.0  # a training batch taking longer stops the run (0: wait forever)
   c.eval = ml_collections.ConfigDict(dict(batch_size=8, num_images=0, at_start=False, at_end=True))
   c.checkpoint = ml_collections.ConfigDict(
     dict(

@@ -505,7 +505,9 @@ def _train_and_evaluate(
   image_ids = collections.deque(maxlen=log_every + 1)  # (step, this process's image ids)
   history, last_metrics = [], {}
   data_wait, t_interval, steps_in_interval = 0.0, time.time(), 0
-  batches = _prepend(first, train_iter)
+  batches = trainer.with_timeout(
+    _prepend(first, train_iter), float(config.get("data_timeout_s", 0) or 0), start_step
+  )
 
   def describe_bad_step(bad, m):
     """The NaN stop's message; waits for the checkpoints and closes the writers first."""
