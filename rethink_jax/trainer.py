@@ -11,7 +11,9 @@ One program for one CPU, a GPU box or a TPU pod slice:
     host with the metrics it fetches anyway: no host round trip inside the step);
   * `build(...)`: the task's model, optimizer, abstract state, shardings and the jitted init,
     train step (state donated) and predict, the one construction every user of a step goes
-    through (training, benchmarks, ahead-of-time TPU compilation).
+    through (training, benchmarks, ahead-of-time TPU compilation);
+  * `with_timeout(batches, timeout_s)`: the host batches read one ahead by a thread, so that a
+    stalled input pipeline stops the run with an error instead of hanging it.
 
 A task supplies three functions of its model:
   init_variables(model, rngs, batch) -> variables {"params", other collections};
