@@ -68,6 +68,8 @@ def _truncate_largest_array(step_dir):
   os.truncate(path, os.path.getsize(path) // 2)
 
 
+# orbax leaves the reads of a truncated checkpoint's other arrays unawaited.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 @pytest.mark.slow
 def test_damaged_checkpoints_fall_back_or_stop(shapes_dir, tmp_path, capsys):
   workdir = str(tmp_path / "run")
