@@ -3,7 +3,7 @@
 Every recipe file is `get_config(arg) -> ml_collections.ConfigDict` with these groups:
   seed, batch_size (global images per step), init_from (backbone checkpoint dir or ""),
   init_from_detector (whole detector checkpoint dir or ""),
-  eval_every (steps; the AP-versus-iteration curve), log_every (steps),
+  eval_every (steps; the AP-versus-iteration curve), log_every (steps), data_timeout_s,
   model      rethink_jax.models.default_model_config() with the recipe's overrides,
   data       the input pipeline (rethink_jax/data/pipeline.py),
   optim      base_lr (at schedule.base_batch_size images), momentum, weight_decay,
@@ -12,7 +12,7 @@ Every recipe file is `get_config(arg) -> ml_collections.ConfigDict` with these g
              decay_steps (0 / () = derived by rethink_jax.optim.schedule), decay_factor,
   eval       batch_size (global), num_images (0 = the whole split, else its first N images),
              at_start (evaluate the initial model too), at_end (evaluate after the last step),
-  checkpoint every_steps, keep, async_save,
+  checkpoint every_steps, keep, async_save, restart_if_unreadable,
   reference  the paper's numbers for this recipe (documentation and comparisons only).
 Import from a recipe file as `from configs import common` (from the repository root, or anywhere
 after `pip install -e .`).
@@ -175,8 +175,16 @@ def base_config(
   c.schedule = schedule_config(multiple)
   c.eval_every = eval_every or int(round(ITERS_1X / 2 * 16 / batch_size))
   c.log_every = 20
+  c.data_timeout_s = 1800.0  # a training batch taking longer stops the run (0: wait forever)
   c.eval = ml_collections.ConfigDict(dict(batch_size=8, num_images=0, at_start=False, at_end=True))
-  c.checkpoint = ml_collections.ConfigDict(dict(every_steps=5000, keep=3, async_save=True))
+  c.checkpoint = ml_collections.ConfigDict(
+    dict(
+      every_steps=5000,
+      keep=3,
+      async_save=True,
+      restart_if_unreadable=False,  # True: start over when checkpoints exist but none restores
+    )
+  )
   c.reference = ml_collections.ConfigDict()
   return c
 

@@ -10,7 +10,10 @@ loss is the model's training losses, its predict the detections. Every host runs
   * orbax checkpoints (asynchronous, every `checkpoint.every_steps` and at the end, the last
     `checkpoint.keep` kept); a run started again in the same workdir resumes exactly: parameters,
     optimizer state, batch statistics, step, rng, and the data position (the pipeline's
-    start_step);
+    start_step). Faults (rethink_jax/checkpoints.py, rethink_jax/preemption.py): an unwritable
+    workdir fails before training; a damaged newest checkpoint is skipped for the newest one
+    that restores; a failed write stops training naming the step; SIGTERM saves at a step all
+    processes agree on and returns (exit status 0);
   * `init_from`: a backbone checkpoint (rethink_jax.convert.save_backbone's format, from converted
     ImageNet weights or from pre-training) loaded into params["backbone"]["bottom_up"];
   * `init_from_detector`: a whole detector (rethink_jax.detector_checkpoint's format) loaded into
@@ -45,10 +48,11 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 
+from rethink_jax import checkpoints
 from rethink_jax import files
 from rethink_jax import optim
+from rethink_jax import preemption
 from rethink_jax import trainer
 
 CURVE_FILE = "eval_curve.json"
@@ -529,6 +533,34 @@ def make_evaluator(config: ml_collections.ConfigDict, predict_fn):
 
 
 # ------------------------------------------------------------------------------------------------
+# Resuming.
+# ------------------------------------------------------------------------------------------------
+def restore_checkpoint(config: ml_collections.ConfigDict, ckpt_dir: str, parts) -> tuple:
+  """(state, step) of ckpt_dir's newest checkpoint that restores, or (None, None) with none;
+  damaged newer ones are logged and moved aside (rethink_jax.checkpoints.restore_latest)."""
+  state, step = checkpoints.restore_latest(
+    ckpt_dir,
+    trainer.abstract_state_with_shardings(parts),
+    restart_if_unreadable=bool(config.checkpoint.get("restart_if_unreadable", False)),
+    log=_log,
+  )
+  if step is not None:
+    _log(f"resumed from {ckpt_dir} at step {step}")
+  return state, step
+
+
+def missing_evaluation(config, curve: list, step: int, total_steps: int) -> bool:
+  """Whether the run resumed at `step` owes that step's evaluation: one was due there (every
+  eval_every steps, or the final one) but the curve lacks it (a kill or a preemption after the
+  checkpoint, before the evaluation was written)."""
+  eval_every = int(config.get("eval_every", 0) or 0)
+  if step <= 0 or any(p["step"] == step for p in curve):
+    return False
+  due = eval_every > 0 and (step % eval_every == 0 or step == total_steps)
+  return due or (step == total_steps and config.eval.get("at_end", True))
+
+
+# ------------------------------------------------------------------------------------------------
 # The curve file (compare.py reads it through read_curve).
 # ------------------------------------------------------------------------------------------------
 def read_curve(workdir: str) -> list:
@@ -556,9 +588,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     {"metrics": the last evaluation's metrics ({"bbox/AP", "segm/AP", ...}, {} if none),
      "curve": every evaluation of this workdir [{"step", "images_seen", "wall_s", ...}],
      "history": the logged train metrics of this call [{"step", "loss_*", "lr", ...}],
-     "step": the final step, "train_step_compilations": 1 unless something recompiled}.
-  Raises NonFiniteLossError when a loss or gradient is not finite.
+     "step": the final step, "train_step_compilations": 1 unless something recompiled,
+     "preempted": True when a SIGTERM stopped it early (a checkpoint of "step" was written)}.
+  Raises NonFiniteLossError when a loss or gradient is not finite, checkpoints.CheckpointError
+  when the workdir cannot hold checkpoints, a write fails, or no existing checkpoint restores.
   """
+  with preemption.PreemptionWatch() as watch:
+    return _train_and_evaluate(config, workdir, watch)
+
+
+def _train_and_evaluate(
+  config: ml_collections.ConfigDict, workdir: str, watch: preemption.PreemptionWatch
+) -> dict:
   from rethink_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   from rethink_jax.data import recipe as data_recipe  # pylint: disable=g-import-not-at-top
 
@@ -566,6 +607,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   config = data_recipe.resolve_config(config)
   t_start = time.time()
   workdir = os.path.abspath(workdir)
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  checkpoints.check_writable(ckpt_dir)  # before anything else: a bad workdir fails at once
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
     files.atomic_write(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=1))
@@ -592,16 +635,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   # == Checkpoints =============================================================================
   ckpt_cfg = config.checkpoint
-  ckpt_dir = os.path.join(workdir, "checkpoints")
-  mngr = ocp.CheckpointManager(
-    ckpt_dir,
-    options=ocp.CheckpointManagerOptions(
-      max_to_keep=int(ckpt_cfg.get("keep", 3)),
-      create=True,
-      enable_async_checkpointing=bool(ckpt_cfg.get("async_save", True)),
-    ),
+  # The data position follows the newest complete step; restore_latest confirms it below.
+  resume_step = max(
+    (s for s in checkpoints.step_dirs(ckpt_dir) if checkpoints.is_committed(ckpt_dir, s)),
+    default=None,
   )
-  resume_step = mngr.latest_step()
   start_step = int(resume_step or 0)
   pretrained = config.get("init_from") or config.get("init_from_detector")
   if resume_step is None and config.get("require_init_from") and not pretrained:
@@ -628,12 +666,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   parts = build_parts(config, sched, mesh, sample)
   train_step, predict_fn = parts.train_step, parts.predict_fn
 
-  if resume_step is not None:
-    state = mngr.restore(
-      resume_step, args=ocp.args.StandardRestore(trainer.abstract_state_with_shardings(parts))
+  state, found = restore_checkpoint(config, ckpt_dir, parts)
+  if found != resume_step:  # the newest step was damaged: the data restarts where the state is
+    resume_step, start_step = found, int(found or 0)
+    train_iter = pipeline.make_train_iterator(
+      config.data,
+      local_batch,
+      seed=int(config.seed),
+      start_step=start_step,
+      process_index=jax.process_index(),
+      process_count=n_proc,
     )
-    _log(f"resumed from {ckpt_dir} at step {resume_step}")
-  else:
+    first = next(train_iter)
+  saver = checkpoints.Saver(
+    checkpoints.make_manager(
+      ckpt_dir,
+      keep=int(ckpt_cfg.get("keep", 3)),
+      async_save=bool(ckpt_cfg.get("async_save", True)),
+    ),
+    ckpt_dir,
+  )
+  mngr = saver.mngr
+  if resume_step is None:
     state = initial_state(config, parts, rng, sample)
   parameter_overview.log_parameter_overview(
     state["params"], include_stats=False, msg="parameters", jax_logging_process=0
@@ -680,7 +734,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   image_ids = collections.deque(maxlen=log_every + 1)  # (step, this process's image ids)
   history, last_metrics = [], {}
   data_wait, t_interval, steps_in_interval = 0.0, time.time(), 0
-  batches = _prepend(first, train_iter)
+  batches = trainer.with_timeout(
+    _prepend(first, train_iter), float(config.get("data_timeout_s", 0) or 0), start_step
+  )
 
   def describe_bad_step(bad, m):
     """The NaN stop's message; waits for the checkpoints and closes the writers first."""
@@ -703,6 +759,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   step = start_step
   if start_step == 0 and eval_every > 0 and config.eval.get("at_start", False):
     last_metrics = run_eval(state, 0)
+  if missing_evaluation(config, curve, start_step, total_steps):
+    _log(f"step {start_step}: its evaluation was interrupted; evaluating it now")
+    last_metrics = run_eval(state, start_step)
   while step < total_steps:
     with jax.profiler.StepTraceAnnotation("train", step_num=step):
       t0 = time.perf_counter()
@@ -714,9 +773,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     steps_in_interval += 1
     progress(step)
     is_last = step == total_steps
-    do_eval = eval_every > 0 and (step % eval_every == 0 or is_last)
+    preempted = watch.reached(step) and not is_last
+    do_eval = eval_every > 0 and (step % eval_every == 0 or is_last) and not preempted
     do_eval = do_eval or (is_last and config.eval.get("at_end", True))
-    do_ckpt = is_last or (ckpt_every > 0 and step % ckpt_every == 0)
+    do_ckpt = is_last or preempted or (ckpt_every > 0 and step % ckpt_every == 0)
     if step % log_every == 0 or is_last or do_ckpt or do_eval:
       m = trainer.check_finite(metrics, describe_bad_step)
       if step % log_every == 0 or is_last:
@@ -734,13 +794,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         history.append(dict(step=step, **scalars))
         data_wait, t_interval, steps_in_interval = 0.0, time.time(), 0
     if do_ckpt:
-      mngr.save(step, args=ocp.args.StandardSave(state))
+      saver.save(step, state)
+    if preempted:
+      saved = saver.finish()
+      _log(
+        f"preemption (SIGTERM): every process stopped after step {step}; checkpoint "
+        f"{os.path.join(ckpt_dir, str(saved))} written; the same command resumes from it"
+      )
+      break
     if do_eval:
       with progress.timed("eval"):
         last_metrics = run_eval(state, step)
 
-  mngr.wait_until_finished()
-  mngr.close()
+  saver.finish()
+  saver.close()
   if not last_metrics and curve:
     last_metrics = {
       k: v for k, v in curve[-1].items() if k not in ("step", "images_seen", "wall_s", "eval_s")
@@ -753,6 +820,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     "history": history,
     "step": step,
     "train_step_compilations": train_step._cache_size(),
+    "preempted": watch.step is not None and step < total_steps,
   }  # pylint: disable=protected-access
 
 
@@ -787,16 +855,9 @@ def evaluate_only(config: ml_collections.ConfigDict, workdir: str) -> dict:
   parts = build_parts(config, sched, mesh, sample)
 
   ckpt_dir = os.path.join(workdir, "checkpoints")
-  step = None
+  state, step = None, None
   if os.path.isdir(ckpt_dir):
-    mngr = ocp.CheckpointManager(ckpt_dir)
-    try:
-      step = mngr.latest_step()
-      if step is not None:
-        target = trainer.abstract_state_with_shardings(parts)
-        state = mngr.restore(step, args=ocp.args.StandardRestore(target))
-    finally:
-      mngr.close()
+    state, step = restore_checkpoint(config, ckpt_dir, parts)
   if step is not None:
     source = os.path.join(ckpt_dir, str(step))
     if config.get("init_from_detector"):

@@ -11,7 +11,9 @@ One program for one CPU, a GPU box or a TPU pod slice:
     host with the metrics it fetches anyway: no host round trip inside the step);
   * `build(...)`: the task's model, optimizer, abstract state, shardings and the jitted init,
     train step (state donated) and predict, the one construction every user of a step goes
-    through (training, benchmarks, ahead-of-time TPU compilation).
+    through (training, benchmarks, ahead-of-time TPU compilation);
+  * `with_timeout(batches, timeout_s)`: the host batches read one ahead by a thread, so that a
+    stalled input pipeline stops the run with an error instead of hanging it.
 
 A task supplies three functions of its model:
   init_variables(model, rngs, batch) -> variables {"params", other collections};
@@ -19,8 +21,10 @@ A task supplies three functions of its model:
   predict(model, variables, batch) -> {name: (B, ...) per-row outputs}.
 """
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 import functools
+import queue
+import threading
 import time
 import types
 from typing import Any, Optional
@@ -260,3 +264,54 @@ def check_finite(metrics: dict, describe: Callable[[int, dict], str]) -> dict:
   if bad >= 0:
     raise NonFiniteLossError(describe(bad, m))
   return m
+
+
+class DataStallError(TimeoutError):
+  """The input pipeline gave no batch for longer than the configured timeout."""
+
+
+def with_timeout(batches: Iterator, timeout_s: float, start_step: int = 0) -> Iterator:
+  """`batches`, read one ahead by a thread; raises DataStallError naming the step when the next
+  batch takes longer than `timeout_s` seconds (0: wait forever, no thread). Errors of the
+  pipeline are raised here, in the caller's thread."""
+  if timeout_s <= 0:
+    yield from batches
+    return
+  items: queue.Queue = queue.Queue(maxsize=1)
+  stop = threading.Event()
+
+  def produce():
+    try:
+      for item in batches:
+        while not stop.is_set():
+          try:
+            items.put((True, item), timeout=1.0)
+            break
+          except queue.Full:
+            continue
+        if stop.is_set():
+          return
+      items.put((False, StopIteration()))
+    except BaseException as e:  # pylint: disable=broad-except
+      items.put((False, e))
+
+  threading.Thread(target=produce, daemon=True, name="train_batches").start()
+  step = start_step
+  try:
+    while True:
+      try:
+        ok, item = items.get(timeout=timeout_s)
+      except queue.Empty:
+        raise DataStallError(
+          f"the training data gave no batch for {timeout_s:g} s at step {step} (process "
+          f"{jax.process_index()}): the input pipeline or its storage stalls. Training stopped; "
+          f"the last checkpoint is intact (config.data_timeout_s sets the limit)."
+        ) from None
+      if not ok:
+        if isinstance(item, StopIteration):
+          return
+        raise item
+      yield item
+      step += 1
+  finally:
+    stop.set()

@@ -2,7 +2,8 @@
 
 tfds' own coco/2017 has no instance masks, hence this builder. It reads a COCO-format annotation
 JSON and its image folder per split and writes this project's record format (data/instances.py):
-image bytes as they are (JPEG or PNG; other formats re-encoded as PNG), image id, file name, size,
+image bytes (8-bit RGB or grayscale JPEG / PNG as they are, anything else converted to an RGB PNG:
+`rgb_image_bytes`), image id, file name, size,
 and objects with box, contiguous label, original category id, is_crowd, area, annotation id and the
 instance mask (polygons and both RLE forms, converted with pycocotools, stored as uncompressed RLE).
 Images without annotations are kept (evaluation needs them; the pipeline may drop them for
@@ -47,6 +48,7 @@ import os
 
 from absl import logging
 from etils import epath
+import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 import tensorflow_datasets as tfds
@@ -344,8 +346,38 @@ def _annotation_mask(ann, h, w, ann_file):
     raise ValueError(f"{ann_file}: annotation {ann['id']}: bad segmentation ({e})") from e
 
 
+def _png_bit_depth(data: bytes) -> int:
+  """The bit depth in a PNG's IHDR chunk (byte 24 of the file)."""
+  return data[24] if len(data) > 24 and data[:8] == b"\x89PNG\r\n\x1a\n" else 8
+
+
+def rgb_image_bytes(im: Image.Image, data: bytes) -> bytes:
+  """`data` (the file of `im`) when it is an 8-bit RGB or grayscale JPEG / PNG, else the image
+  as an 8-bit RGB PNG.
+
+  The records declare (H, W, 3) uint8 images. tf.data's decoder converts anything to that, but
+  tfds' NumPy reader (builder.as_data_source, grain) decodes the bytes with PIL as they are:
+  RGBA / CMYK -> 4 channels, palette -> indices, 16-bit -> wrapped values. Converting here makes
+  both readers return the same pixels. Alpha is dropped (as tf.data does); 16-bit values map to
+  8 bits as round(v / 257); CMYK and palette go through PIL's RGB conversion.
+  """
+  kept = im.format in ("JPEG", "PNG") and im.mode in ("RGB", "L")
+  if kept and not (im.format == "PNG" and _png_bit_depth(data) > 8):
+    return data
+  if im.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit (or 32-bit) grayscale
+    arr = np.asarray(im, np.float64)
+    scale = 257.0 if arr.max(initial=0) > 255 or im.mode.startswith("I;16") else 1.0
+    gray = np.clip(np.round(arr / scale), 0, 255).astype(np.uint8)
+    rgb = Image.fromarray(gray, "L").convert("RGB")
+  else:
+    rgb = im.convert("RGB")
+  buf = io.BytesIO()
+  rgb.save(buf, format="PNG")
+  return buf.getvalue()
+
+
 def _read_image(path, img, verify, skip_bad, dropped):
-  """Encoded bytes of an image file (JPEG/PNG kept, others re-encoded as PNG); None if skipped."""
+  """Encoded bytes of an image file (rgb_image_bytes); None if skipped."""
   if not path.exists():
     if skip_bad:
       dropped["missing_image"] += 1
@@ -355,13 +387,10 @@ def _read_image(path, img, verify, skip_bad, dropped):
   data = path.read_bytes()
   try:
     with Image.open(io.BytesIO(data)) as im:
-      size, fmt = im.size, im.format
-      if verify or fmt not in ("JPEG", "PNG"):
+      size = im.size
+      if verify:
         im.load()
-      if fmt not in ("JPEG", "PNG"):
-        buf = io.BytesIO()
-        im.convert("RGB").save(buf, format="PNG")
-        data = buf.getvalue()
+      data = rgb_image_bytes(im, data)
   except Exception as e:  # pylint: disable=broad-except
     if skip_bad:
       dropped["corrupt_image"] += 1
