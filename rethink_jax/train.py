@@ -650,14 +650,18 @@ def _train_and_evaluate(
     )
 
   # == Data ====================================================================================
-  train_iter = pipeline.make_train_iterator(
-    config.data,
-    local_batch,
-    seed=int(config.seed),
-    start_step=start_step,
-    process_index=jax.process_index(),
-    process_count=n_proc,
-  )
+  def train_data(step: int) -> Iterator:
+    """This process's batches from `step` on (deterministic in the seed and the step)."""
+    return pipeline.make_train_iterator(
+      config.data,
+      local_batch,
+      seed=int(config.seed),
+      start_step=step,
+      process_index=jax.process_index(),
+      process_count=n_proc,
+    )
+
+  train_iter = train_data(start_step)
   first = next(train_iter)
 
   # == Model, optimizer, state =================================================================
@@ -669,14 +673,7 @@ def _train_and_evaluate(
   state, found = restore_checkpoint(config, ckpt_dir, parts)
   if found != resume_step:  # the newest step was damaged: the data restarts where the state is
     resume_step, start_step = found, int(found or 0)
-    train_iter = pipeline.make_train_iterator(
-      config.data,
-      local_batch,
-      seed=int(config.seed),
-      start_step=start_step,
-      process_index=jax.process_index(),
-      process_count=n_proc,
-    )
+    train_iter = train_data(start_step)
     first = next(train_iter)
   saver = checkpoints.Saver(
     checkpoints.make_manager(

@@ -308,6 +308,16 @@ def _flat_ratios(aspect_ratios: Any) -> tuple[float, ...]:
   return tuple(float(r) for r in (first if isinstance(first, (list, tuple)) else aspect_ratios))
 
 
+def _set_head(head: ml_collections.ConfigDict, section: Mapping) -> None:
+  """The conv width, norm and pooler of a box or mask head from its ROI_*_HEAD section."""
+  head.conv_dim = int(section["CONV_DIM"])
+  head.norm = section["NORM"]
+  head.num_groups = GN_GROUPS
+  head.pooler_resolution = int(section["POOLER_RESOLUTION"])
+  head.pooler_sampling_ratio = int(section["POOLER_SAMPLING_RATIO"])
+  head.pooler_aligned = POOLER_TYPES[section["POOLER_TYPE"]]
+
+
 def model_config_from_d2(cfg: Mapping) -> ml_collections.ConfigDict:
   """The model config (default_model_config() layout) of a Detectron2 config (read_d2_config)."""
   _check_supported(cfg)
@@ -363,22 +373,12 @@ def model_config_from_d2(cfg: Mapping) -> ml_collections.ConfigDict:
   num_conv, num_fc = int(b["NUM_CONV"]), int(b["NUM_FC"])
   c.box_head.name = "2fc" if (num_conv, num_fc) == (0, 2) else "4conv1fc"
   c.box_head.num_conv, c.box_head.num_fc = num_conv, num_fc
-  c.box_head.conv_dim = int(b["CONV_DIM"])
   c.box_head.fc_dim = int(b["FC_DIM"])
-  c.box_head.norm = b["NORM"]
-  c.box_head.num_groups = GN_GROUPS
-  c.box_head.pooler_resolution = int(b["POOLER_RESOLUTION"])
-  c.box_head.pooler_sampling_ratio = int(b["POOLER_SAMPLING_RATIO"])
-  c.box_head.pooler_aligned = POOLER_TYPES[b["POOLER_TYPE"]]
+  _set_head(c.box_head, b)
 
   k = m["ROI_MASK_HEAD"]
   c.mask_head.num_conv = int(k["NUM_CONV"])
-  c.mask_head.conv_dim = int(k["CONV_DIM"])
-  c.mask_head.norm = k["NORM"]
-  c.mask_head.num_groups = GN_GROUPS
-  c.mask_head.pooler_resolution = int(k["POOLER_RESOLUTION"])
-  c.mask_head.pooler_sampling_ratio = int(k["POOLER_SAMPLING_RATIO"])
-  c.mask_head.pooler_aligned = POOLER_TYPES[k["POOLER_TYPE"]]
+  _set_head(c.mask_head, k)
   # Detectron2 trains the mask head on every sampled foreground ROI: at most this many.
   c.mask_head.max_fg_rois = int(h["BATCH_SIZE_PER_IMAGE"] * h["POSITIVE_FRACTION"])
 
