@@ -275,85 +275,84 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
 # Each renamer returns (renamed {d2_name: array}, origin {d2_name: src_name}, dropped [src_name],
 # leftovers [src_name]).
 
-_TORCH_NORM = {
-  "weight": "weight",
-  "bias": "bias",
-  "running_mean": "running_mean",
-  "running_var": "running_var",
-}
+
+def _rename_by_rules(sd: dict, rules, drop) -> tuple[dict, dict, list, list]:
+  """Renames each key by the first (pattern, new_name(match)) rule whose pattern matches it
+  whole; keys for which drop(key) holds are dropped on purpose, the others are left over."""
+  renamed, origin, dropped, left = {}, {}, [], []
+  for k, v in sd.items():
+    if drop(k):
+      dropped.append(k)
+      continue
+    matches = ((re.fullmatch(pattern, k), new_name) for pattern, new_name in rules)
+    new = next((new_name(m) for m, new_name in matches if m), None)
+    if new is None:
+      left.append(k)
+    else:
+      renamed[new], origin[new] = v, k
+  return renamed, origin, dropped, left
+
+
+_NORM_LEAF = r"(weight|bias|running_mean|running_var)"
+# torchvision / timm: layerL.B.convC / bnC / downsample.{0,1} with L = Detectron2's stage - 1.
+_TORCH_RULES = (
+  (r"conv1\.weight", lambda m: "stem.conv1.weight"),
+  (rf"bn1\.{_NORM_LEAF}", lambda m: f"stem.conv1.norm.{m[1]}"),
+  (r"layer(\d)\.(\d+)\.conv(\d)\.weight", lambda m: f"res{int(m[1]) + 1}.{m[2]}.conv{m[3]}.weight"),
+  (
+    rf"layer(\d)\.(\d+)\.bn(\d)\.{_NORM_LEAF}",
+    lambda m: f"res{int(m[1]) + 1}.{m[2]}.conv{m[3]}.norm.{m[4]}",
+  ),
+  (
+    r"layer(\d)\.(\d+)\.downsample\.0\.weight",
+    lambda m: f"res{int(m[1]) + 1}.{m[2]}.shortcut.weight",
+  ),
+  (
+    rf"layer(\d)\.(\d+)\.downsample\.1\.{_NORM_LEAF}",
+    lambda m: f"res{int(m[1]) + 1}.{m[2]}.shortcut.norm.{m[3]}",
+  ),
+)
 
 
 def _rename_torch(sd: dict) -> tuple[dict, dict, list, list]:
   """torchvision / timm ResNet names -> Detectron2 names."""
-  renamed, origin, dropped, left = {}, {}, [], []
-  for k, v in sd.items():
-    if k.startswith("fc.") or k.endswith("num_batches_tracked"):
-      dropped.append(k)
-      continue
-    new = None
-    m = re.fullmatch(r"conv1\.weight", k)
-    if m:
-      new = "stem.conv1.weight"
-    m = re.fullmatch(r"bn1\.(weight|bias|running_mean|running_var)", k)
-    if m:
-      new = f"stem.conv1.norm.{m.group(1)}"
-    m = re.fullmatch(r"layer(\d)\.(\d+)\.conv(\d)\.weight", k)
-    if m:
-      new = f"res{int(m.group(1)) + 1}.{m.group(2)}.conv{m.group(3)}.weight"
-    m = re.fullmatch(r"layer(\d)\.(\d+)\.bn(\d)\.(weight|bias|running_mean|running_var)", k)
-    if m:
-      new = f"res{int(m.group(1)) + 1}.{m.group(2)}.conv{m.group(3)}.norm.{m.group(4)}"
-    m = re.fullmatch(r"layer(\d)\.(\d+)\.downsample\.0\.weight", k)
-    if m:
-      new = f"res{int(m.group(1)) + 1}.{m.group(2)}.shortcut.weight"
-    m = re.fullmatch(r"layer(\d)\.(\d+)\.downsample\.1\.(weight|bias|running_mean|running_var)", k)
-    if m:
-      new = f"res{int(m.group(1)) + 1}.{m.group(2)}.shortcut.norm.{m.group(3)}"
-    if new is None:
-      left.append(k)
-    else:
-      renamed[new], origin[new] = v, k
-  return renamed, origin, dropped, left
+  drop = lambda k: k.startswith("fc.") or k.endswith("num_batches_tracked")
+  return _rename_by_rules(sd, _TORCH_RULES, drop)
+
+
+_DETECTRON_BRANCH = {
+  "branch1": "shortcut",
+  "branch2a": "conv1",
+  "branch2b": "conv2",
+  "branch2c": "conv3",
+}
+_DETECTRON_SUFFIX = {
+  "w": "weight",
+  "bn_s": "norm.weight",
+  "bn_b": "norm.bias",
+  "gn_s": "norm.weight",
+  "gn_b": "norm.bias",
+  "bn_rm": "norm.running_mean",
+  "bn_riv": "norm.running_var",
+}
+_DETECTRON_RULES = (
+  (r"conv1_w", lambda m: "stem.conv1.weight"),
+  (r"(?:res_conv1|conv1)_(bn_s|bn_b|gn_s|gn_b)", lambda m: "stem.conv1." + _DETECTRON_SUFFIX[m[1]]),
+  (
+    r"res(\d)_(\d+)_(branch1|branch2a|branch2b|branch2c)_(w|bn_s|bn_b|gn_s|gn_b)",
+    lambda m: f"res{m[1]}.{m[2]}.{_DETECTRON_BRANCH[m[3]]}.{_DETECTRON_SUFFIX[m[4]]}",
+  ),
+)
 
 
 def _rename_detectron(sd: dict) -> tuple[dict, dict, list, list]:
   """Caffe2 Detectron names (res2_0_branch2a_w, res2_0_branch2a_bn_s, ...) -> Detectron2 names."""
-  renamed, origin, dropped, left = {}, {}, [], []
-  branch = {"branch1": "shortcut", "branch2a": "conv1", "branch2b": "conv2", "branch2c": "conv3"}
-  suffix = {
-    "w": "weight",
-    "bn_s": "norm.weight",
-    "bn_b": "norm.bias",
-    "gn_s": "norm.weight",
-    "gn_b": "norm.bias",
-    "bn_rm": "norm.running_mean",
-    "bn_riv": "norm.running_var",
-  }
-  for k, v in sd.items():
-    if (
-      k.endswith("_momentum")
-      or re.fullmatch(r"(fc1000|pred|fc)_(w|b)", k)
-      or k in ("lr", "iter", "lr_x")
-    ):
-      dropped.append(k)
-      continue
-    new = None
-    m = re.fullmatch(r"conv1_w", k)
-    if m:
-      new = "stem.conv1.weight"
-    m = re.fullmatch(r"(?:res_conv1|conv1)_(bn_s|bn_b|gn_s|gn_b)", k)
-    if m:
-      new = "stem.conv1." + suffix[m.group(1)]
-    m = re.fullmatch(
-      r"res(\d)_(\d+)_(branch1|branch2a|branch2b|branch2c)_(w|bn_s|bn_b|gn_s|gn_b)", k
-    )
-    if m:
-      new = f"res{m.group(1)}.{m.group(2)}.{branch[m.group(3)]}.{suffix[m.group(4)]}"
-    if new is None:
-      left.append(k)
-    else:
-      renamed[new], origin[new] = v, k
-  return renamed, origin, dropped, left
+  drop = lambda k: (
+    k.endswith("_momentum")
+    or re.fullmatch(r"(fc1000|pred|fc)_(w|b)", k) is not None
+    or k in ("lr", "iter", "lr_x")
+  )
+  return _rename_by_rules(sd, _DETECTRON_RULES, drop)
 
 
 def _rename_detectron2(sd: dict) -> tuple[dict, dict, list, list]:
