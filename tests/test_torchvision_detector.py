@@ -39,19 +39,19 @@ import os
 import time
 
 import numpy as np
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
 import pytest
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("torchvision")
+# torch and torchvision are test dependencies (requirements-test.txt): without them this fails.
+import torch
+import torchvision  # noqa: F401
 
-from pycocotools import mask as mask_utils  # noqa: E402
-from pycocotools.coco import COCO  # noqa: E402
-from pycocotools.cocoeval import COCOeval  # noqa: E402
-
-from rethink_jax import convert as convert_lib  # noqa: E402
-from rethink_jax import predict  # noqa: E402
-from rethink_jax import zoo_torchvision  # noqa: E402
-from tests import tv_reference  # noqa: E402
+from rethink_jax import convert as convert_lib
+from rethink_jax import predict
+from rethink_jax import zoo_torchvision
+from tests import tv_reference
 
 SIZES = ((160, 288), (224, 192), (200, 256))  # padded together: 224 x 288
 MIN_DETECTIONS = 20
