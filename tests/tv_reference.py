@@ -7,7 +7,8 @@ with GroupNorm as scripts/benchmark_model.py builds it. Weights are drawn from a
     those of the test images themselves (measured in train mode, as a trained model's would be);
   - biases are random;
   - the heads are rescaled on the test images so that their outputs spread: RPN logits std 3
-    (top-k and NMS orders far from ties), class logits std 2 with a background bias, so that
+    (top-k and NMS orders far from ties) shifted to a maximum of 2 (below float32 sigmoid's
+    saturation), class logits std 2 with a background bias, so that
     well over 20 detections per image pass 0.05 yet fewer than 2000 (proposal, class) pairs
     per image do (the model's test_candidates: beyond it our candidate cut would differ),
     mask logits std 3 plus 4 (masks mostly on, few pixels near the 0.5 threshold, so that a
@@ -35,6 +36,7 @@ POST_NMS_TOPK = 200
 # on either side of it in two implementations whose scores differ by ~1e-5: cases drawn with
 # such a detection are drawn again (`_cut_margins`).
 MARGIN = 1e-4
+MAX_OBJECTNESS_LOGIT = 2.0
 
 
 def build(architecture: str) -> torch.nn.Module:
@@ -136,6 +138,11 @@ def random_model(architecture: str, seed: int, images: list) -> torch.nn.Module:
     lambda: head(list(features.values())),
     [(head.cls_logits, 3.0, None), (head.bbox_pred, 0.2, None)],
   )
+  # torchvision ranks proposals by float32 sigmoid, which saturates above a logit of ~9 (distinct
+  # logits, equal probabilities): a shift of all logits, which keeps their order, avoids those ties.
+  with torch.no_grad():
+    top = max(float(o.max()) for o in head(list(features.values()))[0])
+    head.cls_logits.bias.sub_(top - MAX_OBJECTNESS_LOGIT)
   rh = model.roi_heads
 
   def heads():
