@@ -116,15 +116,15 @@ def test_load_backbone_into_reports_and_refuses_mismatch():
     "params": {
       "backbone": {
         "bottom_up": {
-          "stem": {"conv1": {"kernel": np.zeros((7, 7, 3, 8))}},
-          "res2": {"0": {"conv1": {"kernel": np.zeros((3, 3, 8, 8))}}},
+          "stem": {"conv1": {"kernel": np.zeros((7, 7, 3, 8), np.float32)}},
+          "res2": {"0": {"conv1": {"kernel": np.zeros((3, 3, 8, 8), np.float32)}}},
         },
-        "fpn_lateral2": {"kernel": np.zeros((1, 1, 8, 16))},
+        "fpn_lateral2": {"kernel": np.zeros((1, 1, 8, 16), np.float32)},
       }
     },
     "collections": {
       "batch_stats": {
-        "backbone": {"bottom_up": {"stem": {"conv1": {"norm": {"mean": np.zeros(8)}}}}}
+        "backbone": {"bottom_up": {"stem": {"conv1": {"norm": {"mean": np.zeros(8, np.float32)}}}}}
       }
     },
   }
