@@ -33,3 +33,21 @@ try:
   import torchvision  # noqa: F401
 except ImportError:  # torch is a test-only dependency; tests that need it skip or fail there.
   pass
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def shapes_dir(tmp_path_factory):
+  """A tfds data dir holding shapes_instances/tiny and shapes_classification/tiny, built once per
+  pytest worker, offline. Tests read it and never write into it."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  from rethink_jax.data import shapes  # pylint: disable=g-import-not-at-top
+
+  tfds.disable_progress_bar()
+  data_dir = str(tmp_path_factory.mktemp("tfds_shapes"))
+  shapes.ShapesInstances(config="tiny", data_dir=data_dir).download_and_prepare()
+  shapes.ShapesClassification(config="tiny", data_dir=data_dir).download_and_prepare()
+  return data_dir

@@ -16,12 +16,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from configs import tiny_shapes
 from rethink_jax import detector_checkpoint
 from rethink_jax import files
 from rethink_jax import optim
 from rethink_jax import train
 from rethink_jax import trainer
+from tests import tiny
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 2
@@ -29,15 +29,10 @@ HEAD_KEYS = sorted(f"params/{h}/{leaf}" for h in train.CLASS_HEADS for leaf in (
 
 
 def tiny_config(data_dir, **overrides):
-  c = tiny_shapes.get_config(str(STEPS))
-  c.data.data_dir = data_dir
-  c.data.num_parallel_calls = 1
-  c.schedule.decay_steps = (3,)  # as tests/test_train.py: one compiled step for both modules
-  c.eval_every = 0
-  c.eval.at_end = True
-  c.eval.num_images = 4
-  c.update_from_flattened_dict(overrides)  # "a.b.c" keys
-  return c
+  """tests/tiny.py's run of STEPS iterations (test_train.py's step), evaluated at the end."""
+  return tiny.train_config(
+    data_dir, STEPS, **{"eval.at_end": True, "eval.num_images": 4, **overrides}
+  )
 
 
 def _flat(tree):
@@ -55,18 +50,6 @@ def _state_variables(state):
 # ------------------------------------------------------------------------------------------------
 # Fixtures: the data, one training run and its detector checkpoint.
 # ------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def shapes_dir(tmp_path_factory):
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-
-  from rethink_jax.data import shapes  # pylint: disable=g-import-not-at-top
-
-  tfds.disable_progress_bar()
-  data_dir = str(tmp_path_factory.mktemp("tfds_shapes"))
-  shapes.ShapesInstances(config="tiny", data_dir=data_dir).download_and_prepare()
-  return data_dir
-
-
 @pytest.fixture(scope="module")
 def predictions():
   """Every COCO evaluation of this module records its model outputs here, one list per call

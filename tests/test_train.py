@@ -19,6 +19,7 @@ import pytest
 
 from configs import tiny_shapes
 from rethink_jax import train
+from tests import tiny
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -43,27 +44,8 @@ def compile_cache(tmp_path_factory):
     jax.config.update(n, v)
 
 
-@pytest.fixture(scope="module")
-def shapes_dir(tmp_path_factory):
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-
-  from rethink_jax.data import shapes  # pylint: disable=g-import-not-at-top
-
-  tfds.disable_progress_bar()
-  data_dir = str(tmp_path_factory.mktemp("tfds_shapes"))
-  shapes.ShapesInstances(config="tiny", data_dir=data_dir).download_and_prepare()
-  return data_dir
-
-
 def tiny_config(data_dir, steps, *, evaluate=False, **overrides):
-  c = tiny_shapes.get_config(str(steps))
-  c.data.data_dir = data_dir
-  c.data.num_parallel_calls = 1
-  c.schedule.decay_steps = (3,)  # the same LR at every step whatever total_steps
-  c.eval_every = 0
-  c.eval.at_end = evaluate
-  c.update_from_flattened_dict(overrides)  # "a.b.c" keys
-  return c
+  return tiny.train_config(data_dir, steps, **{"eval.at_end": evaluate, **overrides})
 
 
 def _losses(history):

@@ -24,38 +24,19 @@ import time
 import numpy as np
 import pytest
 
-from configs import tiny_shapes
 from rethink_jax import checkpoints
 from rethink_jax import train
+from tests import tiny
 from tests.test_preemption import _final_params
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="module")
-def shapes_dir(tmp_path_factory):
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-
-  from rethink_jax.data import shapes  # pylint: disable=g-import-not-at-top
-
-  tfds.disable_progress_bar()
-  data_dir = str(tmp_path_factory.mktemp("tfds_shapes"))
-  shapes.ShapesInstances(config="tiny", data_dir=data_dir).download_and_prepare()
-  return data_dir
-
-
 def tiny_config(data_dir, steps, **overrides):
-  """tests/test_train.py's tiny run (the same compiled step), checkpoints every 2 steps."""
-  c = tiny_shapes.get_config(str(steps))
-  c.data.data_dir = data_dir
-  c.data.num_parallel_calls = 1
-  c.schedule.decay_steps = (3,)
-  c.eval_every = 0
-  c.eval.at_end = False
-  c.checkpoint.every_steps = 2
-  c.checkpoint.keep = 3
-  c.update_from_flattened_dict(overrides)
-  return c
+  """tests/tiny.py's run (the same compiled step), checkpoints every 2 steps."""
+  return tiny.train_config(
+    data_dir, steps, **{"checkpoint.every_steps": 2, "checkpoint.keep": 3, **overrides}
+  )
 
 
 def _losses(history):

@@ -1,20 +1,6 @@
-"""Session-scoped synthetic data sets for the data tests (built once, offline, in a temp dir)."""
+"""The data tests' config of shapes_instances/tiny (the data set itself: tests/conftest.py)."""
 
 import pytest
-
-
-@pytest.fixture(scope="session")
-def shapes_dir(tmp_path_factory):
-  """A tfds data dir holding shapes_instances/tiny and shapes_classification/tiny."""
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-
-  from rethink_jax.data import shapes  # pylint: disable=g-import-not-at-top
-
-  tfds.disable_progress_bar()
-  data_dir = str(tmp_path_factory.mktemp("tfds_shapes"))
-  shapes.ShapesInstances(config="tiny", data_dir=data_dir).download_and_prepare()
-  shapes.ShapesClassification(config="tiny", data_dir=data_dir).download_and_prepare()
-  return data_dir
 
 
 @pytest.fixture()
