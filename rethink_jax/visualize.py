@@ -166,7 +166,8 @@ def from_coco(
 
 def _rle_json(rle: dict) -> dict:
   counts = rle["counts"]
-  return {"size": [int(v) for v in rle["size"]], "counts": getattr(counts, "decode", str)(counts)}
+  counts = counts.decode("ascii") if isinstance(counts, bytes) else str(counts)
+  return {"size": [int(v) for v in rle["size"]], "counts": counts}
 
 
 # ------------------------------------------------------------------------------------------------
