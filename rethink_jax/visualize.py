@@ -33,6 +33,7 @@ SAMPLE_FILE = "sample.json"
 SCORE_THRESH = 0.5  # detections drawn in the pictures: score >= this
 MAX_RECORDED = 20  # detections kept per image and evaluation (the highest scores)
 CELL = 256  # pixels of a picture's longer side in predictions.png and TensorBoard
+MAX_PNG_BYTES = 1_500_000  # a larger predictions.png is written again with a 256-colour palette
 _ARM_LABELS = {"finetune": "fine-tuned", "scratch": "scratch"}
 _STEP_FILE = re.compile(r"^step_(\d+)\.json$")
 
@@ -458,7 +459,10 @@ def write_predictions_png(
       rows.append(np.full((gap, width, 3), 255, np.uint8))
     rows.append(_hstack([_cell(c, side) for c in cells], gap))
   path = os.path.join(workdir, "predictions.png")
-  Image.fromarray(np.concatenate(rows, axis=0)).save(path + ".tmp", format="PNG", optimize=True)
+  grid = Image.fromarray(np.concatenate(rows, axis=0))
+  grid.save(path + ".tmp", format="PNG", optimize=True)
+  if os.path.getsize(path + ".tmp") > MAX_PNG_BYTES:  # photographs (COCO) compress poorly
+    grid.quantize(256).save(path + ".tmp", format="PNG", optimize=True)
   os.replace(path + ".tmp", path)
   return {
     "path": path,
