@@ -12,6 +12,7 @@ Every recipe file is `get_config(arg) -> ml_collections.ConfigDict` with these g
              decay_steps (0 / () = derived by rethink_jax.optim.schedule), decay_factor,
   eval       batch_size (global), num_images (0 = the whole split, else its first N images),
              at_start (evaluate the initial model too), at_end (evaluate after the last step),
+             record_images, tensorboard_images (pictures of detections: rethink_jax/visualize.py),
   checkpoint every_steps, keep, async_save, restart_if_unreadable,
   reference  the paper's numbers for this recipe (documentation and comparisons only).
 Import from a recipe file as `from configs import common` (from the repository root, or anywhere
@@ -176,7 +177,16 @@ def base_config(
   c.eval_every = eval_every or int(round(ITERS_1X / 2 * 16 / batch_size))
   c.log_every = 20
   c.data_timeout_s = 1800.0  # a training batch taking longer stops the run (0: wait forever)
-  c.eval = ml_collections.ConfigDict(dict(batch_size=8, num_images=0, at_start=False, at_end=True))
+  c.eval = ml_collections.ConfigDict(
+    dict(
+      batch_size=8,
+      num_images=0,
+      at_start=False,
+      at_end=True,
+      record_images=6,  # images whose detections every evaluation saves (workdir/eval_images)
+      tensorboard_images=3,  # of those, drawn to TensorBoard at every evaluation
+    )
+  )
   c.checkpoint = ml_collections.ConfigDict(
     dict(
       every_steps=5000,

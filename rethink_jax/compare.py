@@ -27,6 +27,8 @@ Outputs in --workdir:
                 bbox/AP, segm/AP, wall_s}, ...], "wall_s", ...}}, "unit_steps", ...}
   results.md    tables like the paper's Tables 1 and 2 and the final gap between the arms
   curves.png    AP versus iterations of both arms with the schedule multiples marked (Figure 1)
+  predictions.png  six validation images: ground truth | each arm at 1x and at its longest
+                multiple (rethink_jax/visualize.py; from the arms' eval_images/ records)
   pretrain/, finetune/, scratch/   the runs' own workdirs (checkpoints, TensorBoard events).
 """
 
@@ -43,6 +45,7 @@ import time
 import ml_collections
 
 from rethink_jax import files
+from rethink_jax import visualize
 
 ARMS = ("finetune", "scratch")
 METRICS = ("bbox/AP", "segm/AP")
@@ -264,11 +267,13 @@ def plot_curves(results: dict, path: str) -> None:
 
 
 def write_report(results: dict, workdir: str) -> None:
-  """Writes results.json, results.md and curves.png of `results` into `workdir`."""
+  """Writes results.json, results.md, curves.png and predictions.png of `results` into
+  `workdir`."""
   files.write_json(os.path.join(workdir, "results.json"), results, indent=1)
   files.atomic_write(os.path.join(workdir, "results.md"), results_markdown(results))
   if any(r.get("curve") for r in results["arms"].values()):
     plot_curves(results, os.path.join(workdir, "curves.png"))
+  visualize.write_predictions_png(results, workdir)  # the arms' eval_images/ records
 
 
 def load_results(workdir: str) -> dict:

@@ -324,7 +324,8 @@ def evaluate(
   output_json: str | None = None,
   mask_threshold: float = 0.5,
   mask_paste: str = "detectron2",
-) -> dict[str, float]:
+  return_results: bool = False,
+) -> dict[str, float] | tuple[dict[str, float], list[dict]]:
   """Runs predict_fn over the eval iterator and scores the detections.
 
   Args:
@@ -337,8 +338,10 @@ def evaluate(
     output_json: if set, process 0 writes the COCO results there.
     mask_threshold: pasted-mask threshold.
     mask_paste: the paste rule (PASTE_RULES name; the model config's output.mask_paste).
+    return_results: also return the COCO results of every process's images.
   Returns:
-    the metrics dict of coco_metrics (the same on every process).
+    the metrics dict of coco_metrics (the same on every process); with return_results,
+    (metrics, COCO results of the whole split, the same on every process).
   """
   import jax  # pylint: disable=g-import-not-at-top
 
@@ -364,4 +367,4 @@ def evaluate(
     values = np.asarray([metrics.get(n, 0.0) for n in names], np.float64)
     values = np.asarray(multihost_utils.broadcast_one_to_all(values))
     metrics = dict(zip(names, values.tolist()))
-  return metrics
+  return (metrics, results) if return_results else metrics

@@ -62,6 +62,7 @@ import numpy as np
 
 from rethink_jax import evaluate
 from rethink_jax import files
+from rethink_jax import visualize
 
 RESIZE_RULES = ("detectron2", "torchvision", "rethink_jax")
 PADDINGS = ("bucket", "image", "batch")
@@ -540,41 +541,6 @@ def to_coco(
   return out
 
 
-def _color(i: int) -> np.ndarray:
-  """A distinct bright colour per detection (golden-ratio hues)."""
-  import colorsys  # pylint: disable=g-import-not-at-top
-
-  r, g, b = colorsys.hsv_to_rgb((i * 0.618033988749895) % 1.0, 0.75, 1.0)
-  return np.array([r, g, b]) * 255
-
-
-def draw(image: np.ndarray, result: dict) -> "Any":
-  """A PIL image: masks blended in, boxes drawn, "name score" written above each box."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  from PIL import ImageDraw  # pylint: disable=g-import-not-at-top
-
-  canvas = image.astype(np.float32)
-  n = len(result["scores"])
-  # Lowest score first so the best detections end on top.
-  for i in reversed(range(n)):
-    m = result["masks"][i]
-    canvas[m] = 0.5 * canvas[m] + 0.5 * _color(i)
-  pil = Image.fromarray(np.clip(canvas, 0, 255).astype(np.uint8))
-  pen = ImageDraw.Draw(pil)
-  names = result.get("names")
-  for i in reversed(range(n)):
-    color = tuple(int(v) for v in _color(i))
-    x0, y0, x1, y1 = (float(v) for v in result["boxes"][i])
-    pen.rectangle([x0, y0, x1, y1], outline=color, width=2)
-    name = names[i] if names is not None else str(int(result["labels"][i]))
-    text = f"{name} {float(result['scores'][i]):.2f}"
-    tx, ty = x0, max(0.0, y0 - 12)
-    left, top, right, bottom = pen.textbbox((tx, ty), text)
-    pen.rectangle([left - 1, top - 1, right + 1, bottom + 1], fill=color)
-    pen.text((tx, ty), text, fill=(0, 0, 0))
-  return pil
-
-
 class Progress:
   """A one-line progress report: done / total, images per second and the time left."""
 
@@ -635,7 +601,7 @@ def predict_files(
     )
     if draw_images:
       png = os.path.join(output_dir, os.path.splitext(os.path.basename(path))[0] + ".png")
-      draw(image, res).save(png + ".tmp", format="PNG")
+      visualize.draw(image, res).save(png + ".tmp", format="PNG")
       os.replace(png + ".tmp", png)
     progress(done)
   files.write_json(os.path.join(output_dir, "results.json"), results)

@@ -25,6 +25,8 @@ loss is the model's training losses, its predict the detections. Every host runs
     time spent waiting for data; periodic COCO evaluation (bbox and segm AP) every `eval_every`
     steps and at the end, also appended to workdir/eval_curve.json:
       [{"step", "images_seen", "wall_s", "eval_s", "bbox/AP", "segm/AP", ... all COCO metrics}];
+    each evaluation also records the detections of a few fixed validation images in
+    workdir/eval_images/ and draws some of them to TensorBoard (rethink_jax/visualize.py);
   * `evaluate_only(config, workdir)`: the COCO metrics of workdir's latest checkpoint (or of the
     detector init_from_detector) on the recipe's evaluation split, in workdir/eval_metrics.json.
 
@@ -54,6 +56,7 @@ from rethink_jax import files
 from rethink_jax import optim
 from rethink_jax import preemption
 from rethink_jax import trainer
+from rethink_jax import visualize
 
 CURVE_FILE = "eval_curve.json"
 EVAL_FILE = "eval_metrics.json"  # evaluate_only's output
@@ -507,10 +510,13 @@ def eval_batch_size(config: ml_collections.ConfigDict) -> int:
   return max(n_dev, size - size % n_dev)
 
 
-def make_evaluator(config: ml_collections.ConfigDict, predict_fn):
-  """evaluate(variables) -> the COCO metrics {"bbox/AP", "segm/AP", ...} (floats, NaN where
+def make_evaluator(config: ml_collections.ConfigDict, predict_fn, workdir: str | None = None):
+  """evaluate(variables, step) -> the COCO metrics {"bbox/AP", "segm/AP", ...} (floats, NaN where
   COCOeval has none) of the recipe's evaluation split; predict_fn: parts.predict_fn. The ground
-  truth is read once, on the first call."""
+  truth is read once, on the first call.
+
+  With a workdir, process 0 also records the detections of config.eval.record_images images
+  (rethink_jax.visualize) and evaluate returns (metrics, TensorBoard images)."""
   from rethink_jax import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
   from rethink_jax.data import pipeline  # pylint: disable=g-import-not-at-top
 
@@ -518,16 +524,34 @@ def make_evaluator(config: ml_collections.ConfigDict, predict_fn):
   per_process = eval_batch_size(config) // n_proc
   cache = {}
 
-  def evaluate(variables: dict) -> dict:
+  def evaluate(variables: dict, step: int = 0):
     if not cache:
       cache.update(gt=pipeline.get_coco_gt(data), ids=pipeline.category_ids(data))
     batches = pipeline.make_eval_iterator(
       data, per_process, process_index=jax.process_index(), process_count=n_proc
     )
-    metrics = evaluate_lib.evaluate(
-      lambda b: predict_fn(variables, b), batches, cache["gt"], cache["ids"]
+    metrics, results = evaluate_lib.evaluate(
+      lambda b: predict_fn(variables, b),
+      batches,
+      cache["gt"],
+      cache["ids"],
+      return_results=True,
     )
-    return {k: float(v) for k, v in metrics.items()}
+    metrics = {k: float(v) for k, v in metrics.items()}
+    if workdir is None:
+      return metrics
+    images = {}
+    if jax.process_index() == 0:
+      images = visualize.record_evaluation(
+        data,
+        workdir,
+        step,
+        results,
+        num_images=int(config.eval.get("record_images", 6)),
+        num_tensorboard=int(config.eval.get("tensorboard_images", 3)),
+        coco_gt=cache["gt"],
+      )
+    return metrics, images
 
   return evaluate
 
@@ -698,11 +722,11 @@ def _train_and_evaluate(
   # == Evaluation ==============================================================================
   curve = [p for p in read_curve(workdir) if p["step"] <= start_step]
   wall_offset = curve[-1].get("wall_s", 0.0) if curve else 0.0
-  evaluate = make_evaluator(config, predict_fn)
+  evaluate = make_evaluator(config, predict_fn, workdir)
 
   def run_eval(state, step):
     t0 = time.time()
-    metrics = evaluate(trainer.variables_of(state))
+    metrics, images = evaluate(trainer.variables_of(state), step)
     # COCOeval's "undefined" (no object of that size) is NaN: null in JSON.
     point = {
       "step": int(step),
@@ -714,6 +738,8 @@ def _train_and_evaluate(
     curve[:] = [p for p in curve if p["step"] != step] + [point]
     _write_curve(workdir, curve)
     writer.write_scalars(step, {f"eval/{k}": v for k, v in metrics.items()})
+    if images:
+      writer.write_images(step, images)
     _log(
       f"step {step}: "
       + ", ".join(f"{k} {metrics[k]:.2f}" for k in ("bbox/AP", "segm/AP") if k in metrics)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from rethink_jax import compare
+from tests import test_visualize
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -185,6 +186,7 @@ def test_smoke_both_arms_separately_then_merged(tmp_path):
   merged = _check_outputs(tmp_path / "merged", ["finetune", "scratch"])
   assert merged["arms"]["scratch"]["curve"] == sc["arms"]["scratch"]["curve"]
   assert "Final gap" in (tmp_path / "merged" / "results.md").read_text()
+  test_visualize.check_comparison_pictures(tmp_path / "merged", ["finetune", "scratch"])
 
 
 def _make_targets():
