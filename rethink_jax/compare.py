@@ -603,6 +603,15 @@ def _pretrain_info(meta: dict, seed: int | None) -> dict:
   return info if seed is None else dict(info, seed=seed)
 
 
+def _check_seed(path: str, found: int | None, seed: int) -> None:
+  """Refuses to reuse (resume) a run of `path` made with another seed than `seed`."""
+  if found is not None and int(found) != int(seed):
+    raise ValueError(
+      f"{path} holds a run with seed {found}, not {seed}: use a fresh --workdir for another "
+      "--config.seed"
+    )
+
+
 def pretrain_seed(config: ml_collections.ConfigDict, seed: int) -> int:
   """The pre-training seed of the replica with detector seed `seed` (see the module docstring)."""
   pinned = config.compare.get("pretrain", {}).get("seed", None)
@@ -627,6 +636,7 @@ def run_pretrain(config: ml_collections.ConfigDict, out_dir: str, seed: int) -> 
     from rethink_jax import convert  # pylint: disable=g-import-not-at-top
 
     _, meta = convert.load_backbone(out)
+    _check_seed(out, meta.get("seed"), pre_seed)
     _log(f"reusing the pre-trained backbone in {out} (top-1 {meta.get('top1')})")
   else:
     _log(
@@ -656,6 +666,9 @@ def run_arm(
   from rethink_jax import train  # pylint: disable=g-import-not-at-top
 
   c = arm_config(config, arm, init_from, seed)
+  _check_seed(
+    arm_dir, (files.read_json(os.path.join(arm_dir, "config.json")) or {}).get("seed"), c.seed
+  )
   _log(
     f"arm {arm}, seed {c.seed}: {c.schedule.total_steps} iterations "
     f"({max(multiples_of(config)):g}x of {config.compare.unit_steps}), LR decays at "

@@ -250,6 +250,14 @@ def test_train_images_selects_the_same_subset_in_both_arms(shapes_dir):
   assert pool_ft < pool_all and pool_7 < pool_all
 
 
+def test_a_workdir_of_another_seed_is_refused(tmp_path):
+  from configs import compare_tiny  # pylint: disable=g-import-not-at-top
+
+  (tmp_path / "config.json").write_text(json.dumps({"seed": 3}))
+  with pytest.raises(ValueError, match="seed 3, not 0"):
+    compare.run_arm(compare_tiny.get_config(), "scratch", str(tmp_path))
+
+
 def test_lessdata_config_sizes():
   from configs import compare_shapes_lessdata  # pylint: disable=g-import-not-at-top
 
