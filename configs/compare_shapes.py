@@ -76,9 +76,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   batch = 4
   # The 128 x 128 shapes_instances/demo images, resized to 96 x 96 (objects ~8-68 px).
   c = common.base_config(demo_model(), common.shapes_data("demo", 96), 1.0, batch_size=batch)
-  # Quoted at 16 images: 0.02 at batch 4. Measured with an earlier 120-iteration unit, 2x (240
-  # iterations) from one pre-trained backbone: segm AP 10.7 at this LR, 6.3 at 3x it (0.24) and
-  # 6.8 at 0.375x it (0.03).
+  # Quoted at 16 images: 0.02 at batch 4 (the best of three LRs tried: docs/performance.md).
   c.optim.base_lr = 0.08
   c.optim.warmup_steps = 30
   c.optim.warmup_factor = 0.1

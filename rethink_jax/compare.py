@@ -314,6 +314,8 @@ def _summary_lines(ft: dict, sc: dict, unit: int) -> list[str]:
   """The gap at the longest common schedule, best against best, and when random init catches up
   with the fine-tune arm's shortest schedule (on the mean curves)."""
   lines = ["## Final gap", ""]
+  if max(len(_runs(ft)), len(_runs(sc))) > 1:
+    lines += ["On the mean curves over seeds.", ""]
   longest = min(max(ft["multiples"]), max(sc["multiples"]))
   end = int(round(longest * unit))
   ft_curve = mean_curve([run["curve"] for run in _runs(ft)])
@@ -428,7 +430,9 @@ def plot_curves(results: dict, path: str) -> None:
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
-  fig.suptitle("random init vs pre-trained + fine-tuned", y=1.04)
+  seeds = max(len(_runs(r)) for r in arms.values()) if arms else 1
+  bands = f" (bands: mean ± 1 std over {seeds} seeds)" if seeds > 1 else ""
+  fig.suptitle("random init vs pre-trained + fine-tuned" + bands, y=1.04)
   fig.tight_layout()
   fig.savefig(path, dpi=110, bbox_inches="tight")
   plt.close(fig)
