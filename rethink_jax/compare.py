@@ -26,7 +26,8 @@ Seeds. Every random source derives from the top-level `config.seed` (S):
   - the less-data subset (compare.train_images = K > 0): data.subset_seed = derived_seed(S,
     "subset"): the same K images for both arms and every replica.
 With compare.seeds = N > 1 each replica pre-trains its own backbone: the pre-training outcome is
-the largest source of variance of the fine-tune arm, so one shared backbone would hide it.
+the largest source of variance of the fine-tune arm, so one shared backbone would hide it (a
+given compare.pretrained_backbone is shared: its training is not part of the run).
 
 Less data (the paper's section 5). compare.train_images = K trains both arms on the same K-image
 subset of the training split; the pre-training set is unchanged, and the schedule unit stays the
