@@ -9,11 +9,16 @@ FPN, GN in the backbone, FPN, box and mask heads, as in the paper) on shapes_ins
 the same 200 validation images:
   * fine-tune arm: the ResNet pre-trained on shapes_classification (12 categories, single objects,
     10,000 images rendered at 48 x 48; the demo's "ImageNet", generated offline) for
-    `compare.pretrain.steps` steps, then the detector for 1x-4x;
-  * scratch arm: random init, up to 6x.
-One schedule unit (1x) is `compare.unit_steps` = 400 iterations at batch `batch_size` = 4 (the
-paper's 1x is 90k iterations at batch 16). The LR decays follow the paper's rule scaled to this
-unit (x0.1 at the last 2/3 and the last 2/9 of a unit).
+    `compare.pretrain.steps` steps, then the detector;
+  * scratch arm: the same detector from random init.
+Both arms train to the longest of `compare.multiples` (1x, 2x, 3x, 4x, 6x) and are evaluated at
+every multiple. One schedule unit (1x) is `compare.unit_steps` = 400 iterations at batch
+`batch_size` = 4 (the paper's 1x is 90k iterations at batch 16). The LR decays follow the paper's
+rule scaled to this unit (x0.1 at the last 2/3 and the last 2/9 of a unit). Everything random
+derives from `seed` (rethink_jax/compare.py); `--config.compare.seeds=N` repeats both arms with
+seeds seed .. seed + N - 1 and reports mean and standard deviation;
+`--config.compare.train_images=K` trains both arms on the same K-image subset
+(configs/compare_shapes_lessdata.py).
 
 Sized so that the fine-tune arm reaches segm AP >= 50 within its schedule and the whole run (data
 generation, pre-training, both arms, evaluations) takes under 20 minutes on 2 CPU cores; the
@@ -51,14 +56,14 @@ def demo_model(num_classes: int = 4, norm: str = "GN") -> ml_collections.ConfigD
 def compare_config(
   *,
   unit_steps: int,
-  finetune_multiples: tuple[float, ...],
-  scratch_multiples: tuple[float, ...],
+  multiples: tuple[float, ...],
   pretrain: dict,
 ) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.unit_steps = unit_steps
-  c.finetune_multiples = tuple(finetune_multiples)
-  c.scratch_multiples = tuple(scratch_multiples)
+  c.multiples = tuple(multiples)  # both arms train to the longest, evaluated at each
+  c.seeds = 1  # replicas with seeds seed, seed + 1, ...: mean and std in the report
+  c.train_images = 0  # > 0: both arms train on the same subset of this many images
   # A converted backbone checkpoint dir (rethink_jax.convert) for the fine-tune arm; "" = pre-train
   # on shapes_classification in this run (rethink_jax/pretrain.py, settings below).
   c.pretrained_backbone = ""
@@ -71,9 +76,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   batch = 4
   # The 128 x 128 shapes_instances/demo images, resized to 96 x 96 (objects ~8-68 px).
   c = common.base_config(demo_model(), common.shapes_data("demo", 96), 1.0, batch_size=batch)
-  # Quoted at 16 images: 0.02 at batch 4. Measured with an earlier 120-iteration unit, 2x (240
-  # iterations) from one pre-trained backbone: segm AP 10.7 at this LR, 6.3 at 3x it (0.24) and
-  # 6.8 at 0.375x it (0.03).
+  # Quoted at 16 images: 0.02 at batch 4 (the best of three LRs tried: docs/performance.md).
   c.optim.base_lr = 0.08
   c.optim.warmup_steps = 30
   c.optim.warmup_factor = 0.1
@@ -87,8 +90,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.reference = ml_collections.ConfigDict()
   c.compare = compare_config(
     unit_steps=unit,
-    finetune_multiples=(1, 2, 3, 4),
-    scratch_multiples=(1, 2, 3, 4, 6),
+    multiples=(1, 2, 3, 4, 6),
     pretrain=dict(
       # Shape classification under random colours and textures is slow to start: top-1 stays
       # near chance for ~1000 steps, then climbs (measured: 13% after 800 steps on 3000

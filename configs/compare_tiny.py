@@ -4,9 +4,8 @@ r"""The smoke preset of the comparison: every step of `make demo` in a minute or
 
 The tiny R-18-FPN Mask R-CNN of configs/tiny_shapes.py (8-channel ResNet stages) on
 shapes_instances/tiny (64 x 64, 24 train / 8 validation images); pre-training runs 10 steps on a
-64-image, 32 x 32 shapes_classification set. 1x = 4 iterations at batch 2: the fine-tune arm
-trains 2x (8 iterations), the scratch arm 3x (12), evaluating every 4. Used by
-tests/test_compare.py; expect AP near 0.
+64-image, 32 x 32 shapes_classification set. 1x = 4 iterations at batch 2: both arms train 2x
+(8 iterations), evaluating at 1x and 2x. Used by tests/test_compare.py; expect AP near 0.
 """
 
 import ml_collections
@@ -27,8 +26,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.compare = ml_collections.ConfigDict(
     dict(
       unit_steps=unit,
-      finetune_multiples=(1, 2),
-      scratch_multiples=(1, 2, 3),
+      multiples=(1, 2),
+      seeds=1,
+      train_images=0,
       pretrained_backbone="",
       pretrain=dict(
         steps=10,

@@ -434,6 +434,7 @@ def pretrain(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     "top1": top1,
     "num_classes": int(num_classes),
     "steps": int(c.steps),
+    "seed": int(c.seed),
     "batch_size": int(c.batch_size),
     "image_size": size,
     "train_history": history,

@@ -34,59 +34,118 @@ def _curve(rng, end, every, top):
   return out
 
 
-def _results(rng, unit, arms=("finetune", "scratch")):
-  mult = {"finetune": [1, 2], "scratch": [1, 2, 3, 4, 6]}
-  return {
-    "unit_steps": unit,
-    "command": "python -m rethink_jax.compare --x",
-    "wall_s": 12.0,
-    "arms": {
-      a: {
-        "multiples": mult[a],
-        "config": {"arm": a},
+def _results(rng, unit, arms=("finetune", "scratch"), seeds=(0,), multiples=(1, 2, 3, 4, 6)):
+  """Results of both arms to max(multiples), one hand-made run per seed, evaluated every half
+  unit."""
+  out = {"unit_steps": unit, "command": "python -m rethink_jax.compare --x", "wall_s": 12.0}
+  out["arms"] = {}
+  for a in arms:
+    runs = [
+      {
+        "seed": s,
+        "curve": _curve(rng, unit * max(multiples), unit // 2, rng.uniform(30, 70)),
         "wall_s": 3.0,
-        "curve": _curve(rng, unit * max(mult[a]), unit // 2, rng.uniform(30, 70)),
       }
-      for a in arms
-    },
-  }
+      for s in seeds
+    ]
+    out["arms"][a] = {
+      "multiples": list(multiples),
+      "config": {"arm": a},
+      "wall_s": 3.0 * len(seeds),
+      "runs": runs,
+      "curve": compare.mean_curve([r["curve"] for r in runs]),
+    }
+  return out
 
 
-def test_ap_at_reads_last_eval_at_or_before_step():
-  curve = [{"step": 10, "segm/AP": 1.0}, {"step": 30, "segm/AP": 3.0}, {"step": 20, "segm/AP": 2.0}]
-  assert compare.ap_at(curve, 5, "segm/AP") is None
-  assert compare.ap_at(curve, 20, "segm/AP") == 2.0
-  assert compare.ap_at(curve, 29, "segm/AP") == 2.0
-  assert compare.ap_at(curve, 100, "segm/AP") == 3.0
-  assert compare.first_step_reaching(curve, "segm/AP", 2.5)["step"] == 30
-  assert compare.first_step_reaching(curve, "segm/AP", 9.0) is None
-
-
-def test_decay_steps_follow_the_papers_rule():
-  # 1x = 90k: decays at 60k and 80k; 3x: at 210k and 250k.
-  assert compare.decay_steps(90_000, 90_000) == (30_000, 70_000)
-  assert compare.decay_steps(270_000, 90_000) == (210_000, 250_000)
-  assert compare.decay_steps(900, 150) == (800, 867)
+def _row(md, section, label):
+  """The cells of the row `label` in the table under heading `section` of results.md."""
+  text = md.split(section, 1)[1]
+  line = next(l for l in text.splitlines() if l.startswith(f"| {label} |"))
+  return [c.strip() for c in line.strip("|").split("|")][1:]
 
 
 def test_report_from_hand_made_curves(tmp_path):
   rng = np.random.default_rng()
-  res = _results(rng, unit=int(rng.integers(2, 20)) * 10)
+  multiples = (1, 2, 3, 4, 6)
+  res = _results(rng, unit=int(rng.integers(2, 20)) * 10, multiples=multiples)
   compare.write_report(res, str(tmp_path))
   loaded = compare.load_results(str(tmp_path))
   assert loaded["arms"].keys() == res["arms"].keys()
   md = (tmp_path / "results.md").read_text()
   unit = res["unit_steps"]
-  for arm, r in res["arms"].items():
-    label = compare._LABELS[arm]  # pylint: disable=protected-access
-    row = next(l for l in md.splitlines() if l.startswith(f"| {label} |"))
-    # Table 1: the 1x cell is the curve's AP at step unit (bbox table comes first).
-    assert f"{compare.ap_at(r['curve'], unit, 'bbox/AP'):.1f}" in row
-  ft_end = compare.ap_at(res["arms"]["finetune"]["curve"], 2 * unit, "segm/AP")
-  sc_end = compare.ap_at(res["arms"]["scratch"]["curve"], 6 * unit, "segm/AP")
-  assert f"gap (scratch - pre-trained) = {sc_end - ft_end:+.1f}" in md
+  ft, sc = (res["arms"][a]["curve"] for a in ("finetune", "scratch"))
+  for key, name in (("bbox/AP", "Box AP"), ("segm/AP", "Mask AP")):
+    section = f"## {name} at each schedule (Table 1)"
+    # Both arms and the gap are filled at every multiple, read off the curves at k x unit.
+    for arm, curve in (("finetune", ft), ("scratch", sc)):
+      cells = _row(md, section, compare._LABELS[arm])  # pylint: disable=protected-access
+      assert cells == [f"{compare.ap_at(curve, m * unit, key):.1f}" for m in multiples]
+    gap = _row(md, section, "gap (scratch - fine-tuned)")
+    expected = [
+      compare.ap_at(sc, m * unit, key) - compare.ap_at(ft, m * unit, key) for m in multiples
+    ]
+    assert gap == [f"{g:+.1f}" for g in expected]
+  # Table 2: each arm's best box and mask AP, with AP50 and AP75 at that evaluation.
+  for arm, curve in (("finetune", ft), ("scratch", sc)):
+    cells = _row(md, "(Table 2)", compare._LABELS[arm])  # pylint: disable=protected-access
+    best_box = max(p["bbox/AP"] for p in curve)
+    best_mask = max(p["segm/AP"] for p in curve)
+    assert cells[0] == f"{best_box:.1f}" and cells[4] == f"{best_mask:.1f}", cells
+    at = next(p["step"] for p in curve if p["segm/AP"] == best_mask)
+    assert cells[7].startswith(f"{at} (")
+  end = 6 * unit
+  gap_end = compare.ap_at(sc, end, "segm/AP") - compare.ap_at(ft, end, "segm/AP")
+  assert f"gap (scratch - pre-trained) = {gap_end:+.1f}" in md
   png = (tmp_path / "curves.png").read_bytes()
   assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_report_of_several_seeds_is_mean_and_std(tmp_path):
+  rng = np.random.default_rng()
+  unit, multiples, seeds = 40, (1, 2, 4), (3, 4, 5)
+  res = _results(rng, unit, seeds=seeds, multiples=multiples)
+  compare.write_report(res, str(tmp_path))
+  md = (tmp_path / "results.md").read_text()
+  runs = {a: res["arms"][a]["runs"] for a in compare.ARMS}
+  for key, name in (("bbox/AP", "Box AP"), ("segm/AP", "Mask AP")):
+    section = f"## {name} at each schedule (Table 1)"
+    per_seed = {
+      a: np.array([[compare.ap_at(r["curve"], m * unit, key) for m in multiples] for r in runs[a]])
+      for a in compare.ARMS
+    }
+    for arm in compare.ARMS:
+      cells = _row(md, section, compare._LABELS[arm])  # pylint: disable=protected-access
+      mean, std = per_seed[arm].mean(0), per_seed[arm].std(0, ddof=1)
+      assert cells == [f"{m:.1f} ± {s:.1f}" for m, s in zip(mean, std)]
+    # The gap pairs the arms' runs of the same seed.
+    diff = per_seed["scratch"] - per_seed["finetune"]
+    cells = _row(md, section, "gap (scratch - fine-tuned)")
+    assert cells == [f"{m:+.1f} ± {s:.1f}" for m, s in zip(diff.mean(0), diff.std(0, ddof=1))]
+  # Each seed's own values are listed too.
+  first = runs["scratch"][1]
+  cells = _row(md, "## Each seed", compare._LABELS["scratch"])  # pylint: disable=protected-access
+  assert any(l.startswith(f"| random init | {first['seed']} |") for l in md.splitlines())
+  assert len(cells) == 2 + len(multiples)
+  assert "over 3 seeds (3, 4, 5)" in md
+  # The mean curve holds the mean and std at the steps every seed has.
+  mc = res["arms"]["finetune"]["curve"]
+  point = mc[len(mc) // 2]
+  values = [next(p for p in r["curve"] if p["step"] == point["step"]) for r in runs["finetune"]]
+  assert point["segm/AP"] == pytest.approx(np.mean([v["segm/AP"] for v in values]))
+  assert point["std"]["segm/AP"] == pytest.approx(np.std([v["segm/AP"] for v in values], ddof=1))
+  png = (tmp_path / "curves.png").read_bytes()
+  assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_mean_curve_keeps_the_steps_every_seed_has():
+  a = [{"step": s, "segm/AP": float(s), "wall_s": 1.0} for s in (2, 4, 6)]
+  b = [{"step": s, "segm/AP": float(s) + 2, "wall_s": 3.0} for s in (2, 4)]
+  mc = compare.mean_curve([a, b])
+  assert [p["step"] for p in mc] == [2, 4]
+  assert mc[1]["segm/AP"] == 5.0 and mc[1]["wall_s"] == 2.0
+  assert mc[1]["std"]["segm/AP"] == pytest.approx(np.sqrt(2.0))
+  assert compare.mean_curve([a]) == a
 
 
 def test_merge_combines_arms_and_refuses_duplicates(tmp_path):
@@ -115,10 +174,99 @@ def test_arm_config_applies_the_arms_overrides():
   assert ft.data.max_size == sc.data.max_size == c.data.max_size
   assert ft.require_init_from and not sc.require_init_from
   assert ft.init_from == "weights/R-50-GN" and sc.init_from == ""
-  assert ft.schedule.total_steps == 3 * unit and sc.schedule.total_steps == 6 * unit
+  # Both arms train to the longest multiple and are evaluated at every multiple.
+  assert ft.schedule.total_steps == sc.schedule.total_steps == 6 * unit
   assert tuple(sc.schedule.decay_steps) == compare.decay_steps(6 * unit, unit)
+  assert all(m * unit % sc.eval_every == 0 for m in c.compare.multiples)
+  assert ft.seed == sc.seed == c.seed and compare.arm_config(c, "scratch", seed=7).seed == 7
   assert "compare" not in ft and "compare" not in sc
   assert tuple(c.data.pixel_std) == tuple(sc.data.pixel_std)  # the input config is untouched
+
+
+def test_evaluations_fall_on_every_multiple():
+  from configs import compare_tiny  # pylint: disable=g-import-not-at-top
+
+  c = compare_tiny.get_config()
+  c.compare.unit_steps = 10
+  c.compare.multiples = (0.5, 1, 2.5)
+  c.eval_every = 10
+  sc = compare.arm_config(c, "scratch")
+  assert sc.schedule.total_steps == 25 and sc.eval_every == 5
+  c.compare.multiples = (2, 4)
+  c.eval_every = 0  # no periodic evaluation: still one at every multiple
+  assert compare.arm_config(c, "finetune").eval_every == 20
+  c.compare.multiples = ()
+  with pytest.raises(ValueError, match="multiples"):
+    compare.arm_config(c, "finetune")
+
+
+def test_derived_seeds_differ_per_stream_and_seed():
+  seeds = {(s, k): compare.derived_seed(s, k) for s in range(4) for k in ("pretrain", "subset")}
+  assert len(set(seeds.values())) == len(seeds)
+  assert seeds == {(s, k): compare.derived_seed(s, k) for s, k in seeds}  # a function of both
+  assert all(0 <= v < 2**31 for v in seeds.values())
+
+
+def _subset_ids(data_config, steps=3):
+  """Image ids of the training pool and of the first `steps` batches of the stream."""
+  from rethink_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+
+  builder = pipeline.get_builder(data_config)
+  ids = pipeline.records_meta(builder, "train")["image_id"]
+  pool = set(int(ids[i]) for i in pipeline.train_pool(data_config, builder))
+  it = pipeline.make_train_iterator(data_config, 2, seed=0, process_index=0, process_count=1)
+  seen = [int(i) for _ in range(steps) for i in next(it)["image_id"]]
+  return pool, seen
+
+
+def test_train_images_selects_the_same_subset_in_both_arms(shapes_dir):
+  from configs import compare_tiny  # pylint: disable=g-import-not-at-top
+
+  c = compare_tiny.get_config()
+  c.data.data_dir = shapes_dir
+  c.data.num_parallel_calls = 1
+  c.compare.train_images = 6
+  ft = compare.arm_config(c, "finetune", init_from="somewhere")
+  sc = compare.arm_config(c, "scratch")
+  assert ft.data.num_train_images == sc.data.num_train_images == 6
+  assert ft.data.subset_seed == sc.data.subset_seed == compare.derived_seed(c.seed, "subset")
+  pool_ft, seen_ft = _subset_ids(ft.data)
+  pool_sc, seen_sc = _subset_ids(sc.data)
+  assert len(pool_ft) == 6 and pool_ft == pool_sc
+  assert seen_ft == seen_sc and set(seen_ft) <= pool_ft  # 6 batches of 2 cover the subset
+  assert set(seen_ft) == pool_ft
+  # Another seed of the same replica set (compare.seeds) keeps the subset: derived from config.seed.
+  assert compare.arm_config(c, "scratch", seed=c.seed + 1).data.subset_seed == sc.data.subset_seed
+  # K and config.seed change which images.
+  c.compare.train_images = 7
+  pool_7, _ = _subset_ids(compare.arm_config(c, "scratch").data, steps=0)
+  assert len(pool_7) == 7
+  c.compare.train_images = 6
+  c.seed = 1
+  pool_s1, _ = _subset_ids(compare.arm_config(c, "scratch").data, steps=0)
+  assert len(pool_s1) == 6 and pool_s1 != pool_ft
+  # 0 = every training image.
+  c.compare.train_images = 0
+  pool_all, _ = _subset_ids(compare.arm_config(c, "scratch").data, steps=0)
+  assert pool_ft < pool_all and pool_7 < pool_all
+
+
+def test_a_workdir_of_another_seed_is_refused(tmp_path):
+  from configs import compare_tiny  # pylint: disable=g-import-not-at-top
+
+  (tmp_path / "config.json").write_text(json.dumps({"seed": 3}))
+  with pytest.raises(ValueError, match="seed 3, not 0"):
+    compare.run_arm(compare_tiny.get_config(), "scratch", str(tmp_path))
+
+
+def test_lessdata_config_sizes():
+  from configs import compare_shapes_lessdata  # pylint: disable=g-import-not-at-top
+
+  assert compare_shapes_lessdata.get_config("10pct").compare.train_images == 160
+  assert compare_shapes_lessdata.get_config("1pct").compare.train_images == 16
+  assert compare_shapes_lessdata.get_config("40").compare.train_images == 40
+  with pytest.raises(ValueError, match="FRACTION"):
+    compare_shapes_lessdata.get_config("half")
 
 
 def test_curve_is_the_trainers_sorted_by_step(tmp_path):
@@ -164,29 +312,130 @@ def _check_outputs(d, arms):
   return res
 
 
-@pytest.mark.slow
-def test_smoke_both_arms_separately_then_merged(tmp_path):
-  """--arm finetune and --arm scratch in two workdirs (as on two machines), then --merge."""
-  data_dir = tmp_path / "tfds"
-  common = [
+@pytest.fixture(scope="module")
+def shapes_dir(tmp_path_factory):
+  """A tfds data dir holding shapes_instances/tiny (the classification set is generated by the
+  first pre-training that needs it)."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  from rethink_jax.data import shapes  # pylint: disable=g-import-not-at-top
+
+  tfds.disable_progress_bar()
+  data_dir = str(tmp_path_factory.mktemp("tfds_shapes"))
+  shapes.ShapesInstances(config="tiny", data_dir=data_dir).download_and_prepare()
+  return data_dir
+
+
+def _tiny_args(data_dir, workdir, *extra):
+  return [
     "--config",
     os.path.join(ROOT, "configs", "compare_tiny.py"),
     f"--config.data.data_dir={data_dir}",
+    "--workdir",
+    str(workdir),
+    *extra,
   ]
-  _run_compare([*common, "--workdir", str(tmp_path / "ft"), "--arm", "finetune"])
-  ft = _check_outputs(tmp_path / "ft", ["finetune"])
+
+
+@pytest.fixture(scope="module")
+def separate_arms(shapes_dir, tmp_path_factory):
+  """The tiny preset's arms run separately (as on two machines): {"ft": dir, "sc": dir}."""
+  root = tmp_path_factory.mktemp("separate")
+  _run_compare(_tiny_args(shapes_dir, root / "ft", "--arm", "finetune"))
+  _run_compare(_tiny_args(shapes_dir, root / "sc", "--arm", "scratch"))
+  return {"ft": root / "ft", "sc": root / "sc", "root": root}
+
+
+@pytest.fixture(scope="module")
+def two_seeds(shapes_dir, tmp_path_factory):
+  """The tiny preset with --config.compare.seeds=2 (seeds 0 and 1), both arms in one process."""
+  workdir = tmp_path_factory.mktemp("two_seeds") / "run"
+  _run_compare(_tiny_args(shapes_dir, workdir, "--config.compare.seeds=2"))
+  return workdir
+
+
+@pytest.mark.slow
+def test_smoke_both_arms_separately_then_merged(separate_arms):
+  """--arm finetune and --arm scratch in two workdirs (as on two machines), then --merge."""
+  ft = _check_outputs(separate_arms["ft"], ["finetune"])
   assert ft["arms"]["finetune"]["pretrain"]["source"] == "pretrain:shapes_classification"
-  _run_compare([*common, "--workdir", str(tmp_path / "sc"), "--arm", "scratch"])
-  sc = _check_outputs(tmp_path / "sc", ["scratch"])
-  # The scratch arm trains longer than the fine-tune arm.
-  assert sc["arms"]["scratch"]["curve"][-1]["step"] > ft["arms"]["finetune"]["curve"][-1]["step"]
+  sc = _check_outputs(separate_arms["sc"], ["scratch"])
+  # Both arms train to the longest multiple and are evaluated at every multiple.
+  unit = sc["unit_steps"]
+  for r in (ft["arms"]["finetune"], sc["arms"]["scratch"]):
+    assert r["multiples"] == [1, 2]
+    assert {m * unit for m in r["multiples"]} <= {p["step"] for p in r["curve"]}
+    assert r["curve"][-1]["step"] == 2 * unit
+  merged_dir = separate_arms["root"] / "merged"
   _run_compare(
-    ["--workdir", str(tmp_path / "merged"), "--merge", str(tmp_path / "ft"), str(tmp_path / "sc")]
+    ["--workdir", str(merged_dir), "--merge", str(separate_arms["ft"]), str(separate_arms["sc"])]
   )
-  merged = _check_outputs(tmp_path / "merged", ["finetune", "scratch"])
+  merged = _check_outputs(merged_dir, ["finetune", "scratch"])
   assert merged["arms"]["scratch"]["curve"] == sc["arms"]["scratch"]["curve"]
-  assert "Final gap" in (tmp_path / "merged" / "results.md").read_text()
-  test_visualize.check_comparison_pictures(tmp_path / "merged", ["finetune", "scratch"])
+  md = (merged_dir / "results.md").read_text()
+  assert "Final gap" in md
+  for name in ("Box AP", "Mask AP"):
+    gap = _row(md, f"## {name} at each schedule (Table 1)", "gap (scratch - fine-tuned)")
+    assert len(gap) == 2 and "–" not in gap, gap
+  test_visualize.check_comparison_pictures(merged_dir, ["finetune", "scratch"])
+
+
+# Fields of a run that depend on the wall clock, not on the computation.
+_TIMING = ("wall_s", "eval_s")
+
+
+def _without_timing(curve):
+  return [{k: v for k, v in p.items() if k not in _TIMING} for p in curve]
+
+
+@pytest.mark.slow
+def test_same_seed_same_run_other_seed_other_run(separate_arms, two_seeds):
+  """Two runs of the tiny preset in fresh workdirs and processes (the arms run separately, and
+  seed 0 of a two-seed run) give identical curves and training losses, pre-training included:
+  XLA:CPU in one process, the seeded tf.data pipelines and pycocotools are deterministic, so
+  no tolerance is allowed. Seed 1 gives a different run."""
+  res = json.loads((two_seeds / "results.json").read_text())
+  for arm, d in (("finetune", "ft"), ("scratch", "sc")):
+    single = json.loads((separate_arms[d] / "results.json").read_text())["arms"][arm]
+    seed0, seed1 = res["arms"][arm]["runs"]
+    assert (single["runs"][0]["seed"], seed0["seed"], seed1["seed"]) == (0, 0, 1)
+    assert _without_timing(seed0["curve"]) == _without_timing(single["runs"][0]["curve"])
+    assert seed0["train_loss"] == single["runs"][0]["train_loss"] and seed0["train_loss"]
+    # Another seed: other initialization, sampling and data order, hence other losses.
+    assert [h["step"] for h in seed1["train_loss"]] == [h["step"] for h in seed0["train_loss"]]
+    assert all(
+      a["total_loss"] != b["total_loss"] for a, b in zip(seed0["train_loss"], seed1["train_loss"])
+    )
+  pre = [r["pretrain"] for r in res["arms"]["finetune"]["runs"]]
+  single_pre = json.loads((separate_arms["ft"] / "results.json").read_text())["arms"]["finetune"]
+  assert pre[0]["seed"] == single_pre["pretrain"]["seed"] == compare.derived_seed(0, "pretrain")
+  assert pre[0]["top1"] == single_pre["pretrain"]["top1"]
+  assert pre[1]["seed"] == compare.derived_seed(1, "pretrain") != pre[0]["seed"]
+
+
+@pytest.mark.slow
+def test_two_seeds_report_mean_and_std(two_seeds):
+  res = _check_outputs(two_seeds, ["finetune", "scratch"])
+  for arm in compare.ARMS:
+    r = res["arms"][arm]
+    assert r["seeds"] == [0, 1]
+    # One workdir per seed (the single-seed layout has none).
+    assert [run["workdir"] for run in r["runs"]] == [
+      str(two_seeds / arm / f"seed_{s}") for s in (0, 1)
+    ]
+    for s in (0, 1):
+      assert (two_seeds / arm / f"seed_{s}" / "eval_curve.json").exists()
+    assert r["curve"] == compare.mean_curve([run["curve"] for run in r["runs"]])
+  for s in (0, 1):
+    assert (two_seeds / "pretrain" / f"seed_{s}" / "backbone" / "meta.json").exists()
+  md = (two_seeds / "results.md").read_text()
+  assert "over 2 seeds (0, 1)" in md and "## Each seed" in md
+  unit = res["unit_steps"]
+  for key, name in (("bbox/AP", "Box AP"), ("segm/AP", "Mask AP")):
+    runs = res["arms"]["scratch"]["runs"]
+    values = [[compare.ap_at(run["curve"], m * unit, key) for run in runs] for m in (1, 2)]
+    cells = _row(md, f"## {name} at each schedule (Table 1)", "random init")
+    assert cells == [f"{np.mean(v):.1f} ± {np.std(v, ddof=1):.1f}" for v in values]
 
 
 def _make_targets():
