@@ -335,10 +335,10 @@ def record_evaluation(
 # predictions.png of a comparison.
 # ------------------------------------------------------------------------------------------------
 def _arm_record_dir(arm: str, entry: dict, workdir: str) -> str | None:
-  """The first of the arm's workdirs (results entry, then the comparison's layout) with a
-  sample."""
-  candidates = [entry.get("workdir"), *(entry.get("workdirs") or [])]
-  candidates += [os.path.join(workdir, arm), os.path.join(workdir, arm, "seed_0")]
+  """The first of the arm's workdirs with a sample: the arm's own, then its seeds' runs (the
+  first seed's), then the comparison's layout."""
+  candidates = [entry.get("workdir"), *(r.get("workdir") for r in entry.get("runs") or [])]
+  candidates.append(os.path.join(workdir, arm))
   for d in candidates:
     if d and os.path.exists(os.path.join(d, RECORD_DIR, SAMPLE_FILE)):
       return os.path.join(d, RECORD_DIR)
