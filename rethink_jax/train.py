@@ -787,6 +787,8 @@ def _train_and_evaluate(
             "time/data_wait_fraction": data_wait / max(elapsed, 1e-9),
           }
         )
+        if hasattr(train_iter, "skipped_before"):  # this process's, data.skip_bad_records
+          scalars["data/skipped_records"] = train_iter.skipped_before(step)
         writer.write_scalars(step, scalars)
         history.append(dict(step=step, **scalars))
         data_wait, t_interval, steps_in_interval = 0.0, time.time(), 0
