@@ -645,7 +645,7 @@ class TrainIterator:
   def __next__(self):
     try:
       batch = next(self._it)
-    except tf.errors.OpError as e:
+    except (tf.errors.OpError, UnicodeDecodeError) as e:  # TF's message may quote the bytes
       bad = self._records.bad_positions(self._positions(self.step))
       if not bad:
         raise

@@ -1,11 +1,11 @@
 """A training record whose image does not decode, in the middle of the training stream.
 
-A copy of shapes_instances/tiny gets one record's JPEG bytes truncated inside its array_record
-file. By default the training iterator yields the batches before it unchanged and raises at the
-step whose batch holds it, naming the record, its split and file, its image id and the step. With
-data.skip_bad_records the stream goes on: the bad position reads the record of the next
-position, every other batch equals the undamaged data set's, the skip is counted at its step, and
-a run resumed at that step skips the same way.
+A copy of shapes_instances/tiny gets one record's JPEG bytes (or the whole serialized record)
+truncated inside its array_record file. By default the training iterator yields the batches
+before it unchanged and raises at the step whose batch holds it, naming the record, its split and
+file, its image id and the step. With data.skip_bad_records the stream goes on: the bad position
+reads the record of the next position, every other batch equals the undamaged data set's, the
+skip is counted at its step, and a run resumed at that step skips the same way.
 """
 
 import os
@@ -17,9 +17,10 @@ import pytest
 B = 2  # images per step
 
 
-def corrupt_train_record(data_dir: str, dest: str, record: int) -> int:
-  """Copies the tfds data dir `data_dir` to `dest` with the image of training record `record`
-  truncated to half its bytes (the rest of the record intact); returns its image id."""
+def corrupt_train_record(data_dir: str, dest: str, record: int, part: str = "image") -> int:
+  """Copies the tfds data dir `data_dir` to `dest` with training record `record` damaged: its
+  image truncated to half its bytes (part="image", the rest intact) or the whole serialized
+  record truncated to half (part="record"). Returns its image id."""
   import glob  # pylint: disable=g-import-not-at-top
 
   from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
@@ -33,7 +34,10 @@ def corrupt_train_record(data_dir: str, dest: str, record: int) -> int:
   example = tf.train.Example.FromString(records[record])
   image = example.features.feature["image"].bytes_list.value
   image[0] = image[0][: len(image[0]) // 2]
-  records[record] = example.SerializeToString()
+  if part == "image":
+    records[record] = example.SerializeToString()
+  else:
+    records[record] = records[record][: len(records[record]) // 2]
   os.remove(path)
   writer = array_record_module.ArrayRecordWriter(path, "group_size:1")
   for r in records:
@@ -57,8 +61,8 @@ def _assert_same(a, b):
     np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
-@pytest.fixture()
-def damaged(tiny_config, tmp_path):
+@pytest.fixture(params=["image", "record"])
+def damaged(request, tiny_config, tmp_path):
   """(clean config, damaged config, bad step, bad index in its batch, record, image id, seed)."""
   from rethink_jax.data import pipeline  # pylint: disable=g-import-not-at-top
 
@@ -71,7 +75,8 @@ def damaged(tiny_config, tmp_path):
   (record,) = np.flatnonzero(pipeline.records_meta(builder, "train")["image_id"] == image_id)
   damaged_config = tiny_config.copy_and_resolve_references()
   damaged_config.data_dir = str(tmp_path / "tfds")
-  assert corrupt_train_record(tiny_config.data_dir, damaged_config.data_dir, record) == image_id
+  got = corrupt_train_record(tiny_config.data_dir, damaged_config.data_dir, record, request.param)
+  assert got == image_id
   return tiny_config, damaged_config, bad_step, bad_index, int(record), image_id, seed
 
 
