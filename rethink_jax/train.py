@@ -614,7 +614,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
      "history": the logged train metrics of this call [{"step", "loss_*", "lr", ...}],
      "step": the final step, "train_step_compilations": 1 unless something recompiled,
      "preempted": True when a SIGTERM stopped it early (a checkpoint of "step" was written)}.
-  Raises NonFiniteLossError when a loss or gradient is not finite, checkpoints.CheckpointError
+  Raises NonFiniteLossError when a loss or gradient is not finite, pipeline.BadRecordError when a
+  training record does not decode (unless config.data.skip_bad_records), trainer.DataStallError
+  when the data stalls longer than config.data_timeout_s, checkpoints.CheckpointError
   when the workdir cannot hold checkpoints, a write fails, or no existing checkpoint restores.
   """
   with preemption.PreemptionWatch() as watch:
@@ -788,7 +790,12 @@ def _train_and_evaluate(
   while step < total_steps:
     with jax.profiler.StepTraceAnnotation("train", step_num=step):
       t0 = time.perf_counter()
-      batch = next(batches)
+      try:
+        batch = next(batches)
+      except (pipeline.BadRecordError, trainer.DataStallError):
+        saver.finish()  # the checkpoints written so far are complete when the run stops
+        saver.close()
+        raise
       data_wait += time.perf_counter() - t0
       image_ids.append((step, np.asarray(batch["image_id"]).copy()))
       state, metrics = train_step(state, trainer.to_global(batch, parts.batch_sharding))
@@ -813,6 +820,8 @@ def _train_and_evaluate(
             "time/data_wait_fraction": data_wait / max(elapsed, 1e-9),
           }
         )
+        if hasattr(train_iter, "skipped_before"):  # this process's, data.skip_bad_records
+          scalars["data/skipped_records"] = train_iter.skipped_before(step)
         writer.write_scalars(step, scalars)
         history.append(dict(step=step, **scalars))
         data_wait, t_interval, steps_in_interval = 0.0, time.time(), 0

@@ -1,8 +1,9 @@
 """A changed slice: a checkpoint written on 8 devices resumes on 4 and on 2 (the same global
 batch), through the trainer's own restore (rethink_jax.checkpoints.restore_latest with the new
 mesh's shardings), and the continued steps equal the 8-device run's within the tolerances of
-tests/test_train.py's 8-device == 1-device test. (A checkpoint of 2 processes restored in 1 is
-tests/test_multihost.py's evaluation of the pair's weights.) One subprocess with 8 CPU devices.
+tests/test_train.py's 8-device == 1-device test. (A checkpoint of 2 processes continued in 1 is
+tests/test_multihost.py's test_checkpoint_of_two_processes_resumes_in_one.) One subprocess with 8
+CPU devices.
 """
 
 import json

@@ -3,9 +3,12 @@
 The pair (2 processes x 2 devices, gloo collectives) trains the tiny config for 2 steps, writes a
 checkpoint, and is started again in the same workdir: it resumes and trains steps 3-4, then
 evaluates. One process with 4 devices trains the same 4 steps uninterrupted on the same global
-batches and evaluates the pair's step-4 checkpoint. Asserted:
+batches, continues a copy of the pair's step-2 workdir to step 4 (a checkpoint of 2 processes
+resumed in 1) and evaluates the pair's step-4 checkpoint. Asserted:
   * per-step losses of the pair (both phases) == the single process (float tolerance);
   * the pair resumed from its own checkpoint (phase 2 starts at step 3);
+  * one process resumed the pair's checkpoint: its steps 3-4 equal the pair's (losses, and the
+    final parameters within the tolerance of tests/test_changed_slice.py);
   * each process read a disjoint half of every global batch (pipeline positions);
   * only process 0 wrote TensorBoard events;
   * the pair's evaluation (detections gathered from both processes) == the single process's
@@ -16,7 +19,7 @@ Every subprocess runs under a bounded timeout and is killed when anything fails.
 import glob
 import json
 import os
-import signal
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -25,20 +28,13 @@ import time
 import numpy as np
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests import multiprocess
+
+ROOT = multiprocess.ROOT
 TIMEOUT_S = 420  # one phase (start-up, compile, a few steps, eval) on a busy 2-core machine
 
-# One process of the job. argv[1]: a JSON spec (see _spec in the test).
+# One process of the job (after multiprocess.WORKER_PRELUDE). `spec`: see _spec in the test.
 _WORKER = textwrap.dedent(r"""
-  import json, os, sys, traceback
-  spec = json.loads(sys.argv[1])
-
-  def _die(kind, value, tb):  # exit now: jax.distributed's shutdown would wait for the peer
-    traceback.print_exception(kind, value, tb)
-    sys.stdout.flush(); sys.stderr.flush()
-    os._exit(1)
-  sys.excepthook = _die
-  sys.path.insert(0, spec["root"])
   from rethink_jax import distributed
   info = distributed.initialize(spec.get("coordinator"), spec.get("num_processes"),
                                 spec.get("process_id"), auto=False, initialization_timeout=120)
@@ -62,6 +58,9 @@ _WORKER = textwrap.dedent(r"""
   if spec.get("workdir"):
     r = train.train_and_evaluate(c, spec["workdir"])
     out.update(history=r["history"], metrics=r["metrics"], step=r["step"])
+  if spec.get("resume_workdir"):  # a workdir another job left: continue it in this one
+    r = train.train_and_evaluate(c, spec["resume_workdir"])
+    out.update(resumed_history=r["history"], resumed_step=r["step"])
   if spec.get("checkpoint_dir"):  # evaluate a checkpoint of another run: the same weights
     import orbax.checkpoint as ocp
     from rethink_jax import evaluate, optim, trainer
@@ -85,66 +84,10 @@ _WORKER = textwrap.dedent(r"""
 """)
 
 
-def _env(num_devices):
-  env = dict(os.environ)
-  env.update(
-    JAX_PLATFORMS="cpu",
-    CUDA_VISIBLE_DEVICES="",
-    TF_CPP_MIN_LOG_LEVEL="2",
-    XLA_FLAGS=f"--xla_force_host_platform_device_count={num_devices}",
-    JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
-    PYTHONPATH=ROOT,
-  )
-  return env
-
-
 def _run_group(specs, num_devices, tmp, name):
-  """Starts one process per spec, waits for all (bounded), kills all on any failure.
-  Returns the processes' output dicts."""
-  script = os.path.join(tmp, "worker.py")
-  with open(script, "w") as f:
-    f.write(_WORKER)
-  procs, logs = [], []
-  try:
-    for i, spec in enumerate(specs):
-      log = open(os.path.join(tmp, f"{name}_{i}.log"), "w+")
-      logs.append(log)
-      procs.append(
-        subprocess.Popen(
-          [sys.executable, script, json.dumps(spec)],
-          cwd=ROOT,
-          env=_env(num_devices),
-          stdout=log,
-          stderr=subprocess.STDOUT,
-          start_new_session=True,
-        )
-      )
-    deadline = time.time() + TIMEOUT_S
-    while any(p.poll() is None for p in procs):
-      if time.time() > deadline or any(p.poll() not in (None, 0) for p in procs):
-        break
-      time.sleep(0.5)
-    failed = [i for i, p in enumerate(procs) if p.poll() != 0]
-    if failed:
-      tails = []
-      for i in failed:
-        logs[i].seek(0)
-        tails.append(f"--- {name} process {i} (rc {procs[i].poll()}):\n" + logs[i].read()[-4000:])
-      pytest.fail(
-        f"{name}: processes {failed} failed or timed out after {TIMEOUT_S} s\n" + "\n".join(tails)
-      )
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        os.killpg(p.pid, signal.SIGKILL)  # the process group this test started
-        p.wait(timeout=30)
-    for log in logs:
-      log.close()
-  out = []
-  for spec in specs:
-    with open(spec["out"]) as f:
-      out.append(json.load(f))
-  return out
+  return multiprocess.run_processes(
+    _WORKER, specs, tmp=tmp, name=name, num_devices=num_devices, timeout_s=TIMEOUT_S
+  )[0]
 
 
 @pytest.fixture(scope="module")
@@ -159,6 +102,7 @@ def runs(tmp_path_factory):
   data_dir = os.path.join(tmp, "tfds")
   shapes.ShapesInstances(config="tiny", data_dir=data_dir).download_and_prepare()
   pair_dir, single_dir = os.path.join(tmp, "pair"), os.path.join(tmp, "single")
+  resumed_dir = os.path.join(tmp, "pair_resumed_in_one")
 
   def spec(name, **kw):
     s = dict(
@@ -184,15 +128,19 @@ def runs(tmp_path_factory):
 
   t0 = time.time()
   first = pair("pair1", workdir=pair_dir, total_steps=2)
+  # The pair's workdir at step 2, for one process to continue (the pair goes on in its own).
+  shutil.copytree(pair_dir, resumed_dir)
   t1 = time.time()
   second = pair("pair2", workdir=pair_dir, total_steps=4, evaluate=True)
   t2 = time.time()
-  # One process, 4 devices: the same 4 steps uninterrupted, then the pair's step-4 weights.
+  # One process, 4 devices: the same 4 steps uninterrupted, the pair's step-2 workdir continued
+  # to step 4 (compiled steps shared), then an evaluation of the pair's step-4 weights.
   single = _run_group(
     [
       spec(
         "single",
         workdir=single_dir,
+        resume_workdir=resumed_dir,
         checkpoint_dir=os.path.join(pair_dir, "checkpoints"),
         checkpoint_step=4,
         results_json=os.path.join(tmp, "single_results.json"),
@@ -206,7 +154,12 @@ def runs(tmp_path_factory):
     f"phases: pair {t1 - t0:.0f} s, pair resumed {t2 - t1:.0f} s, single {time.time() - t2:.0f} s"
   )
   return dict(
-    first=first, second=second, single=single[0], pair_dir=pair_dir, single_dir=single_dir
+    first=first,
+    second=second,
+    single=single[0],
+    pair_dir=pair_dir,
+    single_dir=single_dir,
+    resumed_dir=resumed_dir,
   )
 
 
@@ -248,6 +201,32 @@ def test_pair_losses_equal_single_process_and_resume(runs):
           pair[step][k], v, rtol=tol, atol=1e-6, err_msg=f"process {proc} step {step} {k}"
         )
   assert all(np.isfinite(v) for s in single.values() for v in s.values())
+
+
+@pytest.mark.slow
+def test_checkpoint_of_two_processes_resumes_in_one(runs):
+  # One process with 4 devices continued the pair's step-2 workdir through train_and_evaluate:
+  # steps 3-4 only, with the losses of the pair's own continuation and parameters that equal
+  # its step-4 ones within tests/test_changed_slice.py's tolerances (losses 1e-5 relative, the
+  # update since the checkpoint within 1e-3 of its largest entry).
+  single = runs["single"]
+  resumed = _losses(single["resumed_history"])
+  pair = _losses(runs["second"][0]["history"])
+  assert sorted(resumed) == [3, 4] and single["resumed_step"] == 4, sorted(resumed)
+  loss_diff = max(
+    abs(resumed[step][k] - v) / abs(v) for step, losses in pair.items() for k, v in losses.items()
+  )
+  assert loss_diff <= 1e-5, (loss_diff, resumed, pair)
+  ckpts = lambda d: os.path.join(d, "checkpoints")  # noqa: E731
+  at2 = multiprocess.final_params(ckpts(runs["pair_dir"]), 2)
+  want = multiprocess.final_params(ckpts(runs["pair_dir"]), 4)
+  got = multiprocess.final_params(ckpts(runs["resumed_dir"]), 4)
+  assert sorted(got) == sorted(want) == sorted(at2) and len(want) > 10
+  update_max = max(float(np.abs(want[k] - at2[k]).max()) for k in want)
+  assert update_max > 1e-4, update_max  # the two steps moved the parameters
+  worst = max(float(np.abs(got[k] - want[k]).max()) for k in want) / update_max
+  assert worst <= 1e-3, worst
+  print(f"2 processes -> 1: losses within {loss_diff:.1e} (relative), parameters {worst:.1e}")
 
 
 @pytest.mark.slow

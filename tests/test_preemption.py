@@ -9,32 +9,21 @@ the same in both processes and is the only new checkpoint; the resumed run start
 final parameters equal the uninterrupted run's (1e-6).
 """
 
-import json
 import os
 import signal
-import subprocess
-import sys
 import textwrap
-import time
 
 import numpy as np
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests import multiprocess
+
 TIMEOUT_S = 420  # one pair: start-up, compile (cached), a few steps, on a busy 2-core machine
 TOTAL_STEPS = 8
 
-# One process of the job. argv[1]: a JSON spec.
+# One process of the job (after multiprocess.WORKER_PRELUDE).
 _WORKER = textwrap.dedent(r"""
-  import json, os, sys, time, traceback
-  spec = json.loads(sys.argv[1])
-
-  def _die(kind, value, tb):  # exit now: jax.distributed's shutdown would wait for the peer
-    traceback.print_exception(kind, value, tb)
-    sys.stdout.flush(); sys.stderr.flush()
-    os._exit(1)
-  sys.excepthook = _die
-  sys.path.insert(0, spec["root"])
+  import time
   from rethink_jax import distributed
   distributed.initialize(spec["coordinator"], 2, spec["process_id"], auto=False,
                          initialization_timeout=120)
@@ -72,20 +61,6 @@ _WORKER = textwrap.dedent(r"""
 """)
 
 
-def _env():
-  env = dict(os.environ)
-  env.update(
-    JAX_PLATFORMS="cpu",
-    CUDA_VISIBLE_DEVICES="",
-    TF_CPP_MIN_LOG_LEVEL="2",
-    # conftest's XLA:CPU flag (rethink_jax.runtime) stays: without it the step is far slower.
-    XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2",
-    JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
-    PYTHONPATH=ROOT,
-  )
-  return env
-
-
 def _steps_done(path):
   if not os.path.exists(path):
     return -1
@@ -94,17 +69,14 @@ def _steps_done(path):
 
 
 def _run_pair(tmp, name, workdir, data_dir, *, total_steps=TOTAL_STEPS, sigterm_after=None):
-  """Starts the two processes; with sigterm_after=k, sends SIGTERM to both once both have taken
-  step k. Waits (bounded) for both; kills both on any failure. Returns (outputs, logs)."""
+  """Runs the two processes; with sigterm_after=k, sends SIGTERM to both once both have taken
+  step k. Returns (outputs, logs)."""
   from rethink_jax import distributed  # pylint: disable=g-import-not-at-top
 
-  script = os.path.join(tmp, "worker.py")
-  with open(script, "w") as f:
-    f.write(_WORKER)
   coordinator = f"127.0.0.1:{distributed.free_port()}"
   specs = [
     dict(
-      root=ROOT,
+      root=multiprocess.ROOT,
       data_dir=data_dir,
       workdir=workdir,
       coordinator=coordinator,
@@ -116,84 +88,31 @@ def _run_pair(tmp, name, workdir, data_dir, *, total_steps=TOTAL_STEPS, sigterm_
     )
     for p in range(2)
   ]
-  procs, logs, signalled = [], [], False
-  try:
-    for p, spec in enumerate(specs):
-      log = open(os.path.join(tmp, f"{name}_{p}.log"), "w+")
-      logs.append(log)
-      procs.append(
-        subprocess.Popen(
-          [sys.executable, script, json.dumps(spec)],
-          cwd=ROOT,
-          env=_env(),
-          stdout=log,
-          stderr=subprocess.STDOUT,
-          start_new_session=True,
-        )
-      )
-    deadline = time.time() + TIMEOUT_S
-    while any(p.poll() is None for p in procs):
-      if time.time() > deadline or any(p.poll() not in (None, 0) for p in procs):
-        break
-      if sigterm_after is not None and not signalled:
-        if all(_steps_done(s["progress"]) >= sigterm_after for s in specs):
-          for p in procs:
-            os.kill(p.pid, signal.SIGTERM)
-          signalled = True
-      time.sleep(0.2)
-    failed = [i for i, p in enumerate(procs) if p.poll() != 0]
-    if failed:
-      tails = []
-      for i in failed:
-        logs[i].seek(0)
-        tails.append(f"--- {name} process {i} (rc {procs[i].poll()}):\n" + logs[i].read()[-4000:])
-      pytest.fail(f"{name}: processes {failed} failed or timed out\n" + "\n".join(tails))
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        os.killpg(p.pid, signal.SIGKILL)  # the process group this test started
-        p.wait(timeout=30)
-    texts = []
-    for log in logs:
-      log.seek(0)
-      texts.append(log.read())
-      log.close()
+  signalled = []
+
+  def signal_when_due(procs):
+    if sigterm_after is None or signalled:
+      return
+    if all(_steps_done(s["progress"]) >= sigterm_after for s in specs):
+      for p in procs:
+        os.kill(p.pid, signal.SIGTERM)
+      signalled.append(True)
+
+  outs, logs = multiprocess.run_processes(
+    _WORKER,
+    specs,
+    tmp=tmp,
+    name=name,
+    num_devices=2,
+    timeout_s=TIMEOUT_S,
+    on_poll=signal_when_due,
+  )
   assert sigterm_after is None or signalled, "the run ended before both processes took the step"
-  outs = []
-  for spec in specs:
-    with open(spec["out"]) as f:
-      outs.append(json.load(f))
-  return outs, texts
+  return outs, logs
 
 
 def _final_params(workdir, step):
-  """The params of workdir's checkpoint `step` as {path: numpy array} (read on the host)."""
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-
-  path = os.path.join(workdir, "checkpoints", str(step), "default")
-  with ocp.PyTreeCheckpointer() as ckptr:
-    meta = ckptr.metadata(path).item_metadata.tree
-    state = ckptr.restore(
-      path, args=ocp.args.PyTreeRestore(item=meta, restore_args=_numpy_restore_args(meta))
-    )
-  flat = {}
-
-  def visit(prefix, tree):
-    if isinstance(tree, dict):
-      for k, v in tree.items():
-        visit(f"{prefix}/{k}", v)
-    else:
-      flat[prefix] = np.asarray(tree)
-
-  visit("", state["params"])
-  return flat
-
-
-def _numpy_restore_args(meta):
-  import jax  # pylint: disable=g-import-not-at-top
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-
-  return jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), meta)
+  return multiprocess.final_params(os.path.join(workdir, "checkpoints"), step)
 
 
 @pytest.mark.slow

@@ -5,6 +5,9 @@
   and starts over only when config.checkpoint.restart_if_unreadable is set;
 * an unwritable workdir fails before training; a checkpoint write that fails (a simulated full
   disk) stops training with the step named and the earlier checkpoints intact;
+* a training image that does not decode: the run stops at the step whose batch holds it,
+  naming the record and its image id; with data.skip_bad_records it resumes, skips it and
+  counts it in the logged metrics;
 * SIGKILL at random moments, twice while an asynchronous checkpoint is being committed, five
   times in a row: every restart resumes from the newest complete checkpoint, and the finished
   run has the uninterrupted run's final parameters (1e-6) and each evaluation once in
@@ -195,6 +198,39 @@ def test_stalled_data_is_reported_not_waited_on(shapes_dir, tmp_path, monkeypatc
     train.train_and_evaluate(tiny_config(shapes_dir, 4, data_timeout_s=3.0), workdir)
   assert time.time() - t0 < 60
   assert sorted(checkpoints.step_dirs(os.path.join(workdir, "checkpoints"))) == [2]
+
+
+@pytest.mark.slow
+def test_bad_record_stops_at_its_step_then_is_skipped_on_request(shapes_dir, tmp_path):
+  from rethink_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from tests.data.test_bad_records import corrupt_train_record  # pylint: disable=g-import-not-at-top
+
+  # The image the batch of step 2 reads second gets truncated.
+  c = tiny_config(shapes_dir, 4)
+  it = pipeline.make_train_iterator(
+    c.data, 2, seed=int(c.seed), start_step=2, process_index=0, process_count=1
+  )
+  image_id = int(next(it)["image_id"][1])
+  meta = pipeline.records_meta(pipeline.get_builder(c.data), "train")
+  (record,) = np.flatnonzero(meta["image_id"] == image_id)
+  data_dir = str(tmp_path / "tfds")
+  corrupt_train_record(shapes_dir, data_dir, int(record))
+
+  workdir = str(tmp_path / "run")
+  with pytest.raises(pipeline.BadRecordError) as err:
+    train.train_and_evaluate(tiny_config(data_dir, 4), workdir)
+  message = str(err.value)
+  assert f"training record {record} of split 'train' (image id {image_id}," in message, message
+  assert "for the batch of step 2: does not decode" in message, message
+  assert sorted(checkpoints.step_dirs(os.path.join(workdir, "checkpoints"))) == [2]
+
+  # The same command with skip_bad_records resumes at step 2 and skips that record once.
+  out = train.train_and_evaluate(
+    tiny_config(data_dir, 4, **{"data.skip_bad_records": True}), workdir
+  )
+  assert out["step"] == 4
+  assert [(h["step"], h["data/skipped_records"]) for h in out["history"]] == [(3, 1), (4, 1)]
+  assert all(np.isfinite(h["total_loss"]) for h in out["history"])
 
 
 # ------------------------------------------------------------------------------------------------

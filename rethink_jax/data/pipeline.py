@@ -32,6 +32,14 @@ an epoch is covered exactly once, and resuming at start_step=k reads from positi
 decoding anything before it (records are read by index from array_record files). Augmentation
 randomness is a function of (seed, t) only.
 
+Bad records. A training record that cannot be read or decoded (a truncated image, a damaged
+record) stops the iterator with a BadRecordError at the step whose batch holds it, naming the
+step, the position, the record (index, split, file) and its image id. With
+data.skip_bad_records=True it is skipped instead: position t then takes the record of the first
+position after t whose record decodes (with position t's augmentation), so every batch keeps its
+size, every later position its record, and a resumed run skips the same way; the skipped records
+are counted (TrainIterator.skipped_before) and logged as warnings.
+
 Eval: process p reads records p, p + P, p + 2P, ... of the eval split (shorter side min_size_test,
 no flip), padded with valid=False images (image_id -1, gt_classes 0) so that every process yields
 the same number of batches.
@@ -46,8 +54,9 @@ config.data fields (ConfigDict; `default_data_config()` lists them with defaults
   pad_to (H, W), multiples of 32 (() = max_size rounded up to a multiple of 32, square);
   max_instances; mask_size; pixel_mean, pixel_std (0..255, in
   input_format order); input_format; flip_prob; num_train_images (0 = all); subset_seed;
-  drop_empty_train; num_parallel_calls; prefetch; class_names, category_ids (filled from the
-  data set's metadata by rethink_jax.data.recipe.resolve_config; informational).
+  drop_empty_train; skip_bad_records (see "Bad records"); num_parallel_calls; prefetch;
+  class_names, category_ids (filled from the data set's metadata by
+  rethink_jax.data.recipe.resolve_config; informational).
 If an image resized by (min_size, max_size) would not fit into pad_to, it is scaled down to fit.
 """
 
@@ -92,6 +101,7 @@ def default_data_config() -> ml_collections.ConfigDict:
       "num_train_images": 0,
       "subset_seed": 0,
       "drop_empty_train": True,
+      "skip_bad_records": False,  # True: a training record that does not decode is skipped
       "num_parallel_calls": 2,
       "prefetch": 2,
       "class_names": (),
@@ -539,23 +549,124 @@ class _EpochPermutations:
     return self._perm
 
 
+class BadRecordError(ValueError):
+  """A training record that cannot be read or decoded; the message names it and the step."""
+
+
+class _TrainRecords:
+  """Position t of the training stream -> its record (module docstring, "Order and sharding"),
+  with the replacements of records found bad (data.skip_bad_records)."""
+
+  def __init__(self, builder, base_split, pool, seed, preprocess):
+    self.source = _data_source(builder, base_split)
+    self.pool, self.n, self.seed = pool, len(pool), seed
+    self.preprocess = preprocess
+    self.replaced = {}  # position -> record read there instead of its own (it did not decode)
+    self._perms = _EpochPermutations(self.n, seed)  # the generator's (it runs in a TF thread)
+    self._split = base_split
+    self._image_ids = records_meta(builder, base_split)["image_id"]
+    info = builder.info.splits[base_split]
+    self._files = [os.fspath(p) for p in info.filepaths]
+    self._file_ends = np.cumsum(info.shard_lengths)
+
+  def record(self, t: int, perms=None) -> int:
+    """The record index of position t (without replacements)."""
+    perm = (perms or self._perms)(t // self.n)
+    return int(self.pool[perm[t % self.n]])
+
+  def serialized(self, t: int) -> bytes:
+    """What position t feeds the pipeline."""
+    return self.source[self.replaced.get(t, self.record(t))]
+
+  def problem(self, t: int, record: int) -> str | None:
+    """Why `record` cannot be read or preprocessed at position t; None if it can."""
+    try:
+      serialized = self.source[record]
+    except Exception as e:  # pylint: disable=broad-except
+      return f"unreadable ({type(e).__name__}: {str(e)[:200]})"
+    try:
+      self.preprocess(tf.constant(t, tf.int64), tf.constant(serialized), tf.constant(True))
+    except (tf.errors.OpError, ValueError) as e:
+      message = getattr(e, "message", str(e)).strip().splitlines()[0][:200]
+      return f"does not decode ({type(e).__name__}: {message})"
+    return None
+
+  def bad_positions(self, positions) -> list[tuple[int, int, str]]:
+    """(position, record, problem) of each given position whose record fails (a diagnosis, run
+    only after the pipeline failed: it reads and decodes those records again)."""
+    perms = _EpochPermutations(self.n, self.seed)  # not the generator's cache
+    bad = []
+    for t in positions:
+      t = int(t)
+      record = self.replaced.get(t, self.record(t, perms))
+      why = self.problem(t, record)
+      if why is not None:
+        bad.append((t, record, why))
+    return bad
+
+  def describe(self, step: int, t: int, record: int, why: str) -> str:
+    file = self._files[int(np.searchsorted(self._file_ends, record, side="right"))]
+    return (
+      f"training record {record} of split {self._split!r} (image id "
+      f"{int(self._image_ids[record])}, file {file}), read at stream position {t} for the batch "
+      f"of step {step}: {why}"
+    )
+
+  def replace(self, t: int) -> int:
+    """Makes position t read the record of the first later position that decodes; returns it."""
+    perms = _EpochPermutations(self.n, self.seed)
+    for u in range(t + 1, t + 1 + self.n):
+      record = self.record(u, perms)
+      if self.problem(t, record) is None:
+        self.replaced[t] = record
+        return record
+    raise BadRecordError(f"no training record after stream position {t} decodes")
+
+
 class TrainIterator:
   """Infinite iterator of training batch dicts; `step` is the step of the next batch.
 
   Checkpoint `step` (or the trainer's own step) and pass it back as start_step to resume.
+  `skipped` lists (step, description) of every record skipped so far (data.skip_bad_records).
   """
 
-  def __init__(self, ds, start_step):
-    self._it = ds.as_numpy_iterator()
+  def __init__(self, make_batches, records, positions, start_step, skip_bad_records):
+    self._make_batches = make_batches  # step -> numpy iterator of the batches from that step on
+    self._records = records
+    self._positions = positions  # step -> this process's stream positions of that step
+    self._skip = skip_bad_records
+    self._it = make_batches(start_step)
     self.step = start_step
+    self.skipped = []
 
   def __iter__(self):
     return self
 
   def __next__(self):
-    batch = next(self._it)
+    try:
+      batch = next(self._it)
+    except (tf.errors.OpError, UnicodeDecodeError) as e:  # TF's message may quote the bytes
+      bad = self._records.bad_positions(self._positions(self.step))
+      if not bad:
+        raise
+      if not self._skip:
+        raise BadRecordError(
+          self._records.describe(self.step, *bad[0])
+          + ". Set data.skip_bad_records=True to skip such records, or rebuild the data set."
+        ) from e
+      for t, record, why in bad:
+        instead = self._records.replace(t)
+        what = self._records.describe(self.step, t, record, why)
+        logging.warning("skipped %s; position %d reads record %d instead", what, t, instead)
+        self.skipped.append((self.step, what))
+      self._it = self._make_batches(self.step)  # the same step again, with the replacements
+      return next(self)
     self.step += 1
     return batch
+
+  def skipped_before(self, step: int) -> int:
+    """How many records were skipped in the batches of the steps before `step`."""
+    return sum(1 for s, _ in self.skipped if s < step)
 
 
 def make_train_iterator(
@@ -577,28 +688,32 @@ def make_train_iterator(
       iterator yields from step k on.
     process_index, process_count: default jax.process_index() / jax.process_count().
   Returns:
-    a TrainIterator of batch dicts (host-local numpy, fixed shapes).
+    a TrainIterator of batch dicts (host-local numpy, fixed shapes); it raises BadRecordError
+    at the step whose batch holds a record that does not decode (unless data.skip_bad_records).
   """
   p, num_p = _process(process_index, process_count)
   builder = get_builder(data_config)
   base, _ = _split_range(builder, data_config.train_split)
-  pool = train_pool(data_config, builder)
-  source = _data_source(builder, base)
-  perms = _EpochPermutations(len(pool), seed)
-  n = len(pool)
+  preprocess = make_preprocess_fn(data_config, builder.info.features, train=True, seed=seed)
+  records = _TrainRecords(builder, base, train_pool(data_config, builder), seed, preprocess)
   b = int(batch_size_per_process)
 
-  def gen():
-    step = start_step
-    while True:
-      for t in train_positions(step, b, p, num_p):
-        record = pool[perms(t // n)[t % n]]
-        yield t, source[int(record)], True
-      step += 1
+  def positions(step):
+    return train_positions(step, b, p, num_p)
 
-  ds = _records_dataset(gen)
-  preprocess = make_preprocess_fn(data_config, builder.info.features, train=True, seed=seed)
-  return TrainIterator(_to_batches(ds, data_config, preprocess, b), start_step)
+  def make_batches(first_step):
+    def gen():
+      step = first_step
+      while True:
+        for t in positions(step):
+          yield t, records.serialized(int(t)), True
+        step += 1
+
+    ds = _records_dataset(gen)
+    return _to_batches(ds, data_config, preprocess, b).as_numpy_iterator()
+
+  skip = bool(data_config.get("skip_bad_records", False))
+  return TrainIterator(make_batches, records, positions, start_step, skip)
 
 
 def _records_dataset(gen: Callable[[], Iterator[tuple[int, bytes, bool]]]) -> tf.data.Dataset:
