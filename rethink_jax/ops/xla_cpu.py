@@ -10,8 +10,9 @@ add_bias, max_pool, weighted_rows, nms_indices) are what models/ and ops/ call; 
 are importable by name so that the tests compare them (tests/ops/test_xla_cpu.py).
 
 The CPU forms compute the same values in another order or layout: XLA:CPU emits some reductions
-as strided window reductions, runs autodiff's conv gradients slowly inside conditionals, and
-fuses gathers into transposes in a cache-hostile order (figures in docs/performance.md).
+as strided window reductions, runs autodiff's conv gradients slowly inside conditionals and a
+grouped conv's kernel gradient slowly everywhere, and fuses gathers into transposes in a
+cache-hostile order (figures in docs/performance.md).
 """
 
 from collections.abc import Callable, Hashable
