@@ -357,6 +357,30 @@ def test_torchvision_resnext101_32x8d(tv_x101):
   assert "layer3.22.conv2.weight (1024, 32, 3, 3) -> params/res4/22/conv2/kernel" in meta["used"]
 
 
+def test_detectron2_resnext_checkpoint_has_the_stride_in_the_3x3(tv_x101, tmp):
+  """Detectron2 model files do not record STRIDE_IN_1X1; its ResNeXt configs all set False."""
+  model, path = tv_x101
+  d2 = {}
+  for k, v in model.state_dict().items():
+    if k.startswith("fc.") or k.endswith("num_batches_tracked"):
+      continue  # FrozenBatchNorm2d: no counter, as a fine-tuned Detectron2 model
+    k = re.sub(r"^layer(\d)", lambda m: f"res{int(m.group(1)) + 1}", k)
+    k = re.sub(r"^(conv1|bn1)\.", lambda m: "stem.conv1." + ("norm." if m[1] == "bn1" else ""), k)
+    k = re.sub(r"\.bn(\d)\.", r".conv\1.norm.", k)
+    k = k.replace("downsample.0.", "shortcut.").replace("downsample.1.", "shortcut.norm.")
+    d2["backbone.bottom_up." + k] = v.numpy()
+  d2_path = tmp / "x101_model_final.pkl"
+  with open(d2_path, "wb") as f:
+    pickle.dump({"model": d2, "__author__": "test"}, f)
+  got, meta = convert.convert_backbone(str(d2_path), "detectron2", input_format="RGB")
+  assert meta["stride_in_1x1"] is False and (meta["groups"], meta["width_per_group"]) == (32, 8)
+  want, _ = convert.convert_backbone(str(path), "torchvision")
+  flatten = convert._flatten  # pylint: disable=protected-access
+  assert sorted(flatten(got)) == sorted(flatten(want))
+  for k, v in flatten(want).items():
+    np.testing.assert_array_equal(flatten(got)[k], v, err_msg=str(k))
+
+
 def test_timm_resnext50_safetensors(timm_x50):
   model, path = timm_x50
   _, meta = check_parity(path, "timm", model)
