@@ -5,9 +5,8 @@
 
 One row per stage (res2..res5, the first block's strided conv where the stride sits): the
 median time of y = conv(x, w); d(sum(y * g))/d(x, w) under jax.jit through layers.Conv2d's
-conv (rethink_jax.ops.xla_cpu.conv2d, the form the platform picks) and through
-torch.nn.functional.conv2d with autograd, on the same device kind, and their ratio
-(ours / torch).
+conv (rethink_jax.ops.xla_cpu.conv2d, which picks its CPU form) and through
+torch.nn.functional.conv2d with autograd, both on the CPU, and their ratio (ours / torch).
 """
 
 import argparse
@@ -77,6 +76,7 @@ def main() -> None:
   parser.add_argument("--width-per-group", type=int, default=8)
   args = parser.parse_args()
   runtime.configure(hide_gpus_from_tf=False)  # TensorFlow plays no part here
+  jax.config.update("jax_platforms", "cpu")  # the comparison is XLA:CPU against torch's CPU
   rng = np.random.default_rng(0)
   total_ours = total_torch = 0.0
   for name, h, c, stride in stage_shapes(args.size, args.groups, args.width_per_group):
