@@ -113,11 +113,11 @@ _conv_stride1_cpu.defvjp(_conv_stride1_cpu_fwd, _conv_stride1_cpu_bwd)
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _grouped_conv_cpu(x: Array, kernel: Array, spec: ConvSpec) -> Array:
-  """A grouped conv whose kernel gradient is one batched matmul per kernel tap.
+  """A grouped conv whose gradients are batched matmuls, one per kernel tap.
 
   XLA:CPU runs the kernel gradient that autodiff emits for a grouped conv (a batch-grouped
-  convolution) one to two orders of magnitude slower than torch; its forward and input
-  gradient are fast as they are.
+  convolution) one to two orders of magnitude slower than torch, and a strided one's input
+  gradient (an input-dilated convolution) several times slower than its forward.
   """
   return conv2d_reference(x, kernel, spec)
 
@@ -128,23 +128,42 @@ def _grouped_conv_cpu_fwd(x, kernel, spec):
 
 def _grouped_conv_cpu_bwd(spec, residuals, dy):
   x, kernel = residuals
-  _, input_vjp = jax.vjp(lambda x: conv2d_reference(x, kernel, spec), x)
-  (dx,) = input_vjp(dy)
   kh, kw, cin_per_group, cout = kernel.shape
   g = spec.groups
+  b, h, w, cin = x.shape
+  _, ho, wo, _ = dy.shape
   (sh, sw), (ph, pw), (dh, dw) = spec.strides, spec.padding, spec.dilation
-  b, ho, wo, _ = dy.shape
+  dy_groups = dy.reshape(b * ho * wo, g, cout // g)
+  kernel_groups = kernel.reshape(kh, kw, cin_per_group, g, cout // g)
   xp = jnp.pad(x, ((0, 0), (ph, ph), (pw, pw), (0, 0)))
-  dy = dy.reshape(b * ho * wo, g, cout // g)
-  taps = []
+  dk_taps, dx = [], None
   for i in range(kh):
     for j in range(kw):
-      # The input pixels that tap (i, j) of the kernel meets, one per output pixel.
+      # The input pixels that tap (i, j) meets, one per output pixel (rows i*dh + r*sh of xp).
       start = (0, i * dh, j * dw, 0)
-      limit = (b, i * dh + (ho - 1) * sh + 1, j * dw + (wo - 1) * sw + 1, x.shape[-1])
+      limit = (b, i * dh + (ho - 1) * sh + 1, j * dw + (wo - 1) * sw + 1, cin)
       xs = jax.lax.slice(xp, start, limit, (1, sh, sw, 1)).reshape(-1, g, cin_per_group)
-      taps.append(jnp.einsum("ngc,ngo->cgo", xs, dy, preferred_element_type=jnp.float32))
-  dk = jnp.stack(taps).reshape(kh, kw, cin_per_group, cout).astype(kernel.dtype)
+      dk_taps.append(jnp.einsum("ngc,ngo->cgo", xs, dy_groups, preferred_element_type=jnp.float32))
+      if (sh, sw) != (1, 1):
+        # The tap's input gradient goes back to those pixels: interior padding spaces it out.
+        part = jnp.einsum(
+          "ngo,cgo->ngc", dy_groups, kernel_groups[i, j], preferred_element_type=jnp.float32
+        ).reshape(b, ho, wo, cin)
+        lo_h, lo_w = i * dh - ph, j * dw - pw
+        pads = (
+          (0, 0, 0),
+          (lo_h, h - lo_h - (ho - 1) * sh - 1, sh - 1),
+          (lo_w, w - lo_w - (wo - 1) * sw - 1, sw - 1),
+          (0, 0, 0),
+        )
+        part = jax.lax.pad(part, jnp.zeros((), part.dtype), pads)
+        dx = part if dx is None else dx + part
+  if dx is not None:
+    dx = dx.astype(x.dtype)
+  else:  # stride 1: autodiff's input gradient is a plain grouped conv, fast as it is
+    _, input_vjp = jax.vjp(lambda x: conv2d_reference(x, kernel, spec), x)
+    (dx,) = input_vjp(dy)
+  dk = jnp.stack(dk_taps).reshape(kh, kw, cin_per_group, cout).astype(kernel.dtype)
   return dx, dk
 
 
