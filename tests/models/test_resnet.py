@@ -174,22 +174,48 @@ def test_resnext_needs_a_bottleneck_and_whole_groups():
     build_resnet(depth=50, width=8, groups=2, width_per_group=4).init(jax.random.key(0), x)
 
 
-def test_gn_resnext_matches_torchvision():
-  """A GN ResNeXt-50-32x4d (random GN affines) against torchvision's ResNet built with groups."""
+def test_gn_resnext_forward_and_gradients_match_torchvision():
+  """A GN ResNeXt-50-8x4d (random GN affines) against torchvision's ResNet built with groups:
+  the stage outputs and the gradients of every kernel (the grouped convs' CPU form included)."""
   torch.manual_seed(SEED)
-  tm = torchvision_resnext(50, 32, 4, norm_layer=lambda c: torch.nn.GroupNorm(32, c))
+  tm = torchvision_resnext(50, 8, 4, norm_layer=lambda c: torch.nn.GroupNorm(32, c))
   gen = torch.Generator().manual_seed(SEED)
   with torch.no_grad():
     for m in tm.modules():
       if isinstance(m, torch.nn.GroupNorm):
         m.weight.copy_(torch.rand(m.num_channels, generator=gen) + 0.5)
         m.bias.copy_(torch.rand(m.num_channels, generator=gen) * 0.4 - 0.2)
-  variables = torch_to_variables(tm.eval(), "GN")
-  x = np.random.default_rng(SEED).normal(size=(1, 64, 64, 3)).astype(np.float32)
-  model = build_resnet(depth=50, norm="GN", groups=32, width_per_group=4)
+  variables = torch_to_variables(tm, "GN")
+  x = np.random.default_rng(SEED).normal(size=(2, 32, 32, 3)).astype(np.float32)
+  model = build_resnet(depth=50, norm="GN", groups=8, width_per_group=4)
+
+  def loss(params):
+    out = model.apply({"params": params}, x)
+    return sum(jnp.mean(jnp.square(o)) for o in out.values()), out
+
   with jax.default_matmul_precision("highest"):
-    out = jax.jit(model.apply)(variables, x)
-  assert_rel_close(out, torch_stages(tm, x))
+    grads, out = jax.jit(jax.grad(loss, has_aux=True))(variables["params"])
+  ref = torch_stages(tm, x)
+  assert_rel_close(out, ref)
+
+  t = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+  t = tm.maxpool(tm.relu(tm.bn1(tm.conv1(t))))
+  total = 0.0
+  for i in range(1, 5):
+    t = getattr(tm, f"layer{i}")(t)
+    total = total + torch.mean(torch.square(t))
+  total.backward()
+  for name, p in tm.named_parameters():  # the same renaming, applied to the gradients
+    if not name.startswith("fc."):  # the classifier is not in the loss (and not converted)
+      p.data = p.grad
+  want = torch_to_variables(tm, "GN")["params"]
+  flat_want = dict(jax.tree_util.tree_flatten_with_path(want)[0])
+  flat_got = dict(jax.tree_util.tree_flatten_with_path(grads)[0])
+  assert sorted(map(str, flat_got)) == sorted(map(str, flat_want))
+  for path, w in flat_want.items():
+    g = np.asarray(flat_got[path])
+    err = float(np.max(np.abs(g - w)) / (np.max(np.abs(w)) + 1e-12))
+    assert err < 5e-4, (jax.tree_util.keystr(path), err)
 
 
 def test_param_tree_and_output_shapes():
