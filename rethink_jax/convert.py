@@ -360,11 +360,19 @@ _DETECTRON_RULES = (
 
 
 def _rename_detectron(sd: dict) -> tuple[dict, dict, list, list]:
-  """Caffe2 Detectron names (res2_0_branch2a_w, res2_0_branch2a_bn_s, ...) -> Detectron2 names."""
+  """Caffe2 Detectron names (res2_0_branch2a_w, res2_0_branch2a_bn_s, ...) -> Detectron2 names.
+
+  Some Caffe2 files carry biases of the backbone convs (conv1_b, res2_0_branch2a_b): all zero,
+  they are dropped (the convs are bias-free); any other value is left over, an error.
+  """
+  zero_conv_bias = lambda k: (
+    re.fullmatch(r"(conv1|res\d_\d+_branch(1|2a|2b|2c))_b", k) is not None and not np.any(sd[k])
+  )
   drop = lambda k: (
     k.endswith("_momentum")
     or re.fullmatch(r"(fc1000|pred|fc)_(w|b)", k) is not None
     or k in ("lr", "iter", "lr_x")
+    or zero_conv_bias(k)
   )
   return _rename_by_rules(sd, _DETECTRON_RULES, drop)
 

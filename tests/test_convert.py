@@ -428,12 +428,17 @@ def test_detectron_resnext_pickle_folded_bn_and_std(tv_x101, tmp):
   """Detectron's X-152-32x8d-IN5k.pkl layout (here at depth 101: the layout does not depend on
   depth, and X-152's shapes are checked in tests/models/test_resnet.py): BN folded into
   *_bn_s / _bn_b, BGR conv1 with the std folded in, stride in the 3x3 conv (STRIDE_IN_1X1
-  False, "a C2 model"), inputs minus the mean only (Detectron2's default PIXEL_STD 1)."""
+  False, "a C2 model"), inputs minus the mean only (Detectron2's default PIXEL_STD 1), and
+  zero conv biases *_b as some Caffe2 files have."""
   model, _ = tv_x101
+  blobs = caffe2_blobs(model, gn=False)
+  for name in [k for k in blobs if re.fullmatch(r"(conv1|res\d_\d+_branch\w+)_w", k)]:
+    blobs[name[: -len("w")] + "b"] = np.zeros(blobs[name].shape[0], np.float32)  # Caffe2's
   path = tmp / "X-101-32x8d-folded.pkl"
   with open(path, "wb") as f:
-    pickle.dump({"blobs": caffe2_blobs(model, gn=False)}, f, protocol=2)
+    pickle.dump({"blobs": blobs}, f, protocol=2)
   variables, meta = convert.convert_backbone(str(path), "detectron")
+  assert "res4_22_branch2b_b" in meta["dropped"] and "conv1_b" in meta["dropped"]
   assert meta["stride_in_1x1"] is False and meta["source_norm"] == "affine"
   assert meta["pixel_std"] == [1.0, 1.0, 1.0] and meta["pixel_mean"] == convert.BGR_MEAN
   assert (meta["depth"], meta["groups"], meta["width_per_group"]) == (101, 32, 8)
@@ -696,3 +701,9 @@ def test_bad_resnext_inputs_fail_clearly_and_write_nothing(timm_x50, tmp, capsys
     capsys, out, "--source", "timm", "--input", str(tmp / "x50_ragged.safetensors")
   )
   assert "res2.0.conv2 kernel (128, 3, 3, 3)" in err and "do not divide" in err
+
+  biased = tmp / "biased.pkl"  # a conv bias that is not zero has no place in a bias-free conv
+  with open(biased, "wb") as f:
+    pickle.dump({"conv1_w": np.ones((64, 3, 7, 7), np.float32), "conv1_b": np.ones(64)}, f)
+  err = run_cli_expect_failure(capsys, out, "--source", "detectron", "--input", str(biased))
+  assert "conv1_b (64,)" in err and "match no detectron ResNet name" in err
