@@ -1,8 +1,10 @@
-"""ImageNet-pretrained ResNets (timm, torchvision, Detectron, Detectron2) -> this project's ResNet.
+"""ImageNet-pretrained ResNets and ResNeXts (timm, torchvision, Detectron, Detectron2) -> this
+project's ResNet.
 
   variables, meta = convert_backbone("R-50-GN.pkl", "detectron")
-  build_resnet(depth=meta["depth"], norm=meta["norm"],
-               stride_in_1x1=meta["stride_in_1x1"]).apply(variables, x, train=False)
+  build_resnet(depth=meta["depth"], norm=meta["norm"], stride_in_1x1=meta["stride_in_1x1"],
+               groups=meta["groups"], width_per_group=meta["width_per_group"]
+               ).apply(variables, x, train=False)
 
 Command line (writes DIR/meta.json and an orbax checkpoint DIR/variables, atomically):
   python -m rethink_jax.convert --source detectron --input R-50-GN.pkl --output weights/R-50-GN
@@ -55,6 +57,8 @@ META_KEYS = (
   "source",
   "sha256",
 )
+# Also in a converted backbone's meta (not required of other writers: absent means a ResNet).
+RESNEXT_META_KEYS = ("groups", "width_per_group")
 # ImageNet statistics on the 0..255 scale.
 RGB_MEAN, RGB_STD = [123.675, 116.28, 103.53], [58.395, 57.12, 57.375]
 BGR_MEAN, BGR_STD = RGB_MEAN[::-1], RGB_STD[::-1]
@@ -326,6 +330,8 @@ _DETECTRON_BRANCH = {
   "branch2b": "conv2",
   "branch2c": "conv3",
 }
+# Detectron's files fold BN into *_bn_s / *_bn_b; Detectron2's ImageNetPretrained pickles in the
+# same names (MSRA R-50, FAIR X-101-32x8d) keep it: *_bn_gamma, _beta, _running_mean, _running_var.
 _DETECTRON_SUFFIX = {
   "w": "weight",
   "bn_s": "norm.weight",
@@ -334,23 +340,39 @@ _DETECTRON_SUFFIX = {
   "gn_b": "norm.bias",
   "bn_rm": "norm.running_mean",
   "bn_riv": "norm.running_var",
+  "bn_gamma": "norm.weight",
+  "bn_beta": "norm.bias",
+  "bn_running_mean": "norm.running_mean",
+  "bn_running_var": "norm.running_var",
 }
+_DETECTRON_NORM_LEAF = "|".join(k for k in _DETECTRON_SUFFIX if k != "w")
 _DETECTRON_RULES = (
   (r"conv1_w", lambda m: "stem.conv1.weight"),
-  (r"(?:res_conv1|conv1)_(bn_s|bn_b|gn_s|gn_b)", lambda m: "stem.conv1." + _DETECTRON_SUFFIX[m[1]]),
   (
-    r"res(\d)_(\d+)_(branch1|branch2a|branch2b|branch2c)_(w|bn_s|bn_b|gn_s|gn_b)",
+    rf"(?:res_conv1|conv1)_({_DETECTRON_NORM_LEAF})",
+    lambda m: "stem.conv1." + _DETECTRON_SUFFIX[m[1]],
+  ),
+  (
+    rf"res(\d)_(\d+)_(branch1|branch2a|branch2b|branch2c)_(w|{_DETECTRON_NORM_LEAF})",
     lambda m: f"res{m[1]}.{m[2]}.{_DETECTRON_BRANCH[m[3]]}.{_DETECTRON_SUFFIX[m[4]]}",
   ),
 )
 
 
 def _rename_detectron(sd: dict) -> tuple[dict, dict, list, list]:
-  """Caffe2 Detectron names (res2_0_branch2a_w, res2_0_branch2a_bn_s, ...) -> Detectron2 names."""
+  """Caffe2 Detectron names (res2_0_branch2a_w, res2_0_branch2a_bn_s, ...) -> Detectron2 names.
+
+  Some Caffe2 files carry biases of the backbone convs (conv1_b, res2_0_branch2a_b): all zero,
+  they are dropped (the convs are bias-free); any other value is left over, an error.
+  """
+  zero_conv_bias = lambda k: (
+    re.fullmatch(r"(conv1|res\d_\d+_branch(1|2a|2b|2c))_b", k) is not None and not np.any(sd[k])
+  )
   drop = lambda k: (
     k.endswith("_momentum")
     or re.fullmatch(r"(fc1000|pred|fc)_(w|b)", k) is not None
     or k in ("lr", "iter", "lr_x")
+    or zero_conv_bias(k)
   )
   return _rename_by_rules(sd, _DETECTRON_RULES, drop)
 
@@ -404,6 +426,22 @@ def infer_depth(d2: dict) -> int:
   return DEPTHS[key]
 
 
+def infer_groups(d2: dict) -> tuple[int, int]:
+  """(groups, width_per_group) of the bottleneck 3x3 convs, from res2.0's conv1 and conv2 (at
+  stem width 64; (1, 64) for ResNets and basic blocks). Other blocks are checked against the
+  target's shapes afterwards."""
+  conv1, conv2 = d2.get("res2.0.conv1.weight"), d2.get("res2.0.conv2.weight")
+  if conv1 is None or conv2 is None or "res2.0.conv3.weight" not in d2:
+    return 1, 64
+  bottleneck, per_group = int(np.shape(conv1)[0]), int(np.shape(conv2)[1])
+  if np.ndim(conv2) != 4 or per_group == 0 or bottleneck % per_group:
+    raise ConversionError(
+      f"res2.0.conv2 kernel {tuple(np.shape(conv2))} after a {bottleneck}-channel conv1: its "
+      "input channels per group do not divide the bottleneck."
+    )
+  return bottleneck // per_group, per_group
+
+
 def _source_norm_kind(d2: dict) -> str:
   """'BN' (running statistics), 'affine' (Caffe2 *_bn_s/_bn_b: already folded) or 'GN'."""
   if any(k.endswith("running_mean") for k in d2):
@@ -427,14 +465,22 @@ def _flatten(tree: dict, prefix: tuple = ()) -> dict:
   return out
 
 
-def _template(depth: int, norm: str, stride_in_1x1: bool) -> dict:
+def _template(
+  depth: int, norm: str, stride_in_1x1: bool, groups: int = 1, width_per_group: int = 64
+) -> dict:
   """{(collection, *path): shape} of the ResNet's variables, without computing anything."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
   from rethink_jax.models.resnet import build_resnet  # pylint: disable=g-import-not-at-top
 
-  model = build_resnet(depth=depth, norm=norm, stride_in_1x1=stride_in_1x1)
+  model = build_resnet(
+    depth=depth,
+    norm=norm,
+    stride_in_1x1=stride_in_1x1,
+    groups=groups,
+    width_per_group=width_per_group,
+  )
   shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3))))
   shapes = jax.tree_util.tree_map(lambda s: tuple(s.shape), shapes)
   return _flatten(dict(shapes))
@@ -558,21 +604,29 @@ def convert_backbone(
   input_format: Optional[str] = None,
   verbose: bool = False,
 ) -> tuple[dict, dict]:
-  """Converts a pretrained ResNet checkpoint into this project's ResNet variables.
+  """Converts a pretrained ResNet or ResNeXt checkpoint into this project's ResNet variables.
+
+  ResNeXts (torchvision resnext101_32x8d, timm resnext*, Detectron's X-152-32x8d-IN5k.pkl,
+  Detectron2's X-101-32x8d.pkl) are recognised by their grouped 3x3 convs (`infer_groups`).
 
   Args:
     path: .pth / .pt (needs torch), .safetensors, or .pkl (Caffe2 / Detectron2 pickles).
-    source: "timm", "torchvision", "detectron" (Caffe2: MSRA *_bn_s/_bn_b with the stride in the
-      1x1 conv, FAIR *_gn_s/_gn_b with the stride in the 3x3 conv) or "detectron2".
+    source: "timm", "torchvision", "detectron" (Caffe2 blob names: MSRA *_bn_s/_bn_b with the
+      stride in the 1x1 conv, FAIR *_gn_s/_gn_b and FB's ResNeXts with the stride in the 3x3
+      conv; BGR input whose std is folded into conv1, except Detectron2's ResNeXt pickles with
+      unfolded BN, *_bn_running_var: their configs divide by PIXEL_STD [57.375, 57.12, 58.395])
+      or "detectron2".
     depth: checked against the file when given, inferred otherwise.
     norm: target norm. BN sources: "FrozenBN" (default, folded), "BN" or "SyncBN" (initialised
       from the statistics); GN sources: "GN".
     stride_in_1x1: only for "detectron2", whose files do not say; default True for frozen-BN
-      checkpoints (MSRA-initialised), False otherwise.
+      ResNet checkpoints (MSRA-initialised), False otherwise (ResNeXts: "a C2 model").
     input_format: only for "detectron2": "BGR" (its default INPUT.FORMAT) or "RGB".
   Returns:
     (variables, meta): variables for ResNet(depth=meta["depth"], norm=meta["norm"],
-    stride_in_1x1=meta["stride_in_1x1"]); meta with META_KEYS plus "used" and "dropped" lists.
+    stride_in_1x1=meta["stride_in_1x1"], groups=meta["groups"],
+    width_per_group=meta["width_per_group"]); meta with META_KEYS, RESNEXT_META_KEYS, "used"
+    and "dropped" lists.
   Raises:
     ConversionError (a ValueError) naming the offending keys and shapes.
   """
@@ -597,6 +651,7 @@ def convert_backbone(
   if depth is not None and depth != file_depth:
     raise ConversionError(f"depth={depth} was requested but {path} holds a ResNet-{file_depth}.")
   depth = file_depth
+  groups, width_per_group = infer_groups(d2)
 
   src_kind = _source_norm_kind(d2)
   if source == "detectron" and src_kind == "GN":
@@ -616,8 +671,13 @@ def convert_backbone(
   if source in ("timm", "torchvision"):
     stride, fmt, pixel_mean, pixel_std = False, "RGB", RGB_MEAN, RGB_STD
   elif source == "detectron":
-    # MSRA (BN) weights carry the stride in the 1x1 conv, FAIR GN weights in the 3x3 conv.
-    stride, fmt, pixel_mean, pixel_std = src_kind == "affine", "BGR", BGR_MEAN, [1.0, 1.0, 1.0]
+    # MSRA (BN) ResNets carry the stride in the 1x1 conv; FAIR GN ResNets and FB's ResNeXts in
+    # the 3x3 conv. Detectron subtracts the mean only (std folded into conv1); Detectron2's
+    # unfolded ResNeXt (X-101-32x8d.pkl) divides by the BGR std as well.
+    stride = src_kind in ("affine", "BN") and groups == 1
+    fmt, pixel_mean, pixel_std = "BGR", BGR_MEAN, [1.0, 1.0, 1.0]
+    if src_kind == "BN" and groups > 1:
+      pixel_std = BGR_STD
   else:
     fmt = input_format or "BGR"  # Detectron2's default INPUT.FORMAT
     pixel_mean = BGR_MEAN if fmt == "BGR" else RGB_MEAN
@@ -628,7 +688,8 @@ def convert_backbone(
       pixel_std = [float(v) for v in np.ravel(sd["pixel_std"])]
     # FrozenBatchNorm2d has no num_batches_tracked: such models were fine-tuned from MSRA weights.
     frozen_bn = src_kind == "BN" and not any(k.endswith("num_batches_tracked") for k in sd)
-    stride = frozen_bn if stride_in_1x1 is None else stride_in_1x1
+    msra = frozen_bn and groups == 1
+    stride = msra if stride_in_1x1 is None else stride_in_1x1
     if stride_in_1x1 is None and verbose:
       print(
         f"note: detectron2 files do not record STRIDE_IN_1X1; assuming {stride} "
@@ -636,12 +697,15 @@ def convert_backbone(
       )
 
   variables, used, sources = d2_to_variables(d2, origin, norm, src_kind)
-  _check_against_template(variables, _template(depth, norm, stride), lambda p: sources.get(p, "?"))
+  template = _template(depth, norm, stride, groups, width_per_group)
+  _check_against_template(variables, template, lambda p: sources.get(p, "?"))
   meta = {
     "depth": depth,
     "norm": norm,
     "stride_in_1x1": bool(stride),
     "width": 64,
+    "groups": groups,
+    "width_per_group": width_per_group,
     "num_groups": 32,
     "pixel_mean": pixel_mean,
     "pixel_std": pixel_std,
@@ -779,8 +843,9 @@ def main(argv: Optional[list[str]] = None) -> int:
   except (ConversionError, FileExistsError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
+  groups = f" groups={meta['groups']}x{meta['width_per_group']}d" if meta["groups"] > 1 else ""
   print(
-    f"wrote {out}: ResNet-{meta['depth']} norm={meta['norm']} "
+    f"wrote {out}: ResNet-{meta['depth']}{groups} norm={meta['norm']} "
     f"stride_in_1x1={meta['stride_in_1x1']} input_format={meta['input_format']} "
     f"pixel_mean={meta['pixel_mean']} pixel_std={meta['pixel_std']} "
     f"({len(meta['used'])} tensors used, {len(meta['dropped'])} dropped)"

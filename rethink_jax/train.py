@@ -96,7 +96,7 @@ def parameter_counts(state: dict, frozen_prefixes) -> dict:
 
 def check_backbone_meta(meta: dict, config: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming the config fields to set when a backbone checkpoint's meta.json
-  disagrees with the config (norm, stride_in_1x1, width, depth, pixel format)."""
+  disagrees with the config (norm, stride_in_1x1, width, groups, depth, pixel format)."""
   b, d = config.model.backbone, config.data
   problems = []
 
@@ -119,6 +119,11 @@ def check_backbone_meta(meta: dict, config: ml_collections.ConfigDict) -> None:
     )
   if "width" in meta and int(meta["width"]) != int(b.get("width", 64)):
     problems.append(f"config.model.backbone.width={meta['width']} (config has {b.get('width')})")
+  for key, resnet_value in (("groups", 1), ("width_per_group", 64)):  # ResNeXt's; absent: ResNet
+    if int(meta.get(key, resnet_value)) != int(b.get(key, resnet_value)):
+      problems.append(
+        f"config.model.backbone.{key}={meta.get(key, resnet_value)} (config has {b.get(key)})"
+      )
   if "input_format" in meta and meta["input_format"] != d.get("input_format"):
     problems.append(
       f"config.data.input_format={meta['input_format']!r} (config has {d.get('input_format')!r})"

@@ -55,7 +55,13 @@ def torch_stages(model, x_nchw: np.ndarray) -> dict:
 
 
 def jax_stages(variables, meta, x_nhwc: np.ndarray) -> dict:
-  model = build_resnet(depth=meta["depth"], norm=meta["norm"], stride_in_1x1=meta["stride_in_1x1"])
+  model = build_resnet(
+    depth=meta["depth"],
+    norm=meta["norm"],
+    stride_in_1x1=meta["stride_in_1x1"],
+    groups=meta["groups"],
+    width_per_group=meta["width_per_group"],
+  )
   with jax.default_matmul_precision("highest"):  # no TF32 on GPUs: this is a parity check
     return {k: np.asarray(v) for k, v in model.apply(variables, x_nhwc, train=False).items()}
 
@@ -320,6 +326,125 @@ def test_detectron2_checkpoint(tv_r50, tmp):
     )
 
 
+# ------------------------------------------------------------------------------------ ResNeXt
+
+
+@pytest.fixture(scope="module")
+def tv_x101(tmp):
+  torch.manual_seed(SEED + 4)
+  model = randomize_norms(torchvision.models.resnext101_32x8d(), SEED + 4)
+  return model, save_pth(model, tmp / "tv_x101_32x8d.pth")
+
+
+@pytest.fixture(scope="module")
+def timm_x50(tmp):
+  """timm's resnext50_32x4d (random weights) as safetensors."""
+  from safetensors.torch import save_file  # pylint: disable=g-import-not-at-top
+
+  torch.manual_seed(SEED + 5)
+  model = randomize_norms(timm.create_model("resnext50_32x4d", pretrained=False), SEED + 5)
+  path = tmp / "timm_x50_32x4d.safetensors"
+  save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+  return model, path
+
+
+def test_torchvision_resnext101_32x8d(tv_x101):
+  model, path = tv_x101
+  variables, meta = check_parity(path, "torchvision", model, depth=101)
+  assert (meta["depth"], meta["groups"], meta["width_per_group"]) == (101, 32, 8)
+  assert meta["norm"] == "FrozenBN" and meta["stride_in_1x1"] is False
+  assert variables["params"]["res2"]["0"]["conv2"]["kernel"].shape == (3, 3, 8, 256)
+  assert "layer3.22.conv2.weight (1024, 32, 3, 3) -> params/res4/22/conv2/kernel" in meta["used"]
+
+
+def test_detectron2_resnext_checkpoint_has_the_stride_in_the_3x3(tv_x101, tmp):
+  """Detectron2 model files do not record STRIDE_IN_1X1; its ResNeXt configs all set False."""
+  model, path = tv_x101
+  d2 = {}
+  for k, v in model.state_dict().items():
+    if k.startswith("fc.") or k.endswith("num_batches_tracked"):
+      continue  # FrozenBatchNorm2d: no counter, as a fine-tuned Detectron2 model
+    k = re.sub(r"^layer(\d)", lambda m: f"res{int(m.group(1)) + 1}", k)
+    k = re.sub(r"^(conv1|bn1)\.", lambda m: "stem.conv1." + ("norm." if m[1] == "bn1" else ""), k)
+    k = re.sub(r"\.bn(\d)\.", r".conv\1.norm.", k)
+    k = k.replace("downsample.0.", "shortcut.").replace("downsample.1.", "shortcut.norm.")
+    d2["backbone.bottom_up." + k] = v.numpy()
+  d2_path = tmp / "x101_model_final.pkl"
+  with open(d2_path, "wb") as f:
+    pickle.dump({"model": d2, "__author__": "test"}, f)
+  got, meta = convert.convert_backbone(str(d2_path), "detectron2", input_format="RGB")
+  assert meta["stride_in_1x1"] is False and (meta["groups"], meta["width_per_group"]) == (32, 8)
+  want, _ = convert.convert_backbone(str(path), "torchvision")
+  flatten = convert._flatten  # pylint: disable=protected-access
+  assert sorted(flatten(got)) == sorted(flatten(want))
+  for k, v in flatten(want).items():
+    np.testing.assert_array_equal(flatten(got)[k], v, err_msg=str(k))
+
+
+def test_timm_resnext50_safetensors(timm_x50):
+  model, path = timm_x50
+  _, meta = check_parity(path, "timm", model)
+  assert (meta["depth"], meta["groups"], meta["width_per_group"]) == (50, 32, 4)
+
+
+def test_detectron2_resnext_pickle_unfolded_bn_and_std(tv_x101, tmp):
+  """Detectron2's ImageNetPretrained/FAIR/X-101-32x8d.pkl layout: Caffe2 blob names with BN kept
+  (*_bn_gamma, _beta, _running_mean, _running_var), BGR conv1, inputs divided by the BGR std
+  (its configs: PIXEL_STD [57.375, 57.120, 58.395], STRIDE_IN_1X1 False)."""
+  model, _ = tv_x101
+  sd = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+  blobs = {}
+  for k, v in sd.items():
+    if k.endswith("num_batches_tracked"):
+      continue
+    leaf = {"weight": "gamma", "bias": "beta"}.get(k.rsplit(".", 1)[1], k.rsplit(".", 1)[1])
+    if k == "conv1.weight":
+      blobs["conv1_w"] = np.ascontiguousarray(v[:, ::-1])  # BGR input channels, std not folded
+    elif k.startswith("bn1."):
+      blobs[f"res_conv1_bn_{leaf}"] = v
+    elif k.startswith("fc."):
+      blobs[f"pred_{k[3]}"] = v
+    else:
+      m = re.fullmatch(r"layer(\d)\.(\d+)\.(conv|bn|downsample\.)(\d)\.(\w+)", k)
+      stage, block, kind, i = int(m[1]) + 1, m[2], m[3], int(m[4])
+      branch = "branch1" if kind == "downsample." else "branch2" + "abc"[i - 1]
+      is_norm = kind == "bn" or (kind == "downsample." and i == 1)
+      blobs[f"res{stage}_{block}_{branch}_" + (f"bn_{leaf}" if is_norm else "w")] = v
+  path = tmp / "X-101-32x8d.pkl"
+  with open(path, "wb") as f:
+    pickle.dump({"model": blobs, "__author__": "FAIR", "matching_heuristics": True}, f)
+  variables, meta = convert.convert_backbone(str(path), "detectron")
+  assert meta["stride_in_1x1"] is False and meta["norm"] == "FrozenBN"
+  assert meta["pixel_std"] == convert.BGR_STD and meta["pixel_mean"] == convert.BGR_MEAN
+  assert (meta["groups"], meta["width_per_group"], meta["source_norm"]) == (32, 8, "BN")
+  assert "pred_w" in meta["dropped"]
+  check_bgr_parity(variables, meta, model)
+  bn, bn_meta = convert.convert_backbone(str(path), "detectron", norm="BN")
+  assert bn_meta["norm"] == "BN" and set(bn) == {"params", "batch_stats"}
+  check_bgr_parity(bn, bn_meta, model)
+
+
+def test_detectron_resnext_pickle_folded_bn_and_std(tv_x101, tmp):
+  """Detectron's X-152-32x8d-IN5k.pkl layout (here at depth 101: the layout does not depend on
+  depth, and X-152's shapes are checked in tests/models/test_resnet.py): BN folded into
+  *_bn_s / _bn_b, BGR conv1 with the std folded in, stride in the 3x3 conv (STRIDE_IN_1X1
+  False, "a C2 model"), inputs minus the mean only (Detectron2's default PIXEL_STD 1), and
+  zero conv biases *_b as some Caffe2 files have."""
+  model, _ = tv_x101
+  blobs = caffe2_blobs(model, gn=False)
+  for name in [k for k in blobs if re.fullmatch(r"(conv1|res\d_\d+_branch\w+)_w", k)]:
+    blobs[name[: -len("w")] + "b"] = np.zeros(blobs[name].shape[0], np.float32)  # Caffe2's
+  path = tmp / "X-101-32x8d-folded.pkl"
+  with open(path, "wb") as f:
+    pickle.dump({"blobs": blobs}, f, protocol=2)
+  variables, meta = convert.convert_backbone(str(path), "detectron")
+  assert "res4_22_branch2b_b" in meta["dropped"] and "conv1_b" in meta["dropped"]
+  assert meta["stride_in_1x1"] is False and meta["source_norm"] == "affine"
+  assert meta["pixel_std"] == [1.0, 1.0, 1.0] and meta["pixel_mean"] == convert.BGR_MEAN
+  assert (meta["depth"], meta["groups"], meta["width_per_group"]) == (101, 32, 8)
+  check_bgr_parity(variables, meta, model)
+
+
 # ------------------------------------------------------------------------------------ bad input
 
 
@@ -552,3 +677,33 @@ def test_detectron2_coco_classes_carry_cocos_category_ids():
   ids = zoo_detectron2.COCO_CATEGORY_IDS
   assert len(set(ids)) == len(zoo_detectron2.COCO_CLASS_NAMES) == 80
   assert [categories[i] for i in ids] == list(zoo_detectron2.COCO_CLASS_NAMES)
+
+
+def test_bad_resnext_inputs_fail_clearly_and_write_nothing(timm_x50, tmp, capsys):
+  from safetensors.torch import save_file  # pylint: disable=g-import-not-at-top
+
+  model, _ = timm_x50
+  out = str(tmp / "bad_resnext_out")
+  sd = {k: v.contiguous() for k, v in model.state_dict().items()}
+
+  wrong = dict(sd)  # one block's grouped conv with 16 groups instead of 32
+  wrong["layer3.2.conv2.weight"] = torch.zeros(512, 32, 3, 3)
+  save_file(wrong, str(tmp / "x50_wrong_groups.safetensors"))
+  err = run_cli_expect_failure(
+    capsys, out, "--source", "timm", "--input", str(tmp / "x50_wrong_groups.safetensors")
+  )
+  assert "layer3.2.conv2.weight" in err and "(3, 3, 32, 512)" in err and "(3, 3, 16, 512)" in err
+
+  ragged = dict(sd)  # res2.0's conv2: 3 input channels per group do not divide 128
+  ragged["layer1.0.conv2.weight"] = torch.zeros(128, 3, 3, 3)
+  save_file(ragged, str(tmp / "x50_ragged.safetensors"))
+  err = run_cli_expect_failure(
+    capsys, out, "--source", "timm", "--input", str(tmp / "x50_ragged.safetensors")
+  )
+  assert "res2.0.conv2 kernel (128, 3, 3, 3)" in err and "do not divide" in err
+
+  biased = tmp / "biased.pkl"  # a conv bias that is not zero has no place in a bias-free conv
+  with open(biased, "wb") as f:
+    pickle.dump({"conv1_w": np.ones((64, 3, 7, 7), np.float32), "conv1_b": np.ones(64)}, f)
+  err = run_cli_expect_failure(capsys, out, "--source", "detectron", "--input", str(biased))
+  assert "conv1_b (64,)" in err and "match no detectron ResNet name" in err

@@ -82,6 +82,8 @@ def test_check_backbone_meta_names_the_fields_to_set():
     "config.data.input_format='RGB'": dict(input_format="RGB"),
     "config.data.pixel_std=(1.0, 1.0, 1.0)": dict(pixel_std=[1, 1, 1]),
     "config.model.backbone.depth=50": dict(depth=50),
+    "config.model.backbone.groups=32": dict(groups=32, width_per_group=8),
+    "config.model.backbone.width_per_group=8": dict(groups=1, width_per_group=8),
   }
   for expected, kw in cases.items():
     with pytest.raises(ValueError) as e:

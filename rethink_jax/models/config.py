@@ -18,8 +18,10 @@ def default_model_config() -> ml_collections.ConfigDict:
       freeze_at=0,
       width=64,
       bn_group_size=0,
+      groups=1,  # of the bottleneck 3x3 convs: ResNeXt's cardinality (X-101-32x8d: 32)
+      width_per_group=64,  # res2's channels per group at width 64 (64: ResNet; X-101-32x8d: 8)
     )
-  )  # 0: BN statistics over the whole batch
+  )  # bn_group_size 0: BN statistics over the whole batch
   # The FPN's GN uses backbone.num_groups and its BN backbone.bn_group_size.
   c.fpn = ml_collections.ConfigDict(dict(out_channels=256, norm="GN"))
   c.anchors = ml_collections.ConfigDict(

@@ -1,7 +1,8 @@
-"""ResNet backbone (Detectron2's ResNet: BasicStem + res2..res5), Flax Linen.
+"""ResNet and ResNeXt backbones (Detectron2's ResNet: BasicStem + res2..res5), Flax Linen.
 
   build_resnet(depth=50, norm="GN")(x (B, H, W, 3), train)
     -> {"res2": (B, H/4, W/4, 256), ..., "res5": (B, H/32, W/32, 2048)}
+  build_resnet(depth=101, groups=32, width_per_group=8)   # X-101-32x8d: grouped 3x3 convs
 
 ResNet receives its convs built (`conv`, `frozen_conv`: Conv2d factories with their norm and
 dtype bound); `resnet_from_config` / `build_resnet` build them from the config.
@@ -10,6 +11,7 @@ Parameter tree (mirrors Detectron2's backbone.bottom_up.*, so weights move by re
   stem/conv1/{kernel, norm/{scale, bias}}
   res2/0/{conv1, conv2, conv3, shortcut}/{kernel, norm/...}, res2/1/..., ..., res5/2/...
 BasicBlock (depth 18/34) blocks have conv1, conv2 and (when channels change) shortcut.
+ResNeXt has the same tree; its conv2 kernels are (3, 3, bottleneck / groups, bottleneck).
 FrozenBN keeps its scale/bias in the collection "frozen" at the same paths.
 """
 
@@ -84,7 +86,7 @@ class BasicStem(nn.Module):
 
 
 class BottleneckBlock(nn.Module):
-  """1x1 -> 3x3 -> 1x1 (+ projection shortcut when channels change).
+  """1x1 -> 3x3 (in `groups` groups: ResNeXt) -> 1x1 (+ projection shortcut when channels change).
 
   (B, H, W, Cin) -> (B, H/s, W/s, out_channels).
   """
@@ -95,17 +97,20 @@ class BottleneckBlock(nn.Module):
   stride_in_1x1: bool
   conv: ConvDef
   activation: Activation = nn.relu
+  groups: int = 1
 
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> Array:
-    conv = lambda f, k, s, name: self.conv(f, k, strides=s, padding=k // 2, name=name)
+    conv = lambda f, k, s, name, g=1: self.conv(
+      f, k, strides=s, padding=k // 2, groups=g, name=name
+    )
     act = self.activation
     s1, s3 = (self.stride, 1) if self.stride_in_1x1 else (1, self.stride)
     shortcut = x
     if x.shape[-1] != self.out_channels:  # projection when the channels change
       shortcut = conv(self.out_channels, 1, self.stride, "shortcut")(x, train)
     y = act(conv(self.bottleneck_channels, 1, s1, "conv1")(x, train))
-    y = act(conv(self.bottleneck_channels, 3, s3, "conv2")(y, train))
+    y = act(conv(self.bottleneck_channels, 3, s3, "conv2", self.groups)(y, train))
     y = conv(self.out_channels, 1, 1, "conv3")(y, train)
     return act(y + shortcut)
 
@@ -141,6 +146,7 @@ class ResStage(nn.Module):
   stride_in_1x1: bool
   conv: ConvDef
   activation: Activation = nn.relu
+  groups: int = 1
 
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> Array:
@@ -154,6 +160,7 @@ class ResStage(nn.Module):
           self.stride_in_1x1,
           self.conv,
           self.activation,
+          self.groups,
           name=str(i),
         )(x, train)
       else:
@@ -166,6 +173,7 @@ class ResNet(nn.Module):
 
   __call__(x (B, H, W, 3), train) -> {"res2".."res5"} at strides 4, 8, 16, 32 with
   4w, 8w, 16w, 32w channels (bottleneck, w = width) or w, 2w, 4w, 8w (depth 18/34).
+  X-101-32x8d is depth=101, groups=32, width_per_group=8 (its res2 bottleneck: 256 channels).
 
   Attributes:
     depth: 18, 34, 50, 101 or 152.
@@ -177,6 +185,10 @@ class ResNet(nn.Module):
       the optimizer must mask.
     conv: the normed, bias-free Conv2d of the trained stages (layers.conv_def).
     frozen_conv: the Conv2d of the frozen stages (BN norms become FrozenBN, see `frozen_norm`).
+    groups: groups of the bottleneck 3x3 convs (ResNeXt's cardinality; 1 = ResNet).
+    width_per_group: channels per group of res2's 3x3 conv at width 64 (64 = ResNet); the
+      bottleneck of stage k = 0..3 has groups * (width * 2^k * width_per_group / 64) channels
+      (torchvision's rule; Detectron2's groups * width_per_group * 2^k at width 64).
   """
 
   depth: int
@@ -186,6 +198,8 @@ class ResNet(nn.Module):
   conv: ConvDef
   frozen_conv: ConvDef
   activation: Activation = nn.relu
+  groups: int = 1
+  width_per_group: int = 64
 
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> dict[str, Array]:
@@ -196,6 +210,16 @@ class ResNet(nn.Module):
     if not 0 <= self.freeze_at <= 5:
       raise ValueError(f"freeze_at must be in 0..5, got {self.freeze_at}.")
     blocks, bottleneck = STAGE_BLOCKS[self.depth]
+    if not bottleneck and (self.groups, self.width_per_group) != (1, 64):
+      raise ValueError(
+        f"ResNet-{self.depth} has no bottleneck: groups={self.groups} and "
+        f"width_per_group={self.width_per_group} need depth 50, 101 or 152."
+      )
+    if self.groups < 1 or (self.width * self.width_per_group) % 64:
+      raise ValueError(
+        f"groups={self.groups}, width_per_group={self.width_per_group}: need groups >= 1 and "
+        f"width * width_per_group (= {self.width * self.width_per_group}) a multiple of 64."
+      )
     conv_of = lambda frozen: self.frozen_conv if frozen else self.conv
 
     frozen = self.freeze_at >= 1
@@ -209,12 +233,13 @@ class ResNet(nn.Module):
       x = ResStage(
         n,
         out_channels,
-        self.width * 2**k,
+        self.groups * (self.width * self.width_per_group // 64) * 2**k,
         1 if k == 0 else 2,
         bottleneck,
         self.stride_in_1x1,
         conv_of(frozen),
         self.activation,
+        self.groups,
         name=stage,
       )(x, train)
       if frozen:
@@ -257,6 +282,8 @@ def resnet_from_config(
     freeze_at=backbone["freeze_at"],
     conv=conv,
     frozen_conv=frozen_conv,
+    groups=backbone["groups"],
+    width_per_group=backbone["width_per_group"],
     name=name,
   )
 
@@ -267,6 +294,7 @@ def build_resnet(
   """A ResNet from plain values: default_model_config().backbone with `backbone` overridden.
 
     build_resnet(depth=18, norm="GN", width=8)   # the other fields as in the config
+    build_resnet(depth=152, groups=32, width_per_group=8)   # X-152-32x8d
   dtype: None = the config's dtype. axis_name, name: as in `resnet_from_config`.
   """
   model_config = config_lib.default_model_config()

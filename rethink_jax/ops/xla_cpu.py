@@ -10,8 +10,9 @@ add_bias, max_pool, weighted_rows, nms_indices) are what models/ and ops/ call; 
 are importable by name so that the tests compare them (tests/ops/test_xla_cpu.py).
 
 The CPU forms compute the same values in another order or layout: XLA:CPU emits some reductions
-as strided window reductions, runs autodiff's conv gradients slowly inside conditionals, and
-fuses gathers into transposes in a cache-hostile order (figures in docs/performance.md).
+as strided window reductions, runs autodiff's conv gradients slowly inside conditionals and a
+grouped conv's kernel gradient slowly everywhere, and fuses gathers into transposes in a
+cache-hostile order (figures in docs/performance.md).
 """
 
 from collections.abc import Callable, Hashable
@@ -110,6 +111,65 @@ def _conv_stride1_cpu_bwd(padding, residuals, dy):
 _conv_stride1_cpu.defvjp(_conv_stride1_cpu_fwd, _conv_stride1_cpu_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _grouped_conv_cpu(x: Array, kernel: Array, spec: ConvSpec) -> Array:
+  """A grouped conv whose gradients are batched matmuls, one per kernel tap.
+
+  XLA:CPU runs the kernel gradient that autodiff emits for a grouped conv (a batch-grouped
+  convolution) one to two orders of magnitude slower than torch, and a strided one's input
+  gradient (an input-dilated convolution) several times slower than its forward.
+  """
+  return conv2d_reference(x, kernel, spec)
+
+
+def _grouped_conv_cpu_fwd(x, kernel, spec):
+  return conv2d_reference(x, kernel, spec), (x, kernel)
+
+
+def _grouped_conv_cpu_bwd(spec, residuals, dy):
+  x, kernel = residuals
+  kh, kw, cin_per_group, cout = kernel.shape
+  g = spec.groups
+  b, h, w, cin = x.shape
+  _, ho, wo, _ = dy.shape
+  (sh, sw), (ph, pw), (dh, dw) = spec.strides, spec.padding, spec.dilation
+  dy_groups = dy.reshape(b * ho * wo, g, cout // g)
+  kernel_groups = kernel.reshape(kh, kw, cin_per_group, g, cout // g)
+  xp = jnp.pad(x, ((0, 0), (ph, ph), (pw, pw), (0, 0)))
+  dk_taps, dx = [], None
+  for i in range(kh):
+    for j in range(kw):
+      # The input pixels that tap (i, j) meets, one per output pixel (rows i*dh + r*sh of xp).
+      start = (0, i * dh, j * dw, 0)
+      limit = (b, i * dh + (ho - 1) * sh + 1, j * dw + (wo - 1) * sw + 1, cin)
+      xs = jax.lax.slice(xp, start, limit, (1, sh, sw, 1)).reshape(-1, g, cin_per_group)
+      dk_taps.append(jnp.einsum("ngc,ngo->cgo", xs, dy_groups, preferred_element_type=jnp.float32))
+      if (sh, sw) != (1, 1):
+        # The tap's input gradient goes back to those pixels: interior padding spaces it out.
+        part = jnp.einsum(
+          "ngo,cgo->ngc", dy_groups, kernel_groups[i, j], preferred_element_type=jnp.float32
+        ).reshape(b, ho, wo, cin)
+        lo_h, lo_w = i * dh - ph, j * dw - pw
+        pads = (
+          (0, 0, 0),
+          (lo_h, h - lo_h - (ho - 1) * sh - 1, sh - 1),
+          (lo_w, w - lo_w - (wo - 1) * sw - 1, sw - 1),
+          (0, 0, 0),
+        )
+        part = jax.lax.pad(part, jnp.zeros((), part.dtype), pads)
+        dx = part if dx is None else dx + part
+  if dx is not None:
+    dx = dx.astype(x.dtype)
+  else:  # stride 1: autodiff's input gradient is a plain grouped conv, fast as it is
+    _, input_vjp = jax.vjp(lambda x: conv2d_reference(x, kernel, spec), x)
+    (dx,) = input_vjp(dy)
+  dk = jnp.stack(dk_taps).reshape(kh, kw, cin_per_group, cout).astype(kernel.dtype)
+  return dx, dk
+
+
+_grouped_conv_cpu.defvjp(_grouped_conv_cpu_fwd, _grouped_conv_cpu_bwd)
+
+
 def _is_plain_1x1(kernel: Array, spec: ConvSpec) -> bool:
   return (kernel.shape[:2], spec.padding, spec.dilation, spec.groups) == ((1, 1), (0, 0), (1, 1), 1)
 
@@ -126,9 +186,12 @@ def conv2d_tpu(x: Array, kernel: Array, spec: ConvSpec) -> Array:
 def conv2d_cpu(x: Array, kernel: Array, spec: ConvSpec) -> Array:
   """conv2d_tpu (1x1 convs as matmuls: XLA:CPU runs a dot_general's backward faster than a
   conv's, and as a 2D product, since through a 4D einsum it writes the incoming gradient
-  transposed for the kernel gradient), and stride-1 convs with their gradients as convs."""
+  transposed for the kernel gradient), stride-1 convs with their gradients as convs, and
+  grouped convs with their kernel gradient as per-tap batched matmuls."""
   kh, kw = kernel.shape[:2]
   ph, pw = spec.padding
+  if spec.groups > 1:
+    return _grouped_conv_cpu(x, kernel, spec)
   stride1 = (spec.strides, spec.dilation, spec.groups) == ((1, 1), (1, 1), 1)
   if stride1 and not _is_plain_1x1(kernel, spec) and ph < kh and pw < kw:
     return _conv_stride1_cpu(x, kernel, (ph, pw))

@@ -97,6 +97,127 @@ def test_param_count_equals_torchvision(depth):
   assert n == n_tv
 
 
+def torchvision_resnext(depth: int, groups: int, width_per_group: int, **kw) -> torch.nn.Module:
+  """torchvision's ResNeXt of any depth (it ships resnext50_32x4d and resnext101_32x8d only)."""
+  blocks = {50: [3, 4, 6, 3], 101: [3, 4, 23, 3], 152: [3, 8, 36, 3]}[depth]
+  return torchvision.models.resnet.ResNet(
+    torchvision.models.resnet.Bottleneck,
+    blocks,
+    groups=groups,
+    width_per_group=width_per_group,
+    **kw,
+  )
+
+
+def resnext_shapes(depth: int, norm: str = "GN", **kw) -> dict:
+  model = build_resnet(depth=depth, norm=norm, groups=32, width_per_group=8, **kw)
+  return jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3))))
+
+
+@pytest.mark.parametrize("depth", [101, 152])
+def test_resnext_param_count_equals_torchvision(depth):
+  n = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(resnext_shapes(depth)["params"]))
+  with torch.device("meta"):
+    if depth == 101:
+      tm = torchvision.models.resnext101_32x8d()
+    else:  # torchvision has no resnext152: its ResNet class built the same way
+      tm = torchvision_resnext(152, 32, 8)
+  n_tv = sum(p.numel() for k, p in tm.named_parameters() if not k.startswith("fc."))
+  print(f"X-{depth}-32x8d GN params: {n:,} (torchvision without fc: {n_tv:,})")
+  assert n == n_tv
+
+
+@pytest.mark.parametrize("depth", [101, 152])
+def test_resnext_tree_is_detectron2s_layout(depth):
+  """Every kernel where Detectron2's build_resnet_backbone puts it (NUM_GROUPS 32,
+  WIDTH_PER_GROUP 8, RES2_OUT_CHANNELS 256), with its shape (Detectron2's OIHW as HWIO)."""
+  blocks = {101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}[depth]
+  want = {("stem", "conv1"): (7, 7, 3, 64)}
+  in_channels = 64
+  for k, n in enumerate(blocks):
+    bottleneck, out = 32 * 8 * 2**k, 256 * 2**k
+    for i in range(n):
+      block = (f"res{k + 2}", str(i))
+      want[block + ("conv1",)] = (1, 1, in_channels, bottleneck)
+      want[block + ("conv2",)] = (3, 3, bottleneck // 32, bottleneck)
+      want[block + ("conv3",)] = (1, 1, bottleneck, out)
+      if in_channels != out:
+        want[block + ("shortcut",)] = (1, 1, in_channels, out)
+      in_channels = out
+  params = resnext_shapes(depth)["params"]
+  got = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    keys = tuple(p.key for p in path)
+    if keys[-1] == "kernel":
+      got[keys[:-1]] = tuple(leaf.shape)
+    else:  # GN scale / bias of that conv's output channels
+      assert keys[-2:-1] == ("norm",) and leaf.shape == (want[keys[:-2]][-1],), keys
+  assert got == want
+
+
+@pytest.mark.parametrize("norm", ["GN", "SyncBN", "BN", "FrozenBN"])
+def test_resnext152_with_every_norm(norm):
+  v = resnext_shapes(152, norm, freeze_at=2)
+  collections = {"GN": {"params"}, "FrozenBN": {"params", "frozen"}}
+  assert set(v) == collections.get(norm, {"params", "frozen", "batch_stats"})
+  assert v["params"]["res4"]["35"]["conv2"]["kernel"].shape == (3, 3, 32, 1024)
+  # Norms sit behind every conv, the grouped one included.
+  norms = v["frozen"] if norm == "FrozenBN" else v["params"]
+  assert norms["res5"]["2"]["conv2"]["norm"]["scale"].shape == (2048,)
+
+
+def test_resnext_needs_a_bottleneck_and_whole_groups():
+  x = jnp.zeros((1, 32, 32, 3))
+  with pytest.raises(ValueError, match="no bottleneck"):
+    build_resnet(depth=18, groups=32, width_per_group=8).init(jax.random.key(0), x)
+  with pytest.raises(ValueError, match="multiple of 64"):
+    build_resnet(depth=50, width=8, groups=2, width_per_group=4).init(jax.random.key(0), x)
+
+
+def test_gn_resnext_forward_and_gradients_match_torchvision():
+  """A GN ResNeXt-50-8x4d (random GN affines) against torchvision's ResNet built with groups:
+  the stage outputs and the gradients of every kernel (the grouped convs' CPU form included)."""
+  torch.manual_seed(SEED)
+  tm = torchvision_resnext(50, 8, 4, norm_layer=lambda c: torch.nn.GroupNorm(32, c))
+  gen = torch.Generator().manual_seed(SEED)
+  with torch.no_grad():
+    for m in tm.modules():
+      if isinstance(m, torch.nn.GroupNorm):
+        m.weight.copy_(torch.rand(m.num_channels, generator=gen) + 0.5)
+        m.bias.copy_(torch.rand(m.num_channels, generator=gen) * 0.4 - 0.2)
+  variables = torch_to_variables(tm, "GN")
+  x = np.random.default_rng(SEED).normal(size=(2, 32, 32, 3)).astype(np.float32)
+  model = build_resnet(depth=50, norm="GN", groups=8, width_per_group=4)
+
+  def loss(params):
+    out = model.apply({"params": params}, x)
+    return sum(jnp.mean(jnp.square(o)) for o in out.values()), out
+
+  with jax.default_matmul_precision("highest"):
+    grads, out = jax.jit(jax.grad(loss, has_aux=True))(variables["params"])
+  ref = torch_stages(tm, x)
+  assert_rel_close(out, ref)
+
+  t = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+  t = tm.maxpool(tm.relu(tm.bn1(tm.conv1(t))))
+  total = 0.0
+  for i in range(1, 5):
+    t = getattr(tm, f"layer{i}")(t)
+    total = total + torch.mean(torch.square(t))
+  total.backward()
+  for name, p in tm.named_parameters():  # the same renaming, applied to the gradients
+    if not name.startswith("fc."):  # the classifier is not in the loss (and not converted)
+      p.data = p.grad
+  want = torch_to_variables(tm, "GN")["params"]
+  flat_want = dict(jax.tree_util.tree_flatten_with_path(want)[0])
+  flat_got = dict(jax.tree_util.tree_flatten_with_path(grads)[0])
+  assert sorted(map(str, flat_got)) == sorted(map(str, flat_want))
+  for path, w in flat_want.items():
+    g = np.asarray(flat_got[path])
+    err = float(np.max(np.abs(g - w)) / (np.max(np.abs(w)) + 1e-12))
+    assert err < 5e-4, (jax.tree_util.keystr(path), err)
+
+
 def test_param_tree_and_output_shapes():
   x = jnp.zeros((2, 64, 96, 3))
   model = build_resnet(depth=50, norm="GN", width=8)

@@ -50,12 +50,16 @@ def _vjp_both(cpu_form, reference_form, args, rng, argnums, tol):
     (3, 1, 2, 1, 1),  # padding k - 1 (a "full" correlation)
     (5, 1, 2, 1, 1),
     (3, 2, 1, 1, 1),  # stride 2: the reference conv on both
-    (3, 1, 2, 2, 2),  # dilation and groups: the reference conv on both
+    (3, 1, 2, 2, 2),  # dilation and groups: the grouped form (kernel gradient per tap)
+    (3, 1, 1, 1, 4),  # a ResNeXt 3x3: groups of 2 channels
+    (3, 2, 1, 1, 4),  # ... with the stage's stride
+    (3, 2, 2, 2, 8),  # depthwise, strided and dilated
   ],
 )
 def test_conv2d_forms_agree(rng, k, s, p, d, g):
   x = jnp.asarray(rng.normal(size=(2, 9, 11, 8)), jnp.float32)
-  kernel = jnp.asarray(rng.normal(size=(k, k, 8 // g, 6)) / k, jnp.float32)
+  cout = 6 if 6 % g == 0 else 8
+  kernel = jnp.asarray(rng.normal(size=(k, k, 8 // g, cout)) / k, jnp.float32)
   spec = xla_cpu.ConvSpec((s, s), (p, p), (d, d), g)
   with jax.default_matmul_precision("highest"):
     _vjp_both(
