@@ -18,9 +18,14 @@ def default_model_config() -> ml_collections.ConfigDict:
       freeze_at=0,
       width=64,
       bn_group_size=0,
+      norm_stats="padded",
     )
-  )  # 0: BN statistics over the whole batch
-  # The FPN's GN uses backbone.num_groups and its BN backbone.bn_group_size.
+  )  # bn_group_size 0: BN statistics over the whole batch
+  # norm_stats: the region of the backbone's and FPN's GroupNorm statistics. "padded" (Detectron2:
+  # the whole padded input tensor; the COCO recipes, whose orientation buckets pad about as much
+  # as Detectron2's batches) or "valid" (each image's image_hw region only, zeros outside it:
+  # features independent of the padding). The heads' GN sees ROI features, never padding.
+  # The FPN's GN uses backbone.num_groups and norm_stats, and its BN backbone.bn_group_size.
   c.fpn = ml_collections.ConfigDict(dict(out_channels=256, norm="GN"))
   c.anchors = ml_collections.ConfigDict(
     dict(
