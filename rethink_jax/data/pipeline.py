@@ -47,8 +47,8 @@ an epoch's positions are still each used once. Without pad_buckets (()), step s 
 [s * B * P, (s + 1) * B * P) as above.
 
 Eval: process p reads records p, p + P, p + 2P, ... of the eval split (shorter side min_size_test,
-no flip), padded with valid=False images (image_id -1, gt_classes 0) so that every process yields
-the same number of batches.
+no flip, one shape: data.pad_to), padded with valid=False images (image_id -1, gt_classes 0) so
+that every process yields the same number of batches.
 
 config.data fields (ConfigDict; `default_data_config()` lists them with defaults):
   name "shapes_instances" | "coco_instances"; data_dir (tfds data dir, None = tfds default);
@@ -276,16 +276,40 @@ def train_pool(
 
 
 def record_sizes(builder: tfds.core.DatasetBuilder, base_split: str) -> np.ndarray:
-  """Original [h, w] of every record of a split (N, 2) int64, from records/<split>.json, or for
-  data sets built without sizes there, from the COCO ground truth's images."""
+  """Original [h, w] of every record of a split (N, 2) int64, from records/<split>.json; for data
+  sets built without sizes there, from the COCO ground truth's images, or else from the records
+  themselves (reads the whole split: rebuilding the data set writes the sizes)."""
   meta = records_meta(builder, base_split)
   if "height" in meta and "width" in meta:
     return np.stack([meta["height"], meta["width"]], axis=1)
   path = os.path.join(builder.data_dir, instances.ANNOTATIONS_DIR, f"{base_split}.json")
+  if not os.path.exists(path):
+    return sizes_from_records(builder, base_split)
   logging.info("Reading image sizes from %s (records/%s.json has none)", path, base_split)
   with open(path) as f:
     images = {int(im["id"]): (int(im["height"]), int(im["width"])) for im in json.load(f)["images"]}
   return np.asarray([images[int(i)] for i in meta["image_id"]], np.int64).reshape(-1, 2)
+
+
+def sizes_from_records(
+  builder: tfds.core.DatasetBuilder, base_split: str, chunk: int = 1024
+) -> np.ndarray:
+  """[h, w] (N, 2) int64 of every record of a split, parsed from the records."""
+  source = _data_source(builder, base_split)
+  logging.warning(
+    "Reading the image sizes of all %d records of %s (records/%s.json of an older build has "
+    "none; rebuilding the data set writes them)",
+    len(source),
+    base_split,
+    base_split,
+  )
+  spec = {k: tf.io.FixedLenFeature([], tf.int64) for k in ("height", "width")}
+  out = []
+  for start in range(0, len(source), chunk):
+    records = [source[i] for i in range(start, min(start + chunk, len(source)))]
+    parsed = tf.io.parse_example(tf.constant(records), spec)
+    out.append(np.stack([parsed["height"].numpy(), parsed["width"].numpy()], axis=1))
+  return np.concatenate(out).astype(np.int64)
 
 
 def _data_source(builder, base_split):

@@ -187,6 +187,13 @@ def test_iterator_batches_by_orientation(mixed_dir):
       np.testing.assert_array_equal(x[k], y[k], err_msg=k)
 
 
+def test_sizes_of_older_builds_come_from_the_records(mixed_dir):
+  builder = pipeline.get_builder(_data_config(mixed_dir))
+  got = pipeline.sizes_from_records(builder, "train", chunk=3)
+  np.testing.assert_array_equal(got, SIZES)
+  np.testing.assert_array_equal(pipeline.record_sizes(builder, "train"), SIZES)
+
+
 def test_eval_keeps_one_shape(mixed_dir):
   c = _data_config(mixed_dir)
   for batch in pipeline.make_eval_iterator(c, 2, process_index=0, process_count=1):
