@@ -109,10 +109,11 @@ def coco_data(
 
   min_size: shorter side at training, one value, or the "train aug" choices (640, 672, ..., 800:
   Detectron2's multi-scale training, one per image); evaluation uses 800 (min_size_test).
-  Training batches are padded by orientation (pad_buckets: 800 x 1344 landscape, 1344 x 800
-  portrait for the 800 / 1333 recipe) as Detectron2 groups them, evaluation to pad_to.
+  Batches are padded by orientation (pad_buckets: 800 x 1344 landscape, 1344 x 800 portrait for
+  the 800 / 1333 recipe) as Detectron2 groups them, in training and evaluation.
   """
-  short = -(-max(min_size if isinstance(min_size, (tuple, list)) else (min_size,)) // 32) * 32
+  sizes = tuple(min_size) if isinstance(min_size, (tuple, list)) else (min_size,)
+  short = -(-max(*sizes, 800) // 32) * 32  # training sizes and min_size_test
   long = -(-max_size // 32) * 32
   return _data(
     name="coco_instances",

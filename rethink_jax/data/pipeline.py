@@ -4,8 +4,8 @@ The batch dict (the one place it is documented; every batch of a config has the 
   image       (B, H, W, 3) float32  (pixel - pixel_mean) / pixel_std in channel order
                                     data.input_format ("RGB" | "BGR"); the resized image sits at the
                                     top-left, the rest (bottom/right) is 0. (H, W) = data.pad_to,
-                                    or in training the image's orientation bucket of
-                                    data.pad_buckets (one shape per batch; see below).
+                                    or the image's orientation bucket of data.pad_buckets (one
+                                    shape per batch; see below).
   image_hw    (B, 2) int32          [h, w] of the resized image inside the padding.
   image_id    (B,)   int32          COCO image id; -1 for padding images of eval batches.
   orig_hw     (B, 2) int32          original image size [h, w].
@@ -47,8 +47,10 @@ an epoch's positions are still each used once. Without pad_buckets (()), step s 
 [s * B * P, (s + 1) * B * P) as above.
 
 Eval: process p reads records p, p + P, p + 2P, ... of the eval split (shorter side min_size_test,
-no flip, one shape: data.pad_to), padded with valid=False images (image_id -1, gt_classes 0) so
-that every process yields the same number of batches.
+no flip), padded with valid=False images (image_id -1, gt_classes 0) so that every process yields
+the same number of batches. With buckets, this is done per bucket, bucket after bucket (padding
+images are copies of one of the bucket's records), so every process has the same bucket at a
+batch too.
 
 config.data fields (ConfigDict; `default_data_config()` lists them with defaults):
   name "shapes_instances" | "coco_instances"; data_dir (tfds data dir, None = tfds default);
@@ -57,9 +59,9 @@ config.data fields (ConfigDict; `default_data_config()` lists them with defaults
   config named after them); train_split, eval_split (tfds split specs,
   slices like "validation[:100]" allowed); min_size (int, or a sequence of ints to choose from per
   image in training: "train aug"); min_size_test (int; 0 = max of min_size); max_size (int);
-  pad_to (H, W), multiples of 32 (() = max_size rounded up to a multiple of 32, square; the eval
-  shape, and the training shape without buckets); pad_buckets (((H, W), ...) training shapes by
-  orientation, multiples of 32; () = pad_to only);
+  pad_to (H, W), multiples of 32 (() = max_size rounded up to a multiple of 32, square);
+  pad_buckets (((H, W), ...) batch shapes by orientation, training and eval, multiples of 32;
+  () = pad_to only);
   max_instances; mask_size; pixel_mean, pixel_std (0..255, in
   input_format order); input_format; flip_prob; num_train_images (0 = all); subset_seed;
   drop_empty_train; num_parallel_calls; prefetch; class_names, category_ids (filled from the
@@ -485,7 +487,7 @@ def make_preprocess_fn(
   _check_config(data_config)
   sizes = tf.constant(_sizes(data_config, train), tf.float32)
   max_size = float(data_config.max_size)
-  pad_hws = _train_pad_hws(data_config) if train else (padded_size(data_config),) * 2
+  pad_hws = _bucket_pad_hws(data_config)
   num_inst = int(data_config.max_instances)
   mask_size = int(data_config.mask_size)
   mean = np.asarray(data_config.pixel_mean, np.float32)
@@ -594,8 +596,8 @@ def _options(data_config):
   return options
 
 
-def _train_pad_hws(data_config):
-  """((H, W) of landscape images, (H, W) of the others) in training."""
+def _bucket_pad_hws(data_config):
+  """((H, W) of landscape images, (H, W) of the others)."""
   buckets = pad_buckets(data_config)
   return tuple(buckets[i] for i in _orientation_buckets(buckets))
 
@@ -608,10 +610,10 @@ def _pad_hw_of(pad_hws, h, w):
   return hw[0], hw[1]
 
 
-def _to_batches(ds, data_config, preprocess, batch_size, train=False):
+def _to_batches(ds, data_config, preprocess, batch_size):
   threads = int(data_config.get("num_parallel_calls", 2))
   ds = ds.map(preprocess, num_parallel_calls=threads, deterministic=True)
-  pad_hws = _train_pad_hws(data_config) if train else (padded_size(data_config),) * 2
+  pad_hws = _bucket_pad_hws(data_config)
   pad_h, pad_w = pad_hws[0]
   shapes = {k: v.shape for k, v in ds.element_spec.items()}
   shapes["image"] = tf.TensorShape([pad_h, pad_w, 3])  # zero padding at the bottom / right
@@ -770,7 +772,7 @@ def make_train_iterator(
 
   ds = _records_dataset(gen)
   preprocess = make_preprocess_fn(data_config, builder.info.features, train=True, seed=seed)
-  return TrainIterator(_to_batches(ds, data_config, preprocess, b, train=True), start_step)
+  return TrainIterator(_to_batches(ds, data_config, preprocess, b), start_step)
 
 
 def make_step_plan(
@@ -783,7 +785,7 @@ def make_step_plan(
   """The StepPlan of config.data's training stream (pool: train_pool's record indices)."""
   buckets = pad_buckets(data_config)
   bucket_ids = None
-  if len(set(_train_pad_hws(data_config))) > 1:
+  if len(set(_bucket_pad_hws(data_config))) > 1:
     base, _ = _split_range(builder, data_config.train_split)
     bucket_ids = bucket_of(record_sizes(builder, base)[pool], buckets)
   return StepPlan(len(pool), seed, global_batch, bucket_ids)
@@ -807,6 +809,20 @@ def eval_records(
   return out
 
 
+def eval_records_by_bucket(
+  bucket_ids: np.ndarray, batch_size_per_process: int, process_index: int, process_count: int
+) -> tuple[np.ndarray, np.ndarray]:
+  """One process's eval batches with buckets: (record index (M,) int64, valid (M,) bool), bucket
+  after bucket, each as eval_records over the bucket's records; padding repeats its first."""
+  records, valid = [], []
+  for k in np.unique(bucket_ids):
+    members = np.flatnonzero(bucket_ids == k)
+    block = eval_records(len(members), batch_size_per_process, process_index, process_count)
+    records.append(members[np.maximum(block, 0)])
+    valid.append(block >= 0)
+  return np.concatenate(records), np.concatenate(valid)
+
+
 def make_eval_iterator(
   data_config: ml_collections.ConfigDict,
   batch_size_per_process: int,
@@ -824,11 +840,14 @@ def make_eval_iterator(
   source = _data_source(builder, base)
   b = int(batch_size_per_process)
   positions = eval_records(len(idx), b, p, num_p)
+  valid = positions >= 0
+  if len(set(_bucket_pad_hws(data_config))) > 1:
+    bucket_ids = bucket_of(record_sizes(builder, base)[idx], pad_buckets(data_config))
+    positions, valid = eval_records_by_bucket(bucket_ids, b, p, num_p)
 
   def gen():
-    for t, pos in enumerate(positions):
-      record = idx[pos] if pos >= 0 else idx[0]
-      yield t, source[int(record)], bool(pos >= 0)
+    for t, (pos, ok) in enumerate(zip(positions, valid)):
+      yield t, source[int(idx[max(pos, 0)])], bool(ok)
 
   ds = _records_dataset(gen)
   preprocess = make_preprocess_fn(data_config, builder.info.features, train=False)

@@ -1,4 +1,4 @@
-"""Orientation buckets: the global grouping against Detectron2's buffer rule, the iterator's
+"""Orientation buckets: the global grouping against Detectron2's buffer rule, the iterators'
 shapes and sharding on a mixed-orientation COCO-format set, one compiled train step per bucket."""
 
 import json
@@ -194,10 +194,28 @@ def test_sizes_of_older_builds_come_from_the_records(mixed_dir):
   np.testing.assert_array_equal(pipeline.record_sizes(builder, "train"), SIZES)
 
 
-def test_eval_keeps_one_shape(mixed_dir):
+@pytest.mark.parametrize("processes", [1, 2])
+def test_eval_batches_by_orientation(mixed_dir, processes):
+  """Every process has the same bucket at every batch; each image is evaluated once, in the
+  bucket of its orientation; padding images are marked invalid."""
   c = _data_config(mixed_dir)
-  for batch in pipeline.make_eval_iterator(c, 2, process_index=0, process_count=1):
-    assert batch["image"].shape == (2, 96, 96, 3)
+  c.eval_split = "train"  # 8 images of both orientations
+  per_process = [
+    list(pipeline.make_eval_iterator(c, 3, process_index=p, process_count=processes))
+    for p in range(processes)
+  ]
+  assert len({len(batches) for batches in per_process}) == 1
+  ids = []
+  for batches in zip(*per_process):
+    shape = batches[0]["image"].shape[1:3]
+    assert shape in BUCKETS and all(x["image"].shape[1:3] == shape for x in batches)
+    for x in batches:
+      for orig, valid, image_id in zip(x["orig_hw"], x["valid"], x["image_id"]):
+        assert (orig[1] > orig[0]) == (shape == BUCKETS[0])
+        assert valid == (image_id >= 0)
+        if valid:
+          ids.append(int(image_id))
+  assert sorted(ids) == list(range(1, len(SIZES) + 1))
 
 
 def test_one_train_step_compilation_per_bucket(mixed_dir, tmp_path):
