@@ -359,7 +359,7 @@ def padded_size(data_config: ml_collections.ConfigDict) -> tuple[int, int]:
 
 
 def pad_buckets(data_config: ml_collections.ConfigDict) -> tuple[tuple[int, int], ...]:
-  """Training batch shapes (H, W): data.pad_buckets, or (padded_size,) when it is empty."""
+  """Batch shapes (H, W): data.pad_buckets, or (padded_size,) when it is empty."""
   buckets = tuple(tuple(int(v) for v in hw) for hw in data_config.get("pad_buckets") or ())
   return buckets or (padded_size(data_config),)
 
