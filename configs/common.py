@@ -123,7 +123,8 @@ def coco_data(
     min_size=min_size,
     min_size_test=800,
     max_size=max_size,
-    pad_to=(1344, 1344),  # 1333 rounded up to a multiple of 32 (the FPN's coarsest stride)
+    # 1333 rounded up to a multiple of 32 (the FPN's coarsest stride); used with pad_buckets=()
+    pad_to=(1344, 1344),
     pad_buckets=((short, long), (long, short)),
     max_instances=100,
     mask_size=112,

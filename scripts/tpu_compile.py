@@ -191,8 +191,8 @@ def main(argv=None):
   p.add_argument(
     "--image-sizes",
     default="1024x1024,1344x1344,800x1344,1344x800",
-    help="padded HxW; for the 800/1333 setting 1344x1344 is the eval pad, 800x1344 and 1344x800 "
-    "the training orientation buckets (data.pad_buckets)",
+    help="padded HxW; for the 800/1333 setting 800x1344 and 1344x800 are the orientation buckets "
+    "(data.pad_buckets), 1344x1344 the square canvas without them",
   )
   p.add_argument("--images-per-chip", default="1,2,4")
   p.add_argument("--dtypes", default="float32,bfloat16")
