@@ -239,3 +239,15 @@ def test_one_train_step_compilation_per_bucket(mixed_dir, tmp_path):
   used = {int(bucket_ids[plan(s)[1][0]]) for s in range(steps)}
   assert out["step"] == steps
   assert out["train_step_compilations"] == len(used) == 2, (out["train_step_compilations"], used)
+
+
+def test_coco_recipes_bucket_by_orientation():
+  from configs import common  # pylint: disable=g-import-not-at-top
+
+  for min_size in (800, (640, 672, 704, 736, 768, 800)):
+    c = common.coco_mask_rcnn(min_size=min_size)
+    assert tuple(map(tuple, c.data.pad_buckets)) == ((800, 1344), (1344, 800))
+    assert c.model.backbone.norm_stats == "padded"
+  # The buckets hold evaluation's 800 x 1333 when training uses smaller images.
+  c = common.coco_mask_rcnn(min_size=640)
+  assert tuple(map(tuple, c.data.pad_buckets)) == ((800, 1344), (1344, 800))
