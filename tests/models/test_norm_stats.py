@@ -191,3 +191,22 @@ def test_valid_stats_equal_torch_on_the_unpadded_image(torch_r18_fpn_gn):
       if k.startswith("res"):
         assert np.all(got[k][i, vh:] == 0) and np.all(got[k][i, :, vw:] == 0), k
   print("valid vs torch on the crop: worst relative error", worst)
+
+
+@pytest.mark.parametrize("stride_in_1x1", [False, True])
+def test_valid_stats_bottleneck_equal_the_unpadded_image(stride_in_1x1):
+  """Bottleneck blocks (R-50, narrow): "valid" on the padded batch equals the same model on each
+  unpadded image, where "padded" is torch's GroupNorm (test_fpn.py, against torchvision)."""
+  x, crops = padded_batch(np.random.default_rng(SEED + 4), SIZES, (128, 128), 3)
+  hw = np.asarray(SIZES, np.int32)
+  kw = dict(depth=50, norm="GN", width=8, num_groups=4, stride_in_1x1=stride_in_1x1)
+  valid = build_resnet(norm_stats="valid", **kw)
+  variables = valid.init(jax.random.PRNGKey(SEED % 1000), x[:1])
+  got = jax.jit(lambda x, hw: valid.apply(variables, x, False, hw))(x, hw)
+  padded = jax.jit(build_resnet(**kw).apply)
+  for i, (h, w) in enumerate(SIZES):
+    ref = padded(variables, crops[i])
+    for k, r in ref.items():
+      s = STRIDES[k]
+      a = np.asarray(got[k][i, : -(-h // s), : -(-w // s)])
+      assert max_rel_err(a, np.asarray(r[0])) < 1e-4, (k, i)
