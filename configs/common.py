@@ -110,7 +110,12 @@ def coco_data(
 
   min_size: shorter side at training, one value, or the "train aug" choices (640, 672, ..., 800:
   Detectron2's multi-scale training, one per image); evaluation uses 800 (min_size_test).
+  Batches are padded by orientation (pad_buckets: 800 x 1344 landscape, 1344 x 800 portrait for
+  the 800 / 1333 recipe) as Detectron2 groups them, in training and evaluation.
   """
+  sizes = tuple(min_size) if isinstance(min_size, (tuple, list)) else (min_size,)
+  short = -(-max(*sizes, 800) // 32) * 32  # training sizes and min_size_test
+  long = -(-max_size // 32) * 32
   return _data(
     name="coco_instances",
     builder_config=None,
@@ -119,7 +124,9 @@ def coco_data(
     min_size=min_size,
     min_size_test=800,
     max_size=max_size,
-    pad_to=(1344, 1344),  # 1333 rounded up to a multiple of 32 (the FPN's coarsest stride)
+    # 1333 rounded up to a multiple of 32 (the FPN's coarsest stride); used with pad_buckets=()
+    pad_to=(1344, 1344),
+    pad_buckets=((short, long), (long, short)),
     max_instances=100,
     mask_size=112,
     flip_prob=0.5,
@@ -216,6 +223,9 @@ def coco_mask_rcnn(
 
   Scratch and fine-tuned models differ only in init and schedule: nothing frozen (freeze_at 0,
   norms trained), stride in the 3x3 conv (FAIR's GN weights), no zero-init of residual norms.
+  GN statistics are Detectron2's (model.backbone.norm_stats "padded", over the padded tensor): the
+  orientation buckets pad about as much as Detectron2's batches do, so the features are close to
+  those of the paper's models; "valid" would make them independent of the padding instead.
   """
   from rethink_jax.models import mask_rcnn  # pylint: disable=g-import-not-at-top
 
@@ -226,6 +236,7 @@ def coco_mask_rcnn(
   m.backbone.stride_in_1x1 = False
   m.backbone.freeze_at = 0
   m.fpn.norm = norm
+  m.backbone.norm_stats = "padded"
   m.box_head.name = "4conv1fc"
   m.box_head.num_conv = 4
   m.box_head.num_fc = 1

@@ -14,7 +14,7 @@ of the topology's devices, lowers it on abstract arguments and compiles it, then
   .venv/bin/pip install -r requirements-tpu.txt
   PYTHONPATH=. nice .venv/bin/python scripts/tpu_compile.py --topologies v5e:2x2 \
       --images-per-chip 2 --dtypes bfloat16 --image-sizes 1024x1024
-  PYTHONPATH=. .venv/bin/python scripts/tpu_compile.py  # all: 3 topologies x 2 sizes x 3 x 2, slow
+  PYTHONPATH=. .venv/bin/python scripts/tpu_compile.py  # all: 3 topologies x 4 sizes x 3 x 2, slow
 
 Each compile of R50-FPN-GN Mask R-CNN takes minutes on a small CPU; pick a subset with the flags.
 --json FILE appends one JSON line per compiled case (to keep a table across runs).
@@ -190,8 +190,9 @@ def main(argv=None):
   p.add_argument("--topologies", default="v5e:2x2,v4:2x2x1,v5p:2x2x1")
   p.add_argument(
     "--image-sizes",
-    default="1024x1024,1344x1344",
-    help="padded HxW; 1344x1344 is the pipeline's pad for the 800/1333 setting",
+    default="1024x1024,1344x1344,800x1344,1344x800",
+    help="padded HxW; for the 800/1333 setting 800x1344 and 1344x800 are the orientation buckets "
+    "(data.pad_buckets), 1344x1344 the square canvas without them",
   )
   p.add_argument("--images-per-chip", default="1,2,4")
   p.add_argument("--dtypes", default="float32,bfloat16")

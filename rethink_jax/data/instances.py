@@ -20,9 +20,12 @@ Every instance data set of this project stores, per image (tfds features):
 
 Records are written in generation order (`disable_shuffling`), so record i of a split is the i-th
 generated example and the side files below can be indexed by record number:
-  <data_path>/records/<split>.json      {"image_id": [...], "num_objects": [...]} per record, where
-                                        num_objects counts the non-crowd instances (used to drop
-                                        empty training images without decoding any record).
+  <data_path>/records/<split>.json      {"image_id": [...], "num_objects": [...], "height": [...],
+                                        "width": [...]} per record, where num_objects counts the
+                                        non-crowd instances (used to drop empty training images
+                                        without decoding any record) and height, width are the
+                                        original size (orientation buckets; older builds lack
+                                        them).
   <data_path>/annotations/<split>.json  COCO-format ground truth of exactly the stored records
                                         (what evaluation scores against).
 The builder's `info.metadata["categories"]` lists {"id", "name"} in contiguous-label order.
@@ -137,10 +140,12 @@ def write_split_files(
     write_annotations: whether to write the COCO ground truth file.
   """
   data_path = os.fspath(data_path)
-  files.write_json(
-    os.path.join(data_path, RECORDS_DIR, f"{split}.json"),
-    {"image_id": [int(i) for i in image_ids], "num_objects": [int(n) for n in num_objects]},
-  )
+  meta = {"image_id": [int(i) for i in image_ids], "num_objects": [int(n) for n in num_objects]}
+  sizes = {int(im["id"]): (int(im["height"]), int(im["width"])) for im in images}
+  if all(int(i) in sizes for i in image_ids):  # the pipeline's orientation buckets read them
+    meta["height"] = [sizes[int(i)][0] for i in image_ids]
+    meta["width"] = [sizes[int(i)][1] for i in image_ids]
+  files.write_json(os.path.join(data_path, RECORDS_DIR, f"{split}.json"), meta)
   if write_annotations:
     files.write_json(
       os.path.join(data_path, ANNOTATIONS_DIR, f"{split}.json"),

@@ -3,7 +3,9 @@
 The batch dict (the one place it is documented; every batch of a config has the same shapes):
   image       (B, H, W, 3) float32  (pixel - pixel_mean) / pixel_std in channel order
                                     data.input_format ("RGB" | "BGR"); the resized image sits at the
-                                    top-left, the rest (bottom/right) is 0. (H, W) = data.pad_to.
+                                    top-left, the rest (bottom/right) is 0. (H, W) = data.pad_to,
+                                    or the image's orientation bucket of data.pad_buckets (one
+                                    shape per batch; see below).
   image_hw    (B, 2) int32          [h, w] of the resized image inside the padding.
   image_id    (B,)   int32          COCO image id; -1 for padding images of eval batches.
   orig_hw     (B, 2) int32          original image size [h, w].
@@ -32,17 +34,32 @@ an epoch is covered exactly once, and resuming at start_step=k reads from positi
 decoding anything before it (records are read by index from array_record files). Augmentation
 randomness is a function of (seed, t) only.
 
+Orientation buckets (data.pad_buckets, e.g. ((800, 1344), (1344, 800))): a landscape image
+(w > h, Detectron2's AspectRatioGroupedDataset rule) is padded to the first bucket with W >= H,
+the others to the first with H >= W, so padding stays near Detectron2's own (its batch's largest
+image rounded to 32) with one static shape per bucket. Steps are then cut from the same global
+stream by Detectron2's grouping, applied globally: position t goes to its bucket's buffer, and a
+buffer that reaches B * P positions becomes the next global step (process p again takes its B
+positions at p * B). Every process computes the same steps from the records' sizes alone (no
+decoding, no communication), so every process has the same bucket, hence batch shape, at a step;
+resuming at step k replays the grouping from the sizes. A step may hold positions of two epochs;
+an epoch's positions are still each used once. Without pad_buckets (()), step s is positions
+[s * B * P, (s + 1) * B * P) as above.
+
 Bad records. A training record that cannot be read or decoded (a truncated image, a damaged
 record) stops the iterator with a BadRecordError at the step whose batch holds it, naming the
 step, the position, the record (index, split, file) and its image id. With
 data.skip_bad_records=True it is skipped instead: position t then takes the record of the first
-position after t whose record decodes (with position t's augmentation), so every batch keeps its
-size, every later position its record, and a resumed run skips the same way; the skipped records
-are counted (TrainIterator.skipped_before) and logged as warnings.
+position after t whose record decodes (in t's orientation bucket; with position t's
+augmentation), so every batch keeps its size, every later position its record, and a resumed run
+skips the same way; the skipped records are counted (TrainIterator.skipped_before) and logged as
+warnings.
 
 Eval: process p reads records p, p + P, p + 2P, ... of the eval split (shorter side min_size_test,
 no flip), padded with valid=False images (image_id -1, gt_classes 0) so that every process yields
-the same number of batches.
+the same number of batches. With buckets, this is done per bucket, bucket after bucket (padding
+images are copies of one of the bucket's records), so every process has the same bucket at a
+batch too.
 
 config.data fields (ConfigDict; `default_data_config()` lists them with defaults):
   name "shapes_instances" | "coco_instances"; data_dir (tfds data dir, None = tfds default);
@@ -52,12 +69,15 @@ config.data fields (ConfigDict; `default_data_config()` lists them with defaults
   slices like "validation[:100]" allowed); min_size (int, or a sequence of ints to choose from per
   image in training: "train aug"); min_size_test (int; 0 = max of min_size); max_size (int);
   pad_to (H, W), multiples of 32 (() = max_size rounded up to a multiple of 32, square);
+  pad_buckets (((H, W), ...) batch shapes by orientation, training and eval, multiples of 32;
+  () = pad_to only);
   max_instances; mask_size; pixel_mean, pixel_std (0..255, in
   input_format order); input_format; flip_prob; num_train_images (0 = all); subset_seed;
   drop_empty_train; skip_bad_records (see "Bad records"); num_parallel_calls; prefetch;
   class_names, category_ids (filled from the data set's metadata by
   rethink_jax.data.recipe.resolve_config; informational).
-If an image resized by (min_size, max_size) would not fit into pad_to, it is scaled down to fit.
+If an image resized by (min_size, max_size) would not fit into pad_to (its bucket), it is scaled
+down to fit.
 """
 
 from collections.abc import Callable, Iterator
@@ -92,6 +112,7 @@ def default_data_config() -> ml_collections.ConfigDict:
       "min_size_test": 0,
       "max_size": 128,
       "pad_to": (128, 128),
+      "pad_buckets": (),
       "max_instances": 100,
       "mask_size": 112,
       "pixel_mean": (123.675, 116.28, 103.53),
@@ -267,6 +288,43 @@ def train_pool(
   )
 
 
+def record_sizes(builder: tfds.core.DatasetBuilder, base_split: str) -> np.ndarray:
+  """Original [h, w] of every record of a split (N, 2) int64, from records/<split>.json; for data
+  sets built without sizes there, from the COCO ground truth's images, or else from the records
+  themselves (reads the whole split: rebuilding the data set writes the sizes)."""
+  meta = records_meta(builder, base_split)
+  if "height" in meta and "width" in meta:
+    return np.stack([meta["height"], meta["width"]], axis=1)
+  path = os.path.join(builder.data_dir, instances.ANNOTATIONS_DIR, f"{base_split}.json")
+  if not os.path.exists(path):
+    return sizes_from_records(builder, base_split)
+  logging.info("Reading image sizes from %s (records/%s.json has none)", path, base_split)
+  with open(path) as f:
+    images = {int(im["id"]): (int(im["height"]), int(im["width"])) for im in json.load(f)["images"]}
+  return np.asarray([images[int(i)] for i in meta["image_id"]], np.int64).reshape(-1, 2)
+
+
+def sizes_from_records(
+  builder: tfds.core.DatasetBuilder, base_split: str, chunk: int = 1024
+) -> np.ndarray:
+  """[h, w] (N, 2) int64 of every record of a split, parsed from the records."""
+  source = _data_source(builder, base_split)
+  logging.warning(
+    "Reading the image sizes of all %d records of %s (records/%s.json of an older build has "
+    "none; rebuilding the data set writes them)",
+    len(source),
+    base_split,
+    base_split,
+  )
+  spec = {k: tf.io.FixedLenFeature([], tf.int64) for k in ("height", "width")}
+  out = []
+  for start in range(0, len(source), chunk):
+    records = [source[i] for i in range(start, min(start + chunk, len(source)))]
+    parsed = tf.io.parse_example(tf.constant(records), spec)
+    out.append(np.stack([parsed["height"].numpy(), parsed["width"].numpy()], axis=1))
+  return np.concatenate(out).astype(np.int64)
+
+
 def _data_source(builder, base_split):
   """Random access to the serialized records of a split; checks they are in generation order."""
   from array_record.python import array_record_data_source  # pylint: disable=g-import-not-at-top
@@ -311,10 +369,35 @@ def padded_size(data_config: ml_collections.ConfigDict) -> tuple[int, int]:
   return side, side
 
 
+def pad_buckets(data_config: ml_collections.ConfigDict) -> tuple[tuple[int, int], ...]:
+  """Batch shapes (H, W): data.pad_buckets, or (padded_size,) when it is empty."""
+  buckets = tuple(tuple(int(v) for v in hw) for hw in data_config.get("pad_buckets") or ())
+  return buckets or (padded_size(data_config),)
+
+
+def bucket_of(hw: np.ndarray, buckets: tuple[tuple[int, int], ...]) -> np.ndarray:
+  """Bucket index of images of size hw (N, 2) [h, w]: (N,) int64 (module docstring's rule)."""
+  hw = np.asarray(hw, np.int64).reshape(-1, 2)
+  wide, tall = _orientation_buckets(buckets)
+  return np.where(hw[:, 1] > hw[:, 0], wide, tall).astype(np.int64)
+
+
+def _orientation_buckets(buckets):
+  """(index of the landscape images' bucket, index of the others'); one bucket takes all."""
+  if len(buckets) == 1:
+    return 0, 0
+  wide = [i for i, (h, w) in enumerate(buckets) if w >= h]
+  tall = [i for i, (h, w) in enumerate(buckets) if h >= w]
+  if not wide or not tall:
+    raise ValueError(f"data.pad_buckets {buckets} needs a bucket with W >= H and one with H >= W")
+  return wide[0], tall[0]
+
+
 def _check_config(data_config):
-  pad_h, pad_w = padded_size(data_config)
-  if pad_h % 32 or pad_w % 32:
-    raise ValueError(f"data.pad_to must be multiples of 32, got {(pad_h, pad_w)}")
+  for pad_h, pad_w in {padded_size(data_config), *pad_buckets(data_config)}:
+    if pad_h % 32 or pad_w % 32:
+      raise ValueError(f"data.pad_to / pad_buckets must be multiples of 32, got {(pad_h, pad_w)}")
+  _orientation_buckets(pad_buckets(data_config))
   if data_config.input_format not in ("RGB", "BGR"):
     raise ValueError(f"data.input_format must be 'RGB' or 'BGR', got {data_config.input_format!r}")
   if len(data_config.pixel_mean) != 3 or len(data_config.pixel_std) != 3:
@@ -415,7 +498,7 @@ def make_preprocess_fn(
   _check_config(data_config)
   sizes = tf.constant(_sizes(data_config, train), tf.float32)
   max_size = float(data_config.max_size)
-  pad_h, pad_w = padded_size(data_config)
+  pad_hws = _bucket_pad_hws(data_config)
   num_inst = int(data_config.max_instances)
   mask_size = int(data_config.mask_size)
   mean = np.asarray(data_config.pixel_mean, np.float32)
@@ -430,6 +513,7 @@ def make_preprocess_fn(
     h = tf.shape(image)[0]
     w = tf.shape(image)[1]
     hf, wf = tf.cast(h, tf.float32), tf.cast(w, tf.float32)
+    pad_h, pad_w = _pad_hw_of(pad_hws, h, w)
     rng_seed = tf.stack([tf.constant(seed, tf.int64), t])
     size_i = tf.random.stateless_uniform(
       [], seed=rng_seed, maxval=len(_sizes(data_config, train)), dtype=tf.int32
@@ -437,7 +521,14 @@ def make_preprocess_fn(
     flip = tf.random.stateless_uniform([], seed=rng_seed + [0, 1 << 40]) < flip_prob
     short = tf.gather(sizes, size_i)
     scale = tf.reduce_min(
-      tf.stack([short / tf.minimum(hf, wf), max_size / tf.maximum(hf, wf), pad_h / hf, pad_w / wf])
+      tf.stack(
+        [
+          short / tf.minimum(hf, wf),
+          max_size / tf.maximum(hf, wf),
+          tf.cast(pad_h, tf.float32) / hf,
+          tf.cast(pad_w, tf.float32) / wf,
+        ]
+      )
     )
     new_h = tf.minimum(tf.cast(tf.round(hf * scale), tf.int32), pad_h)
     new_w = tf.minimum(tf.cast(tf.round(wf * scale), tf.int32), pad_w)
@@ -516,13 +607,37 @@ def _options(data_config):
   return options
 
 
+def _bucket_pad_hws(data_config):
+  """((H, W) of landscape images, (H, W) of the others)."""
+  buckets = pad_buckets(data_config)
+  return tuple(buckets[i] for i in _orientation_buckets(buckets))
+
+
+def _pad_hw_of(pad_hws, h, w):
+  """The padded (H, W) (int32 scalars) of an original h x w image: its orientation's shape."""
+  wide = tf.constant(pad_hws[0], tf.int32)
+  other = tf.constant(pad_hws[1], tf.int32)
+  hw = tf.where(w > h, wide, other)
+  return hw[0], hw[1]
+
+
 def _to_batches(ds, data_config, preprocess, batch_size):
-  ds = ds.map(
-    preprocess, num_parallel_calls=int(data_config.get("num_parallel_calls", 2)), deterministic=True
-  )
-  pad_h, pad_w = padded_size(data_config)
+  threads = int(data_config.get("num_parallel_calls", 2))
+  ds = ds.map(preprocess, num_parallel_calls=threads, deterministic=True)
+  pad_hws = _bucket_pad_hws(data_config)
+  pad_h, pad_w = pad_hws[0]
   shapes = {k: v.shape for k, v in ds.element_spec.items()}
   shapes["image"] = tf.TensorShape([pad_h, pad_w, 3])  # zero padding at the bottom / right
+  if pad_hws[0] != pad_hws[1]:
+    # Each image to its bucket's shape, then batched as is: a step's images share the bucket.
+
+    def pad_image(ex):
+      bucket_h, bucket_w = _pad_hw_of(pad_hws, ex["orig_hw"][0], ex["orig_hw"][1])
+      image = tf.image.pad_to_bounding_box(ex["image"], 0, 0, bucket_h, bucket_w)
+      return {**ex, "image": image}
+
+    ds = ds.map(pad_image, num_parallel_calls=threads, deterministic=True)
+    shapes["image"] = tf.TensorShape([None, None, 3])
   ds = ds.padded_batch(batch_size, padded_shapes=shapes, drop_remainder=True)
   ds = ds.prefetch(int(data_config.get("prefetch", 2)))
   return ds.with_options(_options(data_config))
@@ -557,9 +672,10 @@ class _TrainRecords:
   """Position t of the training stream -> its record (module docstring, "Order and sharding"),
   with the replacements of records found bad (data.skip_bad_records)."""
 
-  def __init__(self, builder, base_split, pool, seed, preprocess):
+  def __init__(self, builder, base_split, pool, seed, preprocess, bucket_ids=None):
     self.source = _data_source(builder, base_split)
     self.pool, self.n, self.seed = pool, len(pool), seed
+    self.bucket_ids = bucket_ids  # (N,) orientation bucket per pool index, None: one bucket
     self.preprocess = preprocess
     self.replaced = {}  # position -> record read there instead of its own (it did not decode)
     self._perms = _EpochPermutations(self.n, seed)  # the generator's (it runs in a TF thread)
@@ -569,10 +685,12 @@ class _TrainRecords:
     self._files = [os.fspath(p) for p in info.filepaths]
     self._file_ends = np.cumsum(info.shard_lengths)
 
+  def _pool_index(self, t: int, perms=None) -> int:
+    return int((perms or self._perms)(t // self.n)[t % self.n])
+
   def record(self, t: int, perms=None) -> int:
     """The record index of position t (without replacements)."""
-    perm = (perms or self._perms)(t // self.n)
-    return int(self.pool[perm[t % self.n]])
+    return int(self.pool[self._pool_index(t, perms)])
 
   def serialized(self, t: int) -> bytes:
     """What position t feeds the pipeline."""
@@ -613,14 +731,79 @@ class _TrainRecords:
     )
 
   def replace(self, t: int) -> int:
-    """Makes position t read the record of the first later position that decodes; returns it."""
+    """Makes position t read the record of the first later position that decodes (and, with
+    orientation buckets, pads to t's bucket, the shape of t's step); returns it."""
     perms = _EpochPermutations(self.n, self.seed)
+    bucket = None if self.bucket_ids is None else self.bucket_ids[self._pool_index(t, perms)]
     for u in range(t + 1, t + 1 + self.n):
+      if bucket is not None and self.bucket_ids[self._pool_index(u, perms)] != bucket:
+        continue
       record = self.record(u, perms)
       if self.problem(t, record) is None:
         self.replaced[t] = record
         return record
     raise BadRecordError(f"no training record after stream position {t} decodes")
+
+
+class StepPlan:
+  """The global steps of the training stream: plan(step) -> (positions t, pool indices), both
+  (B * P,) int64, process p's share at [p * B, (p + 1) * B).
+
+  Without buckets, step s is positions [s * B * P, (s + 1) * B * P). With buckets (bucket_ids not
+  None), the module docstring's grouping: positions fill one buffer per bucket in stream order and
+  a full buffer is the next step. Steps are computed an epoch at a time from the buckets of the
+  pool's records only; asking for an earlier step than the last replays from the start.
+
+  Args:
+    n: pool size N; seed: data seed (the epoch permutations); global_batch: B * P.
+    bucket_ids: (N,) bucket of each pool record, or None (one bucket).
+  """
+
+  def __init__(self, n: int, seed: int, global_batch: int, bucket_ids: np.ndarray | None = None):
+    self.n, self.global_batch = n, global_batch
+    self.bucket_ids = None if bucket_ids is None else np.asarray(bucket_ids, np.int64)
+    self._perms = _EpochPermutations(n, seed)
+    self._reset()
+
+  def _reset(self):
+    self._epoch = -1
+    self._first = 0  # step of self._steps[0]
+    self._steps = np.zeros((0, 2, self.global_batch), np.int64)  # (steps, [t, index], G)
+    self._carry = {}  # bucket -> (2, k) positions and indices waiting for a full step
+
+  def __call__(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+    if self.bucket_ids is None:
+      t = np.arange(step * self.global_batch, (step + 1) * self.global_batch, dtype=np.int64)
+      index = np.empty_like(t)
+      for e in np.unique(t // self.n):
+        mine = t // self.n == e
+        index[mine] = self._perms(int(e))[t[mine] % self.n]
+      return t, index
+    if step < self._first:
+      self._reset()
+    while step >= self._first + len(self._steps):
+      self._next_epoch()
+    t, index = self._steps[step - self._first]
+    return t, index
+
+  def _next_epoch(self):
+    self._first += len(self._steps)
+    self._epoch += 1
+    index = self._perms(self._epoch)
+    t = self._epoch * self.n + np.arange(self.n, dtype=np.int64)
+    g = self.global_batch
+    full = []
+    for k in np.unique(self.bucket_ids):
+      mine = self.bucket_ids[index] == k
+      pending = np.concatenate(
+        [self._carry.get(k, np.zeros((2, 0), np.int64)), np.stack([t[mine], index[mine]])], axis=1
+      )
+      m = pending.shape[1] // g * g
+      full.append(pending[:, :m].reshape(2, -1, g).transpose(1, 0, 2))
+      self._carry[k] = pending[:, m:]
+    steps = np.concatenate(full)
+    # A bucket's step is complete at its last position: steps run in that order.
+    self._steps = steps[np.argsort(steps[:, 0, -1], kind="stable")]
 
 
 class TrainIterator:
@@ -695,17 +878,21 @@ def make_train_iterator(
   builder = get_builder(data_config)
   base, _ = _split_range(builder, data_config.train_split)
   preprocess = make_preprocess_fn(data_config, builder.info.features, train=True, seed=seed)
-  records = _TrainRecords(builder, base, train_pool(data_config, builder), seed, preprocess)
+  pool = train_pool(data_config, builder)
   b = int(batch_size_per_process)
+  plan = make_step_plan(data_config, builder, pool, seed, b * num_p)
+  records = _TrainRecords(builder, base, pool, seed, preprocess, plan.bucket_ids)
+  # A StepPlan keeps state: each generator (a TF thread) and each diagnosis gets its own.
+  new_plan = lambda: StepPlan(len(pool), seed, b * num_p, plan.bucket_ids)
 
-  def positions(step):
-    return train_positions(step, b, p, num_p)
+  def positions(step, step_plan=None):
+    return (step_plan or new_plan())(step)[0][p * b : (p + 1) * b]
 
   def make_batches(first_step):
     def gen():
-      step = first_step
+      step, step_plan = first_step, new_plan()
       while True:
-        for t in positions(step):
+        for t in positions(step, step_plan):
           yield t, records.serialized(int(t)), True
         step += 1
 
@@ -714,6 +901,22 @@ def make_train_iterator(
 
   skip = bool(data_config.get("skip_bad_records", False))
   return TrainIterator(make_batches, records, positions, start_step, skip)
+
+
+def make_step_plan(
+  data_config: ml_collections.ConfigDict,
+  builder: tfds.core.DatasetBuilder,
+  pool: np.ndarray,
+  seed: int,
+  global_batch: int,
+) -> StepPlan:
+  """The StepPlan of config.data's training stream (pool: train_pool's record indices)."""
+  buckets = pad_buckets(data_config)
+  bucket_ids = None
+  if len(set(_bucket_pad_hws(data_config))) > 1:
+    base, _ = _split_range(builder, data_config.train_split)
+    bucket_ids = bucket_of(record_sizes(builder, base)[pool], buckets)
+  return StepPlan(len(pool), seed, global_batch, bucket_ids)
 
 
 def _records_dataset(gen: Callable[[], Iterator[tuple[int, bytes, bool]]]) -> tf.data.Dataset:
@@ -734,6 +937,20 @@ def eval_records(
   return out
 
 
+def eval_records_by_bucket(
+  bucket_ids: np.ndarray, batch_size_per_process: int, process_index: int, process_count: int
+) -> tuple[np.ndarray, np.ndarray]:
+  """One process's eval batches with buckets: (record index (M,) int64, valid (M,) bool), bucket
+  after bucket, each as eval_records over the bucket's records; padding repeats its first."""
+  records, valid = [], []
+  for k in np.unique(bucket_ids):
+    members = np.flatnonzero(bucket_ids == k)
+    block = eval_records(len(members), batch_size_per_process, process_index, process_count)
+    records.append(members[np.maximum(block, 0)])
+    valid.append(block >= 0)
+  return np.concatenate(records), np.concatenate(valid)
+
+
 def make_eval_iterator(
   data_config: ml_collections.ConfigDict,
   batch_size_per_process: int,
@@ -751,11 +968,14 @@ def make_eval_iterator(
   source = _data_source(builder, base)
   b = int(batch_size_per_process)
   positions = eval_records(len(idx), b, p, num_p)
+  valid = positions >= 0
+  if len(set(_bucket_pad_hws(data_config))) > 1:
+    bucket_ids = bucket_of(record_sizes(builder, base)[idx], pad_buckets(data_config))
+    positions, valid = eval_records_by_bucket(bucket_ids, b, p, num_p)
 
   def gen():
-    for t, pos in enumerate(positions):
-      record = idx[pos] if pos >= 0 else idx[0]
-      yield t, source[int(record)], bool(pos >= 0)
+    for t, (pos, ok) in enumerate(zip(positions, valid)):
+      yield t, source[int(idx[max(pos, 0)])], bool(ok)
 
   ds = _records_dataset(gen)
   preprocess = make_preprocess_fn(data_config, builder.info.features, train=False)

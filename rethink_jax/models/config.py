@@ -20,9 +20,14 @@ def default_model_config() -> ml_collections.ConfigDict:
       bn_group_size=0,
       groups=1,  # of the bottleneck 3x3 convs: ResNeXt's cardinality (X-101-32x8d: 32)
       width_per_group=64,  # res2's channels per group at width 64 (64: ResNet; X-101-32x8d: 8)
+      norm_stats="padded",
     )
   )  # bn_group_size 0: BN statistics over the whole batch
-  # The FPN's GN uses backbone.num_groups and its BN backbone.bn_group_size.
+  # norm_stats: the region of the backbone's and FPN's GroupNorm statistics. "padded" (Detectron2:
+  # the whole padded input tensor; the COCO recipes, whose orientation buckets pad about as much
+  # as Detectron2's batches) or "valid" (each image's image_hw region only, zeros outside it:
+  # features independent of the padding). The heads' GN sees ROI features, never padding.
+  # The FPN's GN uses backbone.num_groups and norm_stats, and its BN backbone.bn_group_size.
   c.fpn = ml_collections.ConfigDict(dict(out_channels=256, norm="GN"))
   c.anchors = ml_collections.ConfigDict(
     dict(

@@ -11,6 +11,13 @@ Modules receive their layers as factories built once from the config (`conv_def`
 Activations are NHWC, kernels HWIO, padding is explicit and symmetric (PyTorch semantics; never
 'SAME', which is asymmetric at stride 2). Convolutions compute in `dtype` (e.g. bfloat16) while
 parameters and all norm statistics stay float32.
+
+Padding. Images of a batch sit at the top-left of a zero-padded tensor. Norm statistics are
+either over that whole tensor ("padded", Detectron2's) or over each image's valid region
+("valid"): then modules take `valid_hw` ((B, 2) int [h, w] of each image's valid region in their
+input) and pass it down, and GroupNorm normalizes over that region only and writes 0 outside it,
+so every later conv sees the zeros an unpadded image would have (the valid region's outputs equal
+those of the unpadded image). valid_hw None means "padded".
 """
 
 from collections.abc import Callable, Sequence
@@ -41,6 +48,7 @@ msra_fill = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 xavier_fill = nn.initializers.variance_scaling(1.0, "fan_in", "uniform")
 
 NORMS = ("GN", "SyncBN", "BN", "FrozenBN")
+NORM_STATS = ("padded", "valid")  # see the module docstring
 BN_EPS = 1e-5
 # Flax momentum 0.9 == PyTorch momentum 0.1 (new = m * old + (1 - m) * batch).
 BN_MOMENTUM = 0.9
@@ -61,25 +69,79 @@ def _check_nhwc(x: Array, what: str, channels: Optional[int] = None):
     raise ValueError(f"{what}: expected input of shape {want}, got {x.shape}.")
 
 
+def valid_hw_after(
+  valid_hw: Array, kernel_size: IntOrPair, strides: IntOrPair, padding: IntOrPair, dilation=1
+) -> Array:
+  """Valid [h, w] (B, 2) of a conv's / pool's output from its input's: the output size of the
+  unpadded image, (n + 2 p - d (k - 1) - 1) // s + 1 per axis (ceil(n / s) for this project's
+  "same"-padded convs and pools, so it composes: stride 4 then 2 is ceil(n / 8))."""
+  k, s, p, d = (jnp.asarray(_pair(v), jnp.int32) for v in (kernel_size, strides, padding, dilation))
+  return (jnp.asarray(valid_hw, jnp.int32) + 2 * p - d * (k - 1) - 1) // s + 1
+
+
+def valid_hw_at(image_hw: Array, stride: int) -> Array:
+  """Valid [h, w] (B, 2) of a feature map at `stride` from the image's: ceil(image_hw / stride)."""
+  return (jnp.asarray(image_hw, jnp.int32) + stride - 1) // stride
+
+
+def valid_mask(valid_hw: Array, hw: tuple[int, int]) -> Array:
+  """(B, H, W) bool: True inside each image's valid [h, w] (valid_hw (B, 2)) of an (H, W) map."""
+  valid_hw = jnp.asarray(valid_hw, jnp.int32)
+  rows = jnp.arange(hw[0])[None, :, None] < valid_hw[:, 0, None, None]
+  cols = jnp.arange(hw[1])[None, None, :] < valid_hw[:, 1, None, None]
+  return rows & cols
+
+
+def zero_outside(x: Array, valid_hw: Optional[Array]) -> Array:
+  """x (B, H, W, C) with 0 outside each image's valid region; x itself when valid_hw is None."""
+  if valid_hw is None:
+    return x
+  return jnp.where(valid_mask(valid_hw, x.shape[1:3])[..., None], x, jnp.zeros((), x.dtype))
+
+
+def group_norm_valid(
+  x: Array, scale: Array, bias: Array, valid_hw: Array, num_groups: int, epsilon: float
+) -> Array:
+  """torch.nn.GroupNorm of each image's valid region x[b, :h_b, :w_b], zeros elsewhere.
+
+  x (B, H, W, C), scale and bias (C,), valid_hw (B, 2) int -> (B, H, W, C) in x.dtype. The plain
+  form only (autodiff gradient); statistics in float32, two-pass variance as the unmasked forms.
+  """
+  b, h, w, c = x.shape
+  mask = valid_mask(valid_hw, (h, w)).astype(jnp.float32)[:, :, :, None, None]  # (B, H, W, 1, 1)
+  xg = x.astype(jnp.float32).reshape(b, h, w, num_groups, c // num_groups)
+  # At least one element per group: an empty region (a padding image) gives 0, not NaN.
+  n = jnp.maximum(jnp.sum(mask, axis=(1, 2), keepdims=True) * (c // num_groups), 1.0)
+  mean = jnp.sum(xg * mask, axis=(1, 2, 4), keepdims=True) / n
+  var = jnp.sum(jnp.square((xg - mean) * mask), axis=(1, 2, 4), keepdims=True) / n
+  y = ((xg - mean) * jax.lax.rsqrt(var + epsilon)).reshape(x.shape)
+  y = (y * scale + bias) * mask.reshape(b, h, w, 1)
+  return y.astype(x.dtype)
+
+
 class GroupNorm(nn.Module):
   """GroupNorm as torch.nn.GroupNorm (eps 1e-5), statistics in float32.
 
   x (B, H, W, C) -> (B, H, W, C) in x.dtype. params: scale (C,), bias (C,).
   `num_groups` groups when C is a multiple of it; tiny widths (C < num_groups, e.g. width=8 test
   models) use gcd(num_groups, C) groups.
+  valid_hw None: statistics over the whole tensor; given: over each image's valid region, zeros
+  outside it (`group_norm_valid`).
   """
 
   num_groups: int
   epsilon: float = 1e-5  # torch.nn.GroupNorm's
 
   @nn.compact
-  def __call__(self, x: Array, train: bool = False) -> Array:
+  def __call__(self, x: Array, train: bool = False, valid_hw: Optional[Array] = None) -> Array:
     del train
     _check_nhwc(x, "GroupNorm")
     c = x.shape[-1]
     g = self.num_groups if c % self.num_groups == 0 else math.gcd(self.num_groups, c)
     scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
     bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+    if valid_hw is not None:
+      return group_norm_valid(x, scale, bias, valid_hw, g, self.epsilon)
     return xla_cpu.group_norm(x, scale, bias, g, self.epsilon)
 
 
@@ -106,8 +168,10 @@ class BatchNorm(nn.Module):
   epsilon: float = BN_EPS
 
   @nn.compact
-  def __call__(self, x: Array, train: bool = False) -> Array:
+  def __call__(self, x: Array, train: bool = False, valid_hw: Optional[Array] = None) -> Array:
     _check_nhwc(x, "BatchNorm")
+    if valid_hw is not None:
+      raise ValueError("BatchNorm: statistics over a valid region are implemented for GN only.")
     c = x.shape[-1]
     scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
     bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
@@ -154,8 +218,10 @@ class FrozenBatchNorm(nn.Module):
   """
 
   @nn.compact
-  def __call__(self, x: Array, train: bool = False) -> Array:
+  def __call__(self, x: Array, train: bool = False, valid_hw: Optional[Array] = None) -> Array:
     del train
+    if valid_hw is not None:  # its bias would fill the padding that "valid" keeps 0
+      raise ValueError("FrozenBatchNorm: statistics over a valid region are for GN only.")
     c = x.shape[-1]
     scale = self.variable("frozen", "scale", lambda: jnp.ones((c,), jnp.float32)).value
     bias = self.variable("frozen", "bias", lambda: jnp.zeros((c,), jnp.float32)).value
@@ -175,10 +241,10 @@ def build_norm(
 ) -> Optional[NormDef]:
   """The norm factory for `norm` in {"GN", "SyncBN", "BN", "FrozenBN"}, or None for None / "".
 
-  The factory builds a module called as `module(x (B,H,W,C), train) -> (B,H,W,C)`; Conv2d
-  builds it as `norm(name="norm")`. num_groups: GroupNorm groups (needed for "GN").
-  bn_group_size: images per statistics group for "BN" (the per-device batch; None or 0 = whole
-  batch). axis_name: for "SyncBN" under shard_map / pmap.
+  The factory builds a module called as `module(x (B,H,W,C), train, valid_hw=None) ->
+  (B,H,W,C)`; Conv2d builds it as `norm(name="norm")`. num_groups: GroupNorm groups (needed for
+  "GN"). bn_group_size: images per statistics group for "BN" (the per-device batch; None or 0 =
+  whole batch). axis_name: for "SyncBN" under shard_map / pmap. valid_hw: GroupNorm only.
   """
   if not norm:
     return None
@@ -200,6 +266,8 @@ class Conv2d(nn.Module):
 
   x (B, H, W, Cin) -> (B, H', W', features), H' = (H + 2 p - d (k - 1) - 1) // s + 1.
   params: "kernel" (kh, kw, Cin // groups, features) [+ "bias" (features,)]; submodule "norm".
+  valid_hw: (B, 2) valid [h, w] of x ("valid" statistics), None = "padded"; the norm gets its
+  output's (`valid_hw_after`).
 
   Attributes:
     padding: int or (ph, pw), symmetric; None = kernel_size // 2 * dilation ("same" at stride 1).
@@ -222,7 +290,7 @@ class Conv2d(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: Array, train: bool = False) -> Array:
+  def __call__(self, x: Array, train: bool = False, valid_hw: Optional[Array] = None) -> Array:
     _check_nhwc(x, "Conv2d")
     kh, kw = _pair(self.kernel_size)
     sh, sw = _pair(self.strides)
@@ -249,10 +317,23 @@ class Conv2d(nn.Module):
       bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)
       y = xla_cpu.add_bias(y, bias.astype(self.dtype))
     if self.norm is not None:
-      y = self.norm(name="norm")(y, train)
+      out_valid = None
+      if valid_hw is not None:
+        out_valid = valid_hw_after(valid_hw, (kh, kw), (sh, sw), (ph, pw), (dh, dw))
+      y = self.norm(name="norm")(y, train, valid_hw=out_valid)
     if self.activation is not None:
       y = self.activation(y)
     return y
+
+
+def check_norm_stats(norm_stats: str, *norms: Optional[str]) -> bool:
+  """True for "valid" (modules then pass valid_hw down), False for "padded"; "valid" needs every
+  norm of the network to be GN (a BN or an unnormed conv with a bias would fill the padding)."""
+  if norm_stats not in NORM_STATS:
+    raise ValueError(f"norm_stats must be one of {NORM_STATS}, got {norm_stats!r}.")
+  if norm_stats == "valid" and any(n != "GN" for n in norms):
+    raise ValueError(f"norm_stats 'valid' needs GN norms, got {norms}.")
+  return norm_stats == "valid"
 
 
 def conv_def(*, norm: Optional[NormDef], dtype: Any, **kwargs) -> ConvDef:

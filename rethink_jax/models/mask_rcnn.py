@@ -88,7 +88,7 @@ class MaskRCNN(nn.Module):
       raise ValueError(
         f"image {images.shape}, image_hw {image_hw.shape}: want (B, H, W, 3), (B, 2)"
       )
-    features = self.backbone(images, train)
+    features = self.backbone(images, train, image_hw)
 
     gt_boxes = gt_classes = gt_masks = gt_valid = None
     if train:

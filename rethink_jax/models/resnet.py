@@ -5,7 +5,8 @@
   build_resnet(depth=101, groups=32, width_per_group=8)   # X-101-32x8d: grouped 3x3 convs
 
 ResNet receives its convs built (`conv`, `frozen_conv`: Conv2d factories with their norm and
-dtype bound); `resnet_from_config` / `build_resnet` build them from the config.
+dtype bound); `resnet_from_config` / `build_resnet` build them from the config. With norm_stats
+"valid", every module passes its input's valid [h, w] to its convs (layers.py: "Padding").
 
 Parameter tree (mirrors Detectron2's backbone.bottom_up.*, so weights move by renaming):
   stem/conv1/{kernel, norm/{scale, bias}}
@@ -80,9 +81,12 @@ class BasicStem(nn.Module):
   activation: Activation = nn.relu
 
   @nn.compact
-  def __call__(self, x: Array, train: bool = False) -> Array:
-    x = self.activation(self.conv(self.features, 7, strides=2, padding=3, name="conv1")(x, train))
-    return max_pool(x, 3, 2, 1)
+  def __call__(self, x: Array, train: bool = False, valid_hw: Optional[Array] = None) -> Array:
+    conv1 = self.conv(self.features, 7, strides=2, padding=3, name="conv1")
+    # Post-ReLU values are >= 0, so zeros outside a valid region never win the max inside it;
+    # outside it the pool would copy valid values, which an unpadded image does not have.
+    y = max_pool(self.activation(conv1(x, train, valid_hw)), 3, 2, 1)
+    return layers.zero_outside(y, None if valid_hw is None else layers.valid_hw_at(valid_hw, 4))
 
 
 class BottleneckBlock(nn.Module):
@@ -100,18 +104,22 @@ class BottleneckBlock(nn.Module):
   groups: int = 1
 
   @nn.compact
-  def __call__(self, x: Array, train: bool = False) -> Array:
+  def __call__(self, x: Array, train: bool = False, valid_hw: Optional[Array] = None) -> Array:
     conv = lambda f, k, s, name, g=1: self.conv(
       f, k, strides=s, padding=k // 2, groups=g, name=name
     )
     act = self.activation
     s1, s3 = (self.stride, 1) if self.stride_in_1x1 else (1, self.stride)
+    mid_hw = out_hw = valid_hw
+    if valid_hw is not None:
+      mid_hw = layers.valid_hw_at(valid_hw, s1)
+      out_hw = layers.valid_hw_at(valid_hw, self.stride)
     shortcut = x
     if x.shape[-1] != self.out_channels:  # projection when the channels change
-      shortcut = conv(self.out_channels, 1, self.stride, "shortcut")(x, train)
-    y = act(conv(self.bottleneck_channels, 1, s1, "conv1")(x, train))
-    y = act(conv(self.bottleneck_channels, 3, s3, "conv2", self.groups)(y, train))
-    y = conv(self.out_channels, 1, 1, "conv3")(y, train)
+      shortcut = conv(self.out_channels, 1, self.stride, "shortcut")(x, train, valid_hw)
+    y = act(conv(self.bottleneck_channels, 1, s1, "conv1")(x, train, valid_hw))
+    y = act(conv(self.bottleneck_channels, 3, s3, "conv2", self.groups)(y, train, mid_hw))
+    y = conv(self.out_channels, 1, 1, "conv3")(y, train, out_hw)
     return act(y + shortcut)
 
 
@@ -124,14 +132,15 @@ class BasicBlock(nn.Module):
   activation: Activation = nn.relu
 
   @nn.compact
-  def __call__(self, x: Array, train: bool = False) -> Array:
+  def __call__(self, x: Array, train: bool = False, valid_hw: Optional[Array] = None) -> Array:
     conv = lambda k, s, name: self.conv(self.out_channels, k, strides=s, padding=k // 2, name=name)
     act = self.activation
+    out_hw = None if valid_hw is None else layers.valid_hw_at(valid_hw, self.stride)
     shortcut = x
     if x.shape[-1] != self.out_channels:
-      shortcut = conv(1, self.stride, "shortcut")(x, train)
-    y = act(conv(3, self.stride, "conv1")(x, train))
-    y = conv(3, 1, "conv2")(y, train)
+      shortcut = conv(1, self.stride, "shortcut")(x, train, valid_hw)
+    y = act(conv(3, self.stride, "conv1")(x, train, valid_hw))
+    y = conv(3, 1, "conv2")(y, train, out_hw)
     return act(y + shortcut)
 
 
@@ -149,9 +158,11 @@ class ResStage(nn.Module):
   groups: int = 1
 
   @nn.compact
-  def __call__(self, x: Array, train: bool = False) -> Array:
+  def __call__(self, x: Array, train: bool = False, valid_hw: Optional[Array] = None) -> Array:
     for i in range(self.num_blocks):
       s = self.stride if i == 0 else 1
+      if i == 1 and valid_hw is not None:
+        valid_hw = layers.valid_hw_at(valid_hw, self.stride)
       if self.bottleneck:
         x = BottleneckBlock(
           self.out_channels,
@@ -162,24 +173,27 @@ class ResStage(nn.Module):
           self.activation,
           self.groups,
           name=str(i),
-        )(x, train)
+        )(x, train, valid_hw)
       else:
-        x = BasicBlock(self.out_channels, s, self.conv, self.activation, name=str(i))(x, train)
+        block = BasicBlock(self.out_channels, s, self.conv, self.activation, name=str(i))
+        x = block(x, train, valid_hw)
     return x
 
 
 class ResNet(nn.Module):
   """Detectron2's ResNet (stem + res2..res5); build it with `build_resnet` or `resnet_from_config`.
 
-  __call__(x (B, H, W, 3), train) -> {"res2".."res5"} at strides 4, 8, 16, 32 with
-  4w, 8w, 16w, 32w channels (bottleneck, w = width) or w, 2w, 4w, 8w (depth 18/34).
+  __call__(x (B, H, W, 3), train, image_hw=None) -> {"res2".."res5"} at strides 4, 8, 16, 32
+  with 4w, 8w, 16w, 32w channels (bottleneck, w = width) or w, 2w, 4w, 8w (depth 18/34).
   X-101-32x8d is depth=101, groups=32, width_per_group=8 (its res2 bottleneck: 256 channels).
+  image_hw (B, 2): each image's [h, w] inside the padding; used with norm_stats "valid" only.
 
   Attributes:
     depth: 18, 34, 50, 101 or 152.
     width: channels of the stem (64 = standard; tiny models use 8 or 16).
     stride_in_1x1: True puts a stage's stride in the first 1x1 conv (MSRA / Caffe2 weights), False
       in the 3x3 conv (torchvision, timm, FAIR GN weights).
+    norm_stats: "padded" (statistics over the padded tensor) or "valid" (over image_hw; GN only).
     freeze_at: 0 trains everything; 1 freezes the stem; k >= 2 the stem and res2..res{k}. Frozen
       outputs pass through stop_gradient and `frozen_param_prefixes(freeze_at)` lists the params
       the optimizer must mask.
@@ -200,9 +214,14 @@ class ResNet(nn.Module):
   activation: Activation = nn.relu
   groups: int = 1
   width_per_group: int = 64
+  norm_stats: str = "padded"
 
   @nn.compact
-  def __call__(self, x: Array, train: bool = False) -> dict[str, Array]:
+  def __call__(
+    self, x: Array, train: bool = False, image_hw: Optional[Array] = None
+  ) -> dict[str, Array]:
+    if self.norm_stats != "valid":
+      image_hw = None
     if x.ndim != 4 or x.shape[-1] != 3:
       raise ValueError(f"ResNet: expected images (B, H, W, 3), got {x.shape}.")
     if self.depth not in STAGE_BLOCKS:
@@ -223,7 +242,7 @@ class ResNet(nn.Module):
     conv_of = lambda frozen: self.frozen_conv if frozen else self.conv
 
     frozen = self.freeze_at >= 1
-    x = BasicStem(self.width, conv_of(frozen), self.activation, name="stem")(x, train)
+    x = BasicStem(self.width, conv_of(frozen), self.activation, name="stem")(x, train, image_hw)
     if frozen:
       x = jax.lax.stop_gradient(x)
     outputs = {}
@@ -241,7 +260,7 @@ class ResNet(nn.Module):
         self.activation,
         self.groups,
         name=stage,
-      )(x, train)
+      )(x, train, None if image_hw is None else layers.valid_hw_at(image_hw, max(4, 2 ** (k + 1))))
       if frozen:
         x = jax.lax.stop_gradient(x)
       outputs[stage] = x
@@ -272,6 +291,8 @@ def resnet_from_config(
     axis_name=axis_name,
   )
   norm = backbone["norm"] or None
+  norm_stats = backbone.get("norm_stats", "padded")
+  layers.check_norm_stats(norm_stats, norm)
   # Detectron2's ResNet convs have no bias, normed or not.
   conv = layers.conv_def(norm=norm_def(norm), dtype=dtype, use_bias=False)
   frozen_conv = layers.conv_def(norm=norm_def(frozen_norm(norm)), dtype=dtype, use_bias=False)
@@ -284,6 +305,7 @@ def resnet_from_config(
     frozen_conv=frozen_conv,
     groups=backbone["groups"],
     width_per_group=backbone["width_per_group"],
+    norm_stats=norm_stats,
     name=name,
   )
 
