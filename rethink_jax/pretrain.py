@@ -62,7 +62,16 @@ def default_pretrain_config() -> ml_collections.ConfigDict:
     )
   )
   c.model = ml_collections.ConfigDict(
-    dict(depth=18, norm="GN", num_groups=32, stride_in_1x1=False, width=16, bn_group_size=0)
+    dict(
+      depth=18,
+      norm="GN",
+      num_groups=32,
+      stride_in_1x1=False,
+      width=16,
+      bn_group_size=0,
+      groups=1,
+      width_per_group=64,
+    )
   )
   c.optimizer = "sgd"  # "sgd" (momentum) or "adamw" (converges faster on tiny budgets)
   c.batch_size = 64  # global
@@ -87,7 +96,7 @@ def pretrain_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
   """
   c = default_pretrain_config()
   bb = config.model.backbone
-  for k in ("depth", "norm", "num_groups", "stride_in_1x1", "width", "bn_group_size"):
+  for k in c.model:
     if k in bb:
       c.model[k] = bb[k]
   for k in ("pixel_mean", "pixel_std", "input_format", "data_dir"):
@@ -120,6 +129,8 @@ class Classifier(nn.Module):
   stride_in_1x1: bool = False
   width: int = 64
   bn_group_size: int | None = None
+  groups: int = 1
+  width_per_group: int = 64
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -135,6 +146,8 @@ class Classifier(nn.Module):
       num_groups=self.num_groups,
       width=self.width,
       bn_group_size=self.bn_group_size,
+      groups=self.groups,
+      width_per_group=self.width_per_group,
       name="resnet",
     )(x, train=train)
     pooled = jnp.mean(feats["res5"].astype(jnp.float32), axis=(1, 2))
@@ -152,6 +165,8 @@ def build_classifier(model_config: ml_collections.ConfigDict, num_classes: int) 
     stride_in_1x1=model_config.stride_in_1x1,
     width=model_config.width,
     bn_group_size=model_config.bn_group_size or None,
+    groups=model_config.groups,
+    width_per_group=model_config.width_per_group,
   )
 
 
@@ -426,6 +441,8 @@ def pretrain(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     "num_groups": int(c.model.num_groups),
     "stride_in_1x1": bool(c.model.stride_in_1x1),
     "width": int(c.model.width),
+    "groups": int(c.model.groups),
+    "width_per_group": int(c.model.width_per_group),
     "pixel_mean": [float(x) for x in c.data.pixel_mean],
     "pixel_std": [float(x) for x in c.data.pixel_std],
     "input_format": c.data.input_format,
