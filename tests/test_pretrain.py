@@ -124,3 +124,47 @@ def test_pretrain_config_follows_the_detector():
   )
   assert tuple(c.data.pixel_mean) == (1.0, 2.0, 3.0) and c.data.input_format == "BGR"
   assert c.steps == 7 and c.data.image_size == 48 and c.data.data_dir == "/x"
+
+
+@pytest.mark.parametrize("depth,last,num_blocks", [(18, "conv2", 8), (50, "conv3", 16)])
+def test_zero_init_residual_zeroes_each_blocks_last_norm_scale(depth, last, num_blocks):
+  import flax  # pylint: disable=g-import-not-at-top
+
+  m = pretrain.Classifier(num_classes=3, depth=depth, width=8, num_groups=4)
+  batch = {"image": jnp.zeros((1, 32, 32, 3), jnp.float32)}
+  rngs = {"params": jax.random.PRNGKey(int(np.random.default_rng().integers(1 << 30)))}
+  plain = flax.traverse_util.flatten_dict(pretrain._init_variables(m, rngs, batch)["params"])
+  zeroed = flax.traverse_util.flatten_dict(
+    pretrain._init_variables(m, rngs, batch, zero_init_residual=True)["params"]
+  )
+  assert plain.keys() == zeroed.keys()
+  changed = sorted(k for k in plain if not np.array_equal(plain[k], zeroed[k]))
+  assert len(changed) == num_blocks, changed
+  for k in changed:
+    assert k[0] == "resnet" and k[-3:] == (last, "norm", "scale"), k
+    assert not np.any(np.asarray(zeroed[k])) and np.all(np.asarray(plain[k]) == 1.0), k
+
+
+def test_augment_image_draws_the_eight_symmetries_of_the_square():
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  image = np.random.default_rng().normal(size=(5, 5, 3)).astype(np.float32)
+  rotations = [np.rot90(image, k) for k in range(4)]
+  symmetries = rotations + [np.rot90(image[:, ::-1], k) for k in range(4)]
+  keys = np.random.default_rng().integers(-(1 << 62), 1 << 62, size=(200, 2))
+
+  def drawn(dihedral):
+    counts = np.zeros(8, int)
+    for key in keys:
+      out = pretrain.augment_image(tf.constant(image), tf.constant(key), 0.5, dihedral).numpy()
+      matches = [i for i, s in enumerate(symmetries) if np.array_equal(out, s)]
+      assert len(matches) == 1, matches
+      counts[matches[0]] += 1
+    return counts
+
+  # Each of the 8 with probability 1/8: 25 expected of 200, none missing.
+  counts = drawn(True)
+  assert np.all(counts >= 8), counts
+  # Without it, only the identity and the horizontal flip.
+  counts = drawn(False)
+  assert counts[[1, 2, 3, 5, 6, 7]].sum() == 0 and min(counts[0], counts[4]) > 50, counts
