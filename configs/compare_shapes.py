@@ -99,13 +99,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       base_lr=0.003,
       weight_decay=1e-4,
       warmup_steps=200,
-      # Every residual block an identity at init: shorter plateau at chance, whose length
-      # otherwise decides the final top-1.
-      zero_init_residual=True,
       log_every=250,
       data=dict(
-        # Objects are drawn at uniform random rotations: the square's 8 symmetries keep labels.
-        dihedral=True,
         builder_config="demo",
         image_size=48,
         builder_overrides={"image_size": 48, "num_train": 10000},

@@ -4,11 +4,9 @@ A classification task on rethink_jax.trainer's skeleton (the same mesh, state, j
 its finite check, shardings and logging as the detector's trainer). The classifier is
 rethink_jax.models.ResNet (the detector backbone's depth, width, norm and stride placement) +
 global average pooling of res5 + one linear layer, trained with SGD momentum (or AdamW) and
-cross-entropy; optionally with each residual block's last norm scale starting at 0
-(`zero_init_residual`) and the 8 symmetries of the square as augmentation (`data.dihedral`, for
-orientation-free labels). The trained ResNet variables are written with
-rethink_jax.convert.save_backbone, so the fine-tune arm loads them through `config.init_from`
-exactly as it loads converted ImageNet weights.
+cross-entropy. The trained ResNet variables are written with rethink_jax.convert.save_backbone,
+so the fine-tune arm loads them through `config.init_from` exactly as it loads converted ImageNet
+weights.
 
 Usage (normally called by rethink_jax.compare):
   meta = pretrain(pretrain_config(compare_config), workdir)   # writes workdir/backbone
@@ -23,7 +21,6 @@ import time
 from typing import Any
 
 from clu import parameter_overview
-import flax
 import flax.linen as nn
 import jax
 from jax.experimental import multihost_utils
@@ -57,9 +54,6 @@ def default_pretrain_config() -> ml_collections.ConfigDict:
       eval_split="validation",
       image_size=64,
       flip_prob=0.5,
-      # Random multiples of 90 degrees and transposes too (the 8 symmetries of the square): only
-      # for labels that do not depend on orientation (shapes_classification rotates its objects).
-      dihedral=False,
       pixel_mean=(123.675, 116.28, 103.53),
       pixel_std=(58.395, 57.12, 57.375),
       input_format="RGB",
@@ -79,9 +73,6 @@ def default_pretrain_config() -> ml_collections.ConfigDict:
   c.warmup_steps = 50
   c.grad_clip_norm = 0.0  # 0 = off
   c.label_smoothing = 0.0
-  # Each residual branch's last norm scale starts at 0 (every block an identity at init), the
-  # recipe of Goyal et al. 2017: the classifier leaves its chance-level plateau sooner.
-  c.zero_init_residual = False
   c.log_every = 25
   c.seed = 0
   return c
@@ -221,20 +212,6 @@ def _normalize(image, data_config):
   return (image - mean) / std
 
 
-def augment_image(image, key, flip_prob: float, dihedral: bool):
-  """A horizontal flip with probability flip_prob, then (dihedral) a rotation by a uniform random
-  multiple of 90 degrees: with flip_prob 0.5, each of the 8 symmetries of the square with
-  probability 1/8. image (S, S, C) tf.Tensor; key (2,) int64 stateless seed."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-
-  do = tf.random.stateless_uniform((), key) < flip_prob
-  image = tf.cond(do, lambda: image[:, ::-1], lambda: image)
-  if dihedral:
-    k = tf.random.stateless_uniform((), tf.reverse(key, [0]), maxval=4, dtype=tf.int32)
-    image = tf.image.rot90(image, k)
-  return image
-
-
 def train_iterator(data_config, builder, batch_size_per_process: int, seed: int) -> Iterator[dict]:
   """Endless iterator of {"image" (b, S, S, 3) float32, "label" (b,) int32} (b = per process).
 
@@ -255,10 +232,10 @@ def train_iterator(data_config, builder, batch_size_per_process: int, seed: int)
   ).cache()
   ds = ds.repeat().shuffle(data_config.shuffle_buffer, seed=seed)
   flip = float(data_config.flip_prob)
-  dihedral = bool(data_config.get("dihedral", False))
 
   def augment(ex, key):
-    ex["image"] = augment_image(ex["image"], key, flip, dihedral)
+    do = tf.random.stateless_uniform((), key) < flip
+    ex["image"] = tf.cond(do, lambda: ex["image"][:, ::-1], lambda: ex["image"])
     return ex
 
   keys = tf.data.Dataset.random(seed=seed).batch(2).map(lambda k: tf.cast(k, tf.int64))
@@ -327,25 +304,8 @@ def make_optimizer(c: ml_collections.ConfigDict):
   return optax.chain(*parts), schedule
 
 
-def _zero_residual_scales(params):
-  """params with the scale of each residual block's last norm (conv2 of a basic block, conv3 of a
-  bottleneck) set to 0; the stem, shortcuts and other norms keep theirs."""
-  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params))
-  bottlenecks = {k[:-3] for k in flat if k[-3:] == ("conv3", "norm", "scale")}
-  out = {}
-  for k, v in flat.items():
-    last = "conv3" if k[:-3] in bottlenecks else "conv2"
-    if k[-3:] == (last, "norm", "scale"):
-      v = jnp.zeros_like(v)
-    out[k] = v
-  return flax.traverse_util.unflatten_dict(out)
-
-
-def _init_variables(model, rngs, batch, *, zero_init_residual=False):
-  variables = flax.core.unfreeze(model.init(rngs, batch["image"], train=False))
-  if zero_init_residual:
-    variables["params"] = _zero_residual_scales(variables["params"])
-  return variables
+def _init_variables(model, rngs, batch):
+  return model.init(rngs, batch["image"], train=False)
 
 
 def _loss(model, params, collections, batch, rng, *, num_classes, label_smoothing):
@@ -397,9 +357,7 @@ def pretrain(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     build_classifier(c.model, num_classes),
     mesh,
     sample,
-    init_variables=functools.partial(
-      _init_variables, zero_init_residual=bool(c.get("zero_init_residual", False))
-    ),
+    init_variables=_init_variables,
     loss_fn=functools.partial(_loss, num_classes=num_classes, label_smoothing=c.label_smoothing),
     make_optimizer=lambda _: make_optimizer(c),
     predict=_predict,
