@@ -91,6 +91,23 @@ def test_upsample_nearest_matches_torch():
     np.testing.assert_array_equal(upsample_nearest(jnp.asarray(x), hw), ref)
 
 
+def params_of_torch_fpn_gn(body, fpn) -> dict:
+  """Our ResNet-FPN params of torchvision's GN ResNet body and GN FeaturePyramidNetwork."""
+  sd = {k: v.detach().numpy() for k, v in body.state_dict().items()}
+  d2, origin, _, left = convert._rename_torch(sd)  # pylint: disable=protected-access
+  assert not left, left
+  bottom_up, _, _ = convert.d2_to_variables(d2, origin, "GN", "GN")
+  params = {"bottom_up": bottom_up["params"]}
+  fsd = {k: v.detach().numpy() for k, v in fpn.state_dict().items()}
+  for i in range(4):
+    for tv, ours in (("inner_blocks", "fpn_lateral"), ("layer_blocks", "fpn_output")):
+      params[f"{ours}{i + 2}"] = {
+        "kernel": fsd[f"{tv}.{i}.0.weight"].transpose(2, 3, 1, 0),
+        "norm": {"scale": fsd[f"{tv}.{i}.1.weight"], "bias": fsd[f"{tv}.{i}.1.bias"]},
+      }
+  return params
+
+
 def test_fpn_gn_matches_torchvision():
   torch.manual_seed(SEED)
   body, fpn = torch_r50_fpn_gn()
@@ -102,18 +119,7 @@ def test_fpn_gn_matches_torchvision():
   body.eval()
   fpn.eval()
 
-  sd = {k: v.detach().numpy() for k, v in body.state_dict().items()}
-  d2, origin, _, left = convert._rename_torch(sd)  # pylint: disable=protected-access
-  assert not left
-  bottom_up, _, _ = convert.d2_to_variables(d2, origin, "GN", "GN")
-  params = {"bottom_up": bottom_up["params"]}
-  fsd = {k: v.detach().numpy() for k, v in fpn.state_dict().items()}
-  for i in range(4):
-    for tv, ours in (("inner_blocks", "fpn_lateral"), ("layer_blocks", "fpn_output")):
-      params[f"{ours}{i + 2}"] = {
-        "kernel": fsd[f"{tv}.{i}.0.weight"].transpose(2, 3, 1, 0),
-        "norm": {"scale": fsd[f"{tv}.{i}.1.weight"], "bias": fsd[f"{tv}.{i}.1.bias"]},
-      }
+  params = params_of_torch_fpn_gn(body, fpn)
 
   # 80 x 72: res5 is 3 x 3 under a 5 x 5 res4, so the top-down path is not an exact 2x there.
   x = np.random.default_rng(SEED).normal(size=(2, 80, 72, 3)).astype(np.float32)

@@ -12,10 +12,10 @@ import torchvision
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-from rethink_jax import convert
 from rethink_jax.models import build_resnet
 from rethink_jax.models import build_resnet_fpn
 from rethink_jax.models import layers
+from tests.models import test_fpn
 
 SEED = int(time.time() * 1000) % 2**31
 print("test_norm_stats seed", SEED)
@@ -111,18 +111,7 @@ def torch_r18_fpn_gn():
       if isinstance(m, torch.nn.GroupNorm):
         m.weight.uniform_(0.5, 1.5)
         m.bias.uniform_(-0.2, 0.2)
-  sd = {k: v.detach().numpy() for k, v in body.state_dict().items()}
-  d2, origin, _, left = convert._rename_torch(sd)  # pylint: disable=protected-access
-  assert not left, left
-  bottom_up, _, _ = convert.d2_to_variables(d2, origin, "GN", "GN")
-  params = {"bottom_up": bottom_up["params"]}
-  fsd = {k: v.detach().numpy() for k, v in fpn.state_dict().items()}
-  for i in range(4):
-    for tv, ours in (("inner_blocks", "fpn_lateral"), ("layer_blocks", "fpn_output")):
-      params[f"{ours}{i + 2}"] = {
-        "kernel": fsd[f"{tv}.{i}.0.weight"].transpose(2, 3, 1, 0),
-        "norm": {"scale": fsd[f"{tv}.{i}.1.weight"], "bias": fsd[f"{tv}.{i}.1.bias"]},
-      }
+  params = test_fpn.params_of_torch_fpn_gn(body, fpn)
   return body, fpn, params
 
 
