@@ -70,6 +70,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   d.min_size_test = 0  # = min_size
   d.max_size = max_size
   d.pad_to = ()  # = max_size rounded up to 32, square
+  # One square shape that follows max_size; orientation buckets (common.coco_data's are for
+  # 800 / 1333) can be given for the sizes chosen: --config.data.pad_buckets='((S, L), (L, S))'.
+  d.pad_buckets = ()
   # How a trained model takes images (the predictor reads it from WORKDIR/config.json).
   m = c.model.input
   m.min_size_test = min_size
