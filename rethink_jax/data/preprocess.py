@@ -306,3 +306,4 @@ def _to_batches(ds, data_config, preprocess, batch_size):
     shapes["image"] = tf.TensorShape([None, None, 3])
   ds = ds.padded_batch(batch_size, padded_shapes=shapes, drop_remainder=True)
   ds = ds.prefetch(int(data_config.get("prefetch", 2)))
+  return ds.with_options(_options(data_config))
