@@ -462,3 +462,20 @@ def test_resolve_keypoints_checks_the_model_against_the_data(keypoints_dir, shap
   plain.update(data_dir=shapes_dir, builder_config="tiny")
   with pytest.raises(ValueError, match="has none"):
     recipe.resolve_keypoints(config(0, plain), pipeline.get_builder(plain))
+
+
+def test_records_without_the_keypoints_field_read_as_empty():
+  """Records built before the keypoints field existed still decode (K = 0 data sets)."""
+  full = instances.instance_features()
+  older = tfds.features.FeaturesDict({k: v for k, v in full.items() if k != "keypoints"})
+  example = {
+    "image": np.zeros((4, 4, 3), np.uint8),
+    "image_id": 1,
+    "file_name": "a.png",
+    "height": 4,
+    "width": 4,
+    "objects": [],
+    "mask_counts": np.zeros((0,), np.int32),
+  }
+  ex = full.deserialize_example(older.serialize_example(example))
+  assert ex["keypoints"].shape == (0,) and int(ex["image_id"]) == 1
