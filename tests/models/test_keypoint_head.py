@@ -135,10 +135,11 @@ def test_keypoint_loss_matches_detectron2(normalizer):
 # Heatmaps to keypoints vs torchvision (and Detectron2's score).
 # ----------------------------------------------------------------------------------------------
 def _reference_keypoints(maps_rkss, rois):
-  """torchvision's heatmaps_to_keypoints, plus Detectron2's score at the same argmax."""
+  """torchvision's heatmaps_to_keypoints, plus Detectron2's score at the same argmax and each
+  ROI's resized map (K, ceil h, ceil w)."""
   maps, boxes = torch.from_numpy(maps_rkss), torch.from_numpy(rois)
   xy, logits = tv_roi_heads.heatmaps_to_keypoints(maps, boxes)
-  d2_scores = []
+  d2_scores, roi_maps = [], []
   for i in range(len(rois)):
     w = max(float(rois[i, 2] - rois[i, 0]), 1.0)
     h = max(float(rois[i, 3] - rois[i, 1]), 1.0)
@@ -147,17 +148,25 @@ def _reference_keypoints(maps_rkss, rois):
     top = roi_map.flatten(1).max(1)[0][:, None, None]
     scores = (roi_map - top).exp() / (maps[i] - top).exp().sum((1, 2), keepdim=True)
     d2_scores.append(scores.flatten(1).max(1)[0])
-  return xy.numpy(), logits.numpy(), torch.stack(d2_scores).numpy()
+    roi_maps.append(roi_map.numpy())
+  return xy.numpy(), logits.numpy(), torch.stack(d2_scores).numpy(), roi_maps
 
 
 def _check_against_reference(maps_rkss, rois, cap):
   got = np.asarray(
     keypoint_ops.heatmaps_to_keypoints(jnp.asarray(maps_rkss.transpose(0, 2, 3, 1)), rois, cap)
   )
-  xy, logits, d2_scores = _reference_keypoints(maps_rkss, rois)
+  xy, logits, d2_scores, roi_maps = _reference_keypoints(maps_rkss, rois)
   err = np.abs(got[..., :2] - xy[..., :2]).max(-1)
-  print(f"coordinate error: max {err.max():.4f}, 99% {np.quantile(err, 0.99):.2e}")
-  assert err.max() <= 0.5 and np.quantile(err, 0.99) < 1e-3
+  print(f"coordinate error: max {err.max():.4f}, mean {err.mean():.2e}")
+  assert np.mean(err >= 1e-3) <= 0.05
+  # Any other pixel is a tie: torch's resized map there equals its maximum up to rounding.
+  for i, k in zip(*np.nonzero(err >= 1e-3)):
+    w, h = (max(float(rois[i, j + 2] - rois[i, j]), 1.0) for j in (0, 1))
+    x_int = round((got[i, k, 0] - rois[i, 0]) / (w / np.ceil(w)) - 0.5)
+    y_int = round((got[i, k, 1] - rois[i, 1]) / (h / np.ceil(h)) - 0.5)
+    print(f"tie at roi {i} keypoint {k}: {got[i, k]} vs {xy[i, k]}")
+    assert roi_maps[i][k, y_int, x_int] >= logits[i, k] - 1e-5 * max(1, abs(logits[i, k]))
   np.testing.assert_allclose(got[..., 2], logits, rtol=0, atol=1e-3)
   np.testing.assert_allclose(got[..., 3], d2_scores, rtol=1e-3, atol=1e-6)
 
@@ -207,7 +216,7 @@ def test_head_matches_torch_layers():
   got = np.asarray(head.apply({"params": params}, x))
   assert got.shape == (3, 56, 56, k) and got.dtype == np.float32
 
-  t = lambda a: torch.from_numpy(np.asarray(a))
+  t = lambda a: torch.from_numpy(np.array(a))
   layers_ = []
   c_in = 6
   for i, d in enumerate(dims):
