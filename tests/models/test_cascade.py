@@ -564,6 +564,7 @@ def test_inference_matches_torchvision_ops(converted):
 # ----------------------------------------------------------------------------------------------
 # The whole model: static shapes, one compilation.
 # ----------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_tiny_cascade_model_trains_without_recompiling():
   import optax  # pylint: disable=g-import-not-at-top
 
