@@ -277,10 +277,17 @@ def _check_supported(cfg: Mapping) -> None:
     except KeyError:
       pass  # absent from a partial YAML and its base: Detectron2's default applies
   _require(cfg, "MODEL.ROI_HEADS.NAME", tuple(ROI_HEADS))
-  cascade = _get(cfg, "MODEL.ROI_HEADS.NAME") == "CascadeROIHeads"
+  name = _get(cfg, "MODEL.ROI_HEADS.NAME")
+  cascade = name == "CascadeROIHeads"
   # Detectron2's CascadeROIHeads supports only class-agnostic regression, the standard heads
   # (here) only class-specific.
-  _require(cfg, "MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG", cascade)
+  agnostic = _get(cfg, "MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG")
+  if agnostic != cascade:
+    raise ConversionError(
+      f"Detectron2 config MODEL.ROI_HEADS.NAME={name!r} with "
+      f"MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG={agnostic!r}: this model supports only "
+      f"{cascade!r} with {name}"
+    )
   if cascade:
     ious = _get(cfg, "MODEL.ROI_BOX_CASCADE_HEAD.IOUS")
     weights = _get(cfg, "MODEL.ROI_BOX_CASCADE_HEAD.BBOX_REG_WEIGHTS")
