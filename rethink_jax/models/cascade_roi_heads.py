@@ -151,8 +151,8 @@ class CascadeROIHeads(roi_heads_lib.StandardROIHeads):
   ClassAgnosticOutputLayers. Stage 0 samples with StandardROIHeads' fields (iou_threshold must be
   cascade_iou_thresholds[0]); bbox_reg_weights is unused (each stage has its own).
 
-  __call__ as StandardROIHeads': train returns {"loss_cls_stage{k}", "loss_box_reg_stage{k}"
-  for each stage k, "loss_mask"}; test the same detections dict. With
+  __call__ as StandardROIHeads' (gt_keypoints is ignored): train returns {"loss_cls_stage{k}",
+  "loss_box_reg_stage{k}" for each stage k, "loss_mask"}; test the same detections dict. With
   mutable=["intermediates"], each stage sows "stage{k}": rois, valid, classes, matched_gt (train
   only), logits, deltas.
   """
@@ -194,9 +194,11 @@ class CascadeROIHeads(roi_heads_lib.StandardROIHeads):
     gt_boxes: Optional[Array] = None,
     gt_classes: Optional[Array] = None,
     gt_masks: Optional[Array] = None,
+    gt_keypoints: Optional[Array] = None,
     *,
     train: bool,
   ) -> dict[str, Array]:
+    del gt_keypoints  # no keypoint branch (build_cascade_roi_heads refuses keypoint_on)
     b = proposals.shape[0]
     _check(
       proposals.shape[-1] == 4
@@ -215,9 +217,10 @@ class CascadeROIHeads(roi_heads_lib.StandardROIHeads):
     if not train:
       return self._inference(features, proposals, proposal_valid, image_hw)
     _check(
-      gt_boxes is not None and gt_classes is not None and gt_masks is not None,
-      "training the ROI heads needs gt_boxes, gt_classes and gt_masks",
+      gt_boxes is not None and gt_classes is not None,
+      "training the ROI heads needs gt_boxes and gt_classes",
     )
+    _check(self.mask_head is None or gt_masks is not None, "training the mask head needs gt_masks")
     keys = jax.random.split(self.make_rng("sampling"), b)
     sample = lambda p, v, g, c, k: roi_heads_lib.label_and_sample_proposals(
       p,
@@ -267,6 +270,8 @@ class CascadeROIHeads(roi_heads_lib.StandardROIHeads):
         deltas=deltas,
       )
 
+    if self.mask_head is None:
+      return losses
     # Mask branch on a fixed number of stage-0 foreground ROIs per image.
     fg = jax.vmap(lambda s: roi_heads_lib.select_foreground(s, self.mask_max_fg_rois))(samples)
     m = self.mask_resolution
@@ -314,21 +319,19 @@ class CascadeROIHeads(roi_heads_lib.StandardROIHeads):
       probs=pr,
     )
     boxes, scores, classes, num = jax.vmap(infer)(rois, valid, logits, deltas, probs, image_hw)
-    det_valid = jnp.arange(self.detections_per_image)[None, :] < num[:, None]
-    mask_logits = self._mask_logits(features, boxes, classes, det_valid, False)
-    masks = jnp.where(det_valid[..., None, None], jax.nn.sigmoid(mask_logits), 0.0)
-    return {
-      "boxes": boxes,
-      "scores": scores,
-      "classes": classes,
-      "masks": masks,
-      "num_detections": num,
-    }
+    out = {"boxes": boxes, "scores": scores, "classes": classes, "num_detections": num}
+    if self.mask_head is not None:
+      det_valid = jnp.arange(self.detections_per_image)[None, :] < num[:, None]
+      mask_logits = self._mask_logits(features, boxes, classes, det_valid, False)
+      out["masks"] = jnp.where(det_valid[..., None, None], jax.nn.sigmoid(mask_logits), 0.0)
+    return out
 
 
 def build_cascade_roi_heads(model_config: Mapping[str, Any]) -> CascadeROIHeads:
   """CascadeROIHeads of a model config: build_roi_heads' poolers and mask head, and per stage a
   copy of its box head and a class-agnostic predictor; roi_heads.cascade_* set the stages."""
+  if model_config.get("keypoint_on", False):
+    raise ValueError("Cascade R-CNN ROI heads have no keypoint branch: keypoint_on must be False")
   c = model_config["roi_heads"]
   ious = tuple(float(t) for t in c["cascade_iou_thresholds"])
   weights = tuple(tuple(float(w) for w in ws) for ws in c["cascade_bbox_reg_weights"])
