@@ -13,6 +13,7 @@ Every recipe file is `get_config(arg) -> ml_collections.ConfigDict` with these g
   eval       batch_size (global), num_images (0 = the whole split, else its first N images),
              at_start (evaluate the initial model too), at_end (evaluate after the last step),
              record_images, tensorboard_images (pictures of detections: rethink_jax/visualize.py),
+             tta (test-time augmentation: enabled, min_sizes, max_size, flip; rethink_jax/tta.py),
   checkpoint every_steps, keep, async_save, restart_if_unreadable,
   reference  the paper's numbers for this recipe (documentation and comparisons only).
 Import from a recipe file as `from configs import common` (from the repository root, or anywhere
@@ -172,6 +173,8 @@ def base_config(
   eval_every: int = 0,
 ) -> ml_collections.ConfigDict:
   """The groups every recipe has. eval_every=0: twice per 1x of the schedule (an AP curve)."""
+  from rethink_jax import tta  # pylint: disable=g-import-not-at-top
+
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.batch_size = batch_size
@@ -192,6 +195,7 @@ def base_config(
       at_end=True,
       record_images=6,  # images whose detections every evaluation saves (workdir/eval_images)
       tensorboard_images=3,  # of those, drawn to TensorBoard at every evaluation
+      tta=tta.default_tta_config(),  # test-time augmentation (rethink_jax/tta.py), off
     )
   )
   c.checkpoint = ml_collections.ConfigDict(
