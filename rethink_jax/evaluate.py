@@ -12,7 +12,7 @@ Keypoints follow Detectron2's COCO results: the model's [x, y, score] in input p
 by the image's scale, then x and y move by -0.5 (COCO's keypoints are integer pixel indices, the
 model's are continuous coordinates with pixel centres at +0.5); "score" is the box's score. OKS
 uses the data set's per-keypoint sigmas (pycocotools' params.kpt_oks_sigmas: COCO's person
-sigmas are 0.026 .. 0.107) and only the categories whose ground truth has keypoints.
+sigmas are 0.026 .. 0.107) and only the keypoint categories (keypoint_category_ids).
 
 Masks are pasted by one of two rules, chosen by name (PASTE_RULES):
   "detectron2" (paste_masks_in_image, the default): each pixel centre of the original image is
@@ -289,7 +289,11 @@ def _load_gt(coco_gt: Any) -> coco_lib.COCO:
 
 
 def keypoint_category_ids(coco_gt: coco_lib.COCO) -> list[int]:
-  """The category ids of coco_gt's annotations that carry "keypoints" (what OKS can score)."""
+  """The categories OKS scores: those listing keypoint names (a person_keypoints file), else
+  those whose annotations carry "keypoints"."""
+  named = [int(c["id"]) for c in coco_gt.dataset.get("categories", []) if c.get("keypoints")]
+  if named:
+    return sorted(named)
   anns = coco_gt.dataset.get("annotations", [])
   return sorted({int(a["category_id"]) for a in anns if "keypoints" in a})
 
