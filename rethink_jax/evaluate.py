@@ -289,13 +289,12 @@ def _load_gt(coco_gt: Any) -> coco_lib.COCO:
 
 
 def keypoint_category_ids(coco_gt: coco_lib.COCO) -> list[int]:
-  """The categories OKS scores: those listing keypoint names (a person_keypoints file), else
-  those whose annotations carry "keypoints"."""
-  named = [int(c["id"]) for c in coco_gt.dataset.get("categories", []) if c.get("keypoints")]
-  if named:
-    return sorted(named)
+  """The categories OKS scores: those whose annotations carry "keypoints" and, when some category
+  lists keypoint names (a person_keypoints file), only those."""
   anns = coco_gt.dataset.get("annotations", [])
-  return sorted({int(a["category_id"]) for a in anns if "keypoints" in a})
+  with_points = {int(a["category_id"]) for a in anns if "keypoints" in a}
+  named = {int(c["id"]) for c in coco_gt.dataset.get("categories", []) if c.get("keypoints")}
+  return sorted(with_points & named if named else with_points)
 
 
 def _cocoeval(
