@@ -116,6 +116,7 @@ def test_keypoints_drawn_above_the_threshold_joined_by_the_skeleton():
   # Ground truth: v = 1 (labeled, not visible) is hollow, v = 2 filled, v = 0 not drawn.
   gt = {k: v for k, v in det.items() if k != "scores"}
   gt["keypoints"] = np.array([[[xa, y, 2], [xb, y, 1], [40.5, 50.5, 0], [20.5, 50.5, 0]]])
+  gt["skeleton"] = np.array([[2, 3]])  # no line through the hollow keypoint
   drawn = np.asarray(visualize.draw(image, gt))
   assert tuple(drawn[int(y), int(xa)]) == rgb
   assert tuple(drawn[int(y), int(xb)]) == (128, 128, 128)  # hollow centre
@@ -134,7 +135,7 @@ def test_keypoints_drawn_above_the_threshold_joined_by_the_skeleton():
   out = visualize.from_coco(objects, (h, w), skeleton=[[1, 2], [2, 4]])
   np.testing.assert_allclose(out["keypoints"][:2, :, :2], coco_kp[..., :2] + 0.5)
   np.testing.assert_allclose(out["keypoints"][:2, :, 2], coco_kp[..., 2])
-  assert not out["keypoints"][2].any()
+  assert not out["keypoints"][2, :, 2].any()  # nothing to draw
   np.testing.assert_array_equal(out["skeleton"], [[0, 1], [1, 3]])
   assert "keypoints" not in visualize.from_coco(objects[2:], (h, w))
 
