@@ -29,6 +29,15 @@ The batch dict (the one place it is documented; every batch of a config has the 
                                     at >= 0.5 (ops/masks.py's representation). Sampled from
                                     the original-resolution RLE (at that point / scale), with edge
                                     clamping like RoIAlign; a flip mirrors the crop.
+  gt_keypoints (B, G, K, 3) float32 only with data.keypoints: instance g's K keypoints [x, y, v]
+                                    in input pixels, Detectron2's: (x + 0.5, y + 0.5) * scale
+                                    (COCO's integer pixel -> its centre), x -> w - x after a
+                                    flip (w = image_hw's) with the left / right keypoints of the
+                                    data set's flip map swapped; v as in COCO (0 unlabeled, 1
+                                    labeled not visible, 2 visible), 0 for points outside
+                                    [0, w] x [0, h] of the resized image; unlabeled points and
+                                    padding rows (and padding images) are (0, 0, 0). K and the
+                                    names, flip map, skeleton and OKS sigmas: keypoint_info().
 
 Orientation buckets (data.pad_buckets, e.g. ((800, 1344), (1344, 800))): a landscape image
 (w > h, Detectron2's AspectRatioGroupedDataset rule) is padded to the first bucket with W >= H,
@@ -43,18 +52,20 @@ images are copies of one of the bucket's records), so every process has the same
 batch too.
 
 config.data fields (ConfigDict; `default_data_config()` lists them with defaults):
-  name "shapes_instances" | "coco_instances"; data_dir (tfds data dir, None = tfds default);
-  builder_config (config name); builder_kwargs (dict, passed to the builder); builder_overrides
-  (shapes_instances only: dict of ShapesConfig fields, e.g. {"num_train": 500}, deriving a new
-  config named after them); train_split, eval_split (tfds split specs,
-  slices like "validation[:100]" allowed); min_size (int, or a sequence of ints to choose from per
-  image in training: "train aug"); min_size_test (int; 0 = max of min_size); max_size (int);
-  pad_to (H, W), multiples of 32 (() = max_size rounded up to a multiple of 32, square);
-  pad_buckets (((H, W), ...) batch shapes by orientation, training and eval, multiples of 32;
-  () = pad_to only);
-  max_instances; mask_size; pixel_mean, pixel_std (0..255, in
+  name "shapes_instances" | "shapes_keypoints" | "coco_instances"; data_dir (tfds data dir,
+  None = tfds default); builder_config (config name); builder_kwargs (dict, passed to the
+  builder); builder_overrides (synthetic sets only: dict of their config's fields, e.g.
+  {"num_train": 500}, deriving a new config named after them); train_split, eval_split (tfds
+  split specs, slices like "validation[:100]" allowed); min_size (int, or a sequence of ints to
+  choose from per image in training: "train aug"); min_size_test (int; 0 = max of min_size);
+  max_size (int); pad_to (H, W), multiples of 32 (() = max_size rounded up to a multiple of 32,
+  square); pad_buckets (((H, W), ...) batch shapes by orientation, training and eval, multiples
+  of 32; () = pad_to only); max_instances; mask_size; pixel_mean, pixel_std (0..255, in
   input_format order); input_format; flip_prob; num_train_images (0 = all); subset_seed;
   drop_empty_train; skip_bad_records (stream.py, "Bad records"); num_parallel_calls; prefetch;
+  keypoints (bool: gt_keypoints in the batches; the data set must have keypoints);
+  min_keypoints_per_image (with keypoints: training images need this many labeled keypoints,
+  Detectron2's filter; recipe.resolve_config copies the model's keypoint_head value);
   class_names, category_ids (filled from the data set's metadata by
   rethink_jax.data.recipe.resolve_config; informational).
 If an image resized by (min_size, max_size) would not fit into pad_to (its bucket), it is scaled
@@ -107,6 +118,8 @@ def default_data_config() -> ml_collections.ConfigDict:
       "skip_bad_records": False,  # True: a training record that does not decode is skipped
       "num_parallel_calls": 2,
       "prefetch": 2,
+      "keypoints": False,  # True: gt_keypoints (B, G, K, 3) in the batches
+      "min_keypoints_per_image": 0,  # with keypoints: fewer labeled ones drop a training image
       "class_names": (),
       "category_ids": (),
     },
@@ -122,11 +135,21 @@ def _builder_cls(name):
     from rethink_jax.data import shapes  # pylint: disable=g-import-not-at-top
 
     return shapes.ShapesInstances
+  if name == "shapes_keypoints":
+    from rethink_jax.data import shapes_keypoints  # pylint: disable=g-import-not-at-top
+
+    return shapes_keypoints.ShapesKeypoints
   if name == "coco_instances":
     from rethink_jax.data import coco  # pylint: disable=g-import-not-at-top
 
     return coco.CocoInstances
-  raise ValueError(f"data.name must be 'shapes_instances' or 'coco_instances', got {name!r}")
+  raise ValueError(
+    f"data.name must be 'shapes_instances', 'shapes_keypoints' or 'coco_instances', got {name!r}"
+  )
+
+
+# The builders that generate their data offline on first use.
+_SYNTHETIC = ("shapes_instances", "shapes_keypoints")
 
 
 class DatasetNotBuiltError(FileNotFoundError):
@@ -158,7 +181,7 @@ def get_builder(
 
   Args:
     data_config: config.data.
-    prepare: generate shapes_instances if absent (under a file lock: safe for parallel runs).
+    prepare: generate a synthetic data set if absent (under a file lock: safe for parallel runs).
   Returns:
     a prepared tfds builder.
   """
@@ -172,14 +195,16 @@ def get_builder(
     config = coco.config_for_name(config)
   overrides = dict(data_config.get("builder_overrides") or {})
   if overrides:
-    if name != "shapes_instances":
-      raise ValueError(f"data.builder_overrides is for shapes_instances, not {name!r}")
+    if name not in _SYNTHETIC:
+      raise ValueError(
+        f"data.builder_overrides is for the synthetic sets {_SYNTHETIC}, not {name!r}"
+      )
     base = cls.builder_configs[config or cls.DEFAULT_CONFIG_NAME]
     tag = "_".join(f"{k}{v}" for k, v in sorted(overrides.items()))
     config = dataclasses.replace(base, name=f"{base.name}_{tag}", **overrides)
   builder = cls(config=config, data_dir=data_config.get("data_dir"), **kwargs)
   if not builder.is_prepared():
-    if not prepare or name != "shapes_instances":
+    if not prepare or name not in _SYNTHETIC:
       raise DatasetNotBuiltError(
         f"{builder.info.full_name} is not built in {builder.data_dir_root}. Build it with\n  "
         + build_command(data_config, builder.data_dir_root)
@@ -263,6 +288,12 @@ def train_pool(
   if data_config.get("drop_empty_train", True):
     num_objects = records_meta(builder, base)["num_objects"]
     idx = idx[num_objects[idx] > 0]
+  min_keypoints = int(data_config.get("min_keypoints_per_image", 0) or 0)
+  if data_config.get("keypoints", False) and min_keypoints > 0:
+    meta = records_meta(builder, base)
+    if "num_keypoints" not in meta:
+      raise ValueError(f"{builder.info.full_name} records no keypoint counts (no keypoints?)")
+    idx = idx[meta["num_keypoints"][idx] >= min_keypoints]
   if len(idx) == 0:
     raise ValueError(f"no usable training images in {data_config.train_split!r}")
   return select_subset(
@@ -399,7 +430,12 @@ def make_eval_iterator(
       yield t, source[int(idx[max(pos, 0)])], bool(ok)
 
   ds = preprocess._records_dataset(gen)
-  preprocess_fn = preprocess.make_preprocess_fn(data_config, builder.info.features, train=False)
+  preprocess_fn = preprocess.make_preprocess_fn(
+    data_config,
+    builder.info.features,
+    train=False,
+    keypoint_flip_indices=keypoint_flip_indices(data_config, builder),
+  )
   return preprocess._to_batches(ds, data_config, preprocess_fn, b).as_numpy_iterator()
 
 
@@ -423,6 +459,40 @@ def class_names(data_config: ml_collections.ConfigDict) -> list[str]:
 
 def num_classes(data_config: ml_collections.ConfigDict) -> int:
   return len(category_ids(data_config))
+
+
+def keypoint_info(
+  data_config: ml_collections.ConfigDict, builder: tfds.core.DatasetBuilder | None = None
+) -> dict[str, list]:
+  """The data set's keypoints (data/instances.py's metadata), K = len(names):
+
+  {"names": K str, "flip_map": [left, right] name pairs, "flip_indices": K int (keypoint k of a
+   flipped image is keypoint flip_indices[k] before the flip's swap), "skeleton": COCO's 1-based
+   [i, j] pairs, "oks_sigmas": K float (COCOeval's kpt_oks_sigmas)}.
+  Raises ValueError when the data set has no keypoints.
+  """
+  builder = builder or get_builder(data_config)
+  meta = builder.info.metadata
+  names = list(meta.get("keypoint_names") or [])
+  if not names:
+    raise ValueError(f"{builder.info.full_name} has no keypoints")
+  flip_map = [list(p) for p in meta["keypoint_flip_map"]]
+  return {
+    "names": names,
+    "flip_map": flip_map,
+    "flip_indices": instances.flip_indices(names, flip_map).tolist(),
+    "skeleton": [list(p) for p in meta["skeleton"]],
+    "oks_sigmas": [float(v) for v in meta["keypoint_oks_sigmas"]],
+  }
+
+
+def keypoint_flip_indices(
+  data_config: ml_collections.ConfigDict, builder: tfds.core.DatasetBuilder | None = None
+) -> list[int] | None:
+  """keypoint_info's flip_indices when config.data.keypoints is on, else None."""
+  if not data_config.get("keypoints", False):
+    return None
+  return keypoint_info(data_config, builder)["flip_indices"]
 
 
 def annotation_file(data_config: ml_collections.ConfigDict, split: str | None = None) -> str:

@@ -4,11 +4,12 @@
 make_preprocess_fn: decode, resize by (min_size, max_size) (scaled down further when the image
 would not fit its padded shape), flip, channel order and normalisation; instances without crowd
 regions and degenerate boxes, boxes in input pixels, masks sampled at their boxes straight from
-the RLE (crop_masks_from_rle). Batch shapes: data.pad_to, or the orientation buckets of
+the RLE (crop_masks_from_rle), keypoints (with data.keypoints) by Detectron2's rules
+(transform_keypoints). Batch shapes: data.pad_to, or the orientation buckets of
 data.pad_buckets (padded_size, pad_buckets, bucket_of; the rule is in pipeline.py's docstring).
 """
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import ml_collections
 import numpy as np
@@ -169,18 +170,60 @@ def _pad_to(x, length, axis=0):
   return tf.pad(x, pad)
 
 
+def transform_keypoints(
+  keypoints: tf.Tensor,
+  scale: tf.Tensor,
+  new_h: tf.Tensor,
+  new_w: tf.Tensor,
+  flip: tf.Tensor,
+  flip_indices: Sequence[int],
+) -> tf.Tensor:
+  """Instances' keypoints from the records into the input frame, as Detectron2 loads them.
+
+  Detectron2 adds 0.5 to COCO's integer x, y (pixel centres) when reading the JSON; its
+  transform_keypoint_annotations then maps the points with the resize (here the one `scale` of
+  the boxes) and flip (x -> new_w - x), makes points outside [0, new_w] x [0, new_h] unlabeled,
+  swaps the left / right keypoints when flipped and sets unlabeled points to (0, 0, 0).
+
+  Args:
+    keypoints: (n, K, 3) float32 [x, y, v] in the records' COCO convention (original pixels).
+    scale: scalar float32, resized / original. new_h, new_w: scalar int32, the resized size.
+    flip: scalar bool. flip_indices: (K,) data/instances.py's flip_indices.
+  Returns:
+    (n, K, 3) float32 [x, y, v] in input pixels (v kept: 0, 1, 2).
+  """
+  size = tf.stack([tf.cast(new_w, tf.float32), tf.cast(new_h, tf.float32)])
+  xy = (keypoints[..., :2] + 0.5) * scale
+  inside = tf.reduce_all((xy >= 0.0) & (xy <= size), axis=-1)
+  v = tf.where(inside, keypoints[..., 2], 0.0)
+
+  def flipped():
+    out = tf.stack([size[0] - xy[..., 0], xy[..., 1], v], axis=-1)
+    return tf.gather(out, tf.constant(flip_indices, tf.int32), axis=1)
+
+  out = tf.cond(flip, flipped, lambda: tf.stack([xy[..., 0], xy[..., 1], v], axis=-1))
+  return tf.where(out[..., 2:] > 0.0, out, 0.0)
+
+
 def make_preprocess_fn(
   data_config: ml_collections.ConfigDict,
   features: tfds.features.FeaturesDict,
   *,
   train: bool,
   seed: int = 0,
+  keypoint_flip_indices: Sequence[int] | None = None,
 ) -> Callable[[tf.Tensor, tf.Tensor, tf.Tensor], dict[str, tf.Tensor]]:
   """Returns fn(position t int64, serialized record, valid bool) -> one element of the batch dict.
 
-  Augmentation randomness (size choice, flip) is a function of (seed, t) only.
+  Augmentation randomness (size choice, flip) is a function of (seed, t) only. With
+  data.keypoints, keypoint_flip_indices (K,) (pipeline.keypoint_flip_indices) gives K and the
+  flip's left / right swap.
   """
   _check_config(data_config)
+  with_keypoints = bool(data_config.get("keypoints", False))
+  if with_keypoints and keypoint_flip_indices is None:
+    raise ValueError("data.keypoints needs the data set's keypoint_flip_indices")
+  num_kp = len(keypoint_flip_indices) if with_keypoints else 0
   sizes = tf.constant(_sizes(data_config, train), tf.float32)
   max_size = float(data_config.max_size)
   pad_hws = _bucket_pad_hws(data_config)
@@ -253,7 +296,7 @@ def make_preprocess_fn(
 
     in_boxes, crops = tf.cond(flip, flip_fn, lambda: (in_boxes, crops))
     valid_f = tf.cast(valid, tf.int32)
-    return {
+    out = {
       "image": img,
       "image_hw": tf.stack([new_h, new_w]),
       "image_id": tf.where(valid, tf.cast(ex["image_id"], tf.int32), -1),
@@ -264,6 +307,12 @@ def make_preprocess_fn(
       "gt_classes": tf.ensure_shape(_pad_to(classes * valid_f, num_inst), [num_inst]),
       "gt_masks": tf.ensure_shape(_pad_to(crops, num_inst), [num_inst, mask_size, mask_size]),
     }
+    if with_keypoints:
+      kp = tf.gather(tf.reshape(ex["keypoints"], [-1, num_kp, 3]), keep_idx)
+      kp = transform_keypoints(kp, scale, new_h, new_w, flip, keypoint_flip_indices)
+      kp = _pad_to(kp * tf.cast(valid, tf.float32), num_inst)
+      out["gt_keypoints"] = tf.ensure_shape(kp, [num_inst, num_kp, 3])
+    return out
 
   return fn
 

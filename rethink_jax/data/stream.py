@@ -278,7 +278,11 @@ def make_train_iterator(
   builder = pipeline.get_builder(data_config)
   base, _ = pipeline._split_range(builder, data_config.train_split)
   preprocess_fn = preprocess.make_preprocess_fn(
-    data_config, builder.info.features, train=True, seed=seed
+    data_config,
+    builder.info.features,
+    train=True,
+    seed=seed,
+    keypoint_flip_indices=pipeline.keypoint_flip_indices(data_config, builder),
   )
   pool = pipeline.train_pool(data_config, builder)
   b = int(batch_size_per_process)

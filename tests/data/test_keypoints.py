@@ -14,12 +14,14 @@ from pycocotools import coco as coco_lib
 from pycocotools import cocoeval
 from pycocotools import mask as mask_utils
 import pytest
+import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from rethink_jax.data import coco
 from rethink_jax.data import instances
 from rethink_jax.data import pipeline
 from rethink_jax.data import shapes_keypoints
+from rethink_jax.data import stream
 
 K = len(shapes_keypoints.KEYPOINT_NAMES)
 H, W = 48, 64
@@ -311,3 +313,169 @@ def test_flip_indices_follow_detectron2():
   sk = shapes_keypoints
   flip = instances.flip_indices(sk.KEYPOINT_NAMES, sk.KEYPOINT_FLIP_MAP)
   assert flip.tolist() == [0, 1, 3, 2, 4, 6, 5]
+
+
+# ---------------------------------------------------------------------------------------------
+# The pipeline's gt_keypoints.
+# ---------------------------------------------------------------------------------------------
+def _detectron2_keypoints(kp, scale, new_h, new_w, flip, flip_indices):
+  """NumPy transcription of Detectron2's keypoint path: its COCO loader's +0.5, then
+  transform_keypoint_annotations with a resize and an optional horizontal flip. kp (n, K, 3)."""
+  out = np.zeros(kp.shape, np.float64)
+  for i, inst in enumerate(np.asarray(kp, np.float64)):
+    k = inst.copy()
+    k[:, :2] += 0.5
+    xy = k[:, :2] * scale
+    if flip:
+      xy[:, 0] = new_w - xy[:, 0]
+    inside = ((xy >= 0) & (xy <= np.array([new_w, new_h]))).all(axis=1)
+    k[:, :2] = xy
+    k[~inside, 2] = 0
+    if flip:
+      k = k[np.asarray(flip_indices)]
+    k[k[:, 2] == 0] = 0
+    out[i] = k
+  return out
+
+
+def test_transform_keypoints_matches_detectron2_on_random_inputs():
+  from rethink_jax.data import preprocess  # pylint: disable=g-import-not-at-top
+
+  seed = int(np.random.default_rng().integers(1 << 30))
+  rng = np.random.default_rng(seed)
+  flip_indices = instances.flip_indices(
+    instances.COCO_PERSON_KEYPOINT_NAMES,
+    instances.flip_map_from_names(instances.COCO_PERSON_KEYPOINT_NAMES),
+  )
+  for _ in range(6):
+    h, w = rng.integers(20, 200, 2)
+    n = int(rng.integers(0, 5))
+    kp = np.zeros((n, 17, 3), np.float32)
+    kp[..., 0] = rng.integers(-3, w + 3, (n, 17))  # some outside the image
+    kp[..., 1] = rng.integers(-3, h + 3, (n, 17))
+    kp[..., 2] = rng.integers(0, 3, (n, 17))
+    scale = np.float32(rng.uniform(0.5, 2.0))
+    new_h, new_w = int(round(h * scale)), int(round(w * scale))
+    for flip in (False, True):
+      got = preprocess.transform_keypoints(
+        tf.constant(kp), tf.constant(scale), new_h, new_w, tf.constant(flip), flip_indices
+      ).numpy()
+      want = _detectron2_keypoints(kp, scale, new_h, new_w, flip, flip_indices)
+      np.testing.assert_allclose(got, want, atol=1e-4, err_msg=f"seed {seed} flip {flip}")
+
+
+def _keypoint_config(keypoints_dir, **kwargs):
+  c = pipeline.default_data_config()
+  c.update(
+    name="shapes_keypoints",
+    data_dir=keypoints_dir,
+    builder_config="tiny",
+    min_size=80,  # 64 -> 80: scale 1.25
+    max_size=96,
+    pad_to=(96, 96),
+    mask_size=8,
+    max_instances=2,
+    keypoints=True,
+  )
+  c.update(kwargs)
+  return c
+
+
+@pytest.mark.parametrize("flip_prob", [0.0, 1.0])
+def test_training_batches_carry_keypoints_resized_and_flipped(keypoints_dir, flip_prob):
+  c = _keypoint_config(keypoints_dir, flip_prob=flip_prob)
+  info = pipeline.keypoint_info(c)
+  assert info["names"] == list(shapes_keypoints.KEYPOINT_NAMES)
+  builder = pipeline.get_builder(c)
+  gt = _quiet(coco_lib.COCO, os.path.join(builder.data_dir, "annotations", "train.json"))
+  it = stream.make_train_iterator(c, 4, seed=0, process_index=0, process_count=1)
+  seen = set()
+  for _ in range(6):
+    batch = next(it)
+    assert batch["gt_keypoints"].shape == (4, 2, K, 3)
+    assert batch["gt_keypoints"].dtype == np.float32
+    for i, image_id in enumerate(batch["image_id"]):
+      seen.add(int(image_id))
+      anns = gt.imgToAnns[int(image_id)][:2]
+      kp = np.asarray([a["keypoints"] for a in anns], np.float32).reshape(-1, K, 3)
+      new_h, new_w = batch["image_hw"][i]
+      want = _detectron2_keypoints(
+        kp, batch["scale"][i], new_h, new_w, flip_prob == 1.0, info["flip_indices"]
+      )
+      got = batch["gt_keypoints"][i]
+      np.testing.assert_allclose(got[: len(anns)], want, atol=1e-4, err_msg=f"image {image_id}")
+      assert (got[len(anns) :] == 0).all()  # padding rows
+      assert (batch["gt_classes"][i] > 0).sum() == len(anns)
+  assert len(seen) > 12
+
+
+def test_eval_batches_carry_unflipped_keypoints(keypoints_dir):
+  c = _keypoint_config(keypoints_dir)
+  info = pipeline.keypoint_info(c)
+  gt = pipeline.get_coco_gt(c)
+  batches = list(pipeline.make_eval_iterator(c, 3, process_index=0, process_count=1))
+  assert len(batches) == 3  # 8 images and one padding image
+  for batch in batches:
+    for i, image_id in enumerate(batch["image_id"]):
+      if not batch["valid"][i]:
+        assert (batch["gt_keypoints"][i] == 0).all()
+        continue
+      anns = gt.imgToAnns[int(image_id)][:2]
+      kp = np.asarray([a["keypoints"] for a in anns], np.float32).reshape(-1, K, 3)
+      h, w = batch["image_hw"][i]
+      want = _detectron2_keypoints(kp, batch["scale"][i], h, w, False, info["flip_indices"])
+      np.testing.assert_allclose(batch["gt_keypoints"][i][: len(anns)], want, atol=1e-4)
+
+
+def test_min_keypoints_per_image_filters_training_images(keypoints_dir):
+  c = _keypoint_config(keypoints_dir)
+  builder = pipeline.get_builder(c)
+  meta = pipeline.records_meta(builder, "train")
+  assert pipeline.train_pool(c).tolist() == np.flatnonzero(meta["num_objects"] > 0).tolist()
+  threshold = int(np.median(meta["num_keypoints"]))
+  c.min_keypoints_per_image = threshold
+  pool = pipeline.train_pool(c)
+  assert pool.tolist() == np.flatnonzero(meta["num_keypoints"] >= threshold).tolist()
+  assert 0 < len(pool) < len(meta["num_keypoints"])
+  c.keypoints = False  # the filter belongs to keypoint training only
+  assert len(pipeline.train_pool(c)) == (meta["num_objects"] > 0).sum()
+
+
+def test_resolve_keypoints_checks_the_model_against_the_data(keypoints_dir, shapes_dir):
+  import ml_collections  # pylint: disable=g-import-not-at-top
+
+  from rethink_jax.data import recipe  # pylint: disable=g-import-not-at-top
+
+  def config(num_keypoints, data):
+    head = dict(num_keypoints=num_keypoints, min_keypoints_per_image=3)
+    model = dict(keypoint_on=True, keypoint_head=head)
+    return ml_collections.ConfigDict(dict(model=model, data=data))
+
+  data = _keypoint_config(keypoints_dir, keypoints=False)
+  c = config(0, data)
+  recipe.resolve_keypoints(c, pipeline.get_builder(data))
+  assert c.data.keypoints and c.model.keypoint_head.num_keypoints == K
+  assert c.data.min_keypoints_per_image == 3
+  with pytest.raises(recipe.KeypointCountMismatchError, match="num_keypoints=7"):
+    recipe.resolve_keypoints(config(17, data), pipeline.get_builder(data))
+  plain = pipeline.default_data_config()
+  plain.update(data_dir=shapes_dir, builder_config="tiny")
+  with pytest.raises(ValueError, match="has none"):
+    recipe.resolve_keypoints(config(0, plain), pipeline.get_builder(plain))
+
+
+def test_records_without_the_keypoints_field_read_as_empty():
+  """Records built before the keypoints field existed still decode (K = 0 data sets)."""
+  full = instances.instance_features()
+  older = tfds.features.FeaturesDict({k: v for k, v in full.items() if k != "keypoints"})
+  example = {
+    "image": np.zeros((4, 4, 3), np.uint8),
+    "image_id": 1,
+    "file_name": "a.png",
+    "height": 4,
+    "width": 4,
+    "objects": [],
+    "mask_counts": np.zeros((0,), np.int32),
+  }
+  ex = full.deserialize_example(older.serialize_example(example))
+  assert ex["keypoints"].shape == (0,) and int(ex["image_id"]) == 1
