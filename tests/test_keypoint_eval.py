@@ -7,6 +7,7 @@ truth and random detections (fresh inputs each run: the seed is in the failure m
 import contextlib
 import io
 import json
+import os
 
 import numpy as np
 from pycocotools import coco as coco_lib
@@ -248,3 +249,56 @@ def test_detections_to_coco_keypoints_undo_the_scale_and_the_half_pixel():
     np.testing.assert_allclose(r["keypoints"], want.reshape(-1), rtol=1e-6)
   with pytest.raises(ValueError, match="keypoints must be"):
     evaluate.detections_to_coco(dict(dets, keypoints=kps[:, :, :, :2]), batch, [5])
+
+
+# ------------------------------------------------------------------------------------------------
+# End to end: a tiny keypoint model trains a few steps and is evaluated by the trainer.
+# ------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def keypoint_run(tmp_path_factory):
+  """train_and_evaluate of a tiny Keypoint R-CNN (no mask head) on shapes_keypoints/tiny: 2 steps,
+  evaluated at the end. Returns (its output, its workdir)."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  from rethink_jax import train  # pylint: disable=g-import-not-at-top
+  from rethink_jax.data import shapes_keypoints  # pylint: disable=g-import-not-at-top
+  from tests import tiny  # pylint: disable=g-import-not-at-top
+
+  tfds.disable_progress_bar()
+  data_dir = str(tmp_path_factory.mktemp("tfds_keypoints"))
+  shapes_keypoints.ShapesKeypoints(config="tiny", data_dir=data_dir).download_and_prepare()
+  c = tiny.train_config(data_dir, 2, **{"eval.at_end": True})
+  c.data.update(name="shapes_keypoints", keypoints=True, min_keypoints_per_image=1)
+  c.model.update(num_classes=1, mask_on=False, keypoint_on=True)
+  c.model.keypoint_head.update(
+    num_keypoints=len(shapes_keypoints.KEYPOINT_NAMES), conv_dims=(8,), max_fg_rois=4, chunk_rois=2
+  )
+  c.eval.update(record_images=3, tensorboard_images=1)
+  workdir = str(tmp_path_factory.mktemp("keypoint_run"))
+  return train.train_and_evaluate(c, workdir), workdir
+
+
+@pytest.mark.slow
+def test_trainer_evaluates_keypoints(keypoint_run):
+  from rethink_jax import visualize  # pylint: disable=g-import-not-at-top
+
+  out, workdir = keypoint_run
+  assert out["history"] and all(np.isfinite(h["loss_keypoint"]) for h in out["history"])
+  assert not any("loss_mask" in h for h in out["history"])
+  metrics = out["metrics"]
+  assert set(metrics) == {f"bbox/{n}" for n in evaluate.METRIC_NAMES} | {
+    f"keypoints/{n}" for n in evaluate.KEYPOINT_METRIC_NAMES
+  }
+  assert 0.0 <= metrics["keypoints/AP"] <= 100.0  # finite: a number, not NaN
+  curve = json.loads(open(os.path.join(workdir, "eval_curve.json")).read())
+  assert curve[-1]["step"] == 2 and curve[-1]["keypoints/AP"] == metrics["keypoints/AP"]
+  # The evaluation's pictures: ground truth keypoints and skeleton in the sample, predicted
+  # keypoints (7 per detection, COCO's convention) in the record.
+  record_dir = os.path.join(workdir, visualize.RECORD_DIR)
+  sample, _ = visualize.load_sample(record_dir)
+  assert len(sample["skeleton"]) == 6
+  anns = [a for objs in sample["annotations"].values() for a in objs]
+  assert anns and all(len(a["keypoints"]) == 21 for a in anns)
+  record = json.loads(open(os.path.join(record_dir, "step_00000002.json")).read())
+  dets = [d for ds in record["detections"].values() for d in ds]
+  assert all(len(d["keypoints"]) == 21 and "segmentation" not in d for d in dets)
