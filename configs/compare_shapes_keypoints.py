@@ -44,5 +44,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model = keypoint_demo_model()
   c.data.name = "shapes_keypoints"
   c.data.keypoints = True
+  c.data.min_keypoints_per_image = c.model.keypoint_head.min_keypoints_per_image  # Detectron2's
   c.compare.multiples = (1, 2, 3)
   return c
