@@ -218,4 +218,4 @@ def test_keypoint_comparison_config():
   assert c.optim.to_dict() == demo.optim.to_dict() and c.batch_size == demo.batch_size
   assert c.compare.unit_steps == demo.compare.unit_steps
   assert c.compare.pretrain.to_dict() == demo.compare.pretrain.to_dict()
-  assert max(c.compare.multiples) <= max(demo.compare.multiples)
+  assert tuple(c.compare.multiples) == tuple(demo.compare.multiples)
