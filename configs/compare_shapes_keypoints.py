@@ -17,8 +17,8 @@ set's sigmas).
 results.md has both arms' keypoint AP at each multiple, curves.png its curve and predictions.png
 the predicted keypoints.
 
-Sized to run (data generation, pre-training, both arms, evaluations) within 20 minutes on 2 CPU
-cores; the README has the measured run.
+Meant to run (data generation, pre-training, both arms, evaluations) within 20 minutes on 2 CPU
+cores, as configs/compare_shapes.py does with the same schedule; the README has the measured run.
 """
 
 import ml_collections
