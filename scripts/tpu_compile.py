@@ -14,6 +14,7 @@ of the topology's devices, lowers it on abstract arguments and compiles it, then
   .venv/bin/pip install -r requirements-tpu.txt
   PYTHONPATH=. nice .venv/bin/python scripts/tpu_compile.py --topologies v5e:2x2 \
       --images-per-chip 2 --dtypes bfloat16 --image-sizes 1024x1024
+  (add --roi-heads cascade for Cascade Mask R-CNN)
   PYTHONPATH=. .venv/bin/python scripts/tpu_compile.py  # all: 3 topologies x 4 sizes x 3 x 2, slow
 
 Each compile of R50-FPN-GN Mask R-CNN takes minutes on a small CPU; pick a subset with the flags.
@@ -204,6 +205,12 @@ def main(argv=None):
     help="override model.mask_head.chunk_rois (0: the mask branch in one pass, "
     "which needs less memory than skippable chunks)",
   )
+  p.add_argument(
+    "--roi-heads",
+    choices=("standard", "cascade"),
+    default=None,
+    help="override model.roi_heads.name (cascade: Cascade R-CNN's three box stages)",
+  )
   args = p.parse_args(argv)
   from rethink_jax import runtime  # pylint: disable=g-import-not-at-top
 
@@ -214,9 +221,12 @@ def main(argv=None):
   config = load_config(args.config, args.config_arg)
   if args.mask_chunk_rois is not None:
     config.model.mask_head.chunk_rois = args.mask_chunk_rois
+  if args.roi_heads is not None:
+    config.model.roi_heads.name = args.roi_heads
   print(
     f"config {os.path.relpath(args.config, ROOT)}; model: R{config.model.backbone.depth}-FPN "
-    f"norm {config.model.backbone.norm}, {config.model.num_classes} classes, mask branch in "
+    f"norm {config.model.backbone.norm}, {config.model.roi_heads.name} ROI heads, "
+    f"{config.model.num_classes} classes, mask branch in "
     f"chunks of {config.model.mask_head.chunk_rois or 'all'} ROIs",
     flush=True,
   )

@@ -479,3 +479,36 @@ def test_records_without_the_keypoints_field_read_as_empty():
   }
   ex = full.deserialize_example(older.serialize_example(example))
   assert ex["keypoints"].shape == (0,) and int(ex["image_id"]) == 1
+
+
+def test_coco_keypoint_batches_drop_crowds_and_match_detectron2(coco_keypoints):
+  builder, data = coco_keypoints
+  c = pipeline.default_data_config()
+  c.update(
+    name="coco_instances",
+    data_dir=builder.data_dir_root,
+    builder_config="kp",
+    min_size=72,
+    max_size=96,
+    pad_to=(64, 96),
+    mask_size=8,
+    max_instances=3,
+    keypoints=True,
+  )
+  flip = pipeline.keypoint_info(c)["flip_indices"]
+  rows = {1: [10, 11], 2: [12], 3: [14, 15]}  # crowd 13 dropped; 14, 15 without keypoints
+  given = {a["id"]: a for a in data["annotations"]}
+  seen = set()
+  for batch in pipeline.make_eval_iterator(c, 2, process_index=0, process_count=1):
+    for i, image_id in enumerate(batch["image_id"][batch["valid"]]):
+      seen.add(int(image_id))
+      kp = np.asarray(
+        [given[a].get("keypoints", [0] * 51) for a in rows[int(image_id)]], np.float32
+      ).reshape(-1, 17, 3)
+      h, w = batch["image_hw"][i]
+      want = _detectron2_keypoints(kp, batch["scale"][i], h, w, False, flip)
+      got = batch["gt_keypoints"][i]
+      assert got.shape == (3, 17, 3)
+      np.testing.assert_allclose(got[: len(kp)], want, atol=1e-4, err_msg=f"image {image_id}")
+      assert (got[len(kp) :] == 0).all()
+  assert seen == {1, 2, 3}
