@@ -276,6 +276,8 @@ def coco_keypoint_rcnn(
   settings (Base-Keypoint-RCNN-FPN): one class (person), no mask head, the keypoint head
   (KRCNNConvDeconvUpsampleHead, 17 keypoints, no norm), 1500 RPN proposals per image in training,
   shorter side sampled from 640..800 in training, images with at least one visible keypoint.
+  The box head keeps this project's L1 box loss (Detectron2's keypoint configs use smooth L1 with
+  beta 0.5 there; the ROI box loss here has no beta).
   """
   c = coco_mask_rcnn(
     depth=depth, norm=norm, pretrained=pretrained, multiple=multiple, min_size=TRAIN_AUG_SIZES
