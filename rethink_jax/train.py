@@ -19,8 +19,9 @@ loss is the model's training losses, its predict the detections. Every host runs
   * a loss that is not finite stops the run (NonFiniteLossError naming the step and the batch's
     image ids); the step that produced it is not applied and no checkpoint of it is written;
   * clu metric writers (TensorBoard + console): every loss, the LR, images seen, step time and the
-    time spent waiting for data; periodic COCO evaluation (bbox and segm AP) every `eval_every`
-    steps and at the end, also appended to workdir/eval_curve.json:
+    time spent waiting for data; periodic COCO evaluation (bbox, segm and, with keypoint_on,
+    keypoints AP) every `eval_every` steps and at the end, also appended to
+    workdir/eval_curve.json:
       [{"step", "images_seen", "wall_s", "eval_s", "bbox/AP", "segm/AP", ... all COCO metrics}];
     each evaluation also records the detections of a few fixed validation images in
     workdir/eval_images/ and draws some of them to TensorBoard (rethink_jax/visualize.py);
@@ -218,10 +219,10 @@ def eval_batch_size(config: ml_collections.ConfigDict) -> int:
 
 
 def make_evaluator(config: ml_collections.ConfigDict, parts, workdir: str | None = None):
-  """evaluate(variables, step) -> the COCO metrics {"bbox/AP", "segm/AP", ...} (floats, NaN where
-  COCOeval has none) of the recipe's evaluation split; parts: build_parts' (its predict_fn, or
-  with config.eval.tta.enabled rethink_jax.tta's on its model). The ground truth is read once,
-  on the first call.
+  """evaluate(variables, step) -> the COCO metrics {"bbox/AP", "segm/AP", "keypoints/AP", ...}
+  (floats, NaN where COCOeval has none; each type the model predicts) of the recipe's evaluation
+  split; parts: build_parts' (its predict_fn, or with config.eval.tta.enabled rethink_jax.tta's
+  on its model). The ground truth is read once, on the first call.
 
   With a workdir, process 0 also records the detections of config.eval.record_images images
   (rethink_jax.visualize) and evaluate returns (metrics, TensorBoard images)."""
@@ -239,6 +240,9 @@ def make_evaluator(config: ml_collections.ConfigDict, parts, workdir: str | None
   def evaluate(variables: dict, step: int = 0):
     if not cache:
       cache.update(gt=pipeline.get_coco_gt(data), ids=pipeline.category_ids(data))
+      # OKS sigmas of the data set's keypoints (None without keypoints).
+      meta = pipeline.get_builder(data).info.metadata
+      cache["sigmas"] = meta.get("keypoint_oks_sigmas")
     batches = make_batches(
       data, per_process, process_index=jax.process_index(), process_count=n_proc
     )
@@ -247,6 +251,7 @@ def make_evaluator(config: ml_collections.ConfigDict, parts, workdir: str | None
       batches,
       cache["gt"],
       cache["ids"],
+      keypoint_oks_sigmas=cache["sigmas"],
       return_results=True,
     )
     metrics = {k: float(v) for k, v in metrics.items()}
@@ -456,7 +461,9 @@ def _train_and_evaluate(
       writer.write_images(step, images)
     _log(
       f"step {step}: "
-      + ", ".join(f"{k} {metrics[k]:.2f}" for k in ("bbox/AP", "segm/AP") if k in metrics)
+      + ", ".join(
+        f"{k} {metrics[k]:.2f}" for k in ("bbox/AP", "segm/AP", "keypoints/AP") if k in metrics
+      )
       + f" ({time.time() - t0:.0f} s)"
     )
     return metrics
