@@ -297,7 +297,7 @@ def coco_keypoint_rcnn(
   c.data.min_keypoints_per_image = m.keypoint_head.min_keypoints_per_image
   c.reference = ml_collections.ConfigDict(
     dict(
-      source="Rethinking ImageNet Pre-training, Figure 8 (keypoint AP, COCO val2017)",
+      source="Rethinking ImageNet Pre-training, keypoint experiment (keypoint AP, COCO val2017)",
       arm="pretrained" if pretrained else "scratch",
       keypoints_AP=-1.0,  # the figure's values are not transcribed (../shared/REFERENCE.md)
     )
