@@ -3,8 +3,9 @@ r"""Predictor: a converted or trained Mask R-CNN on uint8 RGB images of any size
   predictor = Predictor.from_checkpoint("weights/maskrcnn_R_50_FPN")  # or a training workdir
   [out] = predictor([image])  # image: (H, W, 3) uint8 RGB
   out["boxes"] (N, 4) xyxy float32 in the image's pixels, out["scores"] (N,), out["labels"] (N,)
-  int, out["names"] (N,) str when the class names are known, out["masks"] (N, H, W) bool;
-  sorted by score, highest first.
+  int, out["names"] (N,) str when the class names are known, out["masks"] (N, H, W) bool (models
+  with a mask head), out["keypoints"] (N, K, 3) [x, y, score] in the image's continuous
+  coordinates (keypoint models); sorted by score, highest first.
 
 Command line (COCO-format results JSON + one PNG per image with the detections drawn):
   python -m rethink_jax.predict --checkpoint DIR --input IMAGE_OR_DIR --output DIR \
@@ -230,6 +231,26 @@ def boxes_to_original(
   raise ValueError(f"resize rule must be one of {RESIZE_RULES}, got {rule!r}")
 
 
+def keypoints_to_original(
+  keypoints: np.ndarray,
+  input_hw: Sequence[int],
+  orig_hw: Sequence[int],
+  rule: str,
+  pipeline_scale: float = 1.0,
+) -> np.ndarray:
+  """(N, K, 3) [x, y, score] in model-input pixels -> original pixels by the resize rule's
+  inverse (Detectron2's and torchvision's postprocess scale x and y, and clip nothing)."""
+  points = np.array(keypoints, np.float32).reshape(-1, np.shape(keypoints)[-2], 3)
+  (h1, w1), (h0, w0) = (int(v) for v in input_hw), (int(v) for v in orig_hw)
+  if rule in ("torchvision", "detectron2"):
+    points[..., :2] *= np.array([w0 / w1, h0 / h1], np.float32)
+  elif rule == "rethink_jax":
+    points[..., :2] /= np.float32(pipeline_scale)
+  else:
+    raise ValueError(f"resize rule must be one of {RESIZE_RULES}, got {rule!r}")
+  return points
+
+
 # ------------------------------------------------------------------------------------------------
 # The Predictor.
 # ------------------------------------------------------------------------------------------------
@@ -352,7 +373,7 @@ class Predictor:
 
   def __call__(self, images: Sequence[np.ndarray], resize: bool = True) -> list[dict]:
     """Detections of each image (module doc): list of dicts boxes, scores, labels, [names],
-    masks."""
+    [masks], [keypoints]."""
     prep = [
       _Prepared(preprocess(im, self.model_config.input, resize), np.shape(im)[:2]) for im in images
     ]
@@ -391,17 +412,22 @@ class Predictor:
     keep, boxes, scores = keep[order], boxes[order], scores[order]
     classes = classes[keep]
     h, w = int(orig_hw[0]), int(orig_hw[1])
-    if len(keep):
-      masks = evaluate.paste_masks(
-        raw["masks"][keep], boxes, (h, w), MASK_THRESHOLD, self.model_config.output.mask_paste
-      )
-      masks = np.ascontiguousarray(masks.transpose(2, 0, 1)).astype(bool)
-    else:
-      masks = np.zeros((0, h, w), bool)
     labels = (classes.astype(np.int64) - 1 + int(self.model_config.output.first_label)).astype(
       np.int64
     )
-    out = {"boxes": boxes, "scores": scores, "labels": labels, "masks": masks}
+    out = {"boxes": boxes, "scores": scores, "labels": labels}
+    if "masks" in raw:
+      masks = np.zeros((0, h, w), bool)
+      if len(keep):
+        masks = evaluate.paste_masks(
+          raw["masks"][keep], boxes, (h, w), MASK_THRESHOLD, self.model_config.output.mask_paste
+        )
+        masks = np.ascontiguousarray(masks.transpose(2, 0, 1)).astype(bool)
+      out["masks"] = masks
+    if "keypoints" in raw:
+      out["keypoints"] = keypoints_to_original(
+        raw["keypoints"][keep], input_hw, orig_hw, c.resize, scale
+      )
     if self.class_names is not None:
       out["names"] = [self.class_names[int(k) - 1] for k in classes]
     return out
@@ -525,19 +551,25 @@ def to_coco(
   from pycocotools import mask as mask_utils  # pylint: disable=g-import-not-at-top
 
   out = []
-  masks = result["masks"]
-  rles = mask_utils.encode(np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8)))
+  rles = None
+  if result.get("masks") is not None:
+    masks = np.asarray(result["masks"])
+    rles = mask_utils.encode(np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8)))
   for i, (box, score, label) in enumerate(zip(result["boxes"], result["scores"], result["labels"])):
     x0, y0, x1, y1 = (float(v) for v in box)
-    out.append(
-      {
-        "image_id": int(image_id),
-        "category_id": int(label if category_ids is None else category_ids[int(label)]),
-        "bbox": [x0, y0, x1 - x0, y1 - y0],
-        "score": float(score),
-        "segmentation": {"size": list(rles[i]["size"]), "counts": rles[i]["counts"].decode()},
-      }
-    )
+    entry = {
+      "image_id": int(image_id),
+      "category_id": int(label if category_ids is None else category_ids[int(label)]),
+      "bbox": [x0, y0, x1 - x0, y1 - y0],
+      "score": float(score),
+    }
+    if rles is not None:
+      entry["segmentation"] = {"size": list(rles[i]["size"]), "counts": rles[i]["counts"].decode()}
+    if result.get("keypoints") is not None:
+      points = np.array(result["keypoints"][i], np.float64)
+      points[:, :2] -= 0.5  # COCO's integer pixel indices (Detectron2's instances_to_coco_json)
+      entry["keypoints"] = [float(v) for v in points.reshape(-1)]
+    out.append(entry)
   return out
 
 

@@ -3,7 +3,7 @@
 `draw` is the one drawing function: rethink_jax.predict's per-image PNGs, the trainer's
 TensorBoard images and rethink_jax.compare's predictions.png all use it. It draws a "drawable",
 the objects of one image:
-  boxes (N, 4) float xyxy in the image's pixels, labels (N,) int, masks (N, H, W) bool,
+  boxes (N, 4) float xyxy in the image's pixels, labels (N,) int, masks (N, H, W) bool (optional),
   scores (N,) float (absent for ground truth), names (N,) str (optional; else the label),
   keypoints (N, P, 3) float [x, y, v] (optional): x, y continuous image coordinates (pixel
     centres at +0.5), v the COCO visibility (ground truth: 0 unlabeled, 1 labeled but not
@@ -88,7 +88,7 @@ def draw(image: np.ndarray, result: dict, score_thresh: float = 0.0) -> Any:
   shown = _shown(result, score_thresh)
   texts = label_texts(result, score_thresh)
   # Lowest score first so the best detections end on top.
-  for i in reversed(shown):
+  for i in reversed(shown if result.get("masks") is not None else ()):
     m = np.asarray(result["masks"][i], bool)
     canvas[m] = 0.5 * canvas[m] + 0.5 * color(i)
   pil = Image.fromarray(np.clip(canvas, 0, 255).astype(np.uint8))

@@ -382,3 +382,57 @@ def test_coco_results_use_the_data_sets_category_ids():
   mapped = predict.to_coco(result, 7, ids)
   assert [r["category_id"] for r in mapped] == [ids[k] for k in labels]
   assert all(r["image_id"] == 7 for r in mapped)
+
+
+# ------------------------------------------------------------------------------------------------
+# A keypoint model (no mask head) through the Predictor and the command line.
+# ------------------------------------------------------------------------------------------------
+def test_keypoint_predictor_and_coco_results(tmp_path):
+  import jax  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+
+  from rethink_jax.models import mask_rcnn  # pylint: disable=g-import-not-at-top
+
+  config = _tiny_model_config()
+  config.mask_on, config.keypoint_on = False, True
+  config.keypoint_head.update(num_keypoints=5, conv_dims=(16, 16), max_fg_rois=4, chunk_rois=0)
+  model = mask_rcnn.build_model(config)
+  batch = {"image": np.zeros((1, 64, 64, 3), np.float32), "image_hw": np.array([[64, 64]])}
+  keys = jax.random.split(jax.random.PRNGKey(int(np.random.default_rng().integers(1 << 31))), 2)
+  variables = jax.jit(lambda k: model.init({"params": k[0], "sampling": k[1]}, batch))(keys)
+  meta = {"source": "test", "sha256": None, "class_names": CLASS_NAMES}
+  directory = detector_checkpoint.save_detector(str(tmp_path / "kp"), variables, config, meta)
+  predictor = predict.Predictor.from_checkpoint(directory)
+
+  rng = np.random.default_rng()
+  h, w = 45, 60  # resized (Detectron2's rule) to 64 x 85: keypoints scale back by 60/85, 45/64
+  [image] = _images(rng, [(h, w)])
+  [out] = predictor([image])
+  n = len(out["scores"])
+  assert n > 0 and "masks" not in out
+  assert out["keypoints"].shape == (n, 5, 3) and out["keypoints"].dtype == np.float32
+  # The model's own keypoints on the resized image, mapped back as the resize rule says.
+  prepared = predict.preprocess(image, predictor.model_config.input, True)
+  assert prepared.shape[:2] == (64, 85)
+  ref = predictor.run_padded([prepared], (64, 96))
+  m = int(ref["num_detections"][0])
+  valid = np.asarray(ref["classes"][0, :m]) > 0
+  order = np.argsort(-np.asarray(ref["scores"][0, :m])[valid], kind="stable")
+  want = np.asarray(ref["keypoints"][0, :m])[valid][order]
+  assert len(want) == n
+  np.testing.assert_allclose(out["keypoints"][..., 2], want[..., 2], atol=1e-6)
+  np.testing.assert_allclose(
+    out["keypoints"][..., :2], want[..., :2] * np.array([60 / 85, 45 / 64]), atol=1e-4
+  )
+
+  [entry, *_] = predict.to_coco(out, 7)
+  assert "segmentation" not in entry and len(entry["keypoints"]) == 15
+  np.testing.assert_allclose(
+    np.reshape(entry["keypoints"], (5, 3))[:, :2], out["keypoints"][0, :, :2] - 0.5, atol=1e-5
+  )
+  Image.fromarray(image).save(tmp_path / "000000000007.png")
+  argv = ["--checkpoint", directory, "--input", str(tmp_path / "000000000007.png")]
+  assert predict.main(argv + ["--output", str(tmp_path / "out"), "--score-thresh", "0"]) == 0
+  results = json.loads((tmp_path / "out" / "results.json").read_text())
+  assert results and all(len(r["keypoints"]) == 15 for r in results)
+  assert np.asarray(Image.open(tmp_path / "out" / "000000000007.png")).shape == (h, w, 3)
