@@ -1,5 +1,6 @@
 """ResNet against torchvision (layer parity, parameter counts), freezing, SyncBN over 8 devices."""
 
+import copy
 import os
 import subprocess
 import sys
@@ -174,9 +175,30 @@ def test_resnext_needs_a_bottleneck_and_whole_groups():
     build_resnet(depth=50, width=8, groups=2, width_per_group=4).init(jax.random.key(0), x)
 
 
+def _torch_kernel_gradients(model: torch.nn.Module, x_nhwc: np.ndarray, dtype) -> dict:
+  """Gradients of sum over stages of mean(stage output^2), in `dtype`, renamed to our tree."""
+  m = copy.deepcopy(model).to(dtype)
+  t = torch.from_numpy(np.ascontiguousarray(x_nhwc.transpose(0, 3, 1, 2))).to(dtype)
+  t = m.maxpool(m.relu(m.bn1(m.conv1(t))))
+  total = 0.0
+  for i in range(1, 5):
+    t = getattr(m, f"layer{i}")(t)
+    total = total + torch.mean(torch.square(t))
+  total.backward()
+  for name, p in m.named_parameters():  # the same renaming, applied to the gradients
+    if not name.startswith("fc."):  # the classifier is not in the loss (and not converted)
+      p.data = p.grad
+  m = m.float()
+  return dict(jax.tree_util.tree_flatten_with_path(torch_to_variables(m, "GN")["params"])[0])
+
+
 def test_gn_resnext_forward_and_gradients_match_torchvision():
   """A GN ResNeXt-50-8x4d (random GN affines) against torchvision's ResNet built with groups:
-  the stage outputs and the gradients of every kernel (the grouped convs' CPU form included)."""
+  the stage outputs and the gradients of every kernel (the grouped convs' CPU form included).
+
+  Gradients are compared with torch's in float64. GroupNorm over groups of 1 channel amplifies
+  float32 rounding when a group's variance happens to be small, so each tensor's bound is the
+  larger of 5e-4 and 3x torch's own float32 error on that draw (its noise floor)."""
   torch.manual_seed(SEED)
   tm = torchvision_resnext(50, 8, 4, norm_layer=lambda c: torch.nn.GroupNorm(32, c))
   gen = torch.Generator().manual_seed(SEED)
@@ -198,24 +220,14 @@ def test_gn_resnext_forward_and_gradients_match_torchvision():
   ref = torch_stages(tm, x)
   assert_rel_close(out, ref)
 
-  t = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
-  t = tm.maxpool(tm.relu(tm.bn1(tm.conv1(t))))
-  total = 0.0
-  for i in range(1, 5):
-    t = getattr(tm, f"layer{i}")(t)
-    total = total + torch.mean(torch.square(t))
-  total.backward()
-  for name, p in tm.named_parameters():  # the same renaming, applied to the gradients
-    if not name.startswith("fc."):  # the classifier is not in the loss (and not converted)
-      p.data = p.grad
-  want = torch_to_variables(tm, "GN")["params"]
-  flat_want = dict(jax.tree_util.tree_flatten_with_path(want)[0])
+  want = _torch_kernel_gradients(tm, x, torch.float64)
+  torch32 = _torch_kernel_gradients(tm, x, torch.float32)
   flat_got = dict(jax.tree_util.tree_flatten_with_path(grads)[0])
-  assert sorted(map(str, flat_got)) == sorted(map(str, flat_want))
-  for path, w in flat_want.items():
-    g = np.asarray(flat_got[path])
-    err = float(np.max(np.abs(g - w)) / (np.max(np.abs(w)) + 1e-12))
-    assert err < 5e-4, (jax.tree_util.keystr(path), err)
+  assert sorted(map(str, flat_got)) == sorted(map(str, want))
+  rel = lambda a, w: float(np.max(np.abs(np.asarray(a) - w)) / (np.max(np.abs(w)) + 1e-12))
+  for path, w in want.items():
+    err, floor = rel(flat_got[path], w), rel(torch32[path], w)
+    assert err < max(5e-4, 3 * floor), (jax.tree_util.keystr(path), err, floor, SEED)
 
 
 def test_param_tree_and_output_shapes():
