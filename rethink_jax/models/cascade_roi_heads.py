@@ -36,7 +36,6 @@ import jax.numpy as jnp
 from rethink_jax.models import roi_heads as roi_heads_lib
 from rethink_jax.models.layers import DenseDef
 from rethink_jax.ops import boxes as box_ops
-from rethink_jax.ops import masks as mask_ops
 from rethink_jax.ops import matching
 
 Array = jax.Array
@@ -221,20 +220,7 @@ class CascadeROIHeads(roi_heads_lib.StandardROIHeads):
       "training the ROI heads needs gt_boxes and gt_classes",
     )
     _check(self.mask_head is None or gt_masks is not None, "training the mask head needs gt_masks")
-    keys = jax.random.split(self.make_rng("sampling"), b)
-    sample = lambda p, v, g, c, k: roi_heads_lib.label_and_sample_proposals(
-      p,
-      v,
-      g,
-      c,
-      k,
-      batch_size_per_image=self.batch_size_per_image,
-      positive_fraction=self.positive_fraction,
-      iou_threshold=self.iou_threshold,
-      append_gt=self.proposal_append_gt,
-    )
-    samples = jax.vmap(sample)(proposals, proposal_valid, gt_boxes, gt_classes, keys)
-    samples = jax.lax.stop_gradient(samples)
+    samples = self._sample_proposals(proposals, proposal_valid, gt_boxes, gt_classes)
 
     losses = {}
     rois, valid = samples["rois"], samples["valid"]
@@ -270,25 +256,9 @@ class CascadeROIHeads(roi_heads_lib.StandardROIHeads):
         deltas=deltas,
       )
 
-    if self.mask_head is None:
-      return losses
-    # Mask branch on a fixed number of stage-0 foreground ROIs per image.
-    fg = jax.vmap(lambda s: roi_heads_lib.select_foreground(s, self.mask_max_fg_rois))(samples)
-    m = self.mask_resolution
-    if self.mask_target_rule == "full_image":
-      mask_targets = jax.vmap(lambda gm, r, i: mask_ops.full_image_mask_targets(gm, r, i, m))(
-        gt_masks, fg["rois"], fg["matched_gt"]
-      )
-    else:
-      mask_targets = jax.vmap(lambda gm, g, r, i: mask_ops.mask_targets(gm, g, r, i, m))(
-        gt_masks, gt_boxes, fg["rois"], fg["matched_gt"]
-      )
-    mask_logits = self._mask_logits(features, fg["rois"], fg["classes"], fg["valid"], train)
-    losses["loss_mask"] = roi_heads_lib.mask_rcnn_loss(
-      mask_logits.reshape(-1, m, m),
-      jax.lax.stop_gradient(mask_targets).reshape(-1, m, m),
-      fg["valid"].reshape(-1),
-    )
+    if self.mask_head is not None:
+      # Detectron2 trains the mask head on stage 0's foreground ROIs.
+      losses["loss_mask"] = self._mask_loss(features, samples, gt_boxes, gt_masks, train)
     return losses
 
   def _inference(self, features, proposals, proposal_valid, image_hw):

@@ -549,20 +549,7 @@ class StandardROIHeads(nn.Module):
       self.keypoint_head is None or gt_keypoints is not None,
       "training the keypoint head needs gt_keypoints",
     )
-    keys = jax.random.split(self.make_rng("sampling"), b)
-    sample = lambda p, v, g, c, k: label_and_sample_proposals(
-      p,
-      v,
-      g,
-      c,
-      k,
-      batch_size_per_image=self.batch_size_per_image,
-      positive_fraction=self.positive_fraction,
-      iou_threshold=self.iou_threshold,
-      append_gt=self.proposal_append_gt,
-    )
-    samples = jax.vmap(sample)(proposals, proposal_valid, gt_boxes, gt_classes, keys)
-    samples = jax.lax.stop_gradient(samples)
+    samples = self._sample_proposals(proposals, proposal_valid, gt_boxes, gt_classes)
 
     # Box branch.
     logits, deltas = self._box_branch(features, samples["rois"], train)
@@ -582,6 +569,23 @@ class StandardROIHeads(nn.Module):
     if self.keypoint_head is not None:
       losses["loss_keypoint"] = self._keypoint_loss(features, samples, gt_keypoints, train)
     return losses
+
+  def _sample_proposals(self, proposals, proposal_valid, gt_boxes, gt_classes):
+    """label_and_sample_proposals per image with this module's settings (no gradient)."""
+    keys = jax.random.split(self.make_rng("sampling"), proposals.shape[0])
+    sample = lambda p, v, g, c, k: label_and_sample_proposals(
+      p,
+      v,
+      g,
+      c,
+      k,
+      batch_size_per_image=self.batch_size_per_image,
+      positive_fraction=self.positive_fraction,
+      iou_threshold=self.iou_threshold,
+      append_gt=self.proposal_append_gt,
+    )
+    samples = jax.vmap(sample)(proposals, proposal_valid, gt_boxes, gt_classes, keys)
+    return jax.lax.stop_gradient(samples)
 
   def _mask_loss(self, features, samples, gt_boxes, gt_masks, train):
     """The mask branch on a fixed number of foreground ROIs per image: loss_mask."""
