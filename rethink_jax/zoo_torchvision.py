@@ -47,6 +47,7 @@ uses this project's (Detectron2's) losses and sampling, not torchvision's (smoot
 
 from collections.abc import Mapping
 import os
+import re
 from typing import Any, Optional
 
 import ml_collections
@@ -136,6 +137,29 @@ def _branch(sd: Mapping[str, np.ndarray]) -> str:
   return "+".join(n for n, b in (("mask", mask), ("keypoint", keypoint)) if b) or "none"
 
 
+def _keypoint_conv_dims(sd: Mapping[str, np.ndarray]) -> list[int]:
+  """Out channels of each Conv2d of roi_heads.keypoint_head (its Sequential's entries 2j, a ReLU
+  after each), as many as the highest index says: a conv whose weight is absent takes its bias's
+  size or its predecessor's (the Writer then names the missing key)."""
+  indices = [
+    int(k.split(".")[2])
+    for k in sd
+    if re.fullmatch(r"roi_heads\.keypoint_head\.\d+\.(weight|bias)", k)
+  ]
+  if not indices:
+    raise ConversionError("missing key roi_heads.keypoint_head.0.weight: a keypoint head needs it")
+  dims = []
+  for j in range(max(indices) // 2 + 1):
+    weight, bias = (f"roi_heads.keypoint_head.{2 * j}.{n}" for n in ("weight", "bias"))
+    if weight in sd:
+      dims.append(int(sd[weight].shape[0]))
+    elif bias in sd:
+      dims.append(int(sd[bias].shape[0]))
+    else:
+      dims.append(dims[-1] if dims else int(sd["backbone.fpn.inner_blocks.0.0.weight"].shape[0]))
+  return dims
+
+
 def layout_of(sd: Mapping[str, np.ndarray]) -> dict[str, Any]:
   """The structure a torchvision Mask / Keypoint R-CNN state dict describes (ConversionError if
   none).
@@ -183,16 +207,11 @@ def layout_of(sd: Mapping[str, np.ndarray]) -> dict[str, Any]:
     raise ConversionError("missing key rpn.head.cls_logits.weight or backbone.fpn.inner_blocks.0")
   keypoint_conv_dims, num_keypoints = [], 0
   if "keypoint" in found["branch"]:
-    # Conv2d j of the keypoint head is its Sequential's entry 2j (a ReLU follows each).
-    key = "roi_heads.keypoint_head.0.weight"
-    while key in sd:
-      keypoint_conv_dims.append(int(sd[key].shape[0]))
-      key = f"roi_heads.keypoint_head.{2 * len(keypoint_conv_dims)}.weight"
     lowres = "roi_heads.keypoint_predictor.kps_score_lowres.weight"
-    for key in ("roi_heads.keypoint_head.0.weight", lowres):
-      if key not in sd:
-        raise ConversionError(f"missing key {key}: a keypoint head needs it")
+    if lowres not in sd:
+      raise ConversionError(f"missing key {lowres}: a keypoint head needs it")
     num_keypoints = int(sd[lowres].shape[1])  # ConvTranspose2d weight (C_in, K, 4, 4)
+    keypoint_conv_dims = _keypoint_conv_dims(sd)
   return dict(
     architecture=names[0],
     num_classes=int(cls.shape[0]) - 1,

@@ -1,0 +1,213 @@
+"""A converted torchvision keypointrcnn_resnet50_fpn equals torchvision's own.
+
+torchvision's keypointrcnn_resnet50_fpn (one class, 17 keypoints) gets fresh random weights
+(tests/tv_reference.py: random norms and biases, BN statistics of the test images, RPN and box
+classifiers scaled so that > 20 detections per image pass the 0.05 threshold, heatmap logits
+std 1) and runs in eval mode, resizing disabled, on three images of different sizes (padded
+together to 224 x 288). Its state dict goes through zoo_torchvision.convert, and the converted
+model runs on the same normalised, padded batch (Predictor.run_padded). Draws with a detection or
+proposal within a score margin of a cut get their classifiers drawn again (as in
+tests/test_torchvision_detector.py).
+
+The converted config's keypoint_head.resize_cap is raised to the largest image side, so that
+every box side fits the static grid of the bicubic resize, the regime in which the decoding is
+exact (ops/keypoints.py; above the cap it is coarse-to-fine).
+
+Checked per image: the same number of detections (>= 20), each torchvision detection matched to
+one of ours, boxes within 0.5 px, scores within 1e-3; per keypoint, [x, y] within 0.5 px of
+torchvision's keypoints and the model's "keypoint_logits" within 1e-3 of torchvision's
+keypoints_scores (heatmap logits); the model's keypoint score (Detectron2's, keypoints[..., 2])
+equal to exp(logit - logsumexp of the 56 x 56 heatmap) on torchvision's own heatmaps.
+
+Two discrete steps of the decoding may flip between implementations whose heatmaps differ by
+float rounding, and each is checked for what it is, never skipped:
+  - the resized map has ceil(box side) pixels: a side within the boxes' ~1e-3 px difference of
+    an integer gives maps of different sizes. Such a keypoint must equal torchvision's own
+    heatmaps_to_keypoints of its heatmap at our box.
+  - the argmax: where torchvision's resized map has two pixels within TIE of its maximum, ours
+    may pick the other. Such a keypoint's pixel must be within TIE of the maximum in
+    torchvision's own resized map, its logit within 1e-3, and such ties must be rare (at most
+    MAX_TIE_FRACTION of the keypoints).
+"""
+
+import os
+import time
+
+import numpy as np
+import pytest
+
+# torch and torchvision are test dependencies (requirements-test.txt): without them this fails.
+import torch
+import torch.nn.functional as F
+from torchvision.models.detection.roi_heads import heatmaps_to_keypoints
+
+from rethink_jax import convert as convert_lib
+from rethink_jax import predict
+from rethink_jax import zoo_torchvision
+from tests import tv_reference
+
+SIZES = ((160, 288), (224, 192), (200, 256))  # padded together: 224 x 288
+MIN_DETECTIONS = 20
+PX, LOGIT = 0.5, 1e-3
+TIE = 5e-4  # logits: a second pixel this close to the maximum is a tie
+MAX_TIE_FRACTION = 0.01
+ARCH = tv_reference.KEYPOINT_ARCHITECTURE
+
+
+def _seed():
+  seed = time.time_ns() % 2**31
+  print(f"seed={seed}")
+  return seed
+
+
+def _state_dict(model):
+  # The zoo file's backbone is FrozenBatchNorm2d: no num_batches_tracked anywhere.
+  return {
+    k: v.detach().numpy()
+    for k, v in model.state_dict().items()
+    if not k.endswith("num_batches_tracked")
+  }
+
+
+@pytest.fixture(scope="module")
+def case():
+  """torchvision's reference and the converted model's raw outputs, fresh weights and images."""
+  seed = _seed()
+  rng = np.random.default_rng(seed)
+  images = tv_reference.random_images(rng, SIZES)
+  model = tv_reference.random_model(ARCH, seed, tv_reference.to_torch(images))
+  gen = torch.Generator().manual_seed(seed)
+  for _ in range(12):
+    ref = tv_reference.reference(model, tv_reference.to_torch(images))
+    if tv_reference.far_from_cuts(ref):
+      break
+    print(f"a detection within {tv_reference.MARGIN} of a cut {ref['margins']}: redrawn")
+    tv_reference.redraw_heads(model, gen)
+  else:
+    pytest.fail("twelve draws of the heads in a row had a detection or proposal at a cut")
+  variables, model_config, meta = zoo_torchvision.convert(_state_dict(model), "keypointrcnn.pth")
+  # The reference's settings: its proposal and detection counts, every box under the cap.
+  model_config.rpn.post_nms_topk_test = tv_reference.POST_NMS_TOPK
+  model_config.roi_heads.detections_per_image = tv_reference.KEYPOINT_DETECTIONS
+  model_config.keypoint_head.resize_cap = max(max(s) for s in SIZES)
+  predictor = predict.Predictor(variables, model_config, meta, padding="batch")
+  prepared = [predict.preprocess(im, predictor.model_config.input, False) for im in images]
+  raw = predictor.run_padded(prepared, ref["tensor"].shape[2:])
+  return dict(ref=ref, raw=raw, images=images, variables=variables, config=model_config, meta=meta)
+
+
+def test_converted_keypoint_model(case):
+  from torchvision.models.detection import KeypointRCNN_ResNet50_FPN_Weights
+
+  c, meta, params = case["config"], case["meta"], case["variables"]["params"]
+  assert meta["architecture"] == ARCH
+  assert c.keypoint_on and not c.mask_on
+  assert c.keypoint_head.num_keypoints == tv_reference.NUM_KEYPOINTS
+  assert tuple(c.keypoint_head.conv_dims) == (512,) * 8
+  assert c.num_classes == tv_reference.NUM_KEYPOINT_CLASSES - 1
+  assert "mask_head" not in params["roi_heads"]
+  assert sorted(params["roi_heads"]["keypoint_head"]) == sorted(
+    [f"conv_fcn{j}" for j in range(1, 9)] + ["score_lowres"]
+  )
+  weights_meta = KeypointRCNN_ResNet50_FPN_Weights.COCO_V1.meta
+  assert meta["class_names"] == weights_meta["categories"][1:]
+  assert meta["keypoint_names"] == weights_meta["keypoint_names"]
+
+
+def _roi_map(heatmap, box):
+  """torchvision's resized map of one detection: (K, ceil h, ceil w) bicubic logits."""
+  w, h = max(box[2] - box[0], 1.0), max(box[3] - box[1], 1.0)
+  size = (int(np.ceil(h)), int(np.ceil(w)))
+  maps = torch.as_tensor(heatmap)[:, None]
+  return F.interpolate(maps, size=size, mode="bicubic", align_corners=False)[:, 0].numpy()
+
+
+def _pixel(xy, box, roi_map):
+  """The resized map's (row, col) whose centre decodes to keypoint xy (K, 2) in box."""
+  h, w = roi_map.shape[1:]
+  bw, bh = max(box[2] - box[0], 1.0), max(box[3] - box[1], 1.0)
+  col = np.rint((xy[:, 0] - box[0]) * w / bw - 0.5).astype(int)
+  row = np.rint((xy[:, 1] - box[1]) * h / bh - 0.5).astype(int)
+  return np.clip(row, 0, h - 1), np.clip(col, 0, w - 1)
+
+
+def test_keypoints_equal_torchvision(case):
+  ref, raw = case["ref"], case["raw"]
+  worst = dict(box=0.0, score=0.0, keypoint_px=0.0, keypoint_logit=0.0, keypoint_score=0.0)
+  counts = dict(keypoints=0, stepped=0, ties=0)
+  for i in range(len(case["images"])):
+    n = len(ref["boxes"][i])
+    assert n >= MIN_DETECTIONS, f"image {i}: only {n} torchvision detections"
+    assert int(raw["num_detections"][i]) == n
+    boxes, classes = raw["boxes"][i][:n], raw["classes"][i][:n]
+    for j, q in tv_reference.match(ref, i, boxes, classes):
+      tbox, obox = ref["boxes"][i][j], boxes[q]
+      box = float(np.abs(obox - tbox).max())
+      score = abs(float(raw["scores"][i][q]) - float(ref["scores"][i][j]))
+      worst["box"], worst["score"] = max(worst["box"], box), max(worst["score"], score)
+      assert box <= PX and score <= LOGIT, (i, j, box, score)
+
+      heatmap = ref["heatmaps"][i][j]  # (K, 56, 56)
+      ours_xy = raw["keypoints"][i][q][:, :2]
+      ours_logit = raw["keypoint_logits"][i][q]
+      theirs_xy, theirs_logit = ref["keypoints"][i][j][:, :2], ref["keypoint_scores"][i][j]
+      counts["keypoints"] += len(ours_xy)
+      sides = lambda b: np.ceil(np.maximum(b[2:] - b[:2], 1.0))
+      if np.any(sides(obox) != sides(tbox)):  # the resized map's size stepped (module doc)
+        counts["stepped"] += 1
+        print(f"image {i} detection {j}: map sizes {sides(tbox)} (theirs) {sides(obox)} (ours)")
+        xy, logit = heatmaps_to_keypoints(
+          torch.as_tensor(heatmap[None]), torch.as_tensor(obox[None])
+        )
+        theirs_xy, theirs_logit, tbox = xy[0, :, :2].numpy(), logit[0].numpy(), obox
+      px = np.abs(ours_xy - theirs_xy).max(-1)
+      dlogit = np.abs(ours_logit - theirs_logit)
+      worst["keypoint_logit"] = max(worst["keypoint_logit"], float(dlogit.max()))
+      assert dlogit.max() <= LOGIT, (i, j, dlogit)
+      moved = np.flatnonzero(px > PX)
+      if len(moved):  # argmax ties in torchvision's own resized map (module doc)
+        roi_map = _roi_map(heatmap, tbox)
+        rows, cols = _pixel(ours_xy, tbox, roi_map)
+        for k in moved:
+          gap = float(roi_map[k].max() - roi_map[k, rows[k], cols[k]])
+          print(f"image {i} detection {j} keypoint {k}: {px[k]:.2f} px apart, gap {gap:.2e}")
+          assert gap <= TIE, (i, j, k, px[k], gap)
+        counts["ties"] += len(moved)
+        px[moved] = 0.0
+      worst["keypoint_px"] = max(worst["keypoint_px"], float(px.max()))
+
+      # Detectron2's keypoint score: softmax of the resized maximum over the 56 x 56 map.
+      lse = np.log(np.exp(heatmap.astype(np.float64)).sum((1, 2)))
+      expected = np.exp(theirs_logit.astype(np.float64) - lse)
+      ours_score = raw["keypoints"][i][q][:, 2]
+      rel = np.abs(ours_score - expected) / expected
+      worst["keypoint_score"] = max(worst["keypoint_score"], float(rel.max()))
+      assert rel.max() <= 3e-3, (i, j, rel)
+  print("worst differences:", worst, counts)
+  assert counts["ties"] <= MAX_TIE_FRACTION * counts["keypoints"], counts
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad checkpoints (no model runs).
+# ------------------------------------------------------------------------------------------------
+def test_bad_keypoint_checkpoint_names_keys_and_writes_nothing(tmp_path):
+  torch.manual_seed(_seed())
+  sd = _state_dict(tv_reference.build(ARCH))
+  bad = dict(sd)
+  del bad["roi_heads.keypoint_head.6.weight"]
+  bad["roi_heads.keypoint_predictor.extra.weight"] = np.zeros((3, 5), np.float32)
+  bad["roi_heads.keypoint_predictor.kps_score_lowres.bias"] = np.zeros((16,), np.float32)
+  with pytest.raises(convert_lib.ConversionError) as e:
+    zoo_torchvision.convert(bad, "x.pth")
+  msg = str(e.value)
+  assert "missing key roi_heads.keypoint_head.6.weight" in msg
+  assert "keypoint_head/conv_fcn4/kernel (3, 3, 512, 512)" in msg  # where it would have gone
+  assert "leftover key roi_heads.keypoint_predictor.extra.weight (3, 5)" in msg
+  assert "kps_score_lowres.bias (16,)" in msg and "wants (17,)" in msg
+
+  path = str(tmp_path / "keypointrcnn.pth")
+  torch.save({k: torch.from_numpy(v) for k, v in bad.items()}, path)
+  out = str(tmp_path / "detector")
+  args = ["--detector", "--source", "torchvision", "--input", path, "--output", out]
+  assert convert_lib.main(args) == 1
+  assert not os.path.exists(out)
