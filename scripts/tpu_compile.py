@@ -18,6 +18,11 @@ of the topology's devices, lowers it on abstract arguments and compiles it, then
 
 Each compile of R50-FPN-GN Mask R-CNN takes minutes on a small CPU; pick a subset with the flags.
 --json FILE appends one JSON line per compiled case (to keep a table across runs).
+--keypoint compiles the recipe as a Keypoint R-CNN instead (model.keypoint_on, no mask head,
+gt_keypoints in the batch: data.keypoints), e.g. the row of 2 bf16 images per v5e chip:
+  PYTHONPATH=. nice .venv/bin/python scripts/tpu_compile.py --keypoint --topologies v5e:2x2 \
+      --images-per-chip 2 --dtypes bfloat16 --image-sizes 1344x1344
+(a keypoint recipe, configs/keypoint_*.py, passed with --config needs no --keypoint).
 """
 
 import os
@@ -81,6 +86,7 @@ def abstract_batch(config, batch_size: int, image_hw, sharding=None) -> dict:
 
   h, w = image_hw
   g, s = int(config.data.max_instances), int(config.data.mask_size)
+  k = int(config.model.keypoint_head.num_keypoints) if config.data.get("keypoints") else 0
   shapes = dict(
     image=((h, w, 3), np.float32),
     image_hw=((2,), np.int32),
@@ -92,6 +98,8 @@ def abstract_batch(config, batch_size: int, image_hw, sharding=None) -> dict:
     gt_classes=((g,), np.int32),
     gt_masks=((g, s, s), np.uint8),
   )
+  if k:
+    shapes["gt_keypoints"] = ((g, k, 3), np.float32)  # [x, y, v] in input pixels
   return {
     k: jax.ShapeDtypeStruct((batch_size,) + shape, dtype, sharding=sharding)
     for k, (shape, dtype) in shapes.items()
@@ -163,6 +171,14 @@ def analyse(compiled, chip: dict, images_per_chip: int) -> dict:
   )
 
 
+def as_keypoint_model(config) -> None:
+  """The recipe's model as a Keypoint R-CNN: the keypoint head instead of the mask head, and
+  gt_keypoints in the batch."""
+  config.model.keypoint_on = True
+  config.model.mask_on = False
+  config.data.keypoints = True
+
+
 def _parse_hw(text: str):
   h, w = (int(v) for v in text.lower().split("x"))
   return h, w
@@ -204,6 +220,11 @@ def main(argv=None):
     help="override model.mask_head.chunk_rois (0: the mask branch in one pass, "
     "which needs less memory than skippable chunks)",
   )
+  p.add_argument(
+    "--keypoint",
+    action="store_true",
+    help="the recipe's model as a Keypoint R-CNN (as_keypoint_model)",
+  )
   args = p.parse_args(argv)
   from rethink_jax import runtime  # pylint: disable=g-import-not-at-top
 
@@ -214,10 +235,20 @@ def main(argv=None):
   config = load_config(args.config, args.config_arg)
   if args.mask_chunk_rois is not None:
     config.model.mask_head.chunk_rois = args.mask_chunk_rois
+  if args.keypoint:
+    as_keypoint_model(config)
+  m = config.model
+  branches = []
+  if m.get("mask_on", True):
+    branches.append(f"mask branch in chunks of {m.mask_head.chunk_rois or 'all'} ROIs")
+  if m.get("keypoint_on", False):
+    kh = m.keypoint_head
+    branches.append(
+      f"keypoint branch ({kh.num_keypoints} keypoints) in chunks of {kh.chunk_rois or 'all'} ROIs"
+    )
   print(
-    f"config {os.path.relpath(args.config, ROOT)}; model: R{config.model.backbone.depth}-FPN "
-    f"norm {config.model.backbone.norm}, {config.model.num_classes} classes, mask branch in "
-    f"chunks of {config.model.mask_head.chunk_rois or 'all'} ROIs",
+    f"config {os.path.relpath(args.config, ROOT)}; model: R{m.backbone.depth}-FPN "
+    f"norm {m.backbone.norm}, {m.num_classes} classes, " + ", ".join(branches),
     flush=True,
   )
   print(HEADER)
@@ -243,6 +274,7 @@ def main(argv=None):
             lower_s=lower_s,
             compile_s=compile_s,
             mask_chunk_rois=c.model.mask_head.chunk_rois,
+            keypoint=bool(c.model.get("keypoint_on", False)),
             **analyse(compiled, chip, ipc),
           )
           rows.append(r)
