@@ -40,7 +40,9 @@ torchvision's space (output.first_label).
 
 Semantics: every difference from Detectron2 is a model config field, set here (the docstring of
 `model_config_for` lists them). torchvision's RPN score_thresh (0.0 on sigmoid probabilities)
-keeps every finite proposal, as Detectron2 does, so it needs none. Training a converted model
+keeps every finite proposal, as Detectron2 does, so it needs none. FrozenBatchNorm2d folds with
+eps 0 for the COCO_V1 zoo files whose builders set it so (ZERO_EPS_SHA256_PREFIXES, found by the
+file's sha256), 1e-5 otherwise (option frozen_bn_eps). Training a converted model
 uses this project's (Detectron2's) losses and sampling, not torchvision's (smooth L1 with beta
 1/9 in the RPN, losses normalised by the sampled count).
 """
@@ -84,7 +86,20 @@ _BACKBONE_NORM = {
 # torchvision's GeneralizedRCNNTransform: image_mean / std on 0..1, here on 0..255, RGB.
 PIXEL_MEAN = (123.675, 116.28, 103.53)
 PIXEL_STD = (58.395, 57.12, 57.375)
-OPTIONS = ("freeze_at", "num_groups", "pooler_sampling_ratio", "class_names", "keypoint_names")
+OPTIONS = (
+  "freeze_at",
+  "num_groups",
+  "pooler_sampling_ratio",
+  "class_names",
+  "keypoint_names",
+  "frozen_bn_eps",
+)
+# torchvision's builders set FrozenBatchNorm2d's eps to 0 for these zoo files (overwrite_eps),
+# 1e-5 elsewhere; the files are named by their sha256 prefix.
+ZERO_EPS_SHA256_PREFIXES = {
+  "bf2d0c1e": "maskrcnn_resnet50_fpn_coco (COCO_V1)",
+  "fc266e95": "keypointrcnn_resnet50_fpn_coco (COCO_V1)",
+}
 
 # torchvision's COCO label space (its weights' meta["categories"]): label i is COCO category id i;
 # "N/A" marks the ids COCO does not use, "__background__" is label 0.
@@ -339,8 +354,10 @@ class _Writer:
   """Fills the flat target {(collection, *path): array} from source keys, checking each shape
   against the model's template and recording every problem (raised together by `finish`)."""
 
-  def __init__(self, sd: Mapping[str, np.ndarray], template: dict[tuple, tuple]):
-    self.sd, self.template = sd, template
+  def __init__(
+    self, sd: Mapping[str, np.ndarray], template: dict[tuple, tuple], frozen_bn_eps: float
+  ):
+    self.sd, self.template, self.frozen_bn_eps = sd, template, frozen_bn_eps
     self.out: dict[tuple, np.ndarray] = {}
     self.used: list[str] = []
     self.errors: list[str] = []
@@ -392,7 +409,7 @@ class _Writer:
       if any(np.shape(self.sd[n]) != want for n in names):
         shapes = {n: np.shape(self.sd[n]) for n in names}
         self.errors.append(f"{shapes} -> {'/'.join(module)}: the model wants {want}")
-      scale = gamma / np.sqrt(var + convert_lib.BN_EPS)
+      scale = gamma / np.sqrt(var + self.frozen_bn_eps)
       self.out[("frozen",) + module + ("scale",)] = scale.astype(np.float32)
       self.out[("frozen",) + module + ("bias",)] = (beta - mean * scale).astype(np.float32)
       self.used += names
@@ -491,14 +508,18 @@ def _keypoint_branch(w: _Writer, num_conv: int) -> None:
 
 
 def state_dict_to_variables(
-  sd: Mapping[str, np.ndarray], layout: Mapping[str, Any], template: dict[tuple, tuple]
+  sd: Mapping[str, np.ndarray],
+  layout: Mapping[str, Any],
+  template: dict[tuple, tuple],
+  frozen_bn_eps: float = convert_lib.BN_EPS,
 ) -> tuple[dict, list[str]]:
-  """Maps the tensors onto build_model(config)'s variables (nested numpy dicts).
+  """Maps the tensors onto build_model(config)'s variables (nested numpy dicts), FrozenBN folded
+  with `frozen_bn_eps`.
 
   Returns (variables, used keys). Raises ConversionError naming every missing or leftover key
   and every shape mismatch.
   """
-  w = _Writer(sd, template)
+  w = _Writer(sd, template, frozen_bn_eps)
   _backbone_body(w)
   arch = ARCHITECTURES[layout["architecture"]]
   for i in range(4):
@@ -562,7 +583,8 @@ def convert(
       class_names: the K names of labels 1..K (default: torchvision's COCO categories when
       K = 90; "person" for a keypoint model of one class and 17 keypoints), and keypoint_names
       (keypoint models: the names of the keypoints, in meta["keypoint_names"]; default COCO's
-      17 when there are 17).
+      17 when there are 17), frozen_bn_eps (the eps FrozenBatchNorm2d is folded with; default
+      0 for the zoo files ZERO_EPS_SHA256_PREFIXES names, as torchvision loads them, else 1e-5).
   Raises:
     ConversionError naming the offending keys and shapes.
   """
@@ -584,7 +606,11 @@ def convert(
     num_groups=options.get("num_groups", 32),
     pooler_sampling_ratio=options.get("pooler_sampling_ratio", 2),
   )
-  variables, used = state_dict_to_variables(sd, layout, _template(model_config))
+  sha256 = convert_lib.sha256_file(path) if os.path.isfile(path) else None
+  eps = options.get("frozen_bn_eps")
+  if eps is None:
+    eps = 0.0 if sha256 and sha256[:8] in ZERO_EPS_SHA256_PREFIXES else convert_lib.BN_EPS
+  variables, used = state_dict_to_variables(sd, layout, _template(model_config), eps)
 
   k = layout["num_classes"]
   class_names = options.get("class_names")
@@ -606,12 +632,13 @@ def convert(
   meta = {
     "source": SOURCE,
     "architecture": layout["architecture"],
-    "sha256": convert_lib.sha256_file(path) if os.path.isfile(path) else None,
+    "sha256": sha256,
     "input": os.path.basename(path),
     "class_names": list(class_names) if class_names is not None else None,
     # torchvision reports class k (1..K in the model) as label k; 0 is its background.
     "label_map": {str(i): i for i in range(1, k + 1)},
     "bn_eps": convert_lib.BN_EPS,
+    "frozen_bn_eps": float(eps) if _BACKBONE_NORM[layout["architecture"]] == "FrozenBN" else None,
     "used": sorted(set(used)),
     "dropped": sorted(k for k in sd if k.endswith("num_batches_tracked")),
   }

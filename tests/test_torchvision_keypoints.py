@@ -190,10 +190,14 @@ def test_keypoints_equal_torchvision(case):
 # ------------------------------------------------------------------------------------------------
 # Bad checkpoints (no model runs).
 # ------------------------------------------------------------------------------------------------
-def test_bad_keypoint_checkpoint_names_keys_and_writes_nothing(tmp_path):
+@pytest.fixture(scope="module")
+def untrained_state_dict():
   torch.manual_seed(_seed())
-  sd = _state_dict(tv_reference.build(ARCH))
-  bad = dict(sd)
+  return _state_dict(tv_reference.build(ARCH))
+
+
+def test_bad_keypoint_checkpoint_names_keys_and_writes_nothing(untrained_state_dict, tmp_path):
+  bad = dict(untrained_state_dict)
   del bad["roi_heads.keypoint_head.6.weight"]
   bad["roi_heads.keypoint_predictor.extra.weight"] = np.zeros((3, 5), np.float32)
   bad["roi_heads.keypoint_predictor.kps_score_lowres.bias"] = np.zeros((16,), np.float32)
@@ -211,3 +215,31 @@ def test_bad_keypoint_checkpoint_names_keys_and_writes_nothing(tmp_path):
   args = ["--detector", "--source", "torchvision", "--input", path, "--output", out]
   assert convert_lib.main(args) == 1
   assert not os.path.exists(out)
+
+
+def test_frozen_bn_eps_of_the_zoo_files(untrained_state_dict, tmp_path, monkeypatch):
+  """FrozenBN folds with eps 0 for the COCO_V1 files torchvision loads so (by sha256 prefix),
+  with 1e-5 for any other file, or with the option's eps."""
+  sd = dict(untrained_state_dict)
+  rng = np.random.default_rng(_seed())
+  var = rng.uniform(1e-6, 1e-4, sd["backbone.body.bn1.running_var"].shape).astype(np.float32)
+  sd["backbone.body.bn1.running_var"] = var
+  gamma = sd["backbone.body.bn1.weight"]
+  path = tmp_path / "keypointrcnn_resnet50_fpn_coco.pth"
+  path.write_bytes(b"stands for the zoo file")
+
+  def stem_scale(**options):
+    variables, _, meta = zoo_torchvision.convert(sd, str(path), **options)
+    norm = variables["frozen"]["backbone"]["bottom_up"]["stem"]["conv1"]["norm"]
+    return norm["scale"], meta["frozen_bn_eps"]
+
+  scale, eps = stem_scale()
+  assert eps == 1e-5
+  np.testing.assert_allclose(scale, gamma / np.sqrt(var + 1e-5), rtol=1e-6)
+  monkeypatch.setattr(convert_lib, "sha256_file", lambda p: "fc266e95" + "0" * 56)
+  scale, eps = stem_scale()
+  assert eps == 0.0
+  np.testing.assert_allclose(scale, gamma / np.sqrt(var), rtol=1e-6)
+  scale, eps = stem_scale(frozen_bn_eps=1e-3)
+  assert eps == 1e-3
+  np.testing.assert_allclose(scale, gamma / np.sqrt(var + 1e-3), rtol=1e-6)
