@@ -8,6 +8,8 @@ def default_model_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.num_classes = 80  # objects only; background is implicit
   c.dtype = "float32"  # "bfloat16": convs / matmuls in bf16, norms, losses and boxes in f32
+  c.mask_on = True  # False: no mask head (no params, no loss_mask, no "masks" output)
+  c.keypoint_on = False  # True: the keypoint head (Keypoint R-CNN); needs gt_keypoints to train
 
   c.backbone = ml_collections.ConfigDict(
     dict(
@@ -119,6 +121,31 @@ def default_model_config() -> ml_collections.ConfigDict:
       # The mask branch runs in chunks of this many ROIs per image and skips chunks that hold no
       # ROI (foreground in training, detection in inference) in any image; 0 = one pass.
       chunk_rois=16,
+    )
+  )
+  # Detectron2's ROI_KEYPOINT_HEAD (KRCNNConvDeconvUpsampleHead), read when keypoint_on.
+  c.keypoint_head = ml_collections.ConfigDict(
+    dict(
+      num_keypoints=17,  # K (COCO person)
+      conv_dims=(512,) * 8,  # 3x3 convs with bias + ReLU, no norm
+      pooler_resolution=14,  # heatmaps are 4x this: 56 x 56
+      pooler_sampling_ratio=0,
+      pooler_aligned=True,
+      pooler_max_sampling_ratio=4,  # as box_head's
+      pooler_level_rule="detectron2",  # as box_head's
+      # Foreground ROIs per image the head trains on (those with a visible keypoint inside),
+      # static, with a validity mask; 128 = 512 * 0.25 holds every one Detectron2 samples.
+      max_fg_rois=128,
+      loss_weight=1.0,
+      # True: loss / number of visible in-ROI keypoints in the batch; False: / (num_images *
+      # num_keypoints * roi_heads.batch_size_per_image * roi_heads.positive_fraction).
+      normalize_by_visible_keypoints=True,
+      # Training images need at least this many visible keypoints (a data filter, Detectron2's).
+      min_keypoints_per_image=1,
+      # Inference resizes each heatmap to its box on a static resize_cap x resize_cap grid:
+      # exact for box sides <= resize_cap pixels, coarse-to-fine above (ops/keypoints.py).
+      resize_cap=64,
+      chunk_rois=16,  # as mask_head's: the branch runs in chunks that skip empty ones
     )
   )
   # How images enter and detections leave a converted or trained detector (rethink_jax.predict;

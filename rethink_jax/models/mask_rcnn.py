@@ -1,4 +1,5 @@
-"""Mask R-CNN (Detectron2's GeneralizedRCNN with StandardROIHeads), Flax Linen, static shapes.
+"""Mask R-CNN (Detectron2's GeneralizedRCNN with StandardROIHeads), Flax Linen, static shapes;
+with keypoint_on also Keypoint R-CNN's keypoint head, with mask_on=False without the mask head.
 
   model = build_model(default_model_config())
   variables = model.init({"params": k1, "sampling": k2}, batch, train=False)
@@ -6,11 +7,16 @@
                                   mutable=["batch_stats"])
   dets = model.apply(variables, batch, train=False)
 
-Training returns float32 scalars loss_rpn_cls, loss_rpn_loc, loss_cls, loss_box_reg, loss_mask.
+The batch (rethink_jax.data.pipeline) gives image, image_hw and, to train, gt_boxes, gt_classes,
+gt_masks (mask_on) and gt_keypoints (B, G, K, 3) [x, y, v] in input pixels (keypoint_on).
+Training returns float32 scalars loss_rpn_cls, loss_rpn_loc, loss_cls, loss_box_reg, and
+loss_mask (mask_on), loss_keypoint (keypoint_on).
 Inference returns boxes (B, D, 4) in input pixels, scores (B, D), classes (B, D) int32 (1..K,
-0 = padding), masks (B, D, 28, 28) probabilities, num_detections (B,), D = detections_per_image,
-and the RPN's proposals (B, P, 4) with their objectness proposal_logits (B, P) (-inf = padding),
-highest first, P = post_nms_topk_test.
+0 = padding), num_detections (B,), D = detections_per_image, masks (B, D, 28, 28) probabilities
+(mask_on), keypoints (B, D, K, 3) [x, y, score] in input pixels and keypoint_logits (B, D, K)
+(keypoint_on; scores as roi_heads.StandardROIHeads documents), and the RPN's proposals (B, P, 4)
+with their objectness proposal_logits (B, P) (-inf = padding), highest first,
+P = post_nms_topk_test.
 
 build_model is the one reader of the config: it builds every part (fpn.backbone_from_config,
 rpn.build_rpn, roi_heads.build_roi_heads) and the modules receive built sub-modules and layer
@@ -20,7 +26,8 @@ Parameter tree (Detectron2's module names, so importing weights is a rename tabl
   backbone/{bottom_up/..., fpn_lateral2..5, fpn_output2..5}
   proposal_generator/rpn_head/{conv, objectness_logits, anchor_deltas}
   roi_heads/{box_head/{conv1..conv4, fc1}, box_predictor/{cls_score, bbox_pred},
-             mask_head/{mask_fcn1..mask_fcn4, deconv, predictor}}
+             mask_head/{mask_fcn1..mask_fcn4, deconv, predictor} (mask_on),
+             keypoint_head/{conv_fcn1..conv_fcn8, score_lowres} (keypoint_on)}
 """
 
 from collections.abc import Mapping, Sequence
@@ -90,11 +97,12 @@ class MaskRCNN(nn.Module):
       )
     features = self.backbone(images, train, image_hw)
 
-    gt_boxes = gt_classes = gt_masks = gt_valid = None
+    gt_boxes = gt_classes = gt_masks = gt_keypoints = gt_valid = None
     if train:
       gt_boxes = batch["gt_boxes"].astype(jnp.float32)
       gt_classes = batch["gt_classes"].astype(jnp.int32)
-      gt_masks = batch["gt_masks"]
+      gt_masks = batch.get("gt_masks")  # the heads check that theirs are present
+      gt_keypoints = batch.get("gt_keypoints")
       gt_valid = gt_classes > 0
     proposals, proposal_valid, proposal_logits, losses = self.proposal_generator(
       [features[k] for k in PROPOSAL_FEATURES],
@@ -105,7 +113,15 @@ class MaskRCNN(nn.Module):
       train=train,
     )
     outputs = self.roi_heads(
-      features, proposals, proposal_valid, image_hw, gt_boxes, gt_classes, gt_masks, train=train
+      features,
+      proposals,
+      proposal_valid,
+      image_hw,
+      gt_boxes,
+      gt_classes,
+      gt_masks,
+      gt_keypoints,
+      train=train,
     )
     if not train:
       return {**outputs, "proposals": proposals, "proposal_logits": proposal_logits}

@@ -5,7 +5,9 @@ ground truth at IoU 0.5 (no low-quality matches), and a balanced sampler picks 5
 foreground. The box branch pools 7x7 with the multilevel RoIAlign (P2..P5, aligned, adaptive
 sampling), runs the box head ("4conv1fc" or "2fc") and the box predictor. The mask branch trains on
 a fixed `max_fg_rois` foreground ROIs per image with a validity mask (the TPU reference's design),
-in chunks that are skipped when they hold no foreground ROI (`mask_chunk_rois`).
+in chunks that are skipped when they hold no foreground ROI (`mask_chunk_rois`). The keypoint
+branch (Keypoint R-CNN, optional) does the same on the foreground ROIs that hold at least one
+visible keypoint (Detectron2's select_proposals_with_visible_keypoints), pooling 14x14.
 
 Class index conventions: labels in the batch are 0 = background, 1..K objects. Inside the box
 predictor the logits follow Detectron2's order (column k-1 is class k, column K is background) and
@@ -13,10 +15,12 @@ the class-specific deltas are (K, 4) class-major, so predictor weights map 1:1 t
 fc1 of the box head flattens its input in (C, H, W) order for the same reason.
 
 Inference, per image: softmax scores, class-specific decoding, clipping, score > 0.05, per-class NMS
-0.5 keeping 100, then the mask head on the kept boxes and the sigmoid of the predicted class's mask.
+0.5 keeping 100, then the mask head on the kept boxes and the sigmoid of the predicted class's mask,
+and the keypoint head on the kept boxes with its heatmaps decoded to keypoints.
 
-StandardROIHeads receives its poolers, box head, box predictor and mask head built, as Detectron2's
-does; `build_roi_heads(model_config)` builds them.
+StandardROIHeads receives its poolers, box head, box predictor, mask head and keypoint head built
+(either of the last two may be absent: config mask_on / keypoint_on), as Detectron2's does;
+`build_roi_heads(model_config)` builds them.
 """
 
 from collections.abc import Mapping, Sequence
@@ -27,11 +31,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from rethink_jax.models import keypoint_head as keypoint_lib
 from rethink_jax.models import layers
 from rethink_jax.models.layers import Activation
 from rethink_jax.models.layers import ConvDef
 from rethink_jax.models.layers import DenseDef
 from rethink_jax.ops import boxes as box_ops
+from rethink_jax.ops import keypoints as keypoint_ops
 from rethink_jax.ops import masks as mask_ops
 from rethink_jax.ops import matching
 from rethink_jax.ops import sampling
@@ -44,7 +50,7 @@ Array = jax.Array
 # our (2, 2, C_in, C_out) kernel's fan_in.
 _DECONV_FILL = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
 
-POOLER_FEATURES = ("p2", "p3", "p4", "p5")  # box and mask poolers (Detectron2: IN_FEATURES)
+POOLER_FEATURES = ("p2", "p3", "p4", "p5")  # every pooler's (Detectron2: IN_FEATURES)
 
 
 def _check(cond, msg):
@@ -269,12 +275,17 @@ def label_and_sample_proposals(
   }
 
 
-def select_foreground(samples: Mapping[str, Array], max_fg_rois: int) -> dict[str, Array]:
-  """The first max_fg_rois foreground ROIs of one image's samples (label_and_sample output).
+def select_foreground(
+  samples: Mapping[str, Array], max_fg_rois: int, eligible: Optional[Array] = None
+) -> dict[str, Array]:
+  """The first max_fg_rois foreground ROIs of one image's samples (label_and_sample output),
+  of those where `eligible` (S,) bool is True when given.
 
   Returns dict rois (M, 4), classes (M,), matched_gt (M,), valid (M,) bool.
   """
   fg = samples["valid"] & (samples["classes"] > 0)
+  if eligible is not None:
+    fg &= eligible
   order = jnp.argsort(~fg, stable=True)[:max_fg_rois]
   out = {k: samples[k][order] for k in ("rois", "classes", "matched_gt")}
   out["valid"] = fg[order]
@@ -392,25 +403,31 @@ def fast_rcnn_inference(
 # StandardROIHeads.
 # ----------------------------------------------------------------------------------------------
 class StandardROIHeads(nn.Module):
-  """Box and mask branches. Parameters: box_head, box_predictor, mask_head.
+  """Box, mask and keypoint branches. Parameters: box_head, box_predictor, mask_head (when
+  built), keypoint_head (when built).
 
   __call__(features {"p2".."p5": (B, H_l, W_l, C)}, proposals (B, P, 4), proposal_valid (B, P),
            image_hw (B, 2), gt_boxes (B, G, 4), gt_classes (B, G), gt_masks (B, G, S, S) crops
-           or (B, G, H, W) full-image masks (mask_target_rule "full_image"), train)
-    train: {"loss_cls", "loss_box_reg", "loss_mask"} float32 scalars.
-    test:  {"boxes" (B, D, 4), "scores" (B, D), "classes" (B, D), "masks" (B, D, 28, 28),
-            "num_detections" (B,)}.
+           or (B, G, H, W) full-image masks (mask_target_rule "full_image"), gt_keypoints
+           (B, G, K, 3) [x, y, v] in input pixels, train)
+    train: {"loss_cls", "loss_box_reg"} and "loss_mask" / "loss_keypoint" with their heads,
+           float32 scalars.
+    test:  {"boxes" (B, D, 4), "scores" (B, D), "classes" (B, D), "num_detections" (B,)}, and
+           with the mask head "masks" (B, D, 28, 28) probabilities, with the keypoint head
+           "keypoints" (B, D, K, 3) [x, y, score] in input pixels (Detectron2's pred_keypoints:
+           score = softmax of the resized heatmap's maximum over the 56 x 56 map) and
+           "keypoint_logits" (B, D, K) (the resized heatmap's maximum: torchvision's
+           keypoints_scores); rows of padding detections are 0.
 
   The sub-modules come built (`build_roi_heads`); the other attributes are the config's
-  roi_heads section and mask_head.{max_fg_rois, resolution, chunk_rois}.
+  roi_heads section, mask_head.{max_fg_rois, resolution, chunk_rois, target_rule} and
+  keypoint_head.{max_fg_rois, chunk_rois, loss_weight, resize_cap} with the loss normaliser.
   """
 
   num_classes: int
   box_pooler: ROIPooler
   box_head: nn.Module
   box_predictor: nn.Module
-  mask_pooler: ROIPooler
-  mask_head: nn.Module
   # Sampling.
   batch_size_per_image: int
   positive_fraction: float
@@ -423,11 +440,22 @@ class StandardROIHeads(nn.Module):
   detections_per_image: int
   test_candidates: int
   min_box_size_test: float
-  # Mask branch.
-  mask_max_fg_rois: int
-  mask_resolution: int
-  mask_chunk_rois: int  # 0: one pass; must be 0 when the mask head's norm has batch statistics
+  # Mask branch (absent when mask_head is None).
+  mask_pooler: Optional[ROIPooler] = None
+  mask_head: Optional[nn.Module] = None
+  mask_max_fg_rois: int = 128
+  mask_resolution: int = 28
+  mask_chunk_rois: int = 0  # 0: one pass; must be 0 when the mask head's norm has batch statistics
   mask_target_rule: str = "crop"  # config mask_head.target_rule
+  # Keypoint branch (absent when keypoint_head is None).
+  keypoint_pooler: Optional[ROIPooler] = None
+  keypoint_head: Optional[nn.Module] = None
+  keypoint_max_fg_rois: int = 128
+  keypoint_chunk_rois: int = 0
+  keypoint_loss_weight: float = 1.0
+  # None: divide by the batch's visible keypoints; else by this times the number of images.
+  keypoint_loss_normalizer: Optional[float] = None
+  keypoint_resize_cap: int = 64
 
   def _box_branch(self, features, rois, train):
     b, r = rois.shape[:2]
@@ -439,34 +467,48 @@ class StandardROIHeads(nn.Module):
     logits = self.mask_head(self.mask_pooler(features, rois), classes.reshape(-1), train=train)
     return logits.reshape((b, r) + logits.shape[1:])
 
-  def _mask_logits(self, features, rois, classes, valid, train):
-    """(B, R, 4) boxes, (B, R) classes, (B, R) valid -> (B, R, M, M) mask logits.
-
-    The R slots run in chunks of `mask_chunk_rois` per image, and a chunk with no valid ROI in any
-    image of the (global) batch is skipped (zero logits): the static maximum (128 foreground ROIs,
-    100 detections) is paid only where ROIs fill it, as torchvision pays only for its positives.
-    Valid ROIs come first in every image, so the result equals one pass over all R.
-    """
+  def _keypoint_branch(self, features, rois, train):
     b, r = rois.shape[:2]
-    chunk = self.mask_chunk_rois or r
-    if chunk >= r or self.is_initializing():
-      return self._mask_branch(features, rois, classes, train)
-    m = self.mask_resolution
-    run = lambda mdl, f, x, c: mdl._mask_branch(f, x, c, train)
-    skip = lambda mdl, f, x, c: jnp.zeros(x.shape[:2] + (m, m), jnp.float32)
-    logits = [
+    logits = self.keypoint_head(self.keypoint_pooler(features, rois), train=train)
+    return logits.reshape((b, r) + logits.shape[1:])
+
+  def _keypoint_predictions(self, features, rois):
+    b, r = rois.shape[:2]
+    logits = self._keypoint_branch(features, rois, False)
+    out = keypoint_ops.heatmaps_to_keypoints(
+      logits.reshape((b * r,) + logits.shape[2:]), rois.reshape(-1, 4), self.keypoint_resize_cap
+    )
+    return out.reshape((b, r) + out.shape[1:])
+
+  def _in_chunks(self, branch, tail, chunk, valid, features, *per_roi):
+    """branch(module, features, *per_roi) -> (B, R) + tail float32, over the R slots of per_roi
+    ((B, R, ...) arrays) in chunks of `chunk` per image; a chunk with no valid slot in any image
+    of the (global) batch is skipped (zeros): the static maximum (128 foreground ROIs, 100
+    detections) is paid only where ROIs fill it, as torchvision pays only for its positives.
+    Valid slots come first in every image, so the result equals one pass over all R.
+    """
+    b, r = valid.shape
+    if not chunk or chunk >= r or self.is_initializing():
+      return branch(self, features, *per_roi)
+    skip = lambda mdl, f, x, *rest: jnp.zeros(x.shape[:2] + tuple(tail), jnp.float32)
+    out = [
       nn.cond(
         jnp.any(valid[:, s : s + chunk]),
-        run,
+        branch,
         skip,
         self,
         features,
-        rois[:, s : s + chunk],
-        classes[:, s : s + chunk],
+        *(a[:, s : s + chunk] for a in per_roi),
       )
       for s in range(0, r, chunk)
     ]
-    return jnp.concatenate(logits, axis=1)
+    return jnp.concatenate(out, axis=1)
+
+  def _mask_logits(self, features, rois, classes, valid, train):
+    """(B, R, 4) boxes, (B, R) classes, (B, R) valid -> (B, R, M, M) mask logits."""
+    m = self.mask_resolution
+    run = lambda mdl, f, x, c: mdl._mask_branch(f, x, c, train)
+    return self._in_chunks(run, (m, m), self.mask_chunk_rois, valid, features, rois, classes)
 
   def __call__(
     self,
@@ -477,6 +519,7 @@ class StandardROIHeads(nn.Module):
     gt_boxes: Optional[Array] = None,
     gt_classes: Optional[Array] = None,
     gt_masks: Optional[Array] = None,
+    gt_keypoints: Optional[Array] = None,
     *,
     train: bool,
   ) -> dict[str, Array]:
@@ -493,8 +536,13 @@ class StandardROIHeads(nn.Module):
       return self._inference(features, proposals, proposal_valid, image_hw)
 
     _check(
-      gt_boxes is not None and gt_classes is not None and gt_masks is not None,
-      "training the ROI heads needs gt_boxes, gt_classes and gt_masks",
+      gt_boxes is not None and gt_classes is not None,
+      "training the ROI heads needs gt_boxes and gt_classes",
+    )
+    _check(self.mask_head is None or gt_masks is not None, "training the mask head needs gt_masks")
+    _check(
+      self.keypoint_head is None or gt_keypoints is not None,
+      "training the keypoint head needs gt_keypoints",
     )
     keys = jax.random.split(self.make_rng("sampling"), b)
     sample = lambda p, v, g, c, k: label_and_sample_proposals(
@@ -524,8 +572,14 @@ class StandardROIHeads(nn.Module):
       samples["valid"].reshape(-1),
       jax.lax.stop_gradient(targets),
     )
+    if self.mask_head is not None:
+      losses["loss_mask"] = self._mask_loss(features, samples, gt_boxes, gt_masks, train)
+    if self.keypoint_head is not None:
+      losses["loss_keypoint"] = self._keypoint_loss(features, samples, gt_keypoints, train)
+    return losses
 
-    # Mask branch on a fixed number of foreground ROIs per image.
+  def _mask_loss(self, features, samples, gt_boxes, gt_masks, train):
+    """The mask branch on a fixed number of foreground ROIs per image: loss_mask."""
     fg = jax.vmap(lambda s: select_foreground(s, self.mask_max_fg_rois))(samples)
     if self.mask_target_rule == "full_image":
       targets = jax.vmap(
@@ -537,12 +591,40 @@ class StandardROIHeads(nn.Module):
       )(gt_masks, gt_boxes, fg["rois"], fg["matched_gt"])
     mask_logits = self._mask_logits(features, fg["rois"], fg["classes"], fg["valid"], train)
     m = self.mask_resolution
-    losses["loss_mask"] = mask_rcnn_loss(
+    return mask_rcnn_loss(
       mask_logits.reshape(-1, m, m),
       jax.lax.stop_gradient(targets).reshape(-1, m, m),
       fg["valid"].reshape(-1),
     )
-    return losses
+
+  def _keypoint_loss(self, features, samples, gt_keypoints, train):
+    """The keypoint branch on the first keypoint_max_fg_rois foreground ROIs of each image with
+    a visible keypoint inside (Detectron2's select_proposals_with_visible_keypoints):
+    loss_keypoint."""
+    gt_keypoints = gt_keypoints.astype(jnp.float32)
+    matched = jax.vmap(lambda kp, i: kp[i])(gt_keypoints, samples["matched_gt"])  # (B, S, K, 3)
+    eligible = jax.vmap(keypoint_ops.has_visible_keypoint_in_box)(matched, samples["rois"])
+    fg = jax.vmap(lambda s, e: select_foreground(s, self.keypoint_max_fg_rois, e))(
+      samples, eligible
+    )
+    fg_keypoints = jax.vmap(lambda kp, i: kp[i])(gt_keypoints, fg["matched_gt"])  # (B, M, K, 3)
+    run = lambda mdl, f, x: mdl._keypoint_branch(f, x, train)
+    side = 4 * self.keypoint_pooler.resolution  # deconv x2, then bilinear x2
+    k = gt_keypoints.shape[2]
+    logits = self._in_chunks(
+      run, (side, side, k), self.keypoint_chunk_rois, fg["valid"], features, fg["rois"]
+    )
+    normalizer = None
+    if self.keypoint_loss_normalizer is not None:
+      normalizer = self.keypoint_loss_normalizer * fg["rois"].shape[0]
+    loss = keypoint_lib.keypoint_rcnn_loss(
+      logits.reshape((-1,) + logits.shape[2:]),
+      fg["rois"].reshape(-1, 4),
+      jax.lax.stop_gradient(fg_keypoints).reshape(-1, k, 3),
+      fg["valid"].reshape(-1),
+      normalizer,
+    )
+    return loss * self.keypoint_loss_weight
 
   def _inference(self, features, proposals, proposal_valid, image_hw):
     logits, deltas = self._box_branch(features, proposals, False)
@@ -563,21 +645,34 @@ class StandardROIHeads(nn.Module):
       proposals, proposal_valid, logits, deltas, image_hw
     )
     valid = jnp.arange(self.detections_per_image)[None, :] < num[:, None]
-    mask_logits = self._mask_logits(features, boxes, classes, valid, False)
-    masks = jnp.where(valid[..., None, None], jax.nn.sigmoid(mask_logits), 0.0)
-    return {
-      "boxes": boxes,
-      "scores": scores,
-      "classes": classes,
-      "masks": masks,
-      "num_detections": num,
-    }
+    out = {"boxes": boxes, "scores": scores, "classes": classes, "num_detections": num}
+    if self.mask_head is not None:
+      mask_logits = self._mask_logits(features, boxes, classes, valid, False)
+      out["masks"] = jnp.where(valid[..., None, None], jax.nn.sigmoid(mask_logits), 0.0)
+    if self.keypoint_head is not None:
+      run = lambda mdl, f, x: mdl._keypoint_predictions(f, x)
+      k = self.keypoint_head.num_keypoints
+      kp = self._in_chunks(run, (k, 4), self.keypoint_chunk_rois, valid, features, boxes)
+      kp = jnp.where(valid[..., None, None], kp, 0.0)
+      out["keypoints"] = kp[..., jnp.array([0, 1, 3])]
+      out["keypoint_logits"] = kp[..., 2]
+    return out
+
+
+def _pooler(head_config: Mapping[str, Any]) -> ROIPooler:
+  return ROIPooler(
+    head_config["pooler_resolution"],
+    head_config["pooler_sampling_ratio"],
+    head_config["pooler_aligned"],
+    head_config["pooler_max_sampling_ratio"],
+    head_config["pooler_level_rule"],
+  )
 
 
 def build_roi_heads(model_config: Mapping[str, Any]) -> StandardROIHeads:
   """StandardROIHeads of a model config (default_model_config() layout), with its poolers,
-  box head, box predictor and mask head built."""
-  c, bh, mh = model_config["roi_heads"], model_config["box_head"], model_config["mask_head"]
+  box head, box predictor, mask head (mask_on) and keypoint head (keypoint_on) built."""
+  c, bh = model_config["roi_heads"], model_config["box_head"]
   dtype, num_classes = model_config["dtype"], model_config["num_classes"]
   if bh["name"] == "4conv1fc":
     num_conv, num_fc = bh["num_conv"], bh["num_fc"]
@@ -598,34 +693,50 @@ def build_roi_heads(model_config: Mapping[str, Any]) -> StandardROIHeads:
     conv=head_conv(bh),
     dense=dense,
   )
-  mask_head = MaskRCNNConvUpsampleHead(
-    num_classes=num_classes, num_conv=mh["num_conv"], conv_dim=mh["conv_dim"], conv=head_conv(mh)
-  )
-  if mh["target_rule"] not in ("crop", "full_image"):
-    raise ValueError(
-      f"mask_head.target_rule must be 'crop' or 'full_image', not {mh['target_rule']!r}"
+  branches = {}
+  if model_config.get("mask_on", True):
+    mh = model_config["mask_head"]
+    if mh["target_rule"] not in ("crop", "full_image"):
+      raise ValueError(
+        f"mask_head.target_rule must be 'crop' or 'full_image', not {mh['target_rule']!r}"
+      )
+    branches.update(
+      mask_pooler=_pooler(mh),
+      mask_head=MaskRCNNConvUpsampleHead(
+        num_classes=num_classes,
+        num_conv=mh["num_conv"],
+        conv_dim=mh["conv_dim"],
+        conv=head_conv(mh),
+      ),
+      mask_max_fg_rois=mh["max_fg_rois"],
+      mask_resolution=mh["resolution"],
+      # Batch statistics must see all ROIs at once, so BN mask heads run in one pass.
+      mask_chunk_rois=0 if mh["norm"] in ("BN", "SyncBN") else mh["chunk_rois"],
+      mask_target_rule=mh["target_rule"],
     )
-  # Batch statistics must see all ROIs at once, so BN mask heads run in one pass.
-  chunk_rois = 0 if mh["norm"] in ("BN", "SyncBN") else mh["chunk_rois"]
+  if model_config.get("keypoint_on", False):
+    kh = model_config["keypoint_head"]
+    normalizer = None
+    if not kh["normalize_by_visible_keypoints"]:
+      normalizer = float(kh["num_keypoints"] * c["batch_size_per_image"] * c["positive_fraction"])
+    branches.update(
+      keypoint_pooler=_pooler(kh),
+      keypoint_head=keypoint_lib.KRCNNConvDeconvUpsampleHead(
+        num_keypoints=kh["num_keypoints"],
+        conv_dims=tuple(kh["conv_dims"]),
+        conv=layers.conv_def(norm=None, dtype=dtype),
+      ),
+      keypoint_max_fg_rois=kh["max_fg_rois"],
+      keypoint_chunk_rois=kh["chunk_rois"],
+      keypoint_loss_weight=kh["loss_weight"],
+      keypoint_loss_normalizer=normalizer,
+      keypoint_resize_cap=kh["resize_cap"],
+    )
   return StandardROIHeads(
     num_classes=num_classes,
-    box_pooler=ROIPooler(
-      bh["pooler_resolution"],
-      bh["pooler_sampling_ratio"],
-      bh["pooler_aligned"],
-      bh["pooler_max_sampling_ratio"],
-      bh["pooler_level_rule"],
-    ),
+    box_pooler=_pooler(bh),
     box_head=box_head,
     box_predictor=FastRCNNOutputLayers(num_classes, dense),
-    mask_pooler=ROIPooler(
-      mh["pooler_resolution"],
-      mh["pooler_sampling_ratio"],
-      mh["pooler_aligned"],
-      mh["pooler_max_sampling_ratio"],
-      mh["pooler_level_rule"],
-    ),
-    mask_head=mask_head,
     batch_size_per_image=c["batch_size_per_image"],
     positive_fraction=c["positive_fraction"],
     iou_threshold=c["iou_threshold"],
@@ -636,8 +747,5 @@ def build_roi_heads(model_config: Mapping[str, Any]) -> StandardROIHeads:
     detections_per_image=c["detections_per_image"],
     test_candidates=c["test_candidates"],
     min_box_size_test=c["min_box_size_test"],
-    mask_max_fg_rois=mh["max_fg_rois"],
-    mask_resolution=mh["resolution"],
-    mask_chunk_rois=chunk_rois,
-    mask_target_rule=mh["target_rule"],
+    **branches,
   )
