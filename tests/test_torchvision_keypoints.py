@@ -114,6 +114,11 @@ def test_converted_keypoint_model(case):
   assert meta["keypoint_names"] == weights_meta["keypoint_names"]
 
 
+def _map_size(box):
+  """(ceil w, ceil h): the size of a box's resized heatmap."""
+  return np.ceil(np.maximum(box[2:] - box[:2], 1.0))
+
+
 def _roi_map(heatmap, box):
   """torchvision's resized map of one detection: (K, ceil h, ceil w) bicubic logits."""
   w, h = max(box[2] - box[0], 1.0), max(box[3] - box[1], 1.0)
@@ -152,10 +157,9 @@ def test_keypoints_equal_torchvision(case):
       ours_logit = raw["keypoint_logits"][i][q]
       theirs_xy, theirs_logit = ref["keypoints"][i][j][:, :2], ref["keypoint_scores"][i][j]
       counts["keypoints"] += len(ours_xy)
-      sides = lambda b: np.ceil(np.maximum(b[2:] - b[:2], 1.0))
-      if np.any(sides(obox) != sides(tbox)):  # the resized map's size stepped (module doc)
+      if np.any(_map_size(obox) != _map_size(tbox)):  # the resized map's size stepped
         counts["stepped"] += 1
-        print(f"image {i} detection {j}: map sizes {sides(tbox)} (theirs) {sides(obox)} (ours)")
+        print(f"image {i} detection {j}: maps {_map_size(tbox)} (theirs) {_map_size(obox)} (ours)")
         xy, logit = heatmaps_to_keypoints(
           torch.as_tensor(heatmap[None]), torch.as_tensor(obox[None])
         )
