@@ -200,6 +200,26 @@ def untrained_state_dict():
   return _state_dict(tv_reference.build(ARCH))
 
 
+def test_command_line_writes_a_keypoint_detector(untrained_state_dict, tmp_path):
+  from rethink_jax import detector_checkpoint
+
+  path = str(tmp_path / "keypointrcnn.pth")
+  torch.save({k: torch.from_numpy(v) for k, v in untrained_state_dict.items()}, path)
+  out = str(tmp_path / "detector")
+  args = ["--detector", "--source", "torchvision", "--input", path, "--output", out]
+  assert convert_lib.main(args) == 0
+  variables, model_config, meta = detector_checkpoint.load_detector(out)
+  assert meta["architecture"] == ARCH and meta["class_names"] == ["person"]
+  assert len(meta["keypoint_names"]) == tv_reference.NUM_KEYPOINTS
+  assert model_config.keypoint_on and not model_config.mask_on
+  assert tuple(model_config.keypoint_head.conv_dims) == (512,) * 8
+  assert model_config.keypoint_head.pooler_level_rule == "torchvision"
+  assert not model_config.keypoint_head.pooler_aligned
+  lowres = variables["params"]["roi_heads"]["keypoint_head"]["score_lowres"]["kernel"]
+  weight = untrained_state_dict["roi_heads.keypoint_predictor.kps_score_lowres.weight"]
+  np.testing.assert_array_equal(lowres, weight.transpose(2, 3, 0, 1))
+
+
 def test_bad_keypoint_checkpoint_names_keys_and_writes_nothing(untrained_state_dict, tmp_path):
   bad = dict(untrained_state_dict)
   del bad["roi_heads.keypoint_head.6.weight"]
