@@ -20,7 +20,7 @@ at the end of that run, and the AP "at kx" is read off the curve at step k * uni
 Seeds. Every random source derives from the top-level `config.seed` (S):
   - detector training of seed replica i (both arms; i < compare.seeds): config.seed = S + i,
     which seeds the initialization, the sampling keys of the train step, the data order and the
-    augmentation (rethink_jax/train.py, rethink_jax/data/pipeline.py);
+    augmentation (rethink_jax/train.py, rethink_jax/data/stream.py);
   - the pre-training of replica i: derived_seed(S + i, "pretrain") (initialization, shuffling and
     flips of rethink_jax/pretrain.py), unless compare.pretrain.seed pins it;
   - the less-data subset (compare.train_images = K > 0): data.subset_seed = derived_seed(S,

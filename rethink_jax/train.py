@@ -5,7 +5,7 @@ loss is the model's training losses, its predict the detections. Every host runs
   * `build_parts(config, sched, mesh, sample)`: THE model, optimizer, state layout and jitted
     init / train step / predict of a config, used by training, scripts/benchmark_model.py,
     scripts/profile_model.py and scripts/tpu_compile.py alike;
-  * each process reads its own shard of the data (data/pipeline.py); its host batches become
+  * each process reads its own shard of the data (data/stream.py); its host batches become
     one global batch sharded on the mesh's "data" axis;
   * orbax checkpoints (asynchronous, every `checkpoint.every_steps` and at the end, the last
     `checkpoint.keep` kept); a run started again in the same workdir resumes exactly: parameters,
@@ -14,11 +14,8 @@ loss is the model's training losses, its predict the detections. Every host runs
     workdir fails before training; a damaged newest checkpoint is skipped for the newest one
     that restores; a failed write stops training naming the step; SIGTERM saves at a step all
     processes agree on and returns (exit status 0);
-  * `init_from`: a backbone checkpoint (rethink_jax.convert.save_backbone's format, from converted
-    ImageNet weights or from pre-training) loaded into params["backbone"]["bottom_up"];
-  * `init_from_detector`: a whole detector (rethink_jax.detector_checkpoint's format) loaded into
-    every variable; the class heads (CLASS_HEADS) keep their fresh init when the checkpoint's
-    num_classes differs from the recipe's, and architecture fields must agree (ARCHITECTURE_FIELDS);
+  * a new run starts from `init_from` (a backbone checkpoint) or `init_from_detector` (a whole
+    detector) when set (rethink_jax/warm_start.py);
   * a loss that is not finite stops the run (NonFiniteLossError naming the step and the batch's
     image ids); the step that produced it is not applied and no checkpoint of it is written;
   * clu metric writers (TensorBoard + console): every loss, the LR, images seen, step time and the
@@ -57,6 +54,7 @@ from rethink_jax import optim
 from rethink_jax import preemption
 from rethink_jax import trainer
 from rethink_jax import visualize
+from rethink_jax import warm_start
 
 CURVE_FILE = "eval_curve.json"
 EVAL_FILE = "eval_metrics.json"  # evaluate_only's output
@@ -69,7 +67,7 @@ def _log(msg: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------
-# Parameters: counting, init_from.
+# Parameters: counting.
 # ------------------------------------------------------------------------------------------------
 def _flat(tree: Any) -> dict:
   return flax.traverse_util.flatten_dict(flax.core.unfreeze(tree) if tree else {}, sep="/")
@@ -92,275 +90,6 @@ def parameter_counts(state: dict, frozen_prefixes) -> dict:
     frozen=frozen_params + frozen_coll,
     batch_stats=count(state["collections"].get("batch_stats", {})),
   )
-
-
-def check_backbone_meta(meta: dict, config: ml_collections.ConfigDict) -> None:
-  """Raises ValueError naming the config fields to set when a backbone checkpoint's meta.json
-  disagrees with the config (norm, stride_in_1x1, width, groups, depth, pixel format)."""
-  b, d = config.model.backbone, config.data
-  problems = []
-
-  def same_norm(a, c):
-    # BN and SyncBN store the same variables (scale/bias + running mean/var).
-    group = lambda n: "BN" if n in ("BN", "SyncBN") else n
-    return group(a) == group(c)
-
-  if "depth" in meta and int(meta["depth"]) != int(b.depth):
-    problems.append(f"config.model.backbone.depth={meta['depth']} (config has {b.depth})")
-  if "norm" in meta and not same_norm(meta["norm"], b.norm):
-    problems.append(
-      f"config.model.backbone.norm={meta['norm']!r} (config has {b.norm!r}); "
-      "or convert the weights again with --norm " + repr(b.norm)
-    )
-  if "stride_in_1x1" in meta and bool(meta["stride_in_1x1"]) != bool(b.stride_in_1x1):
-    problems.append(
-      f"config.model.backbone.stride_in_1x1={bool(meta['stride_in_1x1'])} "
-      f"(config has {b.stride_in_1x1})"
-    )
-  if "width" in meta and int(meta["width"]) != int(b.get("width", 64)):
-    problems.append(f"config.model.backbone.width={meta['width']} (config has {b.get('width')})")
-  for key, resnet_value in (("groups", 1), ("width_per_group", 64)):  # ResNeXt's; absent: ResNet
-    if int(meta.get(key, resnet_value)) != int(b.get(key, resnet_value)):
-      problems.append(
-        f"config.model.backbone.{key}={meta.get(key, resnet_value)} (config has {b.get(key)})"
-      )
-  if "input_format" in meta and meta["input_format"] != d.get("input_format"):
-    problems.append(
-      f"config.data.input_format={meta['input_format']!r} (config has {d.get('input_format')!r})"
-    )
-  for key in ("pixel_mean", "pixel_std"):
-    if (
-      key in meta
-      and meta[key] is not None
-      and not np.allclose(
-        np.asarray(meta[key], np.float64), np.asarray(d.get(key), np.float64), atol=1e-3
-      )
-    ):
-      problems.append(
-        f"config.data.{key}={tuple(float(v) for v in meta[key])} (config has {tuple(d.get(key))})"
-      )
-  if problems:
-    raise ValueError(
-      f"init_from={config.init_from}: the backbone checkpoint (meta.json: source "
-      f"{meta.get('source')!r}) disagrees with the config; set\n  " + "\n  ".join(problems)
-    )
-
-
-def load_backbone_into(state: dict, backbone_vars: dict, where=("backbone", "bottom_up")) -> dict:
-  """Copies a ResNet's variables {"params", ["frozen"|"batch_stats"]} into the model state under
-  `where`. Returns a report {"loaded", "missing", "unexpected"} of "collection/path" keys;
-  raises ValueError listing every shape mismatch (nothing is loaded then)."""
-  prefix = "/".join(where)
-  loaded, missing, unexpected, mismatched = [], [], [], []
-  new = {"params": _flat(state["params"])}
-  for coll, tree in state["collections"].items():
-    new[coll] = _flat(tree)
-  for coll in sorted(set(backbone_vars) | {"params"}):
-    src = _flat(backbone_vars.get(coll, {}))
-    dst = new.get(coll, {})
-    targets = {k[len(prefix) + 1 :]: k for k in dst if k.startswith(prefix + "/")}
-    for key, value in src.items():
-      if key not in targets:
-        unexpected.append(f"{coll}/{key}")
-        continue
-      full = targets[key]
-      if tuple(np.shape(value)) != tuple(dst[full].shape):
-        mismatched.append(
-          f"{coll}/{key}: checkpoint {tuple(np.shape(value))} vs model {tuple(dst[full].shape)}"
-        )
-        continue
-      dst[full] = jnp.asarray(value, dst[full].dtype)
-      loaded.append(f"{coll}/{key}")
-    missing += [f"{coll}/{k}" for k in targets if k not in src]
-  if mismatched:
-    raise ValueError(
-      "init_from: shape mismatch between the backbone checkpoint and the model "
-      "(check depth / width / norm in config.model.backbone):\n  " + "\n  ".join(mismatched)
-    )
-  state = dict(state)
-  state["params"] = flax.traverse_util.unflatten_dict(new["params"], sep="/")
-  state["collections"] = {
-    c: flax.traverse_util.unflatten_dict(new[c], sep="/") for c in state["collections"]
-  }
-  return dict(
-    state=state, loaded=sorted(loaded), missing=sorted(missing), unexpected=sorted(unexpected)
-  )
-
-
-# ------------------------------------------------------------------------------------------------
-# init_from_detector: a whole detector's variables (detector_checkpoint.save_detector's format).
-# ------------------------------------------------------------------------------------------------
-# Parameters whose shapes follow num_classes: kept at their fresh init when the class count differs.
-CLASS_HEADS = (
-  "roi_heads/box_predictor/cls_score",
-  "roi_heads/box_predictor/bbox_pred",
-  "roi_heads/mask_head/predictor",
-)
-# Model-config fields the weights are trained for: a checkpoint and the recipe must agree on them.
-ARCHITECTURE_FIELDS = (
-  "backbone.depth",
-  "backbone.norm",
-  "backbone.num_groups",
-  "backbone.stride_in_1x1",
-  "backbone.width",
-  "fpn.out_channels",
-  "fpn.norm",
-  "anchors.sizes",
-  "anchors.aspect_ratios",
-  "rpn.head_conv_dims",
-  "box_head.name",
-  "box_head.num_conv",
-  "box_head.conv_dim",
-  "box_head.num_fc",
-  "box_head.fc_dim",
-  "box_head.norm",
-  "box_head.num_groups",
-  "box_head.pooler_resolution",
-  "mask_head.num_conv",
-  "mask_head.conv_dim",
-  "mask_head.norm",
-  "mask_head.num_groups",
-  "mask_head.pooler_resolution",
-  "mask_head.resolution",
-)
-# Model-config sections that describe the checkpoint's use, not its weights (compared apart).
-_NOT_ARCHITECTURE = ("num_classes", "input", "output")
-
-
-def _plain_leaves(config: ml_collections.ConfigDict) -> dict:
-  """{"a.b": value} of a config, tuples as lists (a config read from JSON holds lists)."""
-  return flax.traverse_util.flatten_dict(json.loads(config.to_json_best_effort()), sep=".")
-
-
-def _norm_kind(norm: Any) -> Any:
-  # BN and SyncBN hold the same variables and compute the same inference.
-  return "BN" if norm in ("BN", "SyncBN") else norm
-
-
-def check_detector_config(
-  checkpoint_model: ml_collections.ConfigDict, config: ml_collections.ConfigDict
-) -> list[str]:
-  """Compares a detector checkpoint's model config with a recipe.
-
-  Raises ValueError naming every ARCHITECTURE_FIELDS field that differs, and every input
-  normalisation field (the checkpoint's model.input: format, pixel_mean, pixel_std) that differs
-  from the recipe's data config, which is what the pipeline normalises with. Returns notes on
-  the other differing fields (the recipe's values are used) and on the test-time image sizes.
-  """
-  ckpt, recipe = _plain_leaves(checkpoint_model), _plain_leaves(config.model)
-  errors, notes = [], []
-  for key in sorted(set(ckpt) | set(recipe)):
-    if key.split(".")[0] in _NOT_ARCHITECTURE:
-      continue
-    a, b = ckpt.get(key, "<absent>"), recipe.get(key, "<absent>")
-    if key.endswith(".norm"):
-      a, b = _norm_kind(a), _norm_kind(b)
-    if a == b:
-      continue
-    line = (
-      f"model.{key}: checkpoint {ckpt.get(key, '<absent>')!r}, "
-      f"recipe {recipe.get(key, '<absent>')!r}"
-    )
-    (errors if key in ARCHITECTURE_FIELDS else notes).append(line)
-
-  d, inp = config.data, checkpoint_model.get("input", {})
-  if inp.get("format") is not None and inp["format"] != d.get("input_format"):
-    errors.append(
-      f"set --config.data.input_format={inp['format']} (checkpoint model.input.format "
-      f"{inp['format']!r}, recipe {d.get('input_format')!r})"
-    )
-  for key in ("pixel_mean", "pixel_std"):
-    want = inp.get(key)
-    if want is None:
-      continue
-    if not np.allclose(np.asarray(want, np.float64), np.asarray(d.get(key), np.float64), atol=1e-3):
-      value = "(" + ", ".join(f"{float(v):g}" for v in want) + ")"
-      errors.append(
-        f"set --config.data.{key}='{value}' (checkpoint model.input.{key} {tuple(want)}, "
-        f"recipe {tuple(d.get(key))})"
-      )
-  for ckpt_key, data_key in (("min_size_test", "min_size_test"), ("max_size_test", "max_size")):
-    if inp.get(ckpt_key) is not None and inp[ckpt_key] != d.get(data_key):
-      notes.append(
-        f"model.input.{ckpt_key}: checkpoint {inp[ckpt_key]!r}, recipe data.{data_key} "
-        f"{d.get(data_key)!r}"
-      )
-  if errors:
-    raise ValueError(
-      f"init_from_detector={config.get('init_from_detector')}: the detector checkpoint "
-      "disagrees with the recipe:\n  " + "\n  ".join(errors)
-    )
-  return notes
-
-
-def load_detector_into(state: dict, variables: dict, reinit_class_heads: bool) -> dict:
-  """Copies a whole detector's variables {"params", [collections]} into a fresh train state.
-
-  reinit_class_heads: parameters under CLASS_HEADS keep the state's values (fresh init) when
-  True. Returns {"state", "loaded", "reinitialized"} ("collection/path" keys); raises ValueError
-  naming every missing or leftover variable and every shape mismatch (nothing is loaded then).
-  """
-  colls = {"params": state["params"], **state["collections"]}
-  dst = {c: _flat(t) for c, t in colls.items()}
-  src = {c: _flat(t) for c, t in variables.items()}
-  is_head = lambda c, k: c == "params" and any(k.startswith(h + "/") for h in CLASS_HEADS)
-  loaded, reinitialized, problems = [], [], []
-  for coll in sorted(set(dst) | set(src)):
-    d, s = dst.get(coll, {}), src.get(coll, {})
-    for key in sorted(set(d) | set(s)):
-      name = f"{coll}/{key}"
-      if reinit_class_heads and is_head(coll, key) and key in d:
-        reinitialized.append(name)
-        continue
-      if key not in s:
-        problems.append(f"{name}: missing from the checkpoint (model {tuple(d[key].shape)})")
-      elif key not in d:
-        problems.append(f"{name}: not in the model (checkpoint {tuple(np.shape(s[key]))})")
-      elif tuple(np.shape(s[key])) != tuple(d[key].shape):
-        problems.append(
-          f"{name}: checkpoint {tuple(np.shape(s[key]))} vs model {tuple(d[key].shape)}"
-        )
-      else:
-        d[key] = jnp.asarray(s[key], d[key].dtype)
-        loaded.append(name)
-  if problems:
-    raise ValueError(
-      "init_from_detector: the detector checkpoint does not fit the recipe's model:\n  "
-      + "\n  ".join(problems)
-    )
-  unflat = {c: flax.traverse_util.unflatten_dict(t, sep="/") for c, t in dst.items()}
-  state = dict(state, params=unflat.pop("params"), collections=unflat)
-  return dict(state=state, loaded=loaded, reinitialized=reinitialized)
-
-
-def init_from_detector(config: ml_collections.ConfigDict, parts, rng, sample: dict) -> dict:
-  """A fresh state (parts.init(rng, sample)) holding config.init_from_detector's variables.
-
-  The checkpoint is read and checked first (check_detector_config). Class heads are
-  re-initialised when its num_classes differs from the recipe's; every decision is logged.
-  Returns load_detector_into's report, its "state" placed on parts.state_sharding.
-  """
-  from rethink_jax import detector_checkpoint  # pylint: disable=g-import-not-at-top
-
-  directory = config.init_from_detector
-  variables, model_config, meta = detector_checkpoint.load_detector(directory)
-  notes = check_detector_config(model_config, config)
-  state = parts.init(rng, sample)
-  ckpt_classes, recipe_classes = int(model_config.num_classes), int(config.model.num_classes)
-  report = load_detector_into(state, variables, reinit_class_heads=ckpt_classes != recipe_classes)
-  report["state"] = jax.device_put(report["state"], parts.state_sharding)
-  _log(
-    f"init_from_detector {directory} (source {meta.get('source')!r}, {ckpt_classes} classes "
-    f"{meta.get('class_names')}): loaded {len(report['loaded'])} arrays"
-  )
-  if report["reinitialized"]:
-    _log(
-      f"re-initialised (checkpoint {ckpt_classes} classes, recipe {recipe_classes}): "
-      + ", ".join(report["reinitialized"])
-    )
-  for note in notes:
-    _log(f"init_from_detector: differs, the recipe's value is used: {note}")
-  return report
 
 
 # ------------------------------------------------------------------------------------------------
@@ -463,35 +192,6 @@ def build_parts(config: ml_collections.ConfigDict, sched: dict, mesh: Mesh, samp
   while len(_PARTS_CACHE) > 4:  # compiled executables hold memory
     _PARTS_CACHE.popitem(last=False)
   return parts
-
-
-def initial_state(config: ml_collections.ConfigDict, parts, rng, sample: dict) -> dict:
-  """A new run's state: parts.init, then config.init_from (a backbone) or
-  config.init_from_detector (a whole detector) when set."""
-  if config.get("init_from") and config.get("init_from_detector"):
-    raise ValueError(
-      "set one of config.init_from (a backbone) and config.init_from_detector (a whole "
-      f"detector), not both: {config.init_from!r}, {config.init_from_detector!r}"
-    )
-  if config.get("init_from_detector"):
-    return init_from_detector(config, parts, rng, sample)["state"]
-  state = parts.init(rng, sample)
-  if config.get("init_from"):
-    from rethink_jax import convert  # pylint: disable=g-import-not-at-top
-
-    variables, meta = convert.load_backbone(config.init_from)
-    check_backbone_meta(meta, config)
-    report = load_backbone_into(state, variables)
-    state = jax.device_put(report["state"], parts.state_sharding)
-    _log(
-      f"init_from {config.init_from} (source {meta.get('source')!r}): loaded "
-      f"{len(report['loaded'])} arrays; missing {len(report['missing'])}: "
-      f"{report['missing'][:20]}; unexpected {len(report['unexpected'])}: "
-      f"{report['unexpected'][:20]}"
-    )
-    if not report["loaded"]:
-      raise ValueError(f"init_from={config.init_from}: nothing matched the model's backbone")
-  return state
 
 
 # ------------------------------------------------------------------------------------------------
@@ -619,7 +319,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
      "history": the logged train metrics of this call [{"step", "loss_*", "lr", ...}],
      "step": the final step, "train_step_compilations": 1 unless something recompiled,
      "preempted": True when a SIGTERM stopped it early (a checkpoint of "step" was written)}.
-  Raises NonFiniteLossError when a loss or gradient is not finite, pipeline.BadRecordError when a
+  Raises NonFiniteLossError when a loss or gradient is not finite, stream.BadRecordError when a
   training record does not decode (unless config.data.skip_bad_records), trainer.DataStallError
   when the data stalls longer than config.data_timeout_s, checkpoints.CheckpointError
   when the workdir cannot hold checkpoints, a write fails, or no existing checkpoint restores.
@@ -631,8 +331,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 def _train_and_evaluate(
   config: ml_collections.ConfigDict, workdir: str, watch: preemption.PreemptionWatch
 ) -> dict:
-  from rethink_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   from rethink_jax.data import recipe as data_recipe  # pylint: disable=g-import-not-at-top
+  from rethink_jax.data import stream  # pylint: disable=g-import-not-at-top
 
   # Before anything runs: the data set is built, the class count agrees with it (0 = take it).
   config = data_recipe.resolve_config(config)
@@ -683,7 +383,7 @@ def _train_and_evaluate(
   # == Data ====================================================================================
   def train_data(step: int) -> Iterator:
     """This process's batches from `step` on (deterministic in the seed and the step)."""
-    return pipeline.make_train_iterator(
+    return stream.make_train_iterator(
       config.data,
       local_batch,
       seed=int(config.seed),
@@ -716,7 +416,7 @@ def _train_and_evaluate(
   )
   mngr = saver.mngr
   if resume_step is None:
-    state = initial_state(config, parts, rng, sample)
+    state = warm_start.initial_state(config, parts, rng, sample)
   parameter_overview.log_parameter_overview(
     state["params"], include_stats=False, msg="parameters", jax_logging_process=0
   )
@@ -797,7 +497,7 @@ def _train_and_evaluate(
       t0 = time.perf_counter()
       try:
         batch = next(batches)
-      except (pipeline.BadRecordError, trainer.DataStallError):
+      except (stream.BadRecordError, trainer.DataStallError):
         saver.finish()  # the checkpoints written so far are complete when the run stops
         saver.close()
         raise
@@ -900,7 +600,9 @@ def evaluate_only(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if config.get("init_from_detector"):
       _log(f"{source} is evaluated; init_from_detector={config.init_from_detector} is ignored")
   elif config.get("init_from_detector"):
-    report = init_from_detector(config, parts, jax.random.PRNGKey(int(config.seed)), sample)
+    report = warm_start.init_from_detector(
+      config, parts, jax.random.PRNGKey(int(config.seed)), sample
+    )
     if report["reinitialized"]:
       raise ValueError(
         f"init_from_detector={config.init_from_detector}: its class heads do not fit the "

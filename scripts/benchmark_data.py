@@ -76,10 +76,11 @@ def write_coco_like(root: str, num_images: int, seed: int = 0) -> tuple[str, str
 def measure(spec: dict) -> tuple[float, float]:
   """Runs in the pinned subprocess: builds the iterator, times `batches` batches after warmup."""
   from rethink_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from rethink_jax.data import stream  # pylint: disable=g-import-not-at-top
 
   c = pipeline.default_data_config()
   c.update(spec["data"])
-  it = pipeline.make_train_iterator(c, spec["batch"], seed=0, process_index=0, process_count=1)
+  it = stream.make_train_iterator(c, spec["batch"], seed=0, process_index=0, process_count=1)
   for _ in range(2):
     next(it)
   t, cpu = time.perf_counter(), time.process_time()

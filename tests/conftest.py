@@ -51,3 +51,17 @@ def shapes_dir(tmp_path_factory):
   shapes.ShapesInstances(config="tiny", data_dir=data_dir).download_and_prepare()
   shapes.ShapesClassification(config="tiny", data_dir=data_dir).download_and_prepare()
   return data_dir
+
+
+@pytest.fixture(scope="session")
+def keypoints_dir(tmp_path_factory):
+  """A tfds data dir holding shapes_keypoints/tiny (64 x 64, 24 train / 8 validation images of
+  stick figures with 7 keypoints), built once per pytest worker, offline. Read only."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  from rethink_jax.data import shapes_keypoints  # pylint: disable=g-import-not-at-top
+
+  tfds.disable_progress_bar()
+  data_dir = str(tmp_path_factory.mktemp("tfds_keypoints"))
+  shapes_keypoints.ShapesKeypoints(config="tiny", data_dir=data_dir).download_and_prepare()
+  return data_dir

@@ -27,8 +27,8 @@ STEPS = 30
 def setup(tmp_path_factory):
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
-  from rethink_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   from rethink_jax.data import shapes  # pylint: disable=g-import-not-at-top
+  from rethink_jax.data import stream  # pylint: disable=g-import-not-at-top
 
   tfds.disable_progress_bar()
   data_dir = str(tmp_path_factory.mktemp("tfds_bf16"))
@@ -38,7 +38,7 @@ def setup(tmp_path_factory):
   c.data.num_parallel_calls = 1
   c.model.dtype = "bfloat16"
   c.schedule.decay_steps = (10 * STEPS,)  # no decay: a constant LR after the warmup
-  batch = next(pipeline.make_train_iterator(c.data, c.batch_size, seed=0))
+  batch = next(stream.make_train_iterator(c.data, c.batch_size, seed=0))
   sched = optim.resolve_schedule(c.schedule, c.optim, c.batch_size)
   rng = jax.random.PRNGKey(int(np.random.default_rng().integers(1 << 30)))
   sample = train.init_batch(batch)

@@ -210,11 +210,12 @@ def test_derived_seeds_differ_per_stream_and_seed():
 def _subset_ids(data_config, steps=3):
   """Image ids of the training pool and of the first `steps` batches of the stream."""
   from rethink_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from rethink_jax.data import stream  # pylint: disable=g-import-not-at-top
 
   builder = pipeline.get_builder(data_config)
   ids = pipeline.records_meta(builder, "train")["image_id"]
   pool = set(int(ids[i]) for i in pipeline.train_pool(data_config, builder))
-  it = pipeline.make_train_iterator(data_config, 2, seed=0, process_index=0, process_count=1)
+  it = stream.make_train_iterator(data_config, 2, seed=0, process_index=0, process_count=1)
   seen = [int(i) for _ in range(steps) for i in next(it)["image_id"]]
   return pool, seen
 

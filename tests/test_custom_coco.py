@@ -161,9 +161,9 @@ def test_class_count_and_names_come_from_the_data(built):
   # Images: shorter side and longer side set once, for training, evaluation and the predictor.
   c = load_recipe("mini", "--config.data.min_size=512", "--config.data.max_size=600")
   assert c.model.input.min_size_test == 512 and c.model.input.max_size_test == 600
-  from rethink_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from rethink_jax.data import preprocess  # pylint: disable=g-import-not-at-top
 
-  assert pipeline.padded_size(c.data) == (608, 608) and c.data.min_size_test == 0
+  assert preprocess.padded_size(c.data) == (608, 608) and c.data.min_size_test == 0
 
 
 def test_wrong_class_count_stops_before_training(built, tmp_path):

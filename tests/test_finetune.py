@@ -21,11 +21,14 @@ from rethink_jax import files
 from rethink_jax import optim
 from rethink_jax import train
 from rethink_jax import trainer
+from rethink_jax import warm_start
 from tests import tiny
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 2
-HEAD_KEYS = sorted(f"params/{h}/{leaf}" for h in train.CLASS_HEADS for leaf in ("kernel", "bias"))
+HEAD_KEYS = sorted(
+  f"params/{h}/{leaf}" for h in warm_start.CLASS_HEADS for leaf in ("kernel", "bias")
+)
 
 
 def tiny_config(data_dir, **overrides):
@@ -134,7 +137,7 @@ def test_other_num_classes_reinitialises_only_the_class_heads(trained, shapes_di
   parts, sample = _parts_and_sample(c)
   rng = jax.random.PRNGKey(int(np.random.default_rng().integers(2**31)))
   fresh = _state_variables(parts.init(rng, sample))
-  state = train.initial_state(c, parts, rng, sample)
+  state = warm_start.initial_state(c, parts, rng, sample)
   printed = capsys.readouterr().out
   got, saved = _state_variables(state), trained["variables"]
   assert sorted(got) == sorted(saved)
@@ -154,7 +157,7 @@ def test_other_num_classes_reinitialises_only_the_class_heads(trained, shapes_di
 def test_same_num_classes_loads_every_variable(trained, shapes_dir, tmp_path, capsys):
   c = tiny_config(shapes_dir, **{"init_from_detector": trained["detector_dir"]})
   parts, sample = _parts_and_sample(c)
-  state = train.initial_state(c, parts, jax.random.PRNGKey(1), sample)
+  state = warm_start.initial_state(c, parts, jax.random.PRNGKey(1), sample)
   got, saved = _state_variables(state), trained["variables"]
   assert sorted(got) == sorted(saved)
   for key, value in saved.items():
@@ -187,7 +190,7 @@ def test_same_num_classes_loads_every_variable(trained, shapes_dir, tmp_path, ca
 def test_mismatched_architecture_or_normalisation_is_named(trained, shapes_dir):
   c = tiny_config(shapes_dir, **{"init_from_detector": trained["detector_dir"]})
   _, model_config, _ = detector_checkpoint.load_detector(trained["detector_dir"])
-  assert train.check_detector_config(model_config, c) == []
+  assert warm_start.check_detector_config(model_config, c) == []
   cases = {
     "model.backbone.depth: checkpoint 50, recipe 18": ("backbone.depth", 50),
     "model.box_head.name: checkpoint '2fc', recipe '4conv1fc'": ("box_head.name", "2fc"),
@@ -200,7 +203,7 @@ def test_mismatched_architecture_or_normalisation_is_named(trained, shapes_dir):
     bad = copy.deepcopy(model_config)
     bad.update_from_flattened_dict({field: value})
     with pytest.raises(ValueError) as e:
-      train.check_detector_config(bad, c)
+      warm_start.check_detector_config(bad, c)
     assert expected in str(e.value), (expected, str(e.value))
   # BN and SyncBN hold the same variables; a test-time setting is a note, not an error.
   c.model.backbone.norm = "SyncBN"
@@ -208,7 +211,7 @@ def test_mismatched_architecture_or_normalisation_is_named(trained, shapes_dir):
   other.backbone.norm = "BN"
   other.roi_heads.nms_thresh_test = 0.6
   other.input.min_size_test = 800
-  notes = train.check_detector_config(other, c)
+  notes = warm_start.check_detector_config(other, c)
   assert any("model.roi_heads.nms_thresh_test: checkpoint 0.6, recipe 0.5" in n for n in notes)
   assert any("model.input.min_size_test: checkpoint 800" in n for n in notes), notes
 
@@ -221,7 +224,7 @@ def test_missing_leftover_or_misshapen_variable_is_named(trained):
   variables = tree(saved)
   collections = tree(saved)
   state = {"params": collections.pop("params"), "collections": collections}
-  report = train.load_detector_into(state, variables, reinit_class_heads=False)
+  report = warm_start.load_detector_into(state, variables, reinit_class_heads=False)
   assert sorted(report["loaded"]) == sorted(saved) and not report["reinitialized"]
 
   rng = np.random.default_rng()
@@ -240,14 +243,14 @@ def test_missing_leftover_or_misshapen_variable_is_named(trained):
   }
   for expected, flat in cases.items():
     with pytest.raises(ValueError) as e:
-      train.load_detector_into(state, tree(flat), reinit_class_heads=True)
+      warm_start.load_detector_into(state, tree(flat), reinit_class_heads=True)
     assert expected in str(e.value), (expected, str(e.value))
   # Class heads of another shape are an error unless they are re-initialised.
   head = HEAD_KEYS[0]
   other = dict(saved, **{head: np.zeros(saved[head].shape[:-1] + (7,), np.float32)})
   with pytest.raises(ValueError, match=head):
-    train.load_detector_into(state, tree(other), reinit_class_heads=False)
-  report = train.load_detector_into(state, tree(other), reinit_class_heads=True)
+    warm_start.load_detector_into(state, tree(other), reinit_class_heads=False)
+  report = warm_start.load_detector_into(state, tree(other), reinit_class_heads=True)
   assert sorted(report["reinitialized"]) == HEAD_KEYS
 
 

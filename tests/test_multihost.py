@@ -65,7 +65,8 @@ _WORKER = textwrap.dedent(r"""
     import orbax.checkpoint as ocp
     from rethink_jax import evaluate, optim, trainer
     from rethink_jax.data import pipeline
-    sample = train.init_batch(next(pipeline.make_train_iterator(c.data, 1, seed=0)))
+    from rethink_jax.data import stream
+    sample = train.init_batch(next(stream.make_train_iterator(c.data, 1, seed=0)))
     sched = optim.resolve_schedule(c.schedule, c.optim, c.batch_size)
     parts = train.build_parts(c, sched, trainer.make_mesh(), sample)
     mngr = ocp.CheckpointManager(spec["checkpoint_dir"])
@@ -231,13 +232,13 @@ def test_checkpoint_of_two_processes_resumes_in_one(runs):
 
 @pytest.mark.slow
 def test_pair_reads_disjoint_shards():
-  from rethink_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from rethink_jax.data import stream  # pylint: disable=g-import-not-at-top
 
   for step in (0, 1, 7):
-    mine = [pipeline.train_positions(step, 2, p, 2) for p in range(2)]
+    mine = [stream.train_positions(step, 2, p, 2) for p in range(2)]
     assert not set(mine[0].tolist()) & set(mine[1].tolist())
     # Together they are exactly the single process's global batch, in device order.
-    np.testing.assert_array_equal(np.concatenate(mine), pipeline.train_positions(step, 4, 0, 1))
+    np.testing.assert_array_equal(np.concatenate(mine), stream.train_positions(step, 4, 0, 1))
 
 
 @pytest.mark.slow

@@ -31,7 +31,7 @@ _WORKER = textwrap.dedent(r"""
   import numpy as np
   from configs import tiny_shapes
   from rethink_jax import train
-  from rethink_jax.data import pipeline
+  from rethink_jax.data import stream
 
   c = tiny_shapes.get_config(str(spec["total_steps"]))
   c.data.data_dir = spec["data_dir"]
@@ -43,7 +43,7 @@ _WORKER = textwrap.dedent(r"""
   c.checkpoint.every_steps = 2
   c.checkpoint.keep = 3
 
-  real = pipeline.make_train_iterator
+  real = stream.make_train_iterator
   def slowed(*args, start_step=0, **kwargs):  # marks each step taken; slow after step 2
     for step, batch in enumerate(real(*args, start_step=start_step, **kwargs), start_step):
       if step >= 2 and spec.get("slow"):
@@ -51,7 +51,7 @@ _WORKER = textwrap.dedent(r"""
       with open(spec["progress"], "a") as f:
         f.write(f"{step} {time.time():.1f}\n")
       yield batch
-  pipeline.make_train_iterator = slowed
+  stream.make_train_iterator = slowed
 
   r = train.train_and_evaluate(c, spec["workdir"])
   out = dict(step=r["step"], preempted=r["preempted"],

@@ -52,8 +52,8 @@ def test_lowers_the_trainers_own_step(tpu_compile, tmp_path):
   from rethink_jax import optim  # pylint: disable=g-import-not-at-top
   from rethink_jax import train  # pylint: disable=g-import-not-at-top
   from rethink_jax import trainer  # pylint: disable=g-import-not-at-top
-  from rethink_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   from rethink_jax.data import shapes  # pylint: disable=g-import-not-at-top
+  from rethink_jax.data import stream  # pylint: disable=g-import-not-at-top
 
   tfds.disable_progress_bar()
   shapes.ShapesInstances(config="tiny", data_dir=str(tmp_path)).download_and_prepare()
@@ -61,7 +61,7 @@ def test_lowers_the_trainers_own_step(tpu_compile, tmp_path):
   config.data.data_dir = str(tmp_path)
   config.data.num_parallel_calls = 1
   hw = tuple(config.data.pad_to)
-  batch = next(pipeline.make_train_iterator(config.data, 2, seed=0))
+  batch = next(stream.make_train_iterator(config.data, 2, seed=0))
   abstract = tpu_compile.abstract_batch(config, 2, hw)
   assert {k: (v.shape, np.dtype(v.dtype)) for k, v in abstract.items()} == {
     k: (np.shape(v), np.asarray(v).dtype) for k, v in batch.items()

@@ -19,6 +19,7 @@ import pytest
 
 from configs import tiny_shapes
 from rethink_jax import train
+from rethink_jax import warm_start
 from tests import tiny
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -74,7 +75,7 @@ def _meta(**kw):
 def test_check_backbone_meta_names_the_fields_to_set():
   c = tiny_shapes.get_config()
   c.init_from = "/some/dir"
-  train.check_backbone_meta(_meta(), c)  # agrees: no error
+  warm_start.check_backbone_meta(_meta(), c)  # agrees: no error
   cases = {
     "config.model.backbone.norm='FrozenBN'": dict(norm="FrozenBN"),
     "config.model.backbone.stride_in_1x1=True": dict(stride_in_1x1=True),
@@ -87,11 +88,11 @@ def test_check_backbone_meta_names_the_fields_to_set():
   }
   for expected, kw in cases.items():
     with pytest.raises(ValueError) as e:
-      train.check_backbone_meta(_meta(**kw), c)
+      warm_start.check_backbone_meta(_meta(**kw), c)
     assert expected in str(e.value), (expected, str(e.value))
   # BN and SyncBN hold the same variables.
   c.model.backbone.norm = "SyncBN"
-  train.check_backbone_meta(_meta(norm="BN"), c)
+  warm_start.check_backbone_meta(_meta(norm="BN"), c)
 
 
 def test_load_backbone_into_reports_and_refuses_mismatch():
@@ -117,7 +118,7 @@ def test_load_backbone_into_reports_and_refuses_mismatch():
     "params": {"stem": {"conv1": {"kernel": stem}}, "fc": {"kernel": np.ones((8, 10))}},
     "batch_stats": {"stem": {"conv1": {"norm": {"mean": np.full(8, 3.0)}}}},
   }
-  r = train.load_backbone_into(state, ckpt)
+  r = warm_start.load_backbone_into(state, ckpt)
   assert r["loaded"] == ["batch_stats/stem/conv1/norm/mean", "params/stem/conv1/kernel"]
   assert r["missing"] == ["params/res2/0/conv1/kernel"]
   assert r["unexpected"] == ["params/fc/kernel"]
@@ -133,7 +134,7 @@ def test_load_backbone_into_reports_and_refuses_mismatch():
   assert r["state"]["params"]["backbone"]["fpn_lateral2"]["kernel"].shape == (1, 1, 8, 16)
   ckpt["params"]["stem"]["conv1"]["kernel"] = np.zeros((7, 7, 3, 16))
   with pytest.raises(ValueError, match=r"params/stem/conv1/kernel: checkpoint \(7, 7, 3, 16\)"):
-    train.load_backbone_into(state, ckpt)
+    warm_start.load_backbone_into(state, ckpt)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -228,9 +229,9 @@ def test_nan_guard_stops_and_keeps_last_good_checkpoint(
   """A batch with a NaN pixel at step 2: the run stops with the step and the batch's image ids,
   the checkpoint of step 2 (before it) is the last one, and nothing after it is written."""
   del compile_cache
-  from rethink_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from rethink_jax.data import stream  # pylint: disable=g-import-not-at-top
 
-  real = pipeline.make_train_iterator
+  real = stream.make_train_iterator
   bad_step, seen = 2, {}
 
   def poisoned(*args, start_step=0, **kwargs):
@@ -241,7 +242,7 @@ def test_nan_guard_stops_and_keeps_last_good_checkpoint(
         seen["ids"] = batch["image_id"].tolist()
       yield batch
 
-  monkeypatch.setattr(pipeline, "make_train_iterator", poisoned)
+  monkeypatch.setattr(stream, "make_train_iterator", poisoned)
   workdir = str(tmp_path / "nan")
   c = tiny_config(shapes_dir, 4, **{"checkpoint.every_steps": 2})
   with pytest.raises(train.NonFiniteLossError) as e:

@@ -144,12 +144,12 @@ def test_missing_evaluation_is_owed_after_an_interruption():
 def test_sigterm_on_one_process_saves_and_resumes(shapes_dir, tmp_path, monkeypatch, capsys):
   """SIGTERM while the third batch is read: the run saves the step it is at and returns; the
   same call then finishes with the uninterrupted run's losses."""
-  from rethink_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from rethink_jax.data import stream  # pylint: disable=g-import-not-at-top
 
   full = _losses(
     train.train_and_evaluate(tiny_config(shapes_dir, 4), str(tmp_path / "full"))["history"]
   )
-  real = pipeline.make_train_iterator
+  real = stream.make_train_iterator
 
   def signalled(*args, start_step=0, **kwargs):
     for step, batch in enumerate(real(*args, start_step=start_step, **kwargs), start_step):
@@ -157,7 +157,7 @@ def test_sigterm_on_one_process_saves_and_resumes(shapes_dir, tmp_path, monkeypa
         os.kill(os.getpid(), signal.SIGTERM)  # the watch's handler only sets a flag
       yield batch
 
-  monkeypatch.setattr(pipeline, "make_train_iterator", signalled)
+  monkeypatch.setattr(stream, "make_train_iterator", signalled)
   workdir = str(tmp_path / "cut")
   handler = signal.getsignal(signal.SIGTERM)
   capsys.readouterr()
@@ -181,9 +181,9 @@ def test_sigterm_on_one_process_saves_and_resumes(shapes_dir, tmp_path, monkeypa
 @pytest.mark.slow
 def test_stalled_data_is_reported_not_waited_on(shapes_dir, tmp_path, monkeypatch):
   from rethink_jax import trainer  # pylint: disable=g-import-not-at-top
-  from rethink_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from rethink_jax.data import stream  # pylint: disable=g-import-not-at-top
 
-  real = pipeline.make_train_iterator
+  real = stream.make_train_iterator
 
   def stalling(*args, start_step=0, **kwargs):
     for step, batch in enumerate(real(*args, start_step=start_step, **kwargs), start_step):
@@ -191,7 +191,7 @@ def test_stalled_data_is_reported_not_waited_on(shapes_dir, tmp_path, monkeypatc
         time.sleep(20)  # a hung read (the test must not wait for it)
       yield batch
 
-  monkeypatch.setattr(pipeline, "make_train_iterator", stalling)
+  monkeypatch.setattr(stream, "make_train_iterator", stalling)
   workdir = str(tmp_path / "stall")
   t0 = time.time()
   with pytest.raises(trainer.DataStallError, match="no batch for 3 s at step 2"):
@@ -203,11 +203,12 @@ def test_stalled_data_is_reported_not_waited_on(shapes_dir, tmp_path, monkeypatc
 @pytest.mark.slow
 def test_bad_record_stops_at_its_step_then_is_skipped_on_request(shapes_dir, tmp_path):
   from rethink_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from rethink_jax.data import stream  # pylint: disable=g-import-not-at-top
   from tests.data.test_bad_records import corrupt_train_record  # pylint: disable=g-import-not-at-top
 
   # The image the batch of step 2 reads second gets truncated.
   c = tiny_config(shapes_dir, 4)
-  it = pipeline.make_train_iterator(
+  it = stream.make_train_iterator(
     c.data, 2, seed=int(c.seed), start_step=2, process_index=0, process_count=1
   )
   image_id = int(next(it)["image_id"][1])
@@ -217,7 +218,7 @@ def test_bad_record_stops_at_its_step_then_is_skipped_on_request(shapes_dir, tmp
   corrupt_train_record(shapes_dir, data_dir, int(record))
 
   workdir = str(tmp_path / "run")
-  with pytest.raises(pipeline.BadRecordError) as err:
+  with pytest.raises(stream.BadRecordError) as err:
     train.train_and_evaluate(tiny_config(data_dir, 4), workdir)
   message = str(err.value)
   assert f"training record {record} of split 'train' (image id {image_id}," in message, message
@@ -242,7 +243,7 @@ _KILL_WORKER = textwrap.dedent(r"""
   spec = json.loads(sys.argv[1])
   sys.path.insert(0, spec["root"])
   from orbax.checkpoint._src.path import atomicity
-  from rethink_jax.data import pipeline
+  from rethink_jax.data import stream
   from rethink_jax import train
   from tests.test_train_faults import kill_config
 
@@ -256,14 +257,14 @@ _KILL_WORKER = textwrap.dedent(r"""
     return await real_finalize(self, *args, **kwargs)
   atomicity.AtomicRenameTemporaryPath.finalize = slow_finalize
 
-  real = pipeline.make_train_iterator
+  real = stream.make_train_iterator
   def slowed(*args, start_step=0, **kwargs):
     for step, batch in enumerate(real(*args, start_step=start_step, **kwargs), start_step):
       time.sleep(0.3)
       with open(spec["progress"], "a") as f:
         f.write(f"step {step}\n")
       yield batch
-  pipeline.make_train_iterator = slowed
+  stream.make_train_iterator = slowed
   train.train_and_evaluate(kill_config(spec["data_dir"]), spec["workdir"])
 """)
 

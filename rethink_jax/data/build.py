@@ -16,7 +16,7 @@ flags.DEFINE_string("data_dir", None, "tfds data dir to write to (default: tfds'
 flags.DEFINE_enum(
   "name",
   "coco_instances",
-  ["coco_instances", "shapes_instances", "shapes_classification"],
+  ["coco_instances", "shapes_instances", "shapes_keypoints", "shapes_classification"],
   "data set.",
 )
 flags.DEFINE_string("config", None, "builder config (coco: 2017, folder, or a name for --split).")
@@ -31,6 +31,7 @@ def main(argv: list[str]) -> None:
   tfds.disable_progress_bar()
   from rethink_jax.data import coco  # pylint: disable=g-import-not-at-top
   from rethink_jax.data import shapes  # pylint: disable=g-import-not-at-top
+  from rethink_jax.data import shapes_keypoints  # pylint: disable=g-import-not-at-top
 
   if FLAGS.name == "coco_instances" and FLAGS.split:
     splits = {}
@@ -44,6 +45,7 @@ def main(argv: list[str]) -> None:
     cls = {
       "coco_instances": coco.CocoInstances,
       "shapes_instances": shapes.ShapesInstances,
+      "shapes_keypoints": shapes_keypoints.ShapesKeypoints,
       "shapes_classification": shapes.ShapesClassification,
     }[FLAGS.name]
     builder = cls(config=FLAGS.config, data_dir=FLAGS.data_dir)

@@ -1,4 +1,4 @@
-"""coco_instances: a tfds builder for COCO-format instance segmentation (boxes + masks).
+"""coco_instances: a tfds builder for COCO-format instances (boxes, masks and keypoints).
 
 tfds' own coco/2017 has no instance masks, hence this builder. It reads a COCO-format annotation
 JSON and its image folder per split and writes this project's record format (data/instances.py):
@@ -10,9 +10,20 @@ Images without annotations are kept (evaluation needs them; the pipeline may dro
 training). Crowd regions are kept (COCOeval ignores detections on them) and the pipeline drops them
 from training targets, as Detectron2 does.
 
+Keypoints: when categories carry COCO's "keypoints" (names) and "skeleton" (a person_keypoints
+file), every object stores K keypoints (data/instances.py; K unlabeled ones for objects of
+categories without keypoints) and info.metadata gains the keypoint names, flip map (the
+"left*" / "right*" name pairs), skeleton and OKS sigmas (COCO's 17 for COCO's person keypoints,
+else CocoInstancesConfig.keypoint_oks_sigmas, else COCO's mean sigma for every keypoint). All
+keypoint categories must share one keypoint list. The ground truth JSON written keeps every
+annotation's "keypoints" and "num_keypoints" (filled in, all unlabeled / the labeled count,
+where an annotation lacks them: COCOeval reads both).
+
 Configs:
   2017    COCO 2017 from manual_dir: annotations/instances_{train,val}2017.json,
           {train,val}2017/*.jpg -> splits "train", "validation".
+  keypoints_2017  COCO 2017 person keypoints from manual_dir:
+          annotations/person_keypoints_{train,val}2017.json and the same images.
   folder  any COCO-format data set in manual_dir: annotations/<split>.json and images in
           <split>/ for every annotations/*.json.
   any other name: give the paths with `build_coco_instances(...)` (one call from Python).
@@ -29,13 +40,18 @@ Bad input:
     a missing or unreadable annotation file, duplicate image / annotation / category ids,
     an annotation pointing at an unknown image or category, an RLE whose size is not its image's,
     an image file whose size differs from its JSON entry, and (unless skip_bad_images=True)
-    a missing or corrupt image file.
+    a missing or corrupt image file; keypoints of a wrong length (not 3 * K values), with a
+    non-finite coordinate or a visibility other than 0, 1, 2; categories with different keypoint
+    lists, a skeleton index outside 1..K.
   documented drops (counted per reason, logged, saved in info.metadata["dropped"][split]):
     "zero_area_box": bbox width or height <= 0;
     "box_outside_image": bbox entirely outside its image (after clipping nothing is left);
     "empty_segmentation": no segmentation, no polygon with >= 3 points, or an empty mask;
     "missing_image" / "corrupt_image" (only with skip_bad_images=True): the image and all its
     annotations.
+  Labeled keypoints outside their image ([0, width] x [0, height]) are made unlabeled in the
+  records ("keypoint_outside_image" counts them, per point); an annotation of a keypoint
+  category without "keypoints" gets K unlabeled points ("keypoints_missing").
   Boxes partly outside their image are clipped to it in the records ("box_clipped" counts them);
   the COCO ground truth JSON keeps the original annotation.
 """
@@ -66,6 +82,10 @@ _COCO_2017 = {
   "train": ("annotations/instances_train2017.json", "train2017"),
   "validation": ("annotations/instances_val2017.json", "val2017"),
 }
+_COCO_2017_KEYPOINTS = {
+  "train": ("annotations/person_keypoints_train2017.json", "train2017"),
+  "validation": ("annotations/person_keypoints_val2017.json", "val2017"),
+}
 
 
 @dataclasses.dataclass(eq=False)
@@ -75,13 +95,15 @@ class CocoInstancesConfig(tfds.core.BuilderConfig):
   None: the config's manual_dir layout ("2017" or "folder"). skip_bad_images: drop (count, log)
   missing/corrupt image files instead of failing. verify_images: fully decode every image once
   at build time (catches truncated files). annotation_splits: splits whose COCO ground truth
-  JSON is written (None = every split except "train").
+  JSON is written (None = every split except "train"). keypoint_oks_sigmas: the K OKS sigmas of
+  a keypoint data set whose keypoints are not COCO's person keypoints (module docstring).
   """
 
   split_paths: dict | None = None
   skip_bad_images: bool = False
   verify_images: bool = True
   annotation_splits: tuple | None = None
+  keypoint_oks_sigmas: tuple | None = None
 
 
 def config_for_name(name: str) -> "str | CocoInstancesConfig":
@@ -100,6 +122,9 @@ class CocoInstances(shapes.ArrayRecordBuilderMixin, tfds.core.GeneratorBasedBuil
   BUILDER_CONFIGS = [
     CocoInstancesConfig(name="2017", description="COCO 2017 train / val from manual_dir."),
     CocoInstancesConfig(name="folder", description="annotations/<split>.json + <split>/."),
+    CocoInstancesConfig(
+      name="keypoints_2017", description="COCO 2017 person keypoints from manual_dir."
+    ),
   ]
   DEFAULT_CONFIG_NAME = "2017"
 
@@ -127,7 +152,7 @@ class CocoInstances(shapes.ArrayRecordBuilderMixin, tfds.core.GeneratorBasedBuil
           raise FileNotFoundError(f"{ann_dir} does not exist ({_MANUAL})")
         paths = {p.stem: (f"annotations/{p.name}", p.stem) for p in sorted(ann_dir.glob("*.json"))}
       else:
-        paths = dict(_COCO_2017)
+        paths = dict(_COCO_2017_KEYPOINTS if cfg.name == "keypoints_2017" else _COCO_2017)
     out = {}
     for split, (ann, img) in paths.items():
       ann, img = epath.Path(ann), epath.Path(img)
@@ -149,13 +174,20 @@ class CocoInstances(shapes.ArrayRecordBuilderMixin, tfds.core.GeneratorBasedBuil
     # One label space for all splits: contiguous labels in increasing category id.
     first = next(iter(parsed))
     categories = parsed[first]["categories"]
+    keypoints = parsed[first]["keypoints"]
     for split, p in parsed.items():
-      if p["categories"] != categories:
+      if p["categories"] != categories or p["keypoints"] != keypoints:
         raise ValueError(
           f"{paths[split][0]}: categories differ from those of split {first!r} ({paths[first][0]})"
         )
     self.info.metadata["categories"] = categories
     self.info.metadata["dropped"] = {}
+    if keypoints:
+      self.info.metadata.update(
+        instances.keypoint_metadata(
+          keypoints["names"], keypoints["skeleton"], self._oks_sigmas(keypoints["names"])
+        )
+      )
     annotation_splits = (
       cfg.annotation_splits
       if cfg.annotation_splits is not None
@@ -168,12 +200,29 @@ class CocoInstances(shapes.ArrayRecordBuilderMixin, tfds.core.GeneratorBasedBuil
       for split, p in parsed.items()
     }
 
+  def _oks_sigmas(self, names):
+    """OKS sigmas of the keypoints `names` (module docstring's rule)."""
+    given = self.builder_config.keypoint_oks_sigmas
+    if given:
+      return [float(v) for v in given]
+    if tuple(names) == instances.COCO_PERSON_KEYPOINT_NAMES:
+      return list(instances.COCO_PERSON_OKS_SIGMAS)
+    mean = float(np.mean(instances.COCO_PERSON_OKS_SIGMAS))
+    logging.warning(
+      "coco_instances: keypoints %s are not COCO's person keypoints and no keypoint_oks_sigmas "
+      "were given: OKS sigma %.4f (COCO's mean) for every keypoint",
+      names,
+      mean,
+    )
+    return [mean] * len(names)
+
   # --- examples --------------------------------------------------------------------------------
   def _generate_examples(self, split, image_dir, parsed, categories, write_annotations):
     cfg = self.builder_config
     label_of = {c["id"]: i for i, c in enumerate(categories)}
     dropped = collections.Counter(parsed["dropped"])
-    kept_images, kept_anns, image_ids, num_objects = [], [], [], []
+    num_kp = len(parsed["keypoints"]["names"]) if parsed["keypoints"] else 0
+    kept_images, kept_anns, image_ids, num_objects, num_labeled = [], [], [], [], []
     for key, img in enumerate(parsed["images"]):
       path = epath.Path(image_dir) / img["file_name"]
       data = _read_image(path, img, cfg.verify_images, cfg.skip_bad_images, dropped)
@@ -181,7 +230,7 @@ class CocoInstances(shapes.ArrayRecordBuilderMixin, tfds.core.GeneratorBasedBuil
         dropped["annotations_of_dropped_images"] += len(parsed["anns"].get(img["id"], []))
         continue
       h, w = img["height"], img["width"]
-      objects, counts = [], []
+      objects, counts, keypoints = [], [], []
       for ann, xyxy in parsed["anns"].get(img["id"], []):
         mask = _annotation_mask(ann, h, w, parsed["file"])
         if mask is None or not mask.any():
@@ -199,10 +248,21 @@ class CocoInstances(shapes.ArrayRecordBuilderMixin, tfds.core.GeneratorBasedBuil
             "mask_runs": len(counts[-1]),
           }
         )
+        if num_kp:
+          kp, outside = parsed["object_keypoints"][ann["id"]]
+          keypoints.append(kp)
+          dropped["keypoint_outside_image"] += outside
+          if ann["category_id"] in parsed["keypoints"]["category_ids"] and not isinstance(
+            ann.get("keypoints"), list
+          ):
+            dropped["keypoints_missing"] += 1
+          ann = _with_num_keypoints(ann, num_kp)
         kept_anns.append(ann)
       kept_images.append({k: img[k] for k in ("id", "file_name", "height", "width")})
       image_ids.append(img["id"])
       num_objects.append(sum(not o["is_crowd"] for o in objects))
+      kp_flat = np.concatenate(keypoints).reshape(-1) if keypoints else np.zeros((0,), np.float32)
+      num_labeled.append(int((kp_flat[2::3] > 0).sum()))
       yield (
         key,
         {
@@ -213,6 +273,7 @@ class CocoInstances(shapes.ArrayRecordBuilderMixin, tfds.core.GeneratorBasedBuil
           "width": w,
           "objects": objects,
           "mask_counts": instances.concat_counts(counts),
+          "keypoints": kp_flat.astype(np.float32),
         },
       )
     if not kept_images:
@@ -228,11 +289,24 @@ class CocoInstances(shapes.ArrayRecordBuilderMixin, tfds.core.GeneratorBasedBuil
       split,
       images=kept_images,
       annotations=kept_anns,
-      categories=categories,
+      categories=parsed["json_categories"],
       image_ids=image_ids,
       num_objects=num_objects,
+      num_keypoints=num_labeled if num_kp else None,
       write_annotations=write_annotations,
     )
+
+
+def _with_num_keypoints(ann, num_keypoints):
+  """The annotation for the ground truth JSON: with "keypoints" (K unlabeled points where it has
+  none) and "num_keypoints" (its labeled count where it has none), as COCOeval needs."""
+  if isinstance(ann.get("keypoints"), list) and "num_keypoints" in ann:
+    return ann
+  ann = dict(ann)
+  if not isinstance(ann.get("keypoints"), list):
+    ann["keypoints"] = [0] * (3 * num_keypoints)
+  ann["num_keypoints"] = int(sum(v > 0 for v in ann["keypoints"][2::3]))
+  return ann
 
 
 # ---------------------------------------------------------------------------------------------
@@ -243,7 +317,11 @@ def parse_annotations(ann_file: str | os.PathLike, split: str = "?") -> dict:
 
   Returns:
     {"file", "images" (sorted by id), "anns" {image_id: [(ann, clipped xyxy)]},
-     "categories" [{"id", "name"}] sorted by id, "dropped" Counter}.
+     "categories" [{"id", "name"}] sorted by id, "dropped" Counter,
+     "keypoints" None or {"names", "skeleton", "category_ids"} (categories with keypoints),
+     "object_keypoints" {annotation id: (checked (K, 3) float32 keypoints, labeled points
+     outside the image)} (keypoint data sets), "json_categories" (the categories with their
+     "keypoints" / "skeleton" for the ground truth JSON)}.
   """
   ann_file = epath.Path(ann_file)
   if not ann_file.exists():
@@ -263,11 +341,18 @@ def parse_annotations(ann_file: str | os.PathLike, split: str = "?") -> dict:
     if img["id"] in images:
       raise ValueError(f"{ann_file}: duplicate image id {img['id']}")
     images[img["id"]] = img
-  categories = {}
+  categories, json_categories = {}, {}
   for c in data["categories"]:
     if c["id"] in categories:
       raise ValueError(f"{ann_file}: duplicate category id {c['id']}")
     categories[c["id"]] = {"id": int(c["id"]), "name": str(c.get("name", c["id"]))}
+    json_categories[c["id"]] = dict(categories[c["id"]])
+    for key in ("supercategory", "keypoints", "skeleton"):
+      if key in c:
+        json_categories[c["id"]][key] = c[key]
+  keypoints = _keypoint_categories(data["categories"], ann_file)
+  num_kp = len(keypoints["names"]) if keypoints else 0
+  object_keypoints = {}
   anns = collections.defaultdict(list)
   dropped = collections.Counter()
   seen = set()
@@ -312,6 +397,16 @@ def parse_annotations(ann_file: str | os.PathLike, split: str = "?") -> dict:
         f"{ann_file}: annotation {aid}: RLE size {seg['size']} differs from its "
         f"image {img['id']} ({img['height']}, {img['width']})"
       )
+    if num_kp:
+      values = ann.get("keypoints")
+      if values is None:
+        values = [0] * (3 * num_kp)
+      try:
+        object_keypoints[aid] = instances.check_keypoints(
+          values, num_kp, img["height"], img["width"]
+        )
+      except ValueError as e:
+        raise ValueError(f"{ann_file}: annotation {aid}: {e}") from e
     anns[ann["image_id"]].append((ann, xyxy))
   return {
     "file": str(ann_file),
@@ -319,6 +414,38 @@ def parse_annotations(ann_file: str | os.PathLike, split: str = "?") -> dict:
     "anns": anns,
     "categories": [categories[k] for k in sorted(categories)],
     "dropped": dropped,
+    "keypoints": keypoints,
+    "object_keypoints": object_keypoints,
+    "json_categories": [json_categories[k] for k in sorted(json_categories)],
+  }
+
+
+def _keypoint_categories(categories, ann_file):
+  """{"names", "skeleton", "category_ids"} of the categories that list keypoints, or None.
+
+  Every keypoint category must list the same keypoints (one K per data set).
+  """
+  with_kp = [c for c in categories if c.get("keypoints")]
+  if not with_kp:
+    return None
+  names = [str(n) for n in with_kp[0]["keypoints"]]
+  skeleton = [list(p) for p in with_kp[0].get("skeleton") or []]
+  for c in with_kp[1:]:
+    if [str(n) for n in c["keypoints"]] != names or [list(p) for p in c.get("skeleton") or []] != (
+      skeleton
+    ):
+      raise ValueError(
+        f"{ann_file}: categories {with_kp[0]['id']} and {c['id']} list different keypoints or "
+        "skeletons (one keypoint list per data set)"
+      )
+  try:
+    instances.keypoint_metadata(names, skeleton, [1.0] * len(names))
+  except (ValueError, TypeError) as e:
+    raise ValueError(f"{ann_file}: category {with_kp[0]['id']}: {e}") from e
+  return {
+    "names": names,
+    "skeleton": [[int(i), int(j)] for i, j in skeleton],
+    "category_ids": sorted(int(c["id"]) for c in with_kp),
   }
 
 
@@ -413,6 +540,7 @@ def build_coco_instances(
   skip_bad_images=False,
   verify_images=True,
   annotation_splits=None,
+  keypoint_oks_sigmas=None,
   file_format="array_record",
 ):
   """Builds coco_instances/<name> from paths in one call.
@@ -421,7 +549,8 @@ def build_coco_instances(
     data_dir: tfds data dir to write to.
     splits: {split: (annotation_file, image_dir)}, e.g. {"train": (...), "validation": (...)}.
     name: config name (data.builder_config of the pipeline).
-    skip_bad_images, verify_images, annotation_splits: see CocoInstancesConfig.
+    skip_bad_images, verify_images, annotation_splits, keypoint_oks_sigmas: see
+      CocoInstancesConfig.
     file_format: "array_record" (what the pipeline reads).
   Returns:
     the prepared builder.
@@ -432,6 +561,7 @@ def build_coco_instances(
     skip_bad_images=skip_bad_images,
     verify_images=verify_images,
     annotation_splits=None if annotation_splits is None else tuple(annotation_splits),
+    keypoint_oks_sigmas=None if keypoint_oks_sigmas is None else tuple(keypoint_oks_sigmas),
   )
   builder = CocoInstances(config=cfg, data_dir=os.fspath(data_dir), file_format=file_format)
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))

@@ -17,6 +17,13 @@ Every instance data set of this project stores, per image (tfds features):
                concatenated in object order (each: column-major run lengths, starting with a run
                of zeros, summing to H * W). Compact (varint-packed in the tf.train.Example) and
                decodable inside the tf.data graph without Python.
+  keypoints    (N * K * 3,) float32: every object's K keypoints [x1, y1, v1, x2, ...] in COCO's
+               convention (original image pixels as in the JSON; v: 0 unlabeled, 1 labeled but
+               not visible, 2 visible; unlabeled points are 0, 0, 0), concatenated in object
+               order; K is the data set's (info.metadata["keypoint_names"]), and objects of a
+               category without keypoints have K unlabeled points. Empty for data sets without
+               keypoints (K = 0) and in records built before this field existed (it reads as
+               empty).
 
 Records are written in generation order (`disable_shuffling`), so record i of a split is the i-th
 generated example and the side files below can be indexed by record number:
@@ -25,10 +32,19 @@ generated example and the side files below can be indexed by record number:
                                         non-crowd instances (used to drop empty training images
                                         without decoding any record) and height, width are the
                                         original size (orientation buckets; older builds lack
-                                        them).
+                                        them). Data sets with keypoints add "num_keypoints":
+                                        the labeled (v > 0) keypoints of the record's objects,
+                                        crowd ones included (Detectron2's count for its
+                                        MIN_KEYPOINTS_PER_IMAGE filter).
   <data_path>/annotations/<split>.json  COCO-format ground truth of exactly the stored records
                                         (what evaluation scores against).
-The builder's `info.metadata["categories"]` lists {"id", "name"} in contiguous-label order.
+The builder's `info.metadata["categories"]` lists {"id", "name"} in contiguous-label order. Data
+sets with keypoints (K > 0) add to info.metadata (see `keypoint_metadata`):
+  "keypoint_names"       K names; "keypoint_flip_map": [left_name, right_name] pairs swapped by a
+                         horizontal flip; "skeleton": COCO's 1-based [i, j] pairs of the drawing;
+  "keypoint_oks_sigmas"  K floats, COCOeval's per-keypoint OKS sigmas.
+and their COCO ground truth keeps "keypoints" and "num_keypoints" on every annotation (COCOeval's
+iouType "keypoints" reads both), the keypoint categories "keypoints" and "skeleton".
 """
 
 from collections.abc import Sequence
@@ -42,6 +58,33 @@ from rethink_jax import files
 
 RECORDS_DIR = "records"
 ANNOTATIONS_DIR = "annotations"
+
+# COCO's person keypoints in the order of its person_keypoints JSON.
+COCO_PERSON_KEYPOINT_NAMES = (
+  "nose",
+  "left_eye",
+  "right_eye",
+  "left_ear",
+  "right_ear",
+  "left_shoulder",
+  "right_shoulder",
+  "left_elbow",
+  "right_elbow",
+  "left_wrist",
+  "right_wrist",
+  "left_hip",
+  "right_hip",
+  "left_knee",
+  "right_knee",
+  "left_ankle",
+  "right_ankle",
+)
+# COCOeval's default kpt_oks_sigmas (pycocotools' Params.setKpParams), in the order above.
+COCO_PERSON_OKS_SIGMAS = tuple(
+  v / 10.0
+  for v in (0.26, 0.25, 0.25, 0.35, 0.35, 0.79, 0.79, 0.72, 0.72)
+  + (0.62, 0.62, 1.07, 1.07, 0.87, 0.87, 0.89, 0.89)
+)
 
 
 def instance_features() -> tfds.features.FeaturesDict:
@@ -65,8 +108,99 @@ def instance_features() -> tfds.features.FeaturesDict:
         }
       ),
       "mask_counts": tfds.features.Tensor(shape=(None,), dtype=np.int32),
+      "keypoints": tfds.features.Tensor(shape=(None,), dtype=np.float32),
     }
   )
+
+
+def flip_map_from_names(names: Sequence[str]) -> list[list[str]]:
+  """[left, right] name pairs that a horizontal flip swaps: "left<rest>" with "right<rest>".
+
+  For COCO's person keypoints this is Detectron2's COCO_PERSON_KEYPOINT_FLIP_MAP.
+  """
+  names = list(names)
+  return [[n, "right" + n[4:]] for n in names if n.startswith("left") and "right" + n[4:] in names]
+
+
+def flip_indices(names: Sequence[str], flip_map: Sequence[Sequence[str]]) -> np.ndarray:
+  """(K,) int32: after a horizontal flip, keypoint k is the flipped image's keypoint
+  flip_indices[k] (Detectron2's create_keypoint_hflip_indices): keypoints[flip_indices] swaps the
+  pairs of flip_map and keeps every other keypoint."""
+  names = list(names)
+  partner = {}
+  for left, right in flip_map:
+    partner[left], partner[right] = right, left
+  return np.asarray([names.index(partner.get(n, n)) for n in names], np.int32)
+
+
+def keypoint_metadata(
+  names: Sequence[str],
+  skeleton: Sequence[Sequence[int]],
+  oks_sigmas: Sequence[float],
+  flip_map: Sequence[Sequence[str]] | None = None,
+) -> dict:
+  """The builder's info.metadata keypoint fields (module docstring), checked.
+
+  Args:
+    names: K keypoint names (distinct). skeleton: 1-based [i, j] pairs. oks_sigmas: K floats > 0.
+    flip_map: [left, right] pairs of names; None = flip_map_from_names(names).
+  """
+  names = [str(n) for n in names]
+  k = len(names)
+  if k == 0 or len(set(names)) != k:
+    raise ValueError(f"keypoint names must be distinct and not empty, got {names}")
+  flip_map = flip_map_from_names(names) if flip_map is None else [list(p) for p in flip_map]
+  for pair in flip_map:
+    if len(pair) != 2 or not set(pair) <= set(names) or pair[0] == pair[1]:
+      raise ValueError(f"keypoint flip pair {pair} is not two different names of {names}")
+  skeleton = [[int(i), int(j)] for i, j in skeleton]
+  if any(not (1 <= i <= k and 1 <= j <= k) for i, j in skeleton):
+    raise ValueError(f"skeleton {skeleton} has indices outside 1..{k} (COCO's are 1-based)")
+  sigmas = [float(v) for v in oks_sigmas]
+  if len(sigmas) != k or not all(v > 0 for v in sigmas):
+    raise ValueError(f"need {k} positive OKS sigmas, got {sigmas}")
+  return {
+    "keypoint_names": names,
+    "keypoint_flip_map": flip_map,
+    "skeleton": skeleton,
+    "keypoint_oks_sigmas": sigmas,
+  }
+
+
+def check_keypoints(
+  values: Sequence[float], num_keypoints: int, height: int, width: int
+) -> tuple[np.ndarray, int]:
+  """One annotation's COCO keypoints, checked, as stored in the records.
+
+  Labeled points (v > 0) outside the image ([0, width] x [0, height]) become unlabeled, and every
+  unlabeled point is (0, 0, 0) (COCO's convention).
+
+  Args:
+    values: [x1, y1, v1, ...] of the annotation. num_keypoints: K of the data set.
+    height, width: the image size.
+  Returns:
+    (K, 3) float32 keypoints, number of labeled points made unlabeled for lying outside.
+  Raises:
+    ValueError: not 3 * K numbers, a non-finite coordinate, or a visibility other than 0, 1, 2.
+  """
+  try:
+    kp = np.asarray(values, np.float64)
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"keypoints are not a list of numbers ({e})") from e
+  if kp.ndim != 1 or kp.size != 3 * num_keypoints:
+    raise ValueError(
+      f"keypoints have {kp.size} values, expected 3 * {num_keypoints} = {3 * num_keypoints}"
+    )
+  kp = kp.reshape(num_keypoints, 3)
+  if not np.isfinite(kp).all():
+    raise ValueError("keypoints hold a non-finite value")
+  v = kp[:, 2]
+  if not np.isin(v, (0, 1, 2)).all():
+    raise ValueError(f"keypoint visibilities must be 0, 1 or 2, got {sorted(set(v.tolist()))}")
+  x, y = kp[:, 0], kp[:, 1]
+  outside = (v > 0) & ((x < 0) | (x > width) | (y < 0) | (y > height))
+  kp[(v == 0) | outside] = 0.0
+  return kp.astype(np.float32), int(outside.sum())
 
 
 def mask_to_counts(mask: np.ndarray) -> np.ndarray:
@@ -125,6 +259,7 @@ def write_split_files(
   categories,
   image_ids,
   num_objects,
+  num_keypoints=None,
   write_annotations=True,
 ):
   """Writes records/<split>.json and (optionally) annotations/<split>.json under data_path.
@@ -134,9 +269,11 @@ def write_split_files(
     split: split name.
     images: COCO image dicts (id, file_name, height, width) of the stored records.
     annotations: COCO annotation dicts of the stored records.
-    categories: COCO category dicts {"id", "name"} in contiguous-label order.
+    categories: COCO category dicts {"id", "name"} (keypoint categories also "keypoints",
+      "skeleton") in contiguous-label order.
     image_ids: (N,) image id of record i.
     num_objects: (N,) number of non-crowd instances of record i.
+    num_keypoints: (N,) labeled keypoints of record i (data sets with keypoints), or None.
     write_annotations: whether to write the COCO ground truth file.
   """
   data_path = os.fspath(data_path)
@@ -145,6 +282,8 @@ def write_split_files(
   if all(int(i) in sizes for i in image_ids):  # the pipeline's orientation buckets read them
     meta["height"] = [sizes[int(i)][0] for i in image_ids]
     meta["width"] = [sizes[int(i)][1] for i in image_ids]
+  if num_keypoints is not None:
+    meta["num_keypoints"] = [int(n) for n in num_keypoints]
   files.write_json(os.path.join(data_path, RECORDS_DIR, f"{split}.json"), meta)
   if write_annotations:
     files.write_json(

@@ -8,6 +8,12 @@ anything is compiled or trained:
     equal it, else NumClassesMismatchError naming both counts and the flag that fixes it;
   * config.data.class_names / category_ids are filled from the metadata (a workdir's config.json
     then names the classes without the data set);
+  * keypoints: config.model.keypoint_on turns config.data.keypoints on (the head trains on
+    gt_keypoints), and with data.keypoints the data set must have keypoints;
+    config.model.keypoint_head.num_keypoints: 0 = the data set's K, any other value must equal it
+    (KeypointCountMismatchError); config.data.min_keypoints_per_image is the model's
+    keypoint_head.min_keypoints_per_image (Detectron2 keeps that training-image filter in the
+    keypoint head's config; the data pipeline applies it);
   * config.schedule.scale_to_data: the paper's schedule multiples of THIS training set's size;
   * config.pixels_from_init with init_from: config.data's pixel format (input_format,
     pixel_mean, pixel_std) from the backbone checkpoint's meta.json.
@@ -42,6 +48,10 @@ class NumClassesMismatchError(ValueError):
   """config.model.num_classes disagrees with the data set's class count."""
 
 
+class KeypointCountMismatchError(ValueError):
+  """config.model.keypoint_head.num_keypoints disagrees with the data set's keypoint count."""
+
+
 def open_data(data_config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
   """The prepared builder of config.data, with its train and eval splits checked to exist."""
   builder = pipeline.get_builder(data_config)
@@ -72,6 +82,35 @@ def check_num_classes(num_classes: int, data_config: ml_collections.ConfigDict, 
       f"--config.data.builder_config / --config.data.data_dir at the data set meant."
     )
   return int(num_classes)
+
+
+def resolve_keypoints(c: ml_collections.ConfigDict, builder) -> None:
+  """The module docstring's keypoint fields of config `c` (unlocked), in place."""
+  keypoint_head = c.model.get("keypoint_head")
+  if c.model.get("keypoint_on"):
+    c.data.keypoints = True
+  if not c.data.get("keypoints"):
+    return
+  names = builder.info.metadata.get("keypoint_names") or []
+  if not names:
+    raise ValueError(
+      f"config.data.keypoints (or model.keypoint_on) needs keypoints, but "
+      f"{builder.info.full_name} has none: use a keypoint data set (shapes_keypoints, or "
+      "coco_instances built from a person_keypoints JSON such as config keypoints_2017)"
+    )
+  if keypoint_head is None:
+    return
+  num = int(keypoint_head.get("num_keypoints", 0) or 0)
+  if num == 0:
+    keypoint_head.num_keypoints = len(names)
+  elif num != len(names):
+    raise KeypointCountMismatchError(
+      f"config.model.keypoint_head.num_keypoints={num} but {builder.info.full_name} has "
+      f"{len(names)} keypoints ({', '.join(names)}). Set "
+      f"--config.model.keypoint_head.num_keypoints={len(names)} (or 0: the data set's count)."
+    )
+  if "min_keypoints_per_image" in keypoint_head:
+    c.data.min_keypoints_per_image = int(keypoint_head.min_keypoints_per_image)
 
 
 def training_set_size(data_config: ml_collections.ConfigDict, builder) -> int:
@@ -148,7 +187,8 @@ def _pixels_from_backbone(c: ml_collections.ConfigDict) -> None:
 def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """A copy of the trainer's config with the fields of the module docstring resolved.
 
-  Raises DatasetNotBuiltError or NumClassesMismatchError (both name the fix) before training.
+  Raises DatasetNotBuiltError, NumClassesMismatchError or KeypointCountMismatchError (they name
+  the fix) before training.
   """
   c = copy.deepcopy(config)
   builder = open_data(c.data)
@@ -157,6 +197,7 @@ def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
     c.model.num_classes = check_num_classes(c.model.num_classes, c.data, builder)
     c.data.class_names = tuple(str(cat["name"]) for cat in categories)
     c.data.category_ids = tuple(int(cat["id"]) for cat in categories)
+    resolve_keypoints(c, builder)
     if c.get("pixels_from_init") and c.get("init_from"):
       _pixels_from_backbone(c)
     if c.schedule.get("scale_to_data", False):

@@ -143,7 +143,7 @@ def _colour(rng, away_from, min_dist=80.0):
 
 
 @functools.lru_cache(maxsize=8)
-def _grid_cache(size):
+def pixel_grid(size):
   """Pixel-centre coordinates yy, xx, each (size, size) float32 (read-only, cached)."""
   yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
   yy.flags.writeable = False
@@ -151,7 +151,8 @@ def _grid_cache(size):
   return yy, xx
 
 
-def _background(rng, yy, xx, size):
+def background(rng, yy, xx, size):
+  """A textured (H, W, 3) float32 background and its base colour (3,)."""
   base = rng.uniform(0, 255, 3)
   return _texture(rng, yy, xx, size, base).astype(np.float32), base
 
@@ -164,7 +165,7 @@ def _window(size, cy, cx, r):
   return slice(y0, y1), slice(x0, x1)
 
 
-def _place(rng, name, yy, xx, size, r, cy, cx):
+def place_shape(rng, name, yy, xx, size, r, cy, cx):
   """Full-image (size, size) bool mask of one shape, computed on its window only (fast)."""
   ys, xs = _window(size, cy, cx, r)
   full = np.zeros((size, size), bool)
@@ -174,16 +175,17 @@ def _place(rng, name, yy, xx, size, r, cy, cx):
   return full, (ys, xs)
 
 
-def _paint(rng, image, mask, window, bg):
+def paint(rng, image, mask, window, bg):
   """Paints `mask` (restricted to `window`) with a random texture of a colour far from bg."""
   ys, xs = window
-  yy, xx = _grid_cache(image.shape[0])
+  yy, xx = pixel_grid(image.shape[0])
   local = mask[ys, xs]
   tex = _texture(rng, yy[ys, xs], xx[ys, xs], image.shape[0], _colour(rng, bg))
   image[ys, xs] = np.where(local[..., None], tex, image[ys, xs])
 
 
-def _noise(rng, image):
+def add_noise(rng, image):
+  """(H, W, 3) float32 image plus Gaussian noise of a random sigma, as uint8."""
   sigma = rng.uniform(0, 8)
   image += sigma * rng.standard_normal(image.shape, dtype=np.float32)
   return np.clip(image, 0, 255).astype(np.uint8)
@@ -208,8 +210,8 @@ def render_instances(
   Returns:
     image (size, size, 3) uint8, masks (N, size, size) bool (visible parts), labels (N,) int64.
   """
-  yy, xx = _grid_cache(size)
-  image, bg = _background(rng, yy, xx, size)
+  yy, xx = pixel_grid(size)
+  image, bg = background(rng, yy, xx, size)
   image = np.array(image, np.float32)
   n_target = int(rng.integers(min_objects, max_objects + 1))
   masks, labels, areas = [], [], []
@@ -218,7 +220,7 @@ def render_instances(
       label = int(rng.integers(len(categories)))
       r = rng.uniform(0.08, 0.3) * size
       cy, cx = rng.uniform(0.4 * r, size - 0.4 * r, 2)
-      m, window = _place(rng, categories[label], yy, xx, size, r, cy, cx)
+      m, window = place_shape(rng, categories[label], yy, xx, size, r, cy, cx)
       area = int(m.sum())
       if area < max(16, 0.002 * size * size):
         continue
@@ -227,11 +229,11 @@ def render_instances(
         break
     else:
       continue
-    _paint(rng, image, m, window, bg)
+    paint(rng, image, m, window, bg)
     masks = [prev & ~m for prev in masks] + [m]
     areas.append(area)
     labels.append(label)
-  image = _noise(rng, image)
+  image = add_noise(rng, image)
   masks = np.stack(masks) if masks else np.zeros((0, size, size), bool)
   return image, masks, np.asarray(labels, np.int64)
 
@@ -240,14 +242,14 @@ def render_classification(
   rng: np.random.Generator, size: int, categories: Sequence[str]
 ) -> tuple[np.ndarray, int]:
   """One object centred-ish on a background: image (size, size, 3) uint8, label int."""
-  yy, xx = _grid_cache(size)
-  image, bg = _background(rng, yy, xx, size)
+  yy, xx = pixel_grid(size)
+  image, bg = background(rng, yy, xx, size)
   image = np.array(image, np.float32)
   label = int(rng.integers(len(categories)))
   r = rng.uniform(0.2, 0.42) * size
   cy, cx = rng.uniform(r * 0.8, size - r * 0.8, 2)
-  m, window = _place(rng, categories[label], yy, xx, size, r, cy, cx)
-  _paint(rng, image, m, window, bg)
+  m, window = place_shape(rng, categories[label], yy, xx, size, r, cy, cx)
+  paint(rng, image, m, window, bg)
   # Distractor clutter: small blobs of other colours that are not the labelled object.
   for _ in range(int(rng.integers(0, 3))):
     rr = rng.uniform(0.03, 0.08) * size
@@ -255,21 +257,23 @@ def render_classification(
     ys, xs = _window(size, cy, cx, rr)
     blob = (yy[ys, xs] - cy) ** 2 + (xx[ys, xs] - cx) ** 2 <= rr * rr
     image[ys, xs] = np.where(blob[..., None], rng.uniform(0, 255, 3), image[ys, xs])
-  return _noise(rng, image), label
+  return add_noise(rng, image), label
 
 
-def _jpeg(image):
+def jpeg_bytes(image):
+  """(H, W, 3) uint8 -> JPEG file bytes."""
   # JPEG: 10x faster to encode than PNG on these noisy images; the masks stay exact.
   buf = io.BytesIO()
   Image.fromarray(image).save(buf, format="JPEG", quality=92)
   return buf.getvalue()
 
 
-def _rng(seed, split, index):
+def example_rng(seed, split, index):
+  """The generator of example `index` of `split` (the only randomness of that example)."""
   return np.random.default_rng([seed, _SPLIT_CODES[split], index])
 
 
-def _mask_bbox_xyxy(mask):
+def mask_bbox_xyxy(mask):
   """Tight box of an (H, W) mask: [x1, y1, x2, y2] with x2 = last column + 1 (COCO style)."""
   ys = np.flatnonzero(mask.any(axis=1))
   xs = np.flatnonzero(mask.any(axis=0))
@@ -381,13 +385,13 @@ class ShapesInstances(
     ann_id = 1
     for index in range(num_images):
       image, masks, labels = render_instances(
-        _rng(cfg.seed, split, index), size, names, cfg.min_objects, cfg.max_objects
+        example_rng(cfg.seed, split, index), size, names, cfg.min_objects, cfg.max_objects
       )
       image_id = index + 1
       file_name = f"{split}_{index:06d}.jpg"
       objects, counts = [], []
       for mask, label in zip(masks, labels):
-        xyxy = _mask_bbox_xyxy(mask)
+        xyxy = mask_bbox_xyxy(mask)
         area = float(mask.sum())
         counts.append(instances.mask_to_counts(mask))
         objects.append(
@@ -419,13 +423,14 @@ class ShapesInstances(
       yield (
         index,
         {
-          "image": _jpeg(image),
+          "image": jpeg_bytes(image),
           "image_id": image_id,
           "file_name": file_name,
           "height": size,
           "width": size,
           "objects": objects,
           "mask_counts": instances.concat_counts(counts),
+          "keypoints": np.zeros((0,), np.float32),
         },
       )
     # Generation finished: write the side files next to the records (the temporary data dir).
@@ -487,5 +492,7 @@ class ShapesClassification(SyntheticBuilderMixin, tfds.core.GeneratorBasedBuilde
     cfg = self.builder_config
     names = CLASSIFICATION_CATEGORIES[: cfg.num_categories]
     for index in range(num_images):
-      image, label = render_classification(_rng(cfg.seed, split, index), cfg.image_size, names)
-      yield index, {"image": _jpeg(image), "label": label}
+      image, label = render_classification(
+        example_rng(cfg.seed, split, index), cfg.image_size, names
+      )
+      yield index, {"image": jpeg_bytes(image), "label": label}

@@ -47,9 +47,9 @@ def corrupt_train_record(data_dir: str, dest: str, record: int, part: str = "ima
 
 
 def _batches(config, seed, start_step, num_steps):
-  from rethink_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from rethink_jax.data import stream  # pylint: disable=g-import-not-at-top
 
-  it = pipeline.make_train_iterator(
+  it = stream.make_train_iterator(
     config, B, seed=seed, start_step=start_step, process_index=0, process_count=1
   )
   return it, [next(it) for _ in range(num_steps)]
@@ -81,7 +81,7 @@ def damaged(request, tiny_config, tmp_path):
 
 
 def test_bad_record_stops_at_its_step_naming_it(damaged):
-  from rethink_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from rethink_jax.data import stream  # pylint: disable=g-import-not-at-top
 
   clean_config, config, bad_step, bad_index, record, image_id, seed = damaged
   _, want = _batches(clean_config, seed, 0, bad_step)
@@ -89,7 +89,7 @@ def test_bad_record_stops_at_its_step_naming_it(damaged):
   for a, b in zip(got, want):
     _assert_same(a, b)
   position = bad_step * B + bad_index
-  with pytest.raises(pipeline.BadRecordError) as err:
+  with pytest.raises(stream.BadRecordError) as err:
     next(it)
   message = str(err.value)
   for part in (

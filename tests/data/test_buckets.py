@@ -11,6 +11,8 @@ from PIL import Image
 import pytest
 
 from rethink_jax.data import pipeline
+from rethink_jax.data import preprocess
+from rethink_jax.data import stream
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SEED = int.from_bytes(os.urandom(4), "little")
@@ -41,7 +43,7 @@ def detectron2_grouping(bucket_of_index, n, seed, global_batch, num_steps):
 def test_step_plan_is_detectron2_grouping_and_resumes(n, global_batch, share):
   rng = np.random.default_rng(SEED)
   bucket_ids = (rng.random(n) < share).astype(np.int64)
-  plan = pipeline.StepPlan(n, SEED, global_batch, bucket_ids)
+  plan = stream.StepPlan(n, SEED, global_batch, bucket_ids)
   num_steps = 3 * n // global_batch + 5  # several epochs, steps straddling them
   ref = detectron2_grouping(bucket_ids, n, SEED, global_batch, num_steps)
   got = [plan(s) for s in range(num_steps)]
@@ -52,7 +54,7 @@ def test_step_plan_is_detectron2_grouping_and_resumes(n, global_batch, share):
   assert len(np.unique(used)) == len(used)  # no position twice
   # Resuming at a later step (a fresh plan replays the grouping) gives the same steps.
   for k in rng.integers(0, num_steps, 3):
-    t, index = pipeline.StepPlan(n, SEED, global_batch, bucket_ids)(int(k))
+    t, index = stream.StepPlan(n, SEED, global_batch, bucket_ids)(int(k))
     np.testing.assert_array_equal(np.stack([t, index]), ref[k])
   # Going back replays too.
   np.testing.assert_array_equal(np.stack(plan(0)), ref[0])
@@ -60,22 +62,22 @@ def test_step_plan_is_detectron2_grouping_and_resumes(n, global_batch, share):
 
 def test_step_plan_without_buckets_is_the_plain_stream():
   n, g = 13, 4
-  plan = pipeline.StepPlan(n, SEED, g)
+  plan = stream.StepPlan(n, SEED, g)
   for s in (0, 3, 7):
     t, index = plan(s)
     np.testing.assert_array_equal(t, np.arange(s * g, (s + 1) * g))
     perm = lambda e: np.random.default_rng([SEED, e, 0x5EED]).permutation(n)
     np.testing.assert_array_equal(index, [perm(u // n)[u % n] for u in t])
     for p in range(2):  # process p's share is train_positions'
-      np.testing.assert_array_equal(t[p * 2 : (p + 1) * 2], pipeline.train_positions(s, 2, p, 2))
+      np.testing.assert_array_equal(t[p * 2 : (p + 1) * 2], stream.train_positions(s, 2, p, 2))
 
 
 def test_bucket_rule():
   hw = np.array([[480, 640], [640, 480], [500, 500], [10, 11]])
-  np.testing.assert_array_equal(pipeline.bucket_of(hw, BUCKETS), [0, 1, 1, 0])
-  np.testing.assert_array_equal(pipeline.bucket_of(hw, ((64, 64),)), [0, 0, 0, 0])
+  np.testing.assert_array_equal(preprocess.bucket_of(hw, BUCKETS), [0, 1, 1, 0])
+  np.testing.assert_array_equal(preprocess.bucket_of(hw, ((64, 64),)), [0, 0, 0, 0])
   with pytest.raises(ValueError, match="W >= H"):
-    pipeline.bucket_of(hw, ((64, 96), (64, 128)))
+    preprocess.bucket_of(hw, ((64, 96), (64, 128)))
 
 
 # Original sizes (h, w): landscape and portrait mixed, one square (a portrait by the rule).
@@ -146,13 +148,12 @@ def test_iterator_batches_by_orientation(mixed_dir):
   c = _data_config(mixed_dir)
   seed, b, steps = SEED % 1000, 2, 7
   its = [
-    pipeline.make_train_iterator(c, b, seed=seed, process_index=p, process_count=2)
-    for p in range(2)
+    stream.make_train_iterator(c, b, seed=seed, process_index=p, process_count=2) for p in range(2)
   ]
   builder = pipeline.get_builder(c)
   assert "height" in pipeline.records_meta(builder, "train")
   pool = pipeline.train_pool(c, builder)
-  plan = pipeline.make_step_plan(c, builder, pool, seed, 2 * b)
+  plan = stream.make_step_plan(c, builder, pool, seed, 2 * b)
   sizes = pipeline.record_sizes(builder, "train")
   ids = pipeline.records_meta(builder, "train")["image_id"]
   seen = set()
@@ -175,10 +176,10 @@ def test_iterator_batches_by_orientation(mixed_dir):
         assert not img[h:].any() and not img[:, w:].any() and img[:h, :w].any()
   assert seen == set(BUCKETS)
   # Resuming at step 3 yields the uninterrupted batches.
-  again = pipeline.make_train_iterator(
+  again = stream.make_train_iterator(
     c, b, seed=seed, start_step=3, process_index=1, process_count=2
   )
-  its = [pipeline.make_train_iterator(c, b, seed=seed, process_index=1, process_count=2)]
+  its = [stream.make_train_iterator(c, b, seed=seed, process_index=1, process_count=2)]
   for _ in range(3):
     next(its[0])
   for _ in range(2):
@@ -234,8 +235,8 @@ def test_one_train_step_compilation_per_bucket(mixed_dir, tmp_path):
   out = train.train_and_evaluate(c, str(tmp_path / "run"))
   builder = pipeline.get_builder(c.data)
   pool = pipeline.train_pool(c.data, builder)
-  plan = pipeline.make_step_plan(c.data, builder, pool, int(c.seed), int(c.batch_size))
-  bucket_ids = pipeline.bucket_of(pipeline.record_sizes(builder, "train")[pool], BUCKETS)
+  plan = stream.make_step_plan(c.data, builder, pool, int(c.seed), int(c.batch_size))
+  bucket_ids = preprocess.bucket_of(pipeline.record_sizes(builder, "train")[pool], BUCKETS)
   used = {int(bucket_ids[plan(s)[1][0]]) for s in range(steps)}
   assert out["step"] == steps
   assert out["train_step_compilations"] == len(used) == 2, (out["train_step_compilations"], used)

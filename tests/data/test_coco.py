@@ -14,6 +14,7 @@ import tensorflow_datasets as tfds
 from rethink_jax.data import coco
 from rethink_jax.data import instances
 from rethink_jax.data import pipeline
+from rethink_jax.data import stream
 
 H, W = 48, 64
 
@@ -233,7 +234,7 @@ def test_pipeline_on_coco(coco_dir):
     mask_size=16,
   )
   assert pipeline.category_ids(c) == [3, 7]
-  it = pipeline.make_train_iterator(c, 2, seed=0, process_index=0, process_count=1)
+  it = stream.make_train_iterator(c, 2, seed=0, process_index=0, process_count=1)
   ids = set()
   for _ in range(4):
     batch = next(it)

@@ -7,6 +7,7 @@ import tensorflow_datasets as tfds
 
 from rethink_jax.data import instances
 from rethink_jax.data import pipeline
+from rethink_jax.data import stream
 
 KEYS = {
   "image": ((64, 64, 3), np.float32),
@@ -63,7 +64,7 @@ def _reference_crop(full, box, size):
 def test_fixed_shapes_every_batch(tiny_config):
   c = tiny_config
   c.min_size = (48, 56, 64)  # "train aug": shorter side drawn per image
-  it = pipeline.make_train_iterator(c, 4, seed=1, process_index=0, process_count=1)
+  it = stream.make_train_iterator(c, 4, seed=1, process_index=0, process_count=1)
   for batch in _take(it, 8):  # more than an epoch (24 images / 4)
     _check_batch(batch, 4)
     assert batch["valid"].all()
@@ -91,9 +92,9 @@ def test_boxes_and_masks_stay_aligned(tiny_config):
     ex = tfds.as_numpy(b.info.features.deserialize_example(source[i]))
     by_id[int(ex["image_id"])] = ex
   c.flip_prob = 0.0
-  plain = _take(pipeline.make_train_iterator(c, 4, seed=3, process_index=0, process_count=1), 3)
+  plain = _take(stream.make_train_iterator(c, 4, seed=3, process_index=0, process_count=1), 3)
   c.flip_prob = 1.0
-  flipped = _take(pipeline.make_train_iterator(c, 4, seed=3, process_index=0, process_count=1), 3)
+  flipped = _take(stream.make_train_iterator(c, 4, seed=3, process_index=0, process_count=1), 3)
   mean = np.asarray(c.pixel_mean, np.float32)
   std = np.asarray(c.pixel_std, np.float32)
   checked = 0
@@ -142,7 +143,7 @@ def test_two_processes_disjoint_and_covering(tiny_config):
   steps = n // (2 * b)
   seen = []
   for p in range(2):
-    it = pipeline.make_train_iterator(c, b, seed=5, process_index=p, process_count=2)
+    it = stream.make_train_iterator(c, b, seed=5, process_index=p, process_count=2)
     ids = np.concatenate([x["image_id"] for x in _take(it, steps)])
     seen.append(set(ids.tolist()))
     assert len(ids) == len(set(ids.tolist()))
@@ -165,15 +166,15 @@ def test_two_processes_disjoint_and_covering(tiny_config):
 def test_resume_equals_uninterrupted(tiny_config):
   c = tiny_config
   c.min_size = (40, 64)
-  full = _take(pipeline.make_train_iterator(c, 4, seed=7, process_index=0, process_count=1), 9)
-  it = pipeline.make_train_iterator(c, 4, seed=7, start_step=5, process_index=0, process_count=1)
+  full = _take(stream.make_train_iterator(c, 4, seed=7, process_index=0, process_count=1), 9)
+  it = stream.make_train_iterator(c, 4, seed=7, start_step=5, process_index=0, process_count=1)
   assert it.step == 5
   resumed = _take(it, 4)
   assert it.step == 9
   for a, r in zip(full[5:], resumed):
     for k in a:
       np.testing.assert_array_equal(a[k], r[k], err_msg=k)
-  other = next(pipeline.make_train_iterator(c, 4, seed=8, process_index=0, process_count=1))
+  other = next(stream.make_train_iterator(c, 4, seed=8, process_index=0, process_count=1))
   assert not np.array_equal(other["image_id"], full[0]["image_id"]) or not np.array_equal(
     other["image"], full[0]["image"]
   )
@@ -189,7 +190,7 @@ def test_subsets_are_deterministic(tiny_config):
   c.subset_seed = 4
   assert not np.array_equal(a, pipeline.train_pool(c))
   c.subset_seed = 3
-  it = pipeline.make_train_iterator(c, 5, seed=0, process_index=0, process_count=1)
+  it = stream.make_train_iterator(c, 5, seed=0, process_index=0, process_count=1)
   ids = np.concatenate([x["image_id"] for x in _take(it, 2)])
   meta = pipeline.records_meta(pipeline.get_builder(c), "train")
   assert set(ids.tolist()) == set(meta["image_id"][a].tolist())
@@ -230,7 +231,7 @@ def test_bad_config(tiny_config):
   c = tiny_config
   c.pad_to = (60, 64)
   with pytest.raises(ValueError, match="multiples of 32"):
-    pipeline.make_train_iterator(c, 2, seed=0, process_index=0, process_count=1)
+    stream.make_train_iterator(c, 2, seed=0, process_index=0, process_count=1)
 
 
 def test_crops_match_ops_reference(tiny_config):
@@ -271,5 +272,5 @@ def test_builder_overrides(tiny_config):
   assert b.builder_config.name == "tiny_num_train6_num_validation2"
   ev = list(pipeline.make_eval_iterator(c, 2, process_index=0, process_count=1))
   assert len(ev) == 1 and ev[0]["valid"].all()
-  tr = pipeline.make_train_iterator(c, 2, seed=0, process_index=0, process_count=1)
+  tr = stream.make_train_iterator(c, 2, seed=0, process_index=0, process_count=1)
   _check_batch(next(tr), 2)

@@ -36,8 +36,12 @@ def test_classification_builder(shapes_dir):
 
 def test_rendering_is_deterministic_and_masks_exact():
   seed = int(np.random.default_rng().integers(1 << 30))
-  a = shapes.render_instances(shapes._rng(seed, "train", 3), 64, shapes.INSTANCE_CATEGORIES, 1, 4)
-  b = shapes.render_instances(shapes._rng(seed, "train", 3), 64, shapes.INSTANCE_CATEGORIES, 1, 4)
+  a = shapes.render_instances(
+    shapes.example_rng(seed, "train", 3), 64, shapes.INSTANCE_CATEGORIES, 1, 4
+  )
+  b = shapes.render_instances(
+    shapes.example_rng(seed, "train", 3), 64, shapes.INSTANCE_CATEGORIES, 1, 4
+  )
   for x, y in zip(a, b):
     np.testing.assert_array_equal(x, y, err_msg=f"seed {seed}")
   image, masks, labels = a
