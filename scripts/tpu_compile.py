@@ -80,13 +80,19 @@ def load_config(path: str, arg: str = ""):
 
 
 def abstract_batch(config, batch_size: int, image_hw, sharding=None) -> dict:
-  """ShapeDtypeStructs of a global training batch (the pipeline's batch dict, CONTRACTS.md)."""
+  """ShapeDtypeStructs of a global training batch (the pipeline's batch dict, CONTRACTS.md);
+  gt_keypoints (K = model.keypoint_head.num_keypoints) for a keypoint model."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
 
   h, w = image_hw
   g, s = int(config.data.max_instances), int(config.data.mask_size)
-  k = int(config.model.keypoint_head.num_keypoints) if config.data.get("keypoints") else 0
+  k = 0
+  # data.recipe.resolve_config turns data.keypoints on for a keypoint model.
+  if config.data.get("keypoints") or config.model.get("keypoint_on"):
+    k = int(config.model.keypoint_head.num_keypoints)
+    if k <= 0:
+      raise ValueError("model.keypoint_head.num_keypoints must be the data set's K (> 0) here")
   shapes = dict(
     image=((h, w, 3), np.float32),
     image_hw=((2,), np.int32),
