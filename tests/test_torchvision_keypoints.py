@@ -14,20 +14,22 @@ every box side fits the static grid of the bicubic resize, the regime in which t
 exact (ops/keypoints.py; above the cap it is coarse-to-fine).
 
 Checked per image: the same number of detections (>= 20), each torchvision detection matched to
-one of ours, boxes within 0.5 px, scores within 1e-3; per keypoint, [x, y] within 0.5 px of
-torchvision's keypoints and the model's "keypoint_logits" within 1e-3 of torchvision's
-keypoints_scores (heatmap logits); the model's keypoint score (Detectron2's, keypoints[..., 2])
-equal to exp(logit - logsumexp of the 56 x 56 heatmap) on torchvision's own heatmaps.
+one of ours, boxes within 0.5 px, scores within 1e-3. Keypoints, twice:
+  - end to end: [x, y] within 0.5 px of torchvision's keypoints of its own detection, the model's
+    "keypoint_logits" within 1e-3 of its keypoints_scores (heatmap logits);
+  - the keypoint branch alone: against torchvision's keypoint branch run on OUR boxes
+    (tv_reference.keypoints_at): [x, y] within 0.5 px, logits within AT_BOX_LOGIT (2e-4), and
+    the model's keypoint score (Detectron2's, keypoints[..., 2]) within 2e-4 (relative) of
+    exp(logit - logsumexp of the 56 x 56 heatmap) on torchvision's heatmaps.
+The boxes differ by ~5e-3 px (float32 box regression); RoIAlign samples the random-weight
+features at the moved points, so the end-to-end logits differ by up to ~7e-4 where the branch
+alone differs by < 1e-4. A keypoint beyond the end-to-end tolerances (a box difference that
+moved the resized map's ceil(side), or its argmax) is printed; the branch check must hold for it
+and such keypoints must be rare (at most MAX_EXCEPTION_FRACTION).
 
-Two discrete steps of the decoding may flip between implementations whose heatmaps differ by
-float rounding, and each is checked for what it is, never skipped:
-  - the resized map has ceil(box side) pixels: a side within the boxes' ~1e-3 px difference of
-    an integer gives maps of different sizes. Such a keypoint must equal torchvision's own
-    heatmaps_to_keypoints of its heatmap at our box.
-  - the argmax: where torchvision's resized map has two pixels within TIE of its maximum, ours
-    may pick the other. Such a keypoint's pixel must be within TIE of the maximum in
-    torchvision's own resized map, its logit within 1e-3, and such ties must be rare (at most
-    MAX_TIE_FRACTION of the keypoints).
+The argmax of the bicubic map may flip between two pixels within float rounding of each other:
+where ours differs from torchvision's at our box by more than 0.5 px, our pixel must be within
+TIE of the maximum of torchvision's own resized map, and such ties must be rare too.
 """
 
 import os
@@ -39,7 +41,6 @@ import pytest
 # torch and torchvision are test dependencies (requirements-test.txt): without them this fails.
 import torch
 import torch.nn.functional as F
-from torchvision.models.detection.roi_heads import heatmaps_to_keypoints
 
 from rethink_jax import convert as convert_lib
 from rethink_jax import predict
@@ -49,8 +50,10 @@ from tests import tv_reference
 SIZES = ((160, 288), (224, 192), (200, 256))  # padded together: 224 x 288
 MIN_DETECTIONS = 20
 PX, LOGIT = 0.5, 1e-3
-TIE = 5e-4  # logits: a second pixel this close to the maximum is a tie
-MAX_TIE_FRACTION = 0.01
+# torchvision's keypoint branch on our boxes: logits (and Detectron2's scores, relative) within
+# this; a second pixel this close to the maximum of torchvision's resized map is a tie.
+AT_BOX_LOGIT = TIE = 2e-4
+MAX_EXCEPTION_FRACTION = 0.01  # of the keypoints: ties, and differences beyond PX / LOGIT
 ARCH = tv_reference.KEYPOINT_ARCHITECTURE
 
 
@@ -93,7 +96,19 @@ def case():
   predictor = predict.Predictor(variables, model_config, meta, padding="batch")
   prepared = [predict.preprocess(im, predictor.model_config.input, False) for im in images]
   raw = predictor.run_padded(prepared, ref["tensor"].shape[2:])
-  return dict(ref=ref, raw=raw, images=images, variables=variables, config=model_config, meta=meta)
+  n = [len(b) for b in ref["boxes"]]
+  at_ours = tv_reference.keypoints_at(
+    model, tv_reference.to_torch(images), [raw["boxes"][i][: n[i]] for i in range(len(images))]
+  )
+  return dict(
+    ref=ref,
+    raw=raw,
+    at_ours=at_ours,
+    images=images,
+    variables=variables,
+    config=model_config,
+    meta=meta,
+  )
 
 
 def test_converted_keypoint_model(case):
@@ -114,11 +129,6 @@ def test_converted_keypoint_model(case):
   assert meta["keypoint_names"] == weights_meta["keypoint_names"]
 
 
-def _map_size(box):
-  """(ceil w, ceil h): the size of a box's resized heatmap."""
-  return np.ceil(np.maximum(box[2:] - box[:2], 1.0))
-
-
 def _roi_map(heatmap, box):
   """torchvision's resized map of one detection: (K, ceil h, ceil w) bicubic logits."""
   w, h = max(box[2] - box[0], 1.0), max(box[3] - box[1], 1.0)
@@ -136,59 +146,76 @@ def _pixel(xy, box, roi_map):
   return np.clip(row, 0, h - 1), np.clip(col, 0, w - 1)
 
 
+def _branch_at_our_boxes(ours_xy, ours_logit, at, box, worst, counts, where):
+  """Our keypoints of one detection against torchvision's keypoint branch on our box `at`
+  (heatmap (K, 56, 56), xy (K, 2), logit (K,)): positions within PX but for argmax ties in
+  torchvision's own resized map, logits within AT_BOX_LOGIT."""
+  heatmap, at_xy, at_logit = at
+  px = np.abs(ours_xy - at_xy).max(-1)
+  dlogit = np.abs(ours_logit - at_logit)
+  moved = np.flatnonzero(px > PX)
+  if len(moved):
+    roi_map = _roi_map(heatmap, box)
+    rows, cols = _pixel(ours_xy, box, roi_map)
+    for k in moved:
+      gap = float(roi_map[k].max() - roi_map[k, rows[k], cols[k]])
+      print(f"{where} keypoint {k}: {px[k]:.2f} px from torchvision at our box, gap {gap:.2e}")
+      assert gap <= TIE and dlogit[k] <= AT_BOX_LOGIT + gap, (where, k, px[k], gap, dlogit[k])
+      dlogit[k] = 0.0
+    counts["ties"] += len(moved)
+    px[moved] = 0.0
+  worst["at_box_px"] = max(worst["at_box_px"], float(px.max()))
+  worst["at_box_logit"] = max(worst["at_box_logit"], float(dlogit.max()))
+  assert dlogit.max() <= AT_BOX_LOGIT, (where, dlogit)
+
+
 def test_keypoints_equal_torchvision(case):
-  ref, raw = case["ref"], case["raw"]
-  worst = dict(box=0.0, score=0.0, keypoint_px=0.0, keypoint_logit=0.0, keypoint_score=0.0)
-  counts = dict(keypoints=0, stepped=0, ties=0)
+  ref, raw, at_ours = case["ref"], case["raw"], case["at_ours"]
+  worst = dict.fromkeys(
+    ("box", "score", "keypoint_px", "keypoint_logit", "at_box_px", "at_box_logit", "d2_score"), 0.0
+  )
+  counts = dict(keypoints=0, ties=0, beyond=0)
   for i in range(len(case["images"])):
     n = len(ref["boxes"][i])
     assert n >= MIN_DETECTIONS, f"image {i}: only {n} torchvision detections"
     assert int(raw["num_detections"][i]) == n
     boxes, classes = raw["boxes"][i][:n], raw["classes"][i][:n]
     for j, q in tv_reference.match(ref, i, boxes, classes):
-      tbox, obox = ref["boxes"][i][j], boxes[q]
-      box = float(np.abs(obox - tbox).max())
+      where = f"image {i} detection {j}"
+      box = float(np.abs(boxes[q] - ref["boxes"][i][j]).max())
       score = abs(float(raw["scores"][i][q]) - float(ref["scores"][i][j]))
       worst["box"], worst["score"] = max(worst["box"], box), max(worst["score"], score)
-      assert box <= PX and score <= LOGIT, (i, j, box, score)
-
-      heatmap = ref["heatmaps"][i][j]  # (K, 56, 56)
+      assert box <= PX and score <= LOGIT, (where, box, score)
       ours_xy = raw["keypoints"][i][q][:, :2]
       ours_logit = raw["keypoint_logits"][i][q]
-      theirs_xy, theirs_logit = ref["keypoints"][i][j][:, :2], ref["keypoint_scores"][i][j]
       counts["keypoints"] += len(ours_xy)
-      if np.any(_map_size(obox) != _map_size(tbox)):  # the resized map's size stepped
-        counts["stepped"] += 1
-        print(f"image {i} detection {j}: maps {_map_size(tbox)} (theirs) {_map_size(obox)} (ours)")
-        xy, logit = heatmaps_to_keypoints(
-          torch.as_tensor(heatmap[None]), torch.as_tensor(obox[None])
-        )
-        theirs_xy, theirs_logit, tbox = xy[0, :, :2].numpy(), logit[0].numpy(), obox
-      px = np.abs(ours_xy - theirs_xy).max(-1)
-      dlogit = np.abs(ours_logit - theirs_logit)
-      worst["keypoint_logit"] = max(worst["keypoint_logit"], float(dlogit.max()))
-      assert dlogit.max() <= LOGIT, (i, j, dlogit)
-      moved = np.flatnonzero(px > PX)
-      if len(moved):  # argmax ties in torchvision's own resized map (module doc)
-        roi_map = _roi_map(heatmap, tbox)
-        rows, cols = _pixel(ours_xy, tbox, roi_map)
-        for k in moved:
-          gap = float(roi_map[k].max() - roi_map[k, rows[k], cols[k]])
-          print(f"image {i} detection {j} keypoint {k}: {px[k]:.2f} px apart, gap {gap:.2e}")
-          assert gap <= TIE, (i, j, k, px[k], gap)
-        counts["ties"] += len(moved)
-        px[moved] = 0.0
-      worst["keypoint_px"] = max(worst["keypoint_px"], float(px.max()))
+
+      # The keypoint branch alone: torchvision's on our box (q indexes our boxes).
+      at_heatmap = at_ours["heatmaps"][i][q]
+      at = (at_heatmap, at_ours["keypoints"][i][q][:, :2], at_ours["keypoint_scores"][i][q])
+      _branch_at_our_boxes(ours_xy, ours_logit, at, boxes[q], worst, counts, where)
+
+      # End to end: torchvision's own keypoints of its own detection.
+      px = np.abs(ours_xy - ref["keypoints"][i][j][:, :2]).max(-1)
+      dlogit = np.abs(ours_logit - ref["keypoint_scores"][i][j])
+      beyond = np.flatnonzero((px > PX) | (dlogit > LOGIT))
+      for k in beyond:  # explained by the boxes' float difference (module doc)
+        print(f"{where} keypoint {k}: {px[k]:.2f} px, logit {dlogit[k]:.2e} from torchvision's own")
+      counts["beyond"] += len(beyond)
+      ok = np.ones(len(px), bool)
+      ok[beyond] = False
+      worst["keypoint_px"] = max(worst["keypoint_px"], float(px[ok].max(initial=0.0)))
+      worst["keypoint_logit"] = max(worst["keypoint_logit"], float(dlogit[ok].max(initial=0.0)))
 
       # Detectron2's keypoint score: softmax of the resized maximum over the 56 x 56 map.
-      lse = np.log(np.exp(heatmap.astype(np.float64)).sum((1, 2)))
-      expected = np.exp(theirs_logit.astype(np.float64) - lse)
-      ours_score = raw["keypoints"][i][q][:, 2]
-      rel = np.abs(ours_score - expected) / expected
-      worst["keypoint_score"] = max(worst["keypoint_score"], float(rel.max()))
-      assert rel.max() <= 3e-3, (i, j, rel)
+      lse = np.log(np.exp(at_heatmap.astype(np.float64)).sum((1, 2)))
+      expected = np.exp(ours_logit.astype(np.float64) - lse)
+      rel = np.abs(raw["keypoints"][i][q][:, 2] - expected) / expected
+      worst["d2_score"] = max(worst["d2_score"], float(rel.max()))
+      assert rel.max() <= AT_BOX_LOGIT, (where, rel)
   print("worst differences:", worst, counts)
-  assert counts["ties"] <= MAX_TIE_FRACTION * counts["keypoints"], counts
+  assert counts["ties"] <= MAX_EXCEPTION_FRACTION * counts["keypoints"], counts
+  assert counts["beyond"] <= MAX_EXCEPTION_FRACTION * counts["keypoints"], counts
 
 
 # ------------------------------------------------------------------------------------------------

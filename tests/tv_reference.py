@@ -35,6 +35,7 @@ from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead
 from torchvision.models.detection.mask_rcnn import MaskRCNN
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads
+from torchvision.models.detection.roi_heads import heatmaps_to_keypoints
 
 ARCHITECTURES = ("maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2", "maskrcnn_resnet50_fpn_gn")
 NUM_CLASSES = 4  # torchvision's count: background + 3 objects
@@ -305,6 +306,26 @@ def reference(model: torch.nn.Module, images: list) -> dict:
     out["heatmaps"] = [h.numpy() for h in heatmaps.split([len(b) for b in boxes])]
     out["keypoints"] = [f["keypoints"].numpy() for f in full]
     out["keypoint_scores"] = [f["keypoints_scores"].numpy() for f in full]
+  return out
+
+
+@torch.no_grad()
+def keypoints_at(model: torch.nn.Module, images: list, boxes: list[np.ndarray]) -> dict:
+  """torchvision's keypoint branch on given boxes (per image (N, 4) in the input's pixels):
+  "heatmaps" (N, K, 56, 56), "keypoints" (N, K, 3) and "keypoint_scores" (N, K) per image, as its
+  eval forward decodes them for its own detections."""
+  image_list, _ = model.transform(images)
+  features = model.backbone(image_list.tensors)
+  rh = model.roi_heads
+  rois = [torch.from_numpy(np.array(b, np.float32)) for b in boxes]
+  pooled = rh.keypoint_roi_pool(features, rois, image_list.image_sizes)
+  heatmaps = rh.keypoint_predictor(rh.keypoint_head(pooled))
+  out = {"heatmaps": [], "keypoints": [], "keypoint_scores": []}
+  for h, b in zip(heatmaps.split([len(b) for b in rois]), rois):
+    xy, scores = heatmaps_to_keypoints(h, b)
+    out["heatmaps"].append(h.numpy())
+    out["keypoints"].append(xy.numpy())
+    out["keypoint_scores"].append(scores.numpy())
   return out
 
 
