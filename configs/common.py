@@ -13,6 +13,7 @@ Every recipe file is `get_config(arg) -> ml_collections.ConfigDict` with these g
   eval       batch_size (global), num_images (0 = the whole split, else its first N images),
              at_start (evaluate the initial model too), at_end (evaluate after the last step),
              record_images, tensorboard_images (pictures of detections: rethink_jax/visualize.py),
+             tta (test-time augmentation: enabled, min_sizes, max_size, flip; rethink_jax/tta.py),
   checkpoint every_steps, keep, async_save, restart_if_unreadable,
   reference  the paper's numbers for this recipe (documentation and comparisons only).
 Import from a recipe file as `from configs import common` (from the repository root, or anywhere
@@ -172,6 +173,8 @@ def base_config(
   eval_every: int = 0,
 ) -> ml_collections.ConfigDict:
   """The groups every recipe has. eval_every=0: twice per 1x of the schedule (an AP curve)."""
+  from rethink_jax import tta  # pylint: disable=g-import-not-at-top
+
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.batch_size = batch_size
@@ -192,6 +195,7 @@ def base_config(
       at_end=True,
       record_images=6,  # images whose detections every evaluation saves (workdir/eval_images)
       tensorboard_images=3,  # of those, drawn to TensorBoard at every evaluation
+      tta=tta.default_tta_config(),  # test-time augmentation (rethink_jax/tta.py), off
     )
   )
   c.checkpoint = ml_collections.ConfigDict(
@@ -263,6 +267,39 @@ def coco_mask_rcnn(
       source="Rethinking ImageNet Pre-training, Table 1 (box AP, COCO val2017)",
       arm=arm,
       bbox_AP=table.get(int(mult), -1.0) if float(mult).is_integer() else -1.0,
+    )
+  )
+  return c
+
+
+def coco_keypoint_rcnn(
+  *, depth: int = 50, norm: str = "GN", pretrained: bool = False, multiple: float = 3.0
+) -> ml_collections.ConfigDict:
+  """Keypoint R-CNN R-{depth}-FPN with `norm` in the backbone, FPN and box head on COCO person
+  keypoints (the paper's keypoint experiment): coco_mask_rcnn's recipe with Detectron2's keypoint
+  settings (Base-Keypoint-RCNN-FPN): one class (person), no mask head, the keypoint head
+  (KRCNNConvDeconvUpsampleHead, 17 keypoints, no norm), 1500 RPN proposals per image in training,
+  shorter side sampled from 640..800 in training, images with at least one visible keypoint.
+  The box head keeps this project's L1 box loss (Detectron2's keypoint configs use smooth L1 with
+  beta 0.5 there; the ROI box loss here has no beta).
+  """
+  c = coco_mask_rcnn(
+    depth=depth, norm=norm, pretrained=pretrained, multiple=multiple, min_size=TRAIN_AUG_SIZES
+  )
+  m = c.model
+  m.num_classes = 1
+  m.mask_on = False
+  m.keypoint_on = True
+  m.keypoint_head.num_keypoints = 17
+  m.rpn.post_nms_topk_train = 1500
+  c.data.builder_config = "keypoints_2017"  # person_keypoints_{train,val}2017.json
+  c.data.keypoints = True
+  c.data.min_keypoints_per_image = m.keypoint_head.min_keypoints_per_image
+  c.reference = ml_collections.ConfigDict(
+    dict(
+      source="Rethinking ImageNet Pre-training, keypoint experiment (keypoint AP, COCO val2017)",
+      arm="pretrained" if pretrained else "scratch",
+      keypoints_AP=-1.0,  # the figure's values are not transcribed (../shared/REFERENCE.md)
     )
   )
   return c

@@ -44,15 +44,18 @@ Usage:
 
 Outputs in --workdir:
   results.json  {"arms": {arm: {"config", "multiples", "unit_steps", "seeds", "curve" (the mean
-                over seeds: [{step, images_seen, bbox/AP, segm/AP, ..., wall_s, "std": {metric:
+                over seeds: [{step, images_seen, bbox/AP, segm/AP, keypoints/AP (the tasks
+                of the model), ..., wall_s, "std": {metric:
                 std} when seeds > 1}]), "runs": [{"seed", "curve", "train_loss", "wall_s",
                 "workdir", "pretrain"}], "wall_s", "pretrain" (the first seed's)}},
                 "unit_steps", ...}
-  results.md    tables like the paper's Tables 1 and 2 (mean +- std over seeds when seeds > 1)
-  curves.png    AP versus iterations of both arms with the schedule multiples marked (Figure 1);
-                mean lines and +-1 std bands when seeds > 1
+  results.md    tables like the paper's Tables 1 and 2 (mean +- std over seeds when seeds > 1):
+                box AP, mask AP when the model has a mask head, keypoint AP when it has keypoints
+  curves.png    AP versus iterations of both arms with the schedule multiples marked (Figure 1),
+                one panel per task; mean lines and +-1 std bands when seeds > 1
   predictions.png  six validation images: ground truth | each arm at 1x and at its longest
-                multiple (rethink_jax/visualize.py; from the arms' eval_images/ records)
+                multiple (rethink_jax/visualize.py; from the arms' eval_images/ records; masks
+                and keypoints drawn where the model predicts them)
   pretrain/, finetune/, scratch/   the runs' own workdirs (checkpoints, TensorBoard events); with
                 seeds > 1 one subdirectory seed_<seed> per replica in each.
 """
@@ -74,8 +77,9 @@ from rethink_jax import files
 from rethink_jax import visualize
 
 ARMS = ("finetune", "scratch")
-METRICS = ("bbox/AP", "segm/AP")
-_METRIC_NAMES = {"bbox/AP": "Box AP", "segm/AP": "Mask AP"}
+# The AP of each task, reported for the tasks the arms' curves hold (box AP always).
+METRICS = ("bbox/AP", "segm/AP", "keypoints/AP")
+_METRIC_NAMES = {"bbox/AP": "Box AP", "segm/AP": "Mask AP", "keypoints/AP": "Keypoint AP"}
 _LABELS = {"finetune": "pre-trained + fine-tuned", "scratch": "random init"}
 _GAP_LABEL = "gap (scratch - fine-tuned)"
 _COLORS = {"finetune": "tab:blue", "scratch": "tab:red"}
@@ -166,9 +170,22 @@ def mean_curve(curves: Sequence[Sequence[dict]]) -> list[dict]:
   return out
 
 
+def metrics_of(results: dict) -> tuple[str, ...]:
+  """The METRICS some arm's curve holds, in METRICS order ("bbox/AP" always): a model without a
+  mask head has no "segm/AP", one without keypoints no "keypoints/AP"."""
+  keys = {k for r in results["arms"].values() for run in _runs(r) for p in run["curve"] for k in p}
+  return tuple(k for k in METRICS if k == "bbox/AP" or k in keys)
+
+
 def _runs(r: dict) -> list[dict]:
   """The per-seed runs of an arm's results entry (an entry without "runs" is one run)."""
   return r.get("runs") or [{"seed": r.get("seed"), "curve": r.get("curve") or []}]
+
+
+def _task_name(key: str) -> str:
+  """ "box AP", "mask AP", "keypoint AP" (of "bbox/AP", ...): the name inside a sentence."""
+  name = _METRIC_NAMES[key]
+  return name[0].lower() + name[1:]
 
 
 def _fmt(x: float | None) -> str:
@@ -215,14 +232,16 @@ def _point_cell(point: dict, key: str) -> str:
 def results_markdown(results: dict) -> str:
   """The report of `results` (the results.json dict) as markdown.
 
-  Table 1 analogue: box and mask AP of each arm at each schedule multiple (read off its curve)
-  and the gap between the arms; Table 2 analogue: each arm's best box and mask AP with AP50 and
-  AP75 and when. With several seeds every cell is mean ± std over them.
+  Table 1 analogue: box, mask and keypoint AP (those the arms have: metrics_of) of each arm at
+  each schedule multiple (read off its curve) and the gap between the arms; Table 2 analogue:
+  each arm's best AP of each task with AP50 and AP75 and when. With several seeds every cell is
+  mean ± std over them.
   """
   arms = {a: r for a, r in results["arms"].items() if any(run["curve"] for run in _runs(r))}
   unit = int(results["unit_steps"])
   all_multiples = sorted({m for r in arms.values() for m in r["multiples"]})
   num_seeds = max([len(_runs(r)) for r in arms.values()] or [1])
+  metrics = metrics_of(results)
   lines = ["# Rethinking ImageNet pre-training: comparison", ""]
   if results.get("command"):
     lines += [f"Command: `{results['command']}`", ""]
@@ -255,7 +274,7 @@ def results_markdown(results: dict) -> str:
       "",
     ]
 
-  for key in METRICS:
+  for key in metrics:
     lines += [f"## {_METRIC_NAMES[key]} at each schedule (Table 1)", ""]
     lines.append("| | " + " | ".join(f"{m:g}x" for m in all_multiples) + " |")
     lines.append("| --- |" + " --- |" * len(all_multiples))
@@ -271,13 +290,13 @@ def results_markdown(results: dict) -> str:
     lines.append("")
 
   lines += ["## Best of each arm (Table 2)", ""]
-  head = ["box AP", "AP50", "AP75", "at iteration", "mask AP", "AP50", "AP75", "at iteration"]
+  head = [h for key in metrics for h in (_task_name(key), "AP50", "AP75", "at iteration")]
   lines.append("| arm | " + " | ".join(head) + " |")
   lines.append("| --- |" + " --- |" * len(head))
   for arm, r in arms.items():
     curve = mean_curve([run["curve"] for run in _runs(r)])
     cells = []
-    for task in ("bbox", "segm"):
+    for task in (key.split("/")[0] for key in metrics):
       best = _best(curve, f"{task}/AP")
       if best is None:
         cells += ["–"] * 4
@@ -288,9 +307,9 @@ def results_markdown(results: dict) -> str:
   lines.append("")
 
   if all(a in arms for a in ARMS):
-    lines += _summary_lines(arms["finetune"], arms["scratch"], unit)
+    lines += _summary_lines(arms["finetune"], arms["scratch"], unit, metrics)
   if num_seeds > 1:
-    lines += _each_seed_lines(arms, unit, all_multiples)
+    lines += _each_seed_lines(arms, unit, all_multiples, metrics)
 
   pre = [(run.get("seed"), run.get("pretrain")) for run in _runs(arms.get("finetune", {}))]
   pre = [(s, p) for s, p in pre if p] or [(None, arms.get("finetune", {}).get("pretrain"))]
@@ -314,7 +333,7 @@ def results_markdown(results: dict) -> str:
   return "\n".join(lines)
 
 
-def _summary_lines(ft: dict, sc: dict, unit: int) -> list[str]:
+def _summary_lines(ft: dict, sc: dict, unit: int, metrics: Sequence[str]) -> list[str]:
   """The gap at the longest common schedule, best against best, and when random init catches up
   with the fine-tune arm's shortest schedule (on the mean curves)."""
   lines = ["## Final gap", ""]
@@ -324,7 +343,7 @@ def _summary_lines(ft: dict, sc: dict, unit: int) -> list[str]:
   end = int(round(longest * unit))
   ft_curve = mean_curve([run["curve"] for run in _runs(ft)])
   sc_curve = mean_curve([run["curve"] for run in _runs(sc)])
-  for key in METRICS:
+  for key in metrics:
     a, b = value_at(ft_curve, end, key), value_at(sc_curve, end, key)
     if a is None or b is None:
       lines.append(f"- {key} at {longest:g}x: not available yet (the arms have not reached it)")
@@ -333,7 +352,7 @@ def _summary_lines(ft: dict, sc: dict, unit: int) -> list[str]:
       f"- {key} at {longest:g}x: random init {_fmt(b)}, pre-trained {_fmt(a)}, "
       f"gap (scratch - pre-trained) = {b - a:+.1f}"
     )
-  for key in METRICS:
+  for key in metrics:
     ba, bb = _best(ft_curve, key), _best(sc_curve, key)
     if ba is None or bb is None:
       continue
@@ -342,7 +361,7 @@ def _summary_lines(ft: dict, sc: dict, unit: int) -> list[str]:
       f"{_fmt(ba[key])} (at {ba['step'] / unit:.3g}x), gap = {bb[key] - ba[key]:+.1f}"
     )
   first = min(ft["multiples"])
-  for key in METRICS:
+  for key in metrics:
     a = value_at(ft_curve, int(round(first * unit)), key)
     if a is None:
       continue
@@ -359,9 +378,12 @@ def _summary_lines(ft: dict, sc: dict, unit: int) -> list[str]:
   return lines
 
 
-def _each_seed_lines(arms: dict, unit: int, multiples: Sequence[float]) -> list[str]:
-  """Every seed's box / mask AP at each multiple (and its pre-training top-1)."""
-  lines = ["## Each seed", "", "Box AP / mask AP at each schedule.", ""]
+def _each_seed_lines(
+  arms: dict, unit: int, multiples: Sequence[float], metrics: Sequence[str]
+) -> list[str]:
+  """Every seed's AP of each task at each multiple (and its pre-training top-1)."""
+  names = " / ".join(_task_name(k) for k in metrics)
+  lines = ["## Each seed", "", f"{names[0].upper() + names[1:]} at each schedule.", ""]
   lines.append(
     "| arm | seed | pre-training top-1 | " + " | ".join(f"{m:g}x" for m in multiples) + " |"
   )
@@ -372,8 +394,8 @@ def _each_seed_lines(arms: dict, unit: int, multiples: Sequence[float]) -> list[
       cells = []
       for m in multiples:
         step = int(round(m * unit))
-        box, mask = (value_at(run["curve"], step, k) for k in METRICS)
-        cells.append("" if m > max(r["multiples"]) else f"{_fmt(box)} / {_fmt(mask)}")
+        values = [_fmt(value_at(run["curve"], step, k)) for k in metrics]
+        cells.append("" if m > max(r["multiples"]) else " / ".join(values))
       lines.append(
         f"| {_LABELS.get(arm, arm)} | {run.get('seed')} | "
         + ("" if top1 is None else f"{top1:.1f}%")
@@ -402,8 +424,9 @@ def plot_curves(results: dict, path: str) -> None:
   arms = {a: r for a, r in results["arms"].items() if any(run["curve"] for run in _runs(r))}
   unit = int(results["unit_steps"])
   multiples = sorted({m for r in arms.values() for m in r["multiples"]}) or [1]
-  fig, axes = plt.subplots(1, len(METRICS), figsize=(5.2 * len(METRICS), 3.8), squeeze=False)
-  for ax, key in zip(axes[0], METRICS):
+  metrics = metrics_of(results)
+  fig, axes = plt.subplots(1, len(metrics), figsize=(5.2 * len(metrics), 3.8), squeeze=False)
+  for ax, key in zip(axes[0], metrics):
     for arm, r in arms.items():
       runs = _runs(r)
       curve = mean_curve([run["curve"] for run in runs])
@@ -693,7 +716,7 @@ def run_arm(
   last = curve[-1]
   _log(
     f"arm {arm}, seed {c.seed} done in {(time.time() - t0) / 60:.1f} min: step {last['step']} "
-    f"bbox AP {_fmt(last.get('bbox/AP'))} segm AP {_fmt(last.get('segm/AP'))}"
+    + " ".join(f"{k.replace('/', ' ')} {_fmt(last[k])}" for k in METRICS if k in last)
   )
   # The logged losses (of this call: a resumed run has only its own), to compare seeds.
   losses = [

@@ -1,9 +1,18 @@
-"""COCO evaluation: fixed-shape detections -> COCO results (original pixels, RLE masks) -> AP.
+"""COCO evaluation: fixed-shape detections -> COCO results (original pixels, RLE masks,
+keypoints) -> AP.
 
 Metric names (percent, 0..100; NaN where COCOeval reports -1, e.g. no ground truth of that size):
   "<type>/AP", "<type>/AP50", "<type>/AP75", "<type>/APs", "<type>/APm", "<type>/APl",
   "<type>/AR1", "<type>/AR10", "<type>/AR100", "<type>/ARs", "<type>/ARm", "<type>/ARl"
-for <type> in ("bbox", "segm").
+for <type> in ("bbox", "segm"), and COCOeval's ten keypoint numbers (OKS, 20 detections per image)
+  "keypoints/AP", "keypoints/AP50", "keypoints/AP75", "keypoints/APm", "keypoints/APl",
+  "keypoints/AR", "keypoints/AR50", "keypoints/AR75", "keypoints/ARm", "keypoints/ARl".
+
+Keypoints follow Detectron2's COCO results: the model's [x, y, score] in input pixels are divided
+by the image's scale, then x and y move by -0.5 (COCO's keypoints are integer pixel indices, the
+model's are continuous coordinates with pixel centres at +0.5); "score" is the box's score. OKS
+uses the data set's per-keypoint sigmas (pycocotools' params.kpt_oks_sigmas: COCO's person
+sigmas are 0.026 .. 0.107) and only the keypoint categories (keypoint_category_ids).
 
 Masks are pasted by one of two rules, chosen by name (PASTE_RULES):
   "detectron2" (paste_masks_in_image, the default): each pixel centre of the original image is
@@ -48,6 +57,16 @@ METRIC_NAMES = (
   "ARm",
   "ARl",
 )
+# COCOeval.summarize's stats for iouType "keypoints" (no small objects, maxDets 20).
+KEYPOINT_METRIC_NAMES = ("AP", "AP50", "AP75", "APm", "APl", "AR", "AR50", "AR75", "ARm", "ARl")
+IOU_TYPES = ("bbox", "segm", "keypoints")
+
+
+def metric_names(iou_type: str) -> tuple[str, ...]:
+  """The metric names (without the "<type>/" prefix) COCOeval reports for `iou_type`."""
+  if iou_type not in IOU_TYPES:
+    raise ValueError(f"iou_type must be one of {IOU_TYPES}, got {iou_type!r}")
+  return KEYPOINT_METRIC_NAMES if iou_type == "keypoints" else METRIC_NAMES
 
 
 def _paste_weights(lo: float, hi: float, start: int, num: int, mask_size: int) -> np.ndarray:
@@ -197,14 +216,17 @@ def detections_to_coco(
 
   Args:
     dets: numpy dict: boxes (B, D, 4) xyxy input pixels, scores (B, D), classes (B, D) int32
-      (1..K, 0 = padding), num_detections (B,), optional masks (B, D, M, M) probabilities.
+      (1..K, 0 = padding), num_detections (B,), optional masks (B, D, M, M) probabilities,
+      optional keypoints (B, D, P, 3) [x, y, score] input pixels.
     batch: the batch dict the detections came from (image_id, valid, scale, orig_hw).
     category_ids: COCO category id of label k at index k - 1.
     mask_threshold: pasted-mask threshold.
     mask_paste: the paste rule (PASTE_RULES name).
   Returns:
     list of {"image_id", "category_id", "bbox" [x, y, w, h] original pixels, "score",
-    and "segmentation" (compressed RLE, counts as str) when masks are given}.
+    "segmentation" (compressed RLE, counts as str) when masks are given, "keypoints" (3P floats
+    [x, y, score, ...] in COCO's integer-pixel convention, see the module doc) when keypoints
+    are given}.
   """
   boxes = np.asarray(dets["boxes"], np.float64)
   scores = np.asarray(dets["scores"], np.float64)
@@ -216,6 +238,11 @@ def detections_to_coco(
   num = np.asarray(dets.get("num_detections", np.full(boxes.shape[0], boxes.shape[1])))
   masks = dets.get("masks")
   masks = None if masks is None else np.asarray(masks, np.float32)
+  keypoints = dets.get("keypoints")
+  if keypoints is not None:
+    keypoints = np.asarray(keypoints, np.float64)
+    if keypoints.ndim != 4 or keypoints.shape[:2] != boxes.shape[:2] or keypoints.shape[3] != 3:
+      raise ValueError(f"keypoints must be (B, D, P, 3) beside boxes, got {keypoints.shape}")
   category_ids = np.asarray(category_ids)
   results = []
   for b in range(boxes.shape[0]):
@@ -246,6 +273,10 @@ def detections_to_coco(
       }
       if rles[i] is not None:
         res["segmentation"] = rles[i]
+      if keypoints is not None:
+        kp = keypoints[b, k].copy()
+        kp[:, :2] = kp[:, :2] / scale - 0.5
+        res["keypoints"] = [float(v) for v in kp.reshape(-1)]
       results.append(res)
   return results
 
@@ -257,39 +288,80 @@ def _load_gt(coco_gt: Any) -> coco_lib.COCO:
   return coco_gt
 
 
+def keypoint_category_ids(coco_gt: coco_lib.COCO) -> list[int]:
+  """The categories OKS scores: those whose annotations carry "keypoints" and, when some category
+  lists keypoint names (a person_keypoints file), only those."""
+  anns = coco_gt.dataset.get("annotations", [])
+  with_points = {int(a["category_id"]) for a in anns if "keypoints" in a}
+  named = {int(c["id"]) for c in coco_gt.dataset.get("categories", []) if c.get("keypoints")}
+  return sorted(with_points & named if named else with_points)
+
+
+def _cocoeval(
+  coco_gt: coco_lib.COCO,
+  results: list[dict],
+  iou_type: str,
+  keypoint_oks_sigmas: Sequence[float] | None,
+) -> cocoeval.COCOeval:
+  """COCOeval of `results` (as given to loadRes) run through summarize()."""
+  with contextlib.redirect_stdout(io.StringIO()) as out:
+    coco_dt = coco_gt.loadRes(results)
+    ev = cocoeval.COCOeval(coco_gt, coco_dt, iou_type)
+    if iou_type == "keypoints":
+      cat_ids = keypoint_category_ids(coco_gt)
+      if not cat_ids:
+        raise ValueError("keypoint evaluation needs ground truth with keypoints; it has none")
+      ev.params.catIds = cat_ids
+      num = len(results[0]["keypoints"]) // 3
+      if keypoint_oks_sigmas is not None:
+        ev.params.kpt_oks_sigmas = np.asarray(keypoint_oks_sigmas, np.float64)
+      if len(ev.params.kpt_oks_sigmas) != num:
+        raise ValueError(
+          f"{num} keypoints per detection but {len(ev.params.kpt_oks_sigmas)} OKS sigmas: give "
+          "the data set's keypoint_oks_sigmas"
+        )
+    ev.evaluate()
+    ev.accumulate()
+    ev.summarize()
+  logging.info("COCOeval %s:\n%s", iou_type, out.getvalue())
+  return ev
+
+
 def coco_metrics(
-  coco_gt: Any, results: list[dict], iou_types: Sequence[str] = ("bbox", "segm")
+  coco_gt: Any,
+  results: list[dict],
+  iou_types: Sequence[str] = ("bbox", "segm"),
+  keypoint_oks_sigmas: Sequence[float] | None = None,
 ) -> dict[str, float]:
   """Scores COCO results with pycocotools' COCOeval.
 
   Args:
     coco_gt: a pycocotools COCO or the path of a COCO-format annotation file.
     results: list of COCO result dicts (detections_to_coco's output).
-    iou_types: subset of ("bbox", "segm").
+    iou_types: subset of IOU_TYPES ("bbox", "segm", "keypoints").
+    keypoint_oks_sigmas: (P,) the data set's OKS sigma per keypoint (pycocotools' convention);
+      None: pycocotools' default, COCO's 17 person keypoints.
   Returns:
-    {"bbox/AP": ..., "segm/AP75": ...}: the 12 COCOeval numbers per type, in percent.
+    {"bbox/AP": ..., "segm/AP75": ..., "keypoints/AP": ...}: COCOeval's numbers per type
+    (metric_names(type)), in percent.
   """
   coco_gt = _load_gt(coco_gt)
   metrics = {}
   for iou_type in iou_types:
-    if iou_type not in ("bbox", "segm"):
-      raise ValueError(f"iou_type must be 'bbox' or 'segm', got {iou_type!r}")
+    names = metric_names(iou_type)
     res = copy.deepcopy(results)  # loadRes writes into the dicts
     if iou_type == "segm":
       # With a "bbox" present, loadRes would score boxes turned into polygons, not the masks.
       res = [{k: v for k, v in r.items() if k != "bbox"} for r in res if "segmentation" in r]
+    elif iou_type == "keypoints":
+      # As Detectron2: the box stays, so a detection's area (for the size ranges) is its box's.
+      res = [r for r in res if "keypoints" in r]
     if not res:
       logging.warning("no %s results to evaluate: every %s metric is 0", iou_type, iou_type)
-      metrics.update({f"{iou_type}/{n}": 0.0 for n in METRIC_NAMES})
+      metrics.update({f"{iou_type}/{n}": 0.0 for n in names})
       continue
-    with contextlib.redirect_stdout(io.StringIO()) as out:
-      coco_dt = coco_gt.loadRes(res)
-      ev = cocoeval.COCOeval(coco_gt, coco_dt, iou_type)
-      ev.evaluate()
-      ev.accumulate()
-      ev.summarize()
-    logging.info("COCOeval %s:\n%s", iou_type, out.getvalue())
-    for name, value in zip(METRIC_NAMES, ev.stats):
+    ev = _cocoeval(coco_gt, res, iou_type, keypoint_oks_sigmas)
+    for name, value in zip(names, ev.stats):
       metrics[f"{iou_type}/{name}"] = float(value * 100.0) if value >= 0 else float("nan")
   return metrics
 
@@ -324,6 +396,7 @@ def evaluate(
   output_json: str | None = None,
   mask_threshold: float = 0.5,
   mask_paste: str = "detectron2",
+  keypoint_oks_sigmas: Sequence[float] | None = None,
   return_results: bool = False,
 ) -> dict[str, float] | tuple[dict[str, float], list[dict]]:
   """Runs predict_fn over the eval iterator and scores the detections.
@@ -334,10 +407,12 @@ def evaluate(
     eval_iterator: pipeline.make_eval_iterator(...) of this process.
     coco_gt: pycocotools COCO of the eval split (pipeline.get_coco_gt) or its annotation file.
     category_ids: pipeline.category_ids(config.data).
-    iou_types: default ("bbox", "segm") when detections have masks, else ("bbox",).
+    iou_types: default "bbox", with "segm" when detections have masks and "keypoints" when
+      they have keypoints.
     output_json: if set, process 0 writes the COCO results there.
     mask_threshold: pasted-mask threshold.
     mask_paste: the paste rule (PASTE_RULES name; the model config's output.mask_paste).
+    keypoint_oks_sigmas: the data set's OKS sigma per keypoint (coco_metrics).
     return_results: also return the COCO results of every process's images.
   Returns:
     the metrics dict of coco_metrics (the same on every process); with return_results,
@@ -346,24 +421,25 @@ def evaluate(
   import jax  # pylint: disable=g-import-not-at-top
 
   results = []
-  has_masks = False
+  has_masks = has_keypoints = False
   for batch in eval_iterator:
     dets = jax.device_get(predict_fn(batch))
     dets = {k: np.asarray(v) for k, v in dets.items()}
     has_masks = has_masks or "masks" in dets
+    has_keypoints = has_keypoints or "keypoints" in dets
     results.extend(detections_to_coco(dets, batch, category_ids, mask_threshold, mask_paste))
   results = gather_results(results)
   if iou_types is None:
-    iou_types = ("bbox", "segm") if has_masks else ("bbox",)
+    iou_types = ("bbox",) + ("segm",) * has_masks + ("keypoints",) * has_keypoints
   metrics = {}
   if jax.process_index() == 0:
     if output_json:
       files.write_json(output_json, results)
-    metrics = coco_metrics(coco_gt, results, iou_types)
+    metrics = coco_metrics(coco_gt, results, iou_types, keypoint_oks_sigmas)
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
 
-    names = [f"{t}/{n}" for t in iou_types for n in METRIC_NAMES]
+    names = [f"{t}/{n}" for t in iou_types for n in metric_names(t)]
     values = np.asarray([metrics.get(n, 0.0) for n in names], np.float64)
     values = np.asarray(multihost_utils.broadcast_one_to_all(values))
     metrics = dict(zip(names, values.tolist()))

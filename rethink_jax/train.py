@@ -19,8 +19,9 @@ loss is the model's training losses, its predict the detections. Every host runs
   * a loss that is not finite stops the run (NonFiniteLossError naming the step and the batch's
     image ids); the step that produced it is not applied and no checkpoint of it is written;
   * clu metric writers (TensorBoard + console): every loss, the LR, images seen, step time and the
-    time spent waiting for data; periodic COCO evaluation (bbox and segm AP) every `eval_every`
-    steps and at the end, also appended to workdir/eval_curve.json:
+    time spent waiting for data; periodic COCO evaluation (bbox, segm and, with keypoint_on,
+    keypoints AP) every `eval_every` steps and at the end, also appended to
+    workdir/eval_curve.json:
       [{"step", "images_seen", "wall_s", "eval_s", "bbox/AP", "segm/AP", ... all COCO metrics}];
     each evaluation also records the detections of a few fixed validation images in
     workdir/eval_images/ and draws some of them to TensorBoard (rethink_jax/visualize.py);
@@ -33,6 +34,7 @@ Usage: python -m rethink_jax.main --config configs/FILE.py[:ARG] --workdir DIR [
 
 import collections
 from collections.abc import Iterator
+import functools
 import json
 import os
 import time
@@ -53,6 +55,7 @@ from rethink_jax import files
 from rethink_jax import optim
 from rethink_jax import preemption
 from rethink_jax import trainer
+from rethink_jax import tta
 from rethink_jax import visualize
 from rethink_jax import warm_start
 
@@ -215,10 +218,11 @@ def eval_batch_size(config: ml_collections.ConfigDict) -> int:
   return max(n_dev, size - size % n_dev)
 
 
-def make_evaluator(config: ml_collections.ConfigDict, predict_fn, workdir: str | None = None):
-  """evaluate(variables, step) -> the COCO metrics {"bbox/AP", "segm/AP", ...} (floats, NaN where
-  COCOeval has none) of the recipe's evaluation split; predict_fn: parts.predict_fn. The ground
-  truth is read once, on the first call.
+def make_evaluator(config: ml_collections.ConfigDict, parts, workdir: str | None = None):
+  """evaluate(variables, step) -> the COCO metrics {"bbox/AP", "segm/AP", "keypoints/AP", ...}
+  (floats, NaN where COCOeval has none; each type the model predicts) of the recipe's evaluation
+  split; parts: build_parts' (its predict_fn, or with config.eval.tta.enabled rethink_jax.tta's
+  on its model). The ground truth is read once, on the first call.
 
   With a workdir, process 0 also records the detections of config.eval.record_images images
   (rethink_jax.visualize) and evaluate returns (metrics, TensorBoard images)."""
@@ -227,12 +231,19 @@ def make_evaluator(config: ml_collections.ConfigDict, predict_fn, workdir: str |
 
   data, n_proc = eval_data_config(config), jax.process_count()
   per_process = eval_batch_size(config) // n_proc
+  predict_fn, make_batches = parts.predict_fn, pipeline.make_eval_iterator
+  if tta.enabled(config):
+    predict_fn = tta.make_predict_fn(parts, config)
+    make_batches = functools.partial(tta.eval_batches, tta_config=config.eval.tta)
   cache = {}
 
   def evaluate(variables: dict, step: int = 0):
     if not cache:
       cache.update(gt=pipeline.get_coco_gt(data), ids=pipeline.category_ids(data))
-    batches = pipeline.make_eval_iterator(
+      # OKS sigmas of the data set's keypoints (None without keypoints).
+      meta = pipeline.get_builder(data).info.metadata
+      cache["sigmas"] = meta.get("keypoint_oks_sigmas")
+    batches = make_batches(
       data, per_process, process_index=jax.process_index(), process_count=n_proc
     )
     metrics, results = evaluate_lib.evaluate(
@@ -240,6 +251,7 @@ def make_evaluator(config: ml_collections.ConfigDict, predict_fn, workdir: str |
       batches,
       cache["gt"],
       cache["ids"],
+      keypoint_oks_sigmas=cache["sigmas"],
       return_results=True,
     )
     metrics = {k: float(v) for k, v in metrics.items()}
@@ -399,7 +411,7 @@ def _train_and_evaluate(
   sample = init_batch(first)
   rng = jax.random.PRNGKey(int(config.seed))
   parts = build_parts(config, sched, mesh, sample)
-  train_step, predict_fn = parts.train_step, parts.predict_fn
+  train_step = parts.train_step
 
   state, found = restore_checkpoint(config, ckpt_dir, parts)
   if found != resume_step:  # the newest step was damaged: the data restarts where the state is
@@ -429,7 +441,7 @@ def _train_and_evaluate(
   # == Evaluation ==============================================================================
   curve = [p for p in read_curve(workdir) if p["step"] <= start_step]
   wall_offset = curve[-1].get("wall_s", 0.0) if curve else 0.0
-  evaluate = make_evaluator(config, predict_fn, workdir)
+  evaluate = make_evaluator(config, parts, workdir)
 
   def run_eval(state, step):
     t0 = time.time()
@@ -449,7 +461,9 @@ def _train_and_evaluate(
       writer.write_images(step, images)
     _log(
       f"step {step}: "
-      + ", ".join(f"{k} {metrics[k]:.2f}" for k in ("bbox/AP", "segm/AP") if k in metrics)
+      + ", ".join(
+        f"{k} {metrics[k]:.2f}" for k in ("bbox/AP", "segm/AP", "keypoints/AP") if k in metrics
+      )
       + f" ({time.time() - t0:.0f} s)"
     )
     return metrics
@@ -618,7 +632,7 @@ def evaluate_only(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   _log(f"evaluating {source} on {data.name} {data.eval_split}")
   t0 = time.time()
-  metrics = make_evaluator(config, parts.predict_fn)(trainer.variables_of(state))
+  metrics = make_evaluator(config, parts)(trainer.variables_of(state))
   record = {
     "checkpoint": source,
     "step": step,

@@ -4,12 +4,19 @@
 TensorBoard images and rethink_jax.compare's predictions.png all use it. It draws a "drawable",
 the objects of one image:
   boxes (N, 4) float xyxy in the image's pixels, labels (N,) int, masks (N, H, W) bool,
-  scores (N,) float (absent for ground truth), names (N,) str (optional; else the label).
+  scores (N,) float (absent for ground truth), names (N,) str (optional; else the label),
+  keypoints (N, P, 3) float [x, y, v] (optional): x, y continuous image coordinates (pixel
+    centres at +0.5), v the COCO visibility (ground truth: 0 unlabeled, 1 labeled but not
+    visible, 2 visible) or the keypoint's score (detections); a keypoint is drawn when
+    v > KEYPOINT_THRESH (Detectron2's visualizer's rule), filled, or hollow for v == 1 of
+    ground truth,
+  skeleton (E, 2) int (optional): 0-based keypoint pairs joined by a line when both are drawn.
 
 The trainer's evaluation records, in WORKDIR/eval_images/ (RECORD_DIR):
   sample.json          the images chosen once per run (the first config.eval.record_images
                        images of the evaluation split holding an object; the same for every run on
-                       that split): ids, sizes, COCO ground truth (RLE masks), category names;
+                       that split): ids, sizes, COCO ground truth (RLE masks, keypoints),
+                       category names, the keypoint skeleton (data sets with keypoints);
   IMAGE_ID.png         those images, so pictures need neither the data set nor a checkpoint;
   step_XXXXXXXX.json   at every evaluation, {"step", "detections"}: the COCO results of those
                        images (the MAX_RECORDED highest scores of each).
@@ -34,6 +41,8 @@ SCORE_THRESH = 0.5  # detections drawn in the pictures: score >= this
 MAX_RECORDED = 20  # detections kept per image and evaluation (the highest scores)
 CELL = 256  # pixels of a picture's longer side in predictions.png and TensorBoard
 MAX_PNG_BYTES = 1_500_000  # a larger predictions.png is written again with a 256-colour palette
+KEYPOINT_THRESH = 0.05  # keypoints drawn: visibility or score > this
+KEYPOINT_RADIUS = 2.5  # pixels of a drawn keypoint
 _ARM_LABELS = {"finetune": "fine-tuned", "scratch": "scratch"}
 _STEP_FILE = re.compile(r"^step_(\d+)\.json$")
 
@@ -88,11 +97,27 @@ def draw(image: np.ndarray, result: dict, score_thresh: float = 0.0) -> Any:
     rgb = tuple(int(v) for v in color(i))
     x0, y0, x1, y1 = (float(v) for v in result["boxes"][i])
     pen.rectangle([x0, y0, x1, y1], outline=rgb, width=2)
+    if result.get("keypoints") is not None:
+      _draw_keypoints(pen, result, i, rgb)
     tx, ty = x0, max(0.0, y0 - 12)
     left, top, right, bottom = pen.textbbox((tx, ty), text)
     pen.rectangle([left - 1, top - 1, right + 1, bottom + 1], fill=rgb)
     pen.text((tx, ty), text, fill=(0, 0, 0))
   return pil
+
+
+def _draw_keypoints(pen: Any, result: dict, i: int, rgb: tuple[int, int, int]) -> None:
+  """Object i's skeleton lines and keypoints (module doc) drawn with PIL's ImageDraw `pen`."""
+  points = np.asarray(result["keypoints"][i], np.float64).reshape(-1, 3)
+  on = points[:, 2] > KEYPOINT_THRESH
+  for a, b in np.asarray(result.get("skeleton", np.zeros((0, 2))), np.int64).reshape(-1, 2):
+    if max(a, b) < len(points) and on[a] and on[b]:
+      pen.line([tuple(points[a, :2]), tuple(points[b, :2])], fill=rgb, width=2)
+  hollow = result.get("scores") is None  # ground truth: v == 1 (labeled, not visible) hollow
+  r = KEYPOINT_RADIUS
+  for x, y, v in points[on]:
+    fill = None if hollow and v < 1.5 else rgb
+    pen.ellipse([x - r, y - r, x + r, y + r], fill=fill, outline=(0, 0, 0), width=1)
 
 
 def _nearest(n_in: int, n_out: int) -> np.ndarray:
@@ -101,7 +126,7 @@ def _nearest(n_in: int, n_out: int) -> np.ndarray:
 
 
 def fit(image: np.ndarray, result: dict, side: int = CELL) -> tuple[np.ndarray, dict]:
-  """(image, drawable) scaled so that the longer side is `side` (boxes and masks alike).
+  """(image, drawable) scaled so that the longer side is `side` (boxes, masks, keypoints).
 
   Small images grow by an integer factor by pixel repetition (labels fit, the PNG stays small);
   large ones shrink bilinearly.
@@ -124,6 +149,10 @@ def fit(image: np.ndarray, result: dict, side: int = CELL) -> tuple[np.ndarray, 
   )
   masks = np.asarray(result["masks"], bool).reshape(-1, h, w)
   res["masks"] = masks[:, _nearest(h, nh)][:, :, _nearest(w, nw)]
+  if result.get("keypoints") is not None:
+    points = np.array(result["keypoints"], np.float32).reshape(len(masks), -1, 3)
+    points[..., :2] *= np.float32([sx, sy])
+    res["keypoints"] = points
   return out, res
 
 
@@ -131,15 +160,20 @@ def fit(image: np.ndarray, result: dict, side: int = CELL) -> tuple[np.ndarray, 
 # COCO objects <-> drawables.
 # ------------------------------------------------------------------------------------------------
 def from_coco(
-  objects: Sequence[dict], hw: Sequence[int], names: dict[int, str] | None = None
+  objects: Sequence[dict],
+  hw: Sequence[int],
+  names: dict[int, str] | None = None,
+  skeleton: Sequence[Sequence[int]] | None = None,
 ) -> dict:
   """COCO annotations or results of one image -> a drawable, in the given order.
 
   Args:
     objects: dicts with "bbox" [x, y, w, h], "category_id", "segmentation" (RLE, counts str or
-      bytes; absent: an all-False mask), optionally "score".
+      bytes; absent: an all-False mask), optionally "score" and "keypoints" (COCO's flat
+      [x, y, v, ...], integer pixel indices: drawn at the pixel centre, +0.5).
     hw: (H, W) of the image.
     names: {category_id: name}; the category id is written when absent.
+    skeleton: COCO's keypoint skeleton (1-based pairs), drawn when objects have keypoints.
   """
   from pycocotools import mask as mask_utils  # pylint: disable=g-import-not-at-top
 
@@ -162,6 +196,15 @@ def from_coco(
     out["scores"] = np.array([float(o["score"]) for o in objects], np.float32)
   elif not objects:
     out["scores"] = np.zeros((0,), np.float32)  # an empty result is a detection result
+  num_points = max((len(o.get("keypoints") or ()) // 3 for o in objects), default=0)
+  if num_points:
+    points = np.zeros((len(objects), num_points, 3), np.float32)
+    for i, o in enumerate(objects):
+      if o.get("keypoints"):
+        points[i] = np.asarray(o["keypoints"], np.float32).reshape(num_points, 3)
+    points[..., :2] += 0.5
+    out["keypoints"] = points
+    out["skeleton"] = np.asarray(skeleton if skeleton else [], np.int64).reshape(-1, 2) - 1
   return out
 
 
@@ -183,7 +226,8 @@ def choose_sample(data_config: Any, coco_gt: Any, num: int) -> tuple[dict, dict[
     num: how many images.
   Returns:
     (sample, images): sample = the sample.json dict {"split", "image_ids", "images" [{id, height,
-    width}], "annotations" {str(id): COCO annotations with RLE masks}, "categories" [{id, name}]};
+    width}], "annotations" {str(id): COCO annotations with RLE masks (and keypoints)},
+    "categories" [{id, name}], "skeleton" (COCO's 1-based pairs; [] without keypoints)};
     images = {image id: (H, W, 3) uint8}.
   """
   from rethink_jax.data import pipeline  # pylint: disable=g-import-not-at-top
@@ -195,6 +239,14 @@ def choose_sample(data_config: Any, coco_gt: Any, num: int) -> tuple[dict, dict[
     "images": [],
     "annotations": {},
     "categories": [{"id": int(c["id"]), "name": c["name"]} for c in coco_gt.dataset["categories"]],
+    "skeleton": next(
+      (
+        [[int(v) for v in e] for e in c["skeleton"]]
+        for c in coco_gt.dataset["categories"]
+        if c.get("skeleton")
+      ),
+      [],
+    ),
   }
   images = {}
   for i in range(len(source)):
@@ -213,6 +265,7 @@ def choose_sample(data_config: Any, coco_gt: Any, num: int) -> tuple[dict, dict[
         "bbox": [float(v) for v in a["bbox"]],
         "category_id": int(a["category_id"]),
         "segmentation": _rle_json(coco_gt.annToRLE(a)),
+        **({"keypoints": [float(v) for v in a["keypoints"]]} if a.get("keypoints") else {}),
       }
       for a in anns
     ]
@@ -250,7 +303,10 @@ def ground_truth(sample: dict, image_id: int) -> dict:
   """The drawable of an image's ground truth in a sample."""
   info = next(im for im in sample["images"] if im["id"] == image_id)
   return from_coco(
-    sample["annotations"][str(image_id)], (info["height"], info["width"]), category_names(sample)
+    sample["annotations"][str(image_id)],
+    (info["height"], info["width"]),
+    category_names(sample),
+    sample.get("skeleton"),
   )
 
 
@@ -325,7 +381,7 @@ def record_evaluation(
   for image_id in sample["image_ids"][:num_tensorboard]:
     image = images[image_id]
     gt = draw(*fit(image, ground_truth(sample, image_id)))
-    det = from_coco(detections[str(image_id)], image.shape[:2], names)
+    det = from_coco(detections[str(image_id)], image.shape[:2], names, sample.get("skeleton"))
     det = draw(*fit(image, det), score_thresh=SCORE_THRESH)
     out[f"eval_images/{image_id}"] = _hstack([np.asarray(gt), np.asarray(det)], 4)[None]
   return out
@@ -453,7 +509,12 @@ def write_predictions_png(
     image = images[image_id]
     cells = [draw(*fit(image, ground_truth(sample, image_id), side))]
     for c in columns:
-      det = from_coco(detections[c["path"]].get(str(image_id), []), image.shape[:2], names)
+      det = from_coco(
+        detections[c["path"]].get(str(image_id), []),
+        image.shape[:2],
+        names,
+        sample.get("skeleton"),
+      )
       cells.append(draw(*fit(image, det, side), score_thresh=score_thresh))
     if len(rows) > 2:
       rows.append(np.full((gap, width, 3), 255, np.uint8))

@@ -9,6 +9,7 @@
 """
 
 import json
+import re
 from typing import Any
 
 import flax
@@ -162,6 +163,8 @@ CLASS_HEADS = (
   "roi_heads/box_predictor/bbox_pred",
   "roi_heads/mask_head/predictor",
 )
+# Cascade R-CNN's stages each have a class-score layer (their box deltas are class-agnostic).
+CASCADE_CLASS_HEAD = re.compile(r"roi_heads/box_predictor/\d+/cls_score/")
 # Model-config fields the weights are trained for: a checkpoint and the recipe must agree on them.
 ARCHITECTURE_FIELDS = (
   "backbone.depth",
@@ -262,14 +265,18 @@ def check_detector_config(
 def load_detector_into(state: dict, variables: dict, reinit_class_heads: bool) -> dict:
   """Copies a whole detector's variables {"params", [collections]} into a fresh train state.
 
-  reinit_class_heads: parameters under CLASS_HEADS keep the state's values (fresh init) when
-  True. Returns {"state", "loaded", "reinitialized"} ("collection/path" keys); raises ValueError
-  naming every missing or leftover variable and every shape mismatch (nothing is loaded then).
+  reinit_class_heads: parameters under CLASS_HEADS (and CASCADE_CLASS_HEAD) keep the state's
+  values (fresh init) when True. Returns {"state", "loaded", "reinitialized"} ("collection/path"
+  keys); raises ValueError naming every missing or leftover variable and every shape mismatch
+  (nothing is loaded then).
   """
   colls = {"params": state["params"], **state["collections"]}
   dst = {c: _flat(t) for c, t in colls.items()}
   src = {c: _flat(t) for c, t in variables.items()}
-  is_head = lambda c, k: c == "params" and any(k.startswith(h + "/") for h in CLASS_HEADS)
+  is_head = lambda c, k: (
+    c == "params"
+    and (any(k.startswith(h + "/") for h in CLASS_HEADS) or CASCADE_CLASS_HEAD.match(k) is not None)
+  )
   loaded, reinitialized, problems = [], [], []
   for coll in sorted(set(dst) | set(src)):
     d, s = dst.get(coll, {}), src.get(coll, {})

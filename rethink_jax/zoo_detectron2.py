@@ -1,11 +1,12 @@
-"""Detectron2 GeneralizedRCNN (StandardROIHeads, ResNet-FPN) checkpoints -> this project's MaskRCNN.
+"""Detectron2 GeneralizedRCNN (Standard or Cascade ROI heads, ResNet-FPN) checkpoints -> MaskRCNN.
 
   variables, model_config, meta = convert(state_dict, "model_final.pkl", d2_config="cfg.yaml")
   build_model(model_config).apply(variables, batch, train=False)
 
 The model's parameter tree already uses Detectron2's module names, so the rename table is one
 rule: the module path "roi_heads.box_head.conv1" becomes ("roi_heads", "box_head", "conv1") and
-the leaf moves as
+the leaf moves as (a Cascade R-CNN's "roi_heads.box_head.1.fc1" becomes
+("roi_heads", "box_head", "1", "fc1"): its stages are the ModuleList's indices)
 
   weight (conv, OIHW)            -> kernel (HWIO)
   weight (mask_head.deconv, IOHW) -> kernel (HWIO)
@@ -126,6 +127,14 @@ BASE_RCNN_FPN = {
       "USE_FED_LOSS": False,
       "USE_SIGMOID_CE": False,
     },
+    "ROI_BOX_CASCADE_HEAD": {
+      "BBOX_REG_WEIGHTS": [
+        [10.0, 10.0, 5.0, 5.0],
+        [20.0, 20.0, 10.0, 10.0],
+        [30.0, 30.0, 15.0, 15.0],
+      ],
+      "IOUS": [0.5, 0.6, 0.7],
+    },
     "ROI_MASK_HEAD": {
       "NAME": "MaskRCNNConvUpsampleHead",
       "POOLER_RESOLUTION": 14,
@@ -146,6 +155,7 @@ FPN_SIZE_DIVISIBILITY = 32
 GN_GROUPS = 32  # Detectron2's get_norm("GN")
 POOLER_TYPES = {"ROIAlignV2": True, "ROIAlign": False}  # -> aligned
 NORMS = ("", "GN", "BN", "SyncBN", "FrozenBN")
+ROI_HEADS = {"StandardROIHeads": "standard", "CascadeROIHeads": "cascade"}  # -> roi_heads.name
 # Buffers a Detectron2 state dict may hold that carry no weights.
 _DROPPED = re.compile(r".*num_batches_tracked|pixel_mean|pixel_std|.*anchor_generator\..*")
 
@@ -249,14 +259,12 @@ def _check_supported(cfg: Mapping) -> None:
     "MODEL.RPN.BBOX_REG_LOSS_TYPE": "smooth_l1",
     "MODEL.RPN.BBOX_REG_LOSS_WEIGHT": 1.0,
     "MODEL.RPN.SMOOTH_L1_BETA": 0.0,
-    "MODEL.ROI_HEADS.NAME": "StandardROIHeads",
     "MODEL.ROI_HEADS.IN_FEATURES": ["p2", "p3", "p4", "p5"],
     "MODEL.ROI_HEADS.IOU_LABELS": [0, 1],
     "MODEL.ROI_BOX_HEAD.NAME": "FastRCNNConvFCHead",
     "MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_TYPE": "smooth_l1",
     "MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_WEIGHT": 1.0,
     "MODEL.ROI_BOX_HEAD.SMOOTH_L1_BETA": 0.0,
-    "MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG": False,
     "MODEL.ROI_BOX_HEAD.TRAIN_ON_PRED_BOXES": False,
     "MODEL.ROI_BOX_HEAD.USE_FED_LOSS": False,
     "MODEL.ROI_BOX_HEAD.USE_SIGMOID_CE": False,
@@ -268,6 +276,31 @@ def _check_supported(cfg: Mapping) -> None:
       _require(cfg, key, value)
     except KeyError:
       pass  # absent from a partial YAML and its base: Detectron2's default applies
+  _require(cfg, "MODEL.ROI_HEADS.NAME", tuple(ROI_HEADS))
+  name = _get(cfg, "MODEL.ROI_HEADS.NAME")
+  cascade = name == "CascadeROIHeads"
+  # Detectron2's CascadeROIHeads supports only class-agnostic regression, the standard heads
+  # (here) only class-specific.
+  agnostic = _get(cfg, "MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG")
+  if agnostic != cascade:
+    raise ConversionError(
+      f"Detectron2 config MODEL.ROI_HEADS.NAME={name!r} with "
+      f"MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG={agnostic!r}: this model supports only "
+      f"{cascade!r} with {name}"
+    )
+  if cascade:
+    ious = _get(cfg, "MODEL.ROI_BOX_CASCADE_HEAD.IOUS")
+    weights = _get(cfg, "MODEL.ROI_BOX_CASCADE_HEAD.BBOX_REG_WEIGHTS")
+    if (
+      not ious
+      or len(weights) != len(ious)
+      or any(len(w) != 4 for w in weights)
+      or ious[0] != _get(cfg, "MODEL.ROI_HEADS.IOU_THRESHOLDS")[0]
+    ):
+      raise ConversionError(
+        f"Detectron2 config MODEL.ROI_BOX_CASCADE_HEAD.IOUS={ious} / BBOX_REG_WEIGHTS={weights}: "
+        "one IoU and four weights per stage, the first IoU = MODEL.ROI_HEADS.IOU_THRESHOLDS[0]"
+      )
   for key in ("MODEL.RESNETS.NORM", "MODEL.FPN.NORM"):
     _require(cfg, key, NORMS)
   for key in ("MODEL.ROI_BOX_HEAD.NORM", "MODEL.ROI_MASK_HEAD.NORM"):
@@ -368,6 +401,13 @@ def model_config_from_d2(cfg: Mapping) -> ml_collections.ConfigDict:
   c.roi_heads.nms_thresh_test = float(h["NMS_THRESH_TEST"])
   c.roi_heads.detections_per_image = int(cfg["TEST"]["DETECTIONS_PER_IMAGE"])
   c.roi_heads.proposal_append_gt = bool(h["PROPOSAL_APPEND_GT"])
+  c.roi_heads.name = ROI_HEADS[h["NAME"]]
+  if c.roi_heads.name == "cascade":
+    ch = m["ROI_BOX_CASCADE_HEAD"]
+    c.roi_heads.cascade_iou_thresholds = tuple(float(t) for t in ch["IOUS"])
+    c.roi_heads.cascade_bbox_reg_weights = tuple(
+      tuple(float(w) for w in ws) for ws in ch["BBOX_REG_WEIGHTS"]
+    )
 
   b = m["ROI_BOX_HEAD"]
   num_conv, num_fc = int(b["NUM_CONV"]), int(b["NUM_FC"])
@@ -418,16 +458,37 @@ def _count(sd: Mapping[str, np.ndarray], pattern: str) -> int:
 
 
 def structure_from_tensors(sd: Mapping[str, np.ndarray]) -> dict:
-  """Config overrides that the tensors determine: depth, norms, head sizes and classes."""
-  if "roi_heads.box_predictor.cls_score.weight" not in sd:
+  """Config overrides that the tensors determine: depth, norms, head sizes, classes, and the ROI
+  heads (Cascade when the box predictor is a ModuleList: roi_heads.box_predictor.0.*)."""
+  cascade = "roi_heads.box_predictor.0.cls_score.weight" in sd
+  # A cascade's stages share one structure: stage 0's tensors describe it.
+  box = "roi_heads.box_head.0." if cascade else "roi_heads.box_head."
+  cls_score = (
+    "roi_heads.box_predictor.0.cls_score.weight"
+    if cascade
+    else ("roi_heads.box_predictor.cls_score.weight")
+  )
+  if cls_score not in sd:
     raise ConversionError(
-      "no roi_heads.box_predictor.cls_score.weight: not a Detectron2 GeneralizedRCNN with "
-      f"StandardROIHeads (first keys: {sorted(sd)[:5]})"
+      "no roi_heads.box_predictor.cls_score.weight (nor roi_heads.box_predictor.0.*): not a "
+      f"Detectron2 GeneralizedRCNN with Standard or Cascade ROI heads (first keys: "
+      f"{sorted(sd)[:5]})"
     )
+  roi_heads: dict[str, Any] = {"NUM_CLASSES": int(np.shape(sd[cls_score])[0]) - 1}
+  box_head: dict[str, Any] = {}
+  if cascade:
+    roi_heads["NAME"] = "CascadeROIHeads"
+    box_head["CLS_AGNOSTIC_BBOX_REG"] = True
+    stages = _count(sd, r"roi_heads\.box_predictor\.(\d+)\.cls_score\.weight")
+    default_stages = len(BASE_RCNN_FPN["MODEL"]["ROI_BOX_CASCADE_HEAD"]["IOUS"])
+    if stages != default_stages:
+      raise ConversionError(
+        f"a Cascade R-CNN of {stages} stages: its IoUs and box weights are not in the tensors; "
+        f"give its Detectron2 config (the default has {default_stages} stages)"
+      )
   bottom_up = {
     k[len("backbone.bottom_up.") :]: v for k, v in sd.items() if k.startswith("backbone.bottom_up.")
   }
-  num_classes = int(np.shape(sd["roi_heads.box_predictor.cls_score.weight"])[0]) - 1
   return {
     "MODEL": {
       "RESNETS": {
@@ -436,11 +497,12 @@ def structure_from_tensors(sd: Mapping[str, np.ndarray]) -> dict:
         "STRIDE_IN_1X1": _norm_of(sd, "backbone.bottom_up.") in ("FrozenBN", ""),
       },
       "FPN": {"NORM": _norm_of(sd, "backbone.fpn_")},
-      "ROI_HEADS": {"NUM_CLASSES": num_classes},
+      "ROI_HEADS": roi_heads,
       "ROI_BOX_HEAD": {
-        "NUM_CONV": _count(sd, r"roi_heads\.box_head\.conv(\d+)\.weight"),
-        "NUM_FC": _count(sd, r"roi_heads\.box_head\.fc(\d+)\.weight"),
-        "NORM": _norm_of(sd, "roi_heads.box_head."),
+        "NUM_CONV": _count(sd, re.escape(box) + r"conv(\d+)\.weight"),
+        "NUM_FC": _count(sd, re.escape(box) + r"fc(\d+)\.weight"),
+        "NORM": _norm_of(sd, box),
+        **box_head,
       },
       "ROI_MASK_HEAD": {
         "NUM_CONV": _count(sd, r"roi_heads\.mask_head\.mask_fcn(\d+)\.weight"),

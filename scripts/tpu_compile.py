@@ -14,6 +14,7 @@ of the topology's devices, lowers it on abstract arguments and compiles it, then
   .venv/bin/pip install -r requirements-tpu.txt
   PYTHONPATH=. nice .venv/bin/python scripts/tpu_compile.py --topologies v5e:2x2 \
       --images-per-chip 2 --dtypes bfloat16 --image-sizes 1024x1024
+  (add --roi-heads cascade for Cascade Mask R-CNN)
   PYTHONPATH=. .venv/bin/python scripts/tpu_compile.py  # all: 3 topologies x 4 sizes x 3 x 2, slow
 
 Each compile of R50-FPN-GN Mask R-CNN takes minutes on a small CPU; pick a subset with the flags.
@@ -21,7 +22,7 @@ Each compile of R50-FPN-GN Mask R-CNN takes minutes on a small CPU; pick a subse
 --keypoint compiles the recipe as a Keypoint R-CNN instead (model.keypoint_on, no mask head,
 gt_keypoints in the batch: data.keypoints), e.g. the row of 2 bf16 images per v5e chip:
   PYTHONPATH=. nice .venv/bin/python scripts/tpu_compile.py --keypoint --topologies v5e:2x2 \
-      --images-per-chip 2 --dtypes bfloat16 --image-sizes 1344x1344
+      --images-per-chip 2 --dtypes bfloat16 --image-sizes 1024x1024
 (a keypoint recipe, configs/keypoint_*.py, passed with --config needs no --keypoint).
 """
 
@@ -227,6 +228,12 @@ def main(argv=None):
     "which needs less memory than skippable chunks)",
   )
   p.add_argument(
+    "--roi-heads",
+    choices=("standard", "cascade"),
+    default=None,
+    help="override model.roi_heads.name (cascade: Cascade R-CNN's three box stages)",
+  )
+  p.add_argument(
     "--keypoint",
     action="store_true",
     help="the recipe's model as a Keypoint R-CNN (as_keypoint_model)",
@@ -241,6 +248,8 @@ def main(argv=None):
   config = load_config(args.config, args.config_arg)
   if args.mask_chunk_rois is not None:
     config.model.mask_head.chunk_rois = args.mask_chunk_rois
+  if args.roi_heads is not None:
+    config.model.roi_heads.name = args.roi_heads
   if args.keypoint:
     as_keypoint_model(config)
   m = config.model
@@ -254,7 +263,8 @@ def main(argv=None):
     )
   print(
     f"config {os.path.relpath(args.config, ROOT)}; model: R{m.backbone.depth}-FPN "
-    f"norm {m.backbone.norm}, {m.num_classes} classes, " + ", ".join(branches),
+    f"norm {m.backbone.norm}, {m.roi_heads.name} ROI heads, {m.num_classes} classes, "
+    + ", ".join(branches),
     flush=True,
   )
   print(HEADER)

@@ -138,6 +138,47 @@ def test_report_of_several_seeds_is_mean_and_std(tmp_path):
   assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
 
+def test_report_of_keypoint_arms_without_masks(tmp_path):
+  """A keypoint model without a mask head: box and keypoint AP, no mask columns or panels."""
+  rng = np.random.default_rng()
+  unit, multiples = 20, (1, 2, 3)
+  res = _results(rng, unit, seeds=(0, 1), multiples=multiples)
+  for r in res["arms"].values():
+    for run in r["runs"]:
+      for p in run["curve"]:
+        p["keypoints/AP"] = p.pop("segm/AP") + 5.0
+        p["keypoints/AP50"] = p["keypoints/AP"] + 10.0
+    r["curve"] = compare.mean_curve([run["curve"] for run in r["runs"]])
+  assert compare.metrics_of(res) == ("bbox/AP", "keypoints/AP")
+  compare.write_report(res, str(tmp_path))
+  md = (tmp_path / "results.md").read_text()
+  assert "Mask AP" not in md and "mask AP" not in md
+  section = "## Keypoint AP at each schedule (Table 1)"
+  for arm in compare.ARMS:
+    runs = res["arms"][arm]["runs"]
+    values = np.array(
+      [[compare.ap_at(r["curve"], m * unit, "keypoints/AP") for m in multiples] for r in runs]
+    )
+    cells = _row(md, section, compare._LABELS[arm])  # pylint: disable=protected-access
+    assert cells == [f"{m:.1f} ± {s:.1f}" for m, s in zip(values.mean(0), values.std(0, ddof=1))]
+  header = next(l for l in md.split("(Table 2)", 1)[1].splitlines() if l.startswith("| arm |"))
+  assert header.split(" | ")[1:5] == ["box AP", "AP50", "AP75", "at iteration"]
+  assert header.split(" | ")[5:7] == ["keypoint AP", "AP50"]
+  for arm in compare.ARMS:
+    curve = res["arms"][arm]["curve"]
+    best = max(curve, key=lambda p: (p["keypoints/AP"], -p["step"]))
+    cells = _row(md, "(Table 2)", compare._LABELS[arm])  # pylint: disable=protected-access
+    assert cells[4].startswith(f"{best['keypoints/AP']:.1f} ± "), cells
+    assert cells[5].startswith(f"{best['keypoints/AP50']:.1f} ± "), cells
+  assert "- keypoints/AP at 3x: random init" in md
+  assert "Box AP / keypoint AP at each schedule." in md
+  png = (tmp_path / "curves.png").read_bytes()
+  assert png[:8] == b"\x89PNG\r\n\x1a\n"
+  # With masks too: three tables.
+  res["arms"]["finetune"]["runs"][0]["curve"][0]["segm/AP"] = 1.0
+  assert compare.metrics_of(res) == ("bbox/AP", "segm/AP", "keypoints/AP")
+
+
 def test_mean_curve_keeps_the_steps_every_seed_has():
   a = [{"step": s, "segm/AP": float(s), "wall_s": 1.0} for s in (2, 4, 6)]
   b = [{"step": s, "segm/AP": float(s) + 2, "wall_s": 3.0} for s in (2, 4)]

@@ -172,3 +172,50 @@ def test_tiny_config_is_tiny():
   assert c.model.backbone.width <= 16 and c.model.fpn.out_channels <= 32
   assert c.data.name == "shapes_instances" and tuple(c.data.pad_to) == (64, 64)
   assert optim.resolve_schedule(c.schedule, c.optim, c.batch_size)["total_steps"] == 3
+
+
+@pytest.mark.parametrize("name", ["keypoint_rcnn_R_50_FPN_gn", "scratch_keypoint_rcnn_R_50_FPN_gn"])
+def test_keypoint_recipes(name):
+  """The paper's keypoint experiment: R-50-FPN-GN Keypoint R-CNN on COCO person keypoints, with
+  Detectron2's keypoint head and keypoint settings, 2x (pre-trained) / 3x (random init)."""
+  scratch = name.startswith("scratch_")
+  c = load(name)
+  m = c.model
+  assert m.keypoint_on is True and m.mask_on is False and m.num_classes == 1
+  k = m.keypoint_head
+  assert (k.num_keypoints, tuple(k.conv_dims), k.pooler_resolution) == (17, (512,) * 8, 14)
+  assert (k.pooler_sampling_ratio, k.pooler_aligned, k.loss_weight) == (0, True, 1.0)
+  assert k.normalize_by_visible_keypoints and k.min_keypoints_per_image == 1
+  assert m.rpn.post_nms_topk_train == 1500
+  assert m.backbone.norm == m.fpn.norm == m.box_head.norm == "GN" and m.backbone.depth == 50
+  assert m.backbone.freeze_at == 0
+  d = c.data
+  assert (d.name, d.builder_config, d.keypoints) == ("coco_instances", "keypoints_2017", True)
+  assert tuple(d.min_size) == (640, 672, 704, 736, 768, 800) and d.min_size_test == 800
+  assert d.min_keypoints_per_image == 1
+  assert c.require_init_from is (not scratch)
+  s = optim.resolve_schedule(c.schedule, c.optim, c.batch_size)
+  assert s["total_steps"] == (3 if scratch else 2) * 90_000
+  assert s["base_lr"] == pytest.approx(0.02) and c.batch_size == 16
+  assert load(name, "2").schedule.multiple == 2
+
+
+def test_keypoint_comparison_config():
+  """configs/compare_shapes_keypoints.py: the demo's comparison on the synthetic keypoint set."""
+  c = load("compare_shapes_keypoints")
+  demo = load("compare_shapes")
+  assert (c.data.name, c.data.builder_config, c.data.keypoints) == (
+    "shapes_keypoints",
+    "demo",
+    True,
+  )
+  m = c.model
+  assert m.keypoint_on is True and m.mask_on is False and m.num_classes == 1
+  assert m.keypoint_head.num_keypoints == 7
+  assert len(m.keypoint_head.conv_dims) < 8 and max(m.keypoint_head.conv_dims) <= 64
+  # Everything else is the box / mask demo's: backbone, optimizer, unit, pre-training.
+  assert m.backbone.to_dict() == demo.model.backbone.to_dict()
+  assert c.optim.to_dict() == demo.optim.to_dict() and c.batch_size == demo.batch_size
+  assert c.compare.unit_steps == demo.compare.unit_steps
+  assert c.compare.pretrain.to_dict() == demo.compare.pretrain.to_dict()
+  assert tuple(c.compare.multiples) == tuple(demo.compare.multiples)

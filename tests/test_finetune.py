@@ -323,3 +323,28 @@ def test_eval_mode_writes_the_training_runs_metrics(trained, shapes_dir, tmp_pat
   c5.init_from_detector = trained["detector_dir"]
   with pytest.raises(ValueError, match="class heads do not fit"):
     train.evaluate_only(c5, str(tmp_path / "five"))
+
+
+def test_cascade_stage_class_scores_are_class_heads():
+  """Every cascade stage's cls_score keeps its fresh init; its class-agnostic deltas load."""
+  rng = np.random.default_rng()
+  shapes = {
+    "roi_heads/box_predictor/0/cls_score/kernel": (8, 4),
+    "roi_heads/box_predictor/2/cls_score/bias": (4,),
+    "roi_heads/box_predictor/2/bbox_pred/kernel": (8, 4),
+    "roi_heads/box_head/0/fc1/kernel": (6, 8),
+  }
+  fresh = {k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items()}
+  ckpt = {k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items()}
+  unflat = lambda d: flax.traverse_util.unflatten_dict(d, sep="/")
+  out = warm_start.load_detector_into(
+    {"params": unflat(fresh), "collections": {}}, {"params": unflat(ckpt)}, True
+  )
+  assert sorted(out["reinitialized"]) == [
+    "params/roi_heads/box_predictor/0/cls_score/kernel",
+    "params/roi_heads/box_predictor/2/cls_score/bias",
+  ]
+  got = _flat(out["state"]["params"])
+  for key in shapes:
+    want = fresh[key] if "cls_score" in key else ckpt[key]
+    np.testing.assert_array_equal(np.asarray(got[key]), want)

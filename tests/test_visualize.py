@@ -92,6 +92,54 @@ def test_from_coco_reads_boxes_masks_names_and_scores():
   assert visualize.from_coco([], (h, w))["masks"].shape == (0, h, w)
 
 
+def test_keypoints_drawn_above_the_threshold_joined_by_the_skeleton():
+  rng = np.random.default_rng()
+  h, w = 64, 80
+  image = np.full((h, w, 3), 128, np.uint8)
+  # Keypoints 0 and 1 on one row, 2 (below the threshold) and 3 (unlabeled) well below it.
+  y = float(rng.integers(20, 28)) + 0.5  # below the label
+  xa, xb = float(rng.integers(10, 25)) + 0.5, float(rng.integers(50, 70)) + 0.5
+  points = np.array([[xa, y, 0.9], [xb, y, 0.8], [40.5, 50.5, 0.01], [20.5, 50.5, 0.0]], np.float32)
+  det = {
+    "boxes": np.array([[2, 2, w - 3, h - 3]], np.float32),
+    "scores": np.array([0.9], np.float32),
+    "labels": np.array([1]),
+    "masks": np.zeros((1, h, w), bool),
+    "keypoints": points[None],
+    "skeleton": np.array([[0, 1], [1, 2], [2, 3]]),
+  }
+  drawn = np.asarray(visualize.draw(image, det, score_thresh=0.5))
+  rgb = tuple(int(v) for v in visualize.color(0))
+  assert tuple(drawn[int(y), int(xa)]) == rgb and tuple(drawn[int(y), int(xb)]) == rgb
+  assert tuple(drawn[int(y), int((xa + xb) / 2)]) == rgb  # the skeleton line 0 - 1
+  np.testing.assert_array_equal(drawn[44:56, 12:50], image[44:56, 12:50])  # 2, 3 and their lines
+  # Ground truth: v = 1 (labeled, not visible) is hollow, v = 2 filled, v = 0 not drawn.
+  gt = {k: v for k, v in det.items() if k != "scores"}
+  gt["keypoints"] = np.array([[[xa, y, 2], [xb, y, 1], [40.5, 50.5, 0], [20.5, 50.5, 0]]])
+  gt["skeleton"] = np.array([[2, 3]])  # no line through the hollow keypoint
+  drawn = np.asarray(visualize.draw(image, gt))
+  assert tuple(drawn[int(y), int(xa)]) == rgb
+  assert tuple(drawn[int(y), int(xb)]) == (128, 128, 128)  # hollow centre
+  assert (drawn[int(y) - 3 : int(y) + 4, int(xb) - 3 : int(xb) + 4] == 0).all(-1).any()  # ring
+  np.testing.assert_array_equal(drawn[44:56, 12:50], image[44:56, 12:50])
+  # fit scales keypoints with the image; from_coco moves COCO's pixel indices to their centres.
+  big, res = visualize.fit(image, gt, 160)
+  np.testing.assert_allclose(res["keypoints"][..., :2], gt["keypoints"][..., :2] * 2)
+  np.testing.assert_array_equal(res["keypoints"][..., 2], gt["keypoints"][..., 2])
+  coco_kp = rng.integers(0, 40, (2, 4, 3)).astype(np.float64)
+  objects = [
+    dict(bbox=[1, 2, 3, 4], category_id=1, keypoints=coco_kp[0].reshape(-1).tolist()),
+    dict(bbox=[1, 2, 3, 4], category_id=1, keypoints=coco_kp[1].reshape(-1).tolist()),
+    dict(bbox=[1, 2, 3, 4], category_id=2),  # a category without keypoints
+  ]
+  out = visualize.from_coco(objects, (h, w), skeleton=[[1, 2], [2, 4]])
+  np.testing.assert_allclose(out["keypoints"][:2, :, :2], coco_kp[..., :2] + 0.5)
+  np.testing.assert_allclose(out["keypoints"][:2, :, 2], coco_kp[..., 2])
+  assert not out["keypoints"][2, :, 2].any()  # nothing to draw
+  np.testing.assert_array_equal(out["skeleton"], [[0, 1], [1, 3]])
+  assert "keypoints" not in visualize.from_coco(objects[2:], (h, w))
+
+
 # ------------------------------------------------------------------------------------------------
 # Records of the trainer's evaluations, on the tiny shapes data set.
 # ------------------------------------------------------------------------------------------------

@@ -428,12 +428,10 @@ def _keypoint_categories(categories, ann_file):
   with_kp = [c for c in categories if c.get("keypoints")]
   if not with_kp:
     return None
-  names = [str(n) for n in with_kp[0]["keypoints"]]
-  skeleton = [list(p) for p in with_kp[0].get("skeleton") or []]
+  listed = lambda c: ([str(n) for n in c["keypoints"]], [list(p) for p in c.get("skeleton") or []])
+  names, skeleton = listed(with_kp[0])
   for c in with_kp[1:]:
-    if [str(n) for n in c["keypoints"]] != names or [list(p) for p in c.get("skeleton") or []] != (
-      skeleton
-    ):
+    if listed(c) != (names, skeleton):
       raise ValueError(
         f"{ann_file}: categories {with_kp[0]['id']} and {c['id']} list different keypoints or "
         "skeletons (one keypoint list per data set)"

@@ -79,6 +79,15 @@ def default_model_config() -> ml_collections.ConfigDict:
       test_candidates=2000,
       # Detections need w, h >= this after clipping (torchvision 1e-2; Detectron2 none: 0).
       min_box_size_test=0.0,
+      # "standard" (StandardROIHeads) or "cascade" (CascadeROIHeads, models/cascade_roi_heads.py).
+      name="standard",
+      # Cascade: each stage's foreground IoU (the first is iou_threshold) and box weights.
+      cascade_iou_thresholds=(0.5, 0.6, 0.7),
+      cascade_bbox_reg_weights=(
+        (10.0, 10.0, 5.0, 5.0),
+        (20.0, 20.0, 10.0, 10.0),
+        (30.0, 30.0, 15.0, 15.0),
+      ),
     )
   )
   # Head norms: GN with num_groups groups; BN / SyncBN take statistics over all ROIs of the batch.

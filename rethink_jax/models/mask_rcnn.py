@@ -19,7 +19,8 @@ with their objectness proposal_logits (B, P) (-inf = padding), highest first,
 P = post_nms_topk_test.
 
 build_model is the one reader of the config: it builds every part (fpn.backbone_from_config,
-rpn.build_rpn, roi_heads.build_roi_heads) and the modules receive built sub-modules and layer
+rpn.build_rpn, roi_heads.build_roi_heads or, with roi_heads.name "cascade",
+cascade_roi_heads.build_cascade_roi_heads) and the modules receive built sub-modules and layer
 factories (layers.conv_def / dense_def / build_norm), as Detectron2's from_config builders do.
 
 Parameter tree (Detectron2's module names, so importing weights is a rename table):
@@ -28,6 +29,8 @@ Parameter tree (Detectron2's module names, so importing weights is a rename tabl
   roi_heads/{box_head/{conv1..conv4, fc1}, box_predictor/{cls_score, bbox_pred},
              mask_head/{mask_fcn1..mask_fcn4, deconv, predictor} (mask_on),
              keypoint_head/{conv_fcn1..conv_fcn8, score_lowres} (keypoint_on)}
+  (Cascade: roi_heads/box_head/{0,1,2}/..., roi_heads/box_predictor/{0,1,2}/..., and its
+  training losses loss_cls_stage{k} / loss_box_reg_stage{k} replace loss_cls / loss_box_reg.)
 """
 
 from collections.abc import Mapping, Sequence
@@ -38,6 +41,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from rethink_jax.models import cascade_roi_heads as cascade_lib
 from rethink_jax.models import fpn as fpn_lib
 from rethink_jax.models import roi_heads as roi_heads_lib
 from rethink_jax.models import rpn as rpn_lib
@@ -56,7 +60,7 @@ class MaskRCNN(nn.Module):
   Attributes:
     backbone: images (B, H, W, 3) -> {"p2".."p6"} (fpn.FPN).
     proposal_generator: rpn.RPN.
-    roi_heads: roi_heads.StandardROIHeads.
+    roi_heads: roi_heads.StandardROIHeads or cascade_roi_heads.CascadeROIHeads.
     anchor_sizes, anchor_aspect_ratios, anchor_offset, anchor_round_cell,
       anchor_grid_strides: the config's anchors section.
   """
@@ -129,6 +133,16 @@ class MaskRCNN(nn.Module):
     return losses
 
 
+def build_roi_heads(model_config: ml_collections.ConfigDict) -> nn.Module:
+  """The ROI heads that roi_heads.name selects: "standard" or "cascade"."""
+  name = model_config.roi_heads.get("name", "standard")
+  if name == "standard":
+    return roi_heads_lib.build_roi_heads(model_config)
+  if name == "cascade":
+    return cascade_lib.build_cascade_roi_heads(model_config)
+  raise ValueError(f"unknown roi_heads.name {name!r}: 'standard' or 'cascade'")
+
+
 def build_model(
   model_config: ml_collections.ConfigDict, axis_name: Optional[str] = None
 ) -> MaskRCNN:
@@ -143,7 +157,7 @@ def build_model(
   return MaskRCNN(
     backbone=fpn_lib.backbone_from_config(c, axis_name),
     proposal_generator=rpn_lib.build_rpn(c),
-    roi_heads=roi_heads_lib.build_roi_heads(c),
+    roi_heads=build_roi_heads(c),
     anchor_sizes=a.sizes,
     anchor_aspect_ratios=a.aspect_ratios,
     anchor_offset=a.offset,

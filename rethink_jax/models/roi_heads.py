@@ -355,6 +355,7 @@ def fast_rcnn_inference(
   detections_per_image: int,
   num_candidates: int,
   min_box_size: float = 0.0,
+  probs: Optional[Array] = None,
 ) -> tuple[Array, Array, Array, Array]:
   """Detections of one image (Detectron2's fast_rcnn_inference_single_image, fixed shapes).
 
@@ -363,7 +364,8 @@ def fast_rcnn_inference(
   clipped box has w < min_box_size or h < min_box_size are dropped (torchvision 1e-2; 0 keeps all).
   Args:
     proposals (P, 4), proposal_valid (P,), logits (P, K+1) (background last), deltas (P, K, 4),
-    image_hw (2,).
+    image_hw (2,); probs: (P, K+1) class probabilities used instead of softmax(logits) (Cascade
+    R-CNN's average over its stages).
   Returns boxes (D, 4), scores (D,), classes (D,) int32 in 1..K (0 = padding), num (int32), with
   D = detections_per_image; padded rows are zero.
   """
@@ -373,7 +375,10 @@ def fast_rcnn_inference(
     proposals.shape == (p, 4) and deltas.shape == (p, k, 4),
     f"proposals {proposals.shape}, logits {logits.shape}, deltas {deltas.shape} disagree",
   )
-  scores = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)[:, :k]
+  if probs is None:
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+  _check(probs.shape == (p, k1), f"probs {probs.shape} != logits {logits.shape}")
+  scores = probs.astype(jnp.float32)[:, :k]
   anchors = jnp.broadcast_to(proposals[:, None, :], (p, k, 4))
   boxes = box_ops.decode_boxes(deltas.reshape(p * k, 4), anchors.reshape(p * k, 4), box_reg_weights)
   finite = jnp.all(jnp.isfinite(boxes), axis=-1)
