@@ -19,11 +19,12 @@ of the topology's devices, lowers it on abstract arguments and compiles it, then
 
 Each compile of R50-FPN-GN Mask R-CNN takes minutes on a small CPU; pick a subset with the flags.
 --json FILE appends one JSON line per compiled case (to keep a table across runs).
---keypoint compiles the recipe as a Keypoint R-CNN instead (model.keypoint_on, no mask head,
-gt_keypoints in the batch: data.keypoints), e.g. the row of 2 bf16 images per v5e chip:
-  PYTHONPATH=. nice .venv/bin/python scripts/tpu_compile.py --keypoint --topologies v5e:2x2 \
+The keypoint model (gt_keypoints in the abstract batch), 2 bf16 images per v5e chip:
+  PYTHONPATH=. nice .venv/bin/python scripts/tpu_compile.py \
+      --config configs/scratch_keypoint_rcnn_R_50_FPN_gn.py --topologies v5e:2x2 \
       --images-per-chip 2 --dtypes bfloat16 --image-sizes 1024x1024
-(a keypoint recipe, configs/keypoint_*.py, passed with --config needs no --keypoint).
+--keypoint turns any other recipe's model into a Keypoint R-CNN (model.keypoint_on, no mask head,
+data.keypoints).
 """
 
 import os
