@@ -730,7 +730,8 @@ DETECTOR_SOURCES = ("detectron2", "torchvision")
 
 
 def convert_detector(path: str, source: str, **options: Any) -> tuple[dict, Any, dict]:
-  """A whole Mask R-CNN checkpoint -> (variables, model_config, meta) of models.build_model.
+  """A whole Mask R-CNN (or torchvision Keypoint R-CNN) checkpoint -> (variables, model_config,
+  meta) of models.build_model.
 
   Args:
     path: "detectron2": a model-zoo .pkl ({"model": {name: ndarray}}) or .pth ({"model": {name:
@@ -781,8 +782,9 @@ def detector_main(args: argparse.Namespace) -> int:
     print(f"error: {e}", file=sys.stderr)
     return 1
   c = model_config
+  kind = "Keypoint R-CNN" if c.get("keypoint_on") and not c.get("mask_on", True) else "Mask R-CNN"
   print(
-    f"wrote {out}: {args.source} Mask R-CNN R{c.backbone.depth}-FPN norm={c.backbone.norm} "
+    f"wrote {out}: {args.source} {kind} R{c.backbone.depth}-FPN norm={c.backbone.norm} "
     f"box_head={c.box_head.name} classes={c.num_classes} input={c.input.format} "
     f"({len(meta.get('used', []))} tensors used, {len(meta.get('dropped', []))} dropped)"
   )

@@ -1,4 +1,4 @@
-"""torchvision Mask R-CNN state dicts -> this project's Mask R-CNN (variables, model config, meta).
+"""torchvision Mask / Keypoint R-CNN state dicts -> this project's model (variables, config, meta).
 
   sd = convert.read_state_dict("maskrcnn_resnet50_fpn_coco.pth")
   variables, model_config, meta = zoo_torchvision.convert(sd, "maskrcnn_resnet50_fpn_coco.pth")
@@ -13,6 +13,10 @@ Architectures (ARCHITECTURES), told apart by their keys; the ResNet depth is rea
   maskrcnn_resnet50_fpn_gn  MaskRCNN with GroupNorm everywhere, as scripts/benchmark_model.py
                             builds it: GN backbone and FPN, 4conv1fc box head and mask head with
                             GN, one-conv RPN head.
+  keypointrcnn_resnet50_fpn torchvision.models.detection.keypointrcnn_resnet50_fpn: as
+                            maskrcnn_resnet50_fpn, with a keypoint head (8 conv 3x3 512 + ReLU,
+                            ConvTranspose 4x4 stride 2) instead of the mask head: keypoint_on,
+                            not mask_on; num_keypoints from the weights.
 
 Weights map onto the Detectron2-named tree:
   backbone.body.{conv1, bn1}                 backbone/bottom_up/stem/conv1
@@ -27,6 +31,8 @@ Weights map onto the Detectron2-named tree:
   roi_heads.mask_head.j.{0, 1}               roi_heads/mask_head/mask_fcn{j+1}
   roi_heads.mask_predictor.conv5_mask        roi_heads/mask_head/deconv
   roi_heads.mask_predictor.mask_fcn_logits   roi_heads/mask_head/predictor
+  roi_heads.keypoint_head.{2j}               roi_heads/keypoint_head/conv_fcn{j+1} (ReLUs between)
+  roi_heads.keypoint_predictor.kps_score_lowres  roi_heads/keypoint_head/score_lowres
 torchvision puts the background first: row 0 of cls_score moves to the end, and the background's
 4 rows of bbox_pred and channel of mask_fcn_logits (never read at inference) are dropped. That is
 exact (the softmax does not care about the order of its columns), and labels come out in
@@ -34,13 +40,16 @@ torchvision's space (output.first_label).
 
 Semantics: every difference from Detectron2 is a model config field, set here (the docstring of
 `model_config_for` lists them). torchvision's RPN score_thresh (0.0 on sigmoid probabilities)
-keeps every finite proposal, as Detectron2 does, so it needs none. Training a converted model
+keeps every finite proposal, as Detectron2 does, so it needs none. FrozenBatchNorm2d folds with
+eps 0 for the COCO_V1 zoo files whose builders set it so (ZERO_EPS_SHA256_PREFIXES, found by the
+file's sha256), 1e-5 otherwise (option frozen_bn_eps). Training a converted model
 uses this project's (Detectron2's) losses and sampling, not torchvision's (smooth L1 with beta
 1/9 in the RPN, losses normalised by the sampled count).
 """
 
 from collections.abc import Mapping
 import os
+import re
 from typing import Any, Optional
 
 import ml_collections
@@ -51,26 +60,46 @@ from rethink_jax.convert import ConversionError
 from rethink_jax.models.config import default_model_config
 
 SOURCE = "torchvision"
-# name -> norms (backbone, FPN, box and mask heads), RPN convs and box head.
+# name -> norms (backbone, FPN, box and mask heads), RPN convs, box head and the branch after the
+# box head ("mask" or "keypoint").
 ARCHITECTURES = {
-  "maskrcnn_resnet50_fpn": dict(backbone="BN", fpn="", heads="", rpn_convs=1, box_head="2fc"),
+  "maskrcnn_resnet50_fpn": dict(
+    backbone="BN", fpn="", heads="", rpn_convs=1, box_head="2fc", branch="mask"
+  ),
   "maskrcnn_resnet50_fpn_v2": dict(
-    backbone="BN", fpn="BN", heads="BN", rpn_convs=2, box_head="4conv1fc"
+    backbone="BN", fpn="BN", heads="BN", rpn_convs=2, box_head="4conv1fc", branch="mask"
   ),
   "maskrcnn_resnet50_fpn_gn": dict(
-    backbone="GN", fpn="GN", heads="GN", rpn_convs=1, box_head="4conv1fc"
+    backbone="GN", fpn="GN", heads="GN", rpn_convs=1, box_head="4conv1fc", branch="mask"
+  ),
+  "keypointrcnn_resnet50_fpn": dict(
+    backbone="BN", fpn="", heads="", rpn_convs=1, box_head="2fc", branch="keypoint"
   ),
 }
-# The model's norm for each source norm: the v1 zoo backbone is FrozenBatchNorm2d.
+# The model's norm for each source norm: the v1 zoo backbones are FrozenBatchNorm2d.
 _BACKBONE_NORM = {
   "maskrcnn_resnet50_fpn": "FrozenBN",
   "maskrcnn_resnet50_fpn_v2": "BN",
   "maskrcnn_resnet50_fpn_gn": "GN",
+  "keypointrcnn_resnet50_fpn": "FrozenBN",
 }
 # torchvision's GeneralizedRCNNTransform: image_mean / std on 0..1, here on 0..255, RGB.
 PIXEL_MEAN = (123.675, 116.28, 103.53)
 PIXEL_STD = (58.395, 57.12, 57.375)
-OPTIONS = ("freeze_at", "num_groups", "pooler_sampling_ratio", "class_names")
+OPTIONS = (
+  "freeze_at",
+  "num_groups",
+  "pooler_sampling_ratio",
+  "class_names",
+  "keypoint_names",
+  "frozen_bn_eps",
+)
+# torchvision's builders set FrozenBatchNorm2d's eps to 0 for these zoo files (overwrite_eps),
+# 1e-5 elsewhere; the files are named by their sha256 prefix.
+ZERO_EPS_SHA256_PREFIXES = {
+  "bf2d0c1e": "maskrcnn_resnet50_fpn_coco (COCO_V1)",
+  "fc266e95": "keypointrcnn_resnet50_fpn_coco (COCO_V1)",
+}
 
 # torchvision's COCO label space (its weights' meta["categories"]): label i is COCO category id i;
 # "N/A" marks the ids COCO does not use, "__background__" is label 0.
@@ -86,6 +115,13 @@ COCO_CATEGORIES = (
   "N/A", "tv", "laptop", "mouse", "remote", "keyboard", "cell phone", "microwave", "oven",
   "toaster", "sink", "refrigerator", "N/A", "book", "clock", "vase", "scissors", "teddy bear",
   "hair drier", "toothbrush",
+)  # fmt: skip
+# torchvision's keypoint R-CNN: labels 0 "no person" (background), 1 "person"; COCO's 17 keypoints.
+COCO_PERSON_CATEGORIES = ("no person", "person")
+COCO_PERSON_KEYPOINT_NAMES = (
+  "nose", "left_eye", "right_eye", "left_ear", "right_ear", "left_shoulder", "right_shoulder",
+  "left_elbow", "right_elbow", "left_wrist", "right_wrist", "left_hip", "right_hip", "left_knee",
+  "right_knee", "left_ankle", "right_ankle",
 )  # fmt: skip
 
 
@@ -107,17 +143,51 @@ def _count(sd: Mapping[str, np.ndarray], pattern: str) -> int:
   return j
 
 
+def _branch(sd: Mapping[str, np.ndarray]) -> str:
+  """ "mask", "keypoint", "mask+keypoint" or "none": the heads after the box head."""
+  mask = any(k.startswith(("roi_heads.mask_head.", "roi_heads.mask_predictor.")) for k in sd)
+  keypoint = any(
+    k.startswith(("roi_heads.keypoint_head.", "roi_heads.keypoint_predictor.")) for k in sd
+  )
+  return "+".join(n for n, b in (("mask", mask), ("keypoint", keypoint)) if b) or "none"
+
+
+def _keypoint_conv_dims(sd: Mapping[str, np.ndarray]) -> list[int]:
+  """Out channels of each Conv2d of roi_heads.keypoint_head (its Sequential's entries 2j, a ReLU
+  after each), as many as the highest index says: a conv whose weight is absent takes its bias's
+  size or its predecessor's (the Writer then names the missing key)."""
+  indices = [
+    int(k.split(".")[2])
+    for k in sd
+    if re.fullmatch(r"roi_heads\.keypoint_head\.\d+\.(weight|bias)", k)
+  ]
+  if not indices:
+    raise ConversionError("missing key roi_heads.keypoint_head.0.weight: a keypoint head needs it")
+  dims = []
+  for j in range(max(indices) // 2 + 1):
+    weight, bias = (f"roi_heads.keypoint_head.{2 * j}.{n}" for n in ("weight", "bias"))
+    if weight in sd:
+      dims.append(int(sd[weight].shape[0]))
+    elif bias in sd:
+      dims.append(int(sd[bias].shape[0]))
+    else:
+      dims.append(dims[-1] if dims else int(sd["backbone.fpn.inner_blocks.0.0.weight"].shape[0]))
+  return dims
+
+
 def layout_of(sd: Mapping[str, np.ndarray]) -> dict[str, Any]:
-  """The structure a torchvision Mask R-CNN state dict describes (ConversionError if none).
+  """The structure a torchvision Mask / Keypoint R-CNN state dict describes (ConversionError if
+  none).
 
   Returns dict architecture (a key of ARCHITECTURES), num_classes (K, background excluded),
   num_anchors, fpn_channels, box_num_conv, box_conv_dim, box_fc_dim, mask_num_conv,
-  mask_conv_dim.
+  mask_conv_dim, keypoint_conv_dims (out channels of each keypoint head conv, () without one)
+  and num_keypoints (0 without a keypoint head).
   """
   if "backbone.body.conv1.weight" not in sd or "roi_heads.box_predictor.cls_score.weight" not in sd:
     raise ConversionError(
-      "not a torchvision Mask R-CNN state dict: backbone.body.conv1.weight or "
-      f"roi_heads.box_predictor.cls_score.weight is absent (first keys: {sorted(sd)[:5]})"
+      "not a torchvision Mask R-CNN (or Keypoint R-CNN) state dict: backbone.body.conv1.weight "
+      f"or roi_heads.box_predictor.cls_score.weight is absent (first keys: {sorted(sd)[:5]})"
     )
   box_two_fc = "roi_heads.box_head.fc6.weight" in sd
   box_num_conv = _count(sd, "roi_heads.box_head.{}.0.weight")
@@ -130,6 +200,7 @@ def layout_of(sd: Mapping[str, np.ndarray]) -> dict[str, Any]:
     heads=mask_norm if box_two_fc or box_norm == mask_norm else f"{box_norm}/{mask_norm}",
     rpn_convs=_count(sd, "rpn.head.conv.{}.0.weight"),
     box_head="2fc" if box_two_fc else ("4conv1fc" if box_num_conv else "none"),
+    branch=_branch(sd),
   )
   names = [n for n, a in ARCHITECTURES.items() if a == found]
   if not names:
@@ -149,6 +220,13 @@ def layout_of(sd: Mapping[str, np.ndarray]) -> dict[str, Any]:
     box_conv_dim = sd["roi_heads.box_head.0.0.weight"].shape[0]
   if "rpn.head.cls_logits.weight" not in sd or "backbone.fpn.inner_blocks.0.0.weight" not in sd:
     raise ConversionError("missing key rpn.head.cls_logits.weight or backbone.fpn.inner_blocks.0")
+  keypoint_conv_dims, num_keypoints = [], 0
+  if "keypoint" in found["branch"]:
+    lowres = "roi_heads.keypoint_predictor.kps_score_lowres.weight"
+    if lowres not in sd:
+      raise ConversionError(f"missing key {lowres}: a keypoint head needs it")
+    num_keypoints = int(sd[lowres].shape[1])  # ConvTranspose2d weight (C_in, K, 4, 4)
+    keypoint_conv_dims = _keypoint_conv_dims(sd)
   return dict(
     architecture=names[0],
     num_classes=int(cls.shape[0]) - 1,
@@ -159,6 +237,8 @@ def layout_of(sd: Mapping[str, np.ndarray]) -> dict[str, Any]:
     box_fc_dim=int(fc.shape[0]),
     mask_num_conv=mask_num_conv,
     mask_conv_dim=int(sd["roi_heads.mask_head.0.0.weight"].shape[0]) if mask_num_conv else 0,
+    keypoint_conv_dims=tuple(keypoint_conv_dims),
+    num_keypoints=num_keypoints,
   )
 
 
@@ -169,7 +249,7 @@ def model_config_for(
   num_groups: int = 32,
   pooler_sampling_ratio: int = 2,
 ) -> ml_collections.ConfigDict:
-  """The model config of a torchvision Mask R-CNN (`layout_of`), ResNet of `depth`.
+  """The model config of a torchvision Mask / Keypoint R-CNN (`layout_of`), ResNet of `depth`.
 
   torchvision's semantics, each a field (Detectron2's value is the default_model_config()'s):
     anchors.round_cell (integer cell anchors), anchors.grid_strides (stride = padded size //
@@ -177,7 +257,10 @@ def model_config_for(
     rpn.pre/post_nms_topk_train 2000 / 2000; roi_heads.min_box_size_test 1e-2; poolers:
     sampling_ratio 2, aligned False, level_rule "torchvision"; input: RGB, ImageNet mean / std
     * 255, 800 / 1333, resize "torchvision", size_divisibility 32; output: first_label 1
-    (labels 1..K, torchvision's), mask_paste "torchvision".
+    (labels 1..K, torchvision's), mask_paste "torchvision". A keypoint model: mask_on False,
+    keypoint_on True, keypoint_head.num_keypoints and conv_dims from the weights (its pooler as
+    above; torchvision decodes heatmaps as Detectron2 does, and its keypoints_scores are the
+    model's "keypoint_logits").
   Settings the tensors do not hold: freeze_at (None: 2 for BN backbones, torchvision's
   trainable_backbone_layers=3; 0 for GN, the benchmark's 5), num_groups (GN), and the pooler
   sampling ratio (torchvision's MultiScaleRoIAlign default 2; the benchmark may pass 0).
@@ -218,11 +301,22 @@ def model_config_for(
     bh.name, bh.num_conv, bh.num_fc = "4conv1fc", layout["box_num_conv"], 1
     bh.conv_dim = layout["box_conv_dim"]
   bh.fc_dim = layout["box_fc_dim"]
-  mh.num_conv = layout["mask_num_conv"]
-  mh.conv_dim = layout["mask_conv_dim"]
-  for h in (bh, mh):
+  pooled = [bh]
+  c.mask_on = arch["branch"] == "mask"
+  c.keypoint_on = arch["branch"] == "keypoint"
+  if c.mask_on:
+    mh.num_conv = layout["mask_num_conv"]
+    mh.conv_dim = layout["mask_conv_dim"]
+    pooled.append(mh)
+  for h in pooled:
     h.norm = arch["heads"]
     h.num_groups = num_groups
+  if c.keypoint_on:
+    kh = c.keypoint_head
+    kh.num_keypoints = layout["num_keypoints"]
+    kh.conv_dims = layout["keypoint_conv_dims"]
+    pooled.append(kh)
+  for h in pooled:
     h.pooler_sampling_ratio = pooler_sampling_ratio
     h.pooler_aligned = False
     h.pooler_level_rule = "torchvision"
@@ -260,8 +354,10 @@ class _Writer:
   """Fills the flat target {(collection, *path): array} from source keys, checking each shape
   against the model's template and recording every problem (raised together by `finish`)."""
 
-  def __init__(self, sd: Mapping[str, np.ndarray], template: dict[tuple, tuple]):
-    self.sd, self.template = sd, template
+  def __init__(
+    self, sd: Mapping[str, np.ndarray], template: dict[tuple, tuple], frozen_bn_eps: float
+  ):
+    self.sd, self.template, self.frozen_bn_eps = sd, template, frozen_bn_eps
     self.out: dict[tuple, np.ndarray] = {}
     self.used: list[str] = []
     self.errors: list[str] = []
@@ -313,7 +409,7 @@ class _Writer:
       if any(np.shape(self.sd[n]) != want for n in names):
         shapes = {n: np.shape(self.sd[n]) for n in names}
         self.errors.append(f"{shapes} -> {'/'.join(module)}: the model wants {want}")
-      scale = gamma / np.sqrt(var + convert_lib.BN_EPS)
+      scale = gamma / np.sqrt(var + self.frozen_bn_eps)
       self.out[("frozen",) + module + ("scale",)] = scale.astype(np.float32)
       self.out[("frozen",) + module + ("bias",)] = (beta - mean * scale).astype(np.float32)
       self.used += names
@@ -375,15 +471,55 @@ def _backbone_body(w: _Writer) -> None:
       w.norm(module + ("norm",), norm)
 
 
+def _mask_branch(w: _Writer, num_conv: int, norm: str) -> None:
+  """roi_heads.mask_head / mask_predictor onto roi_heads/mask_head (background channel dropped)."""
+  mask = ("roi_heads", "mask_head")
+  for j in range(num_conv):
+    key = f"roi_heads.mask_head.{j}."
+    w.conv(mask + (f"mask_fcn{j + 1}",), key + "0.", key + "1." if norm else None)
+  # ConvTranspose2d weight (C_in, C_out, 2, 2) -> kernel (2, 2, C_in, C_out).
+  deconv = "roi_heads.mask_predictor.conv5_mask."
+  w.put(
+    ("params",) + mask + ("deconv", "kernel"), deconv + "weight", lambda a: a.transpose(2, 3, 0, 1)
+  )
+  w.put(("params",) + mask + ("deconv", "bias"), deconv + "bias")
+  logits = "roi_heads.mask_predictor.mask_fcn_logits."
+  w.put(
+    ("params",) + mask + ("predictor", "kernel"),
+    logits + "weight",
+    lambda a: a[1:].transpose(2, 3, 1, 0),
+  )
+  w.put(("params",) + mask + ("predictor", "bias"), logits + "bias", lambda a: a[1:])
+
+
+def _keypoint_branch(w: _Writer, num_conv: int) -> None:
+  """roi_heads.keypoint_head / keypoint_predictor onto roi_heads/keypoint_head."""
+  head = ("roi_heads", "keypoint_head")
+  for j in range(num_conv):
+    w.conv(head + (f"conv_fcn{j + 1}",), f"roi_heads.keypoint_head.{2 * j}.")
+  # ConvTranspose2d weight (C_in, K, 4, 4) -> kernel (4, 4, C_in, K), as the mask deconv's.
+  lowres = "roi_heads.keypoint_predictor.kps_score_lowres."
+  w.put(
+    ("params",) + head + ("score_lowres", "kernel"),
+    lowres + "weight",
+    lambda a: a.transpose(2, 3, 0, 1),
+  )
+  w.put(("params",) + head + ("score_lowres", "bias"), lowres + "bias")
+
+
 def state_dict_to_variables(
-  sd: Mapping[str, np.ndarray], layout: Mapping[str, Any], template: dict[tuple, tuple]
+  sd: Mapping[str, np.ndarray],
+  layout: Mapping[str, Any],
+  template: dict[tuple, tuple],
+  frozen_bn_eps: float = convert_lib.BN_EPS,
 ) -> tuple[dict, list[str]]:
-  """Maps the tensors onto build_model(config)'s variables (nested numpy dicts).
+  """Maps the tensors onto build_model(config)'s variables (nested numpy dicts), FrozenBN folded
+  with `frozen_bn_eps`.
 
   Returns (variables, used keys). Raises ConversionError naming every missing or leftover key
   and every shape mismatch.
   """
-  w = _Writer(sd, template)
+  w = _Writer(sd, template, frozen_bn_eps)
   _backbone_body(w)
   arch = ARCHITECTURES[layout["architecture"]]
   for i in range(4):
@@ -417,23 +553,10 @@ def state_dict_to_variables(
   w.dense(pred + ("cls_score",), "roi_heads.box_predictor.cls_score.", order)
   w.dense(pred + ("bbox_pred",), "roi_heads.box_predictor.bbox_pred.", slice(4, None))
 
-  mask = ("roi_heads", "mask_head")
-  for j in range(layout["mask_num_conv"]):
-    key = f"roi_heads.mask_head.{j}."
-    w.conv(mask + (f"mask_fcn{j + 1}",), key + "0.", key + "1." if heads else None)
-  # ConvTranspose2d weight (C_in, C_out, 2, 2) -> kernel (2, 2, C_in, C_out).
-  deconv = "roi_heads.mask_predictor.conv5_mask."
-  w.put(
-    ("params",) + mask + ("deconv", "kernel"), deconv + "weight", lambda a: a.transpose(2, 3, 0, 1)
-  )
-  w.put(("params",) + mask + ("deconv", "bias"), deconv + "bias")
-  logits = "roi_heads.mask_predictor.mask_fcn_logits."
-  w.put(
-    ("params",) + mask + ("predictor", "kernel"),
-    logits + "weight",
-    lambda a: a[1:].transpose(2, 3, 1, 0),
-  )
-  w.put(("params",) + mask + ("predictor", "bias"), logits + "bias", lambda a: a[1:])
+  if arch["branch"] == "mask":
+    _mask_branch(w, layout["mask_num_conv"], heads)
+  else:
+    _keypoint_branch(w, len(layout["keypoint_conv_dims"]))
   w.finish()
 
   variables: dict = {}
@@ -451,14 +574,17 @@ def state_dict_to_variables(
 def convert(
   state_dict: Mapping[str, np.ndarray], path: str, **options: Any
 ) -> tuple[dict, ml_collections.ConfigDict, dict]:
-  """A torchvision Mask R-CNN state dict -> (variables, model_config, meta).
+  """A torchvision Mask / Keypoint R-CNN state dict -> (variables, model_config, meta).
 
   Args:
     state_dict: {torchvision name: array} (convert.read_state_dict of the .pth file).
     path: the file it came from (for the sha256 and the meta).
-    **options: freeze_at, num_groups, pooler_sampling_ratio (see `model_config_for`), and
+    **options: freeze_at, num_groups, pooler_sampling_ratio (see `model_config_for`),
       class_names: the K names of labels 1..K (default: torchvision's COCO categories when
-      K = 90).
+      K = 90; "person" for a keypoint model of one class and 17 keypoints), and keypoint_names
+      (keypoint models: the names of the keypoints, in meta["keypoint_names"]; default COCO's
+      17 when there are 17), frozen_bn_eps (the eps FrozenBatchNorm2d is folded with; default
+      0 for the zoo files ZERO_EPS_SHA256_PREFIXES names, as torchvision loads them, else 1e-5).
   Raises:
     ConversionError naming the offending keys and shapes.
   """
@@ -480,24 +606,42 @@ def convert(
     num_groups=options.get("num_groups", 32),
     pooler_sampling_ratio=options.get("pooler_sampling_ratio", 2),
   )
-  variables, used = state_dict_to_variables(sd, layout, _template(model_config))
+  sha256 = convert_lib.sha256_file(path) if os.path.isfile(path) else None
+  eps = options.get("frozen_bn_eps")
+  if eps is None:
+    eps = 0.0 if sha256 and sha256[:8] in ZERO_EPS_SHA256_PREFIXES else convert_lib.BN_EPS
+  variables, used = state_dict_to_variables(sd, layout, _template(model_config), eps)
 
   k = layout["num_classes"]
   class_names = options.get("class_names")
   if class_names is None and k == len(COCO_CATEGORIES) - 1:
     class_names = list(COCO_CATEGORIES[1:])
+  num_keypoints = layout["num_keypoints"]
+  coco_person = num_keypoints == len(COCO_PERSON_KEYPOINT_NAMES)
+  if class_names is None and coco_person and k == len(COCO_PERSON_CATEGORIES) - 1:
+    class_names = list(COCO_PERSON_CATEGORIES[1:])
   if class_names is not None and len(class_names) != k:
     raise ConversionError(f"{len(class_names)} class names for a model of {k} classes")
+  keypoint_names = options.get("keypoint_names")
+  if keypoint_names is None and coco_person:
+    keypoint_names = list(COCO_PERSON_KEYPOINT_NAMES)
+  if keypoint_names is not None and len(keypoint_names) != num_keypoints:
+    raise ConversionError(
+      f"{len(keypoint_names)} keypoint names for a model of {num_keypoints} keypoints"
+    )
   meta = {
     "source": SOURCE,
     "architecture": layout["architecture"],
-    "sha256": convert_lib.sha256_file(path) if os.path.isfile(path) else None,
+    "sha256": sha256,
     "input": os.path.basename(path),
     "class_names": list(class_names) if class_names is not None else None,
     # torchvision reports class k (1..K in the model) as label k; 0 is its background.
     "label_map": {str(i): i for i in range(1, k + 1)},
     "bn_eps": convert_lib.BN_EPS,
+    "frozen_bn_eps": float(eps) if _BACKBONE_NORM[layout["architecture"]] == "FrozenBN" else None,
     "used": sorted(set(used)),
     "dropped": sorted(k for k in sd if k.endswith("num_batches_tracked")),
   }
+  if num_keypoints:
+    meta["keypoint_names"] = list(keypoint_names) if keypoint_names is not None else None
   return variables, model_config, meta

@@ -19,6 +19,12 @@ of the topology's devices, lowers it on abstract arguments and compiles it, then
 
 Each compile of R50-FPN-GN Mask R-CNN takes minutes on a small CPU; pick a subset with the flags.
 --json FILE appends one JSON line per compiled case (to keep a table across runs).
+The keypoint model (gt_keypoints in the abstract batch), 2 bf16 images per v5e chip:
+  PYTHONPATH=. nice .venv/bin/python scripts/tpu_compile.py \
+      --config configs/scratch_keypoint_rcnn_R_50_FPN_gn.py --topologies v5e:2x2 \
+      --images-per-chip 2 --dtypes bfloat16 --image-sizes 1024x1024
+--keypoint turns any other recipe's model into a Keypoint R-CNN (model.keypoint_on, no mask head,
+data.keypoints).
 """
 
 import os
@@ -76,12 +82,19 @@ def load_config(path: str, arg: str = ""):
 
 
 def abstract_batch(config, batch_size: int, image_hw, sharding=None) -> dict:
-  """ShapeDtypeStructs of a global training batch (the pipeline's batch dict, CONTRACTS.md)."""
+  """ShapeDtypeStructs of a global training batch (the pipeline's batch dict, CONTRACTS.md);
+  gt_keypoints (K = model.keypoint_head.num_keypoints) for a keypoint model."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
 
   h, w = image_hw
   g, s = int(config.data.max_instances), int(config.data.mask_size)
+  k = 0
+  # data.recipe.resolve_config turns data.keypoints on for a keypoint model.
+  if config.data.get("keypoints") or config.model.get("keypoint_on"):
+    k = int(config.model.keypoint_head.num_keypoints)
+    if k <= 0:
+      raise ValueError("model.keypoint_head.num_keypoints must be the data set's K (> 0) here")
   shapes = dict(
     image=((h, w, 3), np.float32),
     image_hw=((2,), np.int32),
@@ -93,6 +106,8 @@ def abstract_batch(config, batch_size: int, image_hw, sharding=None) -> dict:
     gt_classes=((g,), np.int32),
     gt_masks=((g, s, s), np.uint8),
   )
+  if k:
+    shapes["gt_keypoints"] = ((g, k, 3), np.float32)  # [x, y, v] in input pixels
   return {
     k: jax.ShapeDtypeStruct((batch_size,) + shape, dtype, sharding=sharding)
     for k, (shape, dtype) in shapes.items()
@@ -164,6 +179,14 @@ def analyse(compiled, chip: dict, images_per_chip: int) -> dict:
   )
 
 
+def as_keypoint_model(config) -> None:
+  """The recipe's model as a Keypoint R-CNN: the keypoint head instead of the mask head, and
+  gt_keypoints in the batch."""
+  config.model.keypoint_on = True
+  config.model.mask_on = False
+  config.data.keypoints = True
+
+
 def _parse_hw(text: str):
   h, w = (int(v) for v in text.lower().split("x"))
   return h, w
@@ -211,6 +234,11 @@ def main(argv=None):
     default=None,
     help="override model.roi_heads.name (cascade: Cascade R-CNN's three box stages)",
   )
+  p.add_argument(
+    "--keypoint",
+    action="store_true",
+    help="the recipe's model as a Keypoint R-CNN (as_keypoint_model)",
+  )
   args = p.parse_args(argv)
   from rethink_jax import runtime  # pylint: disable=g-import-not-at-top
 
@@ -223,11 +251,21 @@ def main(argv=None):
     config.model.mask_head.chunk_rois = args.mask_chunk_rois
   if args.roi_heads is not None:
     config.model.roi_heads.name = args.roi_heads
+  if args.keypoint:
+    as_keypoint_model(config)
+  m = config.model
+  branches = []
+  if m.get("mask_on", True):
+    branches.append(f"mask branch in chunks of {m.mask_head.chunk_rois or 'all'} ROIs")
+  if m.get("keypoint_on", False):
+    kh = m.keypoint_head
+    branches.append(
+      f"keypoint branch ({kh.num_keypoints} keypoints) in chunks of {kh.chunk_rois or 'all'} ROIs"
+    )
   print(
-    f"config {os.path.relpath(args.config, ROOT)}; model: R{config.model.backbone.depth}-FPN "
-    f"norm {config.model.backbone.norm}, {config.model.roi_heads.name} ROI heads, "
-    f"{config.model.num_classes} classes, mask branch in "
-    f"chunks of {config.model.mask_head.chunk_rois or 'all'} ROIs",
+    f"config {os.path.relpath(args.config, ROOT)}; model: R{m.backbone.depth}-FPN "
+    f"norm {m.backbone.norm}, {m.roi_heads.name} ROI heads, {m.num_classes} classes, "
+    + ", ".join(branches),
     flush=True,
   )
   print(HEADER)
@@ -253,6 +291,7 @@ def main(argv=None):
             lower_s=lower_s,
             compile_s=compile_s,
             mask_chunk_rois=c.model.mask_head.chunk_rois,
+            keypoint=bool(c.model.get("keypoint_on", False)),
             **analyse(compiled, chip, ipc),
           )
           rows.append(r)

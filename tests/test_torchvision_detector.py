@@ -102,20 +102,6 @@ def case(request):
   return dict(ref=ref, ours=ours, raw=raw, images=images, config=predictor.model_config)
 
 
-def _match(ref, i, ob, ol):
-  """Pairs (j in torchvision's detections of image i, q in ours: boxes ob, labels ol): the same
-  label and the nearest box, one-to-one, torchvision's highest scores first."""
-  tb, tl = ref["boxes"][i], ref["labels"][i]
-  pairs, used = [], set()
-  for j in np.argsort(-ref["scores"][i], kind="stable"):
-    cands = [q for q in range(len(ob)) if q not in used and ol[q] == tl[j]]
-    assert cands, f"image {i}: torchvision detection {j} (label {tl[j]}) has no partner"
-    q = min(cands, key=lambda q: np.abs(ob[q] - tb[j]).max())
-    used.add(q)
-    pairs.append((j, q))
-  return pairs
-
-
 def _paste_box(box):
   """torchvision's integer box of paste_masks_in_image (padding 1, 28 x 28 masks)."""
   from torchvision.models.detection.roi_heads import expand_boxes
@@ -145,7 +131,7 @@ def test_predictor_equals_torchvision(case):
     assert n >= MIN_DETECTIONS, f"image {i}: only {n} torchvision detections"
     assert len(ours[i]["boxes"]) == n
     assert ours[i]["masks"].shape == (n,) + image.shape[:2]
-    for j, q in _match(ref, i, ours[i]["boxes"], ours[i]["labels"]):
+    for j, q in tv_reference.match(ref, i, ours[i]["boxes"], ours[i]["labels"]):
       box = np.abs(ours[i]["boxes"][q] - ref["boxes"][i][j]).max()
       score = abs(float(ours[i]["scores"][q]) - float(ref["scores"][i][j]))
       iou = _iou(ours[i]["masks"][q], ref["pasted"][i][j])
@@ -162,7 +148,7 @@ def test_predictor_equals_torchvision(case):
     # The model's own 28 x 28 probabilities (classes 1..K are torchvision's labels here).
     k = int(raw["num_detections"][i])
     assert k == n
-    for j, q in _match(ref, i, raw["boxes"][i][:k], raw["classes"][i][:k]):
+    for j, q in tv_reference.match(ref, i, raw["boxes"][i][:k], raw["classes"][i][:k]):
       d = np.abs(raw["masks"][i][q] - ref["mask_probs"][i][j]).max()
       worst["mask_prob"] = max(worst["mask_prob"], float(d))
   print("worst differences:", worst)

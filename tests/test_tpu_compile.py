@@ -79,6 +79,32 @@ def test_lowers_the_trainers_own_step(tpu_compile, tmp_path):
   assert not any(a.donated for a in jax.tree_util.tree_leaves(args[1]))
 
 
+def test_keypoint_model_batch_and_step(tpu_compile, keypoints_dir):
+  """--keypoint: the abstract batch is the keypoint pipeline's (gt_keypoints (B, G, K, 3)) and
+  the lowered step is the keypoint model's, taking gt_keypoints."""
+  from rethink_jax.data import stream  # pylint: disable=g-import-not-at-top
+
+  config = tpu_compile.load_config(os.path.join(ROOT, "configs", "tiny_shapes.py"))
+  tpu_compile.as_keypoint_model(config)
+  config.data.update(name="shapes_keypoints", data_dir=keypoints_dir, num_parallel_calls=1)
+  config.model.keypoint_head.update(
+    num_keypoints=7, conv_dims=(16, 16), max_fg_rois=4, chunk_rois=2
+  )
+  hw = tuple(config.data.pad_to)
+  batch = next(stream.make_train_iterator(config.data, 2, seed=0))
+  abstract = tpu_compile.abstract_batch(config, 2, hw)
+  assert abstract["gt_keypoints"].shape == (2, config.data.max_instances, 7, 3)
+  assert {k: (v.shape, np.dtype(v.dtype)) for k, v in abstract.items()} == {
+    k: (np.shape(v), np.asarray(v).dtype) for k, v in batch.items()
+  }
+  lowered, parts = tpu_compile.lower_train_step(config, jax.devices()[:1], 2, hw)
+  state, batch_info = lowered.args_info[0]
+  assert "gt_keypoints" in batch_info
+  params = jax.tree_util.tree_leaves_with_path(state["params"])
+  names = {jax.tree_util.keystr(p) for p, _ in params}
+  assert any("keypoint_head" in n for n in names) and not any("mask_head" in n for n in names)
+
+
 @pytest.mark.slow
 def test_tiny_train_step_compiles_for_v5e(tpu_compile):
   assert tpu_compile.libtpu_available(), (

@@ -1,8 +1,11 @@
-"""torchvision Mask R-CNNs with random, well-conditioned weights, and their reference outputs.
+"""torchvision Mask / Keypoint R-CNNs with random, well-conditioned weights, and their reference
+outputs.
 
-Shared by tests/test_torchvision_detector.py (and usable from a shell for the worst differences).
-Each model is torchvision's own: maskrcnn_resnet50_fpn, maskrcnn_resnet50_fpn_v2, or MaskRCNN
-with GroupNorm as scripts/benchmark_model.py builds it. Weights are drawn from a seed:
+Shared by tests/test_torchvision_detector.py and tests/test_torchvision_keypoints.py (and usable
+from a shell for the worst differences). Each model is torchvision's own: maskrcnn_resnet50_fpn,
+maskrcnn_resnet50_fpn_v2, MaskRCNN with GroupNorm as scripts/benchmark_model.py builds it, or
+keypointrcnn_resnet50_fpn (one class and 17 keypoints, torchvision's defaults). Weights are drawn
+from a seed:
   - every norm's affine is random (a swapped scale / bias would show), BN running statistics are
     those of the test images themselves (measured in train mode, as a trained model's would be);
   - biases are random;
@@ -12,9 +15,12 @@ with GroupNorm as scripts/benchmark_model.py builds it. Weights are drawn from a
     well over 20 detections per image pass 0.05 yet fewer than 2000 (proposal, class) pairs
     per image do (the model's test_candidates: beyond it our candidate cut would differ),
     mask logits std 3 plus 4 (masks mostly on, few pixels near the 0.5 threshold, so that a
-    mask moved by one pixel keeps most of its IoU).
+    mask moved by one pixel keeps most of its IoU), keypoint heatmap logits std 1 (after the box
+    heads are scaled, on the detections they give).
 The models keep POST_NMS_TOPK proposals per image instead of 1000 (the box head's fc6 on 1000
-proposals costs ~10 s per batch on a CPU); the converted config gets the same count.
+proposals costs ~10 s per batch on a CPU); the converted config gets the same count. The keypoint
+model keeps KEYPOINT_DETECTIONS detections per image instead of 100 (its head of eight 512-channel
+convs costs ~4 GFLOP per detection).
 """
 
 import functools
@@ -22,15 +28,21 @@ import functools
 import numpy as np
 import torch
 import torchvision
+from torchvision.models.detection import keypointrcnn_resnet50_fpn
 from torchvision.models.detection import maskrcnn_resnet50_fpn
 from torchvision.models.detection import maskrcnn_resnet50_fpn_v2
 from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead
 from torchvision.models.detection.mask_rcnn import MaskRCNN
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads
+from torchvision.models.detection.roi_heads import heatmaps_to_keypoints
 
 ARCHITECTURES = ("maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2", "maskrcnn_resnet50_fpn_gn")
 NUM_CLASSES = 4  # torchvision's count: background + 3 objects
+KEYPOINT_ARCHITECTURE = "keypointrcnn_resnet50_fpn"
+NUM_KEYPOINT_CLASSES = 2  # torchvision's keypoint R-CNN: background + person
+NUM_KEYPOINTS = 17
+KEYPOINT_DETECTIONS = 40
 POST_NMS_TOPK = 200
 # Detections whose score is within MARGIN of a cut (the score threshold, the top 100) may fall
 # on either side of it in two implementations whose scores differ by ~1e-5: cases drawn with
@@ -42,6 +54,15 @@ MAX_OBJECTNESS_LOGIT = 2.0
 def build(architecture: str) -> torch.nn.Module:
   """torchvision's model of `architecture`, untrained (its own initialisation)."""
   kwargs = dict(num_classes=NUM_CLASSES, rpn_post_nms_top_n_test=POST_NMS_TOPK)
+  if architecture == KEYPOINT_ARCHITECTURE:
+    return keypointrcnn_resnet50_fpn(
+      weights=None,
+      weights_backbone=None,
+      num_classes=NUM_KEYPOINT_CLASSES,
+      num_keypoints=NUM_KEYPOINTS,
+      rpn_post_nms_top_n_test=POST_NMS_TOPK,
+      box_detections_per_img=KEYPOINT_DETECTIONS,
+    )
   if architecture == "maskrcnn_resnet50_fpn":
     return maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, **kwargs)
   if architecture == "maskrcnn_resnet50_fpn_v2":
@@ -93,10 +114,11 @@ def _calibrate_batch_norms(model, images) -> None:
     rh.box_head.train()
     rh.box_head(rh.box_roi_pool(features, proposals, image_list.image_sizes))
     rh.box_head.eval()
-    few = [p[:64] for p in proposals]
-    rh.mask_head.train()
-    rh.mask_head(rh.mask_roi_pool(features, few, image_list.image_sizes))
-    rh.mask_head.eval()
+    if rh.has_mask():
+      few = [p[:64] for p in proposals]
+      rh.mask_head.train()
+      rh.mask_head(rh.mask_roi_pool(features, few, image_list.image_sizes))
+      rh.mask_head.eval()
   for m in bns:
     m.momentum = 0.1
 
@@ -149,14 +171,15 @@ def random_model(architecture: str, seed: int, images: list) -> torch.nn.Module:
     proposals, _ = model.rpn(image_list, features)
     rh(features, proposals, image_list.image_sizes)
 
-  _rescale_outputs(
-    heads,
-    [
-      (rh.box_predictor.cls_score, 2.0, (0, 1.5)),
-      (rh.box_predictor.bbox_pred, 1.0, None),
-      (rh.mask_predictor.mask_fcn_logits, 3.0, (slice(None), 4.0)),
-    ],
-  )
+  box_layers = [
+    (rh.box_predictor.cls_score, 2.0, (0, 1.5)),
+    (rh.box_predictor.bbox_pred, 1.0, None),
+  ]
+  if rh.has_mask():
+    box_layers.append((rh.mask_predictor.mask_fcn_logits, 3.0, (slice(None), 4.0)))
+  _rescale_outputs(heads, box_layers)
+  if rh.has_keypoint():
+    _rescale_outputs(heads, [(rh.keypoint_predictor.kps_score_lowres, 1.0, None)])
   return model
 
 
@@ -245,8 +268,10 @@ def redraw_heads(model: torch.nn.Module, gen: torch.Generator) -> None:
 @torch.no_grad()
 def reference(model: torch.nn.Module, images: list) -> dict:
   """torchvision's eval forward, step by step: the normalised padded batch and, per image,
-  proposals, detections (boxes, scores, labels 1..K), 28 x 28 mask probabilities of the label,
-  and the pasted masks (model.forward's own output)."""
+  proposals, detections (boxes, scores, labels 1..K) and, by the model's branch, 28 x 28 mask
+  probabilities of the label and the pasted masks, or the keypoints (N, K, 3) [x, y, 1], their
+  keypoints_scores (N, K) and the 56 x 56 heatmap logits (N, K, 56, 56) they were decoded from
+  (the masks and keypoints as model.forward returns them)."""
   image_list, _ = model.transform(images)
   features = model.backbone(image_list.tensors)
   proposals, _ = model.rpn(image_list, features)
@@ -260,7 +285,7 @@ def reference(model: torch.nn.Module, images: list) -> dict:
   sizes = [tuple(i.shape[-2:]) for i in images]
   # What model.forward returns: GeneralizedRCNNTransform.postprocess pastes the masks.
   full = model.transform.postprocess([dict(d) for d in detections], image_list.image_sizes, sizes)
-  return {
+  out = {
     "tensor": image_list.tensors.numpy(),
     "image_sizes": [tuple(s) for s in image_list.image_sizes],
     "proposals": [p.numpy() for p in proposals],
@@ -270,6 +295,49 @@ def reference(model: torch.nn.Module, images: list) -> dict:
     "boxes": [d["boxes"].numpy() for d in detections],
     "scores": [d["scores"].numpy() for d in detections],
     "labels": [d["labels"].numpy() for d in detections],
-    "mask_probs": [d["masks"][:, 0].numpy() for d in detections],
-    "pasted": [f["masks"][:, 0].numpy() >= 0.5 for f in full],
   }
+  if rh.has_mask():
+    out["mask_probs"] = [d["masks"][:, 0].numpy() for d in detections]
+    out["pasted"] = [f["masks"][:, 0].numpy() >= 0.5 for f in full]
+  if rh.has_keypoint():
+    boxes = [d["boxes"] for d in detections]
+    pooled = rh.keypoint_roi_pool(features, boxes, image_list.image_sizes)
+    heatmaps = rh.keypoint_predictor(rh.keypoint_head(pooled))
+    out["heatmaps"] = [h.numpy() for h in heatmaps.split([len(b) for b in boxes])]
+    out["keypoints"] = [f["keypoints"].numpy() for f in full]
+    out["keypoint_scores"] = [f["keypoints_scores"].numpy() for f in full]
+  return out
+
+
+@torch.no_grad()
+def keypoints_at(model: torch.nn.Module, images: list, boxes: list[np.ndarray]) -> dict:
+  """torchvision's keypoint branch on given boxes (per image (N, 4) in the input's pixels):
+  "heatmaps" (N, K, 56, 56), "keypoints" (N, K, 3) and "keypoint_scores" (N, K) per image, as its
+  eval forward decodes them for its own detections."""
+  image_list, _ = model.transform(images)
+  features = model.backbone(image_list.tensors)
+  rh = model.roi_heads
+  rois = [torch.from_numpy(np.array(b, np.float32)) for b in boxes]
+  pooled = rh.keypoint_roi_pool(features, rois, image_list.image_sizes)
+  heatmaps = rh.keypoint_predictor(rh.keypoint_head(pooled))
+  out = {"heatmaps": [], "keypoints": [], "keypoint_scores": []}
+  for h, b in zip(heatmaps.split([len(b) for b in rois]), rois):
+    xy, scores = heatmaps_to_keypoints(h, b)
+    out["heatmaps"].append(h.numpy())
+    out["keypoints"].append(xy.numpy())
+    out["keypoint_scores"].append(scores.numpy())
+  return out
+
+
+def match(ref: dict, i: int, boxes: np.ndarray, labels: np.ndarray) -> list[tuple[int, int]]:
+  """Pairs (j in torchvision's detections of image i, q in ours: `boxes`, `labels`): the same
+  label and the nearest box, one-to-one, torchvision's highest scores first."""
+  tb, tl = ref["boxes"][i], ref["labels"][i]
+  pairs, used = [], set()
+  for j in np.argsort(-ref["scores"][i], kind="stable"):
+    cands = [q for q in range(len(boxes)) if q not in used and labels[q] == tl[j]]
+    assert cands, f"image {i}: torchvision detection {j} (label {tl[j]}) has no partner"
+    q = min(cands, key=lambda q: np.abs(boxes[q] - tb[j]).max())
+    used.add(q)
+    pairs.append((j, q))
+  return pairs
