@@ -206,10 +206,11 @@ def to_torch(images: list[np.ndarray]) -> list:
 
 
 def _cut_margins(rh, logits, deltas, proposals, image_sizes) -> dict:
-  """How far the detections are from their two cuts, per image: "threshold": whether moving the
+  """How far the detections are from their cuts, per image: "threshold": whether moving the
   score threshold by +-MARGIN changes no detection (True: no candidate that would survive NMS
   scores within MARGIN of it); "top_k": score gap between the last kept detection and the
-  first one cut by detections_per_img (inf when none is cut)."""
+  first one cut by detections_per_img (inf when none is cut); "nms": whether moving the NMS IoU
+  threshold by +-MARGIN changes no detection."""
   thresh, top_k = rh.score_thresh, rh.detections_per_img
   counts = {}
   try:
@@ -220,7 +221,18 @@ def _cut_margins(rh, logits, deltas, proposals, image_sizes) -> dict:
       counts[t] = scores
   finally:
     rh.score_thresh, rh.detections_per_img = thresh, top_k
-  out = {"threshold": [], "top_k": []}
+  # The per-class NMS: an IoU within MARGIN of nms_thresh may suppress in one implementation
+  # and not the other (IoUs differ by ~1e-6): the kept detections must not depend on it.
+  nms_thresh, nms_kept = rh.nms_thresh, []
+  try:
+    for t in (nms_thresh - MARGIN, nms_thresh + MARGIN):
+      rh.nms_thresh = t
+      nms_kept.append(rh.postprocess_detections(logits, deltas, proposals, image_sizes)[1])
+  finally:
+    rh.nms_thresh = nms_thresh
+  out = {"threshold": [], "top_k": [], "nms": []}
+  for lo, hi in zip(*nms_kept):
+    out["nms"].append(len(lo) == len(hi) and bool(torch.equal(lo, hi)))
   for lo, mid, hi in zip(*(counts[t] for t in (thresh - MARGIN, thresh, thresh + MARGIN))):
     lo, hi = (torch.sort(x, descending=True).values[:top_k] for x in (lo, hi))
     out["threshold"].append(len(lo) == len(hi) and bool(torch.equal(lo, hi)))
@@ -251,10 +263,15 @@ def _proposal_margins(rpn, image_list, features) -> list[float]:
 
 
 def far_from_cuts(ref: dict) -> bool:
-  """No detection of `reference`'s output within MARGIN of a cut, no proposal within 3 MARGIN
-  (objectness logits, std 3) of the post-NMS top-k."""
+  """No detection of `reference`'s output within MARGIN of a cut (score threshold, top-k, NMS
+  IoU), no proposal within 3 MARGIN (objectness logits, std 3) of the post-NMS top-k."""
   m = ref["margins"]
-  return all(m["threshold"]) and min(m["top_k"]) >= MARGIN and min(m["proposals"]) >= 3 * MARGIN
+  return (
+    all(m["threshold"])
+    and all(m["nms"])
+    and min(m["top_k"]) >= MARGIN
+    and min(m["proposals"]) >= 3 * MARGIN
+  )
 
 
 @torch.no_grad()
@@ -330,14 +347,23 @@ def keypoints_at(model: torch.nn.Module, images: list, boxes: list[np.ndarray]) 
 
 
 def match(ref: dict, i: int, boxes: np.ndarray, labels: np.ndarray) -> list[tuple[int, int]]:
-  """Pairs (j in torchvision's detections of image i, q in ours: `boxes`, `labels`): the same
-  label and the nearest box, one-to-one, torchvision's highest scores first."""
-  tb, tl = ref["boxes"][i], ref["labels"][i]
-  pairs, used = [], set()
-  for j in np.argsort(-ref["scores"][i], kind="stable"):
-    cands = [q for q in range(len(boxes)) if q not in used and labels[q] == tl[j]]
-    assert cands, f"image {i}: torchvision detection {j} (label {tl[j]}) has no partner"
-    q = min(cands, key=lambda q: np.abs(boxes[q] - tb[j]).max())
-    used.add(q)
-    pairs.append((j, q))
+  """Pairs (j in torchvision's detections of image i, q in ours: `boxes`, `labels`), one-to-one
+  with the same label, the assignment of least total box distance (max coordinate difference),
+  in torchvision's score order. A global assignment: a greedy nearest-box pairing can hand a
+  near-duplicate's partner to the wrong detection."""
+  from scipy import optimize  # pylint: disable=g-import-not-at-top
+
+  tb, tl = np.asarray(ref["boxes"][i]), np.asarray(ref["labels"][i])
+  boxes, labels = np.asarray(boxes).reshape(-1, 4), np.asarray(labels)
+  dist = np.abs(tb[:, None, :] - boxes[None, :, :]).max(-1)
+  cost = np.where(tl[:, None] == labels[None, :], dist, 1e9)
+  rows, cols = optimize.linear_sum_assignment(cost)
+  partner = dict(zip(rows.tolist(), cols.tolist()))
+  pairs = []
+  for j in np.argsort(-np.asarray(ref["scores"][i]), kind="stable"):
+    q = partner.get(int(j))
+    assert q is not None and cost[j, q] < 1e9, (
+      f"image {i}: torchvision detection {j} (label {tl[j]}) has no partner"
+    )
+    pairs.append((int(j), int(q)))
   return pairs
