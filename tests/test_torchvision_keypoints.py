@@ -80,14 +80,14 @@ def case():
   images = tv_reference.random_images(rng, SIZES)
   model = tv_reference.random_model(ARCH, seed, tv_reference.to_torch(images))
   gen = torch.Generator().manual_seed(seed)
-  for _ in range(12):
+  for _ in range(tv_reference.MAX_DRAWS):
     ref = tv_reference.reference(model, tv_reference.to_torch(images))
     if tv_reference.far_from_cuts(ref):
       break
     print(f"a detection within {tv_reference.MARGIN} of a cut {ref['margins']}: redrawn")
     tv_reference.redraw_heads(model, gen)
   else:
-    pytest.fail("twelve draws of the heads in a row had a detection or proposal at a cut")
+    pytest.fail(f"{tv_reference.MAX_DRAWS} draws of the heads in a row were all near a cut")
   variables, model_config, meta = zoo_torchvision.convert(_state_dict(model), "keypointrcnn.pth")
   # The reference's settings: its proposal and detection counts, every box under the cap.
   model_config.rpn.post_nms_topk_test = tv_reference.POST_NMS_TOPK

@@ -48,6 +48,10 @@ POST_NMS_TOPK = 200
 # on either side of it in two implementations whose scores differ by ~1e-5: cases drawn with
 # such a detection are drawn again (`_cut_margins`).
 MARGIN = 1e-4
+# IoUs of the same boxes differ by ~1e-6 between the implementations: NMS cuts get this margin.
+IOU_MARGIN = 2e-5
+# Draws of the heads a test tries before it gives up (a draw takes one torch forward, ~1 s).
+MAX_DRAWS = 40
 MAX_OBJECTNESS_LOGIT = 2.0
 
 
@@ -210,7 +214,7 @@ def _cut_margins(rh, logits, deltas, proposals, image_sizes) -> dict:
   score threshold by +-MARGIN changes no detection (True: no candidate that would survive NMS
   scores within MARGIN of it); "top_k": score gap between the last kept detection and the
   first one cut by detections_per_img (inf when none is cut); "nms": whether moving the NMS IoU
-  threshold by +-MARGIN changes no detection."""
+  threshold by +-IOU_MARGIN changes no detection."""
   thresh, top_k = rh.score_thresh, rh.detections_per_img
   counts = {}
   try:
@@ -221,11 +225,11 @@ def _cut_margins(rh, logits, deltas, proposals, image_sizes) -> dict:
       counts[t] = scores
   finally:
     rh.score_thresh, rh.detections_per_img = thresh, top_k
-  # The per-class NMS: an IoU within MARGIN of nms_thresh may suppress in one implementation
+  # The per-class NMS: an IoU within IOU_MARGIN of nms_thresh may suppress in one implementation
   # and not the other (IoUs differ by ~1e-6): the kept detections must not depend on it.
   nms_thresh, nms_kept = rh.nms_thresh, []
   try:
-    for t in (nms_thresh - MARGIN, nms_thresh + MARGIN):
+    for t in (nms_thresh - IOU_MARGIN, nms_thresh + IOU_MARGIN):
       rh.nms_thresh = t
       nms_kept.append(rh.postprocess_detections(logits, deltas, proposals, image_sizes)[1])
   finally:
@@ -241,9 +245,10 @@ def _cut_margins(rh, logits, deltas, proposals, image_sizes) -> dict:
   return out
 
 
-def _proposal_margins(rpn, image_list, features) -> list[float]:
-  """Per image: the objectness logit gap between the last proposal kept (post_nms_top_n) and the
-  first one cut (inf when none is cut)."""
+def _proposal_margins(rpn, image_list, features) -> dict:
+  """Per image: "gap", the smallest objectness logit gap at the RPN's top-k cuts (each level's
+  pre-NMS top-k and the post-NMS top-k; inf when nothing is cut), and "nms", whether moving the
+  RPN's NMS IoU threshold by +-IOU_MARGIN keeps the same proposals."""
   from torchvision.models.detection.rpn import concat_box_prediction_layers
 
   feats = list(features.values())
@@ -252,23 +257,39 @@ def _proposal_margins(rpn, image_list, features) -> list[float]:
   per_level = [o[0].numel() for o in objectness]
   objectness, deltas = concat_box_prediction_layers(objectness, deltas)
   boxes = rpn.box_coder.decode(deltas, anchors).view(len(anchors), -1, 4)
-  top = rpn._post_nms_top_n["testing"]
+  top, pre_top = rpn._post_nms_top_n["testing"], rpn._pre_nms_top_n["testing"]
+  nms_thresh = rpn.nms_thresh
+  kept = {}
   try:
     rpn._post_nms_top_n["testing"] = 10**9
     _, scores = rpn.filter_proposals(boxes, objectness, image_list.image_sizes, per_level)
-  finally:
     rpn._post_nms_top_n["testing"] = top
-  logit = lambda p: float(torch.logit(p.double()))
-  return [logit(s[top - 1]) - logit(s[top]) if len(s) > top else float("inf") for s in scores]
+    for t in (nms_thresh - IOU_MARGIN, nms_thresh + IOU_MARGIN):
+      rpn.nms_thresh = t
+      kept[t] = rpn.filter_proposals(boxes, objectness, image_list.image_sizes, per_level)[0]
+  finally:
+    rpn._post_nms_top_n["testing"], rpn.nms_thresh = top, nms_thresh
+  gap = lambda s, k: float(s[k - 1] - s[k]) if len(s) > k else float("inf")
+  logit = lambda p: torch.logit(p.double())
+  out = {"gap": [], "nms": []}
+  levels = objectness.detach().view(len(anchors), -1).split(per_level, dim=1)
+  for i, s in enumerate(scores):
+    pre = [gap(torch.sort(lv[i].double(), descending=True).values, pre_top) for lv in levels]
+    out["gap"].append(min([gap(logit(s), top)] + pre))
+    lo, hi = (kept[t][i] for t in (nms_thresh - IOU_MARGIN, nms_thresh + IOU_MARGIN))
+    out["nms"].append(lo.shape == hi.shape and bool(torch.equal(lo, hi)))
+  return out
 
 
 def far_from_cuts(ref: dict) -> bool:
   """No detection of `reference`'s output within MARGIN of a cut (score threshold, top-k, NMS
-  IoU), no proposal within 3 MARGIN (objectness logits, std 3) of the post-NMS top-k."""
+  IoU), no proposal within 3 MARGIN (objectness logits, std 3) of the RPN's pre- and post-NMS
+  top-k, none within IOU_MARGIN of the RPN's NMS IoU."""
   m = ref["margins"]
   return (
     all(m["threshold"])
     and all(m["nms"])
+    and all(m["rpn_nms"])
     and min(m["top_k"]) >= MARGIN
     and min(m["proposals"]) >= 3 * MARGIN
   )
@@ -276,9 +297,11 @@ def far_from_cuts(ref: dict) -> bool:
 
 @torch.no_grad()
 def redraw_heads(model: torch.nn.Module, gen: torch.Generator) -> None:
-  """Perturbs the RPN's cls_logits and the box predictor's cls_score by 10% (new draws of the
-  objectness and class scores, the rest of the model unchanged)."""
-  for layer in (model.rpn.head.cls_logits, model.roi_heads.box_predictor.cls_score):
+  """Perturbs the RPN's cls_logits and bbox_pred and the box predictor's cls_score by 10% (new
+  draws of the objectness, the proposals' boxes, whose IoUs set the RPN's NMS, and the class
+  scores; the rest of the model unchanged)."""
+  heads = (model.rpn.head.cls_logits, model.rpn.head.bbox_pred, model.roi_heads.box_predictor)
+  for layer in heads[:2] + (heads[2].cls_score,):
     layer.weight.mul_(1 + 0.1 * torch.randn(layer.weight.shape, generator=gen))
 
 
@@ -298,7 +321,8 @@ def reference(model: torch.nn.Module, images: list) -> dict:
   logits, deltas = rh.box_predictor(rh.box_head(pooled))
   scores = torch.softmax(logits, -1)[:, 1:].split([len(p) for p in proposals])
   margins = _cut_margins(rh, logits, deltas, proposals, image_list.image_sizes)
-  margins["proposals"] = _proposal_margins(model.rpn, image_list, features)
+  rpn_margins = _proposal_margins(model.rpn, image_list, features)
+  margins["proposals"], margins["rpn_nms"] = rpn_margins["gap"], rpn_margins["nms"]
   sizes = [tuple(i.shape[-2:]) for i in images]
   # What model.forward returns: GeneralizedRCNNTransform.postprocess pastes the masks.
   full = model.transform.postprocess([dict(d) for d in detections], image_list.image_sizes, sizes)
