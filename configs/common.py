@@ -272,6 +272,34 @@ def coco_mask_rcnn(
   return c
 
 
+def coco_enhanced_mask_rcnn(
+  *,
+  depth: int = 152,
+  groups: int = 32,
+  width_per_group: int = 8,
+  pretrained: bool = False,
+  multiple: float = 9.0,
+) -> ml_collections.ConfigDict:
+  """The paper's enhanced baseline: a ResNeXt-{depth}-{groups}x{width_per_group}d-FPN GN Mask
+  R-CNN with Cascade R-CNN heads, train-time scale augmentation (TRAIN_AUG_SIZES) and test-time
+  augmentation at evaluation (Detectron2's eval sizes and flip). Detectron2's ResNeXt layout:
+  stride in the 3x3 conv, the groups in the 3x3 convs."""
+  c = coco_mask_rcnn(
+    depth=depth, norm="GN", pretrained=pretrained, multiple=multiple, min_size=TRAIN_AUG_SIZES
+  )
+  c.model.backbone.update(groups=groups, width_per_group=width_per_group)
+  c.model.roi_heads.name = "cascade"
+  c.eval.tta.enabled = True
+  c.reference = ml_collections.ConfigDict(
+    dict(
+      source="Rethinking ImageNet Pre-training, enhanced baselines (not transcribed)",
+      arm="pretrained" if pretrained else "scratch",
+      bbox_AP=-1.0,  # the paper's table is not in ../shared/REFERENCE.md
+    )
+  )
+  return c
+
+
 def coco_keypoint_rcnn(
   *, depth: int = 50, norm: str = "GN", pretrained: bool = False, multiple: float = 3.0
 ) -> ml_collections.ConfigDict:

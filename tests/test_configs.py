@@ -66,10 +66,22 @@ def test_coco_recipe_matches_reference(name):
   c = load(name)
   m = c.model
   norm = "SyncBN" if "syncbn" in name else "GN"
-  depth = 101 if "R_101" in name else 50
+  depth = 152 if "X_152" in name else 101 if "R_101" in name else 50
+  enhanced = "cascade" in name  # the enhanced baseline: ResNeXt, Cascade, train aug, TTA
   # Normalization everywhere (ResNet, FPN, 4conv1fc box head, mask head); nothing frozen.
   assert m.backbone.norm == m.fpn.norm == m.box_head.norm == m.mask_head.norm == norm
   assert m.backbone.depth == depth and m.backbone.width == 64
+  if enhanced:
+    assert (m.backbone.groups, m.backbone.width_per_group) == (32, 8)
+    assert m.roi_heads.name == "cascade" and c.eval.tta.enabled
+    assert tuple(m.roi_heads.cascade_iou_thresholds) == (0.5, 0.6, 0.7)
+    assert [tuple(w) for w in m.roi_heads.cascade_bbox_reg_weights] == [
+      (10, 10, 5, 5),
+      (20, 20, 10, 10),
+      (30, 30, 15, 15),
+    ]
+  else:
+    assert (m.backbone.groups, m.roi_heads.name, c.eval.tta.enabled) == (1, "standard", False)
   assert m.backbone.freeze_at == 0 and m.backbone.stride_in_1x1 is False
   assert m.backbone.num_groups == 32
   assert (
@@ -101,7 +113,7 @@ def test_coco_recipe_matches_reference(name):
   # Data: COCO 2017, shorter side 800 (train aug: [640, 800]), longer side <= 1333, flip only.
   d = c.data
   assert d.name == "coco_instances" and d.max_size == 1333 and d.flip_prob == 0.5
-  if "trainaug" in name:
+  if "trainaug" in name or enhanced:
     assert tuple(d.min_size) == (640, 672, 704, 736, 768, 800)
   else:
     assert d.min_size == 800
