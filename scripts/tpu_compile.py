@@ -262,8 +262,10 @@ def main(argv=None):
     branches.append(
       f"keypoint branch ({kh.num_keypoints} keypoints) in chunks of {kh.chunk_rois or 'all'} ROIs"
     )
+  b = m.backbone
+  name = f"X{b.depth}-{b.groups}x{b.width_per_group}d" if b.groups > 1 else f"R{b.depth}"
   print(
-    f"config {os.path.relpath(args.config, ROOT)}; model: R{m.backbone.depth}-FPN "
+    f"config {os.path.relpath(args.config, ROOT)}; model: {name}-FPN "
     f"norm {m.backbone.norm}, {m.roi_heads.name} ROI heads, {m.num_classes} classes, "
     + ", ".join(branches),
     flush=True,
