@@ -33,7 +33,6 @@ TIE of the maximum of torchvision's own resized map, and such ties must be rare 
 """
 
 import os
-import time
 
 import numpy as np
 import pytest
@@ -57,12 +56,6 @@ MAX_EXCEPTION_FRACTION = 0.01  # of the keypoints: ties, and differences beyond 
 ARCH = tv_reference.KEYPOINT_ARCHITECTURE
 
 
-def _seed():
-  seed = time.time_ns() % 2**31
-  print(f"seed={seed}")
-  return seed
-
-
 def _state_dict(model):
   # The zoo file's backbone is FrozenBatchNorm2d: no num_batches_tracked anywhere.
   return {
@@ -75,19 +68,10 @@ def _state_dict(model):
 @pytest.fixture(scope="module")
 def case():
   """torchvision's reference and the converted model's raw outputs, fresh weights and images."""
-  seed = _seed()
+  seed = tv_reference.seed()
   rng = np.random.default_rng(seed)
   images = tv_reference.random_images(rng, SIZES)
-  model = tv_reference.random_model(ARCH, seed, tv_reference.to_torch(images))
-  gen = torch.Generator().manual_seed(seed)
-  for _ in range(tv_reference.MAX_DRAWS):
-    ref = tv_reference.reference(model, tv_reference.to_torch(images))
-    if tv_reference.far_from_cuts(ref):
-      break
-    print(f"a detection within {tv_reference.MARGIN} of a cut {ref['margins']}: redrawn")
-    tv_reference.redraw_heads(model, gen)
-  else:
-    pytest.fail(f"{tv_reference.MAX_DRAWS} draws of the heads in a row were all near a cut")
+  model, ref = tv_reference.model_far_from_cuts(ARCH, seed, tv_reference.to_torch(images))
   variables, model_config, meta = zoo_torchvision.convert(_state_dict(model), "keypointrcnn.pth")
   # The reference's settings: its proposal and detection counts, every box under the cap.
   model_config.rpn.post_nms_topk_test = tv_reference.POST_NMS_TOPK
@@ -223,7 +207,7 @@ def test_keypoints_equal_torchvision(case):
 # ------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def untrained_state_dict():
-  torch.manual_seed(_seed())
+  torch.manual_seed(tv_reference.seed())
   return _state_dict(tv_reference.build(ARCH))
 
 
@@ -272,7 +256,7 @@ def test_frozen_bn_eps_of_the_zoo_files(untrained_state_dict, tmp_path, monkeypa
   """FrozenBN folds with eps 0 for the COCO_V1 files torchvision loads so (by sha256 prefix),
   with 1e-5 for any other file, or with the option's eps."""
   sd = dict(untrained_state_dict)
-  rng = np.random.default_rng(_seed())
+  rng = np.random.default_rng(tv_reference.seed())
   var = rng.uniform(1e-6, 1e-4, sd["backbone.body.bn1.running_var"].shape).astype(np.float32)
   sd["backbone.body.bn1.running_var"] = var
   gamma = sd["backbone.body.bn1.weight"]

@@ -24,6 +24,8 @@ convs costs ~4 GFLOP per detection).
 """
 
 import functools
+import os
+import time
 
 import numpy as np
 import torch
@@ -293,6 +295,27 @@ def far_from_cuts(ref: dict) -> bool:
     and min(m["top_k"]) >= MARGIN
     and min(m["proposals"]) >= 3 * MARGIN
   )
+
+
+def model_far_from_cuts(architecture: str, seed: int, images: list):
+  """random_model(architecture, seed, images) with its heads redrawn (redraw_heads) until its
+  reference output is far_from_cuts, at most MAX_DRAWS times: (model, reference)."""
+  model = random_model(architecture, seed, images)
+  gen = torch.Generator().manual_seed(seed)
+  for _ in range(MAX_DRAWS):
+    ref = reference(model, images)
+    if far_from_cuts(ref):
+      return model, ref
+    print(f"a detection within {MARGIN} of a cut {ref['margins']}: redrawn")
+    redraw_heads(model, gen)
+  raise AssertionError(f"{MAX_DRAWS} draws of the heads in a row were all near a cut")
+
+
+def seed() -> int:
+  """A fresh seed for a test's draw, printed; RETHINK_TEST_SEED=N reproduces a draw."""
+  value = int(os.environ.get("RETHINK_TEST_SEED", time.time_ns() % 2**31))
+  print(f"seed={value}")
+  return value
 
 
 @torch.no_grad()

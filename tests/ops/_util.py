@@ -1,5 +1,6 @@
 """Shared helpers for the ops tests: fresh seeds (printed on failure) and random boxes."""
 
+import os
 import time
 
 import numpy as np
@@ -8,7 +9,7 @@ import pytest
 
 @pytest.fixture
 def rng(request):
-  seed = time.time_ns() % (2**32)
+  seed = int(os.environ.get("RETHINK_TEST_SEED", time.time_ns() % 2**32))  # set to reproduce
   print(f"seed={seed}")  # shown by pytest on failure
   return np.random.default_rng(seed)
 
