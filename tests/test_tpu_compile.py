@@ -106,7 +106,8 @@ def test_keypoint_model_batch_and_step(tpu_compile, keypoints_dir):
 
 
 @pytest.mark.slow
-def test_tiny_train_step_compiles_for_v5e(tpu_compile):
+@pytest.mark.parametrize("roi_heads", ["standard", "cascade"])
+def test_tiny_train_step_compiles_for_v5e(tpu_compile, roi_heads):
   assert tpu_compile.libtpu_available(), (
     "libtpu is missing: requirements-test.txt installs it (requirements-tpu.txt)"
   )
@@ -117,6 +118,7 @@ def test_tiny_train_step_compiles_for_v5e(tpu_compile):
   assert len(devices) == 4 and devices[0].platform == "tpu", devices
   config = tpu_compile.load_config(os.path.join(ROOT, "configs", "tiny_shapes.py"))
   config.model.dtype = "bfloat16"
+  config.model.roi_heads.name = roi_heads
   compiled, _, _ = tpu_compile.compile_train_step(config, devices, 2, (64, 64))
   r = tpu_compile.analyse(compiled, tpu_compile.CHIPS["v5e"], 2)
   print(r)
@@ -127,3 +129,6 @@ def test_tiny_train_step_compiles_for_v5e(tpu_compile):
   state_sharding, batch_sharding = shardings
   assert batch_sharding["image"].spec[0] == "data"
   assert all(s.is_fully_replicated for s in jax.tree_util.tree_leaves(state_sharding["params"]))
+  # Cascade R-CNN: one box head and predictor per stage.
+  stages = sorted(state_sharding["params"]["roi_heads"]["box_predictor"])
+  assert stages == (["0", "1", "2"] if roi_heads == "cascade" else ["bbox_pred", "cls_score"])

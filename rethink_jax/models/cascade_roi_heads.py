@@ -197,15 +197,11 @@ class CascadeROIHeads(roi_heads_lib.StandardROIHeads):
     *,
     train: bool,
   ) -> dict[str, Array]:
-    del gt_keypoints  # no keypoint branch (build_cascade_roi_heads refuses keypoint_on)
-    b = proposals.shape[0]
-    _check(
-      proposals.shape[-1] == 4
-      and proposal_valid.shape == proposals.shape[:2]
-      and image_hw.shape == (b, 2),
-      f"proposals {proposals.shape}, proposal_valid {proposal_valid.shape}, image_hw "
-      f"{image_hw.shape}: want (B, P, 4), (B, P), (B, 2)",
+    # No keypoint branch: build_cascade_roi_heads refuses keypoint_on.
+    self._check_inputs(
+      proposals, proposal_valid, image_hw, gt_boxes, gt_classes, gt_masks, gt_keypoints, train
     )
+    b = proposals.shape[0]
     _check(
       len(self.cascade_bbox_reg_weights) == self.num_stages
       and self.cascade_iou_thresholds[0] == self.iou_threshold,
@@ -215,11 +211,6 @@ class CascadeROIHeads(roi_heads_lib.StandardROIHeads):
     )
     if not train:
       return self._inference(features, proposals, proposal_valid, image_hw)
-    _check(
-      gt_boxes is not None and gt_classes is not None,
-      "training the ROI heads needs gt_boxes and gt_classes",
-    )
-    _check(self.mask_head is None or gt_masks is not None, "training the mask head needs gt_masks")
     samples = self._sample_proposals(proposals, proposal_valid, gt_boxes, gt_classes)
 
     losses = {}

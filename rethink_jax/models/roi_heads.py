@@ -515,6 +515,29 @@ class StandardROIHeads(nn.Module):
     run = lambda mdl, f, x, c: mdl._mask_branch(f, x, c, train)
     return self._in_chunks(run, (m, m), self.mask_chunk_rois, valid, features, rois, classes)
 
+  def _check_inputs(
+    self, proposals, proposal_valid, image_hw, gt_boxes, gt_classes, gt_masks, gt_keypoints, train
+  ):
+    """Shapes of the inputs, and the ground truth each head needs in training."""
+    _check(
+      proposals.shape[-1] == 4
+      and proposal_valid.shape == proposals.shape[:2]
+      and image_hw.shape == (proposals.shape[0], 2),
+      f"proposals {proposals.shape}, proposal_valid {proposal_valid.shape}, image_hw "
+      f"{image_hw.shape}: want (B, P, 4), (B, P), (B, 2)",
+    )
+    if not train:
+      return
+    _check(
+      gt_boxes is not None and gt_classes is not None,
+      "training the ROI heads needs gt_boxes and gt_classes",
+    )
+    _check(self.mask_head is None or gt_masks is not None, "training the mask head needs gt_masks")
+    _check(
+      self.keypoint_head is None or gt_keypoints is not None,
+      "training the keypoint head needs gt_keypoints",
+    )
+
   def __call__(
     self,
     features: Mapping[str, Array],
@@ -528,27 +551,13 @@ class StandardROIHeads(nn.Module):
     *,
     train: bool,
   ) -> dict[str, Array]:
-    b = proposals.shape[0]
-    _check(
-      proposals.shape[-1] == 4
-      and proposal_valid.shape == proposals.shape[:2]
-      and image_hw.shape == (b, 2),
-      f"proposals {proposals.shape}, proposal_valid {proposal_valid.shape}, image_hw "
-      f"{image_hw.shape}: want (B, P, 4), (B, P), (B, 2)",
+    self._check_inputs(
+      proposals, proposal_valid, image_hw, gt_boxes, gt_classes, gt_masks, gt_keypoints, train
     )
     weights = tuple(self.bbox_reg_weights)
     if not train:
       return self._inference(features, proposals, proposal_valid, image_hw)
 
-    _check(
-      gt_boxes is not None and gt_classes is not None,
-      "training the ROI heads needs gt_boxes and gt_classes",
-    )
-    _check(self.mask_head is None or gt_masks is not None, "training the mask head needs gt_masks")
-    _check(
-      self.keypoint_head is None or gt_keypoints is not None,
-      "training the keypoint head needs gt_keypoints",
-    )
     samples = self._sample_proposals(proposals, proposal_valid, gt_boxes, gt_classes)
 
     # Box branch.
