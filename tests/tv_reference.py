@@ -130,20 +130,27 @@ def _calibrate_batch_norms(model, images) -> None:
 
 
 @torch.no_grad()
-def _rescale_outputs(run, layers) -> None:
+def _rescale_outputs(run, layers, centered=()) -> None:
   """Scales each layer (weight and bias) so that its output in `run()` has standard deviation
   std, then adds value to the bias entries `index` when given: layers = [(layer, std, extra)]
-  with extra None or (index, value)."""
+  with extra None or (index, value). The (R, C) outputs of the `centered` layers first lose each
+  channel's mean over R (through the bias)."""
   seen = {id(layer): [] for layer, _, _ in layers}
   hooks = [
-    layer.register_forward_hook(lambda m, i, o: seen[id(m)].append(o.detach().flatten()))
+    layer.register_forward_hook(lambda m, i, o: seen[id(m)].append(o.detach()))
     for layer, _, _ in layers
   ]
   run()
   for h in hooks:
     h.remove()
   for layer, std, extra in layers:
-    factor = std / max(float(torch.cat(seen[id(layer)]).std()), 1e-6)
+    if any(layer is c for c in centered):
+      out = torch.cat(seen[id(layer)])
+      layer.bias.sub_(out.mean(0))
+      out = out - out.mean(0)
+    else:
+      out = torch.cat([o.flatten() for o in seen[id(layer)]])
+    factor = std / max(float(out.std()), 1e-6)
     layer.weight.mul_(factor)
     layer.bias.mul_(factor)
     if extra is not None:
@@ -183,7 +190,9 @@ def random_model(architecture: str, seed: int, images: list) -> torch.nn.Module:
   ]
   if rh.has_mask():
     box_layers.append((rh.mask_predictor.mask_fcn_logits, 3.0, (slice(None), 4.0)))
-  _rescale_outputs(heads, box_layers)
+  # The box head's features are ReLUs: their mean alone gives each class a constant offset, which
+  # could outweigh the spread over proposals and leave one class (or none) above the threshold.
+  _rescale_outputs(heads, box_layers, centered=(rh.box_predictor.cls_score,))
   if rh.has_keypoint():
     _rescale_outputs(heads, [(rh.keypoint_predictor.kps_score_lowres, 1.0, None)])
   return model
