@@ -50,7 +50,7 @@ top rung gets its own canvas (rounded up).
 
 import argparse
 import collections
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 import dataclasses
 import math
 import os
@@ -278,9 +278,12 @@ class Predictor:
     *,
     padding: str = "bucket",
     batch_size: int = 1,
+    tta: Optional[Mapping[str, Any]] = None,
   ):
     """variables {"params", [collections]} of build_model(model_config); padding: PADDINGS;
-    batch_size: images per model call for "bucket" / "image" (the last call is filled up)."""
+    batch_size: images per model call for "bucket" / "image" (the last call is filled up);
+    tta: None, or test-time augmentation with default_tta_config's fields min_sizes, max_size,
+    flip (missing ones take Detectron2's defaults; enabled=False turns it off)."""
     import jax  # pylint: disable=g-import-not-at-top
 
     from rethink_jax.models import mask_rcnn  # pylint: disable=g-import-not-at-top
@@ -308,6 +311,17 @@ class Predictor:
     self._apply = jax.jit(lambda v, b: self.model.apply(v, b, train=False))
     self._executables = {}
     self.class_names = _class_names(self.meta.get("class_names"), self.model_config)
+    self.tta = None
+    fields = dict(tta.to_dict() if hasattr(tta, "to_dict") else (tta or {}))
+    if tta is not None and fields.pop("enabled", True):
+      from rethink_jax import tta as tta_lib  # pylint: disable=g-import-not-at-top
+
+      config = tta_lib.default_tta_config()
+      if "min_sizes" in fields:
+        fields["min_sizes"] = tuple(int(v) for v in fields["min_sizes"])
+      config.update(fields)
+      config.enabled = True
+      self._init_tta(ml_collections.FrozenConfigDict(config))
 
   # -- Construction from a directory ------------------------------------------------------------
   @classmethod
@@ -337,7 +351,7 @@ class Predictor:
   # -- Running ----------------------------------------------------------------------------------
   @property
   def compilations(self) -> int:
-    return len(self._executables)
+    return len(self._executables) + (len(self._tta_executables) if self.tta else 0)
 
   @property
   def compiled_shapes(self) -> list[tuple[int, ...]]:
@@ -363,17 +377,15 @@ class Predictor:
   def run_padded(self, prepared: Sequence[np.ndarray], canvas: Sequence[int]) -> dict:
     """The model on normalised (h, w, 3) images padded into one (len, H, W, 3) batch: its raw
     fixed-shape outputs (numpy)."""
-    hc, wc = int(canvas[0]), int(canvas[1])
-    images = np.zeros((len(prepared), hc, wc, 3), np.float32)
-    image_hw = np.zeros((len(prepared), 2), np.int32)
-    for i, x in enumerate(prepared):
-      images[i, : x.shape[0], : x.shape[1]] = x
-      image_hw[i] = x.shape[:2]
-    return self._run(images, image_hw)
+    return self._run(*_pad(prepared, canvas))
 
   def __call__(self, images: Sequence[np.ndarray], resize: bool = True) -> list[dict]:
     """Detections of each image (module doc): list of dicts boxes, scores, labels, [names],
     [masks], [keypoints]."""
+    if self.tta:
+      if not resize:
+        raise ValueError("test-time augmentation resizes every view: it needs resize=True")
+      return self._call_tta(images)
     prep = [
       _Prepared(preprocess(im, self.model_config.input, resize), np.shape(im)[:2]) for im in images
     ]
@@ -396,6 +408,112 @@ class Predictor:
           for j, i in enumerate(chunk):
             raw[i] = {k: v[j] for k, v in out.items()}
     return [self._postprocess(r, p.image.shape[:2], p.orig_hw) for r, p in zip(raw, prep)]
+
+  # -- Test-time augmentation -------------------------------------------------------------------
+  def _init_tta(self, config: ml_collections.FrozenConfigDict) -> None:
+    from rethink_jax import tta as tta_lib  # pylint: disable=g-import-not-at-top
+
+    tta_lib.check_supported(self.model_config)
+    if not config.min_sizes:
+      raise ValueError("tta.min_sizes is empty")
+    self.tta = config
+    self._tta_views = tta_lib.views(config)
+    programs = tta_lib.make_programs(self.model, self.model_config, [f for _, f in self._tta_views])
+    self._tta_programs = {k: self._compiled_tta(k, f) for k, f in programs.items()}
+    self._tta_executables = {}
+    c = self.model_config.input
+    self._tta_inputs, self._tta_ladders = [], []
+    for size in config.min_sizes:
+      resize = ml_collections.ConfigDict(c.to_dict())
+      resize.update(min_size_test=int(size), max_size_test=int(config.max_size))
+      ladder = ml_collections.ConfigDict(resize.to_dict())
+      if int(c.min_size_test) > 0:  # the model's own ladder scaled to the view's size
+        top = math.ceil(float(c.max_size_test) * int(size) / int(c.min_size_test))
+        ladder.max_size_test = min(int(config.max_size), top)
+      self._tta_inputs.append(resize)
+      self._tta_ladders.append(ladder)
+
+  def _compiled_tta(self, name: str, program: Any) -> Any:
+    """`program` compiled once per shape of its arguments (counted in `compilations`)."""
+    import jax  # pylint: disable=g-import-not-at-top
+
+    def call(*args):
+      key = (name,) + tuple((np.shape(x), str(np.result_type(x))) for x in jax.tree.leaves(args))
+      if key not in self._tta_executables:
+        self._tta_executables[key] = program.lower(*args).compile()
+      return self._tta_executables[key](*args)
+
+    return call
+
+  def _tta_view(self, image: np.ndarray, i: int) -> tuple[np.ndarray, np.ndarray]:
+    """The i-th min size's view of an image: (normalised (h, w, 3), scale [y, x] view / orig)."""
+    rule_config = self._tta_inputs[i]
+    x = preprocess(image, rule_config, True)
+    (h0, w0), (h1, w1) = image.shape[:2], x.shape[:2]
+    if rule_config.resize == "rethink_jax":
+      scale = _pipeline_scale(
+        h0, w0, int(rule_config.min_size_test), int(rule_config.max_size_test)
+      )
+      return x, np.full(2, scale, np.float32)
+    return x, np.asarray([h1 / h0, w1 / w0], np.float32)
+
+  def _tta_canvas(self, h: int, w: int, i: int) -> tuple[int, int]:
+    if self.padding == "bucket":
+      return canvas_for(h, w, self._tta_ladders[i])
+    return self._canvas(h, w)
+
+  def _call_tta(self, images: Sequence[np.ndarray]) -> list[dict]:
+    """__call__ with TTA: the images grouped by their views' canvases (one batch each)."""
+    images = [_check_image(im) for im in images]
+    sizes = range(len(self.tta.min_sizes))
+    views = [[self._tta_view(im, i) for i in sizes] for im in images]
+    if self.padding == "batch":
+      canvases = [self._canvas(*np.max([v[i][0].shape[:2] for v in views], axis=0)) for i in sizes]
+      chunks = [(tuple(canvases), list(range(len(images))))] if images else []
+    else:
+      groups = collections.defaultdict(list)
+      for j, v in enumerate(views):
+        groups[tuple(self._tta_canvas(*v[i][0].shape[:2], i) for i in sizes)].append(j)
+      chunks = [
+        (canvases, idx[s : s + self.batch_size])
+        for canvases, idx in groups.items()
+        for s in range(0, len(idx), self.batch_size)
+      ]
+    raw = [None] * len(images)
+    for canvases, chunk in chunks:
+      fill = chunk
+      if self.padding != "batch":
+        fill = chunk + [chunk[-1]] * (self.batch_size - len(chunk))  # fixed batch shape
+      out = self.run_tta_padded(
+        [views[j] for j in fill], [images[j].shape[:2] for j in fill], canvases
+      )
+      for k, j in enumerate(chunk):
+        raw[j] = {key: v[k] for key, v in out.items()}
+    return [self._postprocess(r, im.shape[:2], im.shape[:2]) for r, im in zip(raw, images)]
+
+  def run_tta_padded(
+    self,
+    views: Sequence[Sequence[tuple[np.ndarray, np.ndarray]]],
+    orig_hw: Sequence[Sequence[int]],
+    canvases: Sequence[Sequence[int]],
+  ) -> dict:
+    """TTA (tta.predict_views) of a batch: views[b][i] (normalised (h, w, 3), scale [y, x]) of
+    image b at min size i, padded into canvases[i]; its raw fixed-shape outputs (numpy), boxes
+    (B, D, 4) in original pixels, masks (B, D, M, M) averaged probabilities."""
+    import jax  # pylint: disable=g-import-not-at-top
+
+    from rethink_jax import tta as tta_lib  # pylint: disable=g-import-not-at-top
+
+    batches = []
+    for i, canvas in enumerate(canvases):
+      image, image_hw = _pad([v[i][0] for v in views], canvas)
+      scale = np.stack([v[i][1] for v in views]).astype(np.float32)
+      batches.append({"image": image, "image_hw": image_hw, "scale": scale})
+    orig_hw = np.asarray(orig_hw, np.int32).reshape(-1, 2)
+    out = tta_lib.predict_views(
+      self._tta_programs, self.variables, batches, self._tta_views, orig_hw
+    )
+    return {k: np.asarray(v) for k, v in jax.device_get(out).items()}
 
   def _postprocess(self, raw: dict, input_hw: Sequence[int], orig_hw: Sequence[int]) -> dict:
     n = int(raw["num_detections"])
@@ -431,6 +549,17 @@ class Predictor:
     if self.class_names is not None:
       out["names"] = [self.class_names[int(k) - 1] for k in classes]
     return out
+
+
+def _pad(prepared: Sequence[np.ndarray], canvas: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+  """Normalised (h, w, 3) images zero-padded into (len, H, W, 3) images and their (len, 2) hw."""
+  hc, wc = int(canvas[0]), int(canvas[1])
+  images = np.zeros((len(prepared), hc, wc, 3), np.float32)
+  image_hw = np.zeros((len(prepared), 2), np.int32)
+  for i, x in enumerate(prepared):
+    images[i, : x.shape[0], : x.shape[1]] = x
+    image_hw[i] = x.shape[:2]
+  return images, image_hw
 
 
 def _class_names(names: Any, model_config: ml_collections.ConfigDict) -> Optional[list[str]]:
@@ -653,7 +782,23 @@ def main(argv: Optional[list[str]] = None) -> int:
   parser.add_argument("--no-resize", action="store_true", help="images at their own size")
   parser.add_argument("--padding", choices=PADDINGS, default="bucket", help="canvas rule")
   parser.add_argument("--no-draw", action="store_true", help="write no PNGs")
+  parser.add_argument("--tta", action="store_true", help="test-time augmentation (module doc)")
+  parser.add_argument(
+    "--tta-min-sizes", help="comma-separated shorter sides of the TTA views (400,500,...,1200)"
+  )
+  parser.add_argument("--tta-max-size", type=int, help="TTA views' longer side at most (4000)")
+  parser.add_argument("--no-tta-flip", action="store_true", help="no mirrored TTA views")
   args = parser.parse_args(argv)
+  tta = None
+  if args.tta:  # fields not given take tta.default_tta_config's (Detectron2's TEST.AUG)
+    tta = {"flip": not args.no_tta_flip}
+    if args.tta_min_sizes is not None:
+      try:
+        tta["min_sizes"] = tuple(int(v) for v in args.tta_min_sizes.split(",") if v.strip())
+      except ValueError:
+        parser.error(f"--tta-min-sizes takes integers separated by commas: {args.tta_min_sizes}")
+    if args.tta_max_size is not None:
+      tta["max_size"] = args.tta_max_size
 
   from rethink_jax import runtime  # pylint: disable=g-import-not-at-top
 
@@ -661,7 +806,7 @@ def main(argv: Optional[list[str]] = None) -> int:
   paths = list_images(args.input)
   if not paths:
     parser.error(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {args.input}")
-  predictor = Predictor.from_checkpoint(args.checkpoint, padding=args.padding)
+  predictor = Predictor.from_checkpoint(args.checkpoint, padding=args.padding, tta=tta)
   t0 = time.time()
   results = predict_files(
     predictor,
