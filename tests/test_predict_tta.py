@@ -56,9 +56,7 @@ def detector(tmp_path_factory):
     key = (padding,) + tuple(sorted(tta_fields.items()))
     if key not in predictors:
       tta_config = tta_fields or None
-      predictors[key] = predict.Predictor(
-        variables, config, meta, padding=padding, tta=tta_config
-      )
+      predictors[key] = predict.Predictor(variables, config, meta, padding=padding, tta=tta_config)
     return predictors[key]
 
   return dict(directory=directory, variables=variables, config=config, predictor=get)
@@ -90,6 +88,18 @@ def test_one_unflipped_view_is_the_plain_predictor(detector):
   images = _images(rng, [(48, 64), (90, 50), (40, 60)])
   for got, want in zip(with_tta(images), plain(images)):
     _check_same(got, want)
+  # The raw outputs: the same detections (in original pixels) and mask probabilities.
+  x = predict.preprocess(images[0], plain.model_config.input, True)
+  scale = np.array([x.shape[0] / 48, x.shape[1] / 64], np.float32)
+  want = plain.run_padded([x], (64, 96))
+  got = with_tta.run_tta_padded([[(x, scale)]], [(48, 64)], [(64, 96)])
+  n = int(want["num_detections"][0])
+  assert int(got["num_detections"][0]) == n > 0
+  np.testing.assert_array_equal(got["classes"][0, :n], want["classes"][0, :n])
+  np.testing.assert_allclose(got["scores"][0, :n], want["scores"][0, :n], rtol=1e-6)
+  boxes = want["boxes"][0, :n] / np.tile(scale[::-1], 2)
+  np.testing.assert_allclose(got["boxes"][0, :n], boxes, atol=1e-4)
+  np.testing.assert_allclose(got["masks"][0, :n], want["masks"][0, :n], atol=1e-5)
   # detect and mask programs for the two canvases, one merge, one average.
   assert with_tta.compilations == 6
   with_tta(_images(rng, [(30, 41), (100, 57)]))  # other sizes, the same canvases
@@ -176,6 +186,15 @@ def test_views_merged_and_masks_averaged_as_detectron2(detector):
     )
     p = np.asarray(jax.device_get(p))[0]
     probs.append(p[..., ::-1] if flip else p)
+  # The averaged probabilities themselves (pasted masks threshold values near 0.5).
+  view_inputs = [(x, scale) for x, flip, scale, _ in views if not flip]
+  canvases = [canvas for _, flip, _, canvas in views if not flip]
+  raw = with_tta.run_tta_padded([view_inputs], [(h0, w0)], canvases)
+  n = int(raw["num_detections"][0])
+  raw_boxes = raw["boxes"][0, :n]
+  nonempty = (raw_boxes[:, 2] > raw_boxes[:, 0]) & (raw_boxes[:, 3] > raw_boxes[:, 1])
+  np.testing.assert_allclose(raw_boxes[nonempty], boxes, atol=1e-3)
+  np.testing.assert_allclose(raw["masks"][0, :n][nonempty], np.mean(probs, axis=0), atol=1e-5)
   masks = evaluate.paste_masks(np.mean(probs, axis=0), boxes, (h0, w0))
   _check_masks(got["masks"], np.ascontiguousarray(masks.transpose(2, 0, 1)).astype(bool))
   assert with_tta.compilations == 2 + 2 + 2  # detect and masks at 2 canvases, merge, average
@@ -197,6 +216,14 @@ def test_flip_tta_is_flip_equivariant(detector):
   [image] = _images(rng, [(64, 80)])  # the model's own size: nothing resized
   got, mirrored = with_tta([image, image[:, ::-1].copy()])
   _check_same(mirrored, _mirrored(got, 80), box_atol=1e-4)
+  # The averaged mask probabilities are mirrored too.
+  x = predict.preprocess(image, with_tta.model_config.input, True)
+  ones = np.ones(2, np.float32)
+  raw = with_tta.run_tta_padded([[(x, ones)], [(x[:, ::-1], ones)]], [(64, 80)] * 2, [(64, 96)])
+  n = int(raw["num_detections"][0])
+  assert int(raw["num_detections"][1]) == n > 0
+  np.testing.assert_array_equal(raw["classes"][1], raw["classes"][0])
+  np.testing.assert_allclose(raw["masks"][1, :n], raw["masks"][0, :n, :, ::-1], atol=1e-6)
   # Both views count: the merged set differs from the unflipped view's alone.
   [single] = detector["predictor"](min_sizes=(64,), max_size=96, flip=False)([image])
   assert len(single["scores"]) != len(got["scores"]) or not np.allclose(
