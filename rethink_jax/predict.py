@@ -9,7 +9,8 @@ r"""Predictor: a converted or trained Mask R-CNN on uint8 RGB images of any size
 
 Command line (COCO-format results JSON + one PNG per image with the detections drawn):
   python -m rethink_jax.predict --checkpoint DIR --input IMAGE_OR_DIR --output DIR \
-      [--score-thresh 0.5]
+      [--score-thresh 0.5] [--tta [--tta-min-sizes 400,500,...] [--tta-max-size 4000] \
+      [--no-tta-flip]]
 
 What happens to an image, following model_config.input / output:
   1. resize (resize=True) by input.resize, to shorter side min_size_test and longer side at most
@@ -46,6 +47,25 @@ For 800 / 1333 the rungs are 1344, 800, 416, 224, 128, 64: a resized landscape i
 800 x 1344, a portrait one into 1344 x 800, a square one into 800 x 800; smaller images
 (resize=False, or a side cut by max_size_test) into the smaller rungs. An image larger than the
 top rung gets its own canvas (rounded up).
+
+Test-time augmentation (Predictor(..., tta={...}), --tta): Detectron2's GeneralizedRCNNWithTTA,
+the same as the trainer's evaluation with eval.tta (rethink_jax.tta: the same jitted pieces, the
+same merge and mask averaging). tta holds tta.default_tta_config's fields: min_sizes (default 400,
+500, ..., 1200), max_size (4000), flip (True); missing fields take those defaults. Every image is
+resized by input.resize to each min size (longer side at most max_size), unflipped and, with
+flip, mirrored after resizing; every view's detections go back to original pixels by the resize's
+per-axis scale (mirrored back within the view's width); the union is merged once (clip, scores >
+1e-8, per-class NMS at roi_heads.nms_thresh_test, the detections_per_image best); the mask head
+runs on the merged boxes in every view and the probabilities, mirrored ones mirrored back, are
+averaged, then pasted as in step 5 ("detectron2": the merged boxes clipped, empty ones dropped).
+Canvases follow `padding` per view: "bucket" takes a ladder per min size (tta_bucket_sides): the
+one above for shorter side min size and longer side max_size_test * min size / min_size_test
+(the model's ladder scaled to the view), plus rungs growing by TTA_RUNG_RATIO up to max_size for
+the longer images that max_size lets through; so one detect and one mask program compile per view
+canvas and batch size, and one merge and one average per batch size (all counted in
+`compilations`), not one per image size; "image" and "batch" as above. TTA always
+resizes (resize=False is refused) and refuses keypoint models (NotImplementedError), as
+Detectron2's does; a model without a mask head gets merged boxes only.
 """
 
 import argparse
@@ -68,6 +88,7 @@ from rethink_jax import visualize
 RESIZE_RULES = ("detectron2", "torchvision", "rethink_jax")
 PADDINGS = ("bucket", "image", "batch")
 MASK_THRESHOLD = 0.5
+TTA_RUNG_RATIO = 1.5  # TTA ladders: rungs above the scaled top grow by this factor to max_size
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 
 
@@ -192,12 +213,35 @@ def shape_buckets(input_config: ml_collections.ConfigDict) -> list[tuple[int, in
   return sorted(((h, w) for h in sides for w in sides), key=lambda s: (s[0] * s[1], s))
 
 
-def canvas_for(h: int, w: int, input_config: ml_collections.ConfigDict) -> tuple[int, int]:
-  """padding="bucket": the canvas of an (h, w) model input (own rounded size above the ladder)."""
+def canvas_for(
+  h: int,
+  w: int,
+  input_config: ml_collections.ConfigDict,
+  sides: Optional[Sequence[int]] = None,
+) -> tuple[int, int]:
+  """padding="bucket": the canvas of an (h, w) model input (own rounded size above the ladder
+  `sides`, by default bucket_sides(input_config))."""
   d = max(1, int(input_config.size_divisibility))
-  sides = bucket_sides(input_config)
+  sides = bucket_sides(input_config) if sides is None else sorted(sides)
   pick = lambda x: next((s for s in sides if s >= x), _round_up(x, d))
   return pick(h), pick(w)
+
+
+def tta_bucket_sides(
+  input_config: ml_collections.ConfigDict, size: int, max_size: int
+) -> tuple[int, ...]:
+  """The ladder of canvas sides of the TTA views of shorter side `size` (module doc)."""
+  d = max(1, int(input_config.size_divisibility))
+  top = float(max_size)
+  if int(input_config.min_size_test) > 0:
+    top = min(top, float(input_config.max_size_test) * size / int(input_config.min_size_test))
+  view = ml_collections.ConfigDict(input_config.to_dict(), type_safe=False)
+  view.update(min_size_test=int(size), max_size_test=top)
+  sides = set(bucket_sides(view))
+  while top < max_size:
+    top = min(float(max_size), top * TTA_RUNG_RATIO)
+    sides.add(_round_up(top, d))
+  return tuple(sorted(sides))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -267,7 +311,9 @@ class Predictor:
     model_config: the model config (default_model_config() layout, input / output included).
     meta: the checkpoint's meta (source, class_names, ...).
     class_names: K names in class order, or None.
-    compilations: number of model executables compiled so far (one per canvas and batch size).
+    compilations: number of model executables compiled so far (one per canvas and batch size;
+      with TTA, its programs per view canvas and batch size too).
+    tta: the test-time augmentation config (FrozenConfigDict), or None.
   """
 
   def __init__(
@@ -422,16 +468,12 @@ class Predictor:
     self._tta_programs = {k: self._compiled_tta(k, f) for k, f in programs.items()}
     self._tta_executables = {}
     c = self.model_config.input
-    self._tta_inputs, self._tta_ladders = [], []
+    self._tta_inputs, self._tta_sides = [], []
     for size in config.min_sizes:
       resize = ml_collections.ConfigDict(c.to_dict())
       resize.update(min_size_test=int(size), max_size_test=int(config.max_size))
-      ladder = ml_collections.ConfigDict(resize.to_dict())
-      if int(c.min_size_test) > 0:  # the model's own ladder scaled to the view's size
-        top = math.ceil(float(c.max_size_test) * int(size) / int(c.min_size_test))
-        ladder.max_size_test = min(int(config.max_size), top)
       self._tta_inputs.append(resize)
-      self._tta_ladders.append(ladder)
+      self._tta_sides.append(tta_bucket_sides(c, int(size), int(config.max_size)))
 
   def _compiled_tta(self, name: str, program: Any) -> Any:
     """`program` compiled once per shape of its arguments (counted in `compilations`)."""
@@ -459,7 +501,7 @@ class Predictor:
 
   def _tta_canvas(self, h: int, w: int, i: int) -> tuple[int, int]:
     if self.padding == "bucket":
-      return canvas_for(h, w, self._tta_ladders[i])
+      return canvas_for(h, w, self.model_config.input, self._tta_sides[i])
     return self._canvas(h, w)
 
   def _call_tta(self, images: Sequence[np.ndarray]) -> list[dict]:

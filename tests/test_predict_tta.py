@@ -278,3 +278,32 @@ def test_cli_with_tta_writes_results_and_pngs(detector, tmp_path):
   assert sorted(os.listdir(out_dir)) == sorted(
     ["results.json", "images.json"] + [f"{i + 1:012d}.png" for i in range(2)]
   )
+
+
+def test_bucket_canvases_of_the_views_are_few():
+  """Detectron2's defaults on COCO-sized images: each view size has a fixed set of canvases
+  (the model's 800 / 1333 ladder scaled to the view, then rungs up to max_size), so new image
+  sizes compile nothing."""
+  from rethink_jax.models import config as model_config  # pylint: disable=g-import-not-at-top
+
+  p = predict.Predictor({}, model_config.default_model_config(), tta={})
+  rng = np.random.default_rng()
+  round_up = lambda x: -(-int(np.ceil(x)) // 32) * 32
+  usual = [(480, 640), (427, 640), (640, 480), (375, 500), (612, 612), (333, 500)]
+  usual += [(int(rng.integers(400, 641)), 640) for _ in range(3)]  # aspect <= 1.6
+  wide = [(256, 640), (270, 640), (300, 640)]  # aspect 2.1 to 2.5: above the scaled top
+  for i, size in enumerate(p.tta.min_sizes):
+    canvases = {"usual": set(), "wide": set()}
+    for kind, sizes in (("usual", usual), ("wide", wide)):
+      for h, w in sizes:
+        x, scale = p._tta_view(np.zeros((h, w, 3), np.uint8), i)  # pylint: disable=protected-access
+        assert min(x.shape[:2]) == size and max(x.shape[:2]) <= p.tta.max_size
+        np.testing.assert_allclose(scale, np.array(x.shape[:2]) / (h, w), rtol=1e-6)
+        canvas = p._tta_canvas(*x.shape[:2], i)  # pylint: disable=protected-access
+        assert canvas[0] >= x.shape[0] and canvas[1] >= x.shape[1]
+        assert canvas[0] % 32 == 0 and canvas[1] % 32 == 0
+        canvases[kind].add(canvas)
+    short, top = round_up(size), round_up(1333 * size / 800)
+    assert canvases["usual"] <= {(short, top), (top, short), (short, short)}, (size, canvases)
+    [(h, w)] = canvases["wide"]
+    assert h == short and top < w <= round_up(1.5 * 1333 * size / 800), (size, canvases)
