@@ -307,3 +307,25 @@ def test_bucket_canvases_of_the_views_are_few():
     assert canvases["usual"] <= {(short, top), (top, short), (short, short)}, (size, canvases)
     [(h, w)] = canvases["wide"]
     assert h == short and top < w <= round_up(1.5 * 1333 * size / 800), (size, canvases)
+
+
+def test_box_only_model_with_tta():
+  """A model without a mask head: merged boxes only; one view is the plain Predictor."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  from rethink_jax.models import mask_rcnn  # pylint: disable=g-import-not-at-top
+
+  config = _tiny_model_config()
+  config.mask_on = False
+  model = mask_rcnn.build_model(config)
+  batch = {"image": np.zeros((1, 64, 64, 3), np.float32), "image_hw": np.array([[64, 64]])}
+  keys = jax.random.split(jax.random.PRNGKey(int(np.random.default_rng().integers(1 << 31))), 2)
+  variables = jax.jit(lambda k: model.init({"params": k[0], "sampling": k[1]}, batch))(keys)
+  with_tta = predict.Predictor(variables, config, tta={"min_sizes": (64,), "flip": False})
+  images = _images(np.random.default_rng(), [(48, 64)])
+  [got], [want] = with_tta(images), predict.Predictor(variables, config)(images)
+  assert "masks" not in got and len(got["scores"]) == len(want["scores"]) > 0
+  np.testing.assert_array_equal(got["labels"], want["labels"])
+  np.testing.assert_allclose(got["scores"], want["scores"], rtol=1e-5)
+  np.testing.assert_allclose(got["boxes"], want["boxes"], atol=1e-3)
+  assert with_tta.compilations == 2  # detect, merge
