@@ -9,7 +9,8 @@ r"""Predictor: a converted or trained Mask R-CNN on uint8 RGB images of any size
 
 Command line (COCO-format results JSON + one PNG per image with the detections drawn):
   python -m rethink_jax.predict --checkpoint DIR --input IMAGE_OR_DIR --output DIR \
-      [--score-thresh 0.5]
+      [--score-thresh 0.5] [--tta [--tta-min-sizes 400,500,...] [--tta-max-size 4000] \
+      [--no-tta-flip]]
 
 What happens to an image, following model_config.input / output:
   1. resize (resize=True) by input.resize, to shorter side min_size_test and longer side at most
@@ -46,11 +47,30 @@ For 800 / 1333 the rungs are 1344, 800, 416, 224, 128, 64: a resized landscape i
 800 x 1344, a portrait one into 1344 x 800, a square one into 800 x 800; smaller images
 (resize=False, or a side cut by max_size_test) into the smaller rungs. An image larger than the
 top rung gets its own canvas (rounded up).
+
+Test-time augmentation (Predictor(..., tta={...}), --tta): Detectron2's GeneralizedRCNNWithTTA,
+the same as the trainer's evaluation with eval.tta (rethink_jax.tta: the same jitted pieces, the
+same merge and mask averaging). tta holds tta.default_tta_config's fields: min_sizes (default 400,
+500, ..., 1200), max_size (4000), flip (True); missing fields take those defaults. Every image is
+resized by input.resize to each min size (longer side at most max_size), unflipped and, with
+flip, mirrored after resizing; every view's detections go back to original pixels by the resize's
+per-axis scale (mirrored back within the view's width); the union is merged once (clip, scores >
+1e-8, per-class NMS at roi_heads.nms_thresh_test, the detections_per_image best); the mask head
+runs on the merged boxes in every view and the probabilities, mirrored ones mirrored back, are
+averaged, then pasted as in step 5 ("detectron2": the merged boxes clipped, empty ones dropped).
+Canvases follow `padding` per view: "bucket" takes a ladder per min size (tta_bucket_sides): the
+one above for shorter side min size and longer side max_size_test * min size / min_size_test
+(the model's ladder scaled to the view), plus rungs growing by TTA_RUNG_RATIO up to max_size for
+the longer images that max_size lets through; so one detect and one mask program compile per view
+canvas and batch size, and one merge and one average per batch size (all counted in
+`compilations`), not one per image size; "image" and "batch" as above. TTA always
+resizes (resize=False is refused) and refuses keypoint models (NotImplementedError), as
+Detectron2's does; a model without a mask head gets merged boxes only.
 """
 
 import argparse
 import collections
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 import dataclasses
 import math
 import os
@@ -68,6 +88,7 @@ from rethink_jax import visualize
 RESIZE_RULES = ("detectron2", "torchvision", "rethink_jax")
 PADDINGS = ("bucket", "image", "batch")
 MASK_THRESHOLD = 0.5
+TTA_RUNG_RATIO = 1.5  # TTA ladders: rungs above the scaled top grow by this factor to max_size
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 
 
@@ -192,12 +213,35 @@ def shape_buckets(input_config: ml_collections.ConfigDict) -> list[tuple[int, in
   return sorted(((h, w) for h in sides for w in sides), key=lambda s: (s[0] * s[1], s))
 
 
-def canvas_for(h: int, w: int, input_config: ml_collections.ConfigDict) -> tuple[int, int]:
-  """padding="bucket": the canvas of an (h, w) model input (own rounded size above the ladder)."""
+def canvas_for(
+  h: int,
+  w: int,
+  input_config: ml_collections.ConfigDict,
+  sides: Optional[Sequence[int]] = None,
+) -> tuple[int, int]:
+  """padding="bucket": the canvas of an (h, w) model input (own rounded size above the ladder
+  `sides`, by default bucket_sides(input_config))."""
   d = max(1, int(input_config.size_divisibility))
-  sides = bucket_sides(input_config)
+  sides = bucket_sides(input_config) if sides is None else sorted(sides)
   pick = lambda x: next((s for s in sides if s >= x), _round_up(x, d))
   return pick(h), pick(w)
+
+
+def tta_bucket_sides(
+  input_config: ml_collections.ConfigDict, size: int, max_size: int
+) -> tuple[int, ...]:
+  """The ladder of canvas sides of the TTA views of shorter side `size` (module doc)."""
+  d = max(1, int(input_config.size_divisibility))
+  top = float(max_size)
+  if int(input_config.min_size_test) > 0:
+    top = min(top, float(input_config.max_size_test) * size / int(input_config.min_size_test))
+  view = ml_collections.ConfigDict(input_config.to_dict(), type_safe=False)
+  view.update(min_size_test=int(size), max_size_test=top)
+  sides = set(bucket_sides(view))
+  while top < max_size:
+    top = min(float(max_size), top * TTA_RUNG_RATIO)
+    sides.add(_round_up(top, d))
+  return tuple(sorted(sides))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -267,7 +311,9 @@ class Predictor:
     model_config: the model config (default_model_config() layout, input / output included).
     meta: the checkpoint's meta (source, class_names, ...).
     class_names: K names in class order, or None.
-    compilations: number of model executables compiled so far (one per canvas and batch size).
+    compilations: number of model executables compiled so far (one per canvas and batch size;
+      with TTA, its programs per view canvas and batch size too).
+    tta: the test-time augmentation config (FrozenConfigDict), or None.
   """
 
   def __init__(
@@ -278,9 +324,12 @@ class Predictor:
     *,
     padding: str = "bucket",
     batch_size: int = 1,
+    tta: Optional[Mapping[str, Any]] = None,
   ):
     """variables {"params", [collections]} of build_model(model_config); padding: PADDINGS;
-    batch_size: images per model call for "bucket" / "image" (the last call is filled up)."""
+    batch_size: images per model call for "bucket" / "image" (the last call is filled up);
+    tta: None, or test-time augmentation with default_tta_config's fields min_sizes, max_size,
+    flip (missing ones take Detectron2's defaults; enabled=False turns it off)."""
     import jax  # pylint: disable=g-import-not-at-top
 
     from rethink_jax.models import mask_rcnn  # pylint: disable=g-import-not-at-top
@@ -308,6 +357,17 @@ class Predictor:
     self._apply = jax.jit(lambda v, b: self.model.apply(v, b, train=False))
     self._executables = {}
     self.class_names = _class_names(self.meta.get("class_names"), self.model_config)
+    self.tta = None
+    fields = dict(tta.to_dict() if hasattr(tta, "to_dict") else (tta or {}))
+    if tta is not None and fields.pop("enabled", True):
+      from rethink_jax import tta as tta_lib  # pylint: disable=g-import-not-at-top
+
+      config = tta_lib.default_tta_config()
+      if "min_sizes" in fields:
+        fields["min_sizes"] = tuple(int(v) for v in fields["min_sizes"])
+      config.update(fields)
+      config.enabled = True
+      self._init_tta(ml_collections.FrozenConfigDict(config))
 
   # -- Construction from a directory ------------------------------------------------------------
   @classmethod
@@ -337,7 +397,7 @@ class Predictor:
   # -- Running ----------------------------------------------------------------------------------
   @property
   def compilations(self) -> int:
-    return len(self._executables)
+    return len(self._executables) + (len(self._tta_executables) if self.tta else 0)
 
   @property
   def compiled_shapes(self) -> list[tuple[int, ...]]:
@@ -363,17 +423,15 @@ class Predictor:
   def run_padded(self, prepared: Sequence[np.ndarray], canvas: Sequence[int]) -> dict:
     """The model on normalised (h, w, 3) images padded into one (len, H, W, 3) batch: its raw
     fixed-shape outputs (numpy)."""
-    hc, wc = int(canvas[0]), int(canvas[1])
-    images = np.zeros((len(prepared), hc, wc, 3), np.float32)
-    image_hw = np.zeros((len(prepared), 2), np.int32)
-    for i, x in enumerate(prepared):
-      images[i, : x.shape[0], : x.shape[1]] = x
-      image_hw[i] = x.shape[:2]
-    return self._run(images, image_hw)
+    return self._run(*_pad(prepared, canvas))
 
   def __call__(self, images: Sequence[np.ndarray], resize: bool = True) -> list[dict]:
     """Detections of each image (module doc): list of dicts boxes, scores, labels, [names],
     [masks], [keypoints]."""
+    if self.tta:
+      if not resize:
+        raise ValueError("test-time augmentation resizes every view: it needs resize=True")
+      return self._call_tta(images)
     prep = [
       _Prepared(preprocess(im, self.model_config.input, resize), np.shape(im)[:2]) for im in images
     ]
@@ -396,6 +454,108 @@ class Predictor:
           for j, i in enumerate(chunk):
             raw[i] = {k: v[j] for k, v in out.items()}
     return [self._postprocess(r, p.image.shape[:2], p.orig_hw) for r, p in zip(raw, prep)]
+
+  # -- Test-time augmentation -------------------------------------------------------------------
+  def _init_tta(self, config: ml_collections.FrozenConfigDict) -> None:
+    from rethink_jax import tta as tta_lib  # pylint: disable=g-import-not-at-top
+
+    tta_lib.check_supported(self.model_config)
+    if not config.min_sizes:
+      raise ValueError("tta.min_sizes is empty")
+    self.tta = config
+    self._tta_views = tta_lib.views(config)
+    programs = tta_lib.make_programs(self.model, self.model_config, [f for _, f in self._tta_views])
+    self._tta_programs = {k: self._compiled_tta(k, f) for k, f in programs.items()}
+    self._tta_executables = {}
+    c = self.model_config.input
+    self._tta_inputs, self._tta_sides = [], []
+    for size in config.min_sizes:
+      resize = ml_collections.ConfigDict(c.to_dict())
+      resize.update(min_size_test=int(size), max_size_test=int(config.max_size))
+      self._tta_inputs.append(resize)
+      self._tta_sides.append(tta_bucket_sides(c, int(size), int(config.max_size)))
+
+  def _compiled_tta(self, name: str, program: Any) -> Any:
+    """`program` compiled once per shape of its arguments (counted in `compilations`)."""
+    import jax  # pylint: disable=g-import-not-at-top
+
+    def call(*args):
+      key = (name,) + tuple((np.shape(x), str(np.result_type(x))) for x in jax.tree.leaves(args))
+      if key not in self._tta_executables:
+        self._tta_executables[key] = program.lower(*args).compile()
+      return self._tta_executables[key](*args)
+
+    return call
+
+  def _tta_view(self, image: np.ndarray, i: int) -> tuple[np.ndarray, np.ndarray]:
+    """The i-th min size's view of an image: (normalised (h, w, 3), scale [y, x] view / orig)."""
+    rule_config = self._tta_inputs[i]
+    x = preprocess(image, rule_config, True)
+    (h0, w0), (h1, w1) = image.shape[:2], x.shape[:2]
+    if rule_config.resize == "rethink_jax":
+      scale = _pipeline_scale(
+        h0, w0, int(rule_config.min_size_test), int(rule_config.max_size_test)
+      )
+      return x, np.full(2, scale, np.float32)
+    return x, np.asarray([h1 / h0, w1 / w0], np.float32)
+
+  def _tta_canvas(self, h: int, w: int, i: int) -> tuple[int, int]:
+    if self.padding == "bucket":
+      return canvas_for(h, w, self.model_config.input, self._tta_sides[i])
+    return self._canvas(h, w)
+
+  def _call_tta(self, images: Sequence[np.ndarray]) -> list[dict]:
+    """__call__ with TTA: the images grouped by their views' canvases (one batch each)."""
+    images = [_check_image(im) for im in images]
+    sizes = range(len(self.tta.min_sizes))
+    views = [[self._tta_view(im, i) for i in sizes] for im in images]
+    if self.padding == "batch":
+      canvases = [self._canvas(*np.max([v[i][0].shape[:2] for v in views], axis=0)) for i in sizes]
+      chunks = [(tuple(canvases), list(range(len(images))))] if images else []
+    else:
+      groups = collections.defaultdict(list)
+      for j, v in enumerate(views):
+        groups[tuple(self._tta_canvas(*v[i][0].shape[:2], i) for i in sizes)].append(j)
+      chunks = [
+        (canvases, idx[s : s + self.batch_size])
+        for canvases, idx in groups.items()
+        for s in range(0, len(idx), self.batch_size)
+      ]
+    raw = [None] * len(images)
+    for canvases, chunk in chunks:
+      fill = chunk
+      if self.padding != "batch":
+        fill = chunk + [chunk[-1]] * (self.batch_size - len(chunk))  # fixed batch shape
+      out = self.run_tta_padded(
+        [views[j] for j in fill], [images[j].shape[:2] for j in fill], canvases
+      )
+      for k, j in enumerate(chunk):
+        raw[j] = {key: v[k] for key, v in out.items()}
+    return [self._postprocess(r, im.shape[:2], im.shape[:2]) for r, im in zip(raw, images)]
+
+  def run_tta_padded(
+    self,
+    views: Sequence[Sequence[tuple[np.ndarray, np.ndarray]]],
+    orig_hw: Sequence[Sequence[int]],
+    canvases: Sequence[Sequence[int]],
+  ) -> dict:
+    """TTA (tta.predict_views) of a batch: views[b][i] (normalised (h, w, 3), scale [y, x]) of
+    image b at min size i, padded into canvases[i]; its raw fixed-shape outputs (numpy), boxes
+    (B, D, 4) in original pixels, masks (B, D, M, M) averaged probabilities."""
+    import jax  # pylint: disable=g-import-not-at-top
+
+    from rethink_jax import tta as tta_lib  # pylint: disable=g-import-not-at-top
+
+    batches = []
+    for i, canvas in enumerate(canvases):
+      image, image_hw = _pad([v[i][0] for v in views], canvas)
+      scale = np.stack([v[i][1] for v in views]).astype(np.float32)
+      batches.append({"image": image, "image_hw": image_hw, "scale": scale})
+    orig_hw = np.asarray(orig_hw, np.int32).reshape(-1, 2)
+    out = tta_lib.predict_views(
+      self._tta_programs, self.variables, batches, self._tta_views, orig_hw
+    )
+    return {k: np.asarray(v) for k, v in jax.device_get(out).items()}
 
   def _postprocess(self, raw: dict, input_hw: Sequence[int], orig_hw: Sequence[int]) -> dict:
     n = int(raw["num_detections"])
@@ -431,6 +591,17 @@ class Predictor:
     if self.class_names is not None:
       out["names"] = [self.class_names[int(k) - 1] for k in classes]
     return out
+
+
+def _pad(prepared: Sequence[np.ndarray], canvas: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+  """Normalised (h, w, 3) images zero-padded into (len, H, W, 3) images and their (len, 2) hw."""
+  hc, wc = int(canvas[0]), int(canvas[1])
+  images = np.zeros((len(prepared), hc, wc, 3), np.float32)
+  image_hw = np.zeros((len(prepared), 2), np.int32)
+  for i, x in enumerate(prepared):
+    images[i, : x.shape[0], : x.shape[1]] = x
+    image_hw[i] = x.shape[:2]
+  return images, image_hw
 
 
 def _class_names(names: Any, model_config: ml_collections.ConfigDict) -> Optional[list[str]]:
@@ -653,7 +824,23 @@ def main(argv: Optional[list[str]] = None) -> int:
   parser.add_argument("--no-resize", action="store_true", help="images at their own size")
   parser.add_argument("--padding", choices=PADDINGS, default="bucket", help="canvas rule")
   parser.add_argument("--no-draw", action="store_true", help="write no PNGs")
+  parser.add_argument("--tta", action="store_true", help="test-time augmentation (module doc)")
+  parser.add_argument(
+    "--tta-min-sizes", help="comma-separated shorter sides of the TTA views (400,500,...,1200)"
+  )
+  parser.add_argument("--tta-max-size", type=int, help="TTA views' longer side at most (4000)")
+  parser.add_argument("--no-tta-flip", action="store_true", help="no mirrored TTA views")
   args = parser.parse_args(argv)
+  tta = None
+  if args.tta:  # fields not given take tta.default_tta_config's (Detectron2's TEST.AUG)
+    tta = {"flip": not args.no_tta_flip}
+    if args.tta_min_sizes is not None:
+      try:
+        tta["min_sizes"] = tuple(int(v) for v in args.tta_min_sizes.split(",") if v.strip())
+      except ValueError:
+        parser.error(f"--tta-min-sizes takes integers separated by commas: {args.tta_min_sizes}")
+    if args.tta_max_size is not None:
+      tta["max_size"] = args.tta_max_size
 
   from rethink_jax import runtime  # pylint: disable=g-import-not-at-top
 
@@ -661,7 +848,7 @@ def main(argv: Optional[list[str]] = None) -> int:
   paths = list_images(args.input)
   if not paths:
     parser.error(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {args.input}")
-  predictor = Predictor.from_checkpoint(args.checkpoint, padding=args.padding)
+  predictor = Predictor.from_checkpoint(args.checkpoint, padding=args.padding, tta=tta)
   t0 = time.time()
   results = predict_files(
     predictor,

@@ -18,7 +18,10 @@ are static: one compiled detect and one mask program per view size (the flip is 
 one merge program.
 
 config.eval.tta (default_tta_config): enabled, min_sizes, max_size, flip. Used by the trainer's
-evaluation (train.make_evaluator: periodic evaluation and evaluate_only) when enabled.
+evaluation (train.make_evaluator: periodic evaluation and evaluate_only) when enabled, and by
+rethink_jax.predict.Predictor(tta=...); both run make_programs' pieces through predict_views, and
+differ only in how they build the views (the pipeline's batches here, the Predictor's resize rule
+and canvases there).
 """
 
 from collections.abc import Iterator, Sequence
@@ -143,19 +146,27 @@ def flip_boxes(boxes: jax.Array, widths: jax.Array, flip: jax.Array) -> jax.Arra
   return jnp.where(flip, mirrored, boxes)
 
 
+def _xyxy_scale(scale: jax.Array) -> jax.Array:
+  """(B,) scales, or (B, 2) [y, x] scales of an image resized per axis -> (B, 1, 1 or 4)."""
+  scale = jnp.asarray(scale, jnp.float32)
+  if scale.ndim == 1:
+    return scale[:, None, None]
+  return jnp.tile(scale[:, ::-1], (1, 2))[:, None, :]
+
+
 def boxes_to_original(
   boxes: jax.Array, image_hw: jax.Array, scale: jax.Array, flip: jax.Array
 ) -> jax.Array:
   """(B, N, 4) boxes in a view's input pixels -> original-image pixels (the view's image_hw
-  (B, 2), scale (B,) and flip)."""
-  return flip_boxes(boxes, image_hw[:, 1], flip) / scale[:, None, None]
+  (B, 2), scale (B,) or per axis (B, 2) [y, x] as view / original, and flip)."""
+  return flip_boxes(boxes, image_hw[:, 1], flip) / _xyxy_scale(scale)
 
 
 def boxes_to_view(
   boxes: jax.Array, image_hw: jax.Array, scale: jax.Array, flip: jax.Array
 ) -> jax.Array:
   """boxes_to_original's inverse: (B, N, 4) original pixels -> the view's input pixels."""
-  return flip_boxes(boxes * scale[:, None, None], image_hw[:, 1], flip)
+  return flip_boxes(boxes * _xyxy_scale(scale), image_hw[:, 1], flip)
 
 
 def merge_detections(
@@ -232,6 +243,85 @@ def _view_masks(model, variables, view, merged, flip):
   return probs.astype(jnp.float32)
 
 
+def check_supported(model_config: ml_collections.ConfigDict) -> None:
+  """Raises NotImplementedError for keypoint models (Detectron2's TTA refuses them too)."""
+  if model_config.get("keypoint_on", False):
+    raise NotImplementedError("test-time augmentation does not support keypoint models")
+
+
+def make_programs(
+  model: Any,
+  model_config: ml_collections.ConfigDict,
+  flips: Sequence[bool],
+  shardings: tuple[Any, Any] | None = None,
+) -> dict[str, Any]:
+  """The jitted pieces of a TTA prediction (predict_views runs them), static in shape:
+
+    detect(variables, view, flip): one view's detections in original pixels (B, D, ...);
+    merge(boxes, scores, classes, orig_hw): lists over views -> merge_detections' dict;
+    view_masks(variables, view, merged, flip): (B, D, M, M) probabilities in one view;
+    average(masks): average_masks of the list over views (mirrored as `flips` says).
+
+  The mask pieces are left out for models without a mask head. model_config: the model's
+  (roi_heads.nms_thresh_test, detections_per_image, mask_on); flips: every view's flip in
+  predict_views' order; shardings: (replicated, batch) of a mesh, or None (default placement).
+  """
+  check_supported(model_config)
+  heads = model_config.roi_heads
+
+  def jit(fn, kinds):
+    if shardings is None:
+      return jax.jit(fn)
+    pick = {"r": shardings[0], "s": shardings[1]}
+    return jax.jit(fn, in_shardings=tuple(pick[k] for k in kinds), out_shardings=shardings[1])
+
+  merge = lambda boxes, scores, classes, orig_hw: merge_detections(
+    jnp.concatenate(boxes, axis=1),
+    jnp.concatenate(scores, axis=1),
+    jnp.concatenate(classes, axis=1),
+    orig_hw,
+    nms_thresh=float(heads.nms_thresh_test),
+    detections_per_image=int(heads.detections_per_image),
+  )
+  programs = {
+    "detect": jit(functools.partial(_detect, model), "rsr"),
+    "merge": jit(merge, "ssss"),
+  }
+  if model_config.get("mask_on", True):
+    flips = [bool(f) for f in flips]
+    programs["view_masks"] = jit(functools.partial(_view_masks, model), "rssr")
+    programs["average"] = jit(lambda masks: average_masks(masks, flips), "s")
+  return programs
+
+
+def predict_views(
+  programs: dict[str, Any],
+  variables: dict,
+  views: Sequence[dict],
+  view_list: Sequence[tuple[int, bool]],
+  orig_hw: jax.Array,
+) -> dict[str, jax.Array]:
+  """TTA of one batch of images (module doc, steps 1-3).
+
+  Args:
+    programs: make_programs' (built with view_list's flips).
+    views: one dict per min size: "image" (B, H, W, C), "image_hw" (B, 2), "scale" (B,) or
+      (B, 2) (view / original), the same images in each.
+    view_list: (index into views, flipped) of every view (views()).
+    orig_hw: (B, 2) the images' original [h, w].
+  Returns:
+    merge_detections' dict in original pixels, with "masks" (B, D, M, M) averaged
+    probabilities when the model has a mask head.
+  """
+  flags = [(views[i], np.asarray(f)) for i, f in view_list]
+  found = [programs["detect"](variables, view, flip) for view, flip in flags]
+  merged = programs["merge"](*(list(x) for x in zip(*found)), orig_hw)
+  if "view_masks" not in programs:
+    return merged
+  masks = [programs["view_masks"](variables, view, merged, flip) for view, flip in flags]
+  return {**merged, "masks": programs["average"](masks)}
+
+
 def make_predict_fn(parts: Any, config: ml_collections.ConfigDict):
   """predict(variables, tta batch) -> this process's detections of eval_batches' batch, as
   numpy: boxes (B, D, 4) in ORIGINAL pixels (the batch's scale is 1), scores, classes,
@@ -239,48 +329,16 @@ def make_predict_fn(parts: Any, config: ml_collections.ConfigDict):
 
   parts: train.build_parts' (model, replicated and batch shardings); config: the recipe.
   """
-  if config.model.get("keypoint_on", False):
-    raise NotImplementedError("eval.tta: test-time augmentation does not support keypoints")
-  tta_config = config.eval.tta
-  view_list = views(tta_config)
-  heads = config.model.roi_heads
-  rep, shard = parts.replicated, parts.batch_sharding
-  detect = jax.jit(
-    functools.partial(_detect, parts.model),
-    in_shardings=(rep, shard, rep),
-    out_shardings=shard,
-  )
-  merge = jax.jit(
-    lambda boxes, scores, classes, orig_hw: merge_detections(
-      jnp.concatenate(boxes, axis=1),
-      jnp.concatenate(scores, axis=1),
-      jnp.concatenate(classes, axis=1),
-      orig_hw,
-      nms_thresh=float(heads.nms_thresh_test),
-      detections_per_image=int(heads.detections_per_image),
-    ),
-    in_shardings=(shard, shard, shard, shard),
-    out_shardings=shard,
-  )
-  view_masks = jax.jit(
-    functools.partial(_view_masks, parts.model),
-    in_shardings=(rep, shard, shard, rep),
-    out_shardings=shard,
-  )
-  average = jax.jit(
-    lambda masks: average_masks(masks, [f for _, f in view_list]),
-    in_shardings=(shard,),
-    out_shardings=shard,
+  view_list = views(config.eval.tta)
+  shard = parts.batch_sharding
+  programs = make_programs(
+    parts.model, config.model, [f for _, f in view_list], (parts.replicated, shard)
   )
 
   def predict(variables: dict, batch: dict) -> dict[str, np.ndarray]:
     inputs = [trainer.to_global({k: v[k] for k in VIEW_KEYS}, shard) for v in batch["views"]]
-    flags = [(inputs[i], np.asarray(f)) for i, f in view_list]
-    found = [detect(variables, view, flip) for view, flip in flags]
     orig_hw = trainer.to_global({"orig_hw": batch["orig_hw"]}, shard)["orig_hw"]
-    merged = merge(*(list(x) for x in zip(*found)), orig_hw)
-    masks = average([view_masks(variables, view, merged, flip) for view, flip in flags])
-    out = {**merged, "masks": masks}
+    out = predict_views(programs, variables, inputs, view_list, orig_hw)
     return {k: trainer.local_rows(v) for k, v in out.items()}
 
   return predict
