@@ -6,17 +6,8 @@ augmentation, test-time augmentation).
       --workdir runs/scratch_cascade_mask_rcnn_X_152_32x8d_FPN_gn
 
 ARG: the schedule, a multiple of 1x (= 90k iterations at 16 images) or iterations at 16 images
-per step ("810k"); default 9. The LR (0.02 at 16 images) and the iteration counts scale
-linearly with --config.batch_size; the LR drops x0.1 at the last 60k and 20k iterations.
-Model: ResNeXt-152 32x8d (groups 32, width 8 per group) with GN, FPN GN, three Cascade stages
-(IoU 0.5 / 0.6 / 0.7) with 4conv1fc GN box heads, the GN mask head; training shorter side
-sampled from [640, 800]; evaluation with test-time augmentation (eval.tta: Detectron2's sizes
-400..1200 and flip; --config.eval.tta.enabled=False for the plain evaluation).
-
-Reference: the paper's enhanced-baseline results (its abstract: 50.9 box AP on COCO from random
-initialization without external data) are not transcribed in ../shared/REFERENCE.md, so this
-file does not quote the table's settings or numbers (config.reference.bbox_AP = -1); the
-schedule default is this project's choice, to be checked against the paper.
+per step ("810k"); default 9. Model, recipe and why no paper number is quoted:
+configs/common.py, coco_enhanced_mask_rcnn.
 """
 
 import ml_collections

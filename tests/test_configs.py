@@ -72,7 +72,8 @@ def test_coco_recipe_matches_reference(name):
   assert m.backbone.norm == m.fpn.norm == m.box_head.norm == m.mask_head.norm == norm
   assert m.backbone.depth == depth and m.backbone.width == 64
   if enhanced:
-    assert (m.backbone.groups, m.backbone.width_per_group) == (32, 8)
+    resnext = (32, 8) if "X_152" in name else (1, 64)
+    assert (m.backbone.groups, m.backbone.width_per_group) == resnext
     assert m.roi_heads.name == "cascade" and c.eval.tta.enabled
     assert tuple(m.roi_heads.cascade_iou_thresholds) == (0.5, 0.6, 0.7)
     assert [tuple(w) for w in m.roi_heads.cascade_bbox_reg_weights] == [
