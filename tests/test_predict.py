@@ -10,8 +10,9 @@ import pytest
 from rethink_jax import detector_checkpoint
 from rethink_jax import evaluate
 from rethink_jax import predict
+from tests import tiny_detector
 
-CLASS_NAMES = ["disc", "square", "triangle"]
+CLASS_NAMES = tiny_detector.CLASS_NAMES
 
 
 # ------------------------------------------------------------------------------------------------
@@ -110,31 +111,9 @@ def test_buckets_cover_the_resized_coco_sizes():
 # ------------------------------------------------------------------------------------------------
 # The Predictor on a tiny saved detector.
 # ------------------------------------------------------------------------------------------------
-def _tiny_model_config():
-  from configs import tiny_shapes  # pylint: disable=g-import-not-at-top
-
-  c = tiny_shapes.tiny_model()
-  # Canvas ladder 64, 96: buckets 64x64, 64x96, 96x64, 96x96.
-  c.input.update(min_size_test=64, max_size_test=96, size_divisibility=32)
-  c.roi_heads.score_thresh_test = 0.0  # random weights: every class scores about 1 / (K + 1)
-  return c
-
-
 @pytest.fixture(scope="module")
 def detector_dir(tmp_path_factory):
-  import jax  # pylint: disable=g-import-not-at-top
-
-  from rethink_jax.models import mask_rcnn  # pylint: disable=g-import-not-at-top
-
-  config = _tiny_model_config()
-  model = mask_rcnn.build_model(config)
-  batch = {"image": np.zeros((1, 64, 64, 3), np.float32), "image_hw": np.array([[64, 64]])}
-  seed = int(np.random.default_rng().integers(1 << 31))
-  keys = jax.random.split(jax.random.PRNGKey(seed), 2)
-  variables = jax.jit(lambda k: model.init({"params": k[0], "sampling": k[1]}, batch))(keys)
-  directory = str(tmp_path_factory.mktemp("tiny_detector"))
-  meta = {"source": "test", "sha256": None, "class_names": CLASS_NAMES, "seed": seed}
-  return detector_checkpoint.save_detector(directory, variables, config, meta)
+  return tiny_detector.save(str(tmp_path_factory.mktemp("tiny_detector")))[0]
 
 
 @pytest.fixture(scope="module")
@@ -282,7 +261,7 @@ def test_from_training_workdir(detector_dir, tmp_path):
   shapes.ShapesInstances(config="tiny", data_dir=data_dir).download_and_prepare()
   variables, _, _ = detector_checkpoint.load_detector(detector_dir)
   config = tiny_shapes.get_config()
-  config.model = _tiny_model_config()
+  config.model = tiny_detector.model_config()
   config.data.data_dir = data_dir
   workdir = tmp_path / "workdir"
   workdir.mkdir()
@@ -393,7 +372,7 @@ def test_keypoint_predictor_and_coco_results(tmp_path):
 
   from rethink_jax.models import mask_rcnn  # pylint: disable=g-import-not-at-top
 
-  config = _tiny_model_config()
+  config = tiny_detector.model_config()
   config.mask_on, config.keypoint_on = False, True
   config.keypoint_head.update(num_keypoints=5, conv_dims=(16, 16), max_fg_rois=4, chunk_rois=0)
   model = mask_rcnn.build_model(config)

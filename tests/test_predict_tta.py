@@ -14,42 +14,21 @@ import pytest
 import torch
 import torchvision
 
-from rethink_jax import detector_checkpoint
 from rethink_jax import evaluate
 from rethink_jax import predict
 from rethink_jax import tta
+from tests import tiny_detector
 
-CLASS_NAMES = ["disc", "square", "triangle"]
+CLASS_NAMES = tiny_detector.CLASS_NAMES
 # Pasted masks threshold probabilities near 0.5 (random weights): boxes equal to float rounding
 # may flip a few border pixels, no more.
 MASK_PIXELS_OFF = 2e-3
 
 
-def _tiny_model_config():
-  from configs import tiny_shapes  # pylint: disable=g-import-not-at-top
-
-  c = tiny_shapes.tiny_model()
-  c.input.update(min_size_test=64, max_size_test=96, size_divisibility=32)
-  c.roi_heads.score_thresh_test = 0.0  # random weights: every class scores about 1 / (K + 1)
-  return c
-
-
 @pytest.fixture(scope="module")
 def detector(tmp_path_factory):
   """(directory, variables, model config) of a tiny detector, and a cache of its Predictors."""
-  import jax  # pylint: disable=g-import-not-at-top
-
-  from rethink_jax.models import mask_rcnn  # pylint: disable=g-import-not-at-top
-
-  config = _tiny_model_config()
-  model = mask_rcnn.build_model(config)
-  batch = {"image": np.zeros((1, 64, 64, 3), np.float32), "image_hw": np.array([[64, 64]])}
-  seed = int(np.random.default_rng().integers(1 << 31))
-  keys = jax.random.split(jax.random.PRNGKey(seed), 2)
-  variables = jax.jit(lambda k: model.init({"params": k[0], "sampling": k[1]}, batch))(keys)
-  directory = str(tmp_path_factory.mktemp("tiny_detector"))
-  meta = {"source": "test", "sha256": None, "class_names": CLASS_NAMES, "seed": seed}
-  detector_checkpoint.save_detector(directory, variables, config, meta)
+  directory, variables, config, meta = tiny_detector.save(str(tmp_path_factory.mktemp("tiny")))
   predictors = {}
 
   def get(padding="bucket", **tta_fields):
@@ -232,7 +211,7 @@ def test_flip_tta_is_flip_equivariant(detector):
 
 
 def test_keypoint_models_refuse_tta():
-  config = _tiny_model_config()
+  config = tiny_detector.model_config()
   config.mask_on, config.keypoint_on = False, True
   with pytest.raises(NotImplementedError, match="keypoint"):
     predict.Predictor({}, config, tta={"min_sizes": (64,)})
@@ -315,7 +294,7 @@ def test_box_only_model_with_tta():
 
   from rethink_jax.models import mask_rcnn  # pylint: disable=g-import-not-at-top
 
-  config = _tiny_model_config()
+  config = tiny_detector.model_config()
   config.mask_on = False
   model = mask_rcnn.build_model(config)
   batch = {"image": np.zeros((1, 64, 64, 3), np.float32), "image_hw": np.array([[64, 64]])}
