@@ -13,7 +13,7 @@ figure when our model runs again with every weight moved by about one float32 ul
 1e-7, seeded). A different rule (an op, an order, a normaliser) moves a figure far beyond that
 floor; rounding differences between two float32 implementations cannot. Where the floor is needed
 (the FrozenBN case's deep un-normalised backbone, the GN case's early-layer gradients), it is
-reported in the failure message and in docs/perf_notes_d2.md.
+reported in the failure message and in docs/fidelity.md.
 """
 
 import json

@@ -358,9 +358,9 @@ _MULTI_DEVICE_SCRIPT = textwrap.dedent("""
       if norm == "SyncBN":
         # SyncBN's cross-device sums round differently from one device's, and random-init
         # objectness scores are nearly tied: the two meshes can then keep different proposals
-        # (docs/perf_notes_trainer.md). Zero RPN predictors make every proposal its anchor with
-        # an exactly tied score (ties break by index), so the ROI heads see the same ROIs; the
-        # GN run checks the RPN's own path.
+        # (docs/performance.md, "8 devices == 1 device"). Zero RPN predictors make every
+        # proposal its anchor with an exactly tied score (ties break by index), so the ROI heads
+        # see the same ROIs; the GN run checks the RPN's own path.
         rpn_head = initial["params"]["proposal_generator"]["rpn_head"]
         for name in ("objectness_logits", "anchor_deltas"):
           rpn_head[name]["kernel"] = np.zeros_like(rpn_head[name]["kernel"])
@@ -379,7 +379,7 @@ _MULTI_DEVICE_SCRIPT = textwrap.dedent("""
       # Parameters: each leaf's update on 8 devices against its update on 1, relative to the
       # step's largest parameter update. Not relative to the leaf's own update: a norm bias deep
       # in the backbone gets a gradient that is a sum of cancelling terms, so its tiny update
-      # carries the float32 reduction-order noise of those terms (docs/perf_notes_trainer.md).
+      # carries the float32 reduction-order noise of those terms (docs/performance.md).
       p1, p8, p0 = (jax.tree_util.tree_leaves_with_path(s["params"]) for s in (s1, s8, b1))
       update_max = max(float(np.abs(x1 - x0).max()) for (_, x1), (_, x0) in zip(p1, p0))
       worst_update, update_leaf = 0.0, ""
