@@ -13,8 +13,8 @@ from a seed:
     (top-k and NMS orders far from ties) shifted to a maximum of 2 (below float32 sigmoid's
     saturation), class logits centred per class over the proposals, std 2, with a background
     bias, so that well over 20 detections per image pass 0.05 yet fewer than 2000 (proposal,
-    class) pairs per image do (the model's test_candidates: beyond it our candidate cut would differ),
-    mask logits std 3 plus 4 (masks mostly on, few pixels near the 0.5 threshold, so that a
+    class) pairs per image do (the model's test_candidates: beyond it our candidate cut would
+    differ), mask logits std 3 plus 4 (masks mostly on, few pixels near the 0.5 threshold, so that a
     mask moved by one pixel keeps most of its IoU), keypoint heatmap logits std 1 (after the box
     heads are scaled, on the detections they give).
 The models keep POST_NMS_TOPK proposals per image instead of 1000 (the box head's fc6 on 1000
