@@ -22,6 +22,8 @@ from typing import Any, NamedTuple, Optional, TypeVar
 import jax
 import jax.numpy as jnp
 
+from rethink_jax.ops import onednn
+
 Array = jax.Array
 T = TypeVar("T")
 
@@ -191,6 +193,8 @@ def conv2d_cpu(x: Array, kernel: Array, spec: ConvSpec) -> Array:
   kh, kw = kernel.shape[:2]
   ph, pw = spec.padding
   if spec.groups > 1:
+    if x.dtype == kernel.dtype == jnp.float32 and onednn.available():
+      return onednn.conv2d(x, kernel, spec.strides, spec.padding, spec.dilation, spec.groups)
     return _grouped_conv_cpu(x, kernel, spec)
   stride1 = (spec.strides, spec.dilation, spec.groups) == ((1, 1), (1, 1), 1)
   if stride1 and not _is_plain_1x1(kernel, spec) and ph < kh and pw < kw:
