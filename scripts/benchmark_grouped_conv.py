@@ -5,8 +5,10 @@
 
 One row per stage (res2..res5, the first block's strided conv where the stride sits): the
 median time of y = conv(x, w); d(sum(y * g))/d(x, w) under jax.jit through layers.Conv2d's
-conv (rethink_jax.ops.xla_cpu.conv2d, which picks its CPU form) and through
-torch.nn.functional.conv2d with autograd, both on the CPU, and their ratio (ours / torch).
+conv (rethink_jax.ops.xla_cpu.conv2d, which picks its CPU form: oneDNN's primitives as custom
+calls, rethink_jax/ops/onednn.py), through the XLA form it falls back to without oneDNN
+(xla_cpu.grouped_conv_xla) and through torch.nn.functional.conv2d with autograd, all on the CPU,
+and the ratio ours / torch.
 """
 
 import argparse
@@ -17,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rethink_jax import runtime
+from rethink_jax.ops import onednn
 from rethink_jax.ops import xla_cpu
 
 
@@ -42,10 +45,17 @@ def median_time(fn, iters: int) -> float:
   return float(np.median(times))
 
 
-def bench_jax(x: np.ndarray, w: np.ndarray, g: np.ndarray, stride: int, groups: int, iters: int):
+def public_conv(x, w, stride, groups):
+  return xla_cpu.conv2d(x, w, strides=(stride, stride), padding=(1, 1), groups=groups)
+
+
+def xla_form(x, w, stride, groups):
+  return xla_cpu.grouped_conv_xla(x, w, xla_cpu.ConvSpec((stride, stride), (1, 1), (1, 1), groups))
+
+
+def bench_jax(conv, x, w, g, stride: int, groups: int, iters: int) -> float:
   def loss(x, w):
-    y = xla_cpu.conv2d(x, w, strides=(stride, stride), padding=(1, 1), groups=groups)
-    return jnp.sum(y * g)
+    return jnp.sum(conv(x, w, stride, groups) * g)
 
   step = jax.jit(jax.grad(loss, argnums=(0, 1)))
   x, w = jnp.asarray(x), jnp.asarray(w)
@@ -77,24 +87,27 @@ def main() -> None:
   args = parser.parse_args()
   runtime.configure(hide_gpus_from_tf=False)  # TensorFlow plays no part here
   jax.config.update("jax_platforms", "cpu")  # the comparison is XLA:CPU against torch's CPU
+  print(f"oneDNN custom calls: {'on' if onednn.available() else 'off'}")
   rng = np.random.default_rng(0)
-  total_ours = total_torch = 0.0
+  total_ours = total_xla = total_torch = 0.0
   for name, h, c, stride in stage_shapes(args.size, args.groups, args.width_per_group):
     x = rng.normal(size=(args.batch, h, h, c)).astype(np.float32)
     w = rng.normal(size=(3, 3, c // args.groups, c)).astype(np.float32) * 0.05
     h_out = (h + 2 - 3) // stride + 1
     g = rng.normal(size=(args.batch, h_out, h_out, c)).astype(np.float32)
-    ours = bench_jax(x, w, g, stride, args.groups, args.iters)
+    ours = bench_jax(public_conv, x, w, g, stride, args.groups, args.iters)
+    xla = bench_jax(xla_form, x, w, g, stride, args.groups, args.iters)
     theirs = bench_torch(x, w, g, stride, args.groups, args.iters)
-    total_ours, total_torch = total_ours + ours, total_torch + theirs
+    total_ours, total_xla, total_torch = total_ours + ours, total_xla + xla, total_torch + theirs
     print(
-      f"{name} {h}x{h}x{c} /{stride} groups {args.groups}: ours {ours * 1e3:.2f} ms, "
-      f"torch {theirs * 1e3:.2f} ms, ratio {ours / theirs:.2f}"
+      f"{name} {h}x{h}x{c} /{stride} groups {args.groups}: ours {ours * 1e3:.2f} ms "
+      f"(XLA form {xla * 1e3:.2f} ms), torch {theirs * 1e3:.2f} ms, ratio {ours / theirs:.2f}"
     )
   print(
     f"grouped 3x3 conv fwd+bwd, batch {args.batch}, {args.size}x{args.size}, "
-    f"{jax.devices()[0].platform}: ours {total_ours * 1e3:.1f} ms, torch "
-    f"{total_torch * 1e3:.1f} ms, ratio {total_ours / total_torch:.2f}"
+    f"{jax.devices()[0].platform}: ours {total_ours * 1e3:.1f} ms (XLA form "
+    f"{total_xla * 1e3:.1f} ms), torch {total_torch * 1e3:.1f} ms, ratio "
+    f"{total_ours / total_torch:.2f}"
   )
 
 

@@ -1,9 +1,11 @@
-"""oneDNN's convolution primitives as XLA:CPU custom calls (jax.ffi), for grouped convolutions.
+"""oneDNN's convolution primitives as XLA:CPU custom calls (jax.ffi).
 
-XLA:CPU runs a grouped 3x3 conv (ResNeXt's) several times slower than oneDNN, forward and
-backward (docs/performance.md). onednn_conv.cc wraps oneDNN's forward, input-gradient and
-kernel-gradient primitives as XLA FFI handlers; `conv2d` here calls them, with its gradient
-written out as the other two. It is one CPU form of xla_cpu.conv2d and is tested against
+XLA:CPU runs a 3x3 conv three to four times slower than oneDNN, forward and backward, and a
+grouped one (ResNeXt's) five to ten times (docs/performance.md). onednn_conv.cc wraps oneDNN's
+forward, input-gradient and kernel-gradient primitives as XLA FFI handlers; `conv2d` here calls
+them, with its gradient written out as the other two. It is xla_cpu.conv2d's CPU form for every
+float32 conv but 1x1 ones in single-device programs (XLA's SPMD partitioner does not split a
+custom call: it would gather a sharded batch onto every device), and is tested against
 xla_cpu.conv2d_reference (tests/ops/test_onednn.py).
 
 The handlers are compiled on first use with the C++ compiler on PATH (or $CXX) against the
@@ -69,6 +71,7 @@ def _build(build_dir: pathlib.Path) -> pathlib.Path:
       "-std=c++17",
       "-shared",
       "-fPIC",
+      "-fopenmp",
       "-w",
       f"-I{jax.ffi.include_dir()}",
       f"-I{include}",
@@ -156,6 +159,8 @@ def conv2d(
     raise ValueError(
       f"conv2d: {kernel.shape[3]} outputs, {groups} groups, {x.dtype}, {kernel.dtype}"
     )
+  if not available():
+    raise RuntimeError(f"oneDNN convolutions unavailable: {_load()}")
   shape = _output_shape(x.shape, kernel.shape, strides, padding, dilation)
   return _call("forward", shape, x, kernel, _attributes(strides, padding, dilation, groups))
 

@@ -6,13 +6,19 @@
 // o = g * (O / G) + o', y (N, OH, OW, O). Attributes: strides, padding (top/left; the
 // bottom/right padding follows from the output size), dilation (1 = none) and groups.
 
+#include <algorithm>
 #include <array>
+#include <cstdlib>
 #include <cstdint>
 #include <map>
 #include <memory>
 #include <mutex>
+#include <new>
+#include <optional>
 #include <string>
 #include <utility>
+
+#include <omp.h>
 
 #include "oneapi/dnnl/dnnl.hpp"
 #include "xla/ffi/api/ffi.h"
@@ -30,9 +36,11 @@ enum class Kind : int64_t { kForward = 0, kInputGradient = 1, kKernelGradient = 
 struct ConvShape {
   int64_t n, h, w, c, oh, ow, o, kh, kw, sh, sw, ph, pw, dh, dw, g;
 
-  std::array<int64_t, 17> Key(Kind kind) const {
-    return {static_cast<int64_t>(kind), n, h, w, c, oh, ow, o, kh, kw, sh, sw, ph, pw, dh, dw, g};
+  std::array<int64_t, 18> Key(Kind kind, int threads) const {
+    return {static_cast<int64_t>(kind), threads, n, h, w, c, oh, ow, o, kh, kw, sh, sw, ph, pw, dh,
+            dw, g};
   }
+  double ForwardFlops() const { return 2.0 * n * oh * ow * o * kh * kw * (c / g); }
   memory::desc Activations() const { return {{n, c, h, w}, memory::data_type::f32, Tag::nhwc}; }
   memory::desc Outputs() const { return {{n, o, oh, ow}, memory::data_type::f32, Tag::nhwc}; }
   memory::dims KernelDims() const { return {g, o / g, c / g, kh, kw}; }
@@ -55,54 +63,103 @@ dnnl::engine& Engine() {
   return engine;
 }
 
+// Scratch memory comes from the caller (Scratch below): with oneDNN's own, which is shared by
+// all primitives, a primitive may only run on the thread that built it, and XLA runs custom
+// calls on any of its threads, two at a time.
+dnnl::primitive_attr UserScratchpad() {
+  dnnl::primitive_attr attr;
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  return attr;
+}
+
 dnnl::convolution_forward::primitive_desc ForwardDesc(const ConvShape& s) {
   return dnnl::convolution_forward::primitive_desc(
       Engine(), dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct,
       s.Activations(), s.AnyKernel(), s.Outputs(), s.Strides(), s.Dilates(), s.PadLeft(),
-      s.PadRight());
+      s.PadRight(), UserScratchpad());
 }
 
-// A primitive with the kernel layout it wants; built once per shape (oneDNN generates code).
+// A primitive, the kernel layout it wants and the reorder to and from the caller's layout (none
+// when they are the same); built once per shape, as oneDNN generates code for each.
 struct Prepared {
   dnnl::primitive primitive;
   memory::desc kernel;
+  std::optional<dnnl::reorder> reorder;  // to that layout (forward, input gradient) or back
+  size_t scratch_bytes = 0;              // the most that the primitive or the reorder needs
 };
+
+Prepared WithReorder(Kind kind, const ConvShape& s, dnnl::primitive primitive,
+                     const memory::desc& scratchpad, const memory::desc& kernel) {
+  Prepared prepared{std::move(primitive), kernel, std::nullopt, scratchpad.get_size()};
+  if (kernel != s.Kernel()) {
+    auto reorder_pd = kind == Kind::kKernelGradient
+                          ? dnnl::reorder::primitive_desc(Engine(), kernel, Engine(), s.Kernel(),
+                                                          UserScratchpad())
+                          : dnnl::reorder::primitive_desc(Engine(), s.Kernel(), Engine(), kernel,
+                                                          UserScratchpad());
+    prepared.reorder = dnnl::reorder(reorder_pd);
+    prepared.scratch_bytes = std::max(prepared.scratch_bytes, reorder_pd.scratchpad_desc().get_size());
+  }
+  return prepared;
+}
 
 Prepared Prepare(Kind kind, const ConvShape& s) {
   switch (kind) {
     case Kind::kForward: {
       auto pd = ForwardDesc(s);
-      return {dnnl::convolution_forward(pd), pd.weights_desc()};
+      return WithReorder(kind, s, dnnl::convolution_forward(pd), pd.scratchpad_desc(),
+                         pd.weights_desc());
     }
     case Kind::kInputGradient: {
       auto pd = dnnl::convolution_backward_data::primitive_desc(
           Engine(), dnnl::algorithm::convolution_direct, s.Activations(), s.AnyKernel(),
-          s.Outputs(), s.Strides(), s.Dilates(), s.PadLeft(), s.PadRight(), ForwardDesc(s));
-      return {dnnl::convolution_backward_data(pd), pd.weights_desc()};
+          s.Outputs(), s.Strides(), s.Dilates(), s.PadLeft(), s.PadRight(), ForwardDesc(s),
+          UserScratchpad());
+      return WithReorder(kind, s, dnnl::convolution_backward_data(pd), pd.scratchpad_desc(),
+                         pd.weights_desc());
     }
     case Kind::kKernelGradient: {
       auto pd = dnnl::convolution_backward_weights::primitive_desc(
           Engine(), dnnl::algorithm::convolution_direct, s.Activations(), s.AnyKernel(),
-          s.Outputs(), s.Strides(), s.Dilates(), s.PadLeft(), s.PadRight(), ForwardDesc(s));
-      return {dnnl::convolution_backward_weights(pd), pd.diff_weights_desc()};
+          s.Outputs(), s.Strides(), s.Dilates(), s.PadLeft(), s.PadRight(), ForwardDesc(s),
+          UserScratchpad());
+      return WithReorder(kind, s, dnnl::convolution_backward_weights(pd), pd.scratchpad_desc(),
+                         pd.diff_weights_desc());
     }
   }
   throw dnnl::error(dnnl_invalid_arguments, "unknown convolution kind");
 }
 
-std::shared_ptr<const Prepared> Cached(Kind kind, const ConvShape& s) {
-  static std::mutex mutex;
-  static std::map<std::array<int64_t, 17>, std::shared_ptr<const Prepared>> cache;
-  std::lock_guard<std::mutex> lock(mutex);
-  auto& entry = cache[s.Key(kind)];
-  if (!entry) entry = std::make_shared<const Prepared>(Prepare(kind, s));
-  return entry;
+// This thread's scratch memory, grown to the largest request so far.
+void* Scratch(size_t bytes) {
+  thread_local std::unique_ptr<void, decltype(&std::free)> buffer(nullptr, &std::free);
+  thread_local size_t capacity = 0;
+  if (bytes > capacity) {
+    capacity = (bytes + 63) / 64 * 64;
+    buffer.reset(std::aligned_alloc(64, capacity));
+    if (!buffer) throw std::bad_alloc();
+  }
+  return buffer.get();
 }
 
-// Copies between two layouts of the same kernel (a no-op when they are the same).
-void Reorder(dnnl::stream& stream, memory& from, memory& to) {
-  if (from.get_desc() == to.get_desc()) return;
-  dnnl::reorder(from, to).execute(stream, from, to);
+// Below this many FLOPs a conv runs on the calling thread: waking OpenMP's other threads costs
+// more (~0.1 ms a call) than they save.
+constexpr double kMinFlopsForThreads = 5e7;
+
+// The OpenMP threads for this conv. oneDNN fixes a primitive's work split when it is built, so
+// the count is part of the cache key and is set (for the calling thread) before build and run.
+int Threads(const ConvShape& s) {
+  static const int all = omp_get_max_threads();
+  return s.ForwardFlops() < kMinFlopsForThreads ? 1 : all;
+}
+
+std::shared_ptr<const Prepared> Cached(Kind kind, const ConvShape& s, int threads) {
+  static std::mutex mutex;
+  static std::map<std::array<int64_t, 18>, std::shared_ptr<const Prepared>> cache;
+  std::lock_guard<std::mutex> lock(mutex);
+  auto& entry = cache[s.Key(kind, threads)];
+  if (!entry) entry = std::make_shared<const Prepared>(Prepare(kind, s));
+  return entry;
 }
 
 ffi::Error Run(Kind kind, const ConvShape& s, float* x, float* kernel, float* y) {
@@ -113,29 +170,42 @@ ffi::Error Run(Kind kind, const ConvShape& s, float* x, float* kernel, float* y)
                                        std::to_string(s.g) + " groups");
   }
   try {
-    auto prepared = Cached(kind, s);
-    dnnl::stream stream(Engine());
+    int threads = Threads(s);
+    omp_set_num_threads(threads);
+    auto prepared = Cached(kind, s, threads);
+    thread_local dnnl::stream stream(Engine());
     memory x_mem(s.Activations(), Engine(), x);
     memory y_mem(s.Outputs(), Engine(), y);
     memory user_kernel(s.Kernel(), Engine(), kernel);
-    memory kernel_mem = prepared->kernel == s.Kernel() ? user_kernel : memory(prepared->kernel, Engine());
+    memory kernel_mem = prepared->reorder ? memory(prepared->kernel, Engine()) : user_kernel;
+    memory scratch(memory::desc({static_cast<int64_t>(prepared->scratch_bytes)},
+                                memory::data_type::u8, Tag::a),
+                   Engine(), Scratch(prepared->scratch_bytes));
+    auto reorder = [&](memory& from, memory& to) {
+      prepared->reorder->execute(
+          stream, {{DNNL_ARG_FROM, from}, {DNNL_ARG_TO, to}, {DNNL_ARG_SCRATCHPAD, scratch}});
+    };
     switch (kind) {
       case Kind::kForward:
-        Reorder(stream, user_kernel, kernel_mem);
-        prepared->primitive.execute(
-            stream, {{DNNL_ARG_SRC, x_mem}, {DNNL_ARG_WEIGHTS, kernel_mem}, {DNNL_ARG_DST, y_mem}});
+        if (prepared->reorder) reorder(user_kernel, kernel_mem);
+        prepared->primitive.execute(stream, {{DNNL_ARG_SRC, x_mem},
+                                             {DNNL_ARG_WEIGHTS, kernel_mem},
+                                             {DNNL_ARG_DST, y_mem},
+                                             {DNNL_ARG_SCRATCHPAD, scratch}});
         break;
       case Kind::kInputGradient:
-        Reorder(stream, user_kernel, kernel_mem);
+        if (prepared->reorder) reorder(user_kernel, kernel_mem);
         prepared->primitive.execute(stream, {{DNNL_ARG_DIFF_SRC, x_mem},
                                              {DNNL_ARG_WEIGHTS, kernel_mem},
-                                             {DNNL_ARG_DIFF_DST, y_mem}});
+                                             {DNNL_ARG_DIFF_DST, y_mem},
+                                             {DNNL_ARG_SCRATCHPAD, scratch}});
         break;
       case Kind::kKernelGradient:
         prepared->primitive.execute(stream, {{DNNL_ARG_SRC, x_mem},
                                              {DNNL_ARG_DIFF_WEIGHTS, kernel_mem},
-                                             {DNNL_ARG_DIFF_DST, y_mem}});
-        Reorder(stream, kernel_mem, user_kernel);
+                                             {DNNL_ARG_DIFF_DST, y_mem},
+                                             {DNNL_ARG_SCRATCHPAD, scratch}});
+        if (prepared->reorder) reorder(kernel_mem, user_kernel);
         break;
     }
     stream.wait();

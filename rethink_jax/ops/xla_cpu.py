@@ -12,7 +12,9 @@ are importable by name so that the tests compare them (tests/ops/test_xla_cpu.py
 The CPU forms compute the same values in another order or layout: XLA:CPU emits some reductions
 as strided window reductions, runs autodiff's conv gradients slowly inside conditionals and a
 grouped conv's kernel gradient slowly everywhere, and fuses gathers into transposes in a
-cache-hostile order (figures in docs/performance.md).
+cache-hostile order (figures in docs/performance.md). Convolutions other than 1x1, which XLA:CPU
+runs several times slower than oneDNN, are oneDNN custom calls on CPU where those can be built
+(ops/onednn.py).
 """
 
 from collections.abc import Callable, Hashable
@@ -114,8 +116,9 @@ _conv_stride1_cpu.defvjp(_conv_stride1_cpu_fwd, _conv_stride1_cpu_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _grouped_conv_cpu(x: Array, kernel: Array, spec: ConvSpec) -> Array:
-  """A grouped conv whose gradients are batched matmuls, one per kernel tap.
+def grouped_conv_xla(x: Array, kernel: Array, spec: ConvSpec) -> Array:
+  """A grouped conv whose gradients are batched matmuls, one per kernel tap: the CPU form where
+  oneDNN's (ops/onednn.py) is unavailable or the dtype is not float32.
 
   XLA:CPU runs the kernel gradient that autodiff emits for a grouped conv (a batch-grouped
   convolution) one to two orders of magnitude slower than torch, and a strided one's input
@@ -124,11 +127,11 @@ def _grouped_conv_cpu(x: Array, kernel: Array, spec: ConvSpec) -> Array:
   return conv2d_reference(x, kernel, spec)
 
 
-def _grouped_conv_cpu_fwd(x, kernel, spec):
+def _grouped_conv_xla_fwd(x, kernel, spec):
   return conv2d_reference(x, kernel, spec), (x, kernel)
 
 
-def _grouped_conv_cpu_bwd(spec, residuals, dy):
+def _grouped_conv_xla_bwd(spec, residuals, dy):
   x, kernel = residuals
   kh, kw, cin_per_group, cout = kernel.shape
   g = spec.groups
@@ -169,7 +172,7 @@ def _grouped_conv_cpu_bwd(spec, residuals, dy):
   return dx, dk
 
 
-_grouped_conv_cpu.defvjp(_grouped_conv_cpu_fwd, _grouped_conv_cpu_bwd)
+grouped_conv_xla.defvjp(_grouped_conv_xla_fwd, _grouped_conv_xla_bwd)
 
 
 def _is_plain_1x1(kernel: Array, spec: ConvSpec) -> bool:
@@ -185,21 +188,30 @@ def conv2d_tpu(x: Array, kernel: Array, spec: ConvSpec) -> Array:
   return (x.reshape(-1, x.shape[-1]) @ kernel[0, 0]).reshape(*x.shape[:3], kernel.shape[-1])
 
 
+def _onednn_applies(x: Array, kernel: Array) -> bool:
+  # One device only: XLA's SPMD partitioner does not split a custom call, it gathers the whole
+  # batch onto every device (correct, but each device would compute every image).
+  f32 = x.dtype == kernel.dtype == jnp.float32
+  return f32 and jax.device_count() == 1 and onednn.available()
+
+
 def conv2d_cpu(x: Array, kernel: Array, spec: ConvSpec) -> Array:
-  """conv2d_tpu (1x1 convs as matmuls: XLA:CPU runs a dot_general's backward faster than a
+  """1x1 convs as matmuls (conv2d_tpu: XLA:CPU runs a dot_general's backward faster than a
   conv's, and as a 2D product, since through a 4D einsum it writes the incoming gradient
-  transposed for the kernel gradient), stride-1 convs with their gradients as convs, and
-  grouped convs with their kernel gradient as per-tap batched matmuls."""
-  kh, kw = kernel.shape[:2]
-  ph, pw = spec.padding
+  transposed for the kernel gradient); every other float32 conv on one device as oneDNN's
+  primitives (several times faster than XLA:CPU's convs, grouped ones most); otherwise (no
+  oneDNN, another dtype, several devices) grouped convs as grouped_conv_xla and stride-1 convs
+  with their gradients as convs."""
+  if _is_plain_1x1(kernel, spec):
+    return conv2d_tpu(x, kernel, spec)
+  if _onednn_applies(x, kernel):
+    return onednn.conv2d(x, kernel, spec.strides, spec.padding, spec.dilation, spec.groups)
   if spec.groups > 1:
-    if x.dtype == kernel.dtype == jnp.float32 and onednn.available():
-      return onednn.conv2d(x, kernel, spec.strides, spec.padding, spec.dilation, spec.groups)
-    return _grouped_conv_cpu(x, kernel, spec)
-  stride1 = (spec.strides, spec.dilation, spec.groups) == ((1, 1), (1, 1), 1)
-  if stride1 and not _is_plain_1x1(kernel, spec) and ph < kh and pw < kw:
+    return grouped_conv_xla(x, kernel, spec)
+  (kh, kw), (ph, pw) = kernel.shape[:2], spec.padding
+  if (spec.strides, spec.dilation) == ((1, 1), (1, 1)) and ph < kh and pw < kw:
     return _conv_stride1_cpu(x, kernel, (ph, pw))
-  return conv2d_tpu(x, kernel, spec)
+  return conv2d_reference(x, kernel, spec)
 
 
 def conv2d(

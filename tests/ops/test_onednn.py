@@ -1,6 +1,7 @@
 """oneDNN's convolutions as XLA:CPU custom calls (rethink_jax/ops/onednn.py) against the
-reference form: values and both gradients, jitted, vmapped and inside a conditional, and the XLA
-form that xla_cpu falls back to when the custom calls cannot be built."""
+reference form: values and both gradients, jitted, vmapped and inside a conditional; which convs
+xla_cpu.conv2d sends there, and its XLA forms when they cannot be built (those forms against the
+reference: tests/ops/test_xla_cpu.py)."""
 
 import functools
 import os
@@ -85,12 +86,13 @@ def test_conv2d_vmapped_and_inside_cond(rng):
   _assert_close(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want))
 
 
-def test_public_conv2d_calls_onednn_for_grouped_float32_on_cpu_only(rng):
+@pytest.mark.parametrize("kernel_size,groups", [(3, 4), (3, 1)])
+def test_public_conv2d_calls_onednn_for_float32_on_cpu_only(rng, kernel_size, groups):
   x = jnp.asarray(rng.normal(size=(1, 8, 8, 16)), jnp.float32)
-  kernel = jnp.asarray(rng.normal(size=(3, 3, 4, 16)), jnp.float32)
+  kernel = jnp.asarray(rng.normal(size=(kernel_size, kernel_size, 16 // groups, 16)), jnp.float32)
 
   def lowered(x, kernel, platform=None):
-    conv = functools.partial(xla_cpu.conv2d, strides=(1, 1), padding=(1, 1), groups=4)
+    conv = functools.partial(xla_cpu.conv2d, strides=(1, 1), padding=(1, 1), groups=groups)
     f = jax.value_and_grad(lambda x, k: jnp.sum(conv(x, k)), (0, 1))
     traced = jax.jit(f).trace(x, kernel)
     return (traced.lower(lowering_platforms=(platform,)) if platform else traced.lower()).as_text()
@@ -102,21 +104,21 @@ def test_public_conv2d_calls_onednn_for_grouped_float32_on_cpu_only(rng):
   assert "rethink_conv" not in lowered(x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16))
 
 
-def test_xla_fallback_form_equals_reference(rng, monkeypatch):
-  """Where oneDNN is unavailable, conv2d_cpu's grouped form is XLA's per-tap kernel gradient."""
-  monkeypatch.setattr(onednn, "available", lambda: False)
-  x = jnp.asarray(rng.normal(size=(2, 9, 10, 16)), jnp.float32)
-  kernel = jnp.asarray(rng.normal(size=(3, 3, 2, 16)) / 3, jnp.float32)
-  for stride in (1, 2):
-    spec = xla_cpu.ConvSpec((stride, stride), (1, 1), (1, 1), 8)
-    cpu = functools.partial(xla_cpu.conv2d_cpu, spec=spec)
-    assert "rethink_conv" not in jax.jit(cpu).lower(x, kernel).as_text()
-    reference = functools.partial(xla_cpu.conv2d_reference, spec=spec)
-    cot = jnp.asarray(rng.normal(size=jax.eval_shape(reference, x, kernel).shape), jnp.float32)
-    with jax.default_matmul_precision("highest"):
-      want = jax.jit(functools.partial(_value_and_grads, reference))(x, kernel, cot)
-      got = jax.jit(functools.partial(_value_and_grads, cpu))(x, kernel, cot)
-    _assert_close(got, want)
+def test_several_devices_use_the_xla_forms(rng, monkeypatch):
+  """XLA's SPMD partitioner would gather a sharded batch onto every device for a custom call."""
+  monkeypatch.setattr(jax, "device_count", lambda: 8)
+  x = jnp.asarray(rng.normal(size=(2, 8, 8, 16)), jnp.float32)
+  kernel = jnp.asarray(rng.normal(size=(3, 3, 4, 16)), jnp.float32)
+  conv = functools.partial(xla_cpu.conv2d, strides=(1, 1), padding=(1, 1), groups=4)
+  assert "rethink_conv" not in jax.jit(conv).lower(x, kernel).as_text()
+
+
+def test_1x1_convs_stay_matmuls(rng):
+  x = jnp.asarray(rng.normal(size=(1, 8, 8, 16)), jnp.float32)
+  kernel = jnp.asarray(rng.normal(size=(1, 1, 16, 8)), jnp.float32)
+  conv = functools.partial(xla_cpu.conv2d, strides=(2, 2), padding=(0, 0))
+  text = jax.jit(conv).lower(x, kernel).as_text()
+  assert "rethink_conv" not in text and "dot_general" in text
 
 
 def test_without_a_compiler_xla_form_is_used_and_the_reason_logged(tmp_path):

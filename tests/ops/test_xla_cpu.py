@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from rethink_jax.ops import onednn
 from rethink_jax.ops import xla_cpu
 from tests.ops._util import random_boxes
 
@@ -56,7 +57,11 @@ def _vjp_both(cpu_form, reference_form, args, rng, argnums, tol):
     (3, 2, 2, 2, 8),  # depthwise, strided and dilated
   ],
 )
-def test_conv2d_forms_agree(rng, k, s, p, d, g):
+@pytest.mark.parametrize("with_onednn", [True, False])
+def test_conv2d_forms_agree(rng, monkeypatch, k, s, p, d, g, with_onednn):
+  """conv2d_cpu with oneDNN's custom calls, and with the XLA forms it falls back to."""
+  if not with_onednn:
+    monkeypatch.setattr(onednn, "available", lambda: False)
   x = jnp.asarray(rng.normal(size=(2, 9, 11, 8)), jnp.float32)
   cout = 6 if 6 % g == 0 else 8
   kernel = jnp.asarray(rng.normal(size=(k, k, 8 // g, cout)) / k, jnp.float32)
