@@ -8,11 +8,11 @@ float32 conv but 1x1 ones in single-device programs (XLA's SPMD partitioner does
 custom call: it would gather a sharded batch onto every device), and is tested against
 xla_cpu.conv2d_reference (tests/ops/test_onednn.py).
 
-The handlers are compiled on first use with the C++ compiler on PATH (or $CXX) against the
-headers of jaxlib and of the `onednn-devel-cpu-gomp` wheel, into $RETHINK_JAX_BUILD_DIR
-(default ~/.cache/rethink_jax), once per source and jaxlib version. Where that cannot be done
-(no compiler, no oneDNN wheel) or RETHINK_JAX_ONEDNN=0 is set, `available()` is False, says why
-once in the log, and xla_cpu uses its XLA form instead.
+The handlers are compiled on first use (a few seconds) with the C++ compiler on PATH (or $CXX)
+against the headers of jaxlib and of the `onednn-devel-cpu-gomp` wheel, into
+$RETHINK_JAX_BUILD_DIR (default ~/.cache/rethink_jax), once per source and jaxlib version. Where
+that cannot be done (no compiler, no oneDNN wheel) or RETHINK_JAX_ONEDNN=0 is set, `available()`
+is False, says why once in the log, and xla_cpu uses its XLA forms instead.
 """
 
 import ctypes
@@ -89,16 +89,25 @@ def _build(build_dir: pathlib.Path) -> pathlib.Path:
   return library
 
 
+def _build_dir() -> pathlib.Path:
+  """$RETHINK_JAX_BUILD_DIR, else ~/.cache/rethink_jax, else (not writable) one under /tmp."""
+  if "RETHINK_JAX_BUILD_DIR" in os.environ:
+    return pathlib.Path(os.environ["RETHINK_JAX_BUILD_DIR"])
+  cache = pathlib.Path(os.environ.get("XDG_CACHE_HOME", pathlib.Path.home() / ".cache"))
+  try:
+    (cache / "rethink_jax").mkdir(parents=True, exist_ok=True)
+    return cache / "rethink_jax"
+  except OSError:
+    return pathlib.Path(tempfile.gettempdir()) / f"rethink_jax-{os.getuid()}"
+
+
 @functools.cache
 def _load() -> Optional[str]:
   """Builds and registers the handlers once; None when ready, else the reason they are not."""
   if os.environ.get("RETHINK_JAX_ONEDNN", "1") == "0":
     return "RETHINK_JAX_ONEDNN=0"
-  build_dir = pathlib.Path(
-    os.environ.get("RETHINK_JAX_BUILD_DIR", pathlib.Path.home() / ".cache" / "rethink_jax")
-  )
   try:
-    library = ctypes.cdll.LoadLibrary(str(_build(build_dir)))
+    library = ctypes.cdll.LoadLibrary(str(_build(_build_dir())))
   except (OSError, RuntimeError) as e:
     logging.warning("oneDNN convolutions unavailable, using XLA's: %s", e)
     return str(e)

@@ -117,8 +117,8 @@ _conv_stride1_cpu.defvjp(_conv_stride1_cpu_fwd, _conv_stride1_cpu_bwd)
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def grouped_conv_xla(x: Array, kernel: Array, spec: ConvSpec) -> Array:
-  """A grouped conv whose gradients are batched matmuls, one per kernel tap: the CPU form where
-  oneDNN's (ops/onednn.py) is unavailable or the dtype is not float32.
+  """A grouped conv whose gradients are batched matmuls, one per kernel tap (conv2d_cpu_xla's
+  grouped form).
 
   XLA:CPU runs the kernel gradient that autodiff emits for a grouped conv (a batch-grouped
   convolution) one to two orders of magnitude slower than torch, and a strided one's input
@@ -200,12 +200,17 @@ def conv2d_cpu(x: Array, kernel: Array, spec: ConvSpec) -> Array:
   conv's, and as a 2D product, since through a 4D einsum it writes the incoming gradient
   transposed for the kernel gradient); every other float32 conv on one device as oneDNN's
   primitives (several times faster than XLA:CPU's convs, grouped ones most); otherwise (no
-  oneDNN, another dtype, several devices) grouped convs as grouped_conv_xla and stride-1 convs
-  with their gradients as convs."""
+  oneDNN, another dtype, several devices) conv2d_cpu_xla."""
   if _is_plain_1x1(kernel, spec):
     return conv2d_tpu(x, kernel, spec)
   if _onednn_applies(x, kernel):
     return onednn.conv2d(x, kernel, spec.strides, spec.padding, spec.dilation, spec.groups)
+  return conv2d_cpu_xla(x, kernel, spec)
+
+
+def conv2d_cpu_xla(x: Array, kernel: Array, spec: ConvSpec) -> Array:
+  """A conv in XLA's own ops for CPU: grouped ones as grouped_conv_xla, stride-1 ones with their
+  gradients as forward convs, the rest as the reference."""
   if spec.groups > 1:
     return grouped_conv_xla(x, kernel, spec)
   (kh, kw), (ph, pw) = kernel.shape[:2], spec.padding
