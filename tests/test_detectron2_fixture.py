@@ -275,7 +275,9 @@ def test_detections_and_masks(converted, inference):
   for i in range(NUM_IMAGES):
     info = record["images"][i]
     assert int(outputs["num_detections"][i]) == int(info["num_detections"])
-    floor = detection_errors(noisy, as_reference(outputs), i, score_tol=1e-3)
+    # The FrozenBN case's scores move by up to ~1e-3 under the one-ulp perturbation (measured
+    # 6e-4 to 1.03e-3 with XLA's and with oneDNN's convolutions): pair its detections within 5e-3.
+    floor = detection_errors(noisy, as_reference(outputs), i, score_tol=5e-3)
     errors = detection_errors(outputs, arrays, i, score_tol=allowed("score", floor["score"]))
     for name in ("box", "score", "mask_prob"):
       report = f"{case} image {i}: {name} {errors[name]:.2g} (floor {floor[name]:.2g})"

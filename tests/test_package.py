@@ -63,3 +63,19 @@ def test_the_package_holds_every_module_and_the_recipes():
       if any(n.endswith(".py") for n in names):
         expected.add(os.path.relpath(d, ROOT).replace(os.sep, "."))
   assert found == expected, found ^ expected
+
+
+def test_the_package_data_holds_the_sources_read_at_run_time():
+  """Files other than Python under rethink_jax (the oneDNN custom calls' C++) ship as data."""
+  import fnmatch  # pylint: disable=g-import-not-at-top
+  import tomllib  # pylint: disable=g-import-not-at-top
+
+  with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+    package_data = tomllib.load(f)["tool"]["setuptools"]["package-data"]
+  sources = []
+  for d, _, names in os.walk(os.path.join(ROOT, "rethink_jax")):
+    package = os.path.relpath(d, ROOT).replace(os.sep, ".")
+    sources += [(package, n) for n in names if n.endswith((".cc", ".h"))]
+  assert ("rethink_jax.ops", "onednn_conv.cc") in sources
+  for package, name in sources:
+    assert any(fnmatch.fnmatch(name, p) for p in package_data.get(package, [])), (package, name)

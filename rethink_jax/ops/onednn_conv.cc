@@ -46,7 +46,8 @@ struct ConvShape {
   memory::dims KernelDims() const { return {g, o / g, c / g, kh, kw}; }
   // The HWIO kernel as oneDNN's 5D (G, O/G, C/G, KH, KW) weights, described by strides.
   memory::desc Kernel() const {
-    return {KernelDims(), memory::data_type::f32, memory::dims{o / g, 1, o, kw * (c / g) * o, (c / g) * o}};
+    memory::dims strides{o / g, 1, o, kw * (c / g) * o, (c / g) * o};
+    return {KernelDims(), memory::data_type::f32, strides};
   }
   memory::desc AnyKernel() const { return {KernelDims(), memory::data_type::f32, Tag::any}; }
   memory::dims Strides() const { return {sh, sw}; }
@@ -65,7 +66,7 @@ dnnl::engine& Engine() {
 
 // Scratch memory comes from the caller (Scratch below): with oneDNN's own, which is shared by
 // all primitives, a primitive may only run on the thread that built it, and XLA runs custom
-// calls on any of its threads, two at a time.
+// calls on any of its threads, several at a time.
 dnnl::primitive_attr UserScratchpad() {
   dnnl::primitive_attr attr;
   attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
@@ -146,12 +147,21 @@ void* Scratch(size_t bytes) {
 // more (~0.1 ms a call) than they save.
 constexpr double kMinFlopsForThreads = 5e7;
 
-// The OpenMP threads for this conv. oneDNN fixes a primitive's work split when it is built, so
-// the count is part of the cache key and is set (for the calling thread) before build and run.
-int Threads(const ConvShape& s) {
-  static const int all = omp_get_max_threads();
-  return s.ForwardFlops() < kMinFlopsForThreads ? 1 : all;
-}
+// Sets the calling thread's OpenMP thread count for one conv and restores it after (the runtime
+// may be shared with other libraries in the process, torch's for one). oneDNN fixes a
+// primitive's work split when it builds it, so the count is also part of the cache key.
+class ThreadsForConv {
+ public:
+  explicit ThreadsForConv(const ConvShape& s) : previous_(omp_get_max_threads()) {
+    threads_ = s.ForwardFlops() < kMinFlopsForThreads ? 1 : previous_;
+    omp_set_num_threads(threads_);
+  }
+  ~ThreadsForConv() { omp_set_num_threads(previous_); }
+  int threads() const { return threads_; }
+
+ private:
+  int previous_, threads_;
+};
 
 std::shared_ptr<const Prepared> Cached(Kind kind, const ConvShape& s, int threads) {
   static std::mutex mutex;
@@ -170,9 +180,8 @@ ffi::Error Run(Kind kind, const ConvShape& s, float* x, float* kernel, float* y)
                                        std::to_string(s.g) + " groups");
   }
   try {
-    int threads = Threads(s);
-    omp_set_num_threads(threads);
-    auto prepared = Cached(kind, s, threads);
+    ThreadsForConv threads(s);
+    auto prepared = Cached(kind, s, threads.threads());
     thread_local dnnl::stream stream(Engine());
     memory x_mem(s.Activations(), Engine(), x);
     memory y_mem(s.Outputs(), Engine(), y);
