@@ -1,7 +1,7 @@
 """oneDNN's convolution primitives as XLA:CPU custom calls (jax.ffi).
 
-XLA:CPU runs a 3x3 conv three to four times slower than oneDNN, forward and backward, and a
-grouped one (ResNeXt's) five to ten times (docs/performance.md). onednn_conv.cc wraps oneDNN's
+XLA:CPU runs a dense conv 1.2 to 2.8 times slower than oneDNN, forward and backward, and a
+grouped one (ResNeXt's) three to eight times (docs/performance.md). onednn_conv.cc wraps oneDNN's
 forward, input-gradient and kernel-gradient primitives as XLA FFI handlers; `conv2d` here calls
 them, with its gradient written out as the other two. It is xla_cpu.conv2d's CPU form for every
 float32 conv but 1x1 ones in single-device programs (XLA's SPMD partitioner does not split a
