@@ -352,7 +352,10 @@ def _data_source(builder, base_split):
     )
   parse = {"image_id": tf.io.FixedLenFeature([], tf.int64)}
   for i in {0, len(source) - 1}:
-    got = int(tf.io.parse_single_example(source[i], parse)["image_id"])
+    try:
+      got = int(tf.io.parse_single_example(source[i], parse)["image_id"])
+    except (tf.errors.OpError, UnicodeDecodeError):  # TF's message may quote the bytes
+      continue  # a damaged record: the training stream names it at its step
     if got != ids[i]:
       raise ValueError(
         f"{builder.data_dir}: record {i} of {base_split!r} has image id {got}, "

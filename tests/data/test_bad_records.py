@@ -17,10 +17,11 @@ import pytest
 B = 2  # images per step
 
 
-def corrupt_train_record(data_dir: str, dest: str, record: int, part: str = "image") -> int:
-  """Copies the tfds data dir `data_dir` to `dest` with training record `record` damaged: its
-  image truncated to half its bytes (part="image", the rest intact) or the whole serialized
-  record truncated to half (part="record"). Returns its image id."""
+def corrupt_train_record(data_dir: str, dest: str, record, part: str = "image") -> int:
+  """Copies the tfds data dir `data_dir` to `dest` with training record `record` (an index or a
+  list of them) damaged: its image truncated to half its bytes (part="image", the rest intact)
+  or the whole serialized record truncated to half (part="record"). Returns its image id (the
+  last one's)."""
   import glob  # pylint: disable=g-import-not-at-top
 
   from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
@@ -31,13 +32,14 @@ def corrupt_train_record(data_dir: str, dest: str, record: int, part: str = "ima
   reader = array_record_module.ArrayRecordReader(path)
   records = list(reader.read_all())
   reader.close()
-  example = tf.train.Example.FromString(records[record])
-  image = example.features.feature["image"].bytes_list.value
-  image[0] = image[0][: len(image[0]) // 2]
-  if part == "image":
-    records[record] = example.SerializeToString()
-  else:
-    records[record] = records[record][: len(records[record]) // 2]
+  for r in np.atleast_1d(record):
+    example = tf.train.Example.FromString(records[r])
+    image = example.features.feature["image"].bytes_list.value
+    image[0] = image[0][: len(image[0]) // 2]
+    if part == "image":
+      records[r] = example.SerializeToString()
+    else:
+      records[r] = records[r][: len(records[r]) // 2]
   os.remove(path)
   writer = array_record_module.ArrayRecordWriter(path, "group_size:1")
   for r in records:
@@ -128,3 +130,25 @@ def test_skip_bad_records_replaces_counts_and_resumes_alike(damaged):
   for a, b in zip(resumed, got[bad_step:]):
     _assert_same(a, b)
   assert resumed_it.skipped_before(num) == 1
+
+
+def test_damaged_first_and_last_records_are_found_in_the_stream(tiny_config, tmp_path):
+  """The data source's order check reads the split's first and last records; damaged ones are
+  left to the stream, which skips (or names) them where they come."""
+  from rethink_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from rethink_jax.data import stream  # pylint: disable=g-import-not-at-top
+
+  ids = pipeline.records_meta(pipeline.get_builder(tiny_config), "train")["image_id"]
+  config = tiny_config.copy_and_resolve_references()
+  config.data_dir = str(tmp_path / "tfds")
+  corrupt_train_record(tiny_config.data_dir, config.data_dir, [0, len(ids) - 1], "record")
+  config.skip_bad_records = True
+  seed = int(np.random.default_rng().integers(1 << 30))
+  it = stream.make_train_iterator(
+    config, B, seed=seed, start_step=0, process_index=0, process_count=1
+  )
+  seen = np.concatenate([next(it)["image_id"] for _ in range(len(ids) // B)])
+  assert ids[0] not in seen and ids[-1] not in seen
+  skipped = " ".join(why for _, why in it.skipped)
+  assert len(it.skipped) == 2, it.skipped
+  assert f"image id {ids[0]}" in skipped and f"image id {ids[-1]}" in skipped, skipped
