@@ -227,6 +227,7 @@ def test_flip_tta_is_flip_equivariant(detector):
     for b in range(2)
   ]
   order = _pairing(_mirrored(views[1], 80), views[0], box_atol=1e-4)
+  np.testing.assert_array_equal(raw["classes"][1, n:], raw["classes"][0, n:])  # the padding
   np.testing.assert_allclose(raw["masks"][1, :n], raw["masks"][0, order, :, ::-1], atol=1e-6)
   # Both views count: the merged set differs from the unflipped view's alone.
   [single] = detector["predictor"](min_sizes=(64,), max_size=96, flip=False)([image])
