@@ -192,42 +192,73 @@ def _torch_kernel_gradients(model: torch.nn.Module, x_nhwc: np.ndarray, dtype) -
   return dict(jax.tree_util.tree_flatten_with_path(torch_to_variables(m, "GN")["params"])[0])
 
 
-def test_gn_resnext_forward_and_gradients_match_torchvision():
-  """A GN ResNeXt-50-8x4d (random GN affines) against torchvision's ResNet built with groups:
-  the stage outputs and the gradients of every kernel (the grouped convs' CPU form included).
-
-  Gradients are compared with torch's in float64. GroupNorm over groups of 1 channel amplifies
-  float32 rounding when a group's variance happens to be small, so each tensor's bound is the
-  larger of 5e-4 and 3x torch's own float32 error on that draw (its noise floor)."""
-  torch.manual_seed(SEED)
+def _random_gn_resnext(seed: int) -> torch.nn.Module:
+  """torchvision's ResNeXt-50-8x4d with GN (32 groups) and random GN affines."""
+  torch.manual_seed(seed)
   tm = torchvision_resnext(50, 8, 4, norm_layer=lambda c: torch.nn.GroupNorm(32, c))
-  gen = torch.Generator().manual_seed(SEED)
+  gen = torch.Generator().manual_seed(seed)
   with torch.no_grad():
     for m in tm.modules():
       if isinstance(m, torch.nn.GroupNorm):
         m.weight.copy_(torch.rand(m.num_channels, generator=gen) + 0.5)
         m.bias.copy_(torch.rand(m.num_channels, generator=gen) * 0.4 - 0.2)
+  return tm
+
+
+def _with_silu(model: torch.nn.Module) -> torch.nn.Module:
+  """A copy of a torchvision ResNet with every ReLU (the stem's, each block's) made a SiLU."""
+  model = copy.deepcopy(model)
+  for m in model.modules():
+    if isinstance(getattr(m, "relu", None), torch.nn.ReLU):
+      m.relu = torch.nn.SiLU()
+  return model
+
+
+def _closest_pool_tie(model: torch.nn.Module, x_nhwc: np.ndarray) -> float:
+  """The smallest gap between the two largest inputs of any stem max-pool window, in float64."""
+  m = copy.deepcopy(model).double()
+  with torch.no_grad():
+    t = torch.from_numpy(np.ascontiguousarray(x_nhwc.transpose(0, 3, 1, 2))).double()
+    t = torch.nn.functional.pad(m.relu(m.bn1(m.conv1(t))), (1, 1, 1, 1), value=-np.inf)
+    windows = torch.nn.functional.unfold(t, 3, stride=2).reshape(t.shape[0], t.shape[1], 9, -1)
+    top2 = windows.topk(2, dim=2).values
+  return float((top2[:, :, 0] - top2[:, :, 1]).min())
+
+
+def test_gn_resnext_forward_and_gradients_match_torchvision():
+  """A GN ResNeXt-50-8x4d (random GN affines) against torchvision's ResNet built with groups:
+  the stage outputs and the gradients of every kernel (the grouped convs' CPU form included).
+
+  Gradients are compared with torch's in float64, on the same network with SiLU for ReLU: at this
+  size a third of draws put some deep pre-activation within float32's rounding of ReLU's kink,
+  where any two float32 implementations may take either side and a kernel's gradient moves by up
+  to 10%. The stem's max-pool is the one kink left, so a draw with a near-tie in a pooling window
+  is drawn again (about one in ten)."""
+  for seed in range(SEED, SEED + 10):
+    tm = _random_gn_resnext(seed)
+    x = np.random.default_rng(seed).normal(size=(2, 32, 32, 3)).astype(np.float32)
+    if _closest_pool_tie(_with_silu(tm), x) > 1e-5:
+      break
+  else:
+    pytest.fail(f"no draw of seeds {SEED}..{seed} without a max-pool near-tie")
   variables = torch_to_variables(tm, "GN")
-  x = np.random.default_rng(SEED).normal(size=(2, 32, 32, 3)).astype(np.float32)
   model = build_resnet(depth=50, norm="GN", groups=8, width_per_group=4)
+  with jax.default_matmul_precision("highest"):
+    out = jax.jit(model.apply)(variables, x)
+  assert_rel_close(out, torch_stages(tm, x))
 
   def loss(params):
-    out = model.apply({"params": params}, x)
-    return sum(jnp.mean(jnp.square(o)) for o in out.values()), out
+    out = model.clone(activation=jax.nn.silu).apply({"params": params}, x)
+    return sum(jnp.mean(jnp.square(o)) for o in out.values())
 
   with jax.default_matmul_precision("highest"):
-    grads, out = jax.jit(jax.grad(loss, has_aux=True))(variables["params"])
-  ref = torch_stages(tm, x)
-  assert_rel_close(out, ref)
-
-  want = _torch_kernel_gradients(tm, x, torch.float64)
-  torch32 = _torch_kernel_gradients(tm, x, torch.float32)
+    grads = jax.jit(jax.grad(loss))(variables["params"])
+  want = _torch_kernel_gradients(_with_silu(tm), x, torch.float64)
   flat_got = dict(jax.tree_util.tree_flatten_with_path(grads)[0])
   assert sorted(map(str, flat_got)) == sorted(map(str, want))
-  rel = lambda a, w: float(np.max(np.abs(np.asarray(a) - w)) / (np.max(np.abs(w)) + 1e-12))
   for path, w in want.items():
-    err, floor = rel(flat_got[path], w), rel(torch32[path], w)
-    assert err < max(5e-4, 3 * floor), (jax.tree_util.keystr(path), err, floor, SEED)
+    err = float(np.max(np.abs(np.asarray(flat_got[path]) - w)) / np.max(np.abs(w)))
+    assert err < 5e-4, (jax.tree_util.keystr(path), err, seed)
 
 
 def test_param_tree_and_output_shapes():
