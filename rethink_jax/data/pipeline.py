@@ -333,9 +333,31 @@ def sizes_from_records(
   out = []
   for start in range(0, len(source), chunk):
     records = [source[i] for i in range(start, min(start + chunk, len(source)))]
-    parsed = tf.io.parse_example(tf.constant(records), spec)
+    try:
+      parsed = tf.io.parse_example(tf.constant(records), spec)
+    except (tf.errors.OpError, UnicodeDecodeError):  # TF's message may quote the bytes
+      bad = _first_unparsable(records, spec)
+      if bad is None:
+        raise
+      image_id = int(records_meta(builder, base_split)["image_id"][start + bad])
+      raise ValueError(
+        f"{builder.data_dir}: record {start + bad} of split {base_split!r} (image id "
+        f"{image_id}) does not parse, so its image size is unknown. records/{base_split}.json of "
+        "this older build has no sizes; rebuilding the data set writes them, and the training "
+        "stream then names a damaged record at its step or skips it (data.skip_bad_records)."
+      ) from None
     out.append(np.stack([parsed["height"].numpy(), parsed["width"].numpy()], axis=1))
   return np.concatenate(out).astype(np.int64)
+
+
+def _first_unparsable(records: list[bytes], spec: dict) -> int | None:
+  """Index of the first serialized tf.Example in `records` that does not parse with `spec`."""
+  for i, record in enumerate(records):
+    try:
+      tf.io.parse_single_example(record, spec)
+    except (tf.errors.OpError, UnicodeDecodeError):
+      return i
+  return None
 
 
 def _data_source(builder, base_split):

@@ -152,3 +152,25 @@ def test_damaged_first_and_last_records_are_found_in_the_stream(tiny_config, tmp
   skipped = " ".join(why for _, why in it.skipped)
   assert len(it.skipped) == 2, it.skipped
   assert f"image id {ids[0]}" in skipped and f"image id {ids[-1]}" in skipped, skipped
+
+
+def test_size_scan_of_an_older_build_names_a_damaged_record(tiny_config, tmp_path):
+  """Builds whose records/<split>.json has no sizes read them from the records: one that does not
+  parse is named (index, split, image id), not left to TensorFlow's parse error."""
+  from rethink_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+
+  ids = pipeline.records_meta(pipeline.get_builder(tiny_config), "train")["image_id"]
+  record = int(np.random.default_rng().integers(len(ids)))
+  config = tiny_config.copy_and_resolve_references()
+  config.data_dir = str(tmp_path / "tfds")
+  corrupt_train_record(tiny_config.data_dir, config.data_dir, record, "record")
+  builder = pipeline.get_builder(config)
+  with pytest.raises(ValueError) as err:
+    pipeline.sizes_from_records(builder, "train", chunk=5)
+  message = str(err.value)
+  for part in (config.data_dir, f"record {record} of split 'train' (image id {ids[record]})"):
+    assert part in message, (part, message)
+  sound = pipeline.sizes_from_records(pipeline.get_builder(tiny_config), "train", chunk=5)
+  np.testing.assert_array_equal(
+    sound, pipeline.record_sizes(pipeline.get_builder(tiny_config), "train")
+  )
