@@ -354,8 +354,8 @@ class Predictor:
     self.batch_size = max(1, int(batch_size))
     self.model = mask_rcnn.build_model(self.model_config)
     self.variables = jax.device_put(dict(variables))
-    self._apply = jax.jit(lambda v, b: self.model.apply(v, b, train=False))
-    self._executables = {}
+    self._executables = {}  # (program name, argument shapes and dtypes) -> compiled program
+    self._apply = self._compiled("model", jax.jit(lambda v, b: self.model.apply(v, b, train=False)))
     self.class_names = _class_names(self.meta.get("class_names"), self.model_config)
     self.tta = None
     fields = dict(tta.to_dict() if hasattr(tta, "to_dict") else (tta or {}))
@@ -397,21 +397,31 @@ class Predictor:
   # -- Running ----------------------------------------------------------------------------------
   @property
   def compilations(self) -> int:
-    return len(self._executables) + (len(self._tta_executables) if self.tta else 0)
+    return len(self._executables)
 
   @property
   def compiled_shapes(self) -> list[tuple[int, ...]]:
-    """(B, H, W, 3) of every compiled executable."""
-    return sorted(self._executables)
+    """(B, H, W, 3) of every compiled executable of the plain model."""
+    return sorted(key[1][0] for key in self._executables if key[0] == "model")
+
+  def _compiled(self, name: str, program: Any) -> Any:
+    """The jitted `program`, compiled once per shape and dtype of its arguments other than
+    `self.variables` (fixed for a predictor); counted in `compilations`."""
+    import jax  # pylint: disable=g-import-not-at-top
+
+    def call(*args):
+      shaped = jax.tree.leaves([a for a in args if a is not self.variables])
+      key = (name,) + tuple((np.shape(x), str(np.result_type(x))) for x in shaped)
+      if key not in self._executables:
+        self._executables[key] = program.lower(*args).compile()
+      return self._executables[key](*args)
+
+    return call
 
   def _run(self, images: np.ndarray, image_hw: np.ndarray) -> dict[str, np.ndarray]:
     import jax  # pylint: disable=g-import-not-at-top
 
-    batch = {"image": images, "image_hw": image_hw}
-    key = images.shape
-    if key not in self._executables:
-      self._executables[key] = self._apply.lower(self.variables, batch).compile()
-    out = self._executables[key](self.variables, batch)
+    out = self._apply(self.variables, {"image": images, "image_hw": image_hw})
     return {k: np.asarray(v) for k, v in jax.device_get(out).items()}
 
   def _canvas(self, h: int, w: int) -> tuple[int, int]:
@@ -465,8 +475,7 @@ class Predictor:
     self.tta = config
     self._tta_views = tta_lib.views(config)
     programs = tta_lib.make_programs(self.model, self.model_config, [f for _, f in self._tta_views])
-    self._tta_programs = {k: self._compiled_tta(k, f) for k, f in programs.items()}
-    self._tta_executables = {}
+    self._tta_programs = {k: self._compiled(k, f) for k, f in programs.items()}
     c = self.model_config.input
     self._tta_inputs, self._tta_sides = [], []
     for size in config.min_sizes:
@@ -474,18 +483,6 @@ class Predictor:
       resize.update(min_size_test=int(size), max_size_test=int(config.max_size))
       self._tta_inputs.append(resize)
       self._tta_sides.append(tta_bucket_sides(c, int(size), int(config.max_size)))
-
-  def _compiled_tta(self, name: str, program: Any) -> Any:
-    """`program` compiled once per shape of its arguments (counted in `compilations`)."""
-    import jax  # pylint: disable=g-import-not-at-top
-
-    def call(*args):
-      key = (name,) + tuple((np.shape(x), str(np.result_type(x))) for x in jax.tree.leaves(args))
-      if key not in self._tta_executables:
-        self._tta_executables[key] = program.lower(*args).compile()
-      return self._tta_executables[key](*args)
-
-    return call
 
   def _tta_view(self, image: np.ndarray, i: int) -> tuple[np.ndarray, np.ndarray]:
     """The i-th min size's view of an image: (normalised (h, w, 3), scale [y, x] view / orig)."""

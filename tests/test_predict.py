@@ -131,6 +131,8 @@ def test_predictor_outputs_and_buckets(predictor):
   sizes = [(48, 64), (40, 60), (90, 50)]
   outs = predictor(_images(rng, sizes))
   assert predictor.compilations == 2
+  b = predictor.batch_size
+  assert predictor.compiled_shapes == [(b, 64, 96, 3), (b, 96, 64, 3)]
   for (h, w), out in zip(sizes, outs):
     n = len(out["scores"])
     assert 0 < n <= predictor.model_config.roi_heads.detections_per_image
