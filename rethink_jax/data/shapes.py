@@ -280,6 +280,33 @@ def mask_bbox_xyxy(mask):
   return [float(xs[0]), float(ys[0]), float(xs[-1] + 1), float(ys[-1] + 1)]
 
 
+def instance_entries(ann_id: int, image_id: int, mask: np.ndarray, label: int, size: int):
+  """One instance of a square `size` image: (its record object, its COCO annotation, its mask's
+  run-length counts); label is 0-based, the COCO category id label + 1."""
+  xyxy = mask_bbox_xyxy(mask)
+  area = float(mask.sum())
+  counts = instances.mask_to_counts(mask)
+  record_object = {
+    "id": ann_id,
+    "bbox": instances.normalized_bbox(xyxy, size, size),
+    "label": int(label),
+    "category_id": int(label) + 1,
+    "is_crowd": False,
+    "area": area,
+    "mask_runs": len(counts),
+  }
+  annotation = {
+    "id": ann_id,
+    "image_id": image_id,
+    "category_id": int(label) + 1,
+    "bbox": [xyxy[0], xyxy[1], xyxy[2] - xyxy[0], xyxy[3] - xyxy[1]],
+    "area": area,
+    "iscrowd": 0,
+    "segmentation": instances.coco_rle(mask),
+  }
+  return record_object, annotation, counts
+
+
 # ---------------------------------------------------------------------------------------------
 # Builders.
 # ---------------------------------------------------------------------------------------------
@@ -391,31 +418,12 @@ class ShapesInstances(
       file_name = f"{split}_{index:06d}.jpg"
       objects, counts = [], []
       for mask, label in zip(masks, labels):
-        xyxy = mask_bbox_xyxy(mask)
-        area = float(mask.sum())
-        counts.append(instances.mask_to_counts(mask))
-        objects.append(
-          {
-            "id": ann_id,
-            "bbox": instances.normalized_bbox(xyxy, size, size),
-            "label": int(label),
-            "category_id": int(label) + 1,
-            "is_crowd": False,
-            "area": area,
-            "mask_runs": len(counts[-1]),
-          }
+        record_object, annotation, mask_counts = instance_entries(
+          ann_id, image_id, mask, label, size
         )
-        annotations.append(
-          {
-            "id": ann_id,
-            "image_id": image_id,
-            "category_id": int(label) + 1,
-            "bbox": [xyxy[0], xyxy[1], xyxy[2] - xyxy[0], xyxy[3] - xyxy[1]],
-            "area": area,
-            "iscrowd": 0,
-            "segmentation": instances.coco_rle(mask),
-          }
-        )
+        objects.append(record_object)
+        annotations.append(annotation)
+        counts.append(mask_counts)
         ann_id += 1
       images.append({"id": image_id, "file_name": file_name, "height": size, "width": size})
       image_ids.append(image_id)

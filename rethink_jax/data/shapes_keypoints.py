@@ -297,33 +297,14 @@ class ShapesKeypoints(
       file_name = f"{split}_{index:06d}.jpg"
       objects, counts = [], []
       for mask, kp in zip(masks, keypoints):
-        xyxy = shapes.mask_bbox_xyxy(mask)
-        area = float(mask.sum())
-        counts.append(instances.mask_to_counts(mask))
-        objects.append(
-          {
-            "id": ann_id,
-            "bbox": instances.normalized_bbox(xyxy, size, size),
-            "label": 0,
-            "category_id": 1,
-            "is_crowd": False,
-            "area": area,
-            "mask_runs": len(counts[-1]),
-          }
+        record_object, annotation, mask_counts = shapes.instance_entries(
+          ann_id, image_id, mask, 0, size
         )
-        annotations.append(
-          {
-            "id": ann_id,
-            "image_id": image_id,
-            "category_id": 1,
-            "bbox": [xyxy[0], xyxy[1], xyxy[2] - xyxy[0], xyxy[3] - xyxy[1]],
-            "area": area,
-            "iscrowd": 0,
-            "segmentation": instances.coco_rle(mask),
-            "keypoints": [int(v) for v in kp.reshape(-1)],
-            "num_keypoints": int((kp[:, 2] > 0).sum()),
-          }
-        )
+        annotation["keypoints"] = [int(v) for v in kp.reshape(-1)]
+        annotation["num_keypoints"] = int((kp[:, 2] > 0).sum())
+        objects.append(record_object)
+        annotations.append(annotation)
+        counts.append(mask_counts)
         ann_id += 1
       images.append({"id": image_id, "file_name": file_name, "height": size, "width": size})
       image_ids.append(image_id)
